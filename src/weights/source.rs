@@ -1,0 +1,126 @@
+//! The one small interface between models and the memory manager.
+//!
+//! A model never owns device tensors. At forward time each block (a resnet, a transformer block, a conv) asks its
+//! [`WeightSource`] for its weights and holds the returned [`BlockWeights`] only while it computes. The memory
+//! manager implements the trait: resident blocks come back at no cost, streamed ones are copied to the device now and
+//! released when the `BlockWeights` drops. [`crate::weights::ResidentWeights`] is the plain implementation (every
+//! tensor on one device) used where no budget applies.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Something that hands a model the weights of one block on the compute device, in the compute dtype.
+pub trait WeightSource: Send + Sync {
+    /// The weights of `block` (a tensor-name prefix as returned by [`block_key`], e.g. `down_blocks.0.resnets.1`),
+    /// valid until the returned value drops. Streamed bytes are released then.
+    fn fetch(&self, block: &str) -> Result<BlockWeights>;
+    /// The device the returned tensors live on (where the model computes).
+    fn device(&self) -> &Device;
+    /// The dtype the returned tensors have (the compute dtype).
+    fn dtype(&self) -> DType;
+}
+
+/// The weights of one block, keyed by their names relative to the block prefix (`conv1.weight`).
+pub struct BlockWeights {
+    prefix: String,
+    tensors: HashMap<String, Tensor>,
+    /// Held while the block computes; dropping it gives streamed bytes back to the allocator.
+    _lease: Option<Box<dyn Send + Sync>>,
+}
+
+impl BlockWeights {
+    /// Wrap the tensors of block `prefix`; `lease` (if any) is dropped together with the tensors.
+    pub fn new(prefix: impl Into<String>, tensors: HashMap<String, Tensor>, lease: Option<Box<dyn Send + Sync>>) -> Self {
+        Self { prefix: prefix.into(), tensors, _lease: lease }
+    }
+
+    /// The block prefix these weights belong to.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The tensor `name` (relative to the block), or a format error naming the full tensor.
+    pub fn get(&self, name: &str) -> Result<Tensor> {
+        self.tensors.get(name).cloned().ok_or_else(|| Error::format(format!("missing tensor {}", self.full_name(name))))
+    }
+
+    /// The tensor `name`, checked to have exactly `shape`.
+    pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.get(name)?;
+        if t.dims() != shape {
+            return Err(Error::format(format!(
+                "tensor {} has shape {:?}, expected {:?}",
+                self.full_name(name),
+                t.dims(),
+                shape
+            )));
+        }
+        Ok(t)
+    }
+
+    /// The tensor `name` if the block has it (optional biases).
+    pub fn get_opt(&self, name: &str) -> Option<Tensor> {
+        self.tensors.get(name).cloned()
+    }
+
+    /// Whether the block has a tensor `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Bytes of all tensors in the block.
+    pub fn bytes(&self) -> u64 {
+        self.tensors.values().map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64).sum()
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) }
+    }
+}
+
+/// Containers whose numbered children are separate blocks (each streamed or kept resident as a unit).
+const BLOCK_LISTS: &[&str] = &["resnets", "attentions", "downsamplers", "upsamplers", "transformer_blocks"];
+
+/// The block a checkpoint tensor belongs to: the name up to the first numbered child of a block list
+/// (`down_blocks.0.resnets.1.conv1.weight` → `down_blocks.0.resnets.1`), else its top-level module
+/// (`time_embedding.linear_1.weight` → `time_embedding`; under `encoder.`/`decoder.` one level deeper).
+///
+/// Blocks are the unit of residency and of transfer: big enough for efficient copies, small enough to plan finely.
+pub fn block_key(name: &str) -> &str {
+    let parts: Vec<&str> = name.split('.').collect();
+    let mut len = 0usize;
+    for (i, part) in parts.iter().enumerate() {
+        len += part.len() + usize::from(i > 0);
+        if i > 0 && BLOCK_LISTS.contains(&parts[i - 1]) && part.parse::<usize>().is_ok() {
+            return &name[..len];
+        }
+    }
+    let depth = if matches!(parts[0], "encoder" | "decoder") && parts.len() > 2 { 2 } else { 1 };
+    let len = parts[..depth].iter().map(|p| p.len()).sum::<usize>() + depth - 1;
+    &name[..len]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::block_key;
+
+    #[test]
+    fn block_keys_follow_the_checkpoint_layout() {
+        assert_eq!(block_key("down_blocks.0.resnets.1.conv1.weight"), "down_blocks.0.resnets.1");
+        assert_eq!(
+            block_key("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"),
+            "down_blocks.1.attentions.0"
+        );
+        assert_eq!(block_key("down_blocks.0.downsamplers.0.conv.bias"), "down_blocks.0.downsamplers.0");
+        assert_eq!(block_key("mid_block.attentions.0.proj_in.weight"), "mid_block.attentions.0");
+        assert_eq!(block_key("time_embedding.linear_1.weight"), "time_embedding");
+        assert_eq!(block_key("conv_in.weight"), "conv_in");
+        assert_eq!(block_key("decoder.up_blocks.2.resnets.0.norm1.weight"), "decoder.up_blocks.2.resnets.0");
+        assert_eq!(block_key("decoder.conv_in.weight"), "decoder.conv_in");
+        assert_eq!(block_key("decoder.mid_block.attentions.0.to_q.weight"), "decoder.mid_block.attentions.0");
+        assert_eq!(block_key("post_quant_conv.weight"), "post_quant_conv");
+    }
+}
