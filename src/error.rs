@@ -11,6 +11,9 @@ pub enum Error {
     /// A value was out of range, malformed or inconsistent with another.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A caller buffer's byte length does not match the data.
+    #[error("buffer size: {0}")]
+    BufferSize(String),
     /// A file could not be read or written.
     #[error("I/O error on {path}: {source}")]
     Io {

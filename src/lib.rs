@@ -5,6 +5,7 @@
 //! plans, working memory) → `device` (allocators with byte accounting) and `weights` (safetensors, the
 //! [`WeightSource`] interface) → `models` / `sampling` → `ops` → candle.
 
+pub mod api;
 pub mod config;
 pub mod device;
 mod error;
@@ -14,6 +15,7 @@ pub mod memory;
 pub mod models;
 pub mod ops;
 pub mod sampling;
+pub mod system;
 pub mod weights;
 
 pub use error::{Error, Result};

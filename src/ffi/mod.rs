@@ -1,1 +1,11 @@
-//! C ABI (being built).
+//! The C ABI: pointer checks, handle casts, the panic boundary and the last error. No logic lives here; every
+//! function forwards to the Rust API. One file per C "class".
+
+mod boundary;
+pub mod context;
+pub mod error;
+pub mod log;
+pub mod status;
+pub mod system;
+
+pub use status::lowvram_status;

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The whole test suite: Rust tests, the header check, the C / C++ / C# host programs (C under valgrind), and a type
+# check of the CUDA build. Installs what it needs (mono, valgrind, CUDA compiler headers) and fails loudly rather than
+# skipping a language. Usage: scripts/test.sh   (set LOWVRAM_SKIP_CUDA_CHECK=1 only for quick local iterations)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+start=$(date +%s)
+step() { printf '\n==> %s (%ds)\n' "$*" $(( $(date +%s) - start )); }
+
+# --- tools -------------------------------------------------------------------------------------------------------
+need_apt=()
+command -v mcs >/dev/null || need_apt+=(mono-mcs)
+command -v mono >/dev/null || need_apt+=(mono-runtime)
+[ -e /usr/lib/mono/4.5/System.Core.dll ] || need_apt+=(libmono-system-core4.0-cil)
+command -v valgrind >/dev/null || need_apt+=(valgrind)
+command -v g++ >/dev/null || need_apt+=(g++)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    step "installing ${need_apt[*]}"
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -q || true
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${need_apt[@]}"
+fi
+for tool in mcs mono valgrind gcc g++; do
+    command -v "$tool" >/dev/null || { echo "FATAL: $tool is required and could not be installed" >&2; exit 1; }
+done
+
+# --- Rust ----------------------------------------------------------------------------------------------------------
+step "cargo build --release"
+cargo build --release --locked
+step "cargo test --release (unit, integration, header check, parity)"
+cargo test --release --locked
+
+lib_dir="$root/target/release"
+[ -f "$lib_dir/liblowvram.so" ] || { echo "FATAL: liblowvram.so was not built" >&2; exit 1; }
+out="$root/target/host-tests"
+mkdir -p "$out"
+export LOWVRAM_REPO="$root"
+
+# --- C -------------------------------------------------------------------------------------------------------------
+step "C host test (gcc -std=c11 -Wall -Wextra -Wpedantic -Werror)"
+gcc -std=c11 -Wall -Wextra -Wpedantic -Werror -g -I include tests/c/test_api.c -o "$out/test_api_c" \
+    -L "$lib_dir" -llowvram -Wl,-rpath,"$lib_dir"
+"$out/test_api_c"
+step "C host test under valgrind"
+valgrind --quiet --error-exitcode=3 --leak-check=full --errors-for-leak-kinds=definite,indirect \
+    --show-leak-kinds=definite,indirect --suppressions=tests/c/valgrind.supp "$out/test_api_c"
+
+# --- C++ -----------------------------------------------------------------------------------------------------------
+step "C++ host test (g++ -std=c++17 -Wall -Wextra -Wpedantic -Werror)"
+g++ -std=c++17 -Wall -Wextra -Wpedantic -Werror -g -I include -I bindings/cpp tests/cpp/test_api.cpp \
+    -o "$out/test_api_cpp" -L "$lib_dir" -llowvram -Wl,-rpath,"$lib_dir"
+"$out/test_api_cpp"
+
+# --- C# ------------------------------------------------------------------------------------------------------------
+step "C# host test (mono-mcs + mono)"
+mcs -nologo -warnaserror -unsafe -out:"$out/TestApi.exe" bindings/csharp/LowVram.cs tests/csharp/TestApi.cs
+LD_LIBRARY_PATH="$lib_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" mono --debug "$out/TestApi.exe"
+
+# --- CUDA type check -----------------------------------------------------------------------------------------------
+if [ "${LOWVRAM_SKIP_CUDA_CHECK:-0}" = 1 ]; then
+    echo "WARNING: LOWVRAM_SKIP_CUDA_CHECK=1: the CUDA type check was NOT run" >&2
+else
+    step "cargo check --release --features cuda --all-targets (CUDA compiler from PyPI, no GPU needed)"
+    eval "$(scripts/cuda/setup.sh --no-libs)"
+    cargo check --release --locked --features cuda --all-targets
+fi
+
+step "all tests passed"

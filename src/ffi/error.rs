@@ -1,0 +1,24 @@
+//! The last error of each thread, readable from C.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, CString};
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+/// Record `message` as this thread's last error (interior NULs are replaced so nothing is lost).
+pub(crate) fn set_last_error(message: &str) {
+    let c = CString::new(message.replace('\0', "\\0")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+/// The message of the last failing call on the calling thread, or "" if none failed yet.
+///
+/// The string is owned by the library; it stays valid until the next failing lowvram call on the same thread.
+/// Do not free it. Successful calls leave it unchanged. Thread-safe: each thread has its own message.
+#[no_mangle]
+pub extern "C" fn lowvram_last_error_message() -> *const c_char {
+    // The pointer outlives the borrow: the CString is replaced only by a later failing call on this thread.
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
