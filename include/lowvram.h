@@ -36,6 +36,36 @@
 #define LOWVRAM_MAX_DEVICES 16
 
 /**
+ * Most dimensions a tensor crossing the API may have.
+ */
+#define LOWVRAM_MAX_DIMS 8
+
+/**
+ * Element type of a tensor (stable numbers).
+ */
+enum lowvram_dtype
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+    /**
+     * 32-bit IEEE float.
+     */
+    LOWVRAM_DTYPE_F32 = 0,
+    /**
+     * 16-bit IEEE float.
+     */
+    LOWVRAM_DTYPE_F16 = 1,
+    /**
+     * bfloat16.
+     */
+    LOWVRAM_DTYPE_BF16 = 2,
+};
+#ifndef __cplusplus
+typedef uint32_t lowvram_dtype;
+#endif // __cplusplus
+
+/**
  * Severity of a log message (stable numbers).
  */
 enum lowvram_log_level
@@ -135,6 +165,12 @@ typedef uint32_t lowvram_status;
  * Created by `lowvram_context_new`, freed by `lowvram_context_free`. Its functions are thread-safe unless stated.
  */
 typedef struct lowvram_context lowvram_context;
+
+/**
+ * A tensor in host memory, owned by the library: contiguous, row-major. Opaque. Immutable once made, so a tensor
+ * may be read from several threads at once. Free with `lowvram_tensor_free`.
+ */
+typedef struct lowvram_tensor lowvram_tensor;
 
 /**
  * A host log callback: `level`, a NUL-terminated UTF-8 `message` valid only during the call, and the `user_data`
@@ -309,6 +345,42 @@ const char *lowvram_version(void);
  * success. Thread-safe. The probe creates and releases each device's primary context, which takes milliseconds.
  */
 lowvram_status lowvram_system_stats(struct lowvram_system_info *out);
+
+/**
+ * Copy `data_len` bytes at `data` into a new tensor of `dtype` (a `lowvram_dtype` value) and `shape[0..ndim]` (row-major, native endianness).
+ * `data_len` must equal the product of the shape times the element size (BUFFER_SIZE otherwise). The library
+ * copies the data; the caller keeps ownership of `data`. On success `*out` is a new handle owned by the caller
+ * (free with `lowvram_tensor_free`). Thread-safe.
+ */
+lowvram_status lowvram_tensor_from_host(uint32_t dtype,
+                                        const int64_t *shape,
+                                        size_t ndim,
+                                        const void *data,
+                                        size_t data_len,
+                                        struct lowvram_tensor **out);
+
+/**
+ * Describe a tensor: its dtype, number of dimensions, and the dimensions into `shape[0..shape_cap]`
+ * (`shape_cap` must be ≥ the tensor's ndim; `LOWVRAM_MAX_DIMS` always suffices), and its size in bytes.
+ * Any out-pointer may be NULL if not wanted; all are written only on success. Thread-safe.
+ */
+lowvram_status lowvram_tensor_info(const struct lowvram_tensor *tensor,
+                                   lowvram_dtype *out_dtype,
+                                   int64_t *out_shape,
+                                   size_t shape_cap,
+                                   size_t *out_ndim,
+                                   size_t *out_byte_len);
+
+/**
+ * Copy the tensor's data into `buf`, which must be exactly the tensor's byte length (BUFFER_SIZE otherwise, with
+ * both sizes in the message). The caller owns `buf`. Thread-safe.
+ */
+lowvram_status lowvram_tensor_read(const struct lowvram_tensor *tensor, void *buf, size_t buf_len);
+
+/**
+ * Free a tensor made by the library. NULL is a no-op; freeing twice is undefined.
+ */
+void lowvram_tensor_free(struct lowvram_tensor *tensor);
 
 #ifdef __cplusplus
 }  // extern "C"

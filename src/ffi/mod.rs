@@ -7,5 +7,6 @@ pub mod error;
 pub mod log;
 pub mod status;
 pub mod system;
+pub mod tensor;
 
 pub use status::lowvram_status;

@@ -117,12 +117,68 @@ static void test_global_log_callback(void) {
     lowvram_context_free(ctx);
 }
 
+static void test_tensors(void) {
+    const int64_t shape[3] = {2, 3, 4};
+    float data[24];
+    for (int i = 0; i < 24; i++) data[i] = (float)i * 0.5f - 3.0f;
+    lowvram_tensor *t = NULL;
+    CHECK_OK(lowvram_tensor_from_host(LOWVRAM_DTYPE_F32, shape, 3, data, sizeof data, &t));
+
+    lowvram_dtype dtype = LOWVRAM_DTYPE_BF16;
+    int64_t got_shape[LOWVRAM_MAX_DIMS] = {0};
+    size_t ndim = 0, bytes = 0;
+    CHECK_OK(lowvram_tensor_info(t, &dtype, got_shape, LOWVRAM_MAX_DIMS, &ndim, &bytes));
+    CHECK(dtype == LOWVRAM_DTYPE_F32 && ndim == 3 && bytes == sizeof data);
+    CHECK(got_shape[0] == 2 && got_shape[1] == 3 && got_shape[2] == 4);
+
+    float back[24] = {0};
+    CHECK_OK(lowvram_tensor_read(t, back, sizeof back));
+    CHECK(memcmp(back, data, sizeof data) == 0);
+
+    /* wrong sizes are rejected with both numbers in the message, nothing written */
+    float small[23] = {0};
+    CHECK(lowvram_tensor_read(t, small, sizeof small) == LOWVRAM_STATUS_BUFFER_SIZE);
+    CHECK(strstr(lowvram_last_error_message(), "92") && strstr(lowvram_last_error_message(), "96"));
+    CHECK(small[0] == 0.0f);
+    CHECK(lowvram_tensor_info(t, NULL, got_shape, 2, NULL, NULL) == LOWVRAM_STATUS_BUFFER_SIZE);
+
+    lowvram_tensor *bad = (lowvram_tensor *)0x1;
+    CHECK(lowvram_tensor_from_host(LOWVRAM_DTYPE_F32, shape, 3, data, sizeof data - 4, &bad) ==
+          LOWVRAM_STATUS_BUFFER_SIZE);
+    CHECK(bad == (lowvram_tensor *)0x1);
+    CHECK(lowvram_tensor_from_host(LOWVRAM_DTYPE_F32, NULL, 3, data, sizeof data, &bad) ==
+          LOWVRAM_STATUS_NULL_ARGUMENT);
+    CHECK(lowvram_tensor_from_host(LOWVRAM_DTYPE_F32, shape, 0, data, sizeof data, &bad) ==
+          LOWVRAM_STATUS_INVALID_ARGUMENT);
+    CHECK(lowvram_tensor_from_host(7, shape, 3, data, sizeof data, &bad) == LOWVRAM_STATUS_INVALID_ARGUMENT);
+    CHECK(strstr(lowvram_last_error_message(), "dtype 7") != NULL);
+    const int64_t negative[1] = {-4};
+    CHECK(lowvram_tensor_from_host(LOWVRAM_DTYPE_F32, negative, 1, data, 16, &bad) ==
+          LOWVRAM_STATUS_INVALID_ARGUMENT);
+    CHECK(bad == (lowvram_tensor *)0x1);
+    CHECK(lowvram_tensor_read(NULL, back, sizeof back) == LOWVRAM_STATUS_NULL_ARGUMENT);
+
+    /* f16 round trip keeps the bits */
+    uint16_t halfs[4] = {0x3c00, 0xc000, 0x7bff, 0x0001};
+    const int64_t hshape[1] = {4};
+    lowvram_tensor *h = NULL;
+    CHECK_OK(lowvram_tensor_from_host(LOWVRAM_DTYPE_F16, hshape, 1, halfs, sizeof halfs, &h));
+    uint16_t hback[4] = {0};
+    CHECK_OK(lowvram_tensor_read(h, hback, sizeof hback));
+    CHECK(memcmp(halfs, hback, sizeof halfs) == 0);
+
+    lowvram_tensor_free(h);
+    lowvram_tensor_free(t);
+    lowvram_tensor_free(NULL);
+}
+
 int main(void) {
     test_version();
     test_system_stats();
     test_context_lifecycle();
     test_errors_leave_outputs_untouched();
     test_global_log_callback();
+    test_tensors();
     if (failures) {
         fprintf(stderr, "test_api: %d check(s) failed\n", failures);
         return 1;
