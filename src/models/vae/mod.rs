@@ -1,5 +1,5 @@
-//! `AutoencoderKL`: the SD VAE's decoder and encoder, computing block by block from a [`WeightSource`], with a
-//! tiled decode for images whose activations do not fit.
+//! `AutoencoderKL`: the SD VAE's decoder and encoder, computing block by block from a [`WeightSource`], with an
+//! exact tiled decode (`tiled_decode.rs`) for images whose activations do not fit on the device.
 //!
 //! Block keys: `post_quant_conv`, `decoder.conv_in`, `decoder.mid_block.resnets.{0,1}`,
 //! `decoder.mid_block.attentions.0`, `decoder.up_blocks.{i}.resnets.{j}`, `decoder.up_blocks.{i}.upsamplers.0`,
@@ -8,6 +8,8 @@
 //! `encoder.conv_norm_out`, `encoder.conv_out`, `quant_conv`.
 
 mod config;
+mod tiled;
+mod tiled_decode;
 
 use std::path::Path;
 
@@ -197,49 +199,6 @@ impl AutoencoderKL {
         Ok((mean, logvar))
     }
 
-    /// Decode `z` in overlapping tiles of `tile_latent`×`tile_latent` latents (overlap `overlap_latent` latents) and
-    /// blend them into one image: every tile is weighted by a linear ramp across each side it shares with a
-    /// neighbour (1 inside, falling to ~0 at the tile edge over the actual overlap), and the weighted sum is divided
-    /// by the summed weights. Tiles are full-size; the last row/column is shifted back to end at the border, so no
-    /// tile is a sliver. Returns f32 on `w`'s device.
-    pub fn decode_tiled(&self, w: &dyn WeightSource, z: &Tensor, tile_latent: usize, overlap_latent: usize) -> Result<Tensor> {
-        if tile_latent == 0 || overlap_latent >= tile_latent {
-            return Err(Error::invalid(format!("vae decode_tiled: tile {tile_latent} with overlap {overlap_latent}")));
-        }
-        let (b, _, h, wd) = z.dims4()?;
-        let f = self.config.downscale();
-        let oc = self.config.out_channels;
-        let dev = w.device().clone();
-        let ys = tile_starts(h, tile_latent, overlap_latent);
-        let xs = tile_starts(wd, tile_latent, overlap_latent);
-        let mut acc = Tensor::zeros((b, oc, h * f, wd * f), DType::F32, &dev)?;
-        let mut wsum = Tensor::zeros((1, 1, h * f, wd * f), DType::F32, &dev)?;
-        for (yi, &y0) in ys.iter().enumerate() {
-            let th = tile_latent.min(h);
-            for (xi, &x0) in xs.iter().enumerate() {
-                let tw = tile_latent.min(wd);
-                let tile = z.narrow(2, y0, th)?.narrow(3, x0, tw)?;
-                let img = self.decode(w, &tile)?.to_dtype(DType::F32)?;
-                let ry = ramp(&ys, yi, th, f);
-                let rx = ramp(&xs, xi, tw, f);
-                let wy = Tensor::from_vec(ry, (th * f, 1), &dev)?;
-                let wx = Tensor::from_vec(rx, (1, tw * f), &dev)?;
-                let weight = wy.broadcast_mul(&wx)?.reshape((1, 1, th * f, tw * f))?;
-                let contrib = img.broadcast_mul(&weight)?;
-                drop(img);
-                acc = acc.slice_assign(
-                    &[0..b, 0..oc, y0 * f..(y0 + th) * f, x0 * f..(x0 + tw) * f],
-                    &(acc.narrow(2, y0 * f, th * f)?.narrow(3, x0 * f, tw * f)? + contrib)?,
-                )?;
-                wsum = wsum.slice_assign(
-                    &[0..1, 0..1, y0 * f..(y0 + th) * f, x0 * f..(x0 + tw) * f],
-                    &(wsum.narrow(2, y0 * f, th * f)?.narrow(3, x0 * f, tw * f)? + weight)?,
-                )?;
-            }
-        }
-        Ok(acc.broadcast_div(&wsum)?)
-    }
-
     /// Peak bytes of activations [`Self::decode`] needs beyond the weights for latents of `z_shape`
     /// (`[B, C, h, w]`) in `dtype`.
     ///
@@ -285,76 +244,5 @@ impl AutoencoderKL {
         p.transient(ops::group_norm_scratch_bytes(b * c0 * hh * ww) + x);
         p.transient(x + conv_scratch(b, c0, oc, hh * ww, 3, dtype) + act(b, oc, hh * ww, dtype));
         p.peak
-    }
-
-    /// [`Self::decode_working_bytes`] for one `tile_latent`² tile, plus the f32 accumulator and weight planes of
-    /// [`Self::decode_tiled`] for the whole image.
-    pub fn decode_tiled_working_bytes(&self, z_shape: &[usize], tile_latent: usize, dtype: DType) -> u64 {
-        let (b, l, h, w) = match z_shape {
-            [b, l, h, w] => (*b, *l, *h, *w),
-            _ => return 0,
-        };
-        let f = self.config.downscale();
-        let th = tile_latent.min(h);
-        let tw = tile_latent.min(w);
-        let tile = self.decode_working_bytes(&[b, l, th, tw], dtype);
-        let whole = ((b * self.config.out_channels + 1) * h * f * w * f * 4) as u64;
-        let per_tile_blend = 4 * ((b * self.config.out_channels + 1) * th * f * tw * f * 4) as u64;
-        tile + 2 * whole + per_tile_blend
-    }
-}
-
-/// Tile start offsets along a side of `n` latents: every `tile − overlap`, the last shifted to end at `n`.
-fn tile_starts(n: usize, tile: usize, overlap: usize) -> Vec<usize> {
-    if n <= tile {
-        return vec![0];
-    }
-    let step = tile - overlap;
-    let mut v = Vec::new();
-    let mut s = 0;
-    while s + tile < n {
-        v.push(s);
-        s += step;
-    }
-    v.push(n - tile);
-    v
-}
-
-/// Blend weights (pixels) along one side of tile `i`: linear ramps over the overlap with the previous and the next
-/// tile, 1 elsewhere.
-fn ramp(starts: &[usize], i: usize, tile: usize, f: usize) -> Vec<f32> {
-    let len = tile * f;
-    let mut r = vec![1f32; len];
-    if i > 0 {
-        let ov = (starts[i - 1] + tile - starts[i]) * f;
-        for (p, v) in r.iter_mut().take(ov).enumerate() {
-            *v = v.min((p as f32 + 0.5) / ov as f32);
-        }
-    }
-    if i + 1 < starts.len() {
-        let ov = (starts[i] + tile - starts[i + 1]) * f;
-        for p in 0..ov {
-            let v = &mut r[len - 1 - p];
-            *v = v.min((p as f32 + 0.5) / ov as f32);
-        }
-    }
-    r
-}
-
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn tiles_cover_and_ramps_complement() {
-        assert_eq!(super::tile_starts(10, 4, 1), vec![0, 3, 6]);
-        assert_eq!(super::tile_starts(11, 4, 1), vec![0, 3, 6, 7]);
-        assert_eq!(super::tile_starts(4, 8, 2), vec![0]);
-        let s = super::tile_starts(10, 4, 1);
-        let a = super::ramp(&s, 0, 4, 8);
-        let b = super::ramp(&s, 1, 4, 8);
-        // Overlap of tiles 0 and 1: pixels 24..32 of tile 0 and 0..8 of tile 1.
-        for p in 0..8 {
-            assert!((a[24 + p] + b[p] - 1.0).abs() < 1e-6);
-        }
     }
 }
