@@ -355,7 +355,9 @@ def unet_refs(pipe, pipe64, out_dir, seed):
     d = unet.config.cross_attention_dim
     with torch.no_grad():
         for fname, shape, s in [("unet_forward.safetensors", (2, 4, 8, 8), seed),
-                                ("unet_forward_nonsquare.safetensors", (1, 4, 8, 12), seed + 2)]:
+                                ("unet_forward_nonsquare.safetensors", (1, 4, 8, 12), seed + 2),
+                                # 6x10 is not divisible by 4 (2 downsamplers): diffusers forwards upsample_size
+                                ("unet_forward_oddsize.safetensors", (1, 4, 6, 10), seed + 4)]:
             sample = randn(shape, s)
             ehs = randn((shape[0], TEXT_LEN, d), s + 1)
             t = torch.tensor([421.0], dtype=torch.float32)
