@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the tiny SD-style models shipped with lowvram and the diffusers reference outputs.
 
-How to run (from the repository root; CPU only, no network access needed):
+How to run (from the repository root; CPU only; the script itself needs no network access):
 
     python3 -m venv .venv && .venv/bin/pip install -r scripts/requirements-fixtures.txt \
         && .venv/bin/python scripts/make_fixtures.py
@@ -23,7 +23,6 @@ so that no layer is zero or identity-like: a wrong port cannot pass by accident.
 """
 
 import copy
-import json
 import math
 import os
 import shutil
@@ -31,14 +30,13 @@ import sys
 from pathlib import Path
 
 # Bit-reproducibility on CPU: one thread, MKL's conditional-numerical-reproducibility mode, aten's portable
-# (non-SIMD-dispatched) kernels and no oneDNN, so the last bits do not depend on the CPU model, the thread count or
-# run-to-run state. Must be set before torch (and MKL) load.
+# (non-SIMD-dispatched) kernels and no oneDNN, so that the last bits depend as little as possible on the CPU model
+# and thread count. Must be set before torch (and MKL) load.
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
 os.environ["MKL_CBWR"] = "COMPATIBLE"
 os.environ["ATEN_CPU_CAPABILITY"] = "default"
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -55,7 +53,6 @@ from diffusers import (  # noqa: E402
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
-    PNDMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
