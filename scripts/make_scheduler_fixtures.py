@@ -84,6 +84,7 @@ SCHEDULERS = {
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, True, "dpmpp_2m"),
 }
 STEPS = [8, 20]
+TABLE_STEPS = list(range(1, 51)) + [75, 100, 150, 333]
 SHAPE = (1, 4, 8, 8)  # batch 1, SD latent channels, 64x64 image
 
 g = torch.Generator().manual_seed(1234)
@@ -175,6 +176,27 @@ def main():
         # Exact training schedule, for the bit-level check of betas/alphas_cumprod.
         s = EulerDiscreteScheduler.from_config(cfg)
         tensors[f"{cname}/alphas_cumprod"] = s.alphas_cumprod.to(torch.float32).contiguous()
+    # Schedules only (no loop) for many step counts: catches rounding / arange-length quirks.
+    tables = []
+    for cname in ["sd15", "sd15_leading", "sd2v_trailing", "linear_linspace"]:
+        cfg = CONFIGS[cname]
+        for sname in ["euler", "euler_karras", "ddim", "dpmpp_2m", "dpmpp_2m_karras"]:
+            cls, karras, kind = SCHEDULERS[sname]
+            lens, ts_all, sg_all = [], [], []
+            for n in TABLE_STEPS:
+                sched = cls.from_config(cfg, **({"use_karras_sigmas": True} if karras else {}))
+                sched.set_timesteps(n)
+                ts = sched.timesteps.to(torch.float64)
+                lens.append(len(ts))
+                ts_all.append(ts)
+                if cls is not DDIMScheduler:
+                    sg_all.append(sched.sigmas.to(torch.float32))
+            key = f"table/{cname}/{sname}"
+            tensors[key + "/lengths"] = torch.tensor(lens, dtype=torch.int64)
+            tensors[key + "/timesteps"] = torch.cat(ts_all).contiguous()
+            if sg_all:
+                tensors[key + "/sigmas"] = torch.cat(sg_all).contiguous()
+            tables.append({"key": key, "config": cname, "kind": kind, "karras": karras})
     save_file(tensors, os.path.join(OUT, "fixtures.safetensors"))
     meta = {
         "generated_by": "scripts/make_scheduler_fixtures.py",
@@ -184,6 +206,8 @@ def main():
         "fake_model": "eps = 0.3*tanh(x) + (0.01*t/1000)*fixed[:batch]",
         "configs": CONFIGS,
         "runs": runs,
+        "table_steps": TABLE_STEPS,
+        "tables": tables,
     }
     with open(os.path.join(OUT, "fixtures.json"), "w") as f:
         json.dump(meta, f, indent=1)
