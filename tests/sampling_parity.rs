@@ -2,7 +2,7 @@
 //! `scripts/make_scheduler_fixtures.py` (tests/fixtures/schedulers/). No Python needed here.
 //!
 //! Each fixture run drives a diffusers scheduler through StableDiffusionPipeline's loop with a fake model
-//! `eps = 0.3·tanh(x) + (0.01·t/1000)·F[:batch]`; we run the same fake model through `lowvram::sampling::denoise`.
+//! `eps = 0.9·x + 0.1·tanh(x) + (0.01·t/1000)·F[:batch]`; we run the same fake model through `lowvram::sampling::denoise`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,7 +34,7 @@ fn config(f: &Fixtures, name: &str) -> SchedulerConfig {
 fn fake_model(fixed: &Tensor) -> impl FnMut(&Tensor, f64) -> lowvram::Result<Tensor> + '_ {
     move |x: &Tensor, t: f64| {
         let b = x.dims()[0];
-        let a = x.tanh()?.affine(0.3, 0.0)?;
+        let a = (x.affine(0.9, 0.0)? + x.tanh()?.affine(0.1, 0.0)?)?;
         let c = fixed.narrow(0, 0, b)?.affine(0.01 * t / 1000.0, 0.0)?;
         Ok((a + c)?)
     }
@@ -49,6 +49,19 @@ fn max_rel(ours: &[f64], theirs: &[f64]) -> f64 {
         .zip(theirs)
         .map(|(&a, &b)| if a == b { 0.0 } else { (a - b).abs() / b.abs().max(1e-30) })
         .fold(0.0, f64::max)
+}
+
+/// Timesteps must match to 1e-6 relative (in practice: exactly) except Euler with Karras sigmas, whose
+/// fractional timesteps come from `_sigma_to_t` on `np.log(float32 sigmas)`: numpy's SIMD float32 log is
+/// accurate to ~4 ulp and differs from a correctly rounded log (ours, and glibc's) in ~20 % of the table, which
+/// moves those timesteps by up to ~2e-6 relative (2e-7 absolute near t = 0). That is numpy's error, not a
+/// schedule difference; the sigmas themselves agree to 1e-6.
+fn ts_tolerance(kind: SchedulerKind, karras: bool) -> f64 {
+    if kind == SchedulerKind::Euler && karras {
+        5e-6
+    } else {
+        1e-6
+    }
 }
 
 /// Every fixture run: timesteps, sigmas, init_noise_sigma and the final latents of the whole loop.
@@ -73,7 +86,7 @@ fn schedulers_match_diffusers() {
         let sched = make_scheduler(kind, &cfg, steps, karras).unwrap();
         let want_ts = f.t[&format!("{name}/timesteps")].to_vec1::<f64>().unwrap();
         let ts_rel = if sched.timesteps().len() == want_ts.len() { max_rel(sched.timesteps(), &want_ts) } else { f64::INFINITY };
-        if ts_rel > 1e-6 {
+        if ts_rel > ts_tolerance(kind, karras) {
             failures.push(format!("{name}: timesteps {:?} vs diffusers {:?}", sched.timesteps(), want_ts));
         }
         let mut sg_rel = 0.0;
@@ -101,8 +114,12 @@ fn schedulers_match_diffusers() {
             model(x, t)
         };
         let out = denoise(&mut m, &params, init, Some(step_noise), &mut |_, _| true, &AtomicBool::new(false)).unwrap();
-        assert_eq!(seen_t, want_ts, "{name}: timesteps passed to the model");
-        let err = max_abs(&out, &f.t[&format!("{name}/latents")]);
+        assert_eq!(seen_t.len(), want_ts.len(), "{name}");
+        assert!(max_rel(&seen_t, &want_ts) <= ts_tolerance(kind, karras), "{name}: timesteps passed to the model");
+        let want = &f.t[&format!("{name}/latents")];
+        let err = max_abs(&out, want);
+        let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        println!("{name:40} max |latent| {scale:8.4}  max abs err {err:.3e}");
         if !(err <= 1e-5) {
             failures.push(format!("{name}: final latents max abs err {err:e}"));
         }
@@ -304,7 +321,7 @@ fn schedules_match_for_many_step_counts() {
             let sched = make_scheduler(kind, &cfg, n, karras).unwrap();
             let r = if sched.timesteps().len() == len { max_rel(sched.timesteps(), want_ts) } else { f64::INFINITY };
             worst_ts = worst_ts.max(r);
-            if r > 1e-6 {
+            if r > ts_tolerance(kind, karras) {
                 failures.push(format!("{key} n={n}: timesteps {:?}\n   diffusers {want_ts:?}", sched.timesteps()));
             }
             if let Some(sg) = &sg_all {
