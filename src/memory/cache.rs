@@ -289,7 +289,7 @@ impl Shared {
         let cap = cfg.max_cache_vram_bytes();
         let state = cfg.vram_state;
         let partial_ok = cfg.enable_partial_loading || matches!(state, VramState::Low | VramState::None);
-        let min_of = |m: &ManagedModel| {
+        let min_of = |m: &Arc<ManagedModel>| {
             if partial_ok { plan::min_need(&m.costs) } else { plan::whole_need(&m.costs) }
         };
         // One entry per locked model (a model locked twice is planned once; its working memories add up).
@@ -660,7 +660,8 @@ impl ModelCache {
         }
         let mut inner = sh.inner();
         let old = std::mem::replace(&mut inner.config, next);
-        let old_sizing = std::mem::replace(&mut inner.sizing, sizing::compute(&inner.config, &sh.alloc));
+        let new_sizing = sizing::compute(&inner.config, &sh.alloc);
+        let old_sizing = std::mem::replace(&mut inner.sizing, new_sizing);
         if let Err(e) = sh.rebalance(&mut inner) {
             inner.config = old;
             inner.sizing = old_sizing;
@@ -691,7 +692,7 @@ impl ModelCache {
         let sh = &self.shared;
         let mut inner = sh.inner();
         let canon = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
-        if let Some(m) = inner.live_models().into_iter().find(|m| m.name == name && m.store.path() == canon) {
+        if let Some(m) = inner.live_models().into_iter().find(|m| m.name == name && m.store.path() == canon.as_path()) {
             sh.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(m);
         }
@@ -783,7 +784,7 @@ impl ModelCache {
             loaded: AtomicU64::new(0),
         };
         // Dropping `lk` on an error below unregisters the lock.
-        lk.working = Some(sh.alloc_for(working, AllocKind::Working, Some(model), Some(WAIT_LIMIT), 0)?);
+        lk.working = Some(sh.alloc_for(working, AllocKind::Working, Some(model.as_ref()), Some(WAIT_LIMIT), 0)?);
         sh.fill_target(model, &lk.loaded)?;
         Ok(lk)
     }
@@ -998,7 +999,7 @@ impl ModelLock {
 
     fn stream_alloc(&self, bytes: u64) -> Result<StreamLease> {
         let own = self.inflight.load(Ordering::SeqCst);
-        let a = self.shared.alloc_for(bytes, AllocKind::Streaming, Some(&self.model), Some(WAIT_LIMIT), own)?;
+        let a = self.shared.alloc_for(bytes, AllocKind::Streaming, Some(self.model.as_ref()), Some(WAIT_LIMIT), own)?;
         self.inflight.fetch_add(bytes, Ordering::SeqCst);
         Ok(StreamLease { _alloc: a, bytes, inflight: self.inflight.clone() })
     }
