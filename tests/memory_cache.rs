@@ -32,7 +32,7 @@ fn budget_sweep_two_models() {
     let min_cap = WORK + a.max_block().max(b.max_block());
     let full = WORK + a.total() + b.total();
     eprintln!("model a {} B (max block {}), model b {} B (max block {}), working {} B", a.total(), a.max_block(), b.total(), b.max_block(), WORK);
-    eprintln!("{:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}", "capacity", "model", "resident", "streamed", "predicted", "peak", "fwd-peak", "refused");
+    eprintln!("{:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}", "capacity", "model", "resident", "streamed", "predicted", "fwd-peak", "lock-peak", "refused");
     let mut caps: Vec<u64> = (0..=12).map(|i| min_cap - 1 + (full + 64 * KIB - min_cap) * i / 12).collect();
     caps.push(min_cap);
     for cap in caps {
@@ -335,7 +335,7 @@ fn no_ram_copy_keeps_host_bytes_bounded() {
     eprintln!("staging peak {} B ({} slots, largest block {} B, model {} B)", s.ram.staging_peak_bytes, s.ram.staging_slots, a.max_block(), a.total());
     // With the copy: RAM holds the model.
     let c2 = ModelCache::new(config(&format!("emulated:{cap}"), WORK)).unwrap();
-    c2.load_model(&a.path, "a").unwrap();
+    let _kept = c2.load_model(&a.path, "a").unwrap();
     assert_eq!(c2.stats().ram.cache_used_bytes, a.total());
 }
 
