@@ -18,36 +18,21 @@ pub struct ResidentWeights {
 
 impl ResidentWeights {
     /// Group `tensors` (full checkpoint names) into blocks, converted to `dtype` on `device`.
-    pub fn from_tensors(
-        tensors: HashMap<String, Tensor>,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self> {
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, device: &Device, dtype: DType) -> Result<Self> {
         let mut blocks: HashMap<String, HashMap<String, Tensor>> = HashMap::new();
         for (name, t) in tensors {
             let key = block_key(&name).to_string();
-            let rel = name
-                .strip_prefix(&key)
-                .map(|r| r.trim_start_matches('.'))
-                .unwrap_or(&name)
-                .to_string();
+            let rel = name.strip_prefix(&key).map(|r| r.trim_start_matches('.')).unwrap_or(&name).to_string();
             let t = t.to_device(device)?.to_dtype(dtype)?;
             blocks.entry(key).or_default().insert(rel, t);
         }
-        Ok(Self {
-            device: device.clone(),
-            dtype,
-            blocks,
-        })
+        Ok(Self { device: device.clone(), dtype, blocks })
     }
 
     /// Load a safetensors file completely.
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
         if !path.exists() {
-            return Err(Error::io(
-                path,
-                std::io::Error::from(std::io::ErrorKind::NotFound),
-            ));
+            return Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)));
         }
         let tensors = candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
