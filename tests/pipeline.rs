@@ -109,7 +109,13 @@ fn budgets_change_residency_never_results() {
     let capacity: u64 = 64 << 20;
     for fraction in [1.0, 0.5, 0.25, 0.1, 0.0] {
         let budget = (model as f64 * fraction) as u64;
-        let yaml = format!("device_working_mem_gb: 0.01\nmax_cache_vram_gb: {}\n", budget as f64 / (1u64 << 30) as f64);
+        // 0 %: `vram_state: none` streams every block (a zero cache cap leaves no room for the block in flight)
+        let cap = if fraction > 0.0 {
+            format!("max_cache_vram_gb: {}", budget as f64 / (1u64 << 30) as f64)
+        } else {
+            "vram_state: none".to_string()
+        };
+        let yaml = format!("device_working_mem_gb: 0.01\n{cap}\n");
         let (latents, r) = run(&format!("emulated:{capacity}"), &yaml);
         println!(
             "budget {:>3.0}%: resident {} of {} bytes, streamed {} (8 steps), peak {} of {capacity}",
@@ -242,7 +248,8 @@ fn bad_models_and_inputs_give_clear_errors_and_leave_the_context_usable() {
     let dir = temp_dir("unsupported");
     copy_dir(&src, &dir);
     let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    let cfg = cfg.replacen('{', "{\"addition_embed_type\": \"text_time\",", 1);
+    assert!(cfg.contains("\"addition_embed_type\": null"));
+    let cfg = cfg.replace("\"addition_embed_type\": null", "\"addition_embed_type\": \"text_time\"");
     std::fs::write(dir.join("config.json"), cfg).unwrap();
     let err = ctx.load_model(&dir).err().unwrap();
     assert!(matches!(err, Error::Unsupported(_)) && err.to_string().contains("addition_embed_type"), "{err}");
@@ -282,7 +289,10 @@ fn bad_models_and_inputs_give_clear_errors_and_leave_the_context_usable() {
 #[test]
 fn fp16_weights_compute_close_to_f32() {
     let f = fixture("tiny-sd", "sample_euler.safetensors");
-    let dir = temp_dir("fp16");
+    // a pipeline folder whose UNet has only the fp16 file (the scheduler config beside it, as in the original)
+    let root = temp_dir("fp16");
+    copy_dir(&repo().join("models/tiny-sd/scheduler"), &root.join("scheduler"));
+    let dir = root.join("unet");
     let src = repo().join("models/tiny-sd/unet");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
