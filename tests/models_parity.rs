@@ -16,17 +16,19 @@ fn root() -> PathBuf {
     std::env::var_os("LOWVRAM_FIXTURE_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
-/// The fixtures come from the `fixtures` branch; until it is merged the tests say so and pass vacuously.
-fn have_fixtures() -> bool {
-    let ok = root().join("models/tiny-sd/unet/config.json").exists() && root().join("tests/fixtures/tiny-sd").exists();
-    if !ok {
-        eprintln!("SKIPPED: no tiny-sd fixtures under {} (merge the fixtures branch)", root().display());
+/// The fixtures are part of the repository (`scripts/make_fixtures.py`): a missing file is a failure, never a skip.
+fn require_fixtures() {
+    for p in [model_dir("tiny-sd", "unet").join("config.json"), model_dir("tiny-sd2", "unet").join("config.json")] {
+        assert!(p.exists(), "missing fixture {} (see tests/fixtures/README.md)", p.display());
     }
-    ok
 }
 
+/// `models/tiny-sd` is shipped; the SD 2.x-style tiny model lives with its references in `tests/fixtures/tiny-sd2/model`.
 fn model_dir(name: &str, part: &str) -> PathBuf {
-    root().join("models").join(name).join(part)
+    match name {
+        "tiny-sd" => root().join("models").join(name).join(part),
+        _ => root().join("tests/fixtures").join(name).join("model").join(part),
+    }
 }
 
 fn fixture(name: &str, file: &str) -> HashMap<String, Tensor> {
@@ -68,9 +70,7 @@ fn unet_case(name: &str, file: &str, dtype: DType) -> (Tensor, Tensor) {
 
 #[test]
 fn unet_forward_matches_diffusers() {
-    if !have_fixtures() {
-        return;
-    }
+    require_fixtures();
     for (name, file) in [
         ("tiny-sd", "unet_forward.safetensors"),
         ("tiny-sd", "unet_forward_nonsquare.safetensors"),
@@ -87,9 +87,7 @@ fn unet_forward_matches_diffusers() {
 
 #[test]
 fn unet_f16_compute_is_close_to_f32() {
-    if !have_fixtures() {
-        return;
-    }
+    require_fixtures();
     for name in ["tiny-sd", "tiny-sd2"] {
         let (o32, reference) = unet_case(name, "unet_forward.safetensors", DType::F32);
         let (o16, _) = unet_case(name, "unet_forward.safetensors", DType::F16);
@@ -103,9 +101,7 @@ fn unet_f16_compute_is_close_to_f32() {
 
 #[test]
 fn vae_decode_and_encode_match_diffusers() {
-    if !have_fixtures() {
-        return;
-    }
+    require_fixtures();
     let m = vae();
     let w = ResidentWeights::load(&weights_file("tiny-sd", "vae"), &Device::Cpu, DType::F32).unwrap();
     let f = fixture("tiny-sd", "vae_decode.safetensors");
@@ -122,43 +118,39 @@ fn vae_decode_and_encode_match_diffusers() {
     assert!(m1 <= 1e-3 && m2 <= 1e-3, "encode errors {m1} {m2}");
 }
 
+/// The exact tiled decode against the untiled one and diffusers' untiled reference, on both tiny VAEs' large
+/// latents (tiny-sd [1,4,32,32] → 256², tiny-sd2 [1,4,24,32] → 192×256), with tiles that divide the latent and
+/// tiles that do not.
 #[test]
 fn vae_tiled_decode_matches_untiled() {
-    if !have_fixtures() {
-        return;
+    require_fixtures();
+    for name in ["tiny-sd", "tiny-sd2"] {
+        let m = AutoencoderKL::from_config_file(&model_dir(name, "vae").join("config.json")).unwrap();
+        let w = ResidentWeights::load(&weights_file(name, "vae"), &Device::Cpu, DType::F32).unwrap();
+        let f = fixture(name, "vae_decode_large.safetensors");
+        let z = &f["latents"];
+        let whole = m.decode(&w, z).unwrap();
+        let (max, _) = diff(&whole, &f["image"]);
+        assert!(max <= 1e-3, "{name}: untiled large decode vs diffusers: {max}");
+        let (_, _, h, wd) = z.dims4().unwrap();
+        for tile in [8, 12, 5, h.max(wd)] {
+            let tiled = m.decode_tiled(&w, z, tile, 0).unwrap();
+            let (max, mean) = diff(&tiled, &whole);
+            let (rmax, rmean) = diff(&tiled, &f["image"]);
+            println!(
+                "{name} {:?}, tile {tile}: vs untiled max abs {max:.3e} mean abs {mean:.3e}; vs diffusers max {rmax:.3e} mean {rmean:.3e}",
+                whole.dims()
+            );
+            // The project's goal is mean ≤ 5e-3, max ≤ 5e-2; the tiled path is exact, so it is held to rounding.
+            assert!(max <= 1e-4 && mean <= 1e-5, "{name} tile {tile}: tiled vs untiled max {max} mean {mean}");
+            assert!(rmax <= 1e-3, "{name} tile {tile}: tiled vs diffusers max {rmax}");
+        }
     }
-    let m = vae();
-    let w = ResidentWeights::load(&weights_file("tiny-sd", "vae"), &Device::Cpu, DType::F32).unwrap();
-    let f = fixture("tiny-sd", "vae_decode_large.safetensors");
-    let z = &f["latents"];
-    let whole = m.decode(&w, z).unwrap();
-    let (max, _) = diff(&whole, &f["image"]);
-    assert!(max <= 1e-3, "untiled large decode vs diffusers: {max}");
-    let (_, _, h, wd) = z.dims4().unwrap();
-    let tile = (h.min(wd) / 2).max(4);
-    let overlap = tile / 2;
-    let tiled = m.decode_tiled(&w, z, tile, overlap).unwrap();
-    let clamp = |t: &Tensor| t.clamp(-1f32, 1f32).unwrap();
-    let (max, mean) = diff(&clamp(&tiled), &clamp(&whole));
-    println!("tiled ({tile} latents, overlap {overlap}) vs untiled on {:?}: max abs {max:.3e} mean abs {mean:.3e}", whole.dims());
-    // DECISIONS.md's goal is mean ≤ 5e-3, max ≤ 5e-2. Per-tile GroupNorm statistics and the mid-block's global
-    // attention make a tiny random VAE far less tile-friendly than a trained one (diffusers' own tiled_decode on
-    // such a model with the same tile size differs by ~0.12 mean), so only a misplaced or unblended tile (errors
-    // of the order of the image itself) fails here; the figures are printed for the report.
-    if mean > 5e-3 || max > 5e-2 {
-        println!("tiled decode misses the DECISIONS.md goal (mean ≤ 5e-3, max ≤ 5e-2) on this model");
-    }
-    assert!(mean <= 0.15, "tiled vs untiled: max {max} mean {mean}");
-    // A single tile covering everything is the plain decode.
-    let one = m.decode_tiled(&w, z, h.max(wd), 2).unwrap();
-    assert!(diff(&one, &whole).0 < 1e-6);
 }
 
 #[test]
 fn working_memory_estimates_scale_with_size() {
-    if !have_fixtures() {
-        return;
-    }
+    require_fixtures();
     let m = unet("tiny-sd");
     let a = m.working_bytes(1, 16, 16, 7, DType::F32);
     let b = m.working_bytes(2, 16, 16, 7, DType::F32);
@@ -241,9 +233,7 @@ fn check_log(log: &[(String, usize)], expected: impl Iterator<Item = String>) {
 
 #[test]
 fn unet_fetches_every_block_once_and_releases_it() {
-    if !have_fixtures() {
-        return;
-    }
+    require_fixtures();
     for name in ["tiny-sd", "tiny-sd2"] {
         let tensors = load_all(&weights_file(name, "unet"));
         let keys: Vec<String> = tensors.keys().map(|n| block_key(n).to_string()).collect();
@@ -260,9 +250,7 @@ fn unet_fetches_every_block_once_and_releases_it() {
 
 #[test]
 fn vae_fetches_every_block_once_and_releases_it() {
-    if !have_fixtures() {
-        return;
-    }
+    require_fixtures();
     let tensors = load_all(&weights_file("tiny-sd", "vae"));
     let keys: Vec<String> = tensors.keys().map(|n| block_key(n).to_string()).collect();
     let src = Recording::new(tensors);
@@ -271,6 +259,11 @@ fn vae_fetches_every_block_once_and_releases_it() {
     m.decode(&src, &f["latents"]).unwrap();
     let dec = src.take_log();
     check_log(&dec, keys.iter().filter(|k| k.starts_with("decoder.") || *k == "post_quant_conv").cloned());
+    let f = fixture("tiny-sd", "vae_decode_large.safetensors");
+    m.decode_tiled(&src, &f["latents"], 12, 0).unwrap();
+    let tiled = src.take_log();
+    check_log(&tiled, keys.iter().filter(|k| k.starts_with("decoder.") || *k == "post_quant_conv").cloned());
+    assert_eq!(src.live.load(Ordering::SeqCst), 0);
     let f = fixture("tiny-sd", "vae_encode.safetensors");
     m.encode(&src, &f["image"]).unwrap();
     let enc = src.take_log();
@@ -280,9 +273,7 @@ fn vae_fetches_every_block_once_and_releases_it() {
 /// Every tensor of the checkpoint is used: without any one of them the forward fails naming it.
 #[test]
 fn every_checkpoint_tensor_is_required() {
-    if !have_fixtures() {
-        return;
-    }
+    require_fixtures();
     let all = load_all(&weights_file("tiny-sd", "vae"));
     let m = vae();
     let z = fixture("tiny-sd", "vae_decode.safetensors")["latents"].clone();
@@ -320,9 +311,7 @@ fn every_checkpoint_tensor_is_required() {
 
 #[test]
 fn missing_tensor_is_a_format_error_naming_it() {
-    if !have_fixtures() {
-        return;
-    }
+    require_fixtures();
     let mut t = load_all(&weights_file("tiny-sd", "unet"));
     let name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight";
     assert!(t.remove(name).is_some());
@@ -334,9 +323,7 @@ fn missing_tensor_is_a_format_error_naming_it() {
 
 #[test]
 fn wrong_shape_is_a_format_error_naming_the_tensor() {
-    if !have_fixtures() {
-        return;
-    }
+    require_fixtures();
     // Rewrite the checkpoint with one tensor of the wrong shape, with the safetensors crate.
     let src = std::fs::read(weights_file("tiny-sd", "unet")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&src).unwrap();
@@ -371,9 +358,7 @@ fn wrong_shape_is_a_format_error_naming_the_tensor() {
 
 #[test]
 fn unsupported_config_keys_are_named() {
-    if !have_fixtures() {
-        return;
-    }
+    require_fixtures();
     let text = std::fs::read_to_string(model_dir("tiny-sd", "unet").join("config.json")).unwrap();
     assert!(UNetConfig::from_json(&text).is_ok());
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
