@@ -428,11 +428,12 @@ typedef struct lowvram_decode_params {
     uint32_t struct_size;
     /**
      * Tile edge in latent pixels: 0 = automatic (untiled when it fits, tiled when its working memory does not
-     * fit, and after a device OOM); > 0 = always tile with this edge. Default 0.
+     * fit, and after a device OOM); > 0 = always tile with this edge. Tiled decoding is exact (global GroupNorm
+     * statistics, halo convolutions): it matches the untiled result to float rounding. Default 0.
      */
     uint32_t tile_latent;
     /**
-     * Overlap between tiles in latent pixels when `tile_latent` > 0 (must be < `tile_latent`). Default 8.
+     * Ignored: exact tiles need no overlap. Kept so the struct layout stays stable. Default 0.
      */
     uint32_t overlap_latent;
     /**

@@ -134,7 +134,7 @@ fn vae_tiled_decode_matches_untiled() {
         assert!(max <= 1e-3, "{name}: untiled large decode vs diffusers: {max}");
         let (_, _, h, wd) = z.dims4().unwrap();
         for tile in [8, 12, 5, h.max(wd)] {
-            let tiled = m.decode_tiled(&w, z, tile, 0).unwrap();
+            let tiled = m.decode_tiled(&w, z, tile).unwrap();
             let (max, mean) = diff(&tiled, &whole);
             let (rmax, rmean) = diff(&tiled, &f["image"]);
             println!(
@@ -260,7 +260,7 @@ fn vae_fetches_every_block_once_and_releases_it() {
     let dec = src.take_log();
     check_log(&dec, keys.iter().filter(|k| k.starts_with("decoder.") || *k == "post_quant_conv").cloned());
     let f = fixture("tiny-sd", "vae_decode_large.safetensors");
-    m.decode_tiled(&src, &f["latents"], 12, 0).unwrap();
+    m.decode_tiled(&src, &f["latents"], 12).unwrap();
     let tiled = src.take_log();
     check_log(&tiled, keys.iter().filter(|k| k.starts_with("decoder.") || *k == "post_quant_conv").cloned());
     assert_eq!(src.live.load(Ordering::SeqCst), 0);

@@ -115,7 +115,7 @@ fn tiled_decode_equals_untiled() {
             }
             let z = latents(shape);
             let whole = m.decode(&w, &z).unwrap();
-            let tiled = m.decode_tiled(&w, &z, tile, 0).unwrap();
+            let tiled = m.decode_tiled(&w, &z, tile).unwrap();
             assert_eq!(tiled.device().location(), Device::Cpu.location());
             let (max, mean) = diff(&tiled, &whole);
             let scale = whole.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -136,7 +136,7 @@ fn tiled_decode_in_f16_is_close_to_untiled() {
     let m = AutoencoderKL::new(cfg).unwrap();
     let z = latents((1, 4, 16, 24));
     let whole = m.decode(&w, &z).unwrap();
-    let tiled = m.decode_tiled(&w, &z, 8, 0).unwrap();
+    let tiled = m.decode_tiled(&w, &z, 8).unwrap();
     assert_eq!(tiled.dtype(), DType::F16);
     let (max, mean) = diff(&tiled, &whole);
     println!("f16: max abs {max:.3e}, mean abs {mean:.3e}");
@@ -187,7 +187,7 @@ fn tiled_decode_fetches_every_block_once_and_releases_it() {
     }
     let src = Recording { blocks, live: Arc::new(AtomicUsize::new(0)), log: Mutex::new(vec![]) };
     let m = AutoencoderKL::new(cfg).unwrap();
-    m.decode_tiled(&src, &latents((1, 4, 12, 20)), 6, 0).unwrap();
+    m.decode_tiled(&src, &latents((1, 4, 12, 20)), 6).unwrap();
     let log = std::mem::take(&mut *src.log.lock().unwrap());
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for (k, live) in &log {

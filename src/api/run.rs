@@ -66,8 +66,8 @@ pub enum Tiling {
     Auto,
     /// Never tile (BUDGET_TOO_SMALL if the whole decode cannot fit).
     Never,
-    /// Always tile with this tile edge and overlap, in latent pixels.
-    Tiles { tile_latent: usize, overlap_latent: usize },
+    /// Always tile with this tile edge, in latent pixels (exact: tiles need no overlap).
+    Tiles { tile_latent: usize },
 }
 
 /// A weight source that stops a run at the next block boundary when the context is cancelled.
@@ -237,14 +237,15 @@ impl Context {
                 Err(e) => return Err(e),
             }
         }
-        let candidates: Vec<(usize, usize)> = match tiling {
-            Tiling::Tiles { tile_latent, overlap_latent } => vec![(tile_latent, overlap_latent)],
-            _ => [64usize, 32, 16, 8].iter().map(|&t| (t, t / 4)).collect(),
+        // Largest tile first: fewer tiles, less per-tile overhead; smaller tiles need less working memory.
+        let candidates: Vec<usize> = match tiling {
+            Tiling::Tiles { tile_latent } => vec![tile_latent],
+            _ => vec![64, 32, 16, 8],
         };
         let mut last_err = None;
-        for (tile, overlap) in candidates {
-            if tile == 0 || overlap >= tile {
-                return Err(Error::invalid(format!("tile {tile} with overlap {overlap}: need 0 ≤ overlap < tile")));
+        for tile in candidates {
+            if tile == 0 {
+                return Err(Error::invalid("tile edge must be positive"));
             }
             let estimate = model.decode_tiled_working_bytes(z.dims(), tile, dtype);
             let lock = match self.cache().lock(vae.weights(), estimate) {
@@ -256,7 +257,7 @@ impl Context {
                 Err(e) => return Err(e),
             };
             let source = Cancellable { inner: &lock, cancel: self.cancel_flag() };
-            match model.decode_tiled(&source, &z.to_device(lock.device())?, tile, overlap) {
+            match model.decode_tiled(&source, &z, tile) {
                 Ok(image) => {
                     let image = image.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
                     let report = self.report(&lock, start, Vec::new(), estimate, refused_before, Some(tile));

@@ -66,9 +66,10 @@ pub struct lowvram_decode_params {
     /// `sizeof(lowvram_decode_params)` as the host sees it; set by the init function.
     pub struct_size: u32,
     /// Tile edge in latent pixels: 0 = automatic (untiled when it fits, tiled when its working memory does not
-    /// fit, and after a device OOM); > 0 = always tile with this edge. Default 0.
+    /// fit, and after a device OOM); > 0 = always tile with this edge. Tiled decoding is exact (global GroupNorm
+    /// statistics, halo convolutions): it matches the untiled result to float rounding. Default 0.
     pub tile_latent: u32,
-    /// Overlap between tiles in latent pixels when `tile_latent` > 0 (must be < `tile_latent`). Default 8.
+    /// Ignored: exact tiles need no overlap. Kept so the struct layout stays stable. Default 0.
     pub overlap_latent: u32,
     /// Never tile (BUDGET_TOO_SMALL when the whole decode cannot fit). Default false.
     pub never_tile: bool,
@@ -151,7 +152,7 @@ fn decode_defaults() -> lowvram_decode_params {
     lowvram_decode_params {
         struct_size: size_of::<lowvram_decode_params>() as u32,
         tile_latent: 0,
-        overlap_latent: 8,
+        overlap_latent: 0,
         never_tile: false,
     }
 }
@@ -304,7 +305,7 @@ pub unsafe extern "C" fn lowvram_vae_decode(
         let tiling = if p.never_tile {
             Tiling::Never
         } else if p.tile_latent > 0 {
-            Tiling::Tiles { tile_latent: p.tile_latent as usize, overlap_latent: p.overlap_latent as usize }
+            Tiling::Tiles { tile_latent: p.tile_latent as usize }
         } else {
             Tiling::Auto
         };

@@ -32,10 +32,9 @@ impl AutoencoderKL {
     ///
     /// Exact up to summation-order rounding: convs read their halo, GroupNorms use statistics gathered over all
     /// tiles first, and the mid-block attention runs whole (it is at latent resolution, 1/f² of the image).
-    /// `overlap_latent` is accepted for compatibility and ignored: exact tiles need no overlap. Returns the image on
+    /// Exact tiles need no overlap. Returns the image on
     /// the host (CPU), in the compute dtype. Each block is fetched once and released before the next fetch.
-    pub fn decode_tiled(&self, w: &dyn WeightSource, z: &Tensor, tile_latent: usize, overlap_latent: usize) -> Result<Tensor> {
-        let _ = overlap_latent;
+    pub fn decode_tiled(&self, w: &dyn WeightSource, z: &Tensor, tile_latent: usize) -> Result<Tensor> {
         let (_, c, lh, _) = z.dims4()?;
         if tile_latent == 0 {
             return Err(Error::invalid("vae decode_tiled: tile size 0"));
