@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
 use lowvram::api::{Context, ContextOptions, DenoiseOptions, RunReport, Tiling};
@@ -228,6 +228,9 @@ fn report_json(r: &RunReport) -> Value {
         "resident_bytes": r.resident_bytes,
         "model_bytes": r.model_bytes,
         "working_bytes": r.working_bytes,
+        "estimated_working_bytes": r.estimated_working_bytes,
+        "refused_allocations": r.refused_allocations,
+        "tile_latent": r.tile_latent,
     })
 }
 
@@ -290,7 +293,7 @@ fn unet_point(args: &Args, rss: &mut Rss, name: &str, size: usize, pct: u32) -> 
     let device = ctx.cache().device().clone();
     let sample = randn(args.seed + 1, &[2, 4, size, size], &device)?;
     let ehs = randn(args.seed + 2, &[2, 77, 768], &device)?;
-    let working = unet.working_bytes(2, size, size, 77, DType::F32);
+    let working = unet.working_bytes(2, size, size, 77, ctx.cache().compute_dtype());
 
     rss.reset();
     ctx.cache().allocator().reset_peak();
@@ -378,6 +381,9 @@ fn vae_point(args: &Args, rss: &mut Rss, ctx: &Context, vae: &Arc<lowvram::api::
     })?;
     let report = last.expect("at least one run");
     let refused = ctx.cache().allocator().refused() - refused_before;
+    if let Some(tile) = report.tile_latent {
+        log(args, &format!("{name}: decoded in tiles of {tile} latent px (Tiling::Auto found the untiled decode too big)"));
+    }
     log(
         args,
         &format!(
@@ -393,6 +399,7 @@ fn vae_point(args: &Args, rss: &mut Rss, ctx: &Context, vae: &Arc<lowvram::api::
     o.insert("latent_shape".into(), json!([1, 4, px / 8, px / 8]));
     o.insert("peak_device_bytes".into(), json!(report.peak_device_bytes));
     o.insert("refused_allocations".into(), json!(refused));
+    o.insert("tiled".into(), json!(report.tile_latent.is_some()));
     o.insert("report".into(), report_json(&report));
     o.insert("peak_rss_bytes".into(), json!(rss.since_reset()));
     Ok(v)
