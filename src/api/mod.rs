@@ -2,8 +2,12 @@
 
 mod context;
 mod image;
+mod model;
+mod run;
 mod tensor;
 
 pub use context::{Context, ContextOptions};
 pub use image::write_pngs;
+pub use model::{Architecture, Model, ModelKind};
+pub use run::{DenoiseOptions, RunReport, Tiling};
 pub use tensor::{HostDType, HostTensor};

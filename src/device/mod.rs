@@ -1,1 +1,90 @@
-//! Devices (being built).
+//! Devices: which one to compute on ([`DeviceSpec`]) and the one allocator every device byte goes through
+//! ([`DeviceAllocator`]), with current/peak/refused accounting and, on `emulated:SIZE`, a hard capacity that refuses
+//! allocations exactly like a real out-of-memory (so CPU tests drive the same OOM paths).
+
+mod allocator;
+
+pub use allocator::{AllocKind, Allocation, DeviceAllocator, DeviceUsage};
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Serialize, Serializer};
+
+use crate::config::parse_size;
+use crate::error::{Error, Result};
+
+/// Which device to compute on (`device` config key).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// CUDA device 0 when this is a `cuda` build and one is present, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU (no device budget).
+    Cpu,
+    /// CUDA device N (`cuda` or `cuda:N`).
+    Cuda(usize),
+    /// A CPU-backed device with a hard capacity in bytes (`emulated:SIZE`): tensors are CPU tensors, every
+    /// allocation is counted and refused past the capacity with `OutOfDeviceMemory`.
+    Emulated(u64),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim();
+        let bad = || Error::invalid(format!("invalid device `{s}`; accepted: auto|cpu|cuda|cuda:N|emulated:SIZE"));
+        match t {
+            "auto" => return Ok(DeviceSpec::Auto),
+            "cpu" => return Ok(DeviceSpec::Cpu),
+            "cuda" => return Ok(DeviceSpec::Cuda(0)),
+            _ => {}
+        }
+        if let Some(n) = t.strip_prefix("cuda:") {
+            return n.parse().map(DeviceSpec::Cuda).map_err(|_| bad());
+        }
+        if let Some(size) = t.strip_prefix("emulated:") {
+            let bytes = parse_size(size).map_err(|_| bad())?;
+            if bytes == 0 {
+                return Err(bad());
+            }
+            return Ok(DeviceSpec::Emulated(bytes));
+        }
+        Err(bad())
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Auto => f.write_str("auto"),
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceSpec::Emulated(b) => write!(f, "emulated:{b}"),
+        }
+    }
+}
+
+impl Serialize for DeviceSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl DeviceSpec {
+    /// Resolve `auto` to a concrete device: `cuda:0` in a `cuda` build where it opens, else `cpu`.
+    pub fn resolve(&self) -> DeviceSpec {
+        match self {
+            DeviceSpec::Auto => {
+                #[cfg(feature = "cuda")]
+                {
+                    if candle_core::Device::new_cuda(0).is_ok() {
+                        return DeviceSpec::Cuda(0);
+                    }
+                }
+                DeviceSpec::Cpu
+            }
+            other => other.clone(),
+        }
+    }
+}

@@ -1,11 +1,11 @@
 //! `lowvram_context`: create, configure, free.
 
-use std::ffi::{c_char, c_void};
+use std::ffi::{c_char, c_void, CString};
 use std::mem::{offset_of, size_of};
 
 use crate::api::{Context, ContextOptions};
 use crate::error::Error;
-use crate::ffi::boundary::{borrow, guard, opt_str_arg, out_arg, Handle};
+use crate::ffi::boundary::{borrow, guard, opt_str_arg, out_arg, str_arg, Handle};
 use crate::ffi::status::lowvram_status;
 use crate::log::{lowvram_log_callback, LogSink};
 
@@ -154,6 +154,142 @@ pub unsafe extern "C" fn lowvram_context_set_log_callback(
 pub unsafe extern "C" fn lowvram_context_cancel(ctx: *const lowvram_context) -> lowvram_status {
     guard(|| {
         borrow(ctx, "ctx")?.cancel();
+        Ok(())
+    })
+}
+
+/// Apply YAML configuration text (any subset of the keys in README.md) to a live context, without a restart:
+/// budgets take effect at once, and a generation running on another thread adapts at its next block. On error
+/// (unknown key, bad value; the message names the key and the accepted values) nothing changes. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn lowvram_context_configure(ctx: *const lowvram_context, yaml: *const c_char) -> lowvram_status {
+    guard(|| {
+        let ctx = borrow(ctx, "ctx")?;
+        ctx.configure(str_arg(yaml, "yaml")?)
+    })
+}
+
+/// Memory statistics of a context's cache (a snapshot). Bytes throughout.
+#[repr(C)]
+#[allow(non_camel_case_types)]
+pub struct lowvram_cache_stats {
+    /// Set by the caller to `sizeof(lowvram_cache_stats)`.
+    pub struct_size: u32,
+    /// Device capacity (0 when unknown, e.g. the CPU).
+    pub device_total_bytes: u64,
+    /// Device bytes free per the allocator (0 when unknown).
+    pub device_free_bytes: u64,
+    /// Device bytes in use by the manager now: resident weights, streamed blocks, working memory, reservations.
+    pub device_used_bytes: u64,
+    /// Device bytes held by resident weights (the device cache).
+    pub device_used_by_cache_bytes: u64,
+    /// Highest `device_used_bytes` since the last run started.
+    pub device_peak_bytes: u64,
+    /// Allocations the device refused since the context was created.
+    pub device_refused_allocations: u64,
+    /// Bytes of RAM weight copies held, and the RAM cache limit.
+    pub ram_cache_used_bytes: u64,
+    pub ram_cache_limit_bytes: u64,
+    /// Bytes streamed to the device (copied for one use and released), since the context was created.
+    pub bytes_streamed_total: u64,
+    /// Loads and locks served from memory, and those that read the file.
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    /// Models alive in the cache.
+    pub model_count: u32,
+}
+
+/// Fill `*out` with the cache's statistics. Set `out->struct_size = sizeof *out` first. Written only on success.
+/// Thread-safe. `lowvram_context_stats_json` gives everything, per model and with the sizing rules.
+#[no_mangle]
+pub unsafe extern "C" fn lowvram_context_stats(
+    ctx: *const lowvram_context,
+    out: *mut lowvram_cache_stats,
+) -> lowvram_status {
+    guard(|| {
+        let ctx = borrow(ctx, "ctx")?;
+        let out = out_arg(out, "out")?;
+        let expected = size_of::<lowvram_cache_stats>() as u32;
+        if out.struct_size < expected {
+            return Err(Error::invalid(format!(
+                "out->struct_size is {}, expected sizeof(lowvram_cache_stats) = {expected}",
+                out.struct_size
+            )));
+        }
+        let s = ctx.stats();
+        *out = lowvram_cache_stats {
+            struct_size: expected,
+            device_total_bytes: s.device.usage.capacity_bytes.unwrap_or(0),
+            device_free_bytes: s.device.free_bytes.unwrap_or(0),
+            device_used_bytes: s.device.usage.current_bytes,
+            device_used_by_cache_bytes: s.device.used_by_cache_bytes,
+            device_peak_bytes: s.device.usage.peak_bytes,
+            device_refused_allocations: s.device.usage.refused_allocations,
+            ram_cache_used_bytes: s.ram.cache_used_bytes,
+            ram_cache_limit_bytes: s.ram.cache_limit_bytes,
+            bytes_streamed_total: s.bytes_streamed_total,
+            cache_hits: s.cache_hits,
+            cache_misses: s.cache_misses,
+            model_count: s.models.len() as u32,
+        };
+        Ok(())
+    })
+}
+
+/// All of the cache's statistics as one JSON object (the `lowvram stats` format: device, ram, models, plan,
+/// sizing). On success `*out_json` is a NUL-terminated string owned by the caller; free it with
+/// `lowvram_string_free`. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn lowvram_context_stats_json(
+    ctx: *const lowvram_context,
+    out_json: *mut *mut c_char,
+) -> lowvram_status {
+    guard(|| {
+        let ctx = borrow(ctx, "ctx")?;
+        let out = out_arg(out_json, "out_json")?;
+        let json = serde_json::to_string(&ctx.stats()).map_err(|e| Error::invalid(e.to_string()))?;
+        *out = CString::new(json).map_err(|e| Error::invalid(e.to_string()))?.into_raw();
+        Ok(())
+    })
+}
+
+/// Free a string the library returned (e.g. from `lowvram_context_stats_json`). NULL is a no-op.
+#[no_mangle]
+pub unsafe extern "C" fn lowvram_string_free(s: *mut c_char) {
+    guard(|| {
+        if !s.is_null() {
+            drop(CString::from_raw(s));
+        }
+        Ok(())
+    });
+}
+
+/// Free at least `bytes` of device memory held by models not in use (ComfyUI's /free), evicting least recently
+/// used models first; `*out_freed` (may be NULL) receives the bytes actually freed. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn lowvram_context_free_memory(
+    ctx: *const lowvram_context,
+    bytes: u64,
+    out_freed: *mut u64,
+) -> lowvram_status {
+    guard(|| {
+        let freed = borrow(ctx, "ctx")?.free_memory(bytes);
+        if let Some(o) = out_freed.as_mut() {
+            *o = freed;
+        }
+        Ok(())
+    })
+}
+
+/// Unload every model not in use from the device and the RAM cache (their handles stay valid and reload on next
+/// use); `*out_freed` (may be NULL) receives the bytes freed. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn lowvram_context_unload_all(ctx: *const lowvram_context, out_freed: *mut u64) -> lowvram_status {
+    guard(|| {
+        let freed = borrow(ctx, "ctx")?.unload_all();
+        if let Some(o) = out_freed.as_mut() {
+            *o = freed;
+        }
         Ok(())
     })
 }

@@ -168,3 +168,17 @@ pub unsafe extern "C" fn lowvram_tensor_free(tensor: *mut lowvram_tensor) {
         Ok(())
     });
 }
+
+/// Write a decoded image tensor `[B, 3, H, W]` (values in [-1, 1], as `lowvram_vae_decode` returns them; clamped)
+/// as 8-bit RGB PNG: one image to `path`, a batch to `NAME-0.png`, `NAME-1.png`, ... Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn lowvram_tensor_write_png(
+    image: *const lowvram_tensor,
+    path: *const std::ffi::c_char,
+) -> lowvram_status {
+    guard(|| {
+        let t = borrow(image, "image")?;
+        let path = crate::ffi::boundary::str_arg(path, "path")?;
+        crate::api::write_pngs(t.tensor(), std::path::Path::new(path)).map(|_| ())
+    })
+}

@@ -1,1 +1,23 @@
-//! (being built)
+//! The hot ops every model calls, one file each. Each starts as a composition of candle-core primitives; own kernels
+//! (CPU and CUDA) can replace them one by one without any change in `models/`.
+//!
+//! Conventions: activations are NCHW (`[batch, channels, height, width]`) or `[batch, tokens, features]`; weights have
+//! the shapes of the PyTorch modules they come from (`Linear`: `[out, in]`, `Conv2d`: `[out, in, kh, kw]`).
+//! Statistics (group/layer norm mean and variance, softmax) are computed in f32 whatever the compute dtype, and the
+//! result is returned in the input's dtype.
+
+pub mod attention;
+pub mod conv2d;
+pub mod geglu;
+pub mod group_norm;
+pub mod layer_norm;
+pub mod linear;
+pub mod timestep;
+
+pub use attention::{attention, attention_chunk_rows, attention_scratch_bytes, attention_with_budget, ATTENTION_SCRATCH_BYTES};
+pub use conv2d::{conv2d, conv2d_scratch_bytes};
+pub use geglu::geglu;
+pub use group_norm::{group_norm, group_norm_scratch_bytes};
+pub use layer_norm::layer_norm;
+pub use linear::linear;
+pub use timestep::timestep_embedding;

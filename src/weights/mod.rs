@@ -2,6 +2,8 @@
 
 mod resident;
 mod source;
+mod store;
 
 pub use resident::ResidentWeights;
 pub use source::{block_key, BlockWeights, WeightSource};
+pub use store::{BlockInfo, StagingRing, TensorInfo, TensorLocation, WeightStore};

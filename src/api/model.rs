@@ -1,0 +1,125 @@
+//! Models as hosts see them: one diffusers component folder (`unet/`, `vae/`), its architecture and its managed
+//! weights.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::memory::{ManagedModel, ModelCache};
+use crate::models::{AutoencoderKL, UNet2DConditionModel, UNetConfig, VaeConfig};
+use crate::sampling::SchedulerConfig;
+
+/// The architecture of a loaded component.
+pub enum Architecture {
+    /// A `UNet2DConditionModel` with the scheduler configuration found beside it (or SD 1.5's).
+    Unet { model: UNet2DConditionModel, scheduler: SchedulerConfig },
+    /// An `AutoencoderKL`.
+    Vae(AutoencoderKL),
+}
+
+/// The kind of a component (stable numbers in the C enum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    Unet,
+    Vae,
+}
+
+/// A loaded component. Shared (`Arc`) by the host's handle and any run using it.
+pub struct Model {
+    dir: PathBuf,
+    arch: Architecture,
+    weights: Arc<ManagedModel>,
+}
+
+/// Weight files a component folder may hold, in order of preference.
+const WEIGHT_FILES: [&str; 2] = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"];
+
+impl Model {
+    /// Load the component in `dir` (config.json + safetensors) into `cache`. The architecture comes from
+    /// config.json's `_class_name`; weights are memory-mapped and registered with the cache (no device bytes yet).
+    pub fn load(cache: &ModelCache, dir: &Path) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let json: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(format!("{}: {e}", config_path.display())))?;
+        let class = json.get("_class_name").and_then(Value::as_str).unwrap_or("");
+        let arch = match class {
+            "UNet2DConditionModel" => {
+                let model = UNet2DConditionModel::new(UNetConfig::from_json(&text)?)?;
+                Architecture::Unet { model, scheduler: scheduler_beside(dir)? }
+            }
+            "AutoencoderKL" => Architecture::Vae(AutoencoderKL::new(VaeConfig::from_json(&text)?)?),
+            other => {
+                return Err(Error::unsupported(format!(
+                    "{}: _class_name \"{other}\" (supported: UNet2DConditionModel, AutoencoderKL)",
+                    config_path.display()
+                )))
+            }
+        };
+        let file = WEIGHT_FILES.iter().map(|f| dir.join(f)).find(|p| p.exists()).ok_or_else(|| {
+            Error::io(
+                dir,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no weights: expected {} or {}", WEIGHT_FILES[0], WEIGHT_FILES[1]),
+                ),
+            )
+        })?;
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
+        let weights = cache.load_model(&file, &name)?;
+        Ok(Self { dir: dir.to_path_buf(), arch, weights })
+    }
+
+    /// The component folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The kind of component.
+    pub fn kind(&self) -> ModelKind {
+        match self.arch {
+            Architecture::Unet { .. } => ModelKind::Unet,
+            Architecture::Vae(_) => ModelKind::Vae,
+        }
+    }
+
+    /// The architecture.
+    pub fn architecture(&self) -> &Architecture {
+        &self.arch
+    }
+
+    /// The managed weights.
+    pub fn weights(&self) -> &Arc<ManagedModel> {
+        &self.weights
+    }
+
+    /// The UNet and its scheduler config, or INVALID_ARGUMENT naming what was passed instead.
+    pub fn as_unet(&self) -> Result<(&UNet2DConditionModel, &SchedulerConfig)> {
+        match &self.arch {
+            Architecture::Unet { model, scheduler } => Ok((model, scheduler)),
+            Architecture::Vae(_) => Err(Error::invalid(format!("{} is a VAE, a UNet is needed", self.dir.display()))),
+        }
+    }
+
+    /// The VAE, or INVALID_ARGUMENT.
+    pub fn as_vae(&self) -> Result<&AutoencoderKL> {
+        match &self.arch {
+            Architecture::Vae(v) => Ok(v),
+            Architecture::Unet { .. } => {
+                Err(Error::invalid(format!("{} is a UNet, a VAE is needed", self.dir.display())))
+            }
+        }
+    }
+}
+
+/// `../scheduler/scheduler_config.json` of a pipeline's `unet/` folder, else SD 1.5's configuration.
+fn scheduler_beside(unet_dir: &Path) -> Result<SchedulerConfig> {
+    let path = unet_dir.parent().map(|p| p.join("scheduler").join("scheduler_config.json"));
+    match path {
+        Some(p) if p.exists() => SchedulerConfig::from_file(&p),
+        _ => Ok(SchedulerConfig::sd15()),
+    }
+}

@@ -1,0 +1,334 @@
+//! The device allocator: every device byte the library places goes through [`DeviceAllocator::allocate`], which
+//! counts it (current, peak, by kind) and, where the device has a hard capacity, refuses past it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use crate::device::DeviceSpec;
+use crate::error::{Error, Result};
+
+/// What an allocation holds (for the per-kind counters in [`DeviceUsage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AllocKind {
+    /// A resident block of weights (kept across calls).
+    Weights,
+    /// A streamed block (copied for one fetch, released when its `BlockWeights` drops) or a dtype cast of a block.
+    Streaming,
+    /// An operation's working memory (a placeholder: activations are allocated by the tensor library).
+    Working,
+    /// A host reservation (the host's own use of the device).
+    Reservation,
+    /// Bytes used by someone else (another process on a real GPU; a test on the emulated device).
+    External,
+}
+
+const KINDS: usize = 5;
+
+fn kind_index(k: AllocKind) -> usize {
+    match k {
+        AllocKind::Weights => 0,
+        AllocKind::Streaming => 1,
+        AllocKind::Working => 2,
+        AllocKind::Reservation => 3,
+        AllocKind::External => 4,
+    }
+}
+
+/// A snapshot of the allocator's counters (bytes).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeviceUsage {
+    /// The device as configured (`cpu`, `cuda:0`, `emulated:67108864`).
+    pub device: String,
+    /// Capacity in bytes (None = unbounded: the CPU).
+    pub capacity_bytes: Option<u64>,
+    /// Bytes allocated now (all kinds).
+    pub current_bytes: u64,
+    /// The most bytes allocated at once since creation or the last [`DeviceAllocator::reset_peak`].
+    pub peak_bytes: u64,
+    /// Allocations refused for lack of memory.
+    pub refused_allocations: u64,
+    /// Resident weights.
+    pub weights_bytes: u64,
+    /// Streamed blocks in flight.
+    pub streaming_bytes: u64,
+    /// Working-memory reservations.
+    pub working_bytes: u64,
+    /// Host reservations.
+    pub reservation_bytes: u64,
+    /// External use accounted through [`DeviceAllocator::reserve_external`].
+    pub external_bytes: u64,
+    /// Bytes released by the cache but still held by a running block (freed at its block boundary).
+    pub retiring_bytes: u64,
+}
+
+#[derive(Default)]
+struct State {
+    current: u64,
+    peak: u64,
+    refused: u64,
+    by_kind: [u64; KINDS],
+    retiring: u64,
+}
+
+struct Inner {
+    spec: DeviceSpec,
+    device: Device,
+    capacity: Option<u64>,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+/// The one allocator of a device: counts every byte placed on it and refuses past its capacity. Cheap to clone
+/// (shared).
+#[derive(Clone)]
+pub struct DeviceAllocator {
+    inner: Arc<Inner>,
+}
+
+/// Bytes counted on a device; they return to the allocator when this drops.
+pub struct Allocation {
+    inner: Arc<Inner>,
+    bytes: u64,
+    kind: AllocKind,
+    retiring: AtomicBool,
+}
+
+impl std::fmt::Debug for Allocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Allocation({} bytes, {:?})", self.bytes, self.kind)
+    }
+}
+
+impl Allocation {
+    /// The bytes this allocation counts.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+    /// What it holds.
+    pub fn kind(&self) -> AllocKind {
+        self.kind
+    }
+    /// Mark the bytes as released by their owner but still in use until the last holder drops (a block being
+    /// computed on): they show as `retiring_bytes` until then.
+    pub fn mark_retiring(&self) {
+        if !self.retiring.swap(true, Ordering::SeqCst) {
+            lock(&self.inner.state).retiring += self.bytes;
+        }
+    }
+}
+
+impl Drop for Allocation {
+    fn drop(&mut self) {
+        {
+            let mut s = lock(&self.inner.state);
+            s.current -= self.bytes;
+            s.by_kind[kind_index(self.kind)] -= self.bytes;
+            if self.retiring.load(Ordering::SeqCst) {
+                s.retiring -= self.bytes;
+            }
+        }
+        self.inner.changed.notify_all();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Map a tensor-library error that is an out-of-memory into [`Error::OutOfDeviceMemory`].
+fn map_oom(e: candle_core::Error, device: &str, needed: u64, available: u64) -> Error {
+    let msg = e.to_string();
+    if msg.contains("OUT_OF_MEMORY") || msg.to_ascii_lowercase().contains("out of memory") {
+        Error::OutOfDeviceMemory { device: device.to_string(), needed_bytes: needed, available_bytes: available }
+    } else {
+        Error::Tensor(e)
+    }
+}
+
+impl DeviceAllocator {
+    /// Open the device `spec` (resolving `auto`). `cuda:N` needs a `cuda` build (else `Unsupported`).
+    pub fn new(spec: &DeviceSpec) -> Result<Self> {
+        let spec = spec.resolve();
+        let (device, capacity) = match &spec {
+            DeviceSpec::Cpu | DeviceSpec::Auto => (Device::Cpu, None),
+            DeviceSpec::Emulated(cap) => (Device::Cpu, Some(*cap)),
+            DeviceSpec::Cuda(n) => open_cuda(*n)?,
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                spec,
+                device,
+                capacity,
+                state: Mutex::new(State::default()),
+                changed: Condvar::new(),
+            }),
+        })
+    }
+
+    /// The device as resolved.
+    pub fn spec(&self) -> &DeviceSpec {
+        &self.inner.spec
+    }
+
+    /// The compute device (the CPU for `cpu` and `emulated:SIZE`).
+    pub fn device(&self) -> &Device {
+        &self.inner.device
+    }
+
+    /// Whether the device is CUDA.
+    pub fn is_cuda(&self) -> bool {
+        self.inner.device.is_cuda()
+    }
+
+    /// Capacity in bytes: the emulated size, the CUDA total memory, None for the CPU.
+    pub fn capacity(&self) -> Option<u64> {
+        self.inner.capacity
+    }
+
+    /// Bytes allocated now.
+    pub fn current(&self) -> u64 {
+        lock(&self.inner.state).current
+    }
+
+    /// Peak bytes since creation or the last [`reset_peak`](Self::reset_peak).
+    pub fn peak(&self) -> u64 {
+        lock(&self.inner.state).peak
+    }
+
+    /// Allocations refused so far.
+    pub fn refused(&self) -> u64 {
+        lock(&self.inner.state).refused
+    }
+
+    /// Restart peak tracking from the current bytes.
+    pub fn reset_peak(&self) {
+        let mut s = lock(&self.inner.state);
+        s.peak = s.current;
+    }
+
+    /// Bytes allocated now of one kind.
+    pub fn used(&self, kind: AllocKind) -> u64 {
+        lock(&self.inner.state).by_kind[kind_index(kind)]
+    }
+
+    /// Bytes released by their owner but still held by a running block.
+    pub fn retiring(&self) -> u64 {
+        lock(&self.inner.state).retiring
+    }
+
+    /// Capacity minus bytes allocated (None on the CPU).
+    pub fn free(&self) -> Option<u64> {
+        self.inner.capacity.map(|c| c.saturating_sub(self.current()))
+    }
+
+    /// All counters at once.
+    pub fn usage(&self) -> DeviceUsage {
+        let s = lock(&self.inner.state);
+        DeviceUsage {
+            device: self.inner.spec.to_string(),
+            capacity_bytes: self.inner.capacity,
+            current_bytes: s.current,
+            peak_bytes: s.peak,
+            refused_allocations: s.refused,
+            weights_bytes: s.by_kind[0],
+            streaming_bytes: s.by_kind[1],
+            working_bytes: s.by_kind[2],
+            reservation_bytes: s.by_kind[3],
+            external_bytes: s.by_kind[4],
+            retiring_bytes: s.retiring,
+        }
+    }
+
+    /// Count `bytes` of `kind` on the device, or refuse with `OutOfDeviceMemory { needed, available }` (and count
+    /// the refusal) when they exceed the capacity.
+    pub fn allocate(&self, bytes: u64, kind: AllocKind) -> Result<Allocation> {
+        let mut s = lock(&self.inner.state);
+        if let Some(cap) = self.inner.capacity {
+            if s.current + bytes > cap {
+                s.refused += 1;
+                return Err(Error::OutOfDeviceMemory {
+                    device: self.inner.spec.to_string(),
+                    needed_bytes: bytes,
+                    available_bytes: cap - s.current,
+                });
+            }
+        }
+        s.current += bytes;
+        s.by_kind[kind_index(kind)] += bytes;
+        s.peak = s.peak.max(s.current);
+        drop(s);
+        Ok(Allocation { inner: self.inner.clone(), bytes, kind, retiring: AtomicBool::new(false) })
+    }
+
+    /// Count bytes used by someone other than the cache (another program on the GPU; on the emulated device, a
+    /// test's stand-in for one). The cache sees them at its next planning and works around them.
+    pub fn reserve_external(&self, bytes: u64) -> Result<Allocation> {
+        self.allocate(bytes, AllocKind::External)
+    }
+
+    /// Wait until an allocation is freed or `timeout` passes.
+    pub fn wait_for_free(&self, timeout: Duration) {
+        let s = lock(&self.inner.state);
+        let _ = self.inner.changed.wait_timeout(s, timeout);
+    }
+
+    /// Wake everyone waiting in [`wait_for_free`](Self::wait_for_free) (the budget changed).
+    pub fn notify(&self) {
+        self.inner.changed.notify_all();
+    }
+
+    /// Free and total device memory as the driver reports it (CUDA), or the allocator's view (emulated); None on
+    /// the CPU.
+    pub fn mem_info(&self) -> Option<(u64, u64)> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = &self.inner.device {
+            return d.cuda_stream().context().mem_get_info().ok().map(|(f, t)| (f as u64, t as u64));
+        }
+        self.inner.capacity.map(|c| (c.saturating_sub(self.current()), c))
+    }
+
+    /// A device copy of the host tensor `t` (a deep copy on the emulated device, `to_device` on CUDA, shared storage
+    /// on the CPU). The caller accounts the bytes.
+    pub fn copy_to_device(&self, t: &Tensor) -> Result<Tensor> {
+        let bytes = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        match &self.inner.spec {
+            DeviceSpec::Emulated(_) => Ok(t.copy()?),
+            DeviceSpec::Cpu | DeviceSpec::Auto => Ok(t.clone()),
+            DeviceSpec::Cuda(_) => t
+                .to_device(&self.inner.device)
+                .map_err(|e| map_oom(e, &self.inner.spec.to_string(), bytes, self.free().unwrap_or(0))),
+        }
+    }
+
+    /// A device tensor built from host bytes (`data` in `dtype`, row-major `shape`). The caller accounts the bytes.
+    pub fn tensor_from_bytes(&self, data: &[u8], dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        Tensor::from_raw_buffer(data, dtype, shape, &self.inner.device)
+            .map_err(|e| map_oom(e, &self.inner.spec.to_string(), data.len() as u64, self.free().unwrap_or(0)))
+    }
+
+    /// `t` cast to `dtype` on the device (a new tensor unless the dtype already matches). The caller accounts it.
+    pub fn cast(&self, t: &Tensor, dtype: DType) -> Result<Tensor> {
+        let bytes = (t.elem_count() * dtype.size_in_bytes()) as u64;
+        t.to_dtype(dtype).map_err(|e| map_oom(e, &self.inner.spec.to_string(), bytes, self.free().unwrap_or(0)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(n: usize) -> Result<(Device, Option<u64>)> {
+    let device = Device::new_cuda(n)?;
+    let total = match &device {
+        Device::Cuda(d) => d.cuda_stream().context().mem_get_info().ok().map(|(_, t)| t as u64),
+        _ => None,
+    };
+    Ok((device, total))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(n: usize) -> Result<(Device, Option<u64>)> {
+    Err(Error::unsupported(format!("device cuda:{n}: this build has no CUDA support (build with --features cuda)")))
+}

@@ -1,0 +1,63 @@
+//! `lowvram_reservation`: device memory the host takes back from the cache (a game's frames).
+
+use crate::error::Error;
+use crate::ffi::boundary::{borrow, guard, out_arg, Handle};
+use crate::ffi::context::lowvram_context;
+use crate::ffi::status::lowvram_status;
+use crate::memory::Reservation;
+
+/// Device memory reserved for the host. Opaque; free with `lowvram_reservation_free` to give it back.
+#[allow(non_camel_case_types)]
+pub struct lowvram_reservation {
+    _private: [u8; 0],
+}
+
+impl Handle for lowvram_reservation {
+    type Target = Reservation;
+}
+
+/// Reserve `bytes` of device memory for the host's own use: the cache shrinks at once (a generation running on
+/// another thread releases resident blocks at its next block boundary), and this call returns when the bytes are
+/// actually free. BUDGET_TOO_SMALL (with bytes needed and available in the message) if they can never be freed.
+/// On success `*out` is a new handle owned by the caller. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn lowvram_reservation_new(
+    ctx: *const lowvram_context,
+    bytes: u64,
+    out: *mut *mut lowvram_reservation,
+) -> lowvram_status {
+    guard(|| {
+        let ctx = borrow(ctx, "ctx")?;
+        let out = out_arg(out, "out")?;
+        if bytes == 0 {
+            return Err(Error::invalid("bytes must be positive"));
+        }
+        *out = Box::into_raw(Box::new(ctx.reserve(bytes)?)).cast();
+        Ok(())
+    })
+}
+
+/// Bytes a reservation holds. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn lowvram_reservation_bytes(
+    reservation: *const lowvram_reservation,
+    out_bytes: *mut u64,
+) -> lowvram_status {
+    guard(|| {
+        let r = borrow(reservation, "reservation")?;
+        *out_arg(out_bytes, "out_bytes")? = r.bytes();
+        Ok(())
+    })
+}
+
+/// Give the reserved bytes back to the cache. NULL is a no-op; freeing twice is undefined. It may be freed before
+/// or after its context.
+#[no_mangle]
+pub unsafe extern "C" fn lowvram_reservation_free(reservation: *mut lowvram_reservation) {
+    guard(|| {
+        if !reservation.is_null() {
+            drop(Box::from_raw(reservation.cast::<Reservation>()));
+        }
+        Ok(())
+    });
+}

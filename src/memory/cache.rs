@@ -1,0 +1,1102 @@
+//! The model cache: a RAM tier and a device tier, LRU between models, residency plans within a locked model,
+//! working-memory reservations and host reservations.
+//!
+//! Locking order (never reversed): the cache's `inner` mutex → a model's `state` mutex → the allocator's counters.
+//! A fetch takes only its model's state, briefly; no mutex is held across a forward or a file read in a fetch.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{Config, VramState};
+use crate::device::{AllocKind, Allocation, DeviceAllocator, DeviceSpec};
+use crate::error::{Error, Result};
+use crate::memory::plan::{self, BlockCost, ResidencyPlan};
+use crate::memory::sizing::{self, Sizing};
+use crate::memory::stats::{CacheStats, DeviceStats, ModelStats, PlanStats, RamStats};
+use crate::weights::{BlockInfo, BlockWeights, StagingRing, TensorLocation, WeightSource, WeightStore};
+
+/// Buffers in the staging ring (reads without a RAM copy): one block being copied, one being filled.
+const STAGING_SLOTS: usize = 2;
+/// How long a lock or a fetch waits for bytes held by a running block before treating the shortage as an OOM.
+const WAIT_LIMIT: Duration = Duration::from_secs(5);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Thread-safe cache of models over one device. All methods take `&self`; share it with `Arc` or by reference.
+pub struct ModelCache {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    alloc: DeviceAllocator,
+    staging: Arc<StagingRing>,
+    inner: Mutex<Inner>,
+    streamed: AtomicU64,
+    loaded: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+struct LockRec {
+    id: u64,
+    model: Arc<ManagedModel>,
+    working: u64,
+}
+
+struct Inner {
+    config: Config,
+    sizing: Sizing,
+    models: Vec<Weak<ManagedModel>>,
+    locks: Vec<LockRec>,
+    reservations: Vec<(u64, u64)>,
+    next_id: u64,
+    clock: u64,
+    plan: Option<PlanStats>,
+}
+
+impl Inner {
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+    fn live_models(&mut self) -> Vec<Arc<ManagedModel>> {
+        self.models.retain(|w| w.strong_count() > 0);
+        self.models.iter().filter_map(|w| w.upgrade()).collect()
+    }
+}
+
+/// Why a plan cannot fit: total bytes needed and available for everything planned together.
+struct Infeasible {
+    needed: u64,
+    available: u64,
+}
+
+/// A model registered with the cache: its mapped weights and where each block is now. Shared (`Arc`) between
+/// the host, the cache (weakly) and running locks; dropping the last `Arc` frees its RAM and device bytes.
+pub struct ManagedModel {
+    id: u64,
+    name: String,
+    store: WeightStore,
+    costs: Vec<BlockCost>,
+    state: Mutex<ModelState>,
+}
+
+#[derive(Default)]
+struct ModelState {
+    resident: HashMap<usize, ResidentBlock>,
+    /// The plan's resident set while locked (None when unlocked: residency is then whatever eviction left).
+    target: Option<Vec<bool>>,
+    plan: Option<ResidencyPlan>,
+    locks: usize,
+    last_used: u64,
+    streamed: u64,
+    loaded: u64,
+}
+
+struct ResidentBlock {
+    tensors: HashMap<String, Tensor>,
+    alloc: Arc<Allocation>,
+}
+
+impl ResidentBlock {
+    /// Give the bytes back: now if no running block holds them, else when it drops (marked retiring).
+    /// Returns the bytes freed immediately.
+    fn release(self) -> u64 {
+        if Arc::strong_count(&self.alloc) > 1 {
+            self.alloc.mark_retiring();
+            0
+        } else {
+            self.alloc.bytes()
+        }
+    }
+}
+
+impl ManagedModel {
+    fn state(&self) -> MutexGuard<'_, ModelState> {
+        lock(&self.state)
+    }
+    /// The name it was loaded under.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The safetensors file.
+    pub fn path(&self) -> &Path {
+        self.store.path()
+    }
+    /// The mapped weights (tensor and block tables).
+    pub fn store(&self) -> &WeightStore {
+        &self.store
+    }
+    /// Its blocks, in file order.
+    pub fn blocks(&self) -> &[BlockInfo] {
+        self.store.blocks()
+    }
+    /// Bytes of all weights in the storage dtype.
+    pub fn total_bytes(&self) -> u64 {
+        self.store.total_bytes()
+    }
+    /// Bytes resident on the device now.
+    pub fn resident_bytes(&self) -> u64 {
+        self.state().resident.values().map(|r| r.alloc.bytes()).sum()
+    }
+    /// Keys of the blocks resident now.
+    pub fn resident_blocks(&self) -> Vec<String> {
+        let st = self.state();
+        let mut v: Vec<usize> = st.resident.keys().copied().collect();
+        v.sort();
+        v.into_iter().map(|i| self.store.blocks()[i].key.clone()).collect()
+    }
+    /// Number of active locks.
+    pub fn lock_count(&self) -> usize {
+        self.state().locks
+    }
+    /// The current residency plan (while locked).
+    pub fn plan(&self) -> Option<ResidencyPlan> {
+        self.state().plan.clone()
+    }
+    /// Where tensor `name` (full checkpoint name) is now, or None if the model has no such tensor.
+    pub fn tensor_location(&self, name: &str) -> Option<TensorLocation> {
+        let t = self.store.tensors().iter().find(|t| t.name == name)?;
+        if self.state().resident.contains_key(&t.block) {
+            Some(TensorLocation::Device)
+        } else if self.store.has_ram_copy() {
+            Some(TensorLocation::Ram)
+        } else {
+            Some(TensorLocation::File)
+        }
+    }
+    /// Bytes streamed for this model since it was loaded.
+    pub fn bytes_streamed(&self) -> u64 {
+        self.state().streamed
+    }
+
+    /// Release resident blocks the target no longer holds; returns bytes freed immediately.
+    fn release_outside_target(st: &mut ModelState) -> u64 {
+        let Some(target) = st.target.clone() else { return 0 };
+        let drop: Vec<usize> = st.resident.keys().copied().filter(|&b| !target[b]).collect();
+        drop.into_iter().filter_map(|b| st.resident.remove(&b)).map(ResidentBlock::release).sum()
+    }
+
+    /// Release resident blocks, lowest rank first (smallest blocks first), until `want` bytes are released or
+    /// `whole` (then all). Returns (freed now, released in total).
+    fn evict(&self, st: &mut ModelState, want: u64, whole: bool) -> (u64, u64) {
+        let (mut now, mut total) = (0, 0);
+        for b in plan::rank(&self.costs).into_iter().rev() {
+            if !whole && total >= want {
+                break;
+            }
+            if let Some(rb) = st.resident.remove(&b) {
+                total += rb.alloc.bytes();
+                now += rb.release();
+                if let Some(t) = st.target.as_mut() {
+                    t[b] = false;
+                }
+            }
+        }
+        (now, total)
+    }
+}
+
+/// A model locked for use: the [`WeightSource`] a forward fetches through. Holds the lock's working memory;
+/// dropping it releases that memory (and unloads the model's device weights when `smart_memory: false` or
+/// `vram_state: normal`).
+pub struct ModelLock {
+    shared: Arc<Shared>,
+    model: Arc<ManagedModel>,
+    id: u64,
+    working: Option<Allocation>,
+    working_bytes: u64,
+    device: Device,
+    inflight: Arc<AtomicU64>,
+    streamed: AtomicU64,
+    loaded: AtomicU64,
+}
+
+struct StreamLease {
+    _alloc: Allocation,
+    bytes: u64,
+    inflight: Arc<AtomicU64>,
+}
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        self.inflight.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
+/// Device bytes the host holds for its own use; dropping it gives them back to the cache.
+pub struct Reservation {
+    shared: Arc<Shared>,
+    id: u64,
+    alloc: Option<Allocation>,
+}
+
+impl Reservation {
+    /// Bytes reserved.
+    pub fn bytes(&self) -> u64 {
+        self.alloc.as_ref().map_or(0, |a| a.bytes())
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        drop(self.alloc.take());
+        let mut inner = lock(&self.shared.inner);
+        inner.reservations.retain(|(id, _)| *id != self.id);
+        let _ = self.shared.rebalance(&mut inner);
+        drop(inner);
+        self.shared.alloc.notify();
+    }
+}
+
+fn resolve_compute(config: &Config, alloc: &DeviceAllocator) -> DType {
+    config.compute_dtype.dtype().unwrap_or(if alloc.is_cuda() { DType::F16 } else { DType::F32 })
+}
+
+impl Shared {
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        lock(&self.inner)
+    }
+
+    /// Device bytes the cache may plan with (capacity − external use − reserve_vram − host reservations), None
+    /// when unbounded (CPU).
+    fn avail_phys(&self, inner: &Inner) -> Option<u64> {
+        let cap = self.alloc.capacity()?;
+        let external = if self.alloc.is_cuda() {
+            self.alloc
+                .mem_info()
+                .map(|(free, total)| total.saturating_sub(free).saturating_sub(self.alloc.current()))
+                .unwrap_or(0)
+        } else {
+            self.alloc.used(AllocKind::External)
+        };
+        let reserved: u64 = inner.reservations.iter().map(|r| r.1).sum();
+        Some(cap.saturating_sub(external + inner.config.reserve_vram_bytes() + reserved))
+    }
+
+    /// Recompute every locked model's plan for the current budget, release residency above it (now, or at the
+    /// holder's next block boundary) and evict unlocked models' residency that no longer fits, LRU first.
+    fn rebalance(&self, inner: &mut Inner) -> std::result::Result<(), Infeasible> {
+        let cfg = inner.config.clone();
+        let phys = self.avail_phys(inner);
+        let cap = cfg.max_cache_vram_bytes();
+        let state = cfg.vram_state;
+        let partial_ok = cfg.enable_partial_loading || matches!(state, VramState::Low | VramState::None);
+        let min_of = |m: &Arc<ManagedModel>| {
+            if partial_ok { plan::min_need(&m.costs) } else { plan::whole_need(&m.costs) }
+        };
+        // One entry per locked model (a model locked twice is planned once; its working memories add up).
+        let mut order: Vec<(Arc<ManagedModel>, u64)> = Vec::new();
+        for l in &inner.locks {
+            match order.iter_mut().find(|(m, _)| m.id == l.model.id) {
+                Some(e) => e.1 += l.working,
+                None => order.push((l.model.clone(), l.working)),
+            }
+        }
+        let mins: Vec<u64> = order.iter().map(|(m, _)| min_of(m)).collect();
+        let works: Vec<u64> = order.iter().map(|(_, w)| *w).collect();
+        match (cap, phys) {
+            (None, Some(p)) => {
+                let need: u64 = mins.iter().sum::<u64>() + works.iter().sum::<u64>();
+                if need > p {
+                    return Err(Infeasible { needed: need, available: p });
+                }
+            }
+            (Some(c), _) => {
+                let need: u64 = mins.iter().sum();
+                if need > c {
+                    return Err(Infeasible { needed: need, available: c });
+                }
+            }
+            (None, None) => {}
+        }
+        let mut plans = Vec::with_capacity(order.len());
+        let (mut used_w, mut used_work) = (0u64, 0u64);
+        for (k, (m, work)) in order.iter().enumerate() {
+            let later_min: u64 = mins[k + 1..].iter().sum();
+            let later_work: u64 = works[k + 1..].iter().sum();
+            let budget = match (cap, phys) {
+                (None, None) => u64::MAX,
+                (None, Some(p)) => p.saturating_sub(used_w + used_work + later_min + later_work + work),
+                // The cap takes precedence over working memory: plan up to it, bounded only by what the device
+                // holds besides the other locks; the working memory then comes out of residency on refusal.
+                (Some(c), p) => {
+                    let b = c.saturating_sub(used_w + later_min);
+                    p.map_or(b, |p| b.min(p.saturating_sub(used_w + later_min)))
+                }
+            };
+            let costs = &m.costs;
+            let p = match state {
+                VramState::None => (plan::min_need(costs) <= budget).then(|| plan::stream_all(costs, budget)),
+                VramState::High | VramState::Normal => {
+                    if plan::whole_need(costs) <= budget {
+                        Some(plan::whole(costs, budget))
+                    } else if partial_ok {
+                        plan::partial(costs, budget)
+                    } else {
+                        None
+                    }
+                }
+                _ if partial_ok => plan::partial(costs, budget),
+                _ => (plan::whole_need(costs) <= budget).then(|| plan::whole(costs, budget)),
+            };
+            let Some(p) = p else {
+                let own = min_of(m) + work;
+                return Err(Infeasible { needed: own, available: budget + work });
+            };
+            used_w += p.resident_bytes + p.slot_bytes;
+            used_work += work;
+            plans.push(p);
+        }
+        // Apply the plans to the locked models.
+        for ((m, _), p) in order.iter().zip(&plans) {
+            let mut st = m.state();
+            st.target = Some(p.resident.clone());
+            st.plan = Some(p.clone());
+            ManagedModel::release_outside_target(&mut st);
+        }
+        // Unlocked residency must fit what is left; evict least recently used first.
+        let room = match (cap, phys) {
+            (None, None) => u64::MAX,
+            (None, Some(p)) => p.saturating_sub(used_w + used_work),
+            (Some(c), p) => {
+                let b = c.saturating_sub(used_w);
+                p.map_or(b, |p| b.min(p.saturating_sub(used_w)))
+            }
+        };
+        let mut unlocked: Vec<(Arc<ManagedModel>, u64, u64)> = inner
+            .live_models()
+            .into_iter()
+            .filter_map(|m| {
+                let st = m.state();
+                let bytes: u64 = st.resident.values().map(|r| r.alloc.bytes()).sum();
+                let (key, locks) = (st.last_used, st.locks);
+                drop(st);
+                (locks == 0 && bytes > 0).then(|| (m, key, bytes))
+            })
+            .collect();
+        unlocked.sort_by_key(|u| u.1);
+        let mut total: u64 = unlocked.iter().map(|u| u.2).sum();
+        let whole = matches!(state, VramState::High | VramState::Normal);
+        for (m, _, _) in &unlocked {
+            if total <= room {
+                break;
+            }
+            let mut st = m.state();
+            let (_, released) = m.evict(&mut st, total - room, whole);
+            total -= released;
+        }
+        // The predicted device peak with these plans.
+        let reserved: u64 = inner.reservations.iter().map(|r| r.1).sum();
+        let external = self.alloc.used(AllocKind::External);
+        let peak = used_w + used_work + total + reserved + external;
+        inner.plan = order.last().zip(plans.last()).map(|((m, work), p)| PlanStats {
+            model: m.name.clone(),
+            budget_bytes: p.budget_bytes,
+            resident_bytes: p.resident_bytes,
+            slot_bytes: p.slot_bytes,
+            working_bytes: *work,
+            streamed_bytes_per_forward: p.streamed_bytes_per_forward,
+            predicted_peak_bytes: peak,
+        });
+        Ok(())
+    }
+
+    /// Free device bytes by evicting unlocked models (LRU first, block by block or whole per `vram_state`), then,
+    /// for `requester`, by shrinking its own plan. Returns (bytes freed now, bytes released in total).
+    fn make_room(&self, want: u64, requester: Option<&ManagedModel>) -> (u64, u64) {
+        let mut inner = self.inner();
+        let whole = matches!(inner.config.vram_state, VramState::High | VramState::Normal);
+        let mut unlocked: Vec<(Arc<ManagedModel>, u64)> = inner
+            .live_models()
+            .into_iter()
+            .filter_map(|m| {
+                let st = m.state();
+                let r = (st.locks == 0 && !st.resident.is_empty()).then_some(st.last_used);
+                drop(st);
+                r.map(|k| (m, k))
+            })
+            .collect();
+        unlocked.sort_by_key(|u| u.1);
+        let (mut now, mut total) = (0, 0);
+        for (m, _) in &unlocked {
+            if now >= want {
+                break;
+            }
+            let (n, t) = m.evict(&mut m.state(), want - now, whole);
+            now += n;
+            total += t;
+        }
+        if now < want {
+            if let Some(m) = requester {
+                let mut st = m.state();
+                // Only blocks no running fetch holds free anything now.
+                for b in plan::rank(&m.costs).into_iter().rev() {
+                    if now >= want {
+                        break;
+                    }
+                    let free_now = st.resident.get(&b).is_some_and(|r| Arc::strong_count(&r.alloc) == 1);
+                    if free_now {
+                        let rb = st.resident.remove(&b).expect("present");
+                        total += rb.alloc.bytes();
+                        now += rb.release();
+                        if let Some(t) = st.target.as_mut() {
+                            t[b] = false;
+                        }
+                    }
+                }
+                let target = st.target.clone();
+                if let (Some(t), Some(p)) = (target, st.plan.as_mut()) {
+                    p.resident = t;
+                    p.resident_bytes = m.costs.iter().zip(&p.resident).filter(|(_, r)| **r).map(|(c, _)| c.bytes).sum();
+                    p.streamed_bytes_per_forward = m.store.total_bytes() - p.resident_bytes;
+                    p.slot_bytes = m.costs.iter().zip(&p.resident).map(|(c, r)| if *r { c.cast } else { c.lease_streamed() }).max().unwrap_or(0);
+                }
+            }
+        }
+        drop(inner);
+        (now, total)
+    }
+
+    /// Allocate `bytes` of `kind`: wait while bytes held by running blocks (retiring or streamed by someone else)
+    /// would cover the shortage, up to `wait` (None = as long as they would); then try, and on refusal evict and
+    /// retry until nothing more can be evicted.
+    fn alloc_for(
+        &self,
+        bytes: u64,
+        kind: AllocKind,
+        requester: Option<&ManagedModel>,
+        wait: Option<Duration>,
+        own_inflight: u64,
+    ) -> Result<Allocation> {
+        let start = Instant::now();
+        if let Some(cap) = self.alloc.capacity() {
+            if bytes <= cap {
+                loop {
+                    let free = self.alloc.free().unwrap_or(0);
+                    if free >= bytes {
+                        if let Ok(a) = self.alloc.allocate(bytes, kind) {
+                            return Ok(a);
+                        }
+                        continue;
+                    }
+                    let pending = self.alloc.retiring()
+                        + self.alloc.used(AllocKind::Streaming).saturating_sub(own_inflight);
+                    let in_time = wait.is_none_or(|w| start.elapsed() < w);
+                    if free + pending >= bytes && pending > 0 && in_time {
+                        self.alloc.wait_for_free(Duration::from_millis(20));
+                        continue;
+                    }
+                    break;
+                }
+            }
+        }
+        loop {
+            match self.alloc.allocate(bytes, kind) {
+                Ok(a) => return Ok(a),
+                Err(e @ Error::OutOfDeviceMemory { .. }) => {
+                    let free = self.alloc.free().unwrap_or(0);
+                    let (now, _) = self.make_room(bytes.saturating_sub(free), requester);
+                    if now == 0 {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Keep the RAM tier within its limit: drop RAM copies of unlocked models, least recently used first, never
+    /// `keep`'s. Returns log lines.
+    fn enforce_ram(&self, inner: &mut Inner, keep: Option<u64>) {
+        let limit = inner.sizing.ram_limit_bytes;
+        let mut models = inner.live_models();
+        models.sort_by_key(|m| m.state().last_used);
+        let mut used: u64 = models.iter().map(|m| m.store.ram_bytes()).sum();
+        for m in &models {
+            if used <= limit {
+                break;
+            }
+            if Some(m.id) != keep && m.state().locks == 0 {
+                used -= m.store.drop_ram_copy();
+            }
+        }
+    }
+
+    /// Make sure a model that should have a RAM copy has one. Returns whether it was already there (a hit).
+    fn ensure_ram(&self, inner: &mut Inner, m: &ManagedModel) -> Result<bool> {
+        if !inner.config.keep_ram_copy_of_weights || m.store.has_ram_copy() {
+            return Ok(true);
+        }
+        if m.store.total_bytes() > inner.sizing.ram_limit_bytes {
+            return Ok(false);
+        }
+        m.store.load_ram_copy()?;
+        self.enforce_ram(inner, Some(m.id));
+        Ok(false)
+    }
+
+    /// Load the blocks of `m`'s plan that are not resident yet (eviction-and-retry on refusal; a block that still
+    /// does not fit is dropped from the plan and streamed instead).
+    fn fill_target(&self, m: &ManagedModel, counter: &AtomicU64) -> Result<()> {
+        let todo: Vec<usize> = {
+            let st = m.state();
+            match &st.target {
+                Some(t) => (0..t.len()).filter(|&b| t[b] && !st.resident.contains_key(&b)).collect(),
+                None => Vec::new(),
+            }
+        };
+        for b in todo {
+            if !m.state().target.as_ref().is_some_and(|t| t[b]) {
+                continue;
+            }
+            let bytes = m.costs[b].bytes;
+            match self.alloc_for(bytes, AllocKind::Weights, Some(m), Some(WAIT_LIMIT), 0) {
+                Ok(a) => {
+                    let tensors = m.store.block_to_device(b, &self.alloc, &self.staging)?;
+                    let mut st = m.state();
+                    st.resident.insert(b, ResidentBlock { tensors, alloc: Arc::new(a) });
+                    st.loaded += bytes;
+                    self.loaded.fetch_add(bytes, Ordering::Relaxed);
+                    counter.fetch_add(bytes, Ordering::Relaxed);
+                }
+                Err(Error::OutOfDeviceMemory { .. }) => {
+                    let mut st = m.state();
+                    if let Some(t) = st.target.as_mut() {
+                        t[b] = false;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ModelCache {
+    /// A cache over the device `config` selects, sized per `config` (see [`ModelCache::sizing`] for the log lines).
+    pub fn new(config: Config) -> Result<Self> {
+        let alloc = DeviceAllocator::new(&config.effective_device())?;
+        let sizing = sizing::compute(&config, &alloc);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                alloc,
+                staging: StagingRing::new(STAGING_SLOTS),
+                inner: Mutex::new(Inner {
+                    config,
+                    sizing,
+                    models: Vec::new(),
+                    locks: Vec::new(),
+                    reservations: Vec::new(),
+                    next_id: 0,
+                    clock: 0,
+                    plan: None,
+                }),
+                streamed: AtomicU64::new(0),
+                loaded: AtomicU64::new(0),
+                hits: AtomicU64::new(0),
+                misses: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The compute device (the CPU for `cpu` and `emulated:SIZE`).
+    pub fn device(&self) -> &Device {
+        self.shared.alloc.device()
+    }
+
+    /// The device's allocator (counters; `reserve_external` to stand in for another user of the device).
+    pub fn allocator(&self) -> &DeviceAllocator {
+        &self.shared.alloc
+    }
+
+    /// The dtype models loaded now compute in.
+    pub fn compute_dtype(&self) -> DType {
+        resolve_compute(&self.shared.inner().config, &self.shared.alloc)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Config {
+        self.shared.inner().config.clone()
+    }
+
+    /// Cache sizes in force, with the log lines that explain them.
+    pub fn sizing(&self) -> Sizing {
+        self.shared.inner().sizing.clone()
+    }
+
+    /// Apply a partial YAML document to the live cache. Budgets change at once: residency above the new budget is
+    /// released (by a running forward at its next block boundary), the RAM tier is trimmed. `device` cannot
+    /// change on a live cache; dtype changes apply to models loaded afterwards. On error nothing changes.
+    /// Returns the sizing log lines.
+    pub fn configure(&self, yaml: &str) -> Result<Vec<String>> {
+        let mut next = self.config();
+        next.apply_yaml(yaml)?;
+        self.replace_config(next)
+    }
+
+    /// Set one key on the live cache (same rules as [`configure`](Self::configure)).
+    pub fn set(&self, key: &str, value: &str) -> Result<Vec<String>> {
+        let mut next = self.config();
+        next.set(key, value)?;
+        self.replace_config(next)
+    }
+
+    fn replace_config(&self, next: Config) -> Result<Vec<String>> {
+        let sh = &self.shared;
+        if next.effective_device().resolve() != *sh.alloc.spec() {
+            return Err(Error::invalid(format!(
+                "config key `device`: cannot change from {} to {} on a live context; create a new one",
+                sh.alloc.spec(),
+                next.effective_device()
+            )));
+        }
+        let mut inner = sh.inner();
+        let old = std::mem::replace(&mut inner.config, next);
+        let new_sizing = sizing::compute(&inner.config, &sh.alloc);
+        let old_sizing = std::mem::replace(&mut inner.sizing, new_sizing);
+        if let Err(e) = sh.rebalance(&mut inner) {
+            inner.config = old;
+            inner.sizing = old_sizing;
+            let _ = sh.rebalance(&mut inner);
+            return Err(Error::BudgetTooSmall {
+                what: "new configuration (active locks and reservations)".into(),
+                needed_bytes: e.needed,
+                available_bytes: e.available,
+            });
+        }
+        if !inner.config.keep_ram_copy_of_weights {
+            for m in inner.live_models() {
+                if m.state().locks == 0 {
+                    m.store.drop_ram_copy();
+                }
+            }
+        }
+        sh.enforce_ram(&mut inner, None);
+        let log = inner.sizing.log.clone();
+        drop(inner);
+        sh.alloc.notify();
+        Ok(log)
+    }
+
+    /// Map the safetensors file `path` and register it as `name` (no device bytes yet; a RAM copy when
+    /// `keep_ram_copy_of_weights`). Loading the same name and path again returns the same model (a cache hit).
+    pub fn load_model(&self, path: &Path, name: &str) -> Result<Arc<ManagedModel>> {
+        let sh = &self.shared;
+        let mut inner = sh.inner();
+        let canon = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
+        if let Some(m) = inner.live_models().into_iter().find(|m| m.name == name && m.store.path() == canon.as_path()) {
+            sh.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(m);
+        }
+        let storage = inner.config.storage_dtype.dtype();
+        let compute = resolve_compute(&inner.config, &sh.alloc);
+        let store = WeightStore::open(&canon, storage, compute)?;
+        let costs = store.blocks().iter().map(|b| BlockCost { bytes: b.storage_bytes, cast: b.cast_bytes }).collect();
+        let id = inner.id();
+        inner.clock += 1;
+        let m = Arc::new(ManagedModel {
+            id,
+            name: name.to_string(),
+            store,
+            costs,
+            state: Mutex::new(ModelState { last_used: inner.clock, ..Default::default() }),
+        });
+        sh.misses.fetch_add(1, Ordering::Relaxed);
+        sh.ensure_ram(&mut inner, &m)?;
+        inner.models.push(Arc::downgrade(&m));
+        Ok(m)
+    }
+
+    /// Lock `model` for an operation needing `working_mem_bytes` of working memory (the lock gets
+    /// max(`device_working_mem_gb`, that)). Plans residency for the current budget (evicting unlocked models,
+    /// shrinking other plans to their minimum if needed), reserves the working memory and loads the planned blocks.
+    /// `BudgetTooSmall` when the model cannot run even fully streamed beside what is already locked and reserved.
+    pub fn lock(&self, model: &Arc<ManagedModel>, working_mem_bytes: u64) -> Result<ModelLock> {
+        let sh = &self.shared;
+        let (id, working) = {
+            let mut inner = sh.inner();
+            let working = inner.config.working_mem_bytes().max(working_mem_bytes);
+            let id = inner.id();
+            inner.clock += 1;
+            let clock = inner.clock;
+            let was_resident = {
+                let mut st = model.state();
+                st.locks += 1;
+                st.last_used = clock;
+                !st.resident.is_empty()
+            };
+            inner.locks.push(LockRec { id, model: model.clone(), working });
+            let failure: Option<Error> = match sh.rebalance(&mut inner) {
+                Err(e) => {
+                    let own = working
+                        + if inner.config.enable_partial_loading {
+                            plan::min_need(&model.costs)
+                        } else {
+                            plan::whole_need(&model.costs)
+                        };
+                    let own = own.min(e.needed);
+                    Some(Error::BudgetTooSmall {
+                        what: format!("model `{}` (working memory {working} bytes)", model.name),
+                        needed_bytes: own,
+                        available_bytes: e.available.saturating_sub(e.needed - own),
+                    })
+                }
+                Ok(()) => match sh.ensure_ram(&mut inner, model) {
+                    Ok(ram_hit) => {
+                        let c = if ram_hit || was_resident { &sh.hits } else { &sh.misses };
+                        c.fetch_add(1, Ordering::Relaxed);
+                        None
+                    }
+                    Err(e) => Some(e),
+                },
+            };
+            if let Some(err) = failure {
+                inner.locks.retain(|l| l.id != id);
+                {
+                    let mut st = model.state();
+                    st.locks -= 1;
+                    if st.locks == 0 {
+                        st.target = None;
+                    }
+                }
+                let _ = sh.rebalance(&mut inner);
+                return Err(err);
+            }
+            (id, working)
+        };
+        let mut lk = ModelLock {
+            shared: sh.clone(),
+            model: model.clone(),
+            id,
+            working: None,
+            working_bytes: working,
+            device: sh.alloc.device().clone(),
+            inflight: Arc::new(AtomicU64::new(0)),
+            streamed: AtomicU64::new(0),
+            loaded: AtomicU64::new(0),
+        };
+        // Dropping `lk` on an error below unregisters the lock.
+        lk.working = Some(sh.alloc_for(working, AllocKind::Working, Some(model.as_ref()), Some(WAIT_LIMIT), 0)?);
+        sh.fill_target(model, &lk.loaded)?;
+        Ok(lk)
+    }
+
+    /// Explicit partial load (like `lowvram_model_load_to_device`): make up to `max_bytes` of `model` resident now,
+    /// by the plan's rank, evicting other unlocked models if needed. Returns the model's resident bytes. A locked
+    /// model keeps its plan (its resident bytes are returned unchanged).
+    pub fn load_to_device(&self, model: &Arc<ManagedModel>, max_bytes: u64) -> Result<u64> {
+        let sh = &self.shared;
+        {
+            let mut inner = sh.inner();
+            if model.state().locks > 0 {
+                return Ok(model.resident_bytes());
+            }
+            inner.clock += 1;
+            let clock = inner.clock;
+            // Room for unlocked residency after the locks, as the plan sees it.
+            let phys = sh.avail_phys(&inner);
+            let cap = inner.config.max_cache_vram_bytes();
+            let locked: u64 = inner
+                .live_models()
+                .iter()
+                .filter(|m| m.state().locks > 0)
+                .map(|m| m.state().plan.as_ref().map_or(0, |p| p.resident_bytes + p.slot_bytes))
+                .sum::<u64>()
+                + inner.locks.iter().map(|l| l.working).sum::<u64>();
+            let room = match (cap, phys) {
+                (None, None) => u64::MAX,
+                (None, Some(p)) => p.saturating_sub(locked),
+                (Some(c), p) => p.map_or(c, |p| p.min(c)).saturating_sub(locked),
+            };
+            let keep = plan::keep_within(&model.costs, max_bytes.min(room));
+            let keep_bytes: u64 = model.costs.iter().zip(&keep).filter(|(_, k)| **k).map(|(c, _)| c.bytes).sum();
+            let mut others: Vec<Arc<ManagedModel>> = inner
+                .live_models()
+                .into_iter()
+                .filter(|m| m.id != model.id && m.state().locks == 0)
+                .collect();
+            others.sort_by_key(|m| m.state().last_used);
+            let mut other_bytes: u64 = others.iter().map(|m| m.resident_bytes()).sum();
+            for o in &others {
+                if other_bytes + keep_bytes <= room {
+                    break;
+                }
+                let want = other_bytes + keep_bytes - room;
+                other_bytes -= o.evict(&mut o.state(), want, false).1;
+            }
+            let mut st = model.state();
+            st.last_used = clock;
+            for b in 0..keep.len() {
+                if !keep[b] {
+                    if let Some(rb) = st.resident.remove(&b) {
+                        rb.release();
+                    }
+                }
+            }
+            st.target = Some(keep);
+            drop(st);
+            let _ = sh.rebalance(&mut inner);
+        }
+        let r = sh.fill_target(model, &AtomicU64::new(0));
+        model.state().target = None;
+        r?;
+        Ok(model.resident_bytes())
+    }
+
+    /// Reserve `bytes` of device memory for the host. The cache shrinks at once (running forwards release their
+    /// extra blocks at their next block boundary); returns once the bytes are actually free, or `BudgetTooSmall`
+    /// if they can never be (what locked models need to run, fully streamed, stays theirs).
+    pub fn reserve(&self, bytes: u64) -> Result<Reservation> {
+        let sh = &self.shared;
+        let id = {
+            let mut inner = sh.inner();
+            let id = inner.id();
+            inner.reservations.push((id, bytes));
+            if let Err(e) = sh.rebalance(&mut inner) {
+                inner.reservations.retain(|r| r.0 != id);
+                let _ = sh.rebalance(&mut inner);
+                return Err(Error::BudgetTooSmall {
+                    what: "reservation".into(),
+                    needed_bytes: bytes,
+                    available_bytes: (e.available + bytes).saturating_sub(e.needed),
+                });
+            }
+            id
+        };
+        let mut res = Reservation { shared: sh.clone(), id, alloc: None };
+        match sh.alloc_for(bytes, AllocKind::Reservation, None, None, 0) {
+            Ok(a) => {
+                res.alloc = Some(a);
+                Ok(res)
+            }
+            Err(Error::OutOfDeviceMemory { needed_bytes, available_bytes, .. }) => Err(Error::BudgetTooSmall {
+                what: "reservation".into(),
+                needed_bytes,
+                available_bytes,
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Free at least `bytes` of device memory held by unlocked models (least recently used first), like
+    /// ComfyUI's `/free`; `u64::MAX` frees all it can. Returns the bytes released. Locked models are untouched.
+    pub fn free_memory(&self, bytes: u64) -> u64 {
+        let mut inner = self.shared.inner();
+        let mut models: Vec<Arc<ManagedModel>> = inner.live_models().into_iter().filter(|m| m.state().locks == 0).collect();
+        models.sort_by_key(|m| m.state().last_used);
+        let mut released = 0;
+        for m in models {
+            if released >= bytes {
+                break;
+            }
+            released += m.evict(&mut m.state(), bytes - released, false).1;
+        }
+        drop(inner);
+        self.shared.alloc.notify();
+        released
+    }
+
+    /// Unload every unlocked model: device residency and RAM copies (they stay registered and reload from their
+    /// files on next use). Returns the device bytes released.
+    pub fn unload_all(&self) -> u64 {
+        let mut inner = self.shared.inner();
+        let mut released = 0;
+        for m in inner.live_models() {
+            let mut st = m.state();
+            if st.locks == 0 {
+                released += m.evict(&mut st, u64::MAX, true).1;
+                drop(st);
+                m.store.drop_ram_copy();
+            }
+        }
+        drop(inner);
+        self.shared.alloc.notify();
+        released
+    }
+
+    /// All counters, JSON-serialisable.
+    pub fn stats(&self) -> CacheStats {
+        let sh = &self.shared;
+        let mut inner = sh.inner();
+        let models = inner.live_models();
+        let usage = sh.alloc.usage();
+        let mstats: Vec<ModelStats> = models
+            .iter()
+            .map(|m| {
+                let st = m.state();
+                ModelStats {
+                    name: m.name.clone(),
+                    path: m.store.path().display().to_string(),
+                    total_bytes: m.store.total_bytes(),
+                    resident_bytes: st.resident.values().map(|r| r.alloc.bytes()).sum(),
+                    ram_bytes: m.store.ram_bytes(),
+                    blocks: m.costs.len(),
+                    resident_blocks: st.resident.len(),
+                    locks: st.locks,
+                    bytes_streamed: st.streamed,
+                    bytes_loaded: st.loaded,
+                }
+            })
+            .collect();
+        CacheStats {
+            device: DeviceStats { free_bytes: sh.alloc.free(), used_by_cache_bytes: usage.weights_bytes, usage },
+            ram: RamStats {
+                cache_used_bytes: mstats.iter().map(|m| m.ram_bytes).sum(),
+                cache_limit_bytes: inner.sizing.ram_limit_bytes,
+                staging_bytes: sh.staging.bytes(),
+                staging_peak_bytes: sh.staging.peak(),
+                staging_slots: sh.staging.slots(),
+                mapped_bytes: models.iter().map(|m| m.store.mapped_bytes()).sum(),
+            },
+            models: mstats,
+            bytes_streamed_total: sh.streamed.load(Ordering::Relaxed),
+            bytes_loaded_total: sh.loaded.load(Ordering::Relaxed),
+            cache_hits: sh.hits.load(Ordering::Relaxed),
+            cache_misses: sh.misses.load(Ordering::Relaxed),
+            plan: inner.plan.clone(),
+            sizing: inner.sizing.clone(),
+        }
+    }
+}
+
+impl ModelLock {
+    /// The locked model.
+    pub fn model(&self) -> &Arc<ManagedModel> {
+        &self.model
+    }
+    /// Working memory held by this lock.
+    pub fn working_bytes(&self) -> u64 {
+        self.working_bytes
+    }
+    /// Bytes streamed through this lock (per run).
+    pub fn bytes_streamed(&self) -> u64 {
+        self.streamed.load(Ordering::Relaxed)
+    }
+    /// Bytes made resident through this lock (at lock time or when the budget grew).
+    pub fn bytes_loaded(&self) -> u64 {
+        self.loaded.load(Ordering::Relaxed)
+    }
+    /// The model's current residency plan.
+    pub fn plan(&self) -> Option<ResidencyPlan> {
+        self.model.plan()
+    }
+
+    fn cast_all(&self, tensors: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+        let dt = self.model.store.compute_dtype();
+        tensors
+            .into_iter()
+            .map(|(k, t)| if t.dtype() == dt { Ok((k, t)) } else { self.shared.alloc.cast(&t, dt).map(|t| (k, t)) })
+            .collect()
+    }
+
+    fn stream_alloc(&self, bytes: u64) -> Result<StreamLease> {
+        let own = self.inflight.load(Ordering::SeqCst);
+        let a = self.shared.alloc_for(bytes, AllocKind::Streaming, Some(self.model.as_ref()), Some(WAIT_LIMIT), own)?;
+        self.inflight.fetch_add(bytes, Ordering::SeqCst);
+        Ok(StreamLease { _alloc: a, bytes, inflight: self.inflight.clone() })
+    }
+}
+
+impl WeightSource for ModelLock {
+    /// Resident blocks come back at no cost (cast on the fly if the compute dtype differs); planned blocks not yet
+    /// resident (the budget grew) are made resident when there is room; every other block is streamed and its bytes
+    /// are released when the returned value drops. The plan is re-read at every call, so a budget change takes
+    /// effect at the next block.
+    fn fetch(&self, block: &str) -> Result<BlockWeights> {
+        let m = &self.model;
+        let Some(b) = m.store.block_index(block) else {
+            return Ok(BlockWeights::new(block, HashMap::new(), None));
+        };
+        let cost = m.costs[b];
+        let (res, planned) = {
+            let st = m.state();
+            let res = st.resident.get(&b).map(|r| (r.tensors.clone(), r.alloc.clone()));
+            (res, st.target.as_ref().is_some_and(|t| t[b]))
+        };
+        if let Some((tensors, a)) = res {
+            if cost.cast == 0 {
+                return Ok(BlockWeights::new(block, tensors, Some(Box::new(a))));
+            }
+            let lease = self.stream_alloc(cost.cast)?;
+            return Ok(BlockWeights::new(block, self.cast_all(tensors)?, Some(Box::new((a, lease)))));
+        }
+        let sh = &self.shared;
+        if planned && sh.alloc.free().is_none_or(|f| f >= cost.bytes) {
+            if let Ok(a) = sh.alloc.allocate(cost.bytes, AllocKind::Weights) {
+                let tensors = m.store.block_to_device(b, &sh.alloc, &sh.staging)?;
+                let a = Arc::new(a);
+                {
+                    let mut st = m.state();
+                    if st.target.as_ref().is_some_and(|t| t[b]) && !st.resident.contains_key(&b) {
+                        st.resident.insert(b, ResidentBlock { tensors: tensors.clone(), alloc: a.clone() });
+                        st.loaded += cost.bytes;
+                    }
+                }
+                sh.loaded.fetch_add(cost.bytes, Ordering::Relaxed);
+                self.loaded.fetch_add(cost.bytes, Ordering::Relaxed);
+                if cost.cast == 0 {
+                    return Ok(BlockWeights::new(block, tensors, Some(Box::new(a))));
+                }
+                let lease = self.stream_alloc(cost.cast)?;
+                return Ok(BlockWeights::new(block, self.cast_all(tensors)?, Some(Box::new((a, lease)))));
+            }
+        }
+        let lease = self.stream_alloc(cost.lease_streamed())?;
+        let tensors = m.store.block_to_device(b, &sh.alloc, &sh.staging)?;
+        let tensors = self.cast_all(tensors)?;
+        sh.streamed.fetch_add(cost.bytes, Ordering::Relaxed);
+        self.streamed.fetch_add(cost.bytes, Ordering::Relaxed);
+        m.state().streamed += cost.bytes;
+        Ok(BlockWeights::new(block, tensors, Some(Box::new(lease))))
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn dtype(&self) -> DType {
+        self.model.store.compute_dtype()
+    }
+}
+
+impl Drop for ModelLock {
+    fn drop(&mut self) {
+        drop(self.working.take());
+        let sh = &self.shared;
+        let mut inner = sh.inner();
+        inner.locks.retain(|l| l.id != self.id);
+        let unload = !inner.config.smart_memory || inner.config.vram_state == VramState::Normal;
+        {
+            let mut st = self.model.state();
+            st.locks -= 1;
+            if st.locks == 0 {
+                st.target = None;
+                if unload {
+                    self.model.evict(&mut st, u64::MAX, true);
+                }
+            }
+        }
+        let _ = sh.rebalance(&mut inner);
+        drop(inner);
+        sh.alloc.notify();
+    }
+}
+
+// Emulated and CPU devices hand out CPU tensors; keep the type used in signatures visible for docs.
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<ModelCache>();
+    is::<ManagedModel>();
+    is::<ModelLock>();
+    is::<Reservation>();
+    let _ = DeviceSpec::Cpu;
+}

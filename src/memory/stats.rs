@@ -1,0 +1,99 @@
+//! Statistics of a [`crate::memory::ModelCache`], serialisable to JSON (`lowvram stats`, `/system_stats`-like).
+
+use serde::Serialize;
+
+use crate::device::DeviceUsage;
+use crate::memory::sizing::Sizing;
+
+/// Everything the cache knows about its memory, at one moment.
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheStats {
+    /// The device: capacity, current/peak/refused and bytes by kind.
+    pub device: DeviceStats,
+    /// The RAM tier.
+    pub ram: RamStats,
+    /// Every live model.
+    pub models: Vec<ModelStats>,
+    /// Bytes copied to the device for one fetch and released after it, since creation.
+    pub bytes_streamed_total: u64,
+    /// Bytes copied to the device to stay resident, since creation.
+    pub bytes_loaded_total: u64,
+    /// Loads and locks served from memory (RAM copy or device residency already there).
+    pub cache_hits: u64,
+    /// Loads and locks that had to read the file.
+    pub cache_misses: u64,
+    /// The newest lock's plan, with the device-wide predicted peak.
+    pub plan: Option<PlanStats>,
+    /// Cache sizes in force and the rules that chose them.
+    pub sizing: Sizing,
+}
+
+/// The device part of [`CacheStats`].
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceStats {
+    /// The allocator's counters.
+    #[serde(flatten)]
+    pub usage: DeviceUsage,
+    /// Capacity minus current (None on the CPU).
+    pub free_bytes: Option<u64>,
+    /// Bytes of resident weights (= `usage.weights_bytes`), the device cache.
+    pub used_by_cache_bytes: u64,
+}
+
+/// The RAM part of [`CacheStats`].
+#[derive(Debug, Clone, Serialize)]
+pub struct RamStats {
+    /// Bytes of RAM weight copies held.
+    pub cache_used_bytes: u64,
+    /// The RAM cache limit.
+    pub cache_limit_bytes: u64,
+    /// Host bytes held by the staging ring now (reads without a RAM copy pass through it).
+    pub staging_bytes: u64,
+    /// The most host bytes the staging ring has held.
+    pub staging_peak_bytes: u64,
+    /// Buffers in the ring.
+    pub staging_slots: usize,
+    /// Bytes memory-mapped (files; not counted as cache).
+    pub mapped_bytes: u64,
+}
+
+/// One model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelStats {
+    pub name: String,
+    pub path: String,
+    /// Bytes of all weights (storage dtype).
+    pub total_bytes: u64,
+    /// Bytes resident on the device.
+    pub resident_bytes: u64,
+    /// Bytes of its RAM copy.
+    pub ram_bytes: u64,
+    /// Blocks / resident blocks.
+    pub blocks: usize,
+    pub resident_blocks: usize,
+    /// Active locks.
+    pub locks: usize,
+    /// Bytes streamed / loaded for this model since it was loaded.
+    pub bytes_streamed: u64,
+    pub bytes_loaded: u64,
+}
+
+/// A lock's residency plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanStats {
+    /// The model.
+    pub model: String,
+    /// Budget the plan was made for (resident + slot ≤ budget).
+    pub budget_bytes: u64,
+    /// Bytes planned resident.
+    pub resident_bytes: u64,
+    /// Bytes one fetch may hold beyond residency (largest streamed block or cast).
+    pub slot_bytes: u64,
+    /// The lock's working memory.
+    pub working_bytes: u64,
+    /// Bytes one forward streams (`model − resident`).
+    pub streamed_bytes_per_forward: u64,
+    /// Predicted device peak while it runs: all residency + every lock's slot and working memory + host
+    /// reservations + external use.
+    pub predicted_peak_bytes: u64,
+}

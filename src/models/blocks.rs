@@ -1,0 +1,352 @@
+//! Building blocks shared by the UNet and the VAE: each fetches its own weights by block key, computes, and drops
+//! them before returning (so a streamed block's bytes go back to the manager at once).
+//!
+//! Tensor names inside a block are those of the diffusers checkpoint, relative to the block key
+//! (`norm1.weight`, `conv1.weight`, `transformer_blocks.0.attn1.to_q.weight`, ...).
+
+use candle_core::{DType, Tensor};
+
+use crate::error::Result;
+use crate::ops::{self, attention, conv2d, geglu, group_norm, layer_norm, linear};
+use crate::weights::{BlockWeights, WeightSource};
+
+/// A convolution block (`conv_in`, `conv_out`, `quant_conv`, ...): `weight` `[cout, cin, k, k]` and `bias` `[cout]`.
+#[derive(Debug, Clone)]
+pub(crate) struct ConvSpec {
+    pub key: String,
+    pub cin: usize,
+    pub cout: usize,
+    pub k: usize,
+}
+
+impl ConvSpec {
+    pub fn new(key: impl Into<String>, cin: usize, cout: usize, k: usize) -> Self {
+        Self { key: key.into(), cin, cout, k }
+    }
+
+    /// Fetch, convolve (stride 1, "same" padding), drop the weights.
+    pub fn forward(&self, w: &dyn WeightSource, x: &Tensor) -> Result<Tensor> {
+        let bw = w.fetch(&self.key)?;
+        conv_from(&bw, "", x, self.cin, self.cout, self.k, 1, self.k / 2)
+    }
+}
+
+/// Convolution with the tensors `{name}weight`/`{name}bias` of an already fetched block.
+pub(crate) fn conv_from(
+    bw: &BlockWeights,
+    name: &str,
+    x: &Tensor,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let weight = bw.get_shaped(&format!("{name}weight"), &[cout, cin, k, k])?;
+    let bias = bw.get_shaped(&format!("{name}bias"), &[cout])?;
+    conv2d(x, &weight, Some(&bias), stride, padding)
+}
+
+/// Linear layer `{name}.weight` `[out, in]` with a required (`bias`) or optional bias `{name}.bias` `[out]`.
+pub(crate) fn linear_from(bw: &BlockWeights, name: &str, x: &Tensor, inp: usize, out: usize, bias: Bias) -> Result<Tensor> {
+    let weight = bw.get_shaped(&format!("{name}.weight"), &[out, inp])?;
+    let b_name = format!("{name}.bias");
+    let b = match bias {
+        Bias::Required => Some(bw.get_shaped(&b_name, &[out])?),
+        Bias::IfPresent if bw.contains(&b_name) => Some(bw.get_shaped(&b_name, &[out])?),
+        Bias::IfPresent => None,
+    };
+    linear(x, &weight, b.as_ref())
+}
+
+/// Whether a linear layer's bias must exist.
+#[derive(Clone, Copy)]
+pub(crate) enum Bias {
+    Required,
+    IfPresent,
+}
+
+/// Group norm with `{name}.weight`/`{name}.bias` `[c]`, optional fused SiLU.
+pub(crate) fn norm_from(bw: &BlockWeights, name: &str, x: &Tensor, c: usize, groups: usize, eps: f64, silu: bool) -> Result<Tensor> {
+    let weight = bw.get_shaped(&format!("{name}.weight"), &[c])?;
+    let bias = bw.get_shaped(&format!("{name}.bias"), &[c])?;
+    group_norm(x, groups, &weight, &bias, eps, silu)
+}
+
+/// The final `GroupNorm → SiLU` of a UNet/encoder/decoder (`conv_norm_out`, its own block).
+pub(crate) fn norm_silu_block(w: &dyn WeightSource, key: &str, x: &Tensor, c: usize, groups: usize, eps: f64) -> Result<Tensor> {
+    let bw = w.fetch(key)?;
+    let weight = bw.get_shaped("weight", &[c])?;
+    let bias = bw.get_shaped("bias", &[c])?;
+    group_norm(x, groups, &weight, &bias, eps, true)
+}
+
+/// diffusers' `ResnetBlock2D` with `time_embedding_norm = "default"`, SiLU, pre-norm.
+#[derive(Debug, Clone)]
+pub(crate) struct ResnetSpec {
+    pub key: String,
+    pub cin: usize,
+    pub cout: usize,
+    /// Width of the time embedding, if the block takes one (`time_emb_proj`).
+    pub temb: Option<usize>,
+    pub groups: usize,
+    pub eps: f64,
+    /// The output is divided by this (`output_scale_factor`).
+    pub out_scale: f64,
+}
+
+impl ResnetSpec {
+    /// `temb_act` is the time embedding after SiLU (`[B, temb]`), required when `self.temb` is set.
+    pub fn forward(&self, w: &dyn WeightSource, x: &Tensor, temb_act: Option<&Tensor>) -> Result<Tensor> {
+        let bw = w.fetch(&self.key)?;
+        let (b, _, _, _) = x.dims4()?;
+        let mut h = norm_from(&bw, "norm1", x, self.cin, self.groups, self.eps, true)?;
+        h = conv_from(&bw, "conv1.", &h, self.cin, self.cout, 3, 1, 1)?;
+        if let (Some(tc), Some(t)) = (self.temb, temb_act) {
+            let t = linear_from(&bw, "time_emb_proj", t, tc, self.cout, Bias::Required)?;
+            h = h.broadcast_add(&t.reshape((b, self.cout, 1, 1))?)?;
+        }
+        h = norm_from(&bw, "norm2", &h, self.cout, self.groups, self.eps, true)?;
+        h = conv_from(&bw, "conv2.", &h, self.cout, self.cout, 3, 1, 1)?;
+        let mut out = if self.cin != self.cout {
+            let s = conv_from(&bw, "conv_shortcut.", x, self.cin, self.cout, 1, 1, 0)?;
+            (s + h)?
+        } else {
+            (x + h)?
+        };
+        if self.out_scale != 1.0 {
+            out = (out / self.out_scale)?;
+        }
+        Ok(out)
+    }
+
+    pub fn mem(&self, p: &mut Peak, b: usize, hw: usize, e: DType) {
+        let x = act(b, self.cin, hw, e);
+        let y = act(b, self.cout, hw, e);
+        p.transient(ops::group_norm_scratch_bytes(b * self.cin * hw) + x);
+        p.alloc(x); // h = norm1(x)
+        p.transient(conv_scratch(b, self.cin, self.cout, hw, 3, e) + y);
+        p.alloc(y);
+        p.free(x); // h = conv1(h)
+        p.transient(y); // + temb
+        p.transient(ops::group_norm_scratch_bytes(b * self.cout * hw) + y); // norm2 (old h freed after)
+        p.transient(conv_scratch(b, self.cout, self.cout, hw, 3, e) + 2 * y); // conv2 while norm2 output and h live
+        if self.cin != self.cout {
+            p.transient(2 * y + y); // shortcut conv (1×1: bias-add copy) + sum
+        }
+        p.transient(2 * y); // sum, h
+        p.free(y);
+        p.alloc(y); // output
+    }
+}
+
+/// diffusers' `Downsample2D` with a conv: stride 2; padding 1, or padding 0 after a one-pixel right/bottom zero pad
+/// (the VAE encoder's choice).
+#[derive(Debug, Clone)]
+pub(crate) struct DownsampleSpec {
+    pub key: String,
+    pub c: usize,
+    pub padding: usize,
+}
+
+impl DownsampleSpec {
+    pub fn forward(&self, w: &dyn WeightSource, x: &Tensor) -> Result<Tensor> {
+        let bw = w.fetch(&self.key)?;
+        if self.padding == 0 {
+            let padded = x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?;
+            conv_from(&bw, "conv.", &padded, self.c, self.c, 3, 2, 0)
+        } else {
+            conv_from(&bw, "conv.", x, self.c, self.c, 3, 2, self.padding)
+        }
+    }
+
+    /// Output spatial size for an input of `h`×`w`.
+    pub fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
+        let f = |n: usize| if self.padding == 0 { (n + 1 - 3) / 2 + 1 } else { (n + 2 * self.padding - 3) / 2 + 1 };
+        (f(h), f(w))
+    }
+}
+
+/// diffusers' `Upsample2D` with a conv: nearest-neighbour resize to `target` (2× unless the skip it meets says
+/// otherwise), then a 3×3 conv.
+#[derive(Debug, Clone)]
+pub(crate) struct UpsampleSpec {
+    pub key: String,
+    pub c: usize,
+}
+
+impl UpsampleSpec {
+    pub fn forward(&self, w: &dyn WeightSource, x: &Tensor, target: (usize, usize)) -> Result<Tensor> {
+        let bw = w.fetch(&self.key)?;
+        let up = x.upsample_nearest2d(target.0, target.1)?;
+        conv_from(&bw, "conv.", &up, self.c, self.c, 3, 1, 1)
+    }
+}
+
+/// diffusers' `Transformer2DModel` (continuous input) around `BasicTransformerBlock`s: GroupNorm, proj_in (1×1 conv
+/// or linear), per layer self-attention, cross-attention and a GEGLU feed-forward (each pre-LayerNorm, residual),
+/// proj_out, residual.
+#[derive(Debug, Clone)]
+pub(crate) struct TransformerSpec {
+    pub key: String,
+    pub channels: usize,
+    pub heads: usize,
+    pub cross_dim: usize,
+    pub depth: usize,
+    pub linear_proj: bool,
+    pub upcast: bool,
+    pub groups: usize,
+}
+
+impl TransformerSpec {
+    pub fn forward(&self, w: &dyn WeightSource, x: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        let bw = w.fetch(&self.key)?;
+        let (b, c, hh, ww) = x.dims4()?;
+        let n = hh * ww;
+        let mut h = norm_from(&bw, "norm", x, c, self.groups, 1e-6, false)?;
+        if self.linear_proj {
+            h = h.permute((0, 2, 3, 1))?.reshape((b, n, c))?;
+            h = linear_from(&bw, "proj_in", &h, c, c, Bias::Required)?;
+        } else {
+            h = conv_from(&bw, "proj_in.", &h, c, c, 1, 1, 0)?;
+            h = h.permute((0, 2, 3, 1))?.reshape((b, n, c))?;
+        }
+        for i in 0..self.depth {
+            let p = format!("transformer_blocks.{i}");
+            let ln = |name: &str, t: &Tensor| -> Result<Tensor> {
+                let weight = bw.get_shaped(&format!("{p}.{name}.weight"), &[c])?;
+                let bias = bw.get_shaped(&format!("{p}.{name}.bias"), &[c])?;
+                layer_norm(t, &weight, &bias, 1e-5)
+            };
+            let n1 = ln("norm1", &h)?;
+            let a = self.attn(&bw, &format!("{p}.attn1"), &n1, &n1, c)?;
+            drop(n1);
+            h = (h + a)?;
+            let n2 = ln("norm2", &h)?;
+            let a = self.attn(&bw, &format!("{p}.attn2"), &n2, ctx, self.cross_dim)?;
+            drop(n2);
+            h = (h + a)?;
+            let n3 = ln("norm3", &h)?;
+            let inner = 4 * c;
+            let pw = bw.get_shaped(&format!("{p}.ff.net.0.proj.weight"), &[2 * inner, c])?;
+            let pb = bw.get_shaped(&format!("{p}.ff.net.0.proj.bias"), &[2 * inner])?;
+            let g = geglu(&n3, &pw, Some(&pb))?;
+            drop(n3);
+            let f = linear_from(&bw, &format!("{p}.ff.net.2"), &g, inner, c, Bias::Required)?;
+            drop(g);
+            h = (h + f)?;
+        }
+        if self.linear_proj {
+            h = linear_from(&bw, "proj_out", &h, c, c, Bias::Required)?;
+            h = h.reshape((b, hh, ww, c))?.permute((0, 3, 1, 2))?;
+        } else {
+            h = h.reshape((b, hh, ww, c))?.permute((0, 3, 1, 2))?.contiguous()?;
+            h = conv_from(&bw, "proj_out.", &h, c, c, 1, 1, 0)?;
+        }
+        Ok((h + x)?)
+    }
+
+    fn attn(&self, bw: &BlockWeights, name: &str, x: &Tensor, ctx: &Tensor, kv_dim: usize) -> Result<Tensor> {
+        let c = self.channels;
+        let q = linear_from(bw, &format!("{name}.to_q"), x, c, c, Bias::IfPresent)?;
+        let k = linear_from(bw, &format!("{name}.to_k"), ctx, kv_dim, c, Bias::IfPresent)?;
+        let v = linear_from(bw, &format!("{name}.to_v"), ctx, kv_dim, c, Bias::IfPresent)?;
+        let scale = 1.0 / ((c / self.heads) as f64).sqrt();
+        let o = attention(&q, &k, &v, self.heads, scale, self.upcast)?;
+        drop((q, k, v));
+        linear_from(bw, &format!("{name}.to_out.0"), &o, c, c, Bias::Required)
+    }
+
+    pub fn mem(&self, p: &mut Peak, b: usize, hw: usize, seq: usize, e: DType) {
+        let c = self.channels;
+        let x = act(b, c, hw, e);
+        let es = e.size_in_bytes() as u64;
+        p.transient(ops::group_norm_scratch_bytes(b * c * hw) + x);
+        p.alloc(x); // normed
+        p.transient(2 * x); // proj_in + permute copy
+        p.alloc(x);
+        p.free(x); // h (tokens)
+        let ctx_kv = (b * seq * c) as u64 * es;
+        let d = c / self.heads;
+        // Self-attention: LN out, q, k, v, scratch, output, projection.
+        let self_attn = x + 3 * x + ops::attention_scratch_bytes(b, self.heads, hw, hw, d, e) + 2 * x;
+        let cross_attn = x + x + 2 * ctx_kv + ops::attention_scratch_bytes(b, self.heads, hw, seq, d, e) + 2 * x;
+        let ff = x + 8 * x + 4 * x + 4 * x + x; // LN out, proj (8c), value·gelu(gate) (gelu 4c, product 4c), out
+        p.transient(self_attn.max(cross_attn).max(ff) + x); // + the residual sum
+        p.transient(3 * x); // proj_out + permute/copy
+        p.free(x);
+        p.alloc(x); // output
+    }
+}
+
+/// The VAE's single-head self-attention block (`Attention` with GroupNorm, biases, residual connection).
+#[derive(Debug, Clone)]
+pub(crate) struct VaeAttentionSpec {
+    pub key: String,
+    pub channels: usize,
+    pub groups: usize,
+}
+
+impl VaeAttentionSpec {
+    pub fn forward(&self, w: &dyn WeightSource, x: &Tensor) -> Result<Tensor> {
+        let bw = w.fetch(&self.key)?;
+        let (b, c, hh, ww) = x.dims4()?;
+        let n = hh * ww;
+        let mut h = norm_from(&bw, "group_norm", x, c, self.groups, 1e-6, false)?;
+        h = h.reshape((b, c, n))?.transpose(1, 2)?.contiguous()?;
+        // Checkpoints converted by old diffusers versions name the projections query/key/value/proj_attn.
+        let legacy = !bw.contains("to_q.weight") && bw.contains("query.weight");
+        let (qn, kn, vn, on) = if legacy { ("query", "key", "value", "proj_attn") } else { ("to_q", "to_k", "to_v", "to_out.0") };
+        let q = linear_from(&bw, qn, &h, c, c, Bias::Required)?;
+        let k = linear_from(&bw, kn, &h, c, c, Bias::Required)?;
+        let v = linear_from(&bw, vn, &h, c, c, Bias::Required)?;
+        drop(h);
+        let o = attention(&q, &k, &v, 1, 1.0 / (c as f64).sqrt(), true)?;
+        drop((q, k, v));
+        let o = linear_from(&bw, on, &o, c, c, Bias::Required)?;
+        let o = o.transpose(1, 2)?.reshape((b, c, hh, ww))?;
+        Ok((o + x)?)
+    }
+
+    pub fn mem(&self, p: &mut Peak, b: usize, hw: usize, e: DType) {
+        let x = act(b, self.channels, hw, e);
+        p.transient(ops::group_norm_scratch_bytes(b * self.channels * hw) + x);
+        let attn = 3 * x + ops::attention_scratch_bytes(b, 1, hw, hw, self.channels, e) + x;
+        p.transient(2 * x + attn); // normed + transposed copy, q k v, scratch, out
+        p.transient(3 * x); // proj, transpose, sum
+        p.alloc(x);
+        p.free(x);
+    }
+}
+
+/// Bytes of an activation `[b, c, hw]`.
+pub(crate) fn act(b: usize, c: usize, hw: usize, e: DType) -> u64 {
+    (b * c * hw * e.size_in_bytes()) as u64
+}
+
+/// Conv scratch for a "same" conv on `hw` positions.
+pub(crate) fn conv_scratch(b: usize, cin: usize, cout: usize, hw: usize, k: usize, e: DType) -> u64 {
+    ops::conv2d_scratch_bytes(b, cin, cout, hw, 1, k, 1, e)
+}
+
+/// Live-bytes bookkeeping for the working-memory estimates: `live` is what persists between ops (the current
+/// activation, skip connections, embeddings), `peak` the largest `live + transient` seen.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Peak {
+    pub live: u64,
+    pub peak: u64,
+}
+
+impl Peak {
+    pub fn alloc(&mut self, bytes: u64) {
+        self.live += bytes;
+        self.peak = self.peak.max(self.live);
+    }
+    pub fn free(&mut self, bytes: u64) {
+        self.live = self.live.saturating_sub(bytes);
+    }
+    /// Bytes that exist only during the current op, on top of what is live.
+    pub fn transient(&mut self, bytes: u64) {
+        self.peak = self.peak.max(self.live + bytes);
+    }
+}

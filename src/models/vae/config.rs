@@ -1,0 +1,105 @@
+//! `VaeConfig`: diffusers' `AutoencoderKL` config.json (SD 1.x / 2.x / SDXL-style VAEs).
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::models::config_util::{is_str, parse_object, require, typed};
+
+/// The AutoencoderKL configuration.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeConfig {
+    #[serde(default = "three")]
+    pub in_channels: usize,
+    #[serde(default = "three")]
+    pub out_channels: usize,
+    #[serde(default = "default_channels")]
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "one")]
+    pub layers_per_block: usize,
+    #[serde(default = "four")]
+    pub latent_channels: usize,
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    #[serde(default = "default_scaling")]
+    pub scaling_factor: f64,
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default = "yes")]
+    pub use_quant_conv: bool,
+    #[serde(default = "yes")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "yes")]
+    pub mid_block_add_attention: bool,
+    #[serde(default = "yes")]
+    pub force_upcast: bool,
+    #[serde(default)]
+    pub sample_size: Option<serde_json::Value>,
+}
+
+fn three() -> usize {
+    3
+}
+fn four() -> usize {
+    4
+}
+fn one() -> usize {
+    1
+}
+fn thirty_two() -> usize {
+    32
+}
+fn yes() -> bool {
+    true
+}
+fn default_scaling() -> f64 {
+    0.18215
+}
+fn default_channels() -> Vec<usize> {
+    vec![64]
+}
+
+impl VaeConfig {
+    /// Read `config.json` of a diffusers `vae/` folder.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text)
+    }
+
+    /// Parse the text of a diffusers AutoencoderKL config.json; unsupported settings give `Error::Unsupported`.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let m = parse_object(text, "vae config")?;
+        require(&m, "act_fn", |v| is_str(v, "silu") || is_str(v, "swish"))?;
+        require(&m, "down_block_types", |v| {
+            v.as_array().is_some_and(|a| a.iter().all(|s| is_str(s, "DownEncoderBlock2D")))
+        })?;
+        require(&m, "up_block_types", |v| v.as_array().is_some_and(|a| a.iter().all(|s| is_str(s, "UpDecoderBlock2D"))))?;
+        if let Some(c) = m.get("_class_name").and_then(|v| v.as_str()) {
+            if c != "AutoencoderKL" {
+                return Err(Error::unsupported(format!("config key _class_name = \"{c}\"")));
+            }
+        }
+        let cfg: VaeConfig = typed(&m, "vae config")?;
+        let n = cfg.block_out_channels.len();
+        for key in ["down_block_types", "up_block_types"] {
+            if let Some(a) = m.get(key).and_then(|v| v.as_array()) {
+                if a.len() != n {
+                    return Err(Error::format(format!("vae config: {key} has {} entries, expected {n}", a.len())));
+                }
+            }
+        }
+        if n == 0 || cfg.block_out_channels.iter().any(|c| c % cfg.norm_num_groups != 0) {
+            return Err(Error::format(format!(
+                "vae config: block_out_channels {:?} with {} groups",
+                cfg.block_out_channels, cfg.norm_num_groups
+            )));
+        }
+        Ok(cfg)
+    }
+
+    /// Pixels per latent along each side: `2^(blocks − 1)`.
+    pub fn downscale(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+}

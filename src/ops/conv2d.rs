@@ -1,0 +1,58 @@
+//! 2-D convolution with bias (PyTorch `nn.Conv2d`, square kernel, symmetric padding), over candle's conv2d.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Convolve `x` `[B, Cin, H, W]` with `weight` `[Cout, Cin, k, k]`, add `bias` `[Cout]`.
+///
+/// Output `[B, Cout, (H + 2p - k)/s + 1, (W + 2p - k)/s + 1]`.
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+    let (_, cin, _, _) = x.dims4()?;
+    let (cout, wcin, _, _) = weight.dims4()?;
+    if cin != wcin {
+        return Err(Error::invalid(format!("conv2d: input has {cin} channels, weight expects {wcin}")));
+    }
+    let y = x.conv2d(weight, padding, stride, 1, 1)?;
+    match bias {
+        Some(b) => Ok(y.broadcast_add(&b.reshape((1, cout, 1, 1))?)?),
+        None => Ok(y),
+    }
+}
+
+/// Transient bytes of one [`conv2d`] call beyond its input and output, as the CUDA backend does it (full im2col):
+/// the column buffer `B·Hout·Wout·Cin·k²` plus the un-permuted GEMM result `B·Hout·Wout·Cout`, plus one more output
+/// for the bias add. (The CPU backend tiles its im2col, so this bounds it from above.) 1×1 stride-1 convs skip im2col.
+pub fn conv2d_scratch_bytes(
+    batch: usize,
+    cin: usize,
+    cout: usize,
+    out_h: usize,
+    out_w: usize,
+    k: usize,
+    stride: usize,
+    dtype: DType,
+) -> u64 {
+    let e = dtype.size_in_bytes() as u64;
+    let m = (batch * out_h * out_w) as u64;
+    let col = if k == 1 && stride == 1 { 0 } else { m * (cin * k * k) as u64 };
+    (col + 2 * m * cout as u64) * e
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn conv_adds_bias_per_channel() {
+        let dev = Device::Cpu;
+        let x = Tensor::ones((1, 1, 3, 3), candle_core::DType::F32, &dev).unwrap();
+        let w = Tensor::ones((2, 1, 3, 3), candle_core::DType::F32, &dev).unwrap();
+        let b = Tensor::new(&[0f32, 100.], &dev).unwrap();
+        let y = super::conv2d(&x, &w, Some(&b), 1, 1).unwrap();
+        let v: Vec<Vec<Vec<f32>>> = y.squeeze(0).unwrap().to_vec3().unwrap();
+        assert_eq!(v[0][1][1], 9.0);
+        assert_eq!(v[0][0][0], 4.0);
+        assert_eq!(v[1][0][0], 104.0);
+    }
+}

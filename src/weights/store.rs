@@ -1,0 +1,338 @@
+//! A memory-mapped safetensors checkpoint: every tensor's place in the file, grouped into blocks by
+//! [`block_key`], an optional RAM copy in the storage dtype, and reads through a small staging ring when there is
+//! no RAM copy (`keep_ram_copy_of_weights: false`).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use serde::Serialize;
+
+use crate::device::DeviceAllocator;
+use crate::error::{Error, Result};
+use crate::weights::source::block_key;
+
+/// Where a tensor's bytes are now (the best copy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TensorLocation {
+    /// Only in the memory-mapped file.
+    File,
+    /// In the RAM copy (and the file).
+    Ram,
+    /// Resident on the device.
+    Device,
+}
+
+/// One tensor of the checkpoint.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    /// Full checkpoint name.
+    pub name: String,
+    /// Name relative to its block (`conv1.weight`).
+    pub rel_name: String,
+    /// Index of its block in [`WeightStore::blocks`].
+    pub block: usize,
+    /// Dtype in the file.
+    pub file_dtype: DType,
+    /// Dtype kept in RAM and on the device.
+    pub storage_dtype: DType,
+    /// Shape.
+    pub shape: Vec<usize>,
+    offset: usize,
+    len: usize,
+}
+
+impl TensorInfo {
+    /// Elements.
+    pub fn elem_count(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// Bytes in the storage dtype.
+    pub fn storage_bytes(&self) -> u64 {
+        (self.elem_count() * self.storage_dtype.size_in_bytes()) as u64
+    }
+}
+
+/// One block: the unit of residency and transfer.
+#[derive(Debug, Clone)]
+pub struct BlockInfo {
+    /// The block key (`down_blocks.0.resnets.1`).
+    pub key: String,
+    /// Indices into [`WeightStore::tensors`].
+    pub tensors: Vec<usize>,
+    /// Bytes in the storage dtype (what residency costs and what a stream moves).
+    pub storage_bytes: u64,
+    /// Extra device bytes a fetch needs to cast the block to the compute dtype (0 when storage = compute).
+    pub cast_bytes: u64,
+}
+
+/// A small pool of host buffers that streamed blocks pass through when there is no RAM copy. Host bytes it holds
+/// stay below `slots × largest block`.
+pub struct StagingRing {
+    slots: usize,
+    state: Mutex<RingState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct RingState {
+    free: Vec<Vec<u8>>,
+    out: usize,
+    bytes: u64,
+    peak: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl StagingRing {
+    /// A ring of `slots` buffers (grown on demand to the largest block read).
+    pub fn new(slots: usize) -> Arc<Self> {
+        Arc::new(Self { slots: slots.max(1), state: Mutex::new(RingState::default()), cv: Condvar::new() })
+    }
+    /// Number of buffers.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+    /// Host bytes held by the ring now.
+    pub fn bytes(&self) -> u64 {
+        lock(&self.state).bytes
+    }
+    /// The most host bytes the ring has held.
+    pub fn peak(&self) -> u64 {
+        lock(&self.state).peak
+    }
+
+    fn acquire(self: &Arc<Self>, len: usize) -> StagingSlot {
+        let mut s = lock(&self.state);
+        loop {
+            if let Some(buf) = s.free.pop() {
+                s.out += 1;
+                let mut buf = buf;
+                let before = buf.capacity();
+                buf.clear();
+                buf.resize(len, 0);
+                s.bytes += (buf.capacity() - before) as u64;
+                s.peak = s.peak.max(s.bytes);
+                return StagingSlot { ring: self.clone(), buf: Some(buf) };
+            }
+            if s.out + s.free.len() < self.slots {
+                s.free.push(Vec::new());
+                continue;
+            }
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+struct StagingSlot {
+    ring: Arc<StagingRing>,
+    buf: Option<Vec<u8>>,
+}
+
+impl Drop for StagingSlot {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            let mut s = lock(&self.ring.state);
+            s.out -= 1;
+            s.free.push(b);
+            drop(s);
+            self.ring.cv.notify_one();
+        }
+    }
+}
+
+/// A memory-mapped safetensors file, its tensors grouped into blocks, and an optional RAM copy.
+pub struct WeightStore {
+    path: PathBuf,
+    mmap: Mmap,
+    tensors: Vec<TensorInfo>,
+    blocks: Vec<BlockInfo>,
+    index: HashMap<String, usize>,
+    compute_dtype: DType,
+    ram: Mutex<Option<Arc<Vec<HashMap<String, Tensor>>>>>,
+}
+
+fn dtype_of(d: safetensors::Dtype, name: &str) -> Result<DType> {
+    match d {
+        safetensors::Dtype::F32 => Ok(DType::F32),
+        safetensors::Dtype::F16 => Ok(DType::F16),
+        safetensors::Dtype::BF16 => Ok(DType::BF16),
+        other => Err(Error::unsupported(format!("tensor {name}: dtype {other:?} (supported: F32, F16, BF16)"))),
+    }
+}
+
+/// Convert `src` (elements of `from`) into `dst` (elements of `to`), little-endian, any alignment.
+fn convert_into(src: &[u8], from: DType, to: DType, dst: &mut [u8]) {
+    if from == to {
+        dst.copy_from_slice(src);
+        return;
+    }
+    let read = |i: usize| -> f32 {
+        match from {
+            DType::F32 => f32::from_le_bytes(src[4 * i..4 * i + 4].try_into().unwrap()),
+            DType::F16 => half::f16::from_bits(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])).to_f32(),
+            _ => half::bf16::from_bits(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])).to_f32(),
+        }
+    };
+    let n = src.len() / from.size_in_bytes();
+    for i in 0..n {
+        let x = read(i);
+        match to {
+            DType::F32 => dst[4 * i..4 * i + 4].copy_from_slice(&x.to_le_bytes()),
+            DType::F16 => dst[2 * i..2 * i + 2].copy_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes()),
+            _ => dst[2 * i..2 * i + 2].copy_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes()),
+        }
+    }
+}
+
+impl WeightStore {
+    /// Map `path` and validate its header. `storage` = the dtype kept in RAM and on the device (None = the file's);
+    /// `compute` = the dtype fetches return. A corrupt or truncated file gives [`Error::Format`].
+    pub fn open(path: &Path, storage: Option<DType>, compute: DType) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        if len < 8 {
+            return Err(Error::format(format!("{}: {len} bytes, too small for a safetensors header", path.display())));
+        }
+        // SAFETY: the file is opened read-only; like every mmap-based loader we rely on it not being truncated
+        // while mapped (documented for hosts).
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let st = safetensors::SafeTensors::deserialize(&mmap)
+            .map_err(|e| Error::format(format!("{}: invalid safetensors: {e}", path.display())))?;
+        let base = mmap.as_ptr() as usize;
+        let mut raw: Vec<(String, DType, Vec<usize>, usize, usize)> = Vec::new();
+        for (name, view) in st.tensors() {
+            let dt = dtype_of(view.dtype(), &name)?;
+            let data = view.data();
+            let expect = view.shape().iter().product::<usize>() * dt.size_in_bytes();
+            if data.len() != expect {
+                return Err(Error::format(format!("{}: tensor {name} has {} bytes, expected {expect}", path.display(), data.len())));
+            }
+            raw.push((name, dt, view.shape().to_vec(), data.as_ptr() as usize - base, data.len()));
+        }
+        drop(st);
+        raw.sort_by_key(|r| r.3);
+        let mut tensors = Vec::with_capacity(raw.len());
+        let mut blocks: Vec<BlockInfo> = Vec::new();
+        let mut index = HashMap::new();
+        for (name, file_dtype, shape, offset, len) in raw {
+            let key = block_key(&name).to_string();
+            let rel_name = name.strip_prefix(&key).map(|r| r.trim_start_matches('.')).unwrap_or(&name).to_string();
+            let block = *index.entry(key.clone()).or_insert_with(|| {
+                blocks.push(BlockInfo { key, tensors: Vec::new(), storage_bytes: 0, cast_bytes: 0 });
+                blocks.len() - 1
+            });
+            let storage_dtype = storage.unwrap_or(file_dtype);
+            let info = TensorInfo { name, rel_name, block, file_dtype, storage_dtype, shape, offset, len };
+            let b = &mut blocks[block];
+            b.storage_bytes += info.storage_bytes();
+            if storage_dtype != compute {
+                b.cast_bytes += (info.elem_count() * compute.size_in_bytes()) as u64;
+            }
+            b.tensors.push(tensors.len());
+            tensors.push(info);
+        }
+        Ok(Self { path: path.to_path_buf(), mmap, tensors, blocks, index, compute_dtype: compute, ram: Mutex::new(None) })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// All tensors, in file order.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+    /// All blocks, in file order of their first tensor.
+    pub fn blocks(&self) -> &[BlockInfo] {
+        &self.blocks
+    }
+    /// Index of block `key`.
+    pub fn block_index(&self, key: &str) -> Option<usize> {
+        self.index.get(key).copied()
+    }
+    /// Bytes of all weights in the storage dtype.
+    pub fn total_bytes(&self) -> u64 {
+        self.blocks.iter().map(|b| b.storage_bytes).sum()
+    }
+    /// The dtype fetches return.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
+    }
+    /// Bytes of the mapping (the file size).
+    pub fn mapped_bytes(&self) -> u64 {
+        self.mmap.len() as u64
+    }
+
+    /// Whether a RAM copy is held.
+    pub fn has_ram_copy(&self) -> bool {
+        lock(&self.ram).is_some()
+    }
+    /// Bytes of the RAM copy (0 without one).
+    pub fn ram_bytes(&self) -> u64 {
+        if self.has_ram_copy() { self.total_bytes() } else { 0 }
+    }
+
+    /// Read every tensor into a RAM copy in the storage dtype (no-op if held). Returns the bytes read.
+    pub fn load_ram_copy(&self) -> Result<u64> {
+        if self.has_ram_copy() {
+            return Ok(0);
+        }
+        let mut copy = Vec::with_capacity(self.blocks.len());
+        let mut buf = Vec::new();
+        for b in &self.blocks {
+            let mut m = HashMap::new();
+            for &ti in &b.tensors {
+                let t = &self.tensors[ti];
+                buf.resize(t.storage_bytes() as usize, 0);
+                convert_into(&self.mmap[t.offset..t.offset + t.len], t.file_dtype, t.storage_dtype, &mut buf);
+                m.insert(t.rel_name.clone(), Tensor::from_raw_buffer(&buf, t.storage_dtype, &t.shape, &Device::Cpu)?);
+            }
+            copy.push(m);
+        }
+        *lock(&self.ram) = Some(Arc::new(copy));
+        Ok(self.total_bytes())
+    }
+
+    /// Drop the RAM copy; returns the bytes released.
+    pub fn drop_ram_copy(&self) -> u64 {
+        let had = lock(&self.ram).take().is_some();
+        if had { self.total_bytes() } else { 0 }
+    }
+
+    /// Copy block `b` to the device of `alloc` in the storage dtype: from the RAM copy when held, else from the
+    /// mapping through `ring`. The caller has already accounted the bytes with the allocator.
+    pub fn block_to_device(&self, b: usize, alloc: &DeviceAllocator, ring: &Arc<StagingRing>) -> Result<HashMap<String, Tensor>> {
+        let block = &self.blocks[b];
+        let ram = lock(&self.ram).clone();
+        let mut out = HashMap::with_capacity(block.tensors.len());
+        if let Some(ram) = ram {
+            for (name, t) in &ram[b] {
+                out.insert(name.clone(), alloc.copy_to_device(t)?);
+            }
+            return Ok(out);
+        }
+        let mut slot = ring.acquire(block.storage_bytes as usize);
+        let buf = slot.buf.as_mut().expect("slot holds a buffer");
+        let mut at = 0usize;
+        let mut spans = Vec::with_capacity(block.tensors.len());
+        for &ti in &block.tensors {
+            let t = &self.tensors[ti];
+            let n = t.storage_bytes() as usize;
+            convert_into(&self.mmap[t.offset..t.offset + t.len], t.file_dtype, t.storage_dtype, &mut buf[at..at + n]);
+            spans.push((ti, at, n));
+            at += n;
+        }
+        for (ti, at, n) in spans {
+            let t = &self.tensors[ti];
+            out.insert(t.rel_name.clone(), alloc.tensor_from_bytes(&buf[at..at + n], t.storage_dtype, &t.shape)?);
+        }
+        Ok(out)
+    }
+}
