@@ -35,7 +35,7 @@ int main(int argc, char **argv) {
     lowvram_context_params cp;
     TRY(lowvram_context_params_init(&cp, sizeof cp));
     cp.device = "emulated:64MiB";                                   /* a 64 MiB "GPU" */
-    cp.config_yaml = "device_working_mem_gb: 0.01\nmax_cache_vram_gb: 0.002\n"; /* ~2 MiB of resident weights */
+    cp.config_yaml = "device_working_mem_gb: 0.01\nmax_cache_vram_gb: 0.001\n"; /* ~1 MiB of resident weights */
     lowvram_context *ctx = NULL;
     TRY(lowvram_context_new(&cp, &ctx));
 

@@ -16,6 +16,11 @@
 #include <stdint.h>
 
 /**
+ * One GiB, the unit of every `*_gb` key.
+ */
+#define GIB (1 << 30)
+
+/**
  * Major version of this header; `lowvram_version()` gives the library's at run time.
  */
 #define LOWVRAM_VERSION_MAJOR 0
@@ -39,6 +44,11 @@
  * Most dimensions a tensor crossing the API may have.
  */
 #define LOWVRAM_MAX_DIMS 8
+
+/**
+ * Default bound on the score buffers of one query chunk, in bytes.
+ */
+#define ATTENTION_SCRATCH_BYTES (64 << 20)
 
 /**
  * Element type of a tensor (stable numbers).
@@ -92,6 +102,56 @@ enum lowvram_log_level
 };
 #ifndef __cplusplus
 typedef uint32_t lowvram_log_level;
+#endif // __cplusplus
+
+/**
+ * What a model is (stable numbers).
+ */
+enum lowvram_model_kind
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+    /**
+     * A UNet2DConditionModel (SD 1.x / 2.x): used by `lowvram_denoise`.
+     */
+    LOWVRAM_MODEL_KIND_UNET = 0,
+    /**
+     * An AutoencoderKL: used by `lowvram_vae_decode`.
+     */
+    LOWVRAM_MODEL_KIND_VAE = 1,
+};
+#ifndef __cplusplus
+typedef uint32_t lowvram_model_kind;
+#endif // __cplusplus
+
+/**
+ * Samplers (stable numbers), matching diffusers' schedulers as configured by the model's scheduler_config.json.
+ */
+enum lowvram_scheduler
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+    /**
+     * EulerDiscreteScheduler.
+     */
+    LOWVRAM_SCHEDULER_EULER = 0,
+    /**
+     * EulerAncestralDiscreteScheduler.
+     */
+    LOWVRAM_SCHEDULER_EULER_A = 1,
+    /**
+     * DDIMScheduler, eta 0.
+     */
+    LOWVRAM_SCHEDULER_DDIM = 2,
+    /**
+     * DPMSolverMultistepScheduler (dpmsolver++, order 2).
+     */
+    LOWVRAM_SCHEDULER_DPMPP2M = 3,
+};
+#ifndef __cplusplus
+typedef uint32_t lowvram_scheduler;
 #endif // __cplusplus
 
 /**
@@ -167,6 +227,18 @@ typedef uint32_t lowvram_status;
 typedef struct lowvram_context lowvram_context;
 
 /**
+ * A loaded model component (a UNet or a VAE). Opaque, shared: the cache and any running generation hold their
+ * own references, so freeing the handle during a run only drops the host's reference. Free with
+ * `lowvram_model_free`. Thread-safe.
+ */
+typedef struct lowvram_model lowvram_model;
+
+/**
+ * Device memory reserved for the host. Opaque; free with `lowvram_reservation_free` to give it back.
+ */
+typedef struct lowvram_reservation lowvram_reservation;
+
+/**
  * A tensor in host memory, owned by the library: contiguous, row-major. Opaque. Immutable once made, so a tensor
  * may be read from several threads at once. Free with `lowvram_tensor_free`.
  */
@@ -210,6 +282,203 @@ typedef struct lowvram_context_params {
      */
     void *log_user_data;
 } lowvram_context_params;
+
+/**
+ * Memory statistics of a context's cache (a snapshot). Bytes throughout.
+ */
+typedef struct lowvram_cache_stats {
+    /**
+     * Set by the caller to `sizeof(lowvram_cache_stats)`.
+     */
+    uint32_t struct_size;
+    /**
+     * Device capacity (0 when unknown, e.g. the CPU).
+     */
+    uint64_t device_total_bytes;
+    /**
+     * Device bytes free per the allocator (0 when unknown).
+     */
+    uint64_t device_free_bytes;
+    /**
+     * Device bytes in use by the manager now: resident weights, streamed blocks, working memory, reservations.
+     */
+    uint64_t device_used_bytes;
+    /**
+     * Device bytes held by resident weights (the device cache).
+     */
+    uint64_t device_used_by_cache_bytes;
+    /**
+     * Highest `device_used_bytes` since the last run started.
+     */
+    uint64_t device_peak_bytes;
+    /**
+     * Allocations the device refused since the context was created.
+     */
+    uint64_t device_refused_allocations;
+    /**
+     * Bytes of RAM weight copies held, and the RAM cache limit.
+     */
+    uint64_t ram_cache_used_bytes;
+    uint64_t ram_cache_limit_bytes;
+    /**
+     * Bytes streamed to the device (copied for one use and released), since the context was created.
+     */
+    uint64_t bytes_streamed_total;
+    /**
+     * Loads and locks served from memory, and those that read the file.
+     */
+    uint64_t cache_hits;
+    uint64_t cache_misses;
+    /**
+     * Models alive in the cache.
+     */
+    uint32_t model_count;
+} lowvram_cache_stats;
+
+/**
+ * A model's facts, filled by `lowvram_model_info`. Bytes throughout.
+ */
+typedef struct lowvram_model_info {
+    /**
+     * Set by the caller to `sizeof(lowvram_model_info)`.
+     */
+    uint32_t struct_size;
+    /**
+     * What the model is (a `lowvram_model_kind` value).
+     */
+    uint32_t kind;
+    /**
+     * Bytes of all weights, in their storage dtype.
+     */
+    uint64_t total_bytes;
+    /**
+     * Bytes resident on the device now.
+     */
+    uint64_t resident_bytes;
+    /**
+     * Number of blocks (the unit of residency and streaming).
+     */
+    uint32_t block_count;
+    /**
+     * Number of blocks resident now.
+     */
+    uint32_t resident_block_count;
+} lowvram_model_info;
+
+/**
+ * Progress of a running call: `step` of `total` done. Return false to cancel (the call then returns CANCELLED).
+ * Runs on the thread that made the call.
+ */
+typedef bool (*lowvram_progress_callback)(uint32_t step, uint32_t total, void *user_data);
+
+/**
+ * Parameters of `lowvram_denoise`. Initialise with `lowvram_denoise_params_init(&p, sizeof p)`.
+ */
+typedef struct lowvram_denoise_params {
+    /**
+     * `sizeof(lowvram_denoise_params)` as the host sees it; set by the init function.
+     */
+    uint32_t struct_size;
+    /**
+     * A `lowvram_scheduler` value. Default EULER.
+     */
+    uint32_t scheduler;
+    /**
+     * Karras sigma schedule (EULER and DPMPP_2M only). Default false.
+     */
+    bool karras;
+    /**
+     * Number of denoising steps. Default 20.
+     */
+    uint32_t steps;
+    /**
+     * Classifier-free guidance scale; ≤ 1 runs the conditional batch only. Default 7.5.
+     */
+    float guidance;
+    /**
+     * Seed of the initial noise (when `init_noise` is NULL) and of Euler ancestral's step noise. Default 0.
+     */
+    uint64_t seed;
+    /**
+     * Latent width and height (image size / 8) used when `init_noise` is NULL. Default 64 × 64 (512 px).
+     */
+    uint32_t latent_width;
+    uint32_t latent_height;
+    /**
+     * Optional `[steps, B, 4, h, w]` f32 noise for Euler ancestral's steps (NULL = seeded). Borrowed for the call.
+     */
+    const struct lowvram_tensor *step_noise;
+    /**
+     * Called after each step; NULL = none.
+     */
+    lowvram_progress_callback progress;
+    /**
+     * Passed back to `progress`.
+     */
+    void *progress_user_data;
+} lowvram_denoise_params;
+
+/**
+ * Parameters of `lowvram_vae_decode`. Initialise with `lowvram_decode_params_init(&p, sizeof p)`.
+ */
+typedef struct lowvram_decode_params {
+    /**
+     * `sizeof(lowvram_decode_params)` as the host sees it; set by the init function.
+     */
+    uint32_t struct_size;
+    /**
+     * Tile edge in latent pixels: 0 = automatic (untiled when it fits, tiled when its working memory does not
+     * fit, and after a device OOM); > 0 = always tile with this edge. Default 0.
+     */
+    uint32_t tile_latent;
+    /**
+     * Overlap between tiles in latent pixels when `tile_latent` > 0 (must be < `tile_latent`). Default 8.
+     */
+    uint32_t overlap_latent;
+    /**
+     * Never tile (BUDGET_TOO_SMALL when the whole decode cannot fit). Default false.
+     */
+    bool never_tile;
+} lowvram_decode_params;
+
+/**
+ * What a run measured, filled when the caller passes a non-NULL report pointer. Bytes and milliseconds.
+ */
+typedef struct lowvram_run_report {
+    /**
+     * Set by the caller to `sizeof(lowvram_run_report)`.
+     */
+    uint32_t struct_size;
+    /**
+     * Wall time of the call, milliseconds.
+     */
+    double total_ms;
+    /**
+     * Highest device bytes in use during the run (weights + working memory), per the allocator.
+     */
+    uint64_t peak_device_bytes;
+    /**
+     * Bytes copied to the device for non-resident blocks during the run.
+     */
+    uint64_t bytes_streamed;
+    /**
+     * Bytes of the model resident when the run ended, and of all its weights.
+     */
+    uint64_t resident_bytes;
+    uint64_t model_bytes;
+    /**
+     * Working memory reserved for the run (max of `device_working_mem_gb` and the op's estimate).
+     */
+    uint64_t working_bytes;
+    /**
+     * Device allocations refused during the run.
+     */
+    uint64_t refused_allocations;
+    /**
+     * Decode: the tile edge used in latent pixels, 0 when untiled.
+     */
+    uint32_t tile_latent;
+} lowvram_run_report;
 
 /**
  * One CUDA device.
@@ -308,6 +577,43 @@ lowvram_status lowvram_context_set_log_callback(const struct lowvram_context *ct
 lowvram_status lowvram_context_cancel(const struct lowvram_context *ctx);
 
 /**
+ * Apply YAML configuration text (any subset of the keys in README.md) to a live context, without a restart:
+ * budgets take effect at once, and a generation running on another thread adapts at its next block. On error
+ * (unknown key, bad value; the message names the key and the accepted values) nothing changes. Thread-safe.
+ */
+lowvram_status lowvram_context_configure(const struct lowvram_context *ctx, const char *yaml);
+
+/**
+ * Fill `*out` with the cache's statistics. Set `out->struct_size = sizeof *out` first. Written only on success.
+ * Thread-safe. `lowvram_context_stats_json` gives everything, per model and with the sizing rules.
+ */
+lowvram_status lowvram_context_stats(const struct lowvram_context *ctx, struct lowvram_cache_stats *out);
+
+/**
+ * All of the cache's statistics as one JSON object (the `lowvram stats` format: device, ram, models, plan,
+ * sizing). On success `*out_json` is a NUL-terminated string owned by the caller; free it with
+ * `lowvram_string_free`. Thread-safe.
+ */
+lowvram_status lowvram_context_stats_json(const struct lowvram_context *ctx, char **out_json);
+
+/**
+ * Free a string the library returned (e.g. from `lowvram_context_stats_json`). NULL is a no-op.
+ */
+void lowvram_string_free(char *s);
+
+/**
+ * Free at least `bytes` of device memory held by models not in use (ComfyUI's /free), evicting least recently
+ * used models first; `*out_freed` (may be NULL) receives the bytes actually freed. Thread-safe.
+ */
+lowvram_status lowvram_context_free_memory(const struct lowvram_context *ctx, uint64_t bytes, uint64_t *out_freed);
+
+/**
+ * Unload every model not in use from the device and the RAM cache (their handles stay valid and reload on next
+ * use); `*out_freed` (may be NULL) receives the bytes freed. Thread-safe.
+ */
+lowvram_status lowvram_context_unload_all(const struct lowvram_context *ctx, uint64_t *out_freed);
+
+/**
  * The message of the last failing call on the calling thread, or "" if none failed yet.
  *
  * The string is owned by the library; it stays valid until the next failing lowvram call on the same thread.
@@ -324,6 +630,103 @@ const char *lowvram_last_error_message(void);
  * or the new callback. The callback runs on the thread whose lowvram call logs.
  */
 lowvram_status lowvram_set_log_callback(lowvram_log_callback callback, void *user_data);
+
+/**
+ * Load a diffusers component folder (`.../unet` or `.../vae`: config.json plus diffusion_pytorch_model.safetensors
+ * or .fp16.safetensors) into `ctx`'s cache. The weights are memory-mapped and validated; no device memory is used
+ * until the model runs or `lowvram_model_load_to_device` places it. A UNet picks up `../scheduler/
+ * scheduler_config.json` when present (SD 1.5's scheduler otherwise). On success `*out` is a new handle owned by
+ * the caller. Errors: IO (missing folder or files), FORMAT (corrupt safetensors, bad config.json), UNSUPPORTED
+ * (an architecture or config key this version cannot run; the message names it). Thread-safe.
+ */
+lowvram_status lowvram_model_load(const struct lowvram_context *ctx, const char *path, struct lowvram_model **out);
+
+/**
+ * Describe a model. Set `out->struct_size = sizeof *out` first; written only on success. Thread-safe.
+ */
+lowvram_status lowvram_model_get_info(const struct lowvram_model *model, struct lowvram_model_info *out);
+
+/**
+ * Place up to `max_bytes` of the model's weights on the device now (an explicit partial load; the rest streams
+ * when used). `*out_resident_bytes` (may be NULL) receives the bytes resident afterwards. BUDGET_TOO_SMALL when
+ * the cache's budget leaves no room. Thread-safe.
+ */
+lowvram_status lowvram_model_load_to_device(const struct lowvram_context *ctx,
+                                            const struct lowvram_model *model,
+                                            uint64_t max_bytes,
+                                            uint64_t *out_resident_bytes);
+
+/**
+ * Drop the host's reference to a model. NULL is a no-op. The cache keeps the weights (subject to its budgets)
+ * until the context is freed or they are evicted; a run using the model keeps it alive until it returns.
+ */
+void lowvram_model_free(struct lowvram_model *model);
+
+/**
+ * Reserve `bytes` of device memory for the host's own use: the cache shrinks at once (a generation running on
+ * another thread releases resident blocks at its next block boundary), and this call returns when the bytes are
+ * actually free. BUDGET_TOO_SMALL (with bytes needed and available in the message) if they can never be freed.
+ * On success `*out` is a new handle owned by the caller. Thread-safe.
+ */
+lowvram_status lowvram_reservation_new(const struct lowvram_context *ctx,
+                                       uint64_t bytes,
+                                       struct lowvram_reservation **out);
+
+/**
+ * Bytes a reservation holds. Thread-safe.
+ */
+lowvram_status lowvram_reservation_bytes(const struct lowvram_reservation *reservation, uint64_t *out_bytes);
+
+/**
+ * Give the reserved bytes back to the cache. NULL is a no-op; freeing twice is undefined. It may be freed before
+ * or after its context.
+ */
+void lowvram_reservation_free(struct lowvram_reservation *reservation);
+
+/**
+ * Fill `*params` with defaults and store `struct_size` (the host's `sizeof(lowvram_denoise_params)`). Thread-safe.
+ */
+lowvram_status lowvram_denoise_params_init(struct lowvram_denoise_params *params, size_t struct_size);
+
+/**
+ * Fill `*params` with defaults and store `struct_size` (the host's `sizeof(lowvram_decode_params)`). Thread-safe.
+ */
+lowvram_status lowvram_decode_params_init(struct lowvram_decode_params *params, size_t struct_size);
+
+/**
+ * Run the denoising loop on `unet` (a UNet model of `ctx`). `cond` is `[B, S, D]` text embeddings (f32/f16/bf16);
+ * `uncond` the same shape or NULL (zeros); `init_noise` `[B, 4, h, w]` standard-normal noise or NULL (seeded with
+ * `params->seed`, size from `params->latent_*`). `params` NULL = defaults. Blocks of the UNet that do not fit the
+ * budget stream from RAM; the call reserves its working memory and releases it on return (also on error and
+ * cancel). On success `*out_latents` receives the final latents `[B, 4, h, w]` f32 (before the VAE scaling;
+ * pass them to `lowvram_vae_decode`), owned by the caller; `report` (may be NULL; set its struct_size) receives the
+ * measurements. Cancel with `lowvram_context_cancel` from another thread or by returning false from the progress
+ * callback: CANCELLED. Input tensors are borrowed for the call. Runs on the calling thread; several calls may run
+ * on one context from different threads (they share its budgets).
+ */
+lowvram_status lowvram_denoise(const struct lowvram_context *ctx,
+                               const struct lowvram_model *unet,
+                               const struct lowvram_denoise_params *params,
+                               const struct lowvram_tensor *cond,
+                               const struct lowvram_tensor *uncond,
+                               const struct lowvram_tensor *init_noise,
+                               struct lowvram_run_report *report,
+                               struct lowvram_tensor **out_latents);
+
+/**
+ * Decode `latents` (`[B, 4, h, w]` as `lowvram_denoise` returns them; the VAE's scaling factor is applied here)
+ * with `vae` (a VAE model of `ctx`) into the raw decoder output `[B, 3, 8h, 8w]` f32 (≈ [-1, 1], unclamped).
+ * `params` NULL = defaults (automatic tiling). The call reserves the decode's working-memory estimate; when that
+ * cannot fit it decodes in tiles, and after a device OOM it retries in tiles. On success `*out_image` is owned by
+ * the caller; `report` (may be NULL) receives the measurements. CANCELLED at the next block after
+ * `lowvram_context_cancel`. Thread-safe as `lowvram_denoise`.
+ */
+lowvram_status lowvram_vae_decode(const struct lowvram_context *ctx,
+                                  const struct lowvram_model *vae,
+                                  const struct lowvram_decode_params *params,
+                                  const struct lowvram_tensor *latents,
+                                  struct lowvram_run_report *report,
+                                  struct lowvram_tensor **out_image);
 
 /**
  * A static, NUL-terminated name for `status` (e.g. "BUDGET_TOO_SMALL"); "UNKNOWN" for numbers this version does
@@ -381,6 +784,12 @@ lowvram_status lowvram_tensor_read(const struct lowvram_tensor *tensor, void *bu
  * Free a tensor made by the library. NULL is a no-op; freeing twice is undefined.
  */
 void lowvram_tensor_free(struct lowvram_tensor *tensor);
+
+/**
+ * Write a decoded image tensor `[B, 3, H, W]` (values in [-1, 1], as `lowvram_vae_decode` returns them; clamped)
+ * as 8-bit RGB PNG: one image to `path`, a batch to `NAME-0.png`, `NAME-1.png`, ... Thread-safe.
+ */
+lowvram_status lowvram_tensor_write_png(const struct lowvram_tensor *image, const char *path);
 
 #ifdef __cplusplus
 }  // extern "C"

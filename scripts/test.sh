@@ -46,6 +46,13 @@ step "C host test under valgrind"
 valgrind --quiet --error-exitcode=3 --leak-check=full --errors-for-leak-kinds=definite,indirect \
     --show-leak-kinds=definite,indirect --suppressions=tests/c/valgrind.supp "$out/test_api_c"
 
+step "C example: examples/generate.c end to end on the shipped model"
+gcc -std=c11 -Wall -Wextra -Wpedantic -Werror -I include examples/generate.c -o "$out/generate_example" \
+    -L "$lib_dir" -llowvram -Wl,-rpath,"$lib_dir"
+rm -f "$out/example.png"
+"$out/generate_example" models/tiny-sd "$out/example.png"
+head -c 8 "$out/example.png" | od -An -tx1 | grep -q "89 50 4e 47 0d 0a 1a 0a" || { echo "FATAL: the example wrote no PNG" >&2; exit 1; }
+
 # --- C++ -----------------------------------------------------------------------------------------------------------
 step "C++ host test (g++ -std=c++17 -Wall -Wextra -Wpedantic -Werror)"
 g++ -std=c++17 -Wall -Wextra -Wpedantic -Werror -g -I include -I bindings/cpp tests/cpp/test_api.cpp \

@@ -192,8 +192,14 @@ impl<'de> serde::Deserialize<'de> for Scalar {
 }
 
 fn bad(key: &str, value: &str) -> Error {
-    let accepted = KEYS.iter().find(|(k, _)| *k == key).map(|(_, a)| *a).unwrap_or("?");
-    Error::invalid(format!("config key `{key}`: invalid value `{value}`; accepted: {accepted}"))
+    let accepted = KEYS
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, a)| *a)
+        .unwrap_or("?");
+    Error::invalid(format!(
+        "config key `{key}`: invalid value `{value}`; accepted: {accepted}"
+    ))
 }
 
 fn parse_bool(key: &str, v: &str) -> Result<bool> {
@@ -241,8 +247,11 @@ impl Config {
         if yaml.trim().is_empty() {
             return Ok(());
         }
-        let map: Option<BTreeMap<String, Scalar>> = serde_saphyr::from_str(yaml)
-            .map_err(|e| Error::invalid(format!("config YAML: {e}; expected a mapping of keys to scalars")))?;
+        let map: Option<BTreeMap<String, Scalar>> = serde_saphyr::from_str(yaml).map_err(|e| {
+            Error::invalid(format!(
+                "config YAML: {e}; expected a mapping of keys to scalars"
+            ))
+        })?;
         let mut next = self.clone();
         for (k, v) in map.unwrap_or_default() {
             next.set_opt(&k, v.0.as_deref())?;
@@ -319,7 +328,10 @@ impl Config {
             }
             _ => {
                 let names: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
-                return Err(Error::invalid(format!("unknown config key `{key}`; accepted keys: {}", names.join(", "))));
+                return Err(Error::invalid(format!(
+                    "unknown config key `{key}`; accepted keys: {}",
+                    names.join(", ")
+                )));
             }
         }
         Ok(())
@@ -365,9 +377,13 @@ pub fn gib_to_bytes(gib: f64) -> u64 {
 /// optional space and fraction (`3.5GiB`, `512 MiB`). Units are case-insensitive except that `b` alone means bytes.
 pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = (&t[..split], t[split..].trim());
-    let err = || Error::invalid(format!("invalid size `{s}`; accepted: bytes, or a number with KB|MB|GB|TB (10^n) or KiB|MiB|GiB|TiB (2^n)"));
+    let err = || {
+        Error::invalid(format!("invalid size `{s}`; accepted: bytes, or a number with KB|MB|GB|TB (10^n) or KiB|MiB|GiB|TiB (2^n)"))
+    };
     let n: f64 = num.parse().map_err(|_| err())?;
     let mult: u64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,

@@ -31,9 +31,28 @@ fn budget_sweep_two_models() {
     let (ref_a, ref_b) = (reference(&a), reference(&b));
     let min_cap = WORK + a.max_block().max(b.max_block());
     let full = WORK + a.total() + b.total();
-    eprintln!("model a {} B (max block {}), model b {} B (max block {}), working {} B", a.total(), a.max_block(), b.total(), b.max_block(), WORK);
-    eprintln!("{:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}", "capacity", "model", "resident", "streamed", "predicted", "peak", "fwd-peak", "refused");
-    let mut caps: Vec<u64> = (0..=12).map(|i| min_cap - 1 + (full + 64 * KIB - min_cap) * i / 12).collect();
+    eprintln!(
+        "model a {} B (max block {}), model b {} B (max block {}), working {} B",
+        a.total(),
+        a.max_block(),
+        b.total(),
+        b.max_block(),
+        WORK
+    );
+    eprintln!(
+        "{:>9} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "capacity",
+        "model",
+        "resident",
+        "streamed",
+        "predicted",
+        "fwd-peak",
+        "lock-peak",
+        "refused"
+    );
+    let mut caps: Vec<u64> = (0..=12)
+        .map(|i| min_cap - 1 + (full + 64 * KIB - min_cap) * i / 12)
+        .collect();
     caps.push(min_cap);
     for cap in caps {
         let cache = ModelCache::new(config(&format!("emulated:{cap}"), WORK)).unwrap();
@@ -45,7 +64,11 @@ fn budget_sweep_two_models() {
                 cache.allocator().reset_peak();
                 let lock = match cache.lock(m, 0) {
                     Ok(l) => l,
-                    Err(Error::BudgetTooSmall { needed_bytes, available_bytes, .. }) => {
+                    Err(Error::BudgetTooSmall {
+                        needed_bytes,
+                        available_bytes,
+                        ..
+                    }) => {
                         assert!(cap < WORK + tm.max_block(), "cap {cap} should fit");
                         assert_eq!(needed_bytes, WORK + tm.max_block());
                         assert_eq!(available_bytes, cap);
@@ -60,13 +83,28 @@ fn budget_sweep_two_models() {
                 let resident = m.resident_bytes();
                 assert_eq!(resident, plan.resident_bytes);
                 let out = forward(&lock, tm).unwrap();
-                assert_eq!(bits(&out), *reference, "cap {cap}: output differs from all-resident");
-                assert_eq!(lock.bytes_streamed(), tm.total() - resident, "streamed = model − resident");
+                assert_eq!(
+                    bits(&out),
+                    *reference,
+                    "cap {cap}: output differs from all-resident"
+                );
+                assert_eq!(
+                    lock.bytes_streamed(),
+                    tm.total() - resident,
+                    "streamed = model − resident"
+                );
                 let fwd_peak = cache.allocator().peak();
-                assert_eq!(fwd_peak, plan.predicted_peak_bytes, "cap {cap}: predicted vs measured peak");
+                assert_eq!(
+                    fwd_peak, plan.predicted_peak_bytes,
+                    "cap {cap}: predicted vs measured peak"
+                );
                 assert!(lock_peak <= plan.predicted_peak_bytes.max(before));
                 assert!(fwd_peak <= cap && lock_peak <= cap);
-                assert_eq!(cache.allocator().refused(), 0, "runs that fit refuse nothing");
+                assert_eq!(
+                    cache.allocator().refused(),
+                    0,
+                    "runs that fit refuse nothing"
+                );
                 eprintln!(
                     "{cap:>9} {:>6} {resident:>9} {:>9} {:>9} {fwd_peak:>9} {lock_peak:>9} {:>7}",
                     m.name(),
@@ -102,12 +140,20 @@ fn model_twice_the_budget_streams_the_rest() {
     assert_eq!(s.device.usage.refused_allocations, 0);
     let json = serde_json::to_string(&s).unwrap();
     assert!(json.contains("\"predicted_peak_bytes\""));
-    eprintln!("model {} B, capacity {cap} B, resident {resident} B, streamed/forward {} B", a.total(), a.total() - resident);
+    eprintln!(
+        "model {} B, capacity {cap} B, resident {resident} B, streamed/forward {} B",
+        a.total(),
+        a.total() - resident
+    );
     // Locations: resident blocks are on the device, the rest in the RAM copy.
     let on_device = m.resident_blocks();
     assert!(!on_device.is_empty());
     for key in &a.blocks {
-        let want = if on_device.contains(key) { TensorLocation::Device } else { TensorLocation::Ram };
+        let want = if on_device.contains(key) {
+            TensorLocation::Device
+        } else {
+            TensorLocation::Ram
+        };
         assert_eq!(m.tensor_location(&format!("{key}.weight")), Some(want));
     }
     eprintln!("resident blocks {on_device:?}");
@@ -135,7 +181,12 @@ fn oom_evicts_and_retries() {
     assert_eq!(mb.resident_bytes(), b.total());
     assert_eq!(bits(&forward(&lock, &b).unwrap()), reference(&b));
     assert!(cache.allocator().peak() <= cap);
-    eprintln!("refused {refused}, a resident {} of {}, b resident {}", ma.resident_bytes(), a.total(), mb.resident_bytes());
+    eprintln!(
+        "refused {refused}, a resident {} of {}, b resident {}",
+        ma.resident_bytes(),
+        a.total(),
+        mb.resident_bytes()
+    );
 }
 
 /// An OOM that eviction cannot cure returns OutOfDeviceMemory; the cache stays consistent and usable.
@@ -152,7 +203,11 @@ fn unrecoverable_oom_leaves_cache_consistent() {
     let lock = cache.lock(&mbig, 0).unwrap();
     let err = forward(&lock, &big).unwrap_err();
     match err {
-        Error::OutOfDeviceMemory { needed_bytes, available_bytes, .. } => {
+        Error::OutOfDeviceMemory {
+            needed_bytes,
+            available_bytes,
+            ..
+        } => {
             assert!(needed_bytes > available_bytes);
             eprintln!("OOM needed {needed_bytes} available {available_bytes}");
         }
@@ -175,7 +230,11 @@ fn budget_too_small() {
     let cache = ModelCache::new(config(&format!("emulated:{cap}"), WORK)).unwrap();
     let m = cache.load_model(&a.path, "a").unwrap();
     match cache.lock(&m, 2 * WORK) {
-        Err(Error::BudgetTooSmall { needed_bytes, available_bytes, .. }) => {
+        Err(Error::BudgetTooSmall {
+            needed_bytes,
+            available_bytes,
+            ..
+        }) => {
             assert_eq!(needed_bytes, 2 * WORK + a.max_block());
             assert_eq!(available_bytes, cap);
         }
@@ -184,7 +243,11 @@ fn budget_too_small() {
     }
     let lock = cache.lock(&m, 0).unwrap();
     match cache.reserve(16 * KIB) {
-        Err(Error::BudgetTooSmall { needed_bytes, available_bytes, .. }) => {
+        Err(Error::BudgetTooSmall {
+            needed_bytes,
+            available_bytes,
+            ..
+        }) => {
             assert_eq!(needed_bytes, 16 * KIB);
             assert_eq!(available_bytes, 8 * KIB);
         }
@@ -228,10 +291,16 @@ fn reservation_mid_forward_shrinks_at_next_block() {
         if i == 0 {
             // Holding block 0 (resident, the largest) while the reservation is taken on the other thread.
             tx.send(()).unwrap();
-            let got = done_rx.recv_timeout(Duration::from_secs(10)).expect("reservation returned");
+            let got = done_rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("reservation returned");
             assert_eq!(got, want);
             assert_eq!(m.resident_bytes(), 0, "residency shrank at once");
-            assert_eq!(cache.allocator().retiring(), a.block_bytes[0], "block in use is freed at its boundary");
+            assert_eq!(
+                cache.allocator().retiring(),
+                a.block_bytes[0],
+                "block in use is freed at its boundary"
+            );
         }
         seen.push((m.resident_bytes(), cache.allocator().retiring()));
     })
@@ -268,9 +337,15 @@ fn lru_locks_free_and_unload() {
     );
     drop(cache.lock(&ma, 0).unwrap());
     drop(cache.lock(&mb, 0).unwrap());
-    assert_eq!((ma.resident_bytes(), mb.resident_bytes()), (a.total(), b.total()));
+    assert_eq!(
+        (ma.resident_bytes(), mb.resident_bytes()),
+        (a.total(), b.total())
+    );
     drop(cache.lock(&mc, 0).unwrap());
-    assert!(ma.resident_bytes() < a.total(), "least recently used evicted");
+    assert!(
+        ma.resident_bytes() < a.total(),
+        "least recently used evicted"
+    );
     assert_eq!(mb.resident_bytes(), b.total());
     assert_eq!(mc.resident_bytes(), c.total());
     // Lock b and keep it; lock a: a gets what is left, b stays whole.
@@ -331,11 +406,20 @@ fn no_ram_copy_keeps_host_bytes_bounded() {
     assert_eq!(s.ram.cache_used_bytes, 0);
     assert!(s.ram.staging_peak_bytes > 0);
     assert!(s.ram.staging_peak_bytes <= s.ram.staging_slots as u64 * a.max_block());
-    assert_eq!(m.tensor_location("down_blocks.0.resnets.0.bias").unwrap(), TensorLocation::File);
-    eprintln!("staging peak {} B ({} slots, largest block {} B, model {} B)", s.ram.staging_peak_bytes, s.ram.staging_slots, a.max_block(), a.total());
+    assert_eq!(
+        m.tensor_location("down_blocks.0.resnets.0.bias").unwrap(),
+        TensorLocation::File
+    );
+    eprintln!(
+        "staging peak {} B ({} slots, largest block {} B, model {} B)",
+        s.ram.staging_peak_bytes,
+        s.ram.staging_slots,
+        a.max_block(),
+        a.total()
+    );
     // With the copy: RAM holds the model.
     let c2 = ModelCache::new(config(&format!("emulated:{cap}"), WORK)).unwrap();
-    c2.load_model(&a.path, "a").unwrap();
+    let _kept = c2.load_model(&a.path, "a").unwrap();
     assert_eq!(c2.stats().ram.cache_used_bytes, a.total());
 }
 
@@ -350,9 +434,17 @@ fn corrupt_files_give_format_errors() {
         ("truncated", bytes[..bytes.len() - 100].to_vec()),
         ("header-cut", bytes[..20].to_vec()),
         ("garbage", b"this is not a safetensors file at all".to_vec()),
-        ("huge-header", { let mut v = u64::MAX.to_le_bytes().to_vec(); v.extend_from_slice(&[0; 64]); v }),
+        ("huge-header", {
+            let mut v = u64::MAX.to_le_bytes().to_vec();
+            v.extend_from_slice(&[0; 64]);
+            v
+        }),
         ("empty", Vec::new()),
-        ("bad-json", { let mut v = 10u64.to_le_bytes().to_vec(); v.extend_from_slice(b"{\"a\":[1,2"); v }),
+        ("bad-json", {
+            let mut v = 10u64.to_le_bytes().to_vec();
+            v.extend_from_slice(b"{\"a\":[1,2");
+            v
+        }),
     ];
     for (name, data) in cases {
         let p = dir.path().join(format!("{name}.safetensors"));
@@ -381,7 +473,9 @@ fn runtime_reconfigure() {
     let r = reference(&a);
     // Cap the device cache at the largest block: residency shrinks at once, the forward streams the rest.
     let gib = a.max_block() as f64 / (1u64 << 30) as f64 * 1.5;
-    let log = cache.configure(&format!("max_cache_vram_gb: {gib}")).unwrap();
+    let log = cache
+        .configure(&format!("max_cache_vram_gb: {gib}"))
+        .unwrap();
     assert!(log.iter().any(|l| l.contains("max_cache_vram_gb")));
     let resident = m.resident_bytes();
     assert!(resident < a.total());
@@ -396,11 +490,21 @@ fn runtime_reconfigure() {
     assert_eq!(m.resident_bytes(), 0);
     drop(lock);
     // working memory change applies to the next lock; an impossible one is refused and nothing changes.
-    assert!(matches!(cache.set("device", "cpu"), Err(Error::InvalidArgument(msg)) if msg.contains("device")));
+    assert!(
+        matches!(cache.set("device", "cpu"), Err(Error::InvalidArgument(msg)) if msg.contains("device"))
+    );
     cache.set("vram_state", "auto").unwrap();
     cache.set("device_working_mem_gb", "1").unwrap();
-    assert!(matches!(cache.lock(&m, 0), Err(Error::BudgetTooSmall { .. })));
-    cache.set("device_working_mem_gb", &format!("{}", WORK as f64 / (1u64 << 30) as f64)).unwrap();
+    assert!(matches!(
+        cache.lock(&m, 0),
+        Err(Error::BudgetTooSmall { .. })
+    ));
+    cache
+        .set(
+            "device_working_mem_gb",
+            &format!("{}", WORK as f64 / (1u64 << 30) as f64),
+        )
+        .unwrap();
     let lock = cache.lock(&m, 0).unwrap();
     assert_eq!(lock.working_bytes(), WORK);
     assert_eq!(cache.allocator().refused(), 0);
@@ -432,7 +536,10 @@ fn vram_states_and_smart_memory() {
     cfg.set("enable_partial_loading", "false").unwrap();
     let cache = ModelCache::new(cfg).unwrap();
     let m = cache.load_model(&a.path, "a").unwrap();
-    assert!(matches!(cache.lock(&m, 0), Err(Error::BudgetTooSmall { .. })));
+    assert!(matches!(
+        cache.lock(&m, 0),
+        Err(Error::BudgetTooSmall { .. })
+    ));
 }
 
 /// storage_dtype fp16 with fp32 compute: the cast is accounted in the plan, the result equals the all-resident
@@ -457,5 +564,11 @@ fn storage_dtype_fp16() {
     assert_eq!(cache.allocator().peak(), plan.predicted_peak_bytes);
     assert_eq!(l.bytes_streamed(), m.total_bytes() - m.resident_bytes());
     assert!(m.resident_bytes() > 0 && m.resident_bytes() < m.total_bytes());
-    eprintln!("fp16 storage: resident {} of {}, slot {}, predicted peak {} = measured", m.resident_bytes(), m.total_bytes(), plan.slot_bytes, plan.predicted_peak_bytes);
+    eprintln!(
+        "fp16 storage: resident {} of {}, slot {}, predicted peak {} = measured",
+        m.resident_bytes(),
+        m.total_bytes(),
+        plan.slot_bytes,
+        plan.predicted_peak_bytes
+    );
 }

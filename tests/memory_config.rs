@@ -13,9 +13,15 @@ fn sizes() {
     assert_eq!(parse_size("10kb").unwrap(), 10_000);
     assert_eq!(parse_size("1KiB").unwrap(), 1024);
     for bad in ["", "MiB", "-1GiB", "1.5", "12 parsecs", "1e3"] {
-        assert!(matches!(parse_size(bad), Err(Error::InvalidArgument(_))), "{bad}");
+        assert!(
+            matches!(parse_size(bad), Err(Error::InvalidArgument(_))),
+            "{bad}"
+        );
     }
-    assert_eq!("emulated:512MiB".parse::<DeviceSpec>().unwrap(), DeviceSpec::Emulated(512 << 20));
+    assert_eq!(
+        "emulated:512MiB".parse::<DeviceSpec>().unwrap(),
+        DeviceSpec::Emulated(512 << 20)
+    );
     assert_eq!("cuda:1".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(1));
     assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
     assert!("emulated:0".parse::<DeviceSpec>().is_err());
@@ -36,22 +42,39 @@ fn defaults_and_yaml() {
          storage_dtype: bf16\ncompute_dtype: fp16\ndevice: emulated:256MiB\n",
     )
     .unwrap();
-    assert!(!c.enable_partial_loading && !c.keep_ram_copy_of_weights && !c.smart_memory && !c.pin_memory && !c.async_loading);
+    assert!(
+        !c.enable_partial_loading
+            && !c.keep_ram_copy_of_weights
+            && !c.smart_memory
+            && !c.pin_memory
+            && !c.async_loading
+    );
     assert_eq!(c.max_cache_ram_bytes(), Some(28 << 30));
     assert_eq!(c.max_cache_vram_bytes(), Some(3 << 29));
     assert_eq!(c.cuda_allocator, CudaAllocator::Pool);
     assert_eq!(c.vram_state, VramState::Low);
     assert_eq!(c.reserve_vram_bytes(), 1 << 29);
-    assert_eq!((c.storage_dtype, c.compute_dtype), (DtypeChoice::Bf16, DtypeChoice::Fp16));
+    assert_eq!(
+        (c.storage_dtype, c.compute_dtype),
+        (DtypeChoice::Bf16, DtypeChoice::Fp16)
+    );
     assert_eq!(c.effective_device(), DeviceSpec::Emulated(256 << 20));
     // Forge's working memory alias (MiB).
-    let c = Config::from_yaml_str("forge_inference_memory: 4096\ncuda_allocator: pool_keep").unwrap();
+    let c =
+        Config::from_yaml_str("forge_inference_memory: 4096\ncuda_allocator: pool_keep").unwrap();
     assert_eq!(c.working_mem_bytes(), 4 << 30);
     assert_eq!(c.cuda_allocator, CudaAllocator::PoolKeep);
     // vram_state cpu selects the CPU unless a device is set explicitly.
-    assert_eq!(Config::from_yaml_str("vram_state: cpu").unwrap().effective_device(), DeviceSpec::Cpu);
     assert_eq!(
-        Config::from_yaml_str("vram_state: cpu\ndevice: emulated:1GiB").unwrap().effective_device(),
+        Config::from_yaml_str("vram_state: cpu")
+            .unwrap()
+            .effective_device(),
+        DeviceSpec::Cpu
+    );
+    assert_eq!(
+        Config::from_yaml_str("vram_state: cpu\ndevice: emulated:1GiB")
+            .unwrap()
+            .effective_device(),
         DeviceSpec::Emulated(1 << 30)
     );
     // null/auto clear an optional size.
@@ -75,19 +98,36 @@ fn invalid(r: Result<(), Error>) -> String {
 fn errors_name_key_and_accepted_values() {
     let mut c = Config::default();
     let m = invalid(c.set("vram_state", "medium"));
-    assert!(m.contains("vram_state") && m.contains("auto|high|normal|low|none|cpu") && m.contains("medium"), "{m}");
+    assert!(
+        m.contains("vram_state")
+            && m.contains("auto|high|normal|low|none|cpu")
+            && m.contains("medium"),
+        "{m}"
+    );
     let m = invalid(c.set("enable_partial_loading", "perhaps"));
-    assert!(m.contains("enable_partial_loading") && m.contains("true|false"), "{m}");
+    assert!(
+        m.contains("enable_partial_loading") && m.contains("true|false"),
+        "{m}"
+    );
     let m = invalid(c.set("device_working_mem_gb", "-1"));
-    assert!(m.contains("device_working_mem_gb") && m.contains(">= 0"), "{m}");
+    assert!(
+        m.contains("device_working_mem_gb") && m.contains(">= 0"),
+        "{m}"
+    );
     let m = invalid(c.set("pytorch_cuda_alloc_conf", "backend:native"));
     assert!(m.contains("backend:cudaMallocAsync"), "{m}");
     let m = invalid(c.set("device", "emulated:lots"));
     assert!(m.contains("device") && m.contains("emulated:SIZE"), "{m}");
     let m = invalid(c.set("storage_dtype", "fp8"));
-    assert!(m.contains("storage_dtype") && m.contains("auto|fp32|fp16|bf16"), "{m}");
+    assert!(
+        m.contains("storage_dtype") && m.contains("auto|fp32|fp16|bf16"),
+        "{m}"
+    );
     let m = invalid(c.set("max_cache_vram", "4"));
-    assert!(m.contains("unknown config key `max_cache_vram`") && m.contains("max_cache_vram_gb"), "{m}");
+    assert!(
+        m.contains("unknown config key `max_cache_vram`") && m.contains("max_cache_vram_gb"),
+        "{m}"
+    );
     let m = invalid(c.set("forge_async_loading", "Later"));
     assert!(m.contains("Async|Queue"), "{m}");
     // YAML: an unknown key fails the whole document and nothing changes.

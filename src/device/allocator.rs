@@ -144,7 +144,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 fn map_oom(e: candle_core::Error, device: &str, needed: u64, available: u64) -> Error {
     let msg = e.to_string();
     if msg.contains("OUT_OF_MEMORY") || msg.to_ascii_lowercase().contains("out of memory") {
-        Error::OutOfDeviceMemory { device: device.to_string(), needed_bytes: needed, available_bytes: available }
+        Error::OutOfDeviceMemory {
+            device: device.to_string(),
+            needed_bytes: needed,
+            available_bytes: available,
+        }
     } else {
         Error::Tensor(e)
     }
@@ -223,7 +227,9 @@ impl DeviceAllocator {
 
     /// Capacity minus bytes allocated (None on the CPU).
     pub fn free(&self) -> Option<u64> {
-        self.inner.capacity.map(|c| c.saturating_sub(self.current()))
+        self.inner
+            .capacity
+            .map(|c| c.saturating_sub(self.current()))
     }
 
     /// All counters at once.
@@ -262,7 +268,12 @@ impl DeviceAllocator {
         s.by_kind[kind_index(kind)] += bytes;
         s.peak = s.peak.max(s.current);
         drop(s);
-        Ok(Allocation { inner: self.inner.clone(), bytes, kind, retiring: AtomicBool::new(false) })
+        Ok(Allocation {
+            inner: self.inner.clone(),
+            bytes,
+            kind,
+            retiring: AtomicBool::new(false),
+        })
     }
 
     /// Count bytes used by someone other than the cache (another program on the GPU; on the emulated device, a
@@ -287,9 +298,16 @@ impl DeviceAllocator {
     pub fn mem_info(&self) -> Option<(u64, u64)> {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(d) = &self.inner.device {
-            return d.cuda_stream().context().mem_get_info().ok().map(|(f, t)| (f as u64, t as u64));
+            return d
+                .cuda_stream()
+                .context()
+                .mem_get_info()
+                .ok()
+                .map(|(f, t)| (f as u64, t as u64));
         }
-        self.inner.capacity.map(|c| (c.saturating_sub(self.current()), c))
+        self.inner
+            .capacity
+            .map(|c| (c.saturating_sub(self.current()), c))
     }
 
     /// A device copy of the host tensor `t` (a deep copy on the emulated device, `to_device` on CUDA, shared storage
@@ -299,22 +317,40 @@ impl DeviceAllocator {
         match &self.inner.spec {
             DeviceSpec::Emulated(_) => Ok(t.copy()?),
             DeviceSpec::Cpu | DeviceSpec::Auto => Ok(t.clone()),
-            DeviceSpec::Cuda(_) => t
-                .to_device(&self.inner.device)
-                .map_err(|e| map_oom(e, &self.inner.spec.to_string(), bytes, self.free().unwrap_or(0))),
+            DeviceSpec::Cuda(_) => t.to_device(&self.inner.device).map_err(|e| {
+                map_oom(
+                    e,
+                    &self.inner.spec.to_string(),
+                    bytes,
+                    self.free().unwrap_or(0),
+                )
+            }),
         }
     }
 
     /// A device tensor built from host bytes (`data` in `dtype`, row-major `shape`). The caller accounts the bytes.
     pub fn tensor_from_bytes(&self, data: &[u8], dtype: DType, shape: &[usize]) -> Result<Tensor> {
-        Tensor::from_raw_buffer(data, dtype, shape, &self.inner.device)
-            .map_err(|e| map_oom(e, &self.inner.spec.to_string(), data.len() as u64, self.free().unwrap_or(0)))
+        Tensor::from_raw_buffer(data, dtype, shape, &self.inner.device).map_err(|e| {
+            map_oom(
+                e,
+                &self.inner.spec.to_string(),
+                data.len() as u64,
+                self.free().unwrap_or(0),
+            )
+        })
     }
 
     /// `t` cast to `dtype` on the device (a new tensor unless the dtype already matches). The caller accounts it.
     pub fn cast(&self, t: &Tensor, dtype: DType) -> Result<Tensor> {
         let bytes = (t.elem_count() * dtype.size_in_bytes()) as u64;
-        t.to_dtype(dtype).map_err(|e| map_oom(e, &self.inner.spec.to_string(), bytes, self.free().unwrap_or(0)))
+        t.to_dtype(dtype).map_err(|e| {
+            map_oom(
+                e,
+                &self.inner.spec.to_string(),
+                bytes,
+                self.free().unwrap_or(0),
+            )
+        })
     }
 }
 
@@ -322,7 +358,12 @@ impl DeviceAllocator {
 fn open_cuda(n: usize) -> Result<(Device, Option<u64>)> {
     let device = Device::new_cuda(n)?;
     let total = match &device {
-        Device::Cuda(d) => d.cuda_stream().context().mem_get_info().ok().map(|(_, t)| t as u64),
+        Device::Cuda(d) => d
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(_, t)| t as u64),
         _ => None,
     };
     Ok((device, total))
@@ -330,5 +371,7 @@ fn open_cuda(n: usize) -> Result<(Device, Option<u64>)> {
 
 #[cfg(not(feature = "cuda"))]
 fn open_cuda(n: usize) -> Result<(Device, Option<u64>)> {
-    Err(Error::unsupported(format!("device cuda:{n}: this build has no CUDA support (build with --features cuda)")))
+    Err(Error::unsupported(format!(
+        "device cuda:{n}: this build has no CUDA support (build with --features cuda)"
+    )))
 }

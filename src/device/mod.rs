@@ -33,7 +33,11 @@ impl FromStr for DeviceSpec {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         let t = s.trim();
-        let bad = || Error::invalid(format!("invalid device `{s}`; accepted: auto|cpu|cuda|cuda:N|emulated:SIZE"));
+        let bad = || {
+            Error::invalid(format!(
+                "invalid device `{s}`; accepted: auto|cpu|cuda|cuda:N|emulated:SIZE"
+            ))
+        };
         match t {
             "auto" => return Ok(DeviceSpec::Auto),
             "cpu" => return Ok(DeviceSpec::Cpu),

@@ -18,7 +18,9 @@ use crate::error::{Error, Result};
 use crate::memory::plan::{self, BlockCost, ResidencyPlan};
 use crate::memory::sizing::{self, Sizing};
 use crate::memory::stats::{CacheStats, DeviceStats, ModelStats, PlanStats, RamStats};
-use crate::weights::{BlockInfo, BlockWeights, StagingRing, TensorLocation, WeightSource, WeightStore};
+use crate::weights::{
+    BlockInfo, BlockWeights, StagingRing, TensorLocation, WeightSource, WeightStore,
+};
 
 /// Buffers in the staging ring (reads without a RAM copy): one block being copied, one being filled.
 const STAGING_SLOTS: usize = 2;
@@ -144,14 +146,20 @@ impl ManagedModel {
     }
     /// Bytes resident on the device now.
     pub fn resident_bytes(&self) -> u64 {
-        self.state().resident.values().map(|r| r.alloc.bytes()).sum()
+        self.state()
+            .resident
+            .values()
+            .map(|r| r.alloc.bytes())
+            .sum()
     }
     /// Keys of the blocks resident now.
     pub fn resident_blocks(&self) -> Vec<String> {
         let st = self.state();
         let mut v: Vec<usize> = st.resident.keys().copied().collect();
         v.sort();
-        v.into_iter().map(|i| self.store.blocks()[i].key.clone()).collect()
+        v.into_iter()
+            .map(|i| self.store.blocks()[i].key.clone())
+            .collect()
     }
     /// Number of active locks.
     pub fn lock_count(&self) -> usize {
@@ -179,9 +187,19 @@ impl ManagedModel {
 
     /// Release resident blocks the target no longer holds; returns bytes freed immediately.
     fn release_outside_target(st: &mut ModelState) -> u64 {
-        let Some(target) = st.target.clone() else { return 0 };
-        let drop: Vec<usize> = st.resident.keys().copied().filter(|&b| !target[b]).collect();
-        drop.into_iter().filter_map(|b| st.resident.remove(&b)).map(ResidentBlock::release).sum()
+        let Some(target) = st.target.clone() else {
+            return 0;
+        };
+        let drop: Vec<usize> = st
+            .resident
+            .keys()
+            .copied()
+            .filter(|&b| !target[b])
+            .collect();
+        drop.into_iter()
+            .filter_map(|b| st.resident.remove(&b))
+            .map(ResidentBlock::release)
+            .sum()
     }
 
     /// Release resident blocks, lowest rank first (smallest blocks first), until `want` bytes are released or
@@ -257,7 +275,11 @@ impl Drop for Reservation {
 }
 
 fn resolve_compute(config: &Config, alloc: &DeviceAllocator) -> DType {
-    config.compute_dtype.dtype().unwrap_or(if alloc.is_cuda() { DType::F16 } else { DType::F32 })
+    config.compute_dtype.dtype().unwrap_or(if alloc.is_cuda() {
+        DType::F16
+    } else {
+        DType::F32
+    })
 }
 
 impl Shared {
@@ -272,7 +294,11 @@ impl Shared {
         let external = if self.alloc.is_cuda() {
             self.alloc
                 .mem_info()
-                .map(|(free, total)| total.saturating_sub(free).saturating_sub(self.alloc.current()))
+                .map(|(free, total)| {
+                    total
+                        .saturating_sub(free)
+                        .saturating_sub(self.alloc.current())
+                })
                 .unwrap_or(0)
         } else {
             self.alloc.used(AllocKind::External)
@@ -288,9 +314,14 @@ impl Shared {
         let phys = self.avail_phys(inner);
         let cap = cfg.max_cache_vram_bytes();
         let state = cfg.vram_state;
-        let partial_ok = cfg.enable_partial_loading || matches!(state, VramState::Low | VramState::None);
+        let partial_ok =
+            cfg.enable_partial_loading || matches!(state, VramState::Low | VramState::None);
         let min_of = |m: &Arc<ManagedModel>| {
-            if partial_ok { plan::min_need(&m.costs) } else { plan::whole_need(&m.costs) }
+            if partial_ok {
+                plan::min_need(&m.costs)
+            } else {
+                plan::whole_need(&m.costs)
+            }
         };
         // One entry per locked model (a model locked twice is planned once; its working memories add up).
         let mut order: Vec<(Arc<ManagedModel>, u64)> = Vec::new();
@@ -306,13 +337,19 @@ impl Shared {
             (None, Some(p)) => {
                 let need: u64 = mins.iter().sum::<u64>() + works.iter().sum::<u64>();
                 if need > p {
-                    return Err(Infeasible { needed: need, available: p });
+                    return Err(Infeasible {
+                        needed: need,
+                        available: p,
+                    });
                 }
             }
             (Some(c), _) => {
                 let need: u64 = mins.iter().sum();
                 if need > c {
-                    return Err(Infeasible { needed: need, available: c });
+                    return Err(Infeasible {
+                        needed: need,
+                        available: c,
+                    });
                 }
             }
             (None, None) => {}
@@ -324,7 +361,9 @@ impl Shared {
             let later_work: u64 = works[k + 1..].iter().sum();
             let budget = match (cap, phys) {
                 (None, None) => u64::MAX,
-                (None, Some(p)) => p.saturating_sub(used_w + used_work + later_min + later_work + work),
+                (None, Some(p)) => {
+                    p.saturating_sub(used_w + used_work + later_min + later_work + work)
+                }
                 // The cap takes precedence over working memory: plan up to it, bounded only by what the device
                 // holds besides the other locks; the working memory then comes out of residency on refusal.
                 (Some(c), p) => {
@@ -334,7 +373,9 @@ impl Shared {
             };
             let costs = &m.costs;
             let p = match state {
-                VramState::None => (plan::min_need(costs) <= budget).then(|| plan::stream_all(costs, budget)),
+                VramState::None => {
+                    (plan::min_need(costs) <= budget).then(|| plan::stream_all(costs, budget))
+                }
                 VramState::High | VramState::Normal => {
                     if plan::whole_need(costs) <= budget {
                         Some(plan::whole(costs, budget))
@@ -349,7 +390,10 @@ impl Shared {
             };
             let Some(p) = p else {
                 let own = min_of(m) + work;
-                return Err(Infeasible { needed: own, available: budget + work });
+                return Err(Infeasible {
+                    needed: own,
+                    available: budget + work,
+                });
             };
             used_w += p.resident_bytes + p.slot_bytes;
             used_work += work;
@@ -397,15 +441,18 @@ impl Shared {
         let reserved: u64 = inner.reservations.iter().map(|r| r.1).sum();
         let external = self.alloc.used(AllocKind::External);
         let peak = used_w + used_work + total + reserved + external;
-        inner.plan = order.last().zip(plans.last()).map(|((m, work), p)| PlanStats {
-            model: m.name.clone(),
-            budget_bytes: p.budget_bytes,
-            resident_bytes: p.resident_bytes,
-            slot_bytes: p.slot_bytes,
-            working_bytes: *work,
-            streamed_bytes_per_forward: p.streamed_bytes_per_forward,
-            predicted_peak_bytes: peak,
-        });
+        inner.plan = order
+            .last()
+            .zip(plans.last())
+            .map(|((m, work), p)| PlanStats {
+                model: m.name.clone(),
+                budget_bytes: p.budget_bytes,
+                resident_bytes: p.resident_bytes,
+                slot_bytes: p.slot_bytes,
+                working_bytes: *work,
+                streamed_bytes_per_forward: p.streamed_bytes_per_forward,
+                predicted_peak_bytes: peak,
+            });
         Ok(())
     }
 
@@ -442,7 +489,10 @@ impl Shared {
                     if now >= want {
                         break;
                     }
-                    let free_now = st.resident.get(&b).is_some_and(|r| Arc::strong_count(&r.alloc) == 1);
+                    let free_now = st
+                        .resident
+                        .get(&b)
+                        .is_some_and(|r| Arc::strong_count(&r.alloc) == 1);
                     if free_now {
                         let rb = st.resident.remove(&b).expect("present");
                         total += rb.alloc.bytes();
@@ -455,9 +505,21 @@ impl Shared {
                 let target = st.target.clone();
                 if let (Some(t), Some(p)) = (target, st.plan.as_mut()) {
                     p.resident = t;
-                    p.resident_bytes = m.costs.iter().zip(&p.resident).filter(|(_, r)| **r).map(|(c, _)| c.bytes).sum();
+                    p.resident_bytes = m
+                        .costs
+                        .iter()
+                        .zip(&p.resident)
+                        .filter(|(_, r)| **r)
+                        .map(|(c, _)| c.bytes)
+                        .sum();
                     p.streamed_bytes_per_forward = m.store.total_bytes() - p.resident_bytes;
-                    p.slot_bytes = m.costs.iter().zip(&p.resident).map(|(c, r)| if *r { c.cast } else { c.lease_streamed() }).max().unwrap_or(0);
+                    p.slot_bytes = m
+                        .costs
+                        .iter()
+                        .zip(&p.resident)
+                        .map(|(c, r)| if *r { c.cast } else { c.lease_streamed() })
+                        .max()
+                        .unwrap_or(0);
                 }
             }
         }
@@ -488,7 +550,10 @@ impl Shared {
                         continue;
                     }
                     let pending = self.alloc.retiring()
-                        + self.alloc.used(AllocKind::Streaming).saturating_sub(own_inflight);
+                        + self
+                            .alloc
+                            .used(AllocKind::Streaming)
+                            .saturating_sub(own_inflight);
                     let in_time = wait.is_none_or(|w| start.elapsed() < w);
                     if free + pending >= bytes && pending > 0 && in_time {
                         self.alloc.wait_for_free(Duration::from_millis(20));
@@ -549,7 +614,9 @@ impl Shared {
         let todo: Vec<usize> = {
             let st = m.state();
             match &st.target {
-                Some(t) => (0..t.len()).filter(|&b| t[b] && !st.resident.contains_key(&b)).collect(),
+                Some(t) => (0..t.len())
+                    .filter(|&b| t[b] && !st.resident.contains_key(&b))
+                    .collect(),
                 None => Vec::new(),
             }
         };
@@ -562,7 +629,13 @@ impl Shared {
                 Ok(a) => {
                     let tensors = m.store.block_to_device(b, &self.alloc, &self.staging)?;
                     let mut st = m.state();
-                    st.resident.insert(b, ResidentBlock { tensors, alloc: Arc::new(a) });
+                    st.resident.insert(
+                        b,
+                        ResidentBlock {
+                            tensors,
+                            alloc: Arc::new(a),
+                        },
+                    );
                     st.loaded += bytes;
                     self.loaded.fetch_add(bytes, Ordering::Relaxed);
                     counter.fetch_add(bytes, Ordering::Relaxed);
@@ -692,14 +765,25 @@ impl ModelCache {
         let sh = &self.shared;
         let mut inner = sh.inner();
         let canon = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
-        if let Some(m) = inner.live_models().into_iter().find(|m| m.name == name && m.store.path() == canon.as_path()) {
+        if let Some(m) = inner
+            .live_models()
+            .into_iter()
+            .find(|m| m.name == name && m.store.path() == canon.as_path())
+        {
             sh.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(m);
         }
         let storage = inner.config.storage_dtype.dtype();
         let compute = resolve_compute(&inner.config, &sh.alloc);
         let store = WeightStore::open(&canon, storage, compute)?;
-        let costs = store.blocks().iter().map(|b| BlockCost { bytes: b.storage_bytes, cast: b.cast_bytes }).collect();
+        let costs = store
+            .blocks()
+            .iter()
+            .map(|b| BlockCost {
+                bytes: b.storage_bytes,
+                cast: b.cast_bytes,
+            })
+            .collect();
         let id = inner.id();
         inner.clock += 1;
         let m = Arc::new(ManagedModel {
@@ -707,7 +791,10 @@ impl ModelCache {
             name: name.to_string(),
             store,
             costs,
-            state: Mutex::new(ModelState { last_used: inner.clock, ..Default::default() }),
+            state: Mutex::new(ModelState {
+                last_used: inner.clock,
+                ..Default::default()
+            }),
         });
         sh.misses.fetch_add(1, Ordering::Relaxed);
         sh.ensure_ram(&mut inner, &m)?;
@@ -733,7 +820,11 @@ impl ModelCache {
                 st.last_used = clock;
                 !st.resident.is_empty()
             };
-            inner.locks.push(LockRec { id, model: model.clone(), working });
+            inner.locks.push(LockRec {
+                id,
+                model: model.clone(),
+                working,
+            });
             let failure: Option<Error> = match sh.rebalance(&mut inner) {
                 Err(e) => {
                     let own = working
@@ -751,7 +842,11 @@ impl ModelCache {
                 }
                 Ok(()) => match sh.ensure_ram(&mut inner, model) {
                     Ok(ram_hit) => {
-                        let c = if ram_hit || was_resident { &sh.hits } else { &sh.misses };
+                        let c = if ram_hit || was_resident {
+                            &sh.hits
+                        } else {
+                            &sh.misses
+                        };
                         c.fetch_add(1, Ordering::Relaxed);
                         None
                     }
@@ -784,7 +879,13 @@ impl ModelCache {
             loaded: AtomicU64::new(0),
         };
         // Dropping `lk` on an error below unregisters the lock.
-        lk.working = Some(sh.alloc_for(working, AllocKind::Working, Some(model.as_ref()), Some(WAIT_LIMIT), 0)?);
+        lk.working = Some(sh.alloc_for(
+            working,
+            AllocKind::Working,
+            Some(model.as_ref()),
+            Some(WAIT_LIMIT),
+            0,
+        )?);
         sh.fill_target(model, &lk.loaded)?;
         Ok(lk)
     }
@@ -808,7 +909,12 @@ impl ModelCache {
                 .live_models()
                 .iter()
                 .filter(|m| m.state().locks > 0)
-                .map(|m| m.state().plan.as_ref().map_or(0, |p| p.resident_bytes + p.slot_bytes))
+                .map(|m| {
+                    m.state()
+                        .plan
+                        .as_ref()
+                        .map_or(0, |p| p.resident_bytes + p.slot_bytes)
+                })
                 .sum::<u64>()
                 + inner.locks.iter().map(|l| l.working).sum::<u64>();
             let room = match (cap, phys) {
@@ -817,7 +923,13 @@ impl ModelCache {
                 (Some(c), p) => p.map_or(c, |p| p.min(c)).saturating_sub(locked),
             };
             let keep = plan::keep_within(&model.costs, max_bytes.min(room));
-            let keep_bytes: u64 = model.costs.iter().zip(&keep).filter(|(_, k)| **k).map(|(c, _)| c.bytes).sum();
+            let keep_bytes: u64 = model
+                .costs
+                .iter()
+                .zip(&keep)
+                .filter(|(_, k)| **k)
+                .map(|(c, _)| c.bytes)
+                .sum();
             let mut others: Vec<Arc<ManagedModel>> = inner
                 .live_models()
                 .into_iter()
@@ -871,13 +983,21 @@ impl ModelCache {
             }
             id
         };
-        let mut res = Reservation { shared: sh.clone(), id, alloc: None };
+        let mut res = Reservation {
+            shared: sh.clone(),
+            id,
+            alloc: None,
+        };
         match sh.alloc_for(bytes, AllocKind::Reservation, None, None, 0) {
             Ok(a) => {
                 res.alloc = Some(a);
                 Ok(res)
             }
-            Err(Error::OutOfDeviceMemory { needed_bytes, available_bytes, .. }) => Err(Error::BudgetTooSmall {
+            Err(Error::OutOfDeviceMemory {
+                needed_bytes,
+                available_bytes,
+                ..
+            }) => Err(Error::BudgetTooSmall {
                 what: "reservation".into(),
                 needed_bytes,
                 available_bytes,
@@ -890,7 +1010,11 @@ impl ModelCache {
     /// ComfyUI's `/free`; `u64::MAX` frees all it can. Returns the bytes released. Locked models are untouched.
     pub fn free_memory(&self, bytes: u64) -> u64 {
         let mut inner = self.shared.inner();
-        let mut models: Vec<Arc<ManagedModel>> = inner.live_models().into_iter().filter(|m| m.state().locks == 0).collect();
+        let mut models: Vec<Arc<ManagedModel>> = inner
+            .live_models()
+            .into_iter()
+            .filter(|m| m.state().locks == 0)
+            .collect();
         models.sort_by_key(|m| m.state().last_used);
         let mut released = 0;
         for m in models {
@@ -947,7 +1071,11 @@ impl ModelCache {
             })
             .collect();
         CacheStats {
-            device: DeviceStats { free_bytes: sh.alloc.free(), used_by_cache_bytes: usage.weights_bytes, usage },
+            device: DeviceStats {
+                free_bytes: sh.alloc.free(),
+                used_by_cache_bytes: usage.weights_bytes,
+                usage,
+            },
             ram: RamStats {
                 cache_used_bytes: mstats.iter().map(|m| m.ram_bytes).sum(),
                 cache_limit_bytes: inner.sizing.ram_limit_bytes,
@@ -993,15 +1121,31 @@ impl ModelLock {
         let dt = self.model.store.compute_dtype();
         tensors
             .into_iter()
-            .map(|(k, t)| if t.dtype() == dt { Ok((k, t)) } else { self.shared.alloc.cast(&t, dt).map(|t| (k, t)) })
+            .map(|(k, t)| {
+                if t.dtype() == dt {
+                    Ok((k, t))
+                } else {
+                    self.shared.alloc.cast(&t, dt).map(|t| (k, t))
+                }
+            })
             .collect()
     }
 
     fn stream_alloc(&self, bytes: u64) -> Result<StreamLease> {
         let own = self.inflight.load(Ordering::SeqCst);
-        let a = self.shared.alloc_for(bytes, AllocKind::Streaming, Some(self.model.as_ref()), Some(WAIT_LIMIT), own)?;
+        let a = self.shared.alloc_for(
+            bytes,
+            AllocKind::Streaming,
+            Some(self.model.as_ref()),
+            Some(WAIT_LIMIT),
+            own,
+        )?;
         self.inflight.fetch_add(bytes, Ordering::SeqCst);
-        Ok(StreamLease { _alloc: a, bytes, inflight: self.inflight.clone() })
+        Ok(StreamLease {
+            _alloc: a,
+            bytes,
+            inflight: self.inflight.clone(),
+        })
     }
 }
 
@@ -1018,7 +1162,10 @@ impl WeightSource for ModelLock {
         let cost = m.costs[b];
         let (res, planned) = {
             let st = m.state();
-            let res = st.resident.get(&b).map(|r| (r.tensors.clone(), r.alloc.clone()));
+            let res = st
+                .resident
+                .get(&b)
+                .map(|r| (r.tensors.clone(), r.alloc.clone()));
             (res, st.target.as_ref().is_some_and(|t| t[b]))
         };
         if let Some((tensors, a)) = res {
@@ -1026,7 +1173,11 @@ impl WeightSource for ModelLock {
                 return Ok(BlockWeights::new(block, tensors, Some(Box::new(a))));
             }
             let lease = self.stream_alloc(cost.cast)?;
-            return Ok(BlockWeights::new(block, self.cast_all(tensors)?, Some(Box::new((a, lease)))));
+            return Ok(BlockWeights::new(
+                block,
+                self.cast_all(tensors)?,
+                Some(Box::new((a, lease))),
+            ));
         }
         let sh = &self.shared;
         if planned && sh.alloc.free().is_none_or(|f| f >= cost.bytes) {
@@ -1036,7 +1187,13 @@ impl WeightSource for ModelLock {
                 {
                     let mut st = m.state();
                     if st.target.as_ref().is_some_and(|t| t[b]) && !st.resident.contains_key(&b) {
-                        st.resident.insert(b, ResidentBlock { tensors: tensors.clone(), alloc: a.clone() });
+                        st.resident.insert(
+                            b,
+                            ResidentBlock {
+                                tensors: tensors.clone(),
+                                alloc: a.clone(),
+                            },
+                        );
                         st.loaded += cost.bytes;
                     }
                 }
@@ -1046,7 +1203,11 @@ impl WeightSource for ModelLock {
                     return Ok(BlockWeights::new(block, tensors, Some(Box::new(a))));
                 }
                 let lease = self.stream_alloc(cost.cast)?;
-                return Ok(BlockWeights::new(block, self.cast_all(tensors)?, Some(Box::new((a, lease)))));
+                return Ok(BlockWeights::new(
+                    block,
+                    self.cast_all(tensors)?,
+                    Some(Box::new((a, lease))),
+                ));
             }
         }
         let lease = self.stream_alloc(cost.lease_streamed())?;

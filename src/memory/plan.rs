@@ -53,14 +53,25 @@ pub fn rank(blocks: &[BlockCost]) -> Vec<usize> {
 
 fn finish(blocks: &[BlockCost], resident: Vec<bool>, budget: u64) -> ResidencyPlan {
     let total: u64 = blocks.iter().map(|b| b.bytes).sum();
-    let resident_bytes: u64 = blocks.iter().zip(&resident).filter(|(_, r)| **r).map(|(b, _)| b.bytes).sum();
+    let resident_bytes: u64 = blocks
+        .iter()
+        .zip(&resident)
+        .filter(|(_, r)| **r)
+        .map(|(b, _)| b.bytes)
+        .sum();
     let slot_bytes = blocks
         .iter()
         .zip(&resident)
         .map(|(b, r)| if *r { b.cast } else { b.lease_streamed() })
         .max()
         .unwrap_or(0);
-    ResidencyPlan { resident, resident_bytes, slot_bytes, streamed_bytes_per_forward: total - resident_bytes, budget_bytes: budget }
+    ResidencyPlan {
+        resident,
+        resident_bytes,
+        slot_bytes,
+        streamed_bytes_per_forward: total - resident_bytes,
+        budget_bytes: budget,
+    }
 }
 
 /// Everything streamed (nothing resident).
@@ -131,7 +142,9 @@ mod tests {
     use super::*;
 
     fn costs(b: &[u64]) -> Vec<BlockCost> {
-        b.iter().map(|&bytes| BlockCost { bytes, cast: 0 }).collect()
+        b.iter()
+            .map(|&bytes| BlockCost { bytes, cast: 0 })
+            .collect()
     }
 
     #[test]
@@ -145,7 +158,10 @@ mod tests {
         assert_eq!(p.resident, vec![false, true, false, false]);
         assert_eq!(p.slot_bytes, 30);
         let p = partial(&c, 99).unwrap();
-        assert_eq!((p.resident_bytes, p.slot_bytes, p.streamed_bytes_per_forward), (70, 20, 30));
+        assert_eq!(
+            (p.resident_bytes, p.slot_bytes, p.streamed_bytes_per_forward),
+            (70, 20, 30)
+        );
         let p = partial(&c, 100).unwrap();
         assert_eq!((p.resident_bytes, p.slot_bytes), (100, 0));
         assert_eq!(partial(&c, 1000).unwrap().slot_bytes, 0);

@@ -50,7 +50,10 @@ pub fn compute(config: &Config, alloc: &DeviceAllocator) -> Sizing {
             let ram = host_ram_bytes();
             let half = (ram / 2).saturating_sub(2 * GIB);
             let (cap, why) = match (alloc.is_cuda(), alloc.capacity()) {
-                (true, Some(vram)) => (vram.saturating_sub(working), format!("VRAM {} − working memory {}", gib(vram), gib(working))),
+                (true, Some(vram)) => (
+                    vram.saturating_sub(working),
+                    format!("VRAM {} − working memory {}", gib(vram), gib(working)),
+                ),
                 _ => (32 * GIB, "32 GiB (no CUDA device)".to_string()),
             };
             let mut size = half.min(cap);
@@ -86,6 +89,14 @@ pub fn compute(config: &Config, alloc: &DeviceAllocator) -> Sizing {
         )),
         (None, None) => log.push("device cache: unbounded (CPU device)".to_string()),
     }
-    log.push(format!("working memory: {} per operation (device_working_mem_gb)", gib(working)));
-    Sizing { ram_limit_bytes: ram_limit, vram_cap_bytes: vram_cap, working_mem_bytes: working, log }
+    log.push(format!(
+        "working memory: {} per operation (device_working_mem_gb)",
+        gib(working)
+    ));
+    Sizing {
+        ram_limit_bytes: ram_limit,
+        vram_cap_bytes: vram_cap,
+        working_mem_bytes: working,
+        log,
+    }
 }

@@ -93,7 +93,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl StagingRing {
     /// A ring of `slots` buffers (grown on demand to the largest block read).
     pub fn new(slots: usize) -> Arc<Self> {
-        Arc::new(Self { slots: slots.max(1), state: Mutex::new(RingState::default()), cv: Condvar::new() })
+        Arc::new(Self {
+            slots: slots.max(1),
+            state: Mutex::new(RingState::default()),
+            cv: Condvar::new(),
+        })
     }
     /// Number of buffers.
     pub fn slots(&self) -> usize {
@@ -119,7 +123,10 @@ impl StagingRing {
                 buf.resize(len, 0);
                 s.bytes += (buf.capacity() - before) as u64;
                 s.peak = s.peak.max(s.bytes);
-                return StagingSlot { ring: self.clone(), buf: Some(buf) };
+                return StagingSlot {
+                    ring: self.clone(),
+                    buf: Some(buf),
+                };
             }
             if s.out + s.free.len() < self.slots {
                 s.free.push(Vec::new());
@@ -163,7 +170,9 @@ fn dtype_of(d: safetensors::Dtype, name: &str) -> Result<DType> {
         safetensors::Dtype::F32 => Ok(DType::F32),
         safetensors::Dtype::F16 => Ok(DType::F16),
         safetensors::Dtype::BF16 => Ok(DType::BF16),
-        other => Err(Error::unsupported(format!("tensor {name}: dtype {other:?} (supported: F32, F16, BF16)"))),
+        other => Err(Error::unsupported(format!(
+            "tensor {name}: dtype {other:?} (supported: F32, F16, BF16)"
+        ))),
     }
 }
 
@@ -176,7 +185,9 @@ fn convert_into(src: &[u8], from: DType, to: DType, dst: &mut [u8]) {
     let read = |i: usize| -> f32 {
         match from {
             DType::F32 => f32::from_le_bytes(src[4 * i..4 * i + 4].try_into().unwrap()),
-            DType::F16 => half::f16::from_bits(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])).to_f32(),
+            DType::F16 => {
+                half::f16::from_bits(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])).to_f32()
+            }
             _ => half::bf16::from_bits(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])).to_f32(),
         }
     };
@@ -185,8 +196,10 @@ fn convert_into(src: &[u8], from: DType, to: DType, dst: &mut [u8]) {
         let x = read(i);
         match to {
             DType::F32 => dst[4 * i..4 * i + 4].copy_from_slice(&x.to_le_bytes()),
-            DType::F16 => dst[2 * i..2 * i + 2].copy_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes()),
-            _ => dst[2 * i..2 * i + 2].copy_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes()),
+            DType::F16 => dst[2 * i..2 * i + 2]
+                .copy_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes()),
+            _ => dst[2 * i..2 * i + 2]
+                .copy_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes()),
         }
     }
 }
@@ -198,7 +211,10 @@ impl WeightStore {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len < 8 {
-            return Err(Error::format(format!("{}: {len} bytes, too small for a safetensors header", path.display())));
+            return Err(Error::format(format!(
+                "{}: {len} bytes, too small for a safetensors header",
+                path.display()
+            )));
         }
         // SAFETY: the file is opened read-only; like every mmap-based loader we rely on it not being truncated
         // while mapped (documented for hosts).
@@ -212,9 +228,19 @@ impl WeightStore {
             let data = view.data();
             let expect = view.shape().iter().product::<usize>() * dt.size_in_bytes();
             if data.len() != expect {
-                return Err(Error::format(format!("{}: tensor {name} has {} bytes, expected {expect}", path.display(), data.len())));
+                return Err(Error::format(format!(
+                    "{}: tensor {name} has {} bytes, expected {expect}",
+                    path.display(),
+                    data.len()
+                )));
             }
-            raw.push((name, dt, view.shape().to_vec(), data.as_ptr() as usize - base, data.len()));
+            raw.push((
+                name,
+                dt,
+                view.shape().to_vec(),
+                data.as_ptr() as usize - base,
+                data.len(),
+            ));
         }
         drop(st);
         raw.sort_by_key(|r| r.3);
@@ -223,13 +249,31 @@ impl WeightStore {
         let mut index = HashMap::new();
         for (name, file_dtype, shape, offset, len) in raw {
             let key = block_key(&name).to_string();
-            let rel_name = name.strip_prefix(&key).map(|r| r.trim_start_matches('.')).unwrap_or(&name).to_string();
+            let rel_name = name
+                .strip_prefix(&key)
+                .map(|r| r.trim_start_matches('.'))
+                .unwrap_or(&name)
+                .to_string();
             let block = *index.entry(key.clone()).or_insert_with(|| {
-                blocks.push(BlockInfo { key, tensors: Vec::new(), storage_bytes: 0, cast_bytes: 0 });
+                blocks.push(BlockInfo {
+                    key,
+                    tensors: Vec::new(),
+                    storage_bytes: 0,
+                    cast_bytes: 0,
+                });
                 blocks.len() - 1
             });
             let storage_dtype = storage.unwrap_or(file_dtype);
-            let info = TensorInfo { name, rel_name, block, file_dtype, storage_dtype, shape, offset, len };
+            let info = TensorInfo {
+                name,
+                rel_name,
+                block,
+                file_dtype,
+                storage_dtype,
+                shape,
+                offset,
+                len,
+            };
             let b = &mut blocks[block];
             b.storage_bytes += info.storage_bytes();
             if storage_dtype != compute {
@@ -238,7 +282,15 @@ impl WeightStore {
             b.tensors.push(tensors.len());
             tensors.push(info);
         }
-        Ok(Self { path: path.to_path_buf(), mmap, tensors, blocks, index, compute_dtype: compute, ram: Mutex::new(None) })
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            tensors,
+            blocks,
+            index,
+            compute_dtype: compute,
+            ram: Mutex::new(None),
+        })
     }
 
     /// The file.
@@ -276,7 +328,11 @@ impl WeightStore {
     }
     /// Bytes of the RAM copy (0 without one).
     pub fn ram_bytes(&self) -> u64 {
-        if self.has_ram_copy() { self.total_bytes() } else { 0 }
+        if self.has_ram_copy() {
+            self.total_bytes()
+        } else {
+            0
+        }
     }
 
     /// Read every tensor into a RAM copy in the storage dtype (no-op if held). Returns the bytes read.
@@ -291,8 +347,16 @@ impl WeightStore {
             for &ti in &b.tensors {
                 let t = &self.tensors[ti];
                 buf.resize(t.storage_bytes() as usize, 0);
-                convert_into(&self.mmap[t.offset..t.offset + t.len], t.file_dtype, t.storage_dtype, &mut buf);
-                m.insert(t.rel_name.clone(), Tensor::from_raw_buffer(&buf, t.storage_dtype, &t.shape, &Device::Cpu)?);
+                convert_into(
+                    &self.mmap[t.offset..t.offset + t.len],
+                    t.file_dtype,
+                    t.storage_dtype,
+                    &mut buf,
+                );
+                m.insert(
+                    t.rel_name.clone(),
+                    Tensor::from_raw_buffer(&buf, t.storage_dtype, &t.shape, &Device::Cpu)?,
+                );
             }
             copy.push(m);
         }
@@ -303,12 +367,21 @@ impl WeightStore {
     /// Drop the RAM copy; returns the bytes released.
     pub fn drop_ram_copy(&self) -> u64 {
         let had = lock(&self.ram).take().is_some();
-        if had { self.total_bytes() } else { 0 }
+        if had {
+            self.total_bytes()
+        } else {
+            0
+        }
     }
 
     /// Copy block `b` to the device of `alloc` in the storage dtype: from the RAM copy when held, else from the
     /// mapping through `ring`. The caller has already accounted the bytes with the allocator.
-    pub fn block_to_device(&self, b: usize, alloc: &DeviceAllocator, ring: &Arc<StagingRing>) -> Result<HashMap<String, Tensor>> {
+    pub fn block_to_device(
+        &self,
+        b: usize,
+        alloc: &DeviceAllocator,
+        ring: &Arc<StagingRing>,
+    ) -> Result<HashMap<String, Tensor>> {
         let block = &self.blocks[b];
         let ram = lock(&self.ram).clone();
         let mut out = HashMap::with_capacity(block.tensors.len());
@@ -325,13 +398,21 @@ impl WeightStore {
         for &ti in &block.tensors {
             let t = &self.tensors[ti];
             let n = t.storage_bytes() as usize;
-            convert_into(&self.mmap[t.offset..t.offset + t.len], t.file_dtype, t.storage_dtype, &mut buf[at..at + n]);
+            convert_into(
+                &self.mmap[t.offset..t.offset + t.len],
+                t.file_dtype,
+                t.storage_dtype,
+                &mut buf[at..at + n],
+            );
             spans.push((ti, at, n));
             at += n;
         }
         for (ti, at, n) in spans {
             let t = &self.tensors[ti];
-            out.insert(t.rel_name.clone(), alloc.tensor_from_bytes(&buf[at..at + n], t.storage_dtype, &t.shape)?);
+            out.insert(
+                t.rel_name.clone(),
+                alloc.tensor_from_bytes(&buf[at..at + n], t.storage_dtype, &t.shape)?,
+            );
         }
         Ok(out)
     }

@@ -181,7 +181,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
             (b, (h, w))
         }
         None => {
-            let default_px = cfg.sample_size * 8;
+            let default_px = cfg.sample_size.unwrap_or(64) * 8;
             let (w, h) = (args.width.unwrap_or(default_px), args.height.unwrap_or(default_px));
             if w % 8 != 0 || h % 8 != 0 || w == 0 || h == 0 {
                 return Err(Error::invalid(format!("--width {w} --height {h}: both must be positive multiples of 8")));

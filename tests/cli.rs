@@ -1,0 +1,111 @@
+//! The `lowvram` command line as scripts drive it.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use candle_core::Device;
+
+fn lowvram() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lowvram"))
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn out_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lowvram-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn generate_with_inputs_matches_diffusers_and_reports_json() {
+    let dir = out_dir("gen");
+    let inputs = repo().join("tests/fixtures/tiny-sd/sample_dpmpp_2m_karras.safetensors");
+    let out = lowvram()
+        .args(["generate", "--scheduler", "dpmpp_2m", "--karras", "--steps", "8", "--guidance", "7.5"])
+        .args(["--device", "emulated:64MiB", "--vram-budget", "1MiB", "--json"])
+        .arg("--config")
+        .arg(repo().join("tests/data/small-working-memory.yaml"))
+        .arg("--inputs")
+        .arg(&inputs)
+        .arg("--out")
+        .arg(dir.join("img.png"))
+        .arg("--latents-out")
+        .arg(dir.join("latents.safetensors"))
+        .arg("--image-raw-out")
+        .arg(dir.join("image.safetensors"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    let model_bytes = report["model_bytes"].as_u64().unwrap();
+    let streamed = report["bytes_streamed"].as_u64().unwrap();
+    assert!(streamed > 0 && report["resident_bytes"].as_u64().unwrap() <= 1 << 20, "{report}");
+    assert!(report["peak_device_bytes"].as_u64().unwrap() <= 64 << 20);
+    assert_eq!(report["timings_ms"]["steps"].as_array().unwrap().len(), 8);
+    assert!(model_bytes > 2_000_000);
+
+    let reference = candle_core::safetensors::load(&inputs, &Device::Cpu).unwrap();
+    let got = candle_core::safetensors::load(dir.join("latents.safetensors"), &Device::Cpu).unwrap();
+    let image = candle_core::safetensors::load(dir.join("image.safetensors"), &Device::Cpu).unwrap();
+    let err = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    };
+    assert!(err(&got["latents"], &reference["latents"]) <= 1e-3);
+    assert!(err(&image["image"], &reference["image"]) <= 1e-3);
+    let png = std::fs::read(dir.join("img.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+
+    // decode the saved latents again with the decode command: same image
+    let out = lowvram()
+        .arg("decode")
+        .arg("--model")
+        .arg(repo().join("models/tiny-sd"))
+        .arg("--latents")
+        .arg(dir.join("latents.safetensors"))
+        .arg("--out")
+        .arg(dir.join("decoded.png"))
+        .arg("--image-raw-out")
+        .arg(dir.join("decoded.safetensors"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let decoded = candle_core::safetensors::load(dir.join("decoded.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(err(&decoded["image"], &image["image"]), 0.0);
+}
+
+#[test]
+fn bad_arguments_fail_with_a_message() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["generate", "--out", "x.png", "--scheduler", "heun"], "accepted: euler, euler_a, ddim, dpmpp_2m"),
+        (&["generate", "--out", "x.png", "--device", "tpu:0"], "device"),
+        (&["generate", "--out", "x.png", "--vram-budget", "lots"], "--vram-budget lots"),
+        (&["generate", "--out", "x.png", "--width", "100"], "multiples of 8"),
+        (&["generate", "--out", "x.png", "--model", "/nonexistent"], "/nonexistent"),
+    ];
+    for (args, needle) in cases {
+        let out = lowvram().args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(stderr.contains(needle), "{args:?}: stderr lacks {needle:?}: {stderr}");
+    }
+    let out = lowvram().args(["generate"]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--out"));
+}
+
+#[test]
+fn system_stats_json_has_the_documented_shape() {
+    let out = lowvram().args(["system-stats", "--json"]).output().unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["ram"]["total_bytes"].as_u64().unwrap() > 0);
+    assert!(v["ram"]["free_bytes"].as_u64().is_some());
+    assert!(v["devices"].is_array());
+    let available = v["cuda"]["available"].as_bool().unwrap();
+    assert!(available || !v["cuda"]["reason"].as_str().unwrap().is_empty());
+    if !available {
+        assert_eq!(v["devices"].as_array().unwrap().len(), 0);
+    }
+}
