@@ -22,7 +22,8 @@
 //!
 //! Each timed workload: `--warmup` runs (default 1), then `--repeats` runs (default 3): median/min/max ms and every
 //! run. Peak RSS: `VmHWM` from /proc/self/status, reset per workload through /proc/self/clear_refs where the kernel
-//! allows (process peak kept across resets). `--json` prints one JSON object on stdout (progress goes to stderr).
+//! allows (process peak kept across resets). `--config 'key: value'` appends YAML (`\n` for several lines) to the
+//! benchmark's config (f32 storage/compute, `device_working_mem_gb: --working-gb`, default 2). `--json` prints one JSON object on stdout (progress goes to stderr).
 //!
 //! Cargo.toml needs `[[bench]] name = "sd"`, `harness = false`. `cargo bench` passes `--bench` to the binary; it is
 //! accepted and ignored.
@@ -52,6 +53,7 @@ struct Args {
     budgets: Vec<u32>,
     device: Option<String>,
     working_gb: f64,
+    extra_config: String,
     json: bool,
     seed: u64,
 }
@@ -59,7 +61,8 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench sd -- [--model DIR] [--threads N] [--repeats R] [--warmup W] [--only W,W]\n\
-         \x20      [--budgets 100,50,25,10] [--device emulated:SIZE] [--working-gb G] [--seed S] [--json]\n\
+         \x20      [--budgets 100,50,25,10] [--device emulated:SIZE] [--working-gb G] [--config 'key: value'] [--seed S]\n\
+         \x20      [--json]\n\
          workloads: unet_step_32 unet_step_64 vae_decode_256 vae_decode_512"
     );
     std::process::exit(2)
@@ -75,6 +78,7 @@ fn parse_args() -> Args {
         budgets: vec![100, 50, 25, 10],
         device: None,
         working_gb: 2.0,
+        extra_config: String::new(),
         json: false,
         seed: 0,
     };
@@ -96,6 +100,7 @@ fn parse_args() -> Args {
             }
             "--device" => a.device = Some(val()),
             "--working-gb" => a.working_gb = val().parse().unwrap_or_else(|_| usage()),
+            "--config" => a.extra_config = val().replace("\\n", "\n"),
             "--seed" => a.seed = val().parse().unwrap_or_else(|_| usage()),
             "--json" => a.json = true,
             "--bench" => {} // passed by `cargo bench`
@@ -246,6 +251,10 @@ fn config_yaml(args: &Args, max_cache_vram_bytes: Option<u64>) -> String {
         "storage_dtype: fp32\ncompute_dtype: fp32\ndevice_working_mem_gb: {}\nkeep_ram_copy_of_weights: true\n",
         args.working_gb
     );
+    if !args.extra_config.is_empty() {
+        y.push_str(&args.extra_config);
+        y.push('\n');
+    }
     if let Some(b) = max_cache_vram_bytes {
         y.push_str(&format!("max_cache_vram_gb: {}\n", b as f64 / GIB));
     }
@@ -452,6 +461,7 @@ fn run(args: &Args) -> BoxResult<Value> {
         "dtype": "f32",
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "config_yaml": config_yaml(args, None),
         "model": std::fs::canonicalize(&args.model).unwrap_or_else(|_| args.model.clone()),
         "started_unix": started,
         "workloads": workloads,

@@ -11,7 +11,8 @@
 # 4. prints the table: each figure, the ratio lowvram/PyTorch beside the goal (<= 0.80x), and the sweep ratios vs
 #    100 % resident beside the goal (25 % <= 1.10x). Raw JSON and the table are kept in --out.
 #
-# Environment: PYTHON (default: python3) must have torch and diffusers; CARGO_TARGET_DIR is honoured.
+# Environment: PYTHON (default: python3) must have torch and diffusers; CARGO_TARGET_DIR is honoured;
+# LOWVRAM_BENCH_ARGS adds arguments to the lowvram side (e.g. "--config 'keep_ram_copy_of_weights: false'").
 # Run it on an otherwise idle machine; numbers from a shared or busy machine are smoke tests only.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -38,6 +39,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 python=${PYTHON:-python3}
+extra=()
+if [ -n "${LOWVRAM_BENCH_ARGS:-}" ]; then eval "extra=($LOWVRAM_BENCH_ARGS)"; fi
 out=${out:-target/bench/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$out"
 log() { printf '==> %s\n' "$*" >&2; }
@@ -61,6 +64,7 @@ export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
     echo "mem: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
     echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "lowvram: $(git -C "$root" rev-parse --short HEAD)$(git -C "$root" diff --quiet || echo '+dirty')"
+    echo "LOWVRAM_BENCH_ARGS: ${LOWVRAM_BENCH_ARGS:-}"
     echo "command: scripts/bench/compare.sh --threads $threads --repeats $repeats --rounds $rounds --model $model --only $only --budgets $budgets"
 } > "$out/machine.txt"
 cat "$out/machine.txt" >&2
@@ -73,7 +77,7 @@ run_torch() {
 run_lowvram() {
     log "round $1: lowvram"
     cargo bench -q --bench sd -- --model "$model" --threads "$threads" --repeats "$repeats" --only "$only" \
-        --budgets "$budgets" --json > "$out/lowvram-$1.json"
+        --budgets "$budgets" ${extra[@]+"${extra[@]}"} --json > "$out/lowvram-$1.json"
 }
 for ((i = 1; i <= rounds; i++)); do
     if (( i % 2 == 1 )); then run_torch "$i"; run_lowvram "$i"; else run_lowvram "$i"; run_torch "$i"; fi
