@@ -366,6 +366,9 @@ fn unet_point(args: &Args, rss: &mut Rss, name: &str, size: usize, pct: u32) -> 
     o.insert("peak_device_bytes_forward".into(), json!(forward_peak));
     o.insert("peak_device_bytes".into(), json!(report.peak_device_bytes));
     o.insert("refused_allocations".into(), json!(refused));
+    let predicted = plan.get("predicted_peak_bytes").and_then(Value::as_u64);
+    o.insert("predicted_peak_bytes".into(), json!(predicted));
+    o.insert("predicted_peak_equals_measured".into(), json!(predicted == Some(forward_peak)));
     o.insert("plan".into(), plan);
     o.insert("denoise_1_step_report".into(), report_json(&report));
     o.insert("peak_rss_bytes".into(), json!(rss_peak));

@@ -100,9 +100,10 @@ def main():
     sweep_names = sorted({k for r in lv_r for k in r.get("sweep", {})})
     if sweep_names:
         print()
-        print("UNet budget sweep (lowvram; ratio vs its own 100 %-resident point)")
-        hdr = ("workload", "budget", "resident MiB", "streamed/step MiB", "model−resident MiB", "streamed = model−res",
-               "peak device MiB", "refused", "ms", "vs 100 %", "goal", "met")
+        print("UNet budget sweep (lowvram; budget = max_cache_vram_gb as % of the UNet's bytes, which also holds the")
+        print("streaming slot, so resident < budget; ratio vs its own 100 % point)")
+        hdr = ("workload", "budget", "resident MiB (of model)", "streamed/step MiB", "model−resident MiB", "streamed = model−res",
+               "peak device MiB", "= predicted", "refused", "ms", "vs 100 %", "goal", "met")
         rows = []
         for n in sweep_names:
             pcts = sorted({p["budget_pct"] for r in lv_r for p in r["sweep"][n]}, reverse=True)
@@ -117,10 +118,13 @@ def main():
                 met = "—" if goal is None or ratio is None else ("yes" if ratio <= goal else "NO")
                 p0 = pts[0]
                 exact = all(p.get("streamed_equals_model_minus_resident") for p in pts)
-                rows.append((n, f"{pct} %", fmt_mib(p0.get("resident_bytes")), fmt_mib(p0.get("bytes_streamed_per_step")),
+                res = p0.get("resident_bytes")
+                res_txt = fmt_mib(res) + (f" ({100 * res / p0['model_bytes']:.0f} %)" if res is not None and p0.get("model_bytes") else "")
+                rows.append((n, f"{pct} %", res_txt, fmt_mib(p0.get("bytes_streamed_per_step")),
                              fmt_mib(p0.get("model_minus_resident_bytes")), "yes" if exact else "NO",
                              fmt_mib(max(max(p.get("peak_device_bytes") or 0, p.get("peak_device_bytes_forward") or 0)
                                          for p in pts)),
+                             "yes" if all(p.get("predicted_peak_equals_measured") for p in pts) else "NO",
                              str(sum(p.get("refused_allocations") or 0 for p in pts)), fmt_ms(pp),
                              "—" if ratio is None else f"{ratio:.2f}×", "—" if goal is None else f"≤ {goal:.2f}×", met))
                 summary["sweep"].setdefault(n, []).append({
