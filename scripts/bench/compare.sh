@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# lowvram vs PyTorch/diffusers on CPU, f32, the SD 1.5 UNet step and VAE decode, plus lowvram's UNet budget sweep.
+#
+#   scripts/bench/compare.sh [--threads N] [--repeats R] [--rounds K] [--model DIR] [--only W,W]
+#                            [--budgets 100,50,25,10] [--out DIR]
+#
+# 1. makes the random-weight SD 1.5 model (scripts/bench/make_sd15_random.py) if DIR has none;
+# 2. builds the benchmark (`cargo bench --bench sd --no-run`, the bench profile);
+# 3. runs K rounds (default 2), each one PyTorch process and one lowvram process with the same threads, alternating
+#    which goes first, so that drift on the machine (thermal, other load) falls on both;
+# 4. prints the table: each figure, the ratio lowvram/PyTorch beside the goal (<= 0.80x), and the sweep ratios vs
+#    100 % resident beside the goal (25 % <= 1.10x). Raw JSON and the table are kept in --out.
+#
+# Environment: PYTHON (default: python3) must have torch and diffusers; CARGO_TARGET_DIR is honoured;
+# LOWVRAM_BENCH_ARGS adds arguments to the lowvram side (e.g. "--config 'keep_ram_copy_of_weights: false'").
+# Run it on an otherwise idle machine; numbers from a shared or busy machine are smoke tests only.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$(pwd)
+
+threads=$(nproc)
+repeats=3
+rounds=2
+model="target/sd15-random"
+only="unet_step_32,unet_step_64,vae_decode_256,vae_decode_512"
+budgets="100,50,25,10"
+out=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --threads) threads=$2; shift 2 ;;
+        --repeats|-r) repeats=$2; shift 2 ;;
+        --rounds) rounds=$2; shift 2 ;;
+        --model) model=$2; shift 2 ;;
+        --only) only=$2; shift 2 ;;
+        --budgets) budgets=$2; shift 2 ;;
+        --out) out=$2; shift 2 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        *) echo "unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+python=${PYTHON:-python3}
+extra=()
+if [ -n "${LOWVRAM_BENCH_ARGS:-}" ]; then eval "extra=($LOWVRAM_BENCH_ARGS)"; fi
+out=${out:-target/bench/$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$out"
+log() { printf '==> %s\n' "$*" >&2; }
+
+"$python" -c 'import torch, diffusers' 2>/dev/null || {
+    echo "FATAL: $python lacks torch or diffusers (set PYTHON=/path/to/venv/bin/python)" >&2; exit 1; }
+
+if [ ! -f "$model/model_index.json" ]; then
+    log "making the random SD 1.5 model in $model"
+    "$python" scripts/bench/make_sd15_random.py "$model"
+fi
+
+log "building the lowvram benchmark (bench profile)"
+cargo bench --bench sd --no-run
+
+# Same threads everywhere: torch.set_num_threads (and the OpenMP/MKL pools), rayon/candle via --threads.
+export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "host: $(uname -srm), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc) cores"
+    echo "mem: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+    echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "lowvram: $(git -C "$root" rev-parse --short HEAD)$(git -C "$root" diff --quiet || echo '+dirty')"
+    echo "LOWVRAM_BENCH_ARGS: ${LOWVRAM_BENCH_ARGS:-}"
+    echo "command: scripts/bench/compare.sh --threads $threads --repeats $repeats --rounds $rounds --model $model --only $only --budgets $budgets"
+} > "$out/machine.txt"
+cat "$out/machine.txt" >&2
+
+run_torch() {
+    log "round $1: PyTorch"
+    "$python" scripts/bench/torch_bench.py --model "$model" --threads "$threads" --repeats "$repeats" \
+        --only "$only" --json > "$out/torch-$1.json" 2> >(grep -v -i 'warn' >&2)
+}
+run_lowvram() {
+    log "round $1: lowvram"
+    cargo bench -q --bench sd -- --model "$model" --threads "$threads" --repeats "$repeats" --only "$only" \
+        --budgets "$budgets" ${extra[@]+"${extra[@]}"} --json > "$out/lowvram-$1.json"
+}
+for ((i = 1; i <= rounds; i++)); do
+    if (( i % 2 == 1 )); then run_torch "$i"; run_lowvram "$i"; else run_lowvram "$i"; run_torch "$i"; fi
+done
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$out/machine.txt"
+
+echo
+"$python" scripts/bench/summarize.py "$out" | tee "$out/table.txt"
+echo
+echo "results: $out (machine.txt, torch-*.json, lowvram-*.json, summary.json, table.txt)"
