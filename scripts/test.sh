@@ -31,7 +31,7 @@ cargo build --release --locked
 step "cargo test --release (unit, integration, header check, parity)"
 cargo test --release --locked
 
-lib_dir="$root/target/release"
+lib_dir="${CARGO_TARGET_DIR:-$root/target}/release"  # honour CARGO_TARGET_DIR, as cargo does
 [ -f "$lib_dir/liblowvram.so" ] || { echo "FATAL: liblowvram.so was not built" >&2; exit 1; }
 out="$root/target/host-tests"
 mkdir -p "$out"

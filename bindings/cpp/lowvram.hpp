@@ -1,28 +1,48 @@
 // lowvram C++17 wrapper: header-only, move-only RAII owners over the C handles, errors as exceptions.
 // Include "lowvram.h" (include/) on the include path. `capi()` gives the raw handle for calls not wrapped here.
+//
+//   lowvram::Context ctx({"emulated:512MiB"});
+//   lowvram::Model unet = ctx.load_model("models/tiny-sd/unet"), vae = ctx.load_model("models/tiny-sd/vae");
+//   lowvram::DenoiseOptions o;  o.steps = 8;  o.progress = [](uint32_t step, uint32_t total) { return true; };
+//   lowvram::Tensor latents = ctx.denoise(unet, o, cond, &uncond);
+//   ctx.vae_decode(vae, latents).write_png("out.png");
+//
+// Ownership: every class owns exactly one C handle and frees it in its destructor; copies are deleted, moves leave
+// the source empty (`capi() == nullptr`). A Model or Reservation may outlive the Context it came from (the C API
+// allows it). Callbacks (log, progress) never let an exception cross into C: a throwing progress callback cancels
+// the run and its exception is rethrown from `denoise`; a throwing log callback's exception is dropped.
 #ifndef LOWVRAM_HPP
 #define LOWVRAM_HPP
 
 #include "lowvram.h"
 
+#include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace lowvram {
 
-/// A failed call: the status and the library's message for it.
+/// A failed call: the status and the library's message for it. `what()` is "STATUS_NAME: message".
 class Error : public std::runtime_error {
 public:
     Error(lowvram_status status, const std::string &message)
-        : std::runtime_error(std::string(lowvram_status_name(status)) + ": " + message), status_(status) {}
+        : std::runtime_error(std::string(lowvram_status_name(status)) + ": " + message),
+          status_(status),
+          message_(message) {}
     lowvram_status status() const noexcept { return status_; }
+    /// The library's message alone (without the status name).
+    const std::string &message() const noexcept { return message_; }
 
 private:
     lowvram_status status_;
+    std::string message_;
 };
 
 /// Throw `Error` unless `status` is OK.
@@ -60,20 +80,167 @@ public:
         if (raw_) Free(raw_);
         raw_ = raw;
     }
-    T *capi() const noexcept { return raw_; }
+    T *get() const noexcept { return raw_; }
     explicit operator bool() const noexcept { return raw_ != nullptr; }
 
 private:
     T *raw_ = nullptr;
 };
+
+/// The dtype a C++ element type stands for: float = F32, uint16_t = F16 bits (BF16 when asked explicitly).
+template <typename T>
+struct dtype_of;
+template <>
+struct dtype_of<float> {
+    static constexpr lowvram_dtype value = LOWVRAM_DTYPE_F32;
+};
+template <>
+struct dtype_of<std::uint16_t> {
+    static constexpr lowvram_dtype value = LOWVRAM_DTYPE_F16;
+};
+
+inline std::size_t element_size(lowvram_dtype dtype) { return dtype == LOWVRAM_DTYPE_F32 ? 4 : 2; }
 }  // namespace detail
+
+/// What `Tensor::info` reports.
+struct TensorInfo {
+    lowvram_dtype dtype;
+    std::vector<std::int64_t> shape;
+    std::size_t byte_len;
+};
+
+/// A host tensor owned by the library (contiguous, row-major, immutable). Move-only.
+class Tensor {
+public:
+    Tensor() noexcept = default;
+    /// Take ownership of a handle the C API returned.
+    explicit Tensor(lowvram_tensor *raw) noexcept : handle_(raw) {}
+
+    /// Copy `count` elements at `data` into a new tensor of `shape`. `T` is float (F32) or std::uint16_t (F16 bits,
+    /// or BF16 bits with `dtype = LOWVRAM_DTYPE_BF16`).
+    template <typename T>
+    static Tensor from_host(const std::vector<std::int64_t> &shape, const T *data, std::size_t count,
+                            lowvram_dtype dtype = detail::dtype_of<T>::value) {
+        static_assert(std::is_same<T, float>::value || std::is_same<T, std::uint16_t>::value,
+                      "lowvram tensors hold float (F32) or std::uint16_t (F16/BF16 bits)");
+        if (detail::element_size(dtype) != sizeof(T))
+            throw Error(LOWVRAM_STATUS_INVALID_ARGUMENT, "dtype does not match the element type's size");
+        lowvram_tensor *raw = nullptr;
+        check(lowvram_tensor_from_host(dtype, shape.data(), shape.size(), data, count * sizeof(T), &raw));
+        return Tensor(raw);
+    }
+    template <typename T>
+    static Tensor from_host(const std::vector<std::int64_t> &shape, const std::vector<T> &data,
+                            lowvram_dtype dtype = detail::dtype_of<T>::value) {
+        return from_host<T>(shape, data.data(), data.size(), dtype);
+    }
+
+    TensorInfo info() const {
+        TensorInfo out{LOWVRAM_DTYPE_F32, std::vector<std::int64_t>(LOWVRAM_MAX_DIMS), 0};
+        std::size_t ndim = 0;
+        check(lowvram_tensor_info(handle_.get(), &out.dtype, out.shape.data(), out.shape.size(), &ndim, &out.byte_len));
+        out.shape.resize(ndim);
+        return out;
+    }
+    std::vector<std::int64_t> shape() const { return info().shape; }
+    lowvram_dtype dtype() const { return info().dtype; }
+
+    /// Copy the data out. `T` must match the dtype: float for F32, std::uint16_t for F16 or BF16 (raw bits).
+    template <typename T>
+    std::vector<T> read() const {
+        static_assert(std::is_same<T, float>::value || std::is_same<T, std::uint16_t>::value,
+                      "read<float>() or read<std::uint16_t>()");
+        TensorInfo i = info();
+        if (detail::element_size(i.dtype) != sizeof(T))
+            throw Error(LOWVRAM_STATUS_INVALID_ARGUMENT,
+                        std::string("tensor dtype is ") + (i.dtype == LOWVRAM_DTYPE_F32 ? "f32" : "16-bit") +
+                            ", read it as " + (i.dtype == LOWVRAM_DTYPE_F32 ? "float" : "std::uint16_t"));
+        std::vector<T> out(i.byte_len / sizeof(T));
+        check(lowvram_tensor_read(handle_.get(), out.data(), i.byte_len));
+        return out;
+    }
+
+    /// Write a decoded image `[B, 3, H, W]` (values in [-1, 1]) as 8-bit RGB PNG (a batch: NAME-0.png, ...).
+    void write_png(const std::string &path) const { check(lowvram_tensor_write_png(handle_.get(), path.c_str())); }
+
+    lowvram_tensor *capi() const noexcept { return handle_.get(); }
+    explicit operator bool() const noexcept { return static_cast<bool>(handle_); }
+
+private:
+    detail::Owner<lowvram_tensor, lowvram_tensor_free> handle_;
+};
+
+/// A loaded model component (UNet or VAE). Move-only; may outlive its Context.
+class Model {
+public:
+    Model() noexcept = default;
+    explicit Model(lowvram_model *raw) noexcept : handle_(raw) {}
+
+    /// Kind, sizes and residency now (`struct_size` is set by the library).
+    lowvram_model_info info() const {
+        lowvram_model_info i{};
+        i.struct_size = sizeof i;
+        check(lowvram_model_get_info(handle_.get(), &i));
+        return i;
+    }
+
+    lowvram_model *capi() const noexcept { return handle_.get(); }
+    explicit operator bool() const noexcept { return static_cast<bool>(handle_); }
+
+private:
+    detail::Owner<lowvram_model, lowvram_model_free> handle_;
+};
+
+/// Device memory reserved for the host; destroying it gives the bytes back. Move-only; may outlive its Context.
+class Reservation {
+public:
+    Reservation() noexcept = default;
+    explicit Reservation(lowvram_reservation *raw) noexcept : handle_(raw) {}
+
+    std::uint64_t bytes() const {
+        std::uint64_t b = 0;
+        check(lowvram_reservation_bytes(handle_.get(), &b));
+        return b;
+    }
+
+    lowvram_reservation *capi() const noexcept { return handle_.get(); }
+    explicit operator bool() const noexcept { return static_cast<bool>(handle_); }
+
+private:
+    detail::Owner<lowvram_reservation, lowvram_reservation_free> handle_;
+};
+
+/// Progress of a run: `step` of `total` done; return false to cancel (the call then throws Error CANCELLED).
+using ProgressFn = std::function<bool(std::uint32_t step, std::uint32_t total)>;
+
+/// Options of `Context::denoise`; the defaults are the library's (`lowvram_denoise_params_init`).
+struct DenoiseOptions {
+    lowvram_scheduler scheduler = LOWVRAM_SCHEDULER_EULER;
+    bool karras = false;
+    std::uint32_t steps = 20;
+    float guidance = 7.5f;           ///< ≤ 1 runs the conditional batch only
+    std::uint64_t seed = 0;          ///< initial noise when none is given, and Euler ancestral's step noise
+    std::uint32_t latent_width = 64; ///< used when no init noise is given (image size / 8)
+    std::uint32_t latent_height = 64;
+    const Tensor *step_noise = nullptr; ///< [steps, B, 4, h, w] for Euler ancestral; borrowed for the call
+    ProgressFn progress;                ///< called after each step on the calling thread; empty = none
+};
+
+/// Options of `Context::vae_decode`; the defaults are the library's.
+struct DecodeOptions {
+    std::uint32_t tile_latent = 0;    ///< 0 = automatic; > 0 = always tile with this edge (latent pixels)
+    std::uint32_t overlap_latent = 8; ///< overlap between tiles when tile_latent > 0
+    bool never_tile = false;          ///< BUDGET_TOO_SMALL rather than tiling
+};
 
 /// Log callback as a C++ function; it runs on the thread making the lowvram call.
 using LogFn = std::function<void(lowvram_log_level, const char *)>;
 
-/// Options for `Context`.
+/// Options for `Context`: `Context ctx({"emulated:512MiB", "max_cache_vram_gb: 2\n"});`
 struct ContextOptions {
-    std::string device;       ///< "" = from configuration ("auto")
+    ContextOptions(std::string device_ = {}, std::string config_yaml_ = {}, std::string config_path_ = {})
+        : device(std::move(device_)), config_yaml(std::move(config_yaml_)), config_path(std::move(config_path_)) {}
+    std::string device;       ///< "" = from configuration ("auto"); "cpu", "cuda:N", "emulated:SIZE"
     std::string config_yaml;  ///< "" = none
     std::string config_path;  ///< "" = none
 };
@@ -89,7 +256,7 @@ public:
         if (!options.config_yaml.empty()) p.config_yaml = options.config_yaml.c_str();
         if (!options.config_path.empty()) p.config_path = options.config_path.c_str();
         if (log_) {
-            p.log_callback = &Context::trampoline;
+            p.log_callback = &Context::log_trampoline;
             p.log_user_data = log_.get();
         }
         lowvram_context *raw = nullptr;
@@ -97,13 +264,135 @@ public:
         handle_.reset(raw);
     }
 
-    /// Stop the call running on this context at its next step (call from another thread).
-    void cancel() const { check(lowvram_context_cancel(handle_.capi())); }
+    /// Apply YAML configuration (any subset of the keys) now; on error nothing changes.
+    void configure(const std::string &yaml) const { check(lowvram_context_configure(handle_.get(), yaml.c_str())); }
 
-    lowvram_context *capi() const noexcept { return handle_.capi(); }
+    /// A snapshot of the cache's memory statistics.
+    lowvram_cache_stats stats() const {
+        lowvram_cache_stats s{};
+        s.struct_size = sizeof s;
+        check(lowvram_context_stats(handle_.get(), &s));
+        return s;
+    }
+
+    /// Everything the cache knows, as JSON (device, ram, models, plan, sizing).
+    std::string stats_json() const {
+        char *raw = nullptr;
+        check(lowvram_context_stats_json(handle_.get(), &raw));
+        std::unique_ptr<char, void (*)(char *)> owned(raw, lowvram_string_free);
+        return std::string(owned.get());
+    }
+
+    /// Free at least `bytes` of device memory held by models not in use; returns the bytes freed.
+    std::uint64_t free_memory(std::uint64_t bytes) const {
+        std::uint64_t freed = 0;
+        check(lowvram_context_free_memory(handle_.get(), bytes, &freed));
+        return freed;
+    }
+
+    /// Unload every model not in use from device and RAM cache; returns the bytes freed.
+    std::uint64_t unload_all() const {
+        std::uint64_t freed = 0;
+        check(lowvram_context_unload_all(handle_.get(), &freed));
+        return freed;
+    }
+
+    /// Stop the call running on this context at its next step (call from another thread or a callback).
+    void cancel() const { check(lowvram_context_cancel(handle_.get())); }
+
+    /// Load a component folder (".../unet" or ".../vae") into the cache.
+    Model load_model(const std::string &path) const {
+        lowvram_model *raw = nullptr;
+        check(lowvram_model_load(handle_.get(), path.c_str(), &raw));
+        return Model(raw);
+    }
+
+    /// Place up to `max_bytes` of `model` on the device now; returns the bytes resident afterwards.
+    std::uint64_t load_to_device(const Model &model, std::uint64_t max_bytes) const {
+        std::uint64_t resident = 0;
+        check(lowvram_model_load_to_device(handle_.get(), model.capi(), max_bytes, &resident));
+        return resident;
+    }
+
+    /// Reserve `bytes` of device memory for the host; returns once they are free.
+    Reservation reserve(std::uint64_t bytes) const {
+        lowvram_reservation *raw = nullptr;
+        check(lowvram_reservation_new(handle_.get(), bytes, &raw));
+        return Reservation(raw);
+    }
+
+    /// Run the sampler: `cond` [B, S, D]; `uncond` the same shape or nullptr (zeros); `init_noise` [B, 4, h, w] or
+    /// nullptr (seeded). Returns the final latents [B, 4, h, w] f32; `report` (optional) receives the measurements.
+    /// Throws Error (CANCELLED when the progress callback returned false); rethrows the callback's own exception.
+    Tensor denoise(const Model &unet, const DenoiseOptions &options, const Tensor &cond,
+                   const Tensor *uncond = nullptr, const Tensor *init_noise = nullptr,
+                   lowvram_run_report *report = nullptr) const {
+        lowvram_denoise_params p;
+        check(lowvram_denoise_params_init(&p, sizeof p));
+        p.scheduler = options.scheduler;
+        p.karras = options.karras;
+        p.steps = options.steps;
+        p.guidance = options.guidance;
+        p.seed = options.seed;
+        p.latent_width = options.latent_width;
+        p.latent_height = options.latent_height;
+        p.step_noise = options.step_noise ? options.step_noise->capi() : nullptr;
+        ProgressState state{&options.progress, nullptr};
+        if (options.progress) {
+            p.progress = &Context::progress_trampoline;
+            p.progress_user_data = &state;
+        }
+        if (report) {
+            *report = lowvram_run_report{};
+            report->struct_size = sizeof *report;
+        }
+        lowvram_tensor *raw = nullptr;
+        lowvram_status status = lowvram_denoise(handle_.get(), unet.capi(), &p, cond.capi(),
+                                                uncond ? uncond->capi() : nullptr,
+                                                init_noise ? init_noise->capi() : nullptr, report, &raw);
+        Tensor out(raw);
+        if (state.error) std::rethrow_exception(state.error);
+        check(status);
+        return out;
+    }
+
+    /// Decode latents (as `denoise` returns them) into the image [B, 3, 8h, 8w] f32, ≈ [-1, 1].
+    Tensor vae_decode(const Model &vae, const Tensor &latents, const DecodeOptions &options = {},
+                      lowvram_run_report *report = nullptr) const {
+        lowvram_decode_params p;
+        check(lowvram_decode_params_init(&p, sizeof p));
+        p.tile_latent = options.tile_latent;
+        p.overlap_latent = options.overlap_latent;
+        p.never_tile = options.never_tile;
+        if (report) {
+            *report = lowvram_run_report{};
+            report->struct_size = sizeof *report;
+        }
+        lowvram_tensor *raw = nullptr;
+        check(lowvram_vae_decode(handle_.get(), vae.capi(), &p, latents.capi(), report, &raw));
+        return Tensor(raw);
+    }
+
+    lowvram_context *capi() const noexcept { return handle_.get(); }
+    explicit operator bool() const noexcept { return static_cast<bool>(handle_); }
 
 private:
-    static void trampoline(lowvram_log_level level, const char *message, void *user_data) {
+    struct ProgressState {
+        const ProgressFn *fn;
+        std::exception_ptr error;
+    };
+
+    static bool progress_trampoline(std::uint32_t step, std::uint32_t total, void *user_data) noexcept {
+        auto *state = static_cast<ProgressState *>(user_data);
+        try {
+            return (*state->fn)(step, total);
+        } catch (...) {
+            state->error = std::current_exception();  // rethrown by denoise once the C call has returned
+            return false;
+        }
+    }
+
+    static void log_trampoline(lowvram_log_level level, const char *message, void *user_data) noexcept {
         auto *fn = static_cast<LogFn *>(user_data);
         try {
             (*fn)(level, message);
