@@ -229,7 +229,7 @@ struct DenoiseOptions {
 /// Options of `Context::vae_decode`; the defaults are the library's.
 struct DecodeOptions {
     std::uint32_t tile_latent = 0;    ///< 0 = automatic; > 0 = always tile with this edge (latent pixels)
-    std::uint32_t overlap_latent = 8; ///< overlap between tiles when tile_latent > 0
+    std::uint32_t overlap_latent = 0; ///< ignored: tiled decoding is exact and needs no overlap
     bool never_tile = false;          ///< BUDGET_TOO_SMALL rather than tiling
 };
 

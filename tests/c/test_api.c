@@ -424,7 +424,7 @@ static void test_params_defaults(void) {
     lowvram_decode_params vp;
     memset(&vp, 0xff, sizeof vp);
     CHECK_OK(lowvram_decode_params_init(&vp, sizeof vp));
-    CHECK(vp.struct_size == sizeof vp && vp.tile_latent == 0 && vp.overlap_latent == 8 && !vp.never_tile);
+    CHECK(vp.struct_size == sizeof vp && vp.tile_latent == 0 && vp.overlap_latent == 0 && !vp.never_tile);
 }
 
 static void test_models(void) {
