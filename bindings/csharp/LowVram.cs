@@ -390,7 +390,7 @@ namespace LowVram
     {
         /// <summary>0 = automatic tiling; > 0 = always tile with this edge (latent pixels).</summary>
         public uint TileLatent = 0;
-        public uint OverlapLatent = 8;
+        public uint OverlapLatent = 0; // ignored: tiled decoding is exact
         /// <summary>Never tile (BudgetTooSmall when the whole decode cannot fit).</summary>
         public bool NeverTile = false;
     }

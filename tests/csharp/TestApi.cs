@@ -136,7 +136,7 @@ public static class TestApi
         Check(p.LatentWidth == 64 && p.LatentHeight == 64 && p.Progress == IntPtr.Zero, "denoise params defaults 2");
         var d = new Native.DecodeParams { NeverTile = true, TileLatent = 99 };
         Native.Check(Native.lowvram_decode_params_init(ref d, (UIntPtr)Marshal.SizeOf(typeof(Native.DecodeParams))));
-        Check(d.StructSize == 16 && d.TileLatent == 0 && d.OverlapLatent == 8 && !d.NeverTile, "decode params defaults");
+        Check(d.StructSize == 16 && d.TileLatent == 0 && d.OverlapLatent == 0 && !d.NeverTile, "decode params defaults");
     }
 
     static void TestBasics()
