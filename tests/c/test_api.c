@@ -593,6 +593,19 @@ static void test_denoise_and_decode(void) {
     float ierr = img && ni == in.image.count ? max_abs_diff(img, in.image.data, ni) : 1e30f;
     printf("vae decode: max abs error vs diffusers image %.3e\n", (double)ierr);
     CHECK(ierr <= 1e-3f);
+
+    /* forced tiles of 4 latent pixels: exact tiling matches the untiled decode to float rounding */
+    vp.tile_latent = 4;
+    lowvram_tensor *tiled = NULL;
+    CHECK_OK(lowvram_vae_decode(ctx, vae, &vp, latents, &dreport, &tiled));
+    CHECK(dreport.tile_latent == 4);
+    size_t nt = 0;
+    float *timg = read_f32(tiled, image_shape, 4, &nt);
+    float terr = timg && img && nt == ni ? max_abs_diff(timg, img, ni) : 1e30f;
+    printf("tiled vae decode (4-latent tiles): max abs difference from untiled %.3e\n", (double)terr);
+    CHECK(terr <= 1e-4f);
+    free(timg);
+    lowvram_tensor_free(tiled);
     free(img);
 
     /* PNG: a file that starts with the PNG signature */

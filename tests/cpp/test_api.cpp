@@ -275,9 +275,17 @@ static void test_pipeline() {
     lowvram_run_report dreport;
     lowvram::Tensor image = ctx.vae_decode(vae, latents, {}, &dreport);
     CHECK((image.shape() == std::vector<std::int64_t>{1, 3, 64, 64}));
-    float ierr = max_abs_diff(image.read<float>(), ri.data);
+    std::vector<float> pixels = image.read<float>();
+    float ierr = max_abs_diff(pixels, ri.data);
     std::printf("C++ vae decode: max abs error vs diffusers image %.3e\n", static_cast<double>(ierr));
     CHECK(ierr <= 1e-3f);
+    CHECK(dreport.tile_latent == 0);
+    lowvram::DecodeOptions tiles;
+    tiles.tile_latent = 4;
+    float terr = max_abs_diff(ctx.vae_decode(vae, latents, tiles, &dreport).read<float>(), pixels);
+    std::printf("C++ tiled vae decode (4-latent tiles): max abs difference from untiled %.3e\n",
+                static_cast<double>(terr));
+    CHECK(dreport.tile_latent == 4 && terr <= 1e-4f);
 
     const char *tmp = std::getenv("TMPDIR");
     std::string png = std::string(tmp && *tmp ? tmp : "/tmp") + "/lowvram_test_api_cpp.png";

@@ -305,10 +305,17 @@ public static class TestApi
                 using (var image = ctx.VaeDecode(vae, latents, new DecodeOptions(), out dreport))
                 {
                     Check(SameShape(image.Shape, 1, 3, 64, 64), "image shape");
-                    float ierr = MaxAbsDiff(image.ReadFloats(), ri.Data);
+                    var pixels = image.ReadFloats();
+                    float ierr = MaxAbsDiff(pixels, ri.Data);
                     Console.WriteLine("C# vae decode: max abs error vs diffusers image {0:E3}", ierr);
                     Check(ierr <= 1e-3f, "image within 1e-3 of diffusers: " + ierr);
                     Check(dreport.TileLatent == 0, "untiled decode");
+                    using (var tiled = ctx.VaeDecode(vae, latents, new DecodeOptions { TileLatent = 4 }, out dreport))
+                    {
+                        float terr = MaxAbsDiff(tiled.ReadFloats(), pixels);
+                        Console.WriteLine("C# tiled vae decode (4-latent tiles): max abs difference from untiled {0:E3}", terr);
+                        Check(dreport.TileLatent == 4 && terr <= 1e-4f, "tiled decode matches untiled: " + terr);
+                    }
                     var png = Path.Combine(Path.GetTempPath(), "lowvram_test_api_cs.png");
                     File.Delete(png);
                     image.WritePng(png);
