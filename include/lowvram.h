@@ -16,11 +16,6 @@
 #include <stdint.h>
 
 /**
- * One GiB, the unit of every `*_gb` key.
- */
-#define GIB (1 << 30)
-
-/**
  * Major version of this header; `lowvram_version()` gives the library's at run time.
  */
 #define LOWVRAM_VERSION_MAJOR 0
@@ -44,11 +39,6 @@
  * Most dimensions a tensor crossing the API may have.
  */
 #define LOWVRAM_MAX_DIMS 8
-
-/**
- * Default bound on the score buffers of one query chunk, in bytes.
- */
-#define ATTENTION_SCRATCH_BYTES (64 << 20)
 
 /**
  * Element type of a tensor (stable numbers).
@@ -336,7 +326,7 @@ typedef struct lowvram_cache_stats {
 } lowvram_cache_stats;
 
 /**
- * A model's facts, filled by `lowvram_model_info`. Bytes throughout.
+ * A model's facts, filled by `lowvram_model_get_info`. Bytes throughout.
  */
 typedef struct lowvram_model_info {
     /**

@@ -262,6 +262,12 @@ fn bad_models_and_inputs_give_clear_errors_and_leave_the_context_usable() {
         .err()
         .unwrap();
     assert!(matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("31"), "{err}");
+    let flat_cond = Tensor::zeros((77, 32), DType::F32, &Device::Cpu).unwrap();
+    let err = ctx
+        .denoise(&unet, &options(SchedulerKind::Euler, false), &flat_cond, None, None, None, &mut |_, _| true)
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("[B, S, D]"), "{err}");
     let cond = Tensor::zeros((1, 77, 32), DType::F32, &Device::Cpu).unwrap();
     let bad_noise = Tensor::zeros((2, 4, 8, 8), DType::F32, &Device::Cpu).unwrap();
     let err = ctx

@@ -70,6 +70,12 @@ pub enum Tiling {
     Tiles { tile_latent: usize },
 }
 
+/// The dimensions of a rank-`N` input, or INVALID_ARGUMENT naming it (not the tensor library's rank error).
+fn dims<const N: usize>(t: &Tensor, name: &str, layout: &str) -> Result<[usize; N]> {
+    <[usize; N]>::try_from(t.dims())
+        .map_err(|_| Error::invalid(format!("{name} has shape {:?}, expected {layout}", t.dims())))
+}
+
 /// A weight source that stops a run at the next block boundary when the context is cancelled.
 struct Cancellable<'a> {
     inner: &'a ModelLock,
@@ -110,7 +116,7 @@ impl Context {
         let start = Instant::now();
         let (model, scheduler_config) = unet.as_unet()?;
         let config = model.config();
-        let (batch, seq, dim) = cond.dims3()?;
+        let [batch, seq, dim] = dims::<3>(cond, "cond embeddings", "[B, S, D]")?;
         if dim != config.cross_attention_dim {
             return Err(Error::invalid(format!(
                 "cond embeddings are [{batch}, {seq}, {dim}], the UNet expects [B, S, {}]",
@@ -128,7 +134,7 @@ impl Context {
         }
         let noise = match init_noise {
             Some(n) => {
-                let (nb, nc, _, _) = n.dims4()?;
+                let [nb, nc, _, _] = dims::<4>(n, "init noise", "[B, C, h, w]")?;
                 if nb != batch || nc != config.in_channels {
                     return Err(Error::invalid(format!(
                         "init noise has shape {:?}, expected [{batch}, {}, h, w]",
@@ -200,7 +206,7 @@ impl Context {
         let start = Instant::now();
         let model = vae.as_vae()?;
         let config = model.config();
-        let (_, c, _, _) = latents.dims4()?;
+        let [_, c, _, _] = dims::<4>(latents, "latents", "[B, C, h, w]")?;
         if c != config.latent_channels {
             return Err(Error::invalid(format!(
                 "latents have {c} channels, the VAE expects {}",

@@ -32,7 +32,7 @@ pub enum lowvram_model_kind {
     Vae = 1,
 }
 
-/// A model's facts, filled by `lowvram_model_info`. Bytes throughout.
+/// A model's facts, filled by `lowvram_model_get_info`. Bytes throughout.
 #[repr(C)]
 #[allow(non_camel_case_types)]
 pub struct lowvram_model_info {
