@@ -7,6 +7,7 @@
 //! result is returned in the input's dtype.
 
 pub mod attention;
+mod cpu;
 pub mod conv2d;
 pub mod geglu;
 pub mod group_norm;
