@@ -2,7 +2,7 @@
 # lowvram vs PyTorch/diffusers on CPU, f32, the SD 1.5 UNet step and VAE decode, plus lowvram's UNet budget sweep.
 #
 #   scripts/bench/compare.sh [--threads N] [--repeats R] [--rounds K] [--model DIR] [--only W,W]
-#                            [--budgets 100,50,25,10] [--out DIR]
+#                            [--budgets 100,50,25,10] [--out DIR] [--before CHECKOUT]
 #
 # 1. makes the random-weight SD 1.5 model (scripts/bench/make_sd15_random.py) if DIR has none;
 # 2. builds the benchmark (`cargo bench --bench sd --no-run`, the bench profile);
@@ -10,6 +10,9 @@
 #    which goes first, so that drift on the machine (thermal, other load) falls on both;
 # 4. prints the table: each figure, the ratio lowvram/PyTorch beside the goal (<= 0.80x), and the sweep ratios vs
 #    100 % resident beside the goal (25 % <= 1.10x). Raw JSON and the table are kept in --out.
+# --before CHECKOUT: a second checkout of lowvram (an earlier commit, e.g. `git worktree add ../before <rev>`) whose
+#    benchmark runs in the same rounds (fully resident only), so the table shows before/after in one run
+#    (its own target dir: BEFORE_TARGET_DIR, default CHECKOUT/target).
 #
 # Environment: PYTHON (default: python3) must have torch and diffusers; CARGO_TARGET_DIR is honoured;
 # LOWVRAM_BENCH_ARGS adds arguments to the lowvram side (e.g. "--config 'keep_ram_copy_of_weights: false'").
@@ -25,6 +28,7 @@ model="target/sd15-random"
 only="unet_step_32,unet_step_64,vae_decode_256,vae_decode_512"
 budgets="100,50,25,10"
 out=""
+before=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --threads) threads=$2; shift 2 ;;
@@ -34,6 +38,7 @@ while [ $# -gt 0 ]; do
         --only) only=$2; shift 2 ;;
         --budgets) budgets=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
+        --before) before=$2; shift 2 ;;
         -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
@@ -55,6 +60,12 @@ fi
 
 log "building the lowvram benchmark (bench profile)"
 cargo bench --bench sd --no-run
+if [ -n "$before" ]; then
+    before=$(cd "$before" && pwd)
+    before_target=${BEFORE_TARGET_DIR:-$before/target}
+    log "building the 'before' benchmark in $before ($(git -C "$before" rev-parse --short HEAD))"
+    (cd "$before" && CARGO_TARGET_DIR=$before_target cargo bench --bench sd --no-run)
+fi
 
 # Same threads everywhere: torch.set_num_threads (and the OpenMP/MKL pools), rayon/candle via --threads.
 export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
@@ -65,6 +76,7 @@ export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
     echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "lowvram: $(git -C "$root" rev-parse --short HEAD)$(git -C "$root" diff --quiet || echo '+dirty')"
     echo "LOWVRAM_BENCH_ARGS: ${LOWVRAM_BENCH_ARGS:-}"
+    [ -z "$before" ] || echo "before: $(git -C "$before" rev-parse --short HEAD) ($before)"
     echo "command: scripts/bench/compare.sh --threads $threads --repeats $repeats --rounds $rounds --model $model --only $only --budgets $budgets"
 } > "$out/machine.txt"
 cat "$out/machine.txt" >&2
@@ -79,12 +91,22 @@ run_lowvram() {
     cargo bench -q --bench sd -- --model "$model" --threads "$threads" --repeats "$repeats" --only "$only" \
         --budgets "$budgets" ${extra[@]+"${extra[@]}"} --json > "$out/lowvram-$1.json"
 }
+run_before() {
+    [ -n "$before" ] || return 0
+    log "round $1: lowvram before ($(git -C "$before" rev-parse --short HEAD))"
+    # Absolute model path: the before checkout runs from its own folder. Fully resident only: the sweep is 'after's.
+    (cd "$before" && CARGO_TARGET_DIR=$before_target cargo bench -q --bench sd -- --model "$model_abs" \
+        --threads "$threads" --repeats "$repeats" --only "$only" --budgets 100 ${extra[@]+"${extra[@]}"} --json) \
+        > "$out/before-$1.json"
+}
+model_abs=$(cd "$model" && pwd)
 for ((i = 1; i <= rounds; i++)); do
-    if (( i % 2 == 1 )); then run_torch "$i"; run_lowvram "$i"; else run_lowvram "$i"; run_torch "$i"; fi
+    if (( i % 2 == 1 )); then run_torch "$i"; run_before "$i"; run_lowvram "$i"
+    else run_lowvram "$i"; run_before "$i"; run_torch "$i"; fi
 done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$out/machine.txt"
 
 echo
 "$python" scripts/bench/summarize.py "$out" | tee "$out/table.txt"
 echo
-echo "results: $out (machine.txt, torch-*.json, lowvram-*.json, summary.json, table.txt)"
+echo "results: $out (machine.txt, torch-*.json, lowvram-*.json, before-*.json, summary.json, table.txt)"

@@ -3,7 +3,8 @@
 
     scripts/bench/summarize.py DIR [--markdown]
 
-DIR holds torch-*.json and lowvram-*.json (scripts/bench/compare.sh writes them, one pair per round). Timed runs are
+DIR holds torch-*.json and lowvram-*.json (scripts/bench/compare.sh writes them, one pair per round), and
+before-*.json when compare.sh ran with --before (an earlier lowvram commit, shown as its own column). Timed runs are
 pooled over rounds: median/min/max of all runs. Ratios are lowvram / PyTorch of the pooled medians; the budget sweep
 is compared with lowvram's own 100 %-resident point. Goals (issue 5): UNet step and VAE decode <= 0.8x PyTorch;
 25 % budget <= 1.10x fully resident. Writes DIR/summary.json too. Standard library only.
@@ -63,12 +64,14 @@ def main():
     d = sys.argv[1]
     torch_r = load(os.path.join(d, "torch-*.json"))
     lv_r = load(os.path.join(d, "lowvram-*.json"))
+    before_r = load(os.path.join(d, "before-*.json"))
     if not torch_r and not lv_r:
         print(f"no results in {d}", file=sys.stderr)
         return 1
 
     names = ["unet_step_32", "unet_step_64", "vae_decode_256", "vae_decode_512"]
-    summary = {"rounds": {"pytorch": len(torch_r), "lowvram": len(lv_r)}, "workloads": {}, "sweep": {}}
+    summary = {"rounds": {"pytorch": len(torch_r), "lowvram": len(lv_r), "before": len(before_r)},
+               "workloads": {}, "sweep": {}}
     any_r = (torch_r or lv_r)[0]
     threads = {r.get("threads") for r in torch_r + lv_r}
     print(f"CPU: {any_r.get('cpu')}   threads: {', '.join(map(str, sorted(threads)))}   "
@@ -79,10 +82,13 @@ def main():
     print()
     hdr = ("workload", "PyTorch ms", "lowvram ms", "lowvram/PyTorch", "goal", "met", "PyTorch peak RSS MiB",
            "lowvram peak RSS MiB", "lowvram peak device MiB")
+    if before_r:
+        hdr = hdr[:3] + ("before ms", "lowvram/before", "before/PyTorch") + hdr[3:]
     rows = []
     for n in names:
         tp, tex = pool(torch_r, lambda r: r.get("workloads", {}).get(n))
         lp, lex = pool(lv_r, lambda r: r.get("workloads", {}).get(n))
+        bp, _ = pool(before_r, lambda r: r.get("workloads", {}).get(n))
         if not tp and not lp:
             continue
         ratio = lp["median_ms"] / tp["median_ms"] if tp and lp else None
@@ -90,8 +96,14 @@ def main():
         l_rss = max((w.get("peak_rss_bytes") or 0 for w in lex), default=None) or None
         l_dev = max((w.get("peak_device_bytes") or 0 for w in lex), default=None) or None
         met = "—" if ratio is None else ("yes" if ratio <= GOAL_VS_TORCH else "NO")
-        rows.append((n, fmt_ms(tp), fmt_ms(lp), "—" if ratio is None else f"{ratio:.2f}×", f"≤ {GOAL_VS_TORCH:.2f}×",
-                     met, fmt_mib(t_rss), fmt_mib(l_rss), fmt_mib(l_dev)))
+        row = (n, fmt_ms(tp), fmt_ms(lp), "—" if ratio is None else f"{ratio:.2f}×", f"≤ {GOAL_VS_TORCH:.2f}×",
+               met, fmt_mib(t_rss), fmt_mib(l_rss), fmt_mib(l_dev))
+        if before_r:
+            ab = lp["median_ms"] / bp["median_ms"] if lp and bp else None
+            bt = bp["median_ms"] / tp["median_ms"] if bp and tp else None
+            row = row[:3] + (fmt_ms(bp), "—" if ab is None else f"{ab:.2f}×", "—" if bt is None else f"{bt:.2f}×") + row[3:]
+            summary.setdefault("before", {})[n] = {"before": bp, "after_over_before": ab, "before_over_pytorch": bt}
+        rows.append(row)
         summary["workloads"][n] = {"pytorch": tp, "lowvram": lp, "ratio": ratio, "goal": GOAL_VS_TORCH,
                                    "pytorch_peak_rss_bytes": t_rss, "lowvram_peak_rss_bytes": l_rss,
                                    "lowvram_peak_device_bytes": l_dev}

@@ -1,0 +1,294 @@
+//! Per-op microbenchmarks at Stable Diffusion 1.5's shapes: lowvram's hot ops (`lowvram::ops`) — attention, conv2d,
+//! group norm (+SiLU), layer norm, GEGLU, linear — the same cases as `scripts/bench/torch_ops.py`, so
+//! `scripts/bench/compare_ops.sh` can put both side by side in one run.
+//!
+//! ```text
+//! cargo bench --bench ops -- [--threads N] [--repeats R] [--warmup W] [--only PREFIX,PREFIX] [--json]
+//! ```
+//!
+//! Each case: `--warmup` runs (default 1), then `--repeats` timed runs (default 5): median/min/max ms. f32 on the CPU.
+//! Memory: a counting global allocator measures, per case, the peak of heap bytes allocated during one call beyond
+//! what was live before it (the output included), i.e. the op's transient memory + its output; printed beside the
+//! op's own working-memory estimate (`ops::*_scratch_bytes`) + output where the op has one.
+//!
+//! Cargo.toml needs `[[bench]] name = "ops"`, `harness = false`. `cargo bench` passes `--bench`; it is ignored.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
+
+use lowvram::ops;
+
+/// Counts live heap bytes and their peak (reset per measurement), to measure an op's transient memory.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) };
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(l) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        let q = unsafe { System.realloc(p, l, new) };
+        if !q.is_null() {
+            if new >= l.size() {
+                let now = LIVE.fetch_add(new - l.size(), Ordering::Relaxed) + (new - l.size());
+                PEAK.fetch_max(now, Ordering::Relaxed);
+            } else {
+                LIVE.fetch_sub(l.size() - new, Ordering::Relaxed);
+            }
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+type BoxResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+type Op = Box<dyn Fn() -> lowvram::Result<Tensor>>;
+
+/// One benchmark case: a name shared with torch_ops.py, what it is, the op, and its estimate (transient + output).
+struct Case {
+    name: String,
+    what: String,
+    op: Op,
+    estimate: Option<u64>,
+}
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    // Deterministic inputs; values do not change the timings.
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).expect("shape")
+}
+
+fn bytes(shape: &[usize]) -> u64 {
+    4 * shape.iter().product::<usize>() as u64
+}
+
+fn cases() -> Vec<Case> {
+    let mut out = Vec::new();
+    // Attention: q, k, v as [B, N, H·D] (what the linear projections produce).
+    for &(name, b, n, nk, h, d) in &[
+        ("attn_self_64x64_h8_d40", 2, 4096, 4096, 8, 40),
+        ("attn_self_32x32_h8_d80", 2, 1024, 1024, 8, 80),
+        ("attn_self_16x16_h8_d160", 2, 256, 256, 8, 160),
+        ("attn_cross_64x64_h8_d40", 2, 4096, 77, 8, 40),
+        ("attn_vae_512px_d512", 1, 4096, 4096, 1, 512),
+        ("attn_vae_256px_d512", 1, 1024, 1024, 1, 512),
+    ] {
+        let q = randn(&[b, n, h * d], 1);
+        let k = randn(&[b, nk, h * d], 2);
+        let v = randn(&[b, nk, h * d], 3);
+        let scale = 1.0 / (d as f64).sqrt();
+        let est = ops::attention_scratch_bytes(b, h, n, nk, d, DType::F32) + bytes(&[b, n, h * d]);
+        out.push(Case {
+            name: name.into(),
+            what: format!("q [{b},{n},{}] k,v [{b},{nk},{}], {h} heads of {d}", h * d, h * d),
+            op: Box::new(move || ops::attention(&q, &k, &v, h, scale, false)),
+            estimate: Some(est),
+        });
+    }
+    // Conv2d (+bias): (name, B, Cin, Cout, H, k, stride).
+    for &(name, b, cin, cout, hw, k, s) in &[
+        ("conv_unet_320_64x64", 2, 320, 320, 64, 3, 1),
+        ("conv_unet_640_32x32", 2, 640, 640, 32, 3, 1),
+        ("conv_unet_1280_16x16", 2, 1280, 1280, 16, 3, 1),
+        ("conv_unet_1280_8x8", 2, 1280, 1280, 8, 3, 1),
+        ("conv_unet_320_64x64_s2", 2, 320, 320, 64, 3, 2),
+        ("conv_unet_in_4_320_64x64", 2, 4, 320, 64, 3, 1),
+        ("conv_unet_1x1_640_1280_16x16", 2, 640, 1280, 16, 1, 1),
+        ("conv_vae_512_64x64", 1, 512, 512, 64, 3, 1),
+        ("conv_vae_512_128x128", 1, 512, 512, 128, 3, 1),
+        ("conv_vae_512_256x256", 1, 512, 512, 256, 3, 1),
+        ("conv_vae_256_512x512", 1, 256, 256, 512, 3, 1),
+        ("conv_vae_128_512x512", 1, 128, 128, 512, 3, 1),
+        ("conv_vae_out_128_3_512x512", 1, 128, 3, 512, 3, 1),
+    ] {
+        let x = randn(&[b, cin, hw, hw], 4);
+        let w = randn(&[cout, cin, k, k], 5);
+        let bias = randn(&[cout], 6);
+        let pad = k / 2;
+        let oh = (hw + 2 * pad - k) / s + 1;
+        let est = ops::conv2d_scratch_bytes(b, cin, cout, oh, oh, k, s, DType::F32) + bytes(&[b, cout, oh, oh]);
+        out.push(Case {
+            name: name.into(),
+            what: format!("x [{b},{cin},{hw},{hw}] w [{cout},{cin},{k},{k}] stride {s} pad {pad}"),
+            op: Box::new(move || ops::conv2d(&x, &w, Some(&bias), s, pad)),
+            estimate: Some(est),
+        });
+    }
+    // Group norm, 32 groups, + SiLU (every resnet's norm1/norm2).
+    for &(name, b, c, hw) in &[
+        ("gn_silu_2x320x64x64", 2, 320, 64),
+        ("gn_silu_2x640x32x32", 2, 640, 32),
+        ("gn_silu_2x1280x16x16", 2, 1280, 16),
+        ("gn_silu_1x512x256x256", 1, 512, 256),
+        ("gn_silu_1x128x512x512", 1, 128, 512),
+    ] {
+        let x = randn(&[b, c, hw, hw], 7);
+        let w = randn(&[c], 8);
+        let bias = randn(&[c], 9);
+        let est = ops::group_norm_scratch_bytes(b * c * hw * hw) + bytes(&[b, c, hw, hw]);
+        out.push(Case {
+            name: name.into(),
+            what: format!("x [{b},{c},{hw},{hw}], 32 groups, eps 1e-5, SiLU"),
+            op: Box::new(move || ops::group_norm(&x, 32, &w, &bias, 1e-5, true)),
+            estimate: Some(est),
+        });
+    }
+    // Transformer pieces at the 64×64 level (4096 tokens, 320 channels, batch 2).
+    {
+        let x = randn(&[2, 4096, 320], 10);
+        let w = randn(&[320], 11);
+        let bias = randn(&[320], 12);
+        out.push(Case {
+            name: "layer_norm_2x4096x320".into(),
+            what: "x [2,4096,320], eps 1e-5".into(),
+            op: Box::new(move || ops::layer_norm(&x, &w, &bias, 1e-5)),
+            estimate: None,
+        });
+    }
+    {
+        let x = randn(&[2, 4096, 320], 13);
+        let w = randn(&[2560, 320], 14);
+        let bias = randn(&[2560], 15);
+        out.push(Case {
+            name: "geglu_2x4096x320_to_1280".into(),
+            what: "x [2,4096,320], proj [2560,320] + bias, value·gelu(gate) → [2,4096,1280]".into(),
+            op: Box::new(move || ops::geglu(&x, &w, Some(&bias))),
+            estimate: None,
+        });
+    }
+    for &(name, rows, inp, outf) in &[("linear_8192x320_to_320", 8192, 320, 320), ("linear_154x768_to_320", 154, 768, 320)] {
+        let x = randn(&[rows, inp], 16);
+        let w = randn(&[outf, inp], 17);
+        let bias = randn(&[outf], 18);
+        out.push(Case {
+            name: name.into(),
+            what: format!("x [{rows},{inp}] w [{outf},{inp}] + bias"),
+            op: Box::new(move || ops::linear(&x, &w, Some(&bias))),
+            estimate: None,
+        });
+    }
+    out
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn main() -> BoxResult<()> {
+    let mut threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let (mut repeats, mut warmup, mut json_out) = (5usize, 1usize, false);
+    let mut only: Vec<String> = Vec::new();
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut val = || it.next().unwrap_or_else(|| panic!("{a} needs a value"));
+        match a.as_str() {
+            "--threads" => threads = val().parse()?,
+            "--repeats" | "-r" => repeats = val().parse()?,
+            "--warmup" => warmup = val().parse()?,
+            "--only" => only = val().split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            "--json" => json_out = true,
+            "--bench" => {}
+            other => {
+                eprintln!("usage: cargo bench --bench ops -- [--threads N] [--repeats R] [--warmup W] [--only PREFIX,..] [--json]");
+                return Err(format!("unknown argument {other}").into());
+            }
+        }
+    }
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+
+    let mut results = serde_json::Map::new();
+    for case in cases() {
+        if !only.is_empty() && !only.iter().any(|p| case.name.starts_with(p.as_str())) {
+            continue;
+        }
+        for _ in 0..warmup {
+            drop((case.op)()?);
+        }
+        // Memory: one call, peak live bytes above the level before it.
+        let before = LIVE.load(Ordering::Relaxed);
+        PEAK.store(before, Ordering::Relaxed);
+        let y = (case.op)()?;
+        let peak = PEAK.load(Ordering::Relaxed).saturating_sub(before) as u64;
+        let out_bytes = (y.elem_count() * y.dtype().size_in_bytes()) as u64;
+        drop(y);
+        let mut runs = Vec::with_capacity(repeats);
+        for _ in 0..repeats {
+            let t = Instant::now();
+            let y = (case.op)()?;
+            runs.push(t.elapsed().as_secs_f64() * 1e3);
+            drop(y);
+        }
+        let runs_sorted = {
+            let mut r = runs.clone();
+            r.sort_by(|a, b| a.total_cmp(b));
+            r
+        };
+        let med = median(&mut runs.clone());
+        let line = format!(
+            "{:<30} {:>10.2} ms  (min {:.2}, max {:.2})  peak {:>8.1} MiB (output {:.1}){}",
+            case.name,
+            med,
+            runs_sorted[0],
+            runs_sorted[runs_sorted.len() - 1],
+            peak as f64 / 1048576.0,
+            out_bytes as f64 / 1048576.0,
+            case.estimate.map(|e| format!("  estimate {:.1} MiB", e as f64 / 1048576.0)).unwrap_or_default()
+        );
+        if json_out { eprintln!("{line}") } else { println!("{line}") }
+        results.insert(
+            case.name.clone(),
+            json!({
+                "what": case.what,
+                "median_ms": med,
+                "runs_ms": runs,
+                "peak_bytes": peak,
+                "output_bytes": out_bytes,
+                "estimate_bytes": case.estimate,
+            }),
+        );
+    }
+    if json_out {
+        let v: Value = json!({"impl": "lowvram", "lowvram": lowvram::VERSION, "threads": threads, "repeats": repeats,
+                              "warmup": warmup, "dtype": "f32", "cases": results});
+        println!("{v}");
+    }
+    Ok(())
+}
