@@ -6,7 +6,7 @@
 //! ```
 //!
 //! DIR is a diffusers pipeline folder (`scripts/bench/make_sd15_random.py` writes one, default
-//! `target/sd15-random`). Storage and compute are f32 (`storage_dtype: fp32`, `compute_dtype: fp32`), as in the
+//! `target/sd15-random`). Storage and compute are f32 (`storage_dtype: fp32`, `compute_dtype: fp32`; `--dtype fp16` for GPU runs), as in the
 //! PyTorch baseline. Workloads:
 //!
 //! * `unet_step_32`, `unet_step_64`: one classifier-free-guidance step = one UNet forward at batch 2 (cond + uncond),
@@ -56,13 +56,15 @@ struct Args {
     extra_config: String,
     json: bool,
     seed: u64,
+    /// Storage and compute dtype (`fp32` on the CPU, as the PyTorch baseline; `fp16` for GPU runs).
+    dtype: String,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench sd -- [--model DIR] [--threads N] [--repeats R] [--warmup W] [--only W,W]\n\
          \x20      [--budgets 100,50,25,10] [--device emulated:SIZE] [--working-gb G] [--config 'key: value'] [--seed S]\n\
-         \x20      [--json]\n\
+         \x20      [--dtype fp32|fp16|bf16] [--json]\n\
          workloads: unet_step_32 unet_step_64 vae_decode_256 vae_decode_512"
     );
     std::process::exit(2)
@@ -81,6 +83,7 @@ fn parse_args() -> Args {
         extra_config: String::new(),
         json: false,
         seed: 0,
+        dtype: "fp32".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -102,6 +105,7 @@ fn parse_args() -> Args {
             "--working-gb" => a.working_gb = val().parse().unwrap_or_else(|_| usage()),
             "--config" => a.extra_config = val().replace("\\n", "\n"),
             "--seed" => a.seed = val().parse().unwrap_or_else(|_| usage()),
+            "--dtype" => a.dtype = val(),
             "--json" => a.json = true,
             "--bench" => {} // passed by `cargo bench`
             "-h" | "--help" => usage(),
@@ -114,6 +118,10 @@ fn parse_args() -> Args {
     let known: Vec<&str> = UNET_WORKLOADS.iter().chain(VAE_WORKLOADS).map(|(n, _)| *n).collect();
     if let Some(bad) = a.only.iter().find(|w| !known.contains(&w.as_str())) {
         eprintln!("unknown workload {bad}");
+        usage()
+    }
+    if !["fp32", "fp16", "bf16"].contains(&a.dtype.as_str()) {
+        eprintln!("--dtype takes fp32, fp16 or bf16");
         usage()
     }
     if a.repeats == 0 || a.threads == 0 || a.budgets.iter().any(|&p| p == 0 || p > 100) {
@@ -248,8 +256,9 @@ fn log(args: &Args, msg: &str) {
 /// Config for a run: f32 storage and compute (the PyTorch baseline's), a fixed working memory, and the cache cap.
 fn config_yaml(args: &Args, max_cache_vram_bytes: Option<u64>) -> String {
     let mut y = format!(
-        "storage_dtype: fp32\ncompute_dtype: fp32\ndevice_working_mem_gb: {}\nkeep_ram_copy_of_weights: true\n",
-        args.working_gb
+        "storage_dtype: {d}\ncompute_dtype: {d}\ndevice_working_mem_gb: {}\nkeep_ram_copy_of_weights: true\n",
+        args.working_gb,
+        d = args.dtype
     );
     if !args.extra_config.is_empty() {
         y.push_str(&args.extra_config);
@@ -458,10 +467,10 @@ fn run(args: &Args) -> BoxResult<Value> {
         "impl": "lowvram",
         "lowvram": lowvram::VERSION,
         "candle_core": "0.11.1",
-        "device": "cpu",
+        "device": args.device.clone().unwrap_or_else(|| "emulated (CPU memory)".into()),
         "cpu": cpu_model(),
         "threads": args.threads,
-        "dtype": "f32",
+        "dtype": args.dtype,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "config_yaml": config_yaml(args, None),
