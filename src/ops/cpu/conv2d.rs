@@ -445,3 +445,138 @@ mod tests {
         assert!(super::conv2d(&x, &rand(&[3, 4, 3, 2], 2), None, 1, 1).is_err(), "non-square kernel");
     }
 }
+
+#[cfg(test)]
+mod bench {
+    use std::time::Instant;
+
+    use candle_core::{Device, Tensor};
+
+    use super::{conv2d_tiled, Geom, Tiling};
+    use crate::ops::conv2d::conv2d_reference;
+
+    fn median(v: &mut [f64]) -> f64 {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    }
+
+    fn time<R>(f: impl FnOnce() -> R) -> f64 {
+        let t = Instant::now();
+        std::hint::black_box(f());
+        t.elapsed().as_secs_f64() * 1e3
+    }
+
+    /// SD1.5 shapes: candle conv2d + bias vs the kernel (both operand orders, and with gemm forced to pack the
+    /// weights on every call), interleaved, medians; plus gemm's cost of packing the weights once per call.
+    #[test]
+    #[ignore = "benchmark: RAYON_NUM_THREADS=2 cargo test --release --lib ops::cpu::conv2d::bench -- --ignored --nocapture"]
+    fn bench_sd_shapes() {
+        let only = std::env::var("CONV_BENCH_ONLY").ok();
+        let variants = std::env::var("CONV_BENCH_VARIANTS").map(|v| v == "1").unwrap_or(true);
+        // (name, batch, cin, cout, size, k, stride, pad)
+        let shapes = [
+            ("unet 320->320 3x3 64x64 b2", 2, 320, 320, 64, 3, 1, 1),
+            ("unet 640->640 3x3 32x32 b2", 2, 640, 640, 32, 3, 1, 1),
+            ("unet 1280->1280 3x3 16x16 b2", 2, 1280, 1280, 16, 3, 1, 1),
+            ("unet 1280->1280 3x3 8x8 b2", 2, 1280, 1280, 8, 3, 1, 1),
+            ("unet 320->320 3x3 s2 64x64 b2", 2, 320, 320, 64, 3, 2, 1),
+            ("unet conv_in 4->320 64x64 b2", 2, 4, 320, 64, 3, 1, 1),
+            ("unet 640->1280 1x1 16x16 b2", 2, 640, 1280, 16, 1, 1, 0),
+            ("vae 512->512 3x3 64x64", 1, 512, 512, 64, 3, 1, 1),
+            ("vae 512->512 3x3 128x128", 1, 512, 512, 128, 3, 1, 1),
+            ("vae 512->512 3x3 256x256", 1, 512, 512, 256, 3, 1, 1),
+            ("vae 256->256 3x3 512x512", 1, 256, 256, 512, 3, 1, 1),
+            ("vae 128->128 3x3 512x512", 1, 128, 128, 512, 3, 1, 1),
+            ("vae 128->3 3x3 512x512", 1, 128, 3, 512, 3, 1, 1),
+        ];
+        println!("threads {}", rayon::current_num_threads());
+        for (name, b, cin, cout, hw, k, s, p) in shapes {
+            if only.as_deref().is_some_and(|o| !name.contains(o)) {
+                continue;
+            }
+            let dev = Device::Cpu;
+            let x = (Tensor::rand(0f32, 1., (b, cin, hw, hw), &dev).unwrap() - 0.5).unwrap();
+            let w = (Tensor::rand(0f32, 1., (cout, cin, k, k), &dev).unwrap() - 0.5).unwrap();
+            let bias = Tensor::rand(0f32, 1., cout, &dev).unwrap();
+            let g = Geom::new(x.dims4().unwrap(), w.dims4().unwrap(), s, p).unwrap();
+            let t = Tiling::for_geom(&g);
+            let tl = Tiling { weights_lhs: true, ..t };
+            let cand = || conv2d_reference(&x, &w, Some(&bias), s, p).unwrap();
+            let ours = |t: Tiling| conv2d_tiled(&x, &w, Some(&bias), &g, t).unwrap();
+            let packed = || {
+                gemm::set_rhs_packing_threshold(0);
+                let y = ours(t);
+                gemm::set_rhs_packing_threshold(gemm::DEFAULT_RHS_PACKING_THRESHOLD);
+                y
+            };
+            let r = cand();
+            let y = ours(t);
+            let err = (&y - &r).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let first = time(|| ours(t));
+            let reps = if first > 2000. { 3 } else if first > 300. { 5 } else { 9 };
+            let (mut tc, mut to, mut tw, mut tp) = (vec![], vec![], vec![], vec![]);
+            for _ in 0..reps {
+                tc.push(time(cand));
+                to.push(time(|| ours(t)));
+                if variants {
+                    tw.push(time(|| ours(tl)));
+                    tp.push(time(packed));
+                }
+            }
+            let (mc, mo) = (median(&mut tc), median(&mut to));
+            let (mw, mp) = if variants { (median(&mut tw), median(&mut tp)) } else { (f64::NAN, f64::NAN) };
+            // Alternative tilings to compare, e.g. CONV_BENCH_ALT=512x28,2048x14 (positions x channels).
+            if let Ok(alt) = std::env::var("CONV_BENCH_ALT") {
+                let alts: Vec<Tiling> = alt
+                    .split(',')
+                    .map(|a| {
+                        let (p, c) = a.split_once('x').unwrap();
+                        Tiling { positions: p.parse().unwrap(), channels: c.parse().unwrap(), weights_lhs: false }
+                    })
+                    .collect();
+                let mut ts = vec![vec![]; alts.len() + 1];
+                for _ in 0..reps {
+                    ts[0].push(time(|| ours(t)));
+                    for (i, a) in alts.iter().enumerate() {
+                        ts[i + 1].push(time(|| ours(*a)));
+                    }
+                }
+                let meds: Vec<String> = ts.iter_mut().map(|v| format!("{:.1}", median(v))).collect();
+                println!("{name:34} default {}x{} then {alt}: {}", t.positions, t.channels, meds.join(" | "));
+            }
+            // Packing the weights: a gemm with 16 positions and packing forced, minus the same without packing,
+            // times the number of gemm calls, divided over the threads that run them.
+            let depth = t.channels.min(cin) * k * k;
+            let col = vec![0.25f32; depth * 16];
+            let mut dst = vec![0f32; cout * 16];
+            let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let tiny = |dst: &mut [f32]| {
+                // SAFETY: col is [depth, 16]; wv holds `cout` rows of cin·k², of which gemm reads the first `depth`
+                // columns; dst is [cout, 16].
+                unsafe {
+                    gemm::gemm(16, cout, depth, dst.as_mut_ptr(), 16, 1, false, col.as_ptr(), 16, 1, wv.as_ptr(), (cin * k * k) as isize, 1, 1.0, 1.0, false, false, false, gemm::Parallelism::None)
+                }
+            };
+            let (mut a, mut bb) = (vec![], vec![]);
+            for _ in 0..21 {
+                gemm::set_rhs_packing_threshold(0);
+                a.push(time(|| tiny(&mut dst)));
+                gemm::set_rhs_packing_threshold(gemm::DEFAULT_RHS_PACKING_THRESHOLD);
+                bb.push(time(|| tiny(&mut dst)));
+            }
+            let per_call = (median(&mut a) - median(&mut bb)).max(0.0);
+            let tasks = b * t.tiles(&g);
+            let calls = tasks * cin.div_ceil(t.channels);
+            let lanes = if t.outer_parallel(&g, rayon::current_num_threads()) { rayon::current_num_threads().min(tasks) } else { 1 };
+            let pack_ms = per_call * calls as f64 / lanes as f64;
+            println!(
+                "{name:34} candle {mc:9.2} ms | ours {mo:9.2} ms ({:5.2}x) | w-lhs {mw:9.2} | w-packed {mp:9.2} | pack/call {:.3} ms x {calls} calls / {lanes} = {pack_ms:8.2} ms ({:4.1}% of ours) | tile {}x{}ch | err {err:.1e} | reps {reps}",
+                mc / mo,
+                per_call,
+                100. * pack_ms / mo,
+                t.positions,
+                t.channels,
+            );
+        }
+    }
+}
