@@ -27,8 +27,19 @@ const DEPTH_TARGET: usize = 512;
 const DIRECT_TILE: usize = 1024;
 /// Tiles are multiples of this (gemm's widest f32 microkernel row count), except a whole short image.
 const TILE_ALIGN: usize = 16;
-/// Slack for gemm's packing buffers beyond `depth × (m + n)`: one microkernel's rounding on each side.
-const GEMM_PACK_SLACK: usize = 64;
+/// Slack for gemm's packing buffers: one microkernel's rounding (its widest f32 microkernel is 32 × 6).
+const GEMM_PACK_SLACK: usize = 32;
+
+/// Upper bound of the f32s gemm 0.19 allocates in one call `dst[m, n] += lhs[m, depth] · rhs[depth, n]` with a
+/// unit-stride lhs column and rhs column, as the kernel calls it (m = positions, n = Cout): it packs the rhs (the
+/// weights) only when m exceeds 128 microkernel rows (2048 with AVX2, 4096 with AVX-512; always on aarch64), and
+/// prepacks the lhs only when m ≤ 2·mc (mc ≤ 8 microkernel rows, so m ≤ 512). Its per-thread L2 slab is
+/// persistent, not per call.
+fn gemm_pack_f32s(m: usize, n: usize, depth: usize) -> usize {
+    let rhs = if cfg!(target_arch = "aarch64") || m > 2048 { depth * (n + GEMM_PACK_SLACK) } else { 0 };
+    let lhs = if m <= 512 { depth * (m + GEMM_PACK_SLACK) } else { 0 };
+    rhs + lhs
+}
 
 /// Conv geometry: input `[b, cin, h, w]`, weight `[cout, cin, k, k]`, output `[b, cout, oh, ow]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,11 +133,12 @@ impl Tiling {
     }
 
     /// Upper bound of the transient f32s of a conv run with this tiling on `threads` threads: the column buffers
-    /// alive at once, and gemm's packed copies of its operands (at most `depth × (m + n)` plus rounding per call).
+    /// alive at once, and gemm's packed copies of its operands in each running call.
     fn scratch_f32s(&self, g: &Geom, threads: usize) -> usize {
         let live = if self.outer_parallel(g, threads) { threads.min(g.b * self.tiles(g)) } else { 1 };
         let depth = self.channels.min(g.cin) * g.k * g.k;
-        live * (self.col_len(g) + depth * (self.positions + g.cout + GEMM_PACK_SLACK))
+        let np = self.positions.min(g.positions());
+        live * (self.col_len(g) + gemm_pack_f32s(np, g.cout, depth))
     }
 }
 
