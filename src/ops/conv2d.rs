@@ -2,12 +2,28 @@
 
 use candle_core::{DType, Tensor};
 
+use super::cpu::{self, is_cpu_f32};
 use crate::error::{Error, Result};
 
 /// Convolve `x` `[B, Cin, H, W]` with `weight` `[Cout, Cin, k, k]`, add `bias` `[Cout]`.
 ///
-/// Output `[B, Cout, (H + 2p - k)/s + 1, (W + 2p - k)/s + 1]`.
+/// Output `[B, Cout, (H + 2p - k)/s + 1, (W + 2p - k)/s + 1]`. f32 tensors on the CPU (square kernels) go through
+/// the own tiled im2col + gemm kernel (bias fused); other dtypes and CUDA through candle ([`conv2d_reference`]).
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+    let (_, cin, _, _) = x.dims4()?;
+    let (_, wcin, kh, kw) = weight.dims4()?;
+    if cin != wcin {
+        return Err(Error::invalid(format!("conv2d: input has {cin} channels, weight expects {wcin}")));
+    }
+    if kh == kw && is_cpu_f32(x) && is_cpu_f32(weight) && bias.is_none_or(is_cpu_f32) {
+        return cpu::conv2d::conv2d(x, weight, bias, stride, padding);
+    }
+    conv2d_reference(x, weight, bias, stride, padding)
+}
+
+/// [`conv2d`] as candle's conv2d followed by a broadcast bias add (the path for f16/bf16 and CUDA; tests compare the
+/// CPU kernel against it).
+pub fn conv2d_reference(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     let (_, cin, _, _) = x.dims4()?;
     let (cout, wcin, _, _) = weight.dims4()?;
     if cin != wcin {
@@ -20,9 +36,15 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize,
     }
 }
 
-/// Transient bytes of one [`conv2d`] call beyond its input and output, as the CUDA backend does it (full im2col):
-/// the column buffer `B·Hout·Wout·Cin·k²` plus the un-permuted GEMM result `B·Hout·Wout·Cout`, plus one more output
-/// for the bias add. (The CPU backend tiles its im2col, so this bounds it from above.) 1×1 stride-1 convs skip im2col.
+/// Upper bound of the transient bytes of one [`conv2d`] call beyond its (contiguous) inputs and its output.
+///
+/// It cannot tell the device, so it bounds both paths: candle's (the CUDA backend's full im2col: the column buffer
+/// `B·Hout·Wout·Cin·k²` plus the un-permuted GEMM result `B·Hout·Wout·Cout`, plus one more output for the bias add;
+/// 1×1 stride-1 convs skip im2col) and, for f32, the CPU kernel's (a few MiB: one column tile per concurrently
+/// running task, at most one per thread of the global rayon pool, plus gemm's packed operands; it does not depend
+/// on the image size beyond that). The padding is not passed, so the CPU bound takes the larger of the unpadded and
+/// padded cases.
+#[allow(clippy::too_many_arguments)]
 pub fn conv2d_scratch_bytes(
     batch: usize,
     cin: usize,
@@ -36,7 +58,12 @@ pub fn conv2d_scratch_bytes(
     let e = dtype.size_in_bytes() as u64;
     let m = (batch * out_h * out_w) as u64;
     let col = if k == 1 && stride == 1 { 0 } else { m * (cin * k * k) as u64 };
-    (col + 2 * m * cout as u64) * e
+    let candle = (col + 2 * m * cout as u64) * e;
+    if dtype == DType::F32 {
+        candle.max(cpu::conv2d::scratch_bytes_bound(batch, cin, cout, out_h, out_w, k, stride))
+    } else {
+        candle
+    }
 }
 
 #[cfg(test)]
