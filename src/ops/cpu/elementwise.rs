@@ -2,7 +2,33 @@
 //! and the elementwise kernels built on it. The crate compiles for baseline x86-64 (SSE2), where libm's `expf` and
 //! `erff` are scalar calls and would dominate the fused norm and GEGLU passes.
 
+use candle_core::Tensor;
 use rayon::prelude::*;
+
+use super::{f32_tensor, is_cpu_f32, with_f32};
+use crate::error::Result;
+
+/// `ops::upsample_nearest2d`: nearest-neighbour resize of `x` `[B, C, H, W]` to `out_h × out_w`. An exact 2× of an f32
+/// CPU tensor runs the parallel kernel below (candle's CPU upsample is one thread with per-element index maths);
+/// anything else goes to candle.
+pub fn upsample_nearest2d(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if !is_cpu_f32(x) || out_h != 2 * h || out_w != 2 * w {
+        return Ok(x.upsample_nearest2d(out_h, out_w)?);
+    }
+    let out = with_f32(x, |xs| upsample_nearest2x(xs, b * c, h, w))?;
+    f32_tensor(out, (b, c, out_h, out_w))
+}
+
+/// `ops::silu`: `x·σ(x)` elementwise; f32 CPU tensors with the vectorised kernel below (candle's CPU SiLU calls
+/// libm's `expf` per element), others through candle.
+pub fn silu_tensor(x: &Tensor) -> Result<Tensor> {
+    if !is_cpu_f32(x) {
+        return Ok(x.silu()?);
+    }
+    let out = with_f32(x, silu_all)?;
+    f32_tensor(out, x.shape())
+}
 
 /// `e^x` in f32, within 2 ulp over the whole range (flushes to 2^-126 below about −87.3, saturates near 2.4e38 above
 /// about 88.4). Range reduction `x = n·ln2 + r`, |r| ≤ ln2/2, then a degree-7 Taylor polynomial for `e^r`
@@ -161,6 +187,30 @@ mod tests {
             }
             (-z * z).exp() / std::f64::consts::PI.sqrt() / (z + f)
         }
+    }
+
+    #[test]
+    fn tensor_wrappers_match_candle() {
+        use candle_core::{DType, Device};
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 3.0, (2, 3, 5, 7), &dev).unwrap();
+        let up = upsample_nearest2d(&x, 10, 14).unwrap();
+        let want = x.upsample_nearest2d(10, 14).unwrap();
+        let (u, w): (Vec<f32>, Vec<f32>) =
+            (up.flatten_all().unwrap().to_vec1().unwrap(), want.flatten_all().unwrap().to_vec1().unwrap());
+        assert_eq!(u, w);
+        let strided = x.transpose(2, 3).unwrap();
+        let (u, w): (Vec<f32>, Vec<f32>) = (
+            upsample_nearest2d(&strided, 14, 10).unwrap().flatten_all().unwrap().to_vec1().unwrap(),
+            strided.upsample_nearest2d(14, 10).unwrap().flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert_eq!(u, w);
+        assert_eq!(upsample_nearest2d(&x, 7, 9).unwrap().dims(), &[2, 3, 7, 9]); // not 2×: candle
+        assert!(upsample_nearest2d(&x.flatten_all().unwrap(), 4, 4).is_err());
+        let s = silu_tensor(&x).unwrap();
+        let d = (&s - x.silu().unwrap()).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+        assert_eq!(silu_tensor(&x.to_dtype(DType::F16).unwrap()).unwrap().dtype(), DType::F16);
     }
 
     #[test]
