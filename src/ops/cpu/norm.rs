@@ -18,13 +18,13 @@ const BLOCK: usize = 256;
 #[inline(always)]
 fn block_sum(xs: &[f32]) -> f64 {
     let mut acc = [0f32; LANES];
-    let mut chunks = xs.chunks_exact(LANES);
-    for c in &mut chunks {
+    let (chunks, rest) = xs.as_chunks::<LANES>(); // fixed-size arrays: the lane loop becomes whole-register adds
+    for c in chunks {
         for i in 0..LANES {
             acc[i] += c[i];
         }
     }
-    let tail: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+    let tail: f64 = rest.iter().map(|&v| v as f64).sum();
     acc.iter().map(|&v| v as f64).sum::<f64>() + tail
 }
 
@@ -33,8 +33,8 @@ fn block_sum(xs: &[f32]) -> f64 {
 fn block_centred(xs: &[f32], m: f32) -> (f64, f64) {
     let mut s1 = [0f32; LANES];
     let mut s2 = [0f32; LANES];
-    let mut chunks = xs.chunks_exact(LANES);
-    for c in &mut chunks {
+    let (chunks, rest) = xs.as_chunks::<LANES>();
+    for c in chunks {
         for i in 0..LANES {
             let d = c[i] - m;
             s1[i] += d;
@@ -42,7 +42,7 @@ fn block_centred(xs: &[f32], m: f32) -> (f64, f64) {
         }
     }
     let (mut t1, mut t2) = (0f64, 0f64);
-    for &v in chunks.remainder() {
+    for &v in rest {
         let d = (v - m) as f64;
         t1 += d;
         t2 += d * d;

@@ -13,8 +13,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Run the closures interleaved `reps` times (after one warm-up each); print their medians in ms and the ratios to
-/// the first.
+/// Run the closures interleaved `reps` times (after one warm-up each); print their medians in ms, the ratios to the
+/// first, and the minima.
 fn compare(name: &str, reps: usize, fs: &mut [(&str, &mut dyn FnMut() -> Tensor)]) {
     for (_, f) in fs.iter_mut() {
         drop(f());
@@ -28,9 +28,13 @@ fn compare(name: &str, reps: usize, fs: &mut [(&str, &mut dyn FnMut() -> Tensor)
             drop(y);
         }
     }
+    let mins: Vec<f64> = times.iter().map(|t| t.iter().cloned().fold(f64::INFINITY, f64::min)).collect();
     let meds: Vec<f64> = times.into_iter().map(median).collect();
-    let cols: Vec<String> =
-        fs.iter().zip(&meds).map(|((n, _), m)| format!("{n} {m:8.3} ms ({:.2}x)", m / meds[0])).collect();
+    let cols: Vec<String> = fs
+        .iter()
+        .zip(meds.iter().zip(&mins))
+        .map(|((n, _), (m, lo))| format!("{n} {m:8.3} ms ({:.2}x, min {lo:.3})", m / meds[0]))
+        .collect();
     println!("{name:<40} {}", cols.join("  "));
 }
 
@@ -104,3 +108,4 @@ fn timing_table() {
         ]);
     }
 }
+
