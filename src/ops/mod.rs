@@ -17,6 +17,7 @@ pub mod timestep;
 
 pub use attention::{attention, attention_chunk_rows, attention_scratch_bytes, attention_with_budget, ATTENTION_SCRATCH_BYTES};
 pub use conv2d::{conv2d, conv2d_scratch_bytes};
+pub use cpu::elementwise::{silu_tensor as silu, upsample_nearest2d};
 pub use geglu::geglu;
 pub use group_norm::{group_norm, group_norm_scratch_bytes};
 pub use layer_norm::layer_norm;

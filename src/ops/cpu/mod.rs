@@ -10,7 +10,10 @@ use crate::error::{Error, Result};
 
 pub(crate) mod attention;
 pub(crate) mod conv2d;
+pub(crate) mod elementwise;
 pub(crate) mod norm;
+#[cfg(test)]
+mod timing;
 
 /// Whether `t` is an f32 tensor in host memory, the case the kernels here handle.
 pub(crate) fn is_cpu_f32(t: &Tensor) -> bool {
