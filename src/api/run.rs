@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::api::{Context, Model};
+use crate::ops::OpTarget;
 use crate::error::{Error, Result};
 use crate::memory::ModelLock;
 use crate::sampling::{self, DenoiseParams, SchedulerKind};
@@ -156,18 +157,18 @@ impl Context {
         let guided = options.guidance > 1.0;
         let unet_batch = if guided { 2 * batch } else { batch };
 
-        let dtype = self.cache().compute_dtype();
-        let estimate = model.working_bytes(unet_batch, h, w, seq, dtype);
+        let target = OpTarget::new(self.cache().device(), self.cache().compute_dtype());
+        let estimate = model.working_bytes(unet_batch, h, w, seq, target);
         self.cache().allocator().reset_peak();
         let refused_before = self.cache().allocator().refused();
         let lock = self.cache().lock(unet.weights(), estimate)?;
         let source = Cancellable { inner: &lock, cancel: self.cancel_flag() };
 
         let device = lock.device().clone();
-        let cond_dev = cond.to_device(&device)?.to_dtype(dtype)?;
+        let cond_dev = cond.to_device(&device)?.to_dtype(target.dtype)?;
         let context = if guided {
             let u = match uncond {
-                Some(u) => u.to_device(&device)?.to_dtype(dtype)?,
+                Some(u) => u.to_device(&device)?.to_dtype(target.dtype)?,
                 None => cond_dev.zeros_like()?,
             };
             Tensor::cat(&[&u, &cond_dev], 0)?
@@ -217,12 +218,12 @@ impl Context {
         if let Some(shift) = config.shift_factor {
             z = (z + shift)?;
         }
-        let dtype = self.cache().compute_dtype();
+        let target = OpTarget::new(self.cache().device(), self.cache().compute_dtype());
         let refused_before = self.cache().allocator().refused();
         self.cache().allocator().reset_peak();
 
         if matches!(tiling, Tiling::Auto | Tiling::Never) {
-            let estimate = model.decode_working_bytes(z.dims(), dtype);
+            let estimate = model.decode_working_bytes(z.dims(), target);
             match self.cache().lock(vae.weights(), estimate) {
                 Ok(lock) => {
                     let source = Cancellable { inner: &lock, cancel: self.cancel_flag() };
@@ -253,7 +254,7 @@ impl Context {
             if tile == 0 {
                 return Err(Error::invalid("tile edge must be positive"));
             }
-            let estimate = model.decode_tiled_working_bytes(z.dims(), tile, dtype);
+            let estimate = model.decode_tiled_working_bytes(z.dims(), tile, target);
             let lock = match self.cache().lock(vae.weights(), estimate) {
                 Ok(lock) => lock,
                 Err(e @ Error::BudgetTooSmall { .. }) => {

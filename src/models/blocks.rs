@@ -4,8 +4,9 @@
 //! Tensor names inside a block are those of the diffusers checkpoint, relative to the block key
 //! (`norm1.weight`, `conv1.weight`, `transformer_blocks.0.attn1.to_q.weight`, ...).
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
+use crate::ops::OpTarget;
 use crate::error::Result;
 use crate::ops::{self, attention, conv2d, geglu, group_norm, layer_norm, linear};
 use crate::weights::{BlockWeights, WeightSource};
@@ -120,16 +121,16 @@ impl ResnetSpec {
         Ok(out)
     }
 
-    pub fn mem(&self, p: &mut Peak, b: usize, hw: usize, e: DType) {
+    pub fn mem(&self, p: &mut Peak, b: usize, hw: usize, e: OpTarget) {
         let x = act(b, self.cin, hw, e);
         let y = act(b, self.cout, hw, e);
-        p.transient(ops::group_norm_scratch_bytes(b * self.cin * hw) + x);
+        p.transient(ops::group_norm_scratch_bytes(b * self.cin * hw, e) + x);
         p.alloc(x); // h = norm1(x)
         p.transient(conv_scratch(b, self.cin, self.cout, hw, 3, e) + y);
         p.alloc(y);
         p.free(x); // h = conv1(h)
         p.transient(y); // + temb
-        p.transient(ops::group_norm_scratch_bytes(b * self.cout * hw) + y); // norm2 (old h freed after)
+        p.transient(ops::group_norm_scratch_bytes(b * self.cout * hw, e) + y); // norm2 (old h freed after)
         p.transient(conv_scratch(b, self.cout, self.cout, hw, 3, e) + 2 * y); // conv2 while norm2 output and h live
         if self.cin != self.cout {
             p.transient(2 * y + y); // shortcut conv (1×1: bias-add copy) + sum
@@ -178,7 +179,7 @@ pub(crate) struct UpsampleSpec {
 impl UpsampleSpec {
     pub fn forward(&self, w: &dyn WeightSource, x: &Tensor, target: (usize, usize)) -> Result<Tensor> {
         let bw = w.fetch(&self.key)?;
-        let up = x.upsample_nearest2d(target.0, target.1)?;
+        let up = ops::upsample_nearest2d(x, target.0, target.1)?;
         conv_from(&bw, "conv.", &up, self.c, self.c, 3, 1, 1)
     }
 }
@@ -257,11 +258,11 @@ impl TransformerSpec {
         linear_from(bw, &format!("{name}.to_out.0"), &o, c, c, Bias::Required)
     }
 
-    pub fn mem(&self, p: &mut Peak, b: usize, hw: usize, seq: usize, e: DType) {
+    pub fn mem(&self, p: &mut Peak, b: usize, hw: usize, seq: usize, e: OpTarget) {
         let c = self.channels;
         let x = act(b, c, hw, e);
         let es = e.size_in_bytes() as u64;
-        p.transient(ops::group_norm_scratch_bytes(b * c * hw) + x);
+        p.transient(ops::group_norm_scratch_bytes(b * c * hw, e) + x);
         p.alloc(x); // normed
         p.transient(2 * x); // proj_in + permute copy
         p.alloc(x);
@@ -269,9 +270,14 @@ impl TransformerSpec {
         let ctx_kv = (b * seq * c) as u64 * es;
         let d = c / self.heads;
         // Self-attention: LN out, q, k, v, scratch, output, projection.
-        let self_attn = x + 3 * x + ops::attention_scratch_bytes(b, self.heads, hw, hw, d, e) + 2 * x;
-        let cross_attn = x + x + 2 * ctx_kv + ops::attention_scratch_bytes(b, self.heads, hw, seq, d, e) + 2 * x;
-        let ff = x + 8 * x + 4 * x + 4 * x + x; // LN out, proj (8c), value·gelu(gate) (gelu 4c, product 4c), out
+        let self_attn = x + 3 * x + ops::attention_scratch_bytes(b, self.heads, hw, hw, d, e.dtype) + 2 * x;
+        let cross_attn = x + x + 2 * ctx_kv + ops::attention_scratch_bytes(b, self.heads, hw, seq, d, e.dtype) + 2 * x;
+        let ff = if e.cpu_kernels {
+            // LN out, the fused GEGLU's projection chunk (≤ 512 rows × 8c f32), its 4c-wide result, out.
+            x + (b * hw).min(512) as u64 * 8 * c as u64 * 4 + 4 * x + x
+        } else {
+            x + 8 * x + 4 * x + 4 * x + x // LN out, proj (8c), value·gelu(gate) (gelu 4c, product 4c), out
+        };
         p.transient(self_attn.max(cross_attn).max(ff) + x); // + the residual sum
         p.transient(3 * x); // proj_out + permute/copy
         p.free(x);
@@ -308,10 +314,10 @@ impl VaeAttentionSpec {
         Ok((o + x)?)
     }
 
-    pub fn mem(&self, p: &mut Peak, b: usize, hw: usize, e: DType) {
+    pub fn mem(&self, p: &mut Peak, b: usize, hw: usize, e: OpTarget) {
         let x = act(b, self.channels, hw, e);
-        p.transient(ops::group_norm_scratch_bytes(b * self.channels * hw) + x);
-        let attn = 3 * x + ops::attention_scratch_bytes(b, 1, hw, hw, self.channels, e) + x;
+        p.transient(ops::group_norm_scratch_bytes(b * self.channels * hw, e) + x);
+        let attn = 3 * x + ops::attention_scratch_bytes(b, 1, hw, hw, self.channels, e.dtype) + x;
         p.transient(2 * x + attn); // normed + transposed copy, q k v, scratch, out
         p.transient(3 * x); // proj, transpose, sum
         p.alloc(x);
@@ -320,12 +326,12 @@ impl VaeAttentionSpec {
 }
 
 /// Bytes of an activation `[b, c, hw]`.
-pub(crate) fn act(b: usize, c: usize, hw: usize, e: DType) -> u64 {
+pub(crate) fn act(b: usize, c: usize, hw: usize, e: OpTarget) -> u64 {
     (b * c * hw * e.size_in_bytes()) as u64
 }
 
 /// Conv scratch for a "same" conv on `hw` positions.
-pub(crate) fn conv_scratch(b: usize, cin: usize, cout: usize, hw: usize, k: usize, e: DType) -> u64 {
+pub(crate) fn conv_scratch(b: usize, cin: usize, cout: usize, hw: usize, k: usize, e: OpTarget) -> u64 {
     ops::conv2d_scratch_bytes(b, cin, cout, hw, 1, k, 1, e)
 }
 

@@ -1,8 +1,9 @@
 //! 2-D convolution with bias (PyTorch `nn.Conv2d`, square kernel, symmetric padding), over candle's conv2d.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use super::cpu::{self, is_cpu_f32};
+use super::OpTarget;
 use crate::error::{Error, Result};
 
 /// Convolve `x` `[B, Cin, H, W]` with `weight` `[Cout, Cin, k, k]`, add `bias` `[Cout]`.
@@ -38,12 +39,12 @@ pub fn conv2d_reference(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stri
 
 /// Upper bound of the transient bytes of one [`conv2d`] call beyond its (contiguous) inputs and its output.
 ///
-/// It cannot tell the device, so it bounds both paths: candle's (the CUDA backend's full im2col: the column buffer
-/// `B·Hout·Wout·Cin·k²` plus the un-permuted GEMM result `B·Hout·Wout·Cout`, plus one more output for the bias add;
-/// 1×1 stride-1 convs skip im2col) and, for f32, the CPU kernel's (a few MiB: one column tile per concurrently
-/// running task, at most one per thread of the global rayon pool, plus gemm's packed operands; it does not depend
-/// on the image size beyond that). The padding is not passed, so the CPU bound takes the larger of the unpadded and
-/// padded cases.
+/// `target` says which path runs ([`OpTarget::new`] from the device and dtype; a bare `DType` means candle's, the
+/// larger). Candle's (CUDA's full im2col): the column buffer `B·Hout·Wout·Cin·k²` plus the un-permuted GEMM result
+/// `B·Hout·Wout·Cout`, plus one more output for the bias add; 1×1 stride-1 convs skip im2col; its CPU backend also
+/// copies the input and the weights. The own f32 CPU kernel's: a few MiB, one column tile per concurrently running
+/// task (at most one per thread of the global rayon pool) plus gemm's packed operands, independent of the image
+/// size beyond that; the padding is not passed, so it takes the larger of the unpadded and padded cases.
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_scratch_bytes(
     batch: usize,
@@ -53,17 +54,17 @@ pub fn conv2d_scratch_bytes(
     out_w: usize,
     k: usize,
     stride: usize,
-    dtype: DType,
+    target: impl Into<OpTarget>,
 ) -> u64 {
+    let target = target.into();
+    if target.cpu_kernels {
+        return cpu::conv2d::scratch_bytes_bound(batch, cin, cout, out_h, out_w, k, stride);
+    }
+    let dtype = target.dtype;
     let e = dtype.size_in_bytes() as u64;
     let m = (batch * out_h * out_w) as u64;
     let col = if k == 1 && stride == 1 { 0 } else { m * (cin * k * k) as u64 };
-    let candle = (col + 2 * m * cout as u64) * e;
-    if dtype == DType::F32 {
-        candle.max(cpu::conv2d::scratch_bytes_bound(batch, cin, cout, out_h, out_w, k, stride))
-    } else {
-        candle
-    }
+    (col + 2 * m * cout as u64) * e
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
+use crate::ops::OpTarget;
 use crate::ops::cpu::{self, is_cpu_f32};
 
 /// Normalise `x` `[B, C, ...]` over `groups` channel groups (and all spatial positions), then scale by `weight` `[C]`
@@ -79,12 +80,12 @@ pub fn group_norm_reference(
     Ok(y.to_dtype(dtype)?)
 }
 
-/// Transient bytes of one [`group_norm`] call on `elems` elements beyond its input and output, as an upper bound
-/// over both paths because the caller's device is not known here: the candle composition (CUDA, f16/bf16) holds
-/// at most three f32 copies of the input at once (the f32 input, the centred values, the squared or scaled values).
-/// The f32 CPU kernel needs none ([`group_norm_scratch_bytes_for`] gives the per-path figure).
-pub fn group_norm_scratch_bytes(elems: usize) -> u64 {
-    group_norm_scratch_bytes_for(elems, false)
+/// Transient bytes of one [`group_norm`] call on `elems` elements beyond its input and output, on the path `target`
+/// selects ([`OpTarget::new`]; a bare `DType` means the composition's, the larger): the candle composition (CUDA,
+/// f16/bf16) holds at most three f32 copies of the input at once (the f32 input, the centred values, the squared or
+/// scaled values); the f32 CPU kernel needs none.
+pub fn group_norm_scratch_bytes(elems: usize, target: impl Into<OpTarget>) -> u64 {
+    group_norm_scratch_bytes_for(elems, target.into().cpu_kernels)
 }
 
 /// Transient bytes of one [`group_norm`] call on `elems` elements for a known path: `cpu_f32` (input, weight and

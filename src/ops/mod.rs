@@ -6,6 +6,8 @@
 //! Statistics (group/layer norm mean and variance, softmax) are computed in f32 whatever the compute dtype, and the
 //! result is returned in the input's dtype.
 
+use candle_core::{DType, Device};
+
 pub mod attention;
 mod cpu;
 pub mod conv2d;
@@ -23,3 +25,30 @@ pub use group_norm::{group_norm, group_norm_scratch_bytes};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
 pub use timestep::timestep_embedding;
+
+/// What a working-memory estimate needs to know about where an op runs: its compute dtype, and whether the own CPU
+/// kernels run it (f32 in host memory: the `cpu` and `emulated:` devices), which need far less scratch than candle's
+/// compositions (CUDA; f16/bf16). A bare `DType` converts to the compositions' figure, an upper bound of both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpTarget {
+    pub dtype: DType,
+    pub cpu_kernels: bool,
+}
+
+impl OpTarget {
+    /// The path ops take for tensors of `dtype` on `device` (the dispatch rule of the ops in this module).
+    pub fn new(device: &Device, dtype: DType) -> Self {
+        Self { dtype, cpu_kernels: device.is_cpu() && dtype == DType::F32 }
+    }
+
+    /// Bytes per element of the compute dtype.
+    pub fn size_in_bytes(&self) -> usize {
+        self.dtype.size_in_bytes()
+    }
+}
+
+impl From<DType> for OpTarget {
+    fn from(dtype: DType) -> Self {
+        Self { dtype, cpu_kernels: false }
+    }
+}

@@ -12,8 +12,9 @@ use std::path::Path;
 
 pub use config::{BlockType, UNetConfig};
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
+use crate::ops::OpTarget;
 use crate::error::{Error, Result};
 use crate::models::blocks::{
     act, conv_scratch, norm_silu_block, Bias, ConvSpec, DownsampleSpec, Peak, ResnetSpec, TransformerSpec, UpsampleSpec,
@@ -226,7 +227,8 @@ impl UNet2DConditionModel {
     /// [`ops::attention_scratch_bytes`] (chunked scores, ≤ 64 MiB per chunk), the GEGLU's 8·C-wide projection; for
     /// each up resnet the concatenated input `[B, Cin+Cskip, h, w]`. The estimate is the maximum of live + transient
     /// over the walk. Weights of the block in use are not included (the manager counts those).
-    pub fn working_bytes(&self, batch: usize, h: usize, w: usize, seq_len: usize, dtype: DType) -> u64 {
+    pub fn working_bytes(&self, batch: usize, h: usize, w: usize, seq_len: usize, dtype: impl Into<OpTarget>) -> u64 {
+        let dtype: OpTarget = dtype.into();
         let c = &self.config;
         let e = dtype.size_in_bytes() as u64;
         let b = batch;
@@ -293,7 +295,7 @@ impl UNet2DConditionModel {
             }
         }
         let x = act(b, c0, hh * ww, dtype);
-        p.transient(ops::group_norm_scratch_bytes(b * c0 * hh * ww) + x);
+        p.transient(ops::group_norm_scratch_bytes(b * c0 * hh * ww, dtype) + x);
         p.transient(x + conv_scratch(b, c0, c.out_channels, hh * ww, 3, dtype) + act(b, c.out_channels, hh * ww, dtype));
         p.peak
     }

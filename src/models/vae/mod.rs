@@ -15,8 +15,9 @@ use std::path::Path;
 
 pub use config::VaeConfig;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
+use crate::ops::OpTarget;
 use crate::error::{Error, Result};
 use crate::models::blocks::{
     act, conv_scratch, norm_silu_block, ConvSpec, DownsampleSpec, Peak, ResnetSpec, UpsampleSpec, VaeAttentionSpec,
@@ -54,7 +55,7 @@ impl MidBlock {
         self.resnets[1].forward(w, &x, None)
     }
 
-    fn mem(&self, p: &mut Peak, b: usize, hw: usize, e: DType) {
+    fn mem(&self, p: &mut Peak, b: usize, hw: usize, e: OpTarget) {
         let x = act(b, self.resnets[0].cin, hw, e);
         self.resnets[0].mem(p, b, hw, e);
         p.free(x);
@@ -207,7 +208,8 @@ impl AutoencoderKL {
     /// plus the un-permuted GEMM result and up to two more activations; an upsample holds the 4×-larger resized
     /// input, its conv's im2col and output; the mid attention holds q, k, v and ≤ 64 MiB of chunked scores. The
     /// peak is usually the first resnet of the last up stage or the final conv, at full resolution.
-    pub fn decode_working_bytes(&self, z_shape: &[usize], dtype: DType) -> u64 {
+    pub fn decode_working_bytes(&self, z_shape: &[usize], dtype: impl Into<OpTarget>) -> u64 {
+        let dtype: OpTarget = dtype.into();
         let (b, l, h, w) = match z_shape {
             [b, l, h, w] => (*b, *l, *h, *w),
             _ => return 0,
@@ -241,7 +243,7 @@ impl AutoencoderKL {
         let c0 = self.config.block_out_channels[0];
         let x = act(b, c0, hh * ww, dtype);
         let oc = self.config.out_channels;
-        p.transient(ops::group_norm_scratch_bytes(b * c0 * hh * ww) + x);
+        p.transient(ops::group_norm_scratch_bytes(b * c0 * hh * ww, dtype) + x);
         p.transient(x + conv_scratch(b, c0, oc, hh * ww, 3, dtype) + act(b, oc, hh * ww, dtype));
         p.peak
     }

@@ -10,6 +10,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::ops::OpTarget;
 use crate::error::{Error, Result};
 use crate::ops::{conv2d, conv2d_scratch_bytes};
 
@@ -155,7 +156,7 @@ impl TileNorm {
         drop(xf);
         let mut y = n.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?;
         if self.silu {
-            y = y.silu()?;
+            y = crate::ops::silu(&y)?;
         }
         Ok(y.to_dtype(dtype)?)
     }
@@ -192,7 +193,7 @@ pub(crate) fn conv3x3_tile(
         t = n.apply(t)?;
     }
     if up != 1 {
-        t = t.upsample_nearest2d(up * sy.len(), up * sx.len())?;
+        t = crate::ops::upsample_nearest2d(&t, up * sy.len(), up * sx.len())?;
         t = t.narrow(2, ys.start - up * sy.start, ys.len())?.narrow(3, xs.start - up * sx.start, xs.len())?;
     }
     t = t.pad_with_zeros(2, pad_top, pad_bottom)?.pad_with_zeros(3, pad_left, pad_right)?;
@@ -202,7 +203,7 @@ pub(crate) fn conv3x3_tile(
 /// Peak device bytes of one [`conv3x3_tile`] producing a `th`×`tw` tile, the largest of its stages: the loaded
 /// window with the norm's f32 temporaries (at most three f32 copies live); the upsampled window; the two
 /// zero-padding copies while their source lives; the padded input with the conv's scratch and its output.
-pub(crate) fn conv3x3_tile_bytes(b: usize, cin: usize, cout: usize, th: usize, tw: usize, up: usize, norm: bool, e: DType) -> u64 {
+pub(crate) fn conv3x3_tile_bytes(b: usize, cin: usize, cout: usize, th: usize, tw: usize, up: usize, norm: bool, e: OpTarget) -> u64 {
     let es = e.size_in_bytes() as u64;
     let bc = (b * cin) as u64;
     // Source pixels covering the halo'd tile: `up` − 1 more per side when the tile edge splits a source pixel.
@@ -217,7 +218,7 @@ pub(crate) fn conv3x3_tile_bytes(b: usize, cin: usize, cout: usize, th: usize, t
 }
 
 /// Peak device bytes of one tile of [`GroupStats::gather`]: the window, its f32 copy, the centred and squared values.
-pub(crate) fn stats_tile_bytes(b: usize, c: usize, th: usize, tw: usize, e: DType) -> u64 {
+pub(crate) fn stats_tile_bytes(b: usize, c: usize, th: usize, tw: usize, e: OpTarget) -> u64 {
     let n = (b * c * th * tw) as u64;
     n * e.size_in_bytes() as u64 + 3 * 4 * n
 }

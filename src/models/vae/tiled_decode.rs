@@ -1,9 +1,10 @@
 //! The decoder run layer by layer over tiles ([`super::tiled`]): exact, with device memory bounded by the tile.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::tiled::{conv3x3_tile, conv3x3_tile_bytes, load, map_tiles, stats_tile_bytes, GroupStats, TileNorm};
 use super::AutoencoderKL;
+use crate::ops::OpTarget;
 use crate::error::{Error, Result};
 use crate::models::blocks::{act, ConvSpec, ResnetSpec, UpsampleSpec};
 use crate::ops::{conv2d, conv2d_scratch_bytes};
@@ -83,7 +84,8 @@ impl AutoencoderKL {
     /// inputs), or the mid-block attention run whole at latent resolution. Only that attention term grows with
     /// the image (at 1/f² of its pixels); everything else is set by the tile size. Host memory (a few full
     /// activations) is not counted.
-    pub fn decode_tiled_working_bytes(&self, z_shape: &[usize], tile_latent: usize, dtype: DType) -> u64 {
+    pub fn decode_tiled_working_bytes(&self, z_shape: &[usize], tile_latent: usize, dtype: impl Into<OpTarget>) -> u64 {
+        let dtype: OpTarget = dtype.into();
         let (b, l, h, w) = match z_shape {
             [b, l, h, w] => (*b, *l, *h, *w),
             _ => return 0,
@@ -189,7 +191,7 @@ fn resnet_tiled(w: &dyn WeightSource, r: &ResnetSpec, x: &Tensor, tile: usize, d
 
 /// Peak device bytes of one tile of [`resnet_tiled`]: its statistics passes, conv1, and conv2 followed by the
 /// shortcut (conv2's output lives while the input tile is loaded, 1×1-convolved and added).
-fn resnet_tile_bytes(r: &ResnetSpec, b: usize, th: usize, tw: usize, e: DType) -> u64 {
+fn resnet_tile_bytes(r: &ResnetSpec, b: usize, th: usize, tw: usize, e: OpTarget) -> u64 {
     let px = th * tw;
     let y = act(b, r.cout, px, e);
     let shortcut = if r.cin != r.cout { conv2d_scratch_bytes(b, r.cin, r.cout, th, tw, 1, 1, e) + y } else { 0 };
