@@ -6,7 +6,8 @@
 //! The work splits into tasks of one (batch, head, block of `bq` query rows), run in parallel on the rayon pool. A task
 //! walks the keys in blocks of `bk`: `S = Q Kᵀ · scale` (GEMM), per row the running max `m` and running sum `l` are
 //! updated and the accumulator rescaled by `exp(m_old − m_new)`, `S` becomes `P = exp(S − m_new)`, and `O += P V`
-//! (GEMM). At the end `O / l` is written straight into the task's rows and columns of the `[B, Nq, H·D]` output.
+//! (GEMM). At the end `O / l` is written straight into the task's rows and columns of the `[B, Nq, H·D]` output; when
+//! all keys fit in one block (cross-attention), `P` is normalised first and the `P V` GEMM writes the output itself.
 //!
 //! **Scratch.** One set per worker (at most `min(tasks, threads)` live at once): `S` (`bq·bk`), `O` (`bq·D`), `m` and `l`
 //! (`bq` each), plus the GEMM's own packing buffers; [`scratch_bytes`] bounds it all.
@@ -120,18 +121,23 @@ pub(crate) fn attention_f32(
             let h = (t / q_blocks) % heads;
             let bi = t / (q_blocks * heads);
             let i0 = qb * bq;
-            let task = Task { q, k, v, dims, scale, bi, h, i0, rows: bq.min(nq - i0), bk, par };
-            task.run(s, arch);
+            let task = Task { q, k, v, out: &out_ptr, dims, scale, bi, h, i0, rows: bq.min(nq - i0), bk, par };
+            if task.run(s, arch) {
+                return;
+            }
             // Write O / l into this task's rows i0.. and columns h·D.. of the output (O is stored transposed).
             let rows = task.rows;
+            for (inv, &l) in s.corr[..rows].iter_mut().zip(&s.l[..rows]) {
+                *inv = 1.0 / l;
+            }
             for r in 0..rows {
                 let start = (bi * nq + i0 + r) * hd + h * d;
                 // SAFETY: `start + d ≤ out.len()` (i0 + r < nq, h < heads), `out` outlives the parallel loop, and
                 // tasks own disjoint (row, head) ranges, so no other reference to these `d` floats exists.
                 let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(start), d) };
-                let l = s.l[r];
-                for (e, o) in dst.iter_mut().enumerate() {
-                    *o = s.o[e * rows + r] / l;
+                let inv = s.corr[r];
+                for (o, line) in dst.iter_mut().zip(s.o.chunks_exact(rows)) {
+                    *o = line[r] * inv;
                 }
             }
         },
@@ -147,7 +153,8 @@ impl OutPtr {
         self.0.wrapping_add(offset)
     }
 }
-// SAFETY: the pointer is only dereferenced for disjoint ranges (see the write in `attention_f32`).
+// SAFETY: the pointer is only written through for disjoint (row, head) ranges, one task each (see `attention_f32`
+// and `Task::run`).
 unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
@@ -183,6 +190,7 @@ struct Task<'a> {
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
+    out: &'a OutPtr,
     dims: Dims,
     scale: f32,
     bi: usize,
@@ -194,19 +202,21 @@ struct Task<'a> {
 }
 
 impl Task<'_> {
-    /// Leaves the unnormalised accumulator `Oᵀ` in `s.o[..D·rows]` and the row sums in `s.l[..rows]`.
-    fn run(&self, s: &mut Scratch, arch: Arch) {
+    /// Leaves the unnormalised accumulator `Oᵀ` in `s.o[..D·rows]` and the row sums in `s.l[..rows]` and returns
+    /// false; or, when all keys fit in one block (cross-attention), normalises `P` and lets the `P V` GEMM write the
+    /// task's part of the output directly, and returns true.
+    fn run(&self, s: &mut Scratch, arch: Arch) -> bool {
         let Dims { nq, nk, heads, d, .. } = self.dims;
         let hd = heads * d;
         let rows = self.rows;
         // Qᵀ once per task: gemm wants the m-side operand with unit row stride.
         let q0 = (self.bi * nq + self.i0) * hd + self.h * d;
-        for r in 0..rows {
-            let qrow = &self.q[q0 + r * hd..q0 + r * hd + d];
-            for (e, &x) in qrow.iter().enumerate() {
-                s.qt[e * rows + r] = x;
+        for (e, line) in s.qt.chunks_exact_mut(rows).take(d).enumerate() {
+            for (r, x) in line.iter_mut().enumerate() {
+                *x = self.q[q0 + r * hd + e];
             }
         }
+        let single = nk <= self.bk;
         let mut j0 = 0;
         while j0 < nk {
             let cols = self.bk.min(nk - j0);
@@ -252,18 +262,27 @@ impl Task<'_> {
                 blk: &mut s.blk[..rows],
                 corr: &mut s.corr[..rows],
                 first,
+                normalize: single,
             });
-            // Oᵀ[e, r] (at e·rows + r) += Σ_j P[r, j] · v[j0 + j, h·D + e].
+            // Oᵀ[e, r] (at e·rows + r) += Σ_j P[r, j] · v[j0 + j, h·D + e]; with a single key block, straight into
+            // out[b, i0 + r, h·D + e] instead (row stride H·D).
+            let (dst, dst_cs, dst_rs) = if single {
+                (self.out.at((self.bi * nq + self.i0) * hd + self.h * d), 1, hd as isize)
+            } else {
+                (s.o.as_mut_ptr(), rows as isize, 1)
+            };
             // SAFETY: v rows j0..j0+cols ≤ nk of batch bi, columns within head h: in bounds; `s.s` holds rows·cols
-            // floats and `s.o` D·rows, and neither aliases the other nor v.
+            // floats and `s.o` D·rows. The output rows i0..i0+rows < nq at columns h·D..h·D+D are in bounds and
+            // belong to this task alone (tasks own disjoint (row, head) ranges; `out` outlives the parallel loop).
+            // No destination aliases a source.
             unsafe {
                 gemm::gemm(
                     rows,
                     d,
                     cols,
-                    s.o.as_mut_ptr(),
-                    rows as isize,
-                    1,
+                    dst,
+                    dst_cs,
+                    dst_rs,
                     !first,
                     s.s.as_ptr(),
                     rows as isize,
@@ -281,6 +300,7 @@ impl Task<'_> {
             }
             j0 += cols;
         }
+        single
     }
 }
 
@@ -294,6 +314,8 @@ struct Softmax<'a> {
     blk: &'a mut [f32],
     corr: &'a mut [f32],
     first: bool,
+    /// Divide `P` by the row sums (single key block: `P` is final).
+    normalize: bool,
 }
 
 impl WithSimd for Softmax<'_> {
@@ -301,7 +323,7 @@ impl WithSimd for Softmax<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Softmax { s, o, m, l, blk, corr, first } = self;
+        let Softmax { s, o, m, l, blk, corr, first, normalize } = self;
         let rows = m.len();
         // New running max: the block's max over its keys, and the old max.
         blk.copy_from_slice(&s[..rows]);
@@ -334,6 +356,12 @@ impl WithSimd for Softmax<'_> {
         }
         if first {
             l.copy_from_slice(blk);
+            if normalize {
+                corr.iter_mut().zip(&*l).for_each(|(c, &l)| *c = 1.0 / l);
+                for line in s.chunks_exact_mut(rows) {
+                    zip_map(simd, line, corr, |a, b| simd.mul_f32s(a, b));
+                }
+            }
         } else {
             zip_map(simd, l, corr, |a, b| simd.mul_f32s(a, b));
             zip_map(simd, l, blk, |a, b| simd.add_f32s(a, b));
