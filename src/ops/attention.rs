@@ -1,17 +1,23 @@
-//! Multi-head scaled dot-product attention, `softmax(q kᵀ · scale) v`, processed in query chunks so the score matrix
-//! never exists whole.
+//! Multi-head scaled dot-product attention, `softmax(q kᵀ · scale) v`, without ever holding the whole score matrix.
 //!
-//! **Scratch.** For a chunk of `c` query rows the op holds at most three f32 score-sized buffers
+//! **Paths.** When q, k and v are all f32 CPU tensors, [`attention`] runs the flash-style kernel of
+//! `ops::cpu::attention` (online softmax over key blocks, no head-split copies, output written in place; see there).
+//! Otherwise (f16/bf16, CUDA) it runs the candle composition [`attention_with_budget`], which processes the queries in
+//! chunks; that composition is also the reference the kernel is tested against.
+//!
+//! **Scratch of the composition.** For a chunk of `c` query rows it holds at most three f32 score-sized buffers
 //! (`3 · 4 · B · H · c · Nk` bytes: the scores, the shifted exponent, the probabilities) plus the chunk's output.
 //! `c` is chosen so that this stays within [`ATTENTION_SCRATCH_BYTES`] (64 MiB), or the budget given to
 //! [`attention_with_budget`]; one query row is the minimum. Inputs split into heads (`[B·H, N, D]` copies of q, k, v)
-//! and the merged output come on top; [`attention_scratch_bytes`] adds them up.
+//! and the merged output come on top. The kernel needs far less (per worker thread one `bq × bk` score block and one
+//! `bq × D` accumulator); [`attention_scratch_bytes`] bounds both paths.
 //!
 //! **Precision.** Softmax runs in f32 for every compute dtype. With `upcast` (diffusers' `upcast_attention`, SD 2.x)
-//! the `q kᵀ` product is also taken in f32; otherwise it is taken in the compute dtype.
+//! the `q kᵀ` product is also taken in f32; otherwise it is taken in the compute dtype (f32 on the kernel path).
 
 use candle_core::{DType, Tensor, D};
 
+use super::cpu;
 use crate::error::{Error, Result};
 
 /// Default bound on the score buffers of one query chunk, in bytes.
@@ -19,6 +25,9 @@ pub const ATTENTION_SCRATCH_BYTES: u64 = 64 << 20;
 
 /// Attention over `q` `[B, Nq, H·D]`, `k` and `v` `[B, Nk, H·D]` with `heads` heads; returns `[B, Nq, H·D]` in q's dtype.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, upcast: bool) -> Result<Tensor> {
+    if cpu::is_cpu_f32(q) && cpu::is_cpu_f32(k) && cpu::is_cpu_f32(v) {
+        return cpu::attention::attention(q, k, v, heads, scale);
+    }
     attention_with_budget(q, k, v, heads, scale, upcast, ATTENTION_SCRATCH_BYTES)
 }
 
@@ -28,9 +37,19 @@ pub fn attention_chunk_rows(batch: usize, heads: usize, nk: usize, budget: u64) 
     ((budget / per_row.max(1)) as usize).max(1)
 }
 
-/// Peak transient bytes of [`attention`] beyond its inputs q, k, v and its output: head-split copies of q, k, v and
-/// of the output, plus the chunk's score buffers and output chunk.
+/// Upper bound of the peak transient bytes of [`attention`] beyond its inputs q, k, v and its output, valid for
+/// whichever path runs (the device is not known here, so it is the larger of the two):
+/// - the candle composition (CUDA, f16/bf16): head-split copies of q, k, v and of the output, plus the chunk's score
+///   buffers and output chunk;
+/// - the f32 CPU kernel: per worker thread (global rayon pool) a score block, an accumulator and GEMM packing
+///   buffers — a few MiB at most for the shapes of SD, far below the composition's figure.
 pub fn attention_scratch_bytes(batch: usize, heads: usize, nq: usize, nk: usize, head_dim: usize, dtype: DType) -> u64 {
+    let dims = cpu::attention::Dims { b: batch, nq, nk, heads, d: head_dim };
+    composition_scratch_bytes(batch, heads, nq, nk, head_dim, dtype).max(cpu::attention::scratch_bytes(dims, cpu::threads()))
+}
+
+/// Peak transient bytes of the composition [`attention_with_budget`] at the default budget.
+fn composition_scratch_bytes(batch: usize, heads: usize, nq: usize, nk: usize, head_dim: usize, dtype: DType) -> u64 {
     let e = dtype.size_in_bytes() as u64;
     let rows = attention_chunk_rows(batch, heads, nk, ATTENTION_SCRATCH_BYTES).min(nq) as u64;
     let bh = (batch * heads) as u64;
@@ -40,7 +59,8 @@ pub fn attention_scratch_bytes(batch: usize, heads: usize, nq: usize, nk: usize,
     split + chunk_scores + chunk_out
 }
 
-/// [`attention`] with an explicit bound on the score buffers (in bytes) — the chunking knob, exposed for tests.
+/// The candle composition (the path of [`attention`] for f16/bf16 and CUDA, and the reference for the CPU kernel) with
+/// an explicit bound on the score buffers (in bytes) — the chunking knob, exposed for tests. Runs on any device/dtype.
 pub fn attention_with_budget(
     q: &Tensor,
     k: &Tensor,
@@ -159,5 +179,102 @@ mod tests {
         let o = super::attention(&h(&q), &h(&k), &h(&v), 2, 0.5, true).unwrap();
         assert_eq!(o.dtype(), DType::F16);
         assert!(max_diff(&o, &r) < 1e-2);
+    }
+    /// The CPU kernel (through `attention`) against the full-softmax reference, over head sizes of SD/SDXL/FLUX and
+    /// the VAE, cross-attention key counts, and sizes that are not multiples of the block sizes.
+    #[test]
+    fn cpu_kernel_matches_reference() {
+        let dev = Device::Cpu;
+        // (batch, Nq, Nk, heads, D, scale): blocks are 64 queries × 512 keys, so 70 / 600 / 1100 leave tails, and
+        // scale 1.0 gives logits of a few units so the running max changes between key blocks.
+        let cases = [
+            (2, 100, 77, 8, 40, None),
+            (2, 130, 130, 2, 80, None),
+            (1, 70, 600, 2, 160, Some(1.0)),
+            (2, 65, 1100, 3, 64, Some(1.0)),
+            (1, 150, 150, 1, 512, None),
+            (1, 1, 5, 2, 40, None),
+            (2, 33, 1, 2, 128, None),
+        ];
+        for (b, nq, nk, h, d, scale) in cases {
+            let q = Tensor::randn(0f32, 1.0, (b, nq, h * d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (b, nk, h * d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (b, nk, h * d), &dev).unwrap();
+            let scale = scale.unwrap_or(1.0 / (d as f64).sqrt());
+            let r = reference(&q, &k, &v, h, scale);
+            let o = super::attention(&q, &k, &v, h, scale, false).unwrap();
+            assert_eq!(o.dims(), &[b, nq, h * d]);
+            let mag = r.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+            let err = max_diff(&o, &r);
+            eprintln!("b={b} nq={nq} nk={nk} h={h} d={d}: max abs err {err:.2e} (|ref| ≤ {mag:.2})");
+            assert!(err <= 1e-5 * mag, "b={b} nq={nq} nk={nk} h={h} d={d}: {err}");
+        }
+    }
+
+    /// Tiny blocks (7 queries × 13 keys) so that every task has several key blocks and query/key tails.
+    #[test]
+    fn cpu_kernel_small_blocks_match_reference() {
+        let dev = Device::Cpu;
+        let (b, nq, nk, h, d) = (2, 37, 50, 4, 40);
+        let q = Tensor::randn(0f32, 1.0, (b, nq, h * d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (b, nk, h * d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, nk, h * d), &dev).unwrap();
+        let r = reference(&q, &k, &v, h, 0.8);
+        let data = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let dims = crate::ops::cpu::attention::Dims { b, nq, nk, heads: h, d };
+        for (bq, bk) in [(7, 13), (1, 1), (37, 50), (64, 512)] {
+            let o = crate::ops::cpu::attention::attention_f32(&data(&q), &data(&k), &data(&v), dims, 0.8, bq, bk).unwrap();
+            let o = Tensor::from_vec(o, (b, nq, h * d), &dev).unwrap();
+            let err = max_diff(&o, &r);
+            eprintln!("blocks {bq}×{bk}: max abs err {err:.2e}");
+            assert!(err <= 1e-5, "blocks {bq}×{bk}: {err}");
+        }
+    }
+
+    /// Bit-identical run to run and with 1, 2 or 3 threads, both when tasks outnumber threads (single-threaded GEMMs)
+    /// and when there is a single task (the GEMMs go parallel), with several key blocks and with one (Nk = 77).
+    #[test]
+    fn cpu_kernel_is_deterministic_across_thread_counts() {
+        let dev = Device::Cpu;
+        for (b, nq, nk, h, d) in [(2, 150, 700, 3, 40), (1, 50, 700, 1, 512), (2, 150, 77, 3, 40), (1, 50, 77, 1, 512)] {
+            let q = Tensor::randn(0f32, 1.0, (b, nq, h * d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (b, nk, h * d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (b, nk, h * d), &dev).unwrap();
+            let run = |n: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
+                pool.install(|| super::attention(&q, &k, &v, h, 1.0, false).unwrap())
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            let bits = |x: Vec<f32>| x.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+            let one = bits(run(1));
+            assert_eq!(one, bits(run(1)), "run to run");
+            assert_eq!(one, bits(run(2)), "1 vs 2 threads");
+            assert_eq!(one, bits(run(3)), "1 vs 3 threads");
+        }
+    }
+
+    #[test]
+    fn cpu_kernel_rejects_bad_shapes() {
+        let dev = Device::Cpu;
+        let q = Tensor::zeros((1, 4, 12), DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((1, 5, 12), DType::F32, &dev).unwrap();
+        let v8 = Tensor::zeros((1, 5, 8), DType::F32, &dev).unwrap();
+        assert!(super::attention(&q, &k, &v8, 3, 1.0, false).is_err());
+        assert!(super::attention(&q, &k, &k, 5, 1.0, false).is_err());
+        assert!(super::attention(&q, &k, &k, 0, 1.0, false).is_err());
+    }
+
+    /// The bound covers both paths, and the kernel's own share is small at SD's largest self-attention.
+    #[test]
+    fn scratch_bound_covers_both_paths() {
+        let dims = crate::ops::cpu::attention::Dims { b: 2, nq: 4096, nk: 4096, heads: 8, d: 40 };
+        let kernel = crate::ops::cpu::attention::scratch_bytes(dims, 16);
+        let total = super::attention_scratch_bytes(2, 8, 4096, 4096, 40, DType::F32);
+        assert!(total >= kernel && total >= super::composition_scratch_bytes(2, 8, 4096, 4096, 40, DType::F32));
+        eprintln!("kernel {kernel} B (16 threads), {} B (2 threads); bound {total} B", crate::ops::cpu::attention::scratch_bytes(dims, 2));
+        assert!(kernel < 32 << 20, "{kernel}");
     }
 }
