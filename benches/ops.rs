@@ -7,6 +7,8 @@
 //! ```
 //!
 //! Each case: `--warmup` runs (default 1), then `--repeats` timed runs (default 5): median/min/max ms. f32 on the CPU.
+//! Beside each op, interleaved run by run, the candle composition it replaced (`ops::*_reference`,
+//! `ops::attention_with_budget`): the before/after of the own kernels in one run.
 //! Memory: a counting global allocator measures, per case, the peak of heap bytes allocated during one call beyond
 //! what was live before it (the output included), i.e. the op's transient memory + its output; printed beside the
 //! op's own working-memory estimate (`ops::*_scratch_bytes`) + output where the op has one.
@@ -21,6 +23,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
 use lowvram::ops;
+use lowvram::ops::OpTarget;
 
 /// Counts live heap bytes and their peak (reset per measurement), to measure an op's transient memory.
 struct Counting;
@@ -75,6 +78,8 @@ struct Case {
     name: String,
     what: String,
     op: Op,
+    /// The candle composition the op used before its own kernel (`ops::*_reference`), timed beside it.
+    composition: Op,
     estimate: Option<u64>,
 }
 
@@ -99,6 +104,7 @@ fn bytes(shape: &[usize]) -> u64 {
 
 fn cases() -> Vec<Case> {
     let mut out = Vec::new();
+    let cpu_f32 = OpTarget::new(&Device::Cpu, DType::F32);
     // Attention: q, k, v as [B, N, H·D] (what the linear projections produce).
     for &(name, b, n, nk, h, d) in &[
         ("attn_self_64x64_h8_d40", 2, 4096, 4096, 8, 40),
@@ -112,11 +118,15 @@ fn cases() -> Vec<Case> {
         let k = randn(&[b, nk, h * d], 2);
         let v = randn(&[b, nk, h * d], 3);
         let scale = 1.0 / (d as f64).sqrt();
-        let est = ops::attention_scratch_bytes(b, h, n, nk, d, DType::F32) + bytes(&[b, n, h * d]);
+        let est = ops::attention_scratch_bytes(b, h, n, nk, d, cpu_f32) + bytes(&[b, n, h * d]);
         out.push(Case {
             name: name.into(),
             what: format!("q [{b},{n},{}] k,v [{b},{nk},{}], {h} heads of {d}", h * d, h * d),
-            op: Box::new(move || ops::attention(&q, &k, &v, h, scale, false)),
+            op: {
+                let (q, k, v) = (q.clone(), k.clone(), v.clone());
+                Box::new(move || ops::attention(&q, &k, &v, h, scale, false))
+            },
+            composition: Box::new(move || ops::attention_with_budget(&q, &k, &v, h, scale, false, ops::ATTENTION_SCRATCH_BYTES)),
             estimate: Some(est),
         });
     }
@@ -141,11 +151,15 @@ fn cases() -> Vec<Case> {
         let bias = randn(&[cout], 6);
         let pad = k / 2;
         let oh = (hw + 2 * pad - k) / s + 1;
-        let est = ops::conv2d_scratch_bytes(b, cin, cout, oh, oh, k, s, DType::F32) + bytes(&[b, cout, oh, oh]);
+        let est = ops::conv2d_scratch_bytes(b, cin, cout, oh, oh, k, s, cpu_f32) + bytes(&[b, cout, oh, oh]);
         out.push(Case {
             name: name.into(),
             what: format!("x [{b},{cin},{hw},{hw}] w [{cout},{cin},{k},{k}] stride {s} pad {pad}"),
-            op: Box::new(move || ops::conv2d(&x, &w, Some(&bias), s, pad)),
+            op: {
+                let (x, w, bias) = (x.clone(), w.clone(), bias.clone());
+                Box::new(move || ops::conv2d(&x, &w, Some(&bias), s, pad))
+            },
+            composition: Box::new(move || ops::conv2d::conv2d_reference(&x, &w, Some(&bias), s, pad)),
             estimate: Some(est),
         });
     }
@@ -160,11 +174,15 @@ fn cases() -> Vec<Case> {
         let x = randn(&[b, c, hw, hw], 7);
         let w = randn(&[c], 8);
         let bias = randn(&[c], 9);
-        let est = ops::group_norm_scratch_bytes(b * c * hw * hw) + bytes(&[b, c, hw, hw]);
+        let est = ops::group_norm_scratch_bytes(b * c * hw * hw, cpu_f32) + bytes(&[b, c, hw, hw]);
         out.push(Case {
             name: name.into(),
             what: format!("x [{b},{c},{hw},{hw}], 32 groups, eps 1e-5, SiLU"),
-            op: Box::new(move || ops::group_norm(&x, 32, &w, &bias, 1e-5, true)),
+            op: {
+                let (x, w, bias) = (x.clone(), w.clone(), bias.clone());
+                Box::new(move || ops::group_norm(&x, 32, &w, &bias, 1e-5, true))
+            },
+            composition: Box::new(move || ops::group_norm::group_norm_reference(&x, 32, &w, &bias, 1e-5, true)),
             estimate: Some(est),
         });
     }
@@ -176,7 +194,11 @@ fn cases() -> Vec<Case> {
         out.push(Case {
             name: "layer_norm_2x4096x320".into(),
             what: "x [2,4096,320], eps 1e-5".into(),
-            op: Box::new(move || ops::layer_norm(&x, &w, &bias, 1e-5)),
+            op: {
+                let (x, w, bias) = (x.clone(), w.clone(), bias.clone());
+                Box::new(move || ops::layer_norm(&x, &w, &bias, 1e-5))
+            },
+            composition: Box::new(move || ops::layer_norm::layer_norm_reference(&x, &w, &bias, 1e-5)),
             estimate: None,
         });
     }
@@ -187,7 +209,11 @@ fn cases() -> Vec<Case> {
         out.push(Case {
             name: "geglu_2x4096x320_to_1280".into(),
             what: "x [2,4096,320], proj [2560,320] + bias, value·gelu(gate) → [2,4096,1280]".into(),
-            op: Box::new(move || ops::geglu(&x, &w, Some(&bias))),
+            op: {
+                let (x, w, bias) = (x.clone(), w.clone(), bias.clone());
+                Box::new(move || ops::geglu(&x, &w, Some(&bias)))
+            },
+            composition: Box::new(move || ops::geglu::geglu_reference(&x, &w, Some(&bias))),
             estimate: None,
         });
     }
@@ -198,7 +224,11 @@ fn cases() -> Vec<Case> {
         out.push(Case {
             name: name.into(),
             what: format!("x [{rows},{inp}] w [{outf},{inp}] + bias"),
-            op: Box::new(move || ops::linear(&x, &w, Some(&bias))),
+            op: {
+                let (x, w, bias) = (x.clone(), w.clone(), bias.clone());
+                Box::new(move || ops::linear(&x, &w, Some(&bias)))
+            },
+            composition: Box::new(move || ops::linear::linear_reference(&x, &w, Some(&bias))),
             estimate: None,
         });
     }
@@ -249,13 +279,23 @@ fn main() -> BoxResult<()> {
         let peak = PEAK.load(Ordering::Relaxed).saturating_sub(before) as u64;
         let out_bytes = (y.elem_count() * y.dtype().size_in_bytes()) as u64;
         drop(y);
+        // Kernel and composition interleaved, so drift on the machine falls on both.
+        for _ in 0..warmup {
+            drop((case.composition)()?);
+        }
         let mut runs = Vec::with_capacity(repeats);
+        let mut comp_runs = Vec::with_capacity(repeats);
         for _ in 0..repeats {
             let t = Instant::now();
             let y = (case.op)()?;
             runs.push(t.elapsed().as_secs_f64() * 1e3);
             drop(y);
+            let t = Instant::now();
+            let y = (case.composition)()?;
+            comp_runs.push(t.elapsed().as_secs_f64() * 1e3);
+            drop(y);
         }
+        let comp_med = median(&mut comp_runs.clone());
         let runs_sorted = {
             let mut r = runs.clone();
             r.sort_by(|a, b| a.total_cmp(b));
@@ -263,11 +303,12 @@ fn main() -> BoxResult<()> {
         };
         let med = median(&mut runs.clone());
         let line = format!(
-            "{:<30} {:>10.2} ms  (min {:.2}, max {:.2})  peak {:>8.1} MiB (output {:.1}){}",
+            "{:<30} {:>10.2} ms  (min {:.2}, max {:.2})  composition {:>10.2} ms  peak {:>8.1} MiB (output {:.1}){}",
             case.name,
             med,
             runs_sorted[0],
             runs_sorted[runs_sorted.len() - 1],
+            comp_med,
             peak as f64 / 1048576.0,
             out_bytes as f64 / 1048576.0,
             case.estimate.map(|e| format!("  estimate {:.1} MiB", e as f64 / 1048576.0)).unwrap_or_default()
@@ -279,6 +320,8 @@ fn main() -> BoxResult<()> {
                 "what": case.what,
                 "median_ms": med,
                 "runs_ms": runs,
+                "composition_median_ms": comp_med,
+                "composition_runs_ms": comp_runs,
                 "peak_bytes": peak,
                 "output_bytes": out_bytes,
                 "estimate_bytes": case.estimate,

@@ -189,8 +189,10 @@ fn decode_tiles_when_untiled_does_not_fit() {
 
     let vae_dir = repo().join("models/tiny-sd/vae");
     let model = lowvram::models::AutoencoderKL::from_config_file(&vae_dir.join("config.json")).unwrap();
-    let untiled_need = model.decode_working_bytes(latents.dims(), DType::F32);
-    let tiled_need = model.decode_tiled_working_bytes(latents.dims(), 8, DType::F32);
+    // The path an emulated device runs (CPU memory, f32: the own kernels).
+    let target = lowvram::ops::OpTarget::new(&Device::Cpu, DType::F32);
+    let untiled_need = model.decode_working_bytes(latents.dims(), target);
+    let tiled_need = model.decode_tiled_working_bytes(latents.dims(), 8, target);
     assert!(tiled_need < untiled_need);
     // capacity: the weights and a tiled decode fit, the untiled decode does not
     let weights = vae.weights().total_bytes();

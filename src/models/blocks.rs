@@ -269,16 +269,24 @@ impl TransformerSpec {
         p.free(x); // h (tokens)
         let ctx_kv = (b * seq * c) as u64 * es;
         let d = c / self.heads;
-        // Self-attention: LN out, q, k, v, scratch, output, projection.
-        let self_attn = x + 3 * x + ops::attention_scratch_bytes(b, self.heads, hw, hw, d, e.dtype) + 2 * x;
-        let cross_attn = x + x + 2 * ctx_kv + ops::attention_scratch_bytes(b, self.heads, hw, seq, d, e.dtype) + 2 * x;
-        let ff = if e.cpu_kernels {
-            // LN out, the fused GEGLU's projection chunk (≤ 512 rows × 8c f32), its 4c-wide result, out.
-            x + (b * hw).min(512) as u64 * 8 * c as u64 * 4 + 4 * x + x
+        let attn_self = ops::attention_scratch_bytes(b, self.heads, hw, hw, d, e);
+        let attn_cross = ops::attention_scratch_bytes(b, self.heads, hw, seq, d, e);
+        let (self_attn, cross_attn, ff) = if e.cpu_kernels {
+            // Self-attention: LN out, q, k, v, the attention output (to_out's comes after q, k, v are dropped).
+            // Cross-attention: LN out, q, the context's k and v, the output. GEGLU: LN out, its projection chunk
+            // (≤ 512 rows × 8c f32), its 4c-wide result; then the result and ff.net.2's output.
+            let chunk = (b * hw).min(512) as u64 * 8 * c as u64 * 4;
+            (5 * x + attn_self, 3 * x + 2 * ctx_kv + attn_cross, 5 * x + chunk)
         } else {
-            x + 8 * x + 4 * x + 4 * x + x // LN out, proj (8c), value·gelu(gate) (gelu 4c, product 4c), out
+            // The compositions: LN out, q, k, v, scratch, output, projection, + the residual sum; the GEGLU's 8c-wide
+            // projection, gelu (4c) and product (4c).
+            (
+                x + 3 * x + attn_self + 2 * x + x,
+                x + x + 2 * ctx_kv + attn_cross + 2 * x + x,
+                x + 8 * x + 4 * x + 4 * x + x + x,
+            )
         };
-        p.transient(self_attn.max(cross_attn).max(ff) + x); // + the residual sum
+        p.transient(self_attn.max(cross_attn).max(ff).max(2 * x)); // 2x: each residual sum
         p.transient(3 * x); // proj_out + permute/copy
         p.free(x);
         p.alloc(x); // output
@@ -317,7 +325,7 @@ impl VaeAttentionSpec {
     pub fn mem(&self, p: &mut Peak, b: usize, hw: usize, e: OpTarget) {
         let x = act(b, self.channels, hw, e);
         p.transient(ops::group_norm_scratch_bytes(b * self.channels * hw, e) + x);
-        let attn = 3 * x + ops::attention_scratch_bytes(b, 1, hw, hw, self.channels, e.dtype) + x;
+        let attn = 3 * x + ops::attention_scratch_bytes(b, 1, hw, hw, self.channels, e) + x;
         p.transient(2 * x + attn); // normed + transposed copy, q k v, scratch, out
         p.transient(3 * x); // proj, transpose, sum
         p.alloc(x);

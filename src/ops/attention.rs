@@ -10,7 +10,7 @@
 //! `c` is chosen so that this stays within [`ATTENTION_SCRATCH_BYTES`] (64 MiB), or the budget given to
 //! [`attention_with_budget`]; one query row is the minimum. Inputs split into heads (`[B·H, N, D]` copies of q, k, v)
 //! and the merged output come on top. The kernel needs far less (per worker thread one `bq × bk` score block and one
-//! `bq × D` accumulator); [`attention_scratch_bytes`] bounds both paths.
+//! `bq × D` accumulator); [`attention_scratch_bytes`] gives each path's figure.
 //!
 //! **Precision.** Softmax runs in f32 for every compute dtype. With `upcast` (diffusers' `upcast_attention`, SD 2.x)
 //! the `q kᵀ` product is also taken in f32; otherwise it is taken in the compute dtype (f32 on the kernel path).
@@ -18,6 +18,7 @@
 use candle_core::{DType, Tensor, D};
 
 use super::cpu;
+use super::OpTarget;
 use crate::error::{Error, Result};
 
 /// Default bound on the score buffers of one query chunk, in bytes.
@@ -37,15 +38,27 @@ pub fn attention_chunk_rows(batch: usize, heads: usize, nk: usize, budget: u64) 
     ((budget / per_row.max(1)) as usize).max(1)
 }
 
-/// Upper bound of the peak transient bytes of [`attention`] beyond its inputs q, k, v and its output, valid for
-/// whichever path runs (the device is not known here, so it is the larger of the two):
+/// Peak transient bytes of [`attention`] beyond its inputs q, k, v and its output, on the path `target` selects
+/// ([`OpTarget::new`]; a bare `DType` means the composition's):
 /// - the candle composition (CUDA, f16/bf16): head-split copies of q, k, v and of the output, plus the chunk's score
 ///   buffers and output chunk;
 /// - the f32 CPU kernel: per worker thread (global rayon pool) a score block, an accumulator and GEMM packing
 ///   buffers — a few MiB at most for the shapes of SD, far below the composition's figure.
-pub fn attention_scratch_bytes(batch: usize, heads: usize, nq: usize, nk: usize, head_dim: usize, dtype: DType) -> u64 {
-    let dims = cpu::attention::Dims { b: batch, nq, nk, heads, d: head_dim };
-    composition_scratch_bytes(batch, heads, nq, nk, head_dim, dtype).max(cpu::attention::scratch_bytes(dims, cpu::threads()))
+pub fn attention_scratch_bytes(
+    batch: usize,
+    heads: usize,
+    nq: usize,
+    nk: usize,
+    head_dim: usize,
+    target: impl Into<OpTarget>,
+) -> u64 {
+    let target = target.into();
+    if target.cpu_kernels {
+        let dims = cpu::attention::Dims { b: batch, nq, nk, heads, d: head_dim };
+        cpu::attention::scratch_bytes(dims, cpu::threads())
+    } else {
+        composition_scratch_bytes(batch, heads, nq, nk, head_dim, target.dtype)
+    }
 }
 
 /// Peak transient bytes of the composition [`attention_with_budget`] at the default budget.

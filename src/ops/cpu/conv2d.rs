@@ -143,11 +143,13 @@ impl Tiling {
 }
 
 /// Upper bound of the transient bytes of [`conv2d`] on contiguous f32 inputs (a strided `x` or weight is first
-/// copied whole by [`with_f32`]) with the global rayon pool, for an output `[b, cout, oh, ow]`: the larger of the
-/// unpadded and padded cases (only a 1×1 stride-1 conv tells them apart: unpadded, it needs no column buffer).
+/// copied whole by [`with_f32`]) with the global rayon pool, for an output `[b, cout, oh, ow]`. The padding is not
+/// passed: a k×k conv takes the larger of the unpadded and padded cases, a 1×1 conv is taken as unpadded (every
+/// model's 1×1 convs are; unpadded and stride 1, it reads its input directly and needs no column buffer).
 pub(crate) fn scratch_bytes_bound(b: usize, cin: usize, cout: usize, oh: usize, ow: usize, k: usize, stride: usize) -> u64 {
-    [0, 1]
-        .into_iter()
+    let pads: &[usize] = if k == 1 { &[0] } else { &[0, 1] };
+    pads.iter()
+        .copied()
         .map(|pad| {
             // The tiling and the scratch depend on the output size, not on the input's.
             let g = Geom { b, cin, h: oh * stride + k, w: ow * stride + k, cout, k, stride, pad, oh, ow };
