@@ -116,8 +116,7 @@ mod tests {
                 let y = super::geglu(&x, &w, bias).unwrap();
                 let r = super::geglu_reference(&x, &w, bias).unwrap();
                 assert_eq!(y.dims(), r.dims());
-                let d = (&y - &r).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-                let m = r.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                let (d, m) = crate::ops::cpu::testing::max_err(&y, &r);
                 worst = worst.max(d / m.max(1.0));
                 assert!(d <= 2e-6 * m.max(1.0), "{shape:?} inner {inner}: max err {d} (max |y| {m})");
             }
@@ -131,15 +130,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (2, 600, 320), &dev).unwrap();
         let w = Tensor::randn(0f32, 0.06, (2 * 640, 320), &dev).unwrap();
         let b = Tensor::randn(0f32, 0.5, 2 * 640, &dev).unwrap();
-        let run = |n: usize| -> Vec<u32> {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
-            let y = pool.install(|| super::geglu(&x, &w, Some(&b)).unwrap());
-            y.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|f| f.to_bits()).collect()
-        };
-        let one = run(1);
-        assert_eq!(one, run(2));
-        assert_eq!(one, run(2));
-        assert_eq!(one, run(3));
+        crate::ops::cpu::testing::assert_thread_count_independent(&|| super::geglu(&x, &w, Some(&b)).unwrap());
     }
 
     #[test]

@@ -152,11 +152,7 @@ mod tests {
         assert_eq!(yh.dtype(), DType::F16);
     }
 
-    fn max_err(a: &Tensor, b: &Tensor) -> (f32, f32) {
-        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        let m = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        (d, m)
-    }
+    use crate::ops::cpu::testing::max_err;
 
     /// The kernel against the candle composition at UNet/VAE channel counts (spatial sizes cut down) and odd shapes.
     #[test]
@@ -198,15 +194,7 @@ mod tests {
         let x = Tensor::randn(0f32, 2.0, (2, 320, 16, 16), &dev).unwrap();
         let w = Tensor::randn(1f32, 0.3, 320, &dev).unwrap();
         let b = Tensor::randn(0f32, 0.3, 320, &dev).unwrap();
-        let run = |n: usize| -> Vec<f32> {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
-            pool.install(|| super::group_norm(&x, 32, &w, &b, 1e-6, true).unwrap().flatten_all().unwrap().to_vec1().unwrap())
-        };
-        let one = run(1);
-        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&one), bits(&run(2)));
-        assert_eq!(bits(&one), bits(&run(2)));
-        assert_eq!(bits(&one), bits(&run(3)));
+        crate::ops::cpu::testing::assert_thread_count_independent(&|| super::group_norm(&x, 32, &w, &b, 1e-6, true).unwrap());
     }
 
     #[test]

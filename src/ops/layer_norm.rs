@@ -84,8 +84,7 @@ mod tests {
                 let y = super::layer_norm(&x, &w, &b, eps).unwrap();
                 let r = super::layer_norm_reference(&x, &w, &b, eps).unwrap();
                 assert_eq!(y.dims(), shape);
-                let d = (&y - &r).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-                let m = r.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                let (d, m) = crate::ops::cpu::testing::max_err(&y, &r);
                 worst = worst.max(d / m.max(1.0));
                 assert!(d <= 2e-6 * m.max(1.0), "{shape:?} eps {eps}: max err {d} (max |y| {m})");
             }
@@ -99,15 +98,7 @@ mod tests {
         let x = Tensor::randn(0f32, 2.0, (2, 333, 320), &dev).unwrap();
         let w = Tensor::randn(1f32, 0.3, 320, &dev).unwrap();
         let b = Tensor::randn(0f32, 0.3, 320, &dev).unwrap();
-        let run = |n: usize| -> Vec<u32> {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
-            let y = pool.install(|| super::layer_norm(&x, &w, &b, 1e-5).unwrap());
-            y.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|f| f.to_bits()).collect()
-        };
-        let one = run(1);
-        assert_eq!(one, run(2));
-        assert_eq!(one, run(2));
-        assert_eq!(one, run(3));
+        crate::ops::cpu::testing::assert_thread_count_independent(&|| super::layer_norm(&x, &w, &b, 1e-5).unwrap());
     }
 
     #[test]

@@ -118,11 +118,7 @@ mod tests {
         assert_eq!(v, vec![vec![8.0, 2.0], vec![8.0, 6.5]]);
     }
 
-    fn max_err(a: &Tensor, b: &Tensor) -> (f32, f32) {
-        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        let m = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        (d, m)
-    }
+    use crate::ops::cpu::testing::max_err;
 
     #[test]
     fn kernel_matches_matmul_plus_bias() {
@@ -152,15 +148,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (2, 300, 320), &dev).unwrap();
         let w = Tensor::randn(0f32, 0.05, (640, 320), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, 640, &dev).unwrap();
-        let run = |n: usize| -> Vec<u32> {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
-            let y = pool.install(|| super::linear(&x, &w, Some(&b)).unwrap());
-            y.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|f| f.to_bits()).collect()
-        };
-        let one = run(1);
-        assert_eq!(one, run(2));
-        assert_eq!(one, run(2));
-        assert_eq!(one, run(3));
+        crate::ops::cpu::testing::assert_thread_count_independent(&|| super::linear(&x, &w, Some(&b)).unwrap());
     }
 
     #[test]

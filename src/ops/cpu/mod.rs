@@ -51,3 +51,31 @@ pub(crate) fn f32_tensor(data: Vec<f32>, shape: impl Into<Shape>) -> Result<Tens
 pub(crate) fn threads() -> usize {
     rayon::current_num_threads().max(1)
 }
+
+/// Test helpers shared by the kernels' tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::Tensor;
+
+    /// The bits of `f`'s f32 output when run in a rayon pool of `threads` threads.
+    pub fn bits_with_threads(threads: usize, f: &(dyn Fn() -> Tensor + Sync)) -> Vec<u32> {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let y = pool.install(f);
+        y.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect()
+    }
+
+    /// `f` gives bit-identical results run to run and with 1, 2 and 3 threads.
+    pub fn assert_thread_count_independent(f: &(dyn Fn() -> Tensor + Sync)) {
+        let one = bits_with_threads(1, f);
+        for n in [2, 2, 3] {
+            assert!(one == bits_with_threads(n, f), "{n} threads changed the result");
+        }
+    }
+
+    /// (max |a − b|, max |b|).
+    pub fn max_err(a: &Tensor, b: &Tensor) -> (f32, f32) {
+        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let m = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        (d, m)
+    }
+}
