@@ -85,15 +85,8 @@ pub fn group_norm_reference(
 /// f16/bf16) holds at most three f32 copies of the input at once (the f32 input, the centred values, the squared or
 /// scaled values); the f32 CPU kernel needs none.
 pub fn group_norm_scratch_bytes(elems: usize, target: impl Into<OpTarget>) -> u64 {
-    group_norm_scratch_bytes_for(elems, target.into().cpu_kernels)
-}
-
-/// Transient bytes of one [`group_norm`] call on `elems` elements for a known path: `cpu_f32` (input, weight and
-/// bias all f32 in host memory) runs the fused kernel, which allocates only its output (0 bytes here; a strided
-/// input would add one contiguous copy, `4·elems`, which no model passes); otherwise the composition's three f32
-/// copies.
-pub fn group_norm_scratch_bytes_for(elems: usize, cpu_f32: bool) -> u64 {
-    if cpu_f32 {
+    // The kernel allocates only its output (a strided input would add one contiguous copy; no model passes one).
+    if target.into().cpu_kernels {
         0
     } else {
         3 * 4 * elems as u64
