@@ -44,6 +44,7 @@ const MIB: u64 = 1 << 20;
 
 type BoxResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
+#[derive(Clone)]
 struct Args {
     model: PathBuf,
     threads: usize,
@@ -51,6 +52,8 @@ struct Args {
     warmup: usize,
     only: Vec<String>,
     budgets: Vec<u32>,
+    /// Sweep points run with these `async_loading` settings (prefetch of the next streamed block on/off).
+    prefetch: Vec<bool>,
     device: Option<String>,
     working_gb: f64,
     extra_config: String,
@@ -63,7 +66,7 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench sd -- [--model DIR] [--threads N] [--repeats R] [--warmup W] [--only W,W]\n\
-         \x20      [--budgets 100,50,25,10] [--device emulated:SIZE] [--working-gb G] [--config 'key: value'] [--seed S]\n\
+         \x20      [--budgets 100,50,25,10] [--prefetch on,off] [--device emulated:SIZE] [--working-gb G] [--config 'key: value'] [--seed S]\n\
          \x20      [--dtype fp32|fp16|bf16] [--json]\n\
          workloads: unet_step_32 unet_step_64 vae_decode_256 vae_decode_512"
     );
@@ -73,11 +76,18 @@ fn usage() -> ! {
 fn parse_args() -> Args {
     let mut a = Args {
         model: PathBuf::from("target/sd15-random"),
-        threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        threads: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         repeats: 3,
         warmup: 1,
-        only: UNET_WORKLOADS.iter().chain(VAE_WORKLOADS).map(|(n, _)| n.to_string()).collect(),
+        only: UNET_WORKLOADS
+            .iter()
+            .chain(VAE_WORKLOADS)
+            .map(|(n, _)| n.to_string())
+            .collect(),
         budgets: vec![100, 50, 25, 10],
+        prefetch: vec![true],
         device: None,
         working_gb: 2.0,
         extra_config: String::new(),
@@ -91,15 +101,44 @@ fn parse_args() -> Args {
             Some((k, v)) if k.starts_with("--") => (k.to_string(), Some(v.to_string())),
             _ => (arg.clone(), None),
         };
-        let mut val = || inline.clone().or_else(|| it.next()).unwrap_or_else(|| usage());
+        let mut val = || {
+            inline
+                .clone()
+                .or_else(|| it.next())
+                .unwrap_or_else(|| usage())
+        };
         match key.as_str() {
             "--model" => a.model = PathBuf::from(val()),
             "--threads" => a.threads = val().parse().unwrap_or_else(|_| usage()),
             "--repeats" | "-r" => a.repeats = val().parse().unwrap_or_else(|_| usage()),
             "--warmup" => a.warmup = val().parse().unwrap_or_else(|_| usage()),
-            "--only" => a.only = val().split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            "--only" => {
+                a.only = val()
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            }
             "--budgets" => {
-                a.budgets = val().split(',').map(|s| s.trim().trim_end_matches('%').parse().unwrap_or_else(|_| usage())).collect()
+                a.budgets = val()
+                    .split(',')
+                    .map(|s| {
+                        s.trim()
+                            .trim_end_matches('%')
+                            .parse()
+                            .unwrap_or_else(|_| usage())
+                    })
+                    .collect()
+            }
+            "--prefetch" => {
+                a.prefetch = val()
+                    .split(',')
+                    .map(|s| match s.trim() {
+                        "on" => true,
+                        "off" => false,
+                        _ => usage(),
+                    })
+                    .collect()
             }
             "--device" => a.device = Some(val()),
             "--working-gb" => a.working_gb = val().parse().unwrap_or_else(|_| usage()),
@@ -115,7 +154,11 @@ fn parse_args() -> Args {
             }
         }
     }
-    let known: Vec<&str> = UNET_WORKLOADS.iter().chain(VAE_WORKLOADS).map(|(n, _)| *n).collect();
+    let known: Vec<&str> = UNET_WORKLOADS
+        .iter()
+        .chain(VAE_WORKLOADS)
+        .map(|(n, _)| *n)
+        .collect();
     if let Some(bad) = a.only.iter().find(|w| !known.contains(&w.as_str())) {
         eprintln!("unknown workload {bad}");
         usage()
@@ -134,7 +177,9 @@ fn parse_args() -> Args {
 
 fn status_kib(key: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = text.lines().find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
@@ -147,7 +192,10 @@ struct Rss {
 
 impl Rss {
     fn new() -> Self {
-        let mut r = Self { process_peak_kib: 0, resettable: false };
+        let mut r = Self {
+            process_peak_kib: 0,
+            resettable: false,
+        };
         r.resettable = r.reset();
         r
     }
@@ -157,7 +205,11 @@ impl Rss {
     }
     /// Peak RSS since the last reset, in bytes.
     fn since_reset(&self) -> Option<u64> {
-        if self.resettable { status_kib("VmHWM").map(|k| k * 1024) } else { None }
+        if self.resettable {
+            status_kib("VmHWM").map(|k| k * 1024)
+        } else {
+            None
+        }
     }
     fn process_peak(&mut self) -> u64 {
         self.reset();
@@ -200,13 +252,20 @@ impl Timing {
         let mut v = self.runs_ms.clone();
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let n = v.len();
-        if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
     }
     fn min(&self) -> f64 {
         self.runs_ms.iter().cloned().fold(f64::INFINITY, f64::min)
     }
     fn max(&self) -> f64 {
-        self.runs_ms.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
+        self.runs_ms
+            .iter()
+            .cloned()
+            .fold(f64::NEG_INFINITY, f64::max)
     }
     fn json(&self) -> Value {
         let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
@@ -248,7 +307,11 @@ fn report_json(r: &RunReport) -> Value {
 }
 
 fn log(args: &Args, msg: &str) {
-    if args.json { eprintln!("{msg}") } else { println!("{msg}") }
+    if args.json {
+        eprintln!("{msg}")
+    } else {
+        println!("{msg}")
+    }
 }
 
 // --- contexts --------------------------------------------------------------------------------------------------------
@@ -289,13 +352,26 @@ fn new_context(args: &Args, device: String, cap: Option<u64>) -> BoxResult<Conte
 
 fn weight_file_bytes(dir: &Path) -> u64 {
     // f32 file only (the fp16 variant sits beside it); for sizing the emulated device before loading.
-    std::fs::metadata(dir.join("diffusion_pytorch_model.safetensors")).map(|m| m.len()).unwrap_or(4 << 30)
+    std::fs::metadata(dir.join("diffusion_pytorch_model.safetensors"))
+        .map(|m| m.len())
+        .unwrap_or(4 << 30)
 }
 
 // --- workloads -------------------------------------------------------------------------------------------------------
 
 /// One point of the UNet sweep: `pct` % of the UNet's weights resident, S×S latents.
-fn unet_point(args: &Args, rss: &mut Rss, name: &str, size: usize, pct: u32) -> BoxResult<Value> {
+fn unet_point(
+    args: &Args,
+    rss: &mut Rss,
+    name: &str,
+    size: usize,
+    pct: u32,
+    prefetch: bool,
+) -> BoxResult<Value> {
+    let mut args = args.clone();
+    args.extra_config
+        .push_str(&format!("\nasync_loading: {prefetch}\n"));
+    let args = &args;
     let unet_dir = args.model.join("unet");
     let file_bytes = weight_file_bytes(&unet_dir);
     let dev = device_spec(args, file_bytes);
@@ -303,7 +379,11 @@ fn unet_point(args: &Args, rss: &mut Rss, name: &str, size: usize, pct: u32) -> 
     let ctx = new_context(args, dev.clone(), None)?;
     let model = ctx.load_model(&unet_dir)?;
     let total = model.weights().total_bytes();
-    let target = if pct >= 100 { total + 64 * MIB } else { total * pct as u64 / 100 };
+    let target = if pct >= 100 {
+        total + 64 * MIB
+    } else {
+        total * pct as u64 / 100
+    };
     ctx.configure(&config_yaml(args, Some(target)))?;
     let loaded = ctx.load_to_device(&model, target.min(total))?;
     let (unet, _sched) = model.as_unet()?;
@@ -319,12 +399,15 @@ fn unet_point(args: &Args, rss: &mut Rss, name: &str, size: usize, pct: u32) -> 
     let lock = ctx.cache().lock(model.weights(), working)?;
     let resident = model.weights().resident_bytes();
     let mut streamed = Vec::new();
+    let mut prefetched = Vec::new();
     let timing = time_runs(args, || {
         let before = lock.bytes_streamed();
+        let pf_before = lock.bytes_prefetched();
         let out = unet.forward(&lock, &sample, 500.0, &ehs)?;
         // Make sure the work is done (candle CPU ops are eager; on CUDA this synchronises).
         let _ = out.sum_all()?.to_scalar::<f32>()?;
         streamed.push(lock.bytes_streamed() - before);
+        prefetched.push(lock.bytes_prefetched() - pf_before);
         Ok(())
     })?;
     let forward_peak = ctx.cache().allocator().peak();
@@ -337,8 +420,21 @@ fn unet_point(args: &Args, rss: &mut Rss, name: &str, size: usize, pct: u32) -> 
     let cond = randn(args.seed + 3, &[1, 77, 768], &device)?;
     let uncond = randn(args.seed + 4, &[1, 77, 768], &device)?;
     let noise = randn(args.seed + 5, &[1, 4, size, size], &device)?;
-    let opts = DenoiseOptions { steps: 1, guidance: 7.5, seed: args.seed, ..Default::default() };
-    let (_latents, report) = ctx.denoise(&model, &opts, &cond, Some(&uncond), Some(&noise), None, &mut |_, _| true)?;
+    let opts = DenoiseOptions {
+        steps: 1,
+        guidance: 7.5,
+        seed: args.seed,
+        ..Default::default()
+    };
+    let (_latents, report) = ctx.denoise(
+        &model,
+        &opts,
+        &cond,
+        Some(&uncond),
+        Some(&noise),
+        None,
+        &mut |_, _| true,
+    )?;
 
     let per_step = streamed.iter().copied().max().unwrap_or(0);
     let expected = total - resident;
@@ -346,8 +442,9 @@ fn unet_point(args: &Args, rss: &mut Rss, name: &str, size: usize, pct: u32) -> 
     log(
         args,
         &format!(
-            "{name}@{pct:>3}%  median {:>10.1} ms  min {:>10.1}  max {:>10.1}  resident {:>6} MiB / {} MiB  streamed/step \
-             {:>6} MiB (model−resident {:>6} MiB)  peak device {:>6} MiB  refused {refused}",
+            "{name}@{pct:>3}%{}  median {:>10.1} ms  min {:>10.1}  max {:>10.1}  resident {:>6} MiB / {} MiB  streamed/step \
+             {:>6} MiB (model−resident {:>6} MiB, prefetched {:>6} MiB)  peak device {:>6} MiB  refused {refused}",
+            if prefetch { " prefetch" } else { "" },
             timing.median(),
             timing.min(),
             timing.max(),
@@ -355,29 +452,45 @@ fn unet_point(args: &Args, rss: &mut Rss, name: &str, size: usize, pct: u32) -> 
             total / MIB,
             per_step / MIB,
             expected / MIB,
+            prefetched.iter().copied().max().unwrap_or(0) / MIB,
             report.peak_device_bytes.max(forward_peak) / MIB,
         ),
     );
     let mut v = t;
     let o = v.as_object_mut().unwrap();
     o.insert("budget_pct".into(), json!(pct));
+    o.insert("async_loading".into(), json!(prefetch));
+    o.insert("bytes_prefetched_runs".into(), json!(prefetched));
     o.insert("device".into(), json!(dev));
     o.insert("max_cache_vram_bytes".into(), json!(target));
     o.insert("loaded_to_device_bytes".into(), json!(loaded));
     o.insert("model_bytes".into(), json!(total));
     o.insert("resident_bytes".into(), json!(resident));
-    o.insert("resident_fraction".into(), json!(resident as f64 / total as f64));
+    o.insert(
+        "resident_fraction".into(),
+        json!(resident as f64 / total as f64),
+    );
     o.insert("working_bytes_requested".into(), json!(working));
     o.insert("bytes_streamed_per_step".into(), json!(per_step));
     o.insert("bytes_streamed_runs".into(), json!(streamed));
     o.insert("model_minus_resident_bytes".into(), json!(expected));
-    o.insert("streamed_equals_model_minus_resident".into(), json!(streamed.iter().all(|&s| s == expected)));
+    o.insert(
+        "streamed_equals_model_minus_resident".into(),
+        json!(streamed.iter().all(|&s| s == expected)),
+    );
     o.insert("peak_device_bytes_forward".into(), json!(forward_peak));
     o.insert("peak_device_bytes".into(), json!(report.peak_device_bytes));
     o.insert("refused_allocations".into(), json!(refused));
     let predicted = plan.get("predicted_peak_bytes").and_then(Value::as_u64);
     o.insert("predicted_peak_bytes".into(), json!(predicted));
-    o.insert("predicted_peak_equals_measured".into(), json!(predicted == Some(forward_peak)));
+    o.insert(
+        "predicted_peak_equals_measured".into(),
+        json!(predicted == Some(forward_peak)),
+    );
+    o.insert(
+        "predicted_peak_covers_measured".into(),
+        json!(predicted.is_some_and(|p| p >= forward_peak)),
+    );
     o.insert("plan".into(), plan);
     o.insert("denoise_1_step_report".into(), report_json(&report));
     o.insert("peak_rss_bytes".into(), json!(rss_peak));
@@ -387,7 +500,14 @@ fn unet_point(args: &Args, rss: &mut Rss, name: &str, size: usize, pct: u32) -> 
     Ok(v)
 }
 
-fn vae_point(args: &Args, rss: &mut Rss, ctx: &Context, vae: &Arc<lowvram::api::Model>, name: &str, px: usize) -> BoxResult<Value> {
+fn vae_point(
+    args: &Args,
+    rss: &mut Rss,
+    ctx: &Context,
+    vae: &Arc<lowvram::api::Model>,
+    name: &str,
+    px: usize,
+) -> BoxResult<Value> {
     let device = ctx.cache().device().clone();
     let z = randn(args.seed + 10 + px as u64, &[1, 4, px / 8, px / 8], &device)?;
     rss.reset();
@@ -429,36 +549,61 @@ fn vae_point(args: &Args, rss: &mut Rss, ctx: &Context, vae: &Arc<lowvram::api::
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
 fn run(args: &Args) -> BoxResult<Value> {
     let mut rss = Rss::new();
-    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
     let mut workloads = serde_json::Map::new();
     let mut sweep = serde_json::Map::new();
 
-    let vae_sel: Vec<_> = VAE_WORKLOADS.iter().filter(|(n, _)| args.only.iter().any(|o| o == n)).collect();
+    let vae_sel: Vec<_> = VAE_WORKLOADS
+        .iter()
+        .filter(|(n, _)| args.only.iter().any(|o| o == n))
+        .collect();
     if !vae_sel.is_empty() {
         let vae_dir = args.model.join("vae");
         let ctx = new_context(args, device_spec(args, weight_file_bytes(&vae_dir)), None)?;
         let t0 = Instant::now();
         let vae = ctx.load_model(&vae_dir)?;
-        log(args, &format!("vae loaded in {:.0} ms, {} MiB", t0.elapsed().as_secs_f64() * 1e3, vae.weights().total_bytes() / MIB));
+        log(
+            args,
+            &format!(
+                "vae loaded in {:.0} ms, {} MiB",
+                t0.elapsed().as_secs_f64() * 1e3,
+                vae.weights().total_bytes() / MIB
+            ),
+        );
         for (name, px) in vae_sel {
-            workloads.insert(name.to_string(), vae_point(args, &mut rss, &ctx, &vae, name, *px)?);
+            workloads.insert(
+                name.to_string(),
+                vae_point(args, &mut rss, &ctx, &vae, name, *px)?,
+            );
         }
     }
 
-    for (name, size) in UNET_WORKLOADS.iter().filter(|(n, _)| args.only.iter().any(|o| o == n)) {
+    for (name, size) in UNET_WORKLOADS
+        .iter()
+        .filter(|(n, _)| args.only.iter().any(|o| o == n))
+    {
         let mut points = Vec::new();
         for &pct in &args.budgets {
-            let v = unet_point(args, &mut rss, name, *size, pct)?;
-            if pct == 100 {
-                workloads.insert(name.to_string(), v.clone());
+            for (i, &pf) in args.prefetch.iter().enumerate() {
+                let v = unet_point(args, &mut rss, name, *size, pct, pf)?;
+                if pct == 100 && i == 0 {
+                    workloads.insert(name.to_string(), v.clone());
+                }
+                points.push(v);
             }
-            points.push(v);
         }
         sweep.insert(name.to_string(), Value::Array(points));
     }
@@ -487,9 +632,14 @@ fn main() {
     let args = parse_args();
     // candle's CPU kernels size their parallelism from RAYON_NUM_THREADS; rayon's global pool is built to match.
     std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(args.threads).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads)
+        .build_global();
     if !args.model.join("unet").is_dir() && !args.model.join("vae").is_dir() {
-        eprintln!("{} has no unet/ or vae/: run scripts/bench/make_sd15_random.py first", args.model.display());
+        eprintln!(
+            "{} has no unet/ or vae/: run scripts/bench/make_sd15_random.py first",
+            args.model.display()
+        );
         std::process::exit(2);
     }
     match run(&args) {

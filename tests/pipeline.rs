@@ -16,7 +16,8 @@ fn repo() -> PathBuf {
 
 fn fixture(model: &str, name: &str) -> HashMap<String, Tensor> {
     let path = repo().join("tests/fixtures").join(model).join(name);
-    candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn pipeline_dir(model: &str) -> PathBuf {
@@ -37,11 +38,27 @@ fn context(device: &str, yaml: &str) -> Context {
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn options(kind: SchedulerKind, karras: bool) -> DenoiseOptions {
-    DenoiseOptions { scheduler: kind, karras, steps: 8, guidance: 7.5, seed: 0, latent_size: (8, 8) }
+    DenoiseOptions {
+        scheduler: kind,
+        karras,
+        steps: 8,
+        guidance: 7.5,
+        seed: 0,
+        latent_size: (8, 8),
+    }
 }
 
 const SAMPLERS: [(&str, SchedulerKind, bool); 5] = [
@@ -74,8 +91,14 @@ fn every_sampler_matches_diffusers_end_to_end() {
                 )
                 .unwrap();
             let (image, _) = ctx.vae_decode(&vae, &latents, Tiling::Never).unwrap();
-            let (el, ei) = (max_abs(&latents, &f["latents"]), max_abs(&image, &f["image"]));
-            println!("{model} {name}: latents max abs err {el:.2e}, image {ei:.2e}, {} steps", report.step_ms.len());
+            let (el, ei) = (
+                max_abs(&latents, &f["latents"]),
+                max_abs(&image, &f["image"]),
+            );
+            println!(
+                "{model} {name}: latents max abs err {el:.2e}, image {ei:.2e}, {} steps",
+                report.step_ms.len()
+            );
             assert!(el <= 1e-3, "{model} {name}: latents differ by {el}");
             assert!(ei <= 1e-3, "{model} {name}: image differs by {ei}");
         }
@@ -84,12 +107,17 @@ fn every_sampler_matches_diffusers_end_to_end() {
 
 /// The same run at budgets from everything resident to almost everything streamed gives bit-identical latents;
 /// every step streams exactly the non-resident bytes; the device never exceeds its capacity or refuses memory.
+/// Every budget, with and without prefetch (async_loading): the same latents bit for bit, bytes streamed = steps ×
+/// (model − resident), peak within the capacity, nothing refused; with prefetch, the plans that hold two blocks in
+/// flight copy the next block ahead of use.
 #[test]
 fn budgets_change_residency_never_results() {
     let f = fixture("tiny-sd", "sample_euler.safetensors");
     let run = |device: &str, yaml: &str| {
         let ctx = context(device, yaml);
         let unet = ctx.load_model(&repo().join("models/tiny-sd/unet")).unwrap();
+        // The plan lives while the model is locked: read its slots from the progress callback.
+        let mut slots = 0;
         let (latents, report) = ctx
             .denoise(
                 &unet,
@@ -98,42 +126,93 @@ fn budgets_change_residency_never_results() {
                 Some(&f["sampling.uncond_embeddings"]),
                 Some(&f["sampling.init_noise"]),
                 None,
-                &mut |_, _| true,
+                &mut |_, _| {
+                    slots = slots.max(ctx.stats().plan.map_or(0, |p| p.slots));
+                    true
+                },
             )
             .unwrap();
-        (latents.flatten_all().unwrap().to_vec1::<f32>().unwrap(), report)
+        (
+            latents.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            report,
+            ctx.stats(),
+            slots,
+        )
     };
-    let (reference, full) = run("cpu", "");
-    assert_eq!(full.bytes_streamed, 0, "an unbounded CPU device keeps everything resident");
+    let (reference, full, _, _) = run("cpu", "");
+    assert_eq!(
+        full.bytes_streamed, 0,
+        "an unbounded CPU device keeps everything resident"
+    );
     let model = full.model_bytes;
     let capacity: u64 = 64 << 20;
+    let mut prefetched_somewhere = false;
     for fraction in [1.0, 0.5, 0.25, 0.1, 0.0] {
-        let budget = (model as f64 * fraction) as u64;
-        // 0 %: `vram_state: none` streams every block (a zero cache cap leaves no room for the block in flight)
-        let cap = if fraction > 0.0 {
-            format!("max_cache_vram_gb: {}", budget as f64 / (1u64 << 30) as f64)
-        } else {
-            "vram_state: none".to_string()
-        };
-        let yaml = format!("device_working_mem_gb: 0.01\n{cap}\n");
-        let (latents, r) = run(&format!("emulated:{capacity}"), &yaml);
-        println!(
-            "budget {:>3.0}%: resident {} of {} bytes, streamed {} (8 steps), peak {} of {capacity}",
-            fraction * 100.0,
-            r.resident_bytes,
-            r.model_bytes,
-            r.bytes_streamed,
-            r.peak_device_bytes
-        );
-        assert_eq!(latents, reference, "budget {fraction}: results changed");
-        assert!(r.resident_bytes <= budget.max(0), "resident {} above budget {budget}", r.resident_bytes);
-        assert_eq!(r.bytes_streamed, 8 * (r.model_bytes - r.resident_bytes), "budget {fraction}");
-        assert!(r.peak_device_bytes <= capacity);
-        assert_eq!(r.refused_allocations, 0);
-        if fraction <= 0.1 {
-            assert!(r.resident_bytes < model / 5, "most of the model streams at {fraction}");
+        for prefetch in [true, false] {
+            let budget = (model as f64 * fraction) as u64;
+            // 0 %: `vram_state: none` streams every block (a zero cache cap leaves no room for the block in flight)
+            let cap = if fraction > 0.0 {
+                format!("max_cache_vram_gb: {}", budget as f64 / (1u64 << 30) as f64)
+            } else {
+                "vram_state: none".to_string()
+            };
+            let yaml = format!("device_working_mem_gb: 0.01\n{cap}\nasync_loading: {prefetch}\n");
+            let (latents, r, stats, slots) = run(&format!("emulated:{capacity}"), &yaml);
+            println!(
+                "budget {:>3.0}% prefetch {prefetch:>5}: resident {} of {} bytes, streamed {} (8 steps), prefetched {}, \
+                 slots {slots}, peak {} of {capacity}",
+                fraction * 100.0,
+                r.resident_bytes,
+                r.model_bytes,
+                r.bytes_streamed,
+                stats.bytes_prefetched_total,
+                r.peak_device_bytes
+            );
+            assert_eq!(
+                latents, reference,
+                "budget {fraction}, prefetch {prefetch}: results changed"
+            );
+            assert!(
+                r.resident_bytes <= budget.max(0),
+                "resident {} above budget {budget}",
+                r.resident_bytes
+            );
+            assert_eq!(
+                r.bytes_streamed,
+                8 * (r.model_bytes - r.resident_bytes),
+                "budget {fraction}"
+            );
+            assert!(r.peak_device_bytes <= capacity);
+            if fraction > 0.0 {
+                assert!(
+                    r.peak_device_bytes <= budget + r.working_bytes,
+                    "peak above cap + working memory"
+                );
+            }
+            assert_eq!(r.refused_allocations, 0);
+            if fraction <= 0.1 {
+                assert!(
+                    r.resident_bytes < model / 5,
+                    "most of the model streams at {fraction}"
+                );
+            }
+            if !prefetch || slots < 2 {
+                assert_eq!(
+                    stats.bytes_prefetched_total, 0,
+                    "no prefetch without two slots"
+                );
+            } else if r.bytes_streamed > 0 {
+                // The order is learned in the first step; later steps get all but their first block prefetched.
+                assert!(
+                    stats.bytes_prefetched_total > 0,
+                    "budget {fraction}: two slots but nothing prefetched"
+                );
+                assert!(stats.bytes_prefetched_total <= r.bytes_streamed);
+                prefetched_somewhere = true;
+            }
         }
     }
+    assert!(prefetched_somewhere, "no budget exercised the prefetch");
 }
 
 /// Cancel from the progress path (as another thread would) stops at the next step with Cancelled, releases the
@@ -146,7 +225,10 @@ fn cancel_mid_loop_releases_working_memory() {
     let calls = AtomicUsize::new(0);
     let result = ctx.denoise(
         &unet,
-        &DenoiseOptions { steps: 10, ..options(SchedulerKind::Euler, false) },
+        &DenoiseOptions {
+            steps: 10,
+            ..options(SchedulerKind::Euler, false)
+        },
         &f["sampling.cond_embeddings"],
         None,
         Some(&f["sampling.init_noise"]),
@@ -159,13 +241,28 @@ fn cancel_mid_loop_releases_working_memory() {
             true
         },
     );
-    assert!(matches!(result, Err(Error::Cancelled)), "{:?}", result.err());
-    assert_eq!(calls.load(Ordering::SeqCst), 3, "stopped within the step after the cancel");
-    assert_eq!(ctx.stats().device.usage.working_bytes, 0, "working memory released");
+    assert!(
+        matches!(result, Err(Error::Cancelled)),
+        "{:?}",
+        result.err()
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "stopped within the step after the cancel"
+    );
+    assert_eq!(
+        ctx.stats().device.usage.working_bytes,
+        0,
+        "working memory released"
+    );
     // the context is still usable, and a new call clears the stale request
     let ok = ctx.denoise(
         &unet,
-        &DenoiseOptions { steps: 2, ..options(SchedulerKind::Euler, false) },
+        &DenoiseOptions {
+            steps: 2,
+            ..options(SchedulerKind::Euler, false)
+        },
         &f["sampling.cond_embeddings"],
         None,
         Some(&f["sampling.init_noise"]),
@@ -185,10 +282,14 @@ fn decode_tiles_when_untiled_does_not_fit() {
     let (untiled, r0) = ctx.vae_decode(&vae, &latents, Tiling::Never).unwrap();
     assert_eq!(r0.tile_latent, None);
     let err = max_abs(&untiled, &f["image"]);
-    assert!(err <= 1e-3, "untiled decode differs from diffusers by {err}");
+    assert!(
+        err <= 1e-3,
+        "untiled decode differs from diffusers by {err}"
+    );
 
     let vae_dir = repo().join("models/tiny-sd/vae");
-    let model = lowvram::models::AutoencoderKL::from_config_file(&vae_dir.join("config.json")).unwrap();
+    let model =
+        lowvram::models::AutoencoderKL::from_config_file(&vae_dir.join("config.json")).unwrap();
     // The path an emulated device runs (CPU memory, f32: the own kernels).
     let target = lowvram::ops::OpTarget::new(&Device::Cpu, DType::F32);
     let untiled_need = model.decode_working_bytes(latents.dims(), target);
@@ -197,16 +298,31 @@ fn decode_tiles_when_untiled_does_not_fit() {
     // capacity: the weights and a tiled decode fit, the untiled decode does not
     let weights = vae.weights().total_bytes();
     let capacity = weights + (tiled_need + untiled_need) / 2;
-    let ctx = context(&format!("emulated:{capacity}"), "device_working_mem_gb: 0\n");
+    let ctx = context(
+        &format!("emulated:{capacity}"),
+        "device_working_mem_gb: 0\n",
+    );
     let vae = ctx.load_model(&vae_dir).unwrap();
     let (tiled, r) = ctx.vae_decode(&vae, &latents, Tiling::Auto).unwrap();
     assert!(r.tile_latent.is_some(), "expected a tiled decode");
     assert!(r.peak_device_bytes <= capacity);
     let diff = (&tiled - &untiled).unwrap().abs().unwrap();
     let mean = diff.mean_all().unwrap().to_scalar::<f32>().unwrap();
-    let max = diff.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    println!("tiled ({:?}) vs untiled: max {max:.2e}, mean {mean:.2e}", r.tile_latent);
-    assert!(mean <= 5e-3 && max <= 5e-2, "tiled decode: max {max}, mean {mean}");
+    let max = diff
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    println!(
+        "tiled ({:?}) vs untiled: max {max:.2e}, mean {mean:.2e}",
+        r.tile_latent
+    );
+    assert!(
+        mean <= 5e-3 && max <= 5e-2,
+        "tiled decode: max {max}, mean {mean}"
+    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -229,13 +345,19 @@ fn bad_models_and_inputs_give_clear_errors_and_leave_the_context_usable() {
     let src = repo().join("models/tiny-sd/unet");
 
     // missing folder / missing weights
-    let err = ctx.load_model(Path::new("/nonexistent/unet")).err().unwrap();
+    let err = ctx
+        .load_model(Path::new("/nonexistent/unet"))
+        .err()
+        .unwrap();
     assert!(matches!(err, Error::Io { .. }), "{err}");
     let dir = temp_dir("noweights");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
     let err = ctx.load_model(&dir).err().unwrap();
-    assert!(matches!(err, Error::Io { .. }) && err.to_string().contains("diffusion_pytorch_model"), "{err}");
+    assert!(
+        matches!(err, Error::Io { .. }) && err.to_string().contains("diffusion_pytorch_model"),
+        "{err}"
+    );
 
     // corrupt (truncated) weights
     let dir = temp_dir("corrupt");
@@ -251,44 +373,106 @@ fn bad_models_and_inputs_give_clear_errors_and_leave_the_context_usable() {
     copy_dir(&src, &dir);
     let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
     assert!(cfg.contains("\"addition_embed_type\": null"));
-    let cfg = cfg.replace("\"addition_embed_type\": null", "\"addition_embed_type\": \"text_time\"");
+    let cfg = cfg.replace(
+        "\"addition_embed_type\": null",
+        "\"addition_embed_type\": \"text_time\"",
+    );
     std::fs::write(dir.join("config.json"), cfg).unwrap();
     let err = ctx.load_model(&dir).err().unwrap();
-    assert!(matches!(err, Error::Unsupported(_)) && err.to_string().contains("addition_embed_type"), "{err}");
+    assert!(
+        matches!(err, Error::Unsupported(_)) && err.to_string().contains("addition_embed_type"),
+        "{err}"
+    );
 
     // tensors of the wrong shape
     let unet = ctx.load_model(&src).unwrap();
     let bad_cond = Tensor::zeros((1, 77, 31), DType::F32, &Device::Cpu).unwrap();
     let err = ctx
-        .denoise(&unet, &options(SchedulerKind::Euler, false), &bad_cond, None, None, None, &mut |_, _| true)
+        .denoise(
+            &unet,
+            &options(SchedulerKind::Euler, false),
+            &bad_cond,
+            None,
+            None,
+            None,
+            &mut |_, _| true,
+        )
         .err()
         .unwrap();
-    assert!(matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("31"), "{err}");
+    assert!(
+        matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("31"),
+        "{err}"
+    );
     let flat_cond = Tensor::zeros((77, 32), DType::F32, &Device::Cpu).unwrap();
     let err = ctx
-        .denoise(&unet, &options(SchedulerKind::Euler, false), &flat_cond, None, None, None, &mut |_, _| true)
+        .denoise(
+            &unet,
+            &options(SchedulerKind::Euler, false),
+            &flat_cond,
+            None,
+            None,
+            None,
+            &mut |_, _| true,
+        )
         .err()
         .unwrap();
-    assert!(matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("[B, S, D]"), "{err}");
+    assert!(
+        matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("[B, S, D]"),
+        "{err}"
+    );
     let cond = Tensor::zeros((1, 77, 32), DType::F32, &Device::Cpu).unwrap();
     let bad_noise = Tensor::zeros((2, 4, 8, 8), DType::F32, &Device::Cpu).unwrap();
     let err = ctx
-        .denoise(&unet, &options(SchedulerKind::Euler, false), &cond, None, Some(&bad_noise), None, &mut |_, _| true)
+        .denoise(
+            &unet,
+            &options(SchedulerKind::Euler, false),
+            &cond,
+            None,
+            Some(&bad_noise),
+            None,
+            &mut |_, _| true,
+        )
         .err()
         .unwrap();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
     let vae = ctx.load_model(&repo().join("models/tiny-sd/vae")).unwrap();
-    let err = ctx.vae_decode(&vae, &bad_cond.reshape((1, 77, 31, 1)).unwrap(), Tiling::Auto).err().unwrap();
+    let err = ctx
+        .vae_decode(
+            &vae,
+            &bad_cond.reshape((1, 77, 31, 1)).unwrap(),
+            Tiling::Auto,
+        )
+        .err()
+        .unwrap();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
     let err = ctx
-        .denoise(&vae, &options(SchedulerKind::Euler, false), &cond, None, None, None, &mut |_, _| true)
+        .denoise(
+            &vae,
+            &options(SchedulerKind::Euler, false),
+            &cond,
+            None,
+            None,
+            None,
+            &mut |_, _| true,
+        )
         .err()
         .unwrap();
     assert!(err.to_string().contains("a UNet is needed"), "{err}");
 
     // the context still works
     let (latents, _) = ctx
-        .denoise(&unet, &DenoiseOptions { steps: 2, ..options(SchedulerKind::Euler, false) }, &cond, None, None, None, &mut |_, _| true)
+        .denoise(
+            &unet,
+            &DenoiseOptions {
+                steps: 2,
+                ..options(SchedulerKind::Euler, false)
+            },
+            &cond,
+            None,
+            None,
+            None,
+            &mut |_, _| true,
+        )
         .unwrap();
     assert_eq!(latents.dims(), &[1, 4, 8, 8]);
 }
@@ -299,7 +483,10 @@ fn fp16_weights_compute_close_to_f32() {
     let f = fixture("tiny-sd", "sample_euler.safetensors");
     // a pipeline folder whose UNet has only the fp16 file (the scheduler config beside it, as in the original)
     let root = temp_dir("fp16");
-    copy_dir(&repo().join("models/tiny-sd/scheduler"), &root.join("scheduler"));
+    copy_dir(
+        &repo().join("models/tiny-sd/scheduler"),
+        &root.join("scheduler"),
+    );
     let dir = root.join("unet");
     let src = repo().join("models/tiny-sd/unet");
     std::fs::create_dir_all(&dir).unwrap();
@@ -315,7 +502,10 @@ fn fp16_weights_compute_close_to_f32() {
     let run = |unet| {
         ctx.denoise(
             unet,
-            &DenoiseOptions { steps: 2, ..options(SchedulerKind::Euler, false) },
+            &DenoiseOptions {
+                steps: 2,
+                ..options(SchedulerKind::Euler, false)
+            },
             &f["sampling.cond_embeddings"],
             Some(&f["sampling.uncond_embeddings"]),
             Some(&f["sampling.init_noise"]),
@@ -329,7 +519,17 @@ fn fp16_weights_compute_close_to_f32() {
     let unet32 = ctx.load_model(&src).unwrap();
     let b = run(&unet32);
     let err = max_abs(&a, &b);
-    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    println!("fp16 weights vs f32 weights after 2 steps: max abs {err:.2e} (values up to {scale:.1})");
+    let scale = b
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    println!(
+        "fp16 weights vs f32 weights after 2 steps: max abs {err:.2e} (values up to {scale:.1})"
+    );
     assert!(err > 0.0 && err <= 1e-2 * scale);
 }

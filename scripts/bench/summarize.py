@@ -114,34 +114,41 @@ def main():
         print()
         print("UNet budget sweep (lowvram; budget = max_cache_vram_gb as % of the UNet's bytes, which also holds the")
         print("streaming slot, so resident < budget; ratio vs its own 100 % point)")
-        hdr = ("workload", "budget", "resident MiB (of model)", "streamed/step MiB", "model−resident MiB", "streamed = model−res",
-               "peak device MiB", "= predicted", "refused", "ms", "vs 100 %", "goal", "met")
+        hdr = ("workload", "budget", "prefetch", "resident MiB (of model)", "streamed/step MiB", "model−resident MiB",
+               "streamed = model−res", "prefetched/step MiB", "peak device MiB", "≤ predicted", "refused", "ms", "vs 100 %",
+               "goal", "met")
         rows = []
         for n in sweep_names:
-            pcts = sorted({p["budget_pct"] for r in lv_r for p in r["sweep"][n]}, reverse=True)
+            keys = sorted({(p["budget_pct"], p.get("async_loading", True)) for r in lv_r for p in r["sweep"][n]},
+                          key=lambda k: (-k[0], not k[1]))
             base = None
-            for pct in pcts:
-                pts = [p for r in lv_r for p in r["sweep"][n] if p["budget_pct"] == pct]
+            for pct, pf in keys:
+                pts = [p for r in lv_r for p in r["sweep"][n]
+                       if p["budget_pct"] == pct and p.get("async_loading", True) == pf]
                 pp = pooled([x for p in pts for x in p["runs_ms"]])
-                if pct == 100:
+                if pct == 100 and base is None:
                     base = pp
                 ratio = pp["median_ms"] / base["median_ms"] if base and pp else None
                 goal = GOAL_SWEEP.get(pct)
                 met = "—" if goal is None or ratio is None else ("yes" if ratio <= goal else "NO")
                 p0 = pts[0]
                 exact = all(p.get("streamed_equals_model_minus_resident") for p in pts)
+                covers = all(p.get("predicted_peak_covers_measured", p.get("predicted_peak_equals_measured")) for p in pts)
+                equal = all(p.get("predicted_peak_equals_measured") for p in pts)
                 res = p0.get("resident_bytes")
                 res_txt = fmt_mib(res) + (f" ({100 * res / p0['model_bytes']:.0f} %)" if res is not None and p0.get("model_bytes") else "")
-                rows.append((n, f"{pct} %", res_txt, fmt_mib(p0.get("bytes_streamed_per_step")),
-                             fmt_mib(p0.get("model_minus_resident_bytes")), "yes" if exact else "NO",
+                pf_step = max((max(p.get("bytes_prefetched_runs") or [0]) for p in pts), default=0)
+                rows.append((n, f"{pct} %", "on" if pf else "off", res_txt, fmt_mib(p0.get("bytes_streamed_per_step")),
+                             fmt_mib(p0.get("model_minus_resident_bytes")), "yes" if exact else "NO", fmt_mib(pf_step),
                              fmt_mib(max(max(p.get("peak_device_bytes") or 0, p.get("peak_device_bytes_forward") or 0)
                                          for p in pts)),
-                             "yes" if all(p.get("predicted_peak_equals_measured") for p in pts) else "NO",
+                             ("yes (=)" if equal else "yes") if covers else "NO",
                              str(sum(p.get("refused_allocations") or 0 for p in pts)), fmt_ms(pp),
                              "—" if ratio is None else f"{ratio:.2f}×", "—" if goal is None else f"≤ {goal:.2f}×", met))
                 summary["sweep"].setdefault(n, []).append({
-                    "budget_pct": pct, "timing": pp, "ratio_vs_100": ratio, "goal": goal,
+                    "budget_pct": pct, "async_loading": pf, "timing": pp, "ratio_vs_100": ratio, "goal": goal,
                     "resident_bytes": p0.get("resident_bytes"), "bytes_streamed_per_step": p0.get("bytes_streamed_per_step"),
+                    "bytes_prefetched_per_step": pf_step,
                     "model_minus_resident_bytes": p0.get("model_minus_resident_bytes"), "streamed_exact": exact})
         print_table(hdr, rows)
     print()

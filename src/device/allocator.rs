@@ -8,7 +8,7 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use crate::device::DeviceSpec;
+use crate::device::{BlockBuffers, DeviceSpec};
 use crate::error::{Error, Result};
 
 /// What an allocation holds (for the per-kind counters in [`DeviceUsage`]).
@@ -81,6 +81,7 @@ struct Inner {
     capacity: Option<u64>,
     state: Mutex<State>,
     changed: Condvar,
+    block_buffers: Option<Arc<BlockBuffers>>,
 }
 
 /// The one allocator of a device: counts every byte placed on it and refuses past its capacity. Cheap to clone
@@ -145,15 +146,21 @@ fn emulated_copy(t: &Tensor) -> Result<Tensor> {
     const CHUNK: usize = 1 << 18; // elements per task (1 MiB of f32)
     fn par_copy<T: Copy + Default + Send + Sync>(src: &[T]) -> Vec<T> {
         let mut dst = vec![T::default(); src.len()];
-        dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| d.copy_from_slice(s));
+        dst.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(d, s)| d.copy_from_slice(s));
         dst
     }
     if t.elem_count() < 4 * CHUNK || !t.is_contiguous() {
         return Ok(t.copy()?);
     }
     let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(t.copy()?) };
-    let Some((a, b)) = layout.contiguous_offsets() else { return Ok(t.copy()?) };
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Ok(t.copy()?);
+    };
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        return Ok(t.copy()?);
+    };
     let shape = t.shape().clone();
     let dev = t.device();
     use candle_core::CpuStorage as S;
@@ -196,6 +203,7 @@ impl DeviceAllocator {
             DeviceSpec::Emulated(cap) => (Device::Cpu, Some(*cap)),
             DeviceSpec::Cuda(n) => open_cuda(*n)?,
         };
+        let block_buffers = matches!(spec, DeviceSpec::Emulated(_)).then(BlockBuffers::new);
         Ok(Self {
             inner: Arc::new(Inner {
                 spec,
@@ -203,8 +211,15 @@ impl DeviceAllocator {
                 capacity,
                 state: Mutex::new(State::default()),
                 changed: Condvar::new(),
+                block_buffers,
             }),
         })
+    }
+
+    /// The pool of reusable buffers streamed blocks are written into (the emulated device only; on CUDA, blocks
+    /// are allocated from the driver's stream-ordered pool instead).
+    pub fn block_buffers(&self) -> Option<&Arc<BlockBuffers>> {
+        self.inner.block_buffers.as_ref()
     }
 
     /// The device as resolved.
@@ -417,20 +432,32 @@ mod tests {
     #[test]
     fn emulated_copy_is_exact_for_large_and_small_tensors() {
         for n in [1000usize, (1 << 20) + 12_345] {
-            let t = Tensor::arange(0u32, n as u32, &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+            let t = Tensor::arange(0u32, n as u32, &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
             let t = (t * 0.37).unwrap().reshape((1, n)).unwrap();
             for dtype in [DType::F32, DType::F16, DType::BF16] {
                 let src = t.to_dtype(dtype).unwrap();
                 let copy = super::emulated_copy(&src).unwrap();
                 assert_eq!(copy.dtype(), dtype);
                 assert_eq!(copy.dims(), src.dims());
-                let (a, b) = (src.to_dtype(DType::F32).unwrap(), copy.to_dtype(DType::F32).unwrap());
+                let (a, b) = (
+                    src.to_dtype(DType::F32).unwrap(),
+                    copy.to_dtype(DType::F32).unwrap(),
+                );
                 let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
                 let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-                assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{n} {dtype:?}");
+                assert!(
+                    a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{n} {dtype:?}"
+                );
                 let (sa, _) = src.storage_and_layout();
                 let (sb, _) = copy.storage_and_layout();
-                assert!(!std::ptr::eq(&*sa, &*sb), "the copy must not share the source's storage");
+                assert!(
+                    !std::ptr::eq(&*sa, &*sb),
+                    "the copy must not share the source's storage"
+                );
             }
         }
     }

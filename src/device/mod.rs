@@ -3,8 +3,12 @@
 //! allocations exactly like a real out-of-memory (so CPU tests drive the same OOM paths).
 
 mod allocator;
+mod block_buffers;
+mod pinned;
 
 pub use allocator::{AllocKind, Allocation, DeviceAllocator, DeviceUsage};
+pub use block_buffers::{BlockBuffer, BlockBuffers};
+pub use pinned::{set_pool_keep, PinnedHost};
 
 use std::fmt;
 use std::str::FromStr;

@@ -7,13 +7,14 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{Config, VramState};
-use crate::device::{AllocKind, Allocation, DeviceAllocator, DeviceSpec};
+use crate::config::{Config, CudaAllocator, VramState};
+use crate::device::{AllocKind, Allocation, BlockBuffer, DeviceAllocator, DeviceSpec};
 use crate::error::{Error, Result};
 use crate::memory::plan::{self, BlockCost, ResidencyPlan};
 use crate::memory::sizing::{self, Sizing};
@@ -41,6 +42,8 @@ struct Shared {
     staging: Arc<StagingRing>,
     inner: Mutex<Inner>,
     streamed: AtomicU64,
+    prefetched: AtomicU64,
+    prefetch_wasted: AtomicU64,
     loaded: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -88,6 +91,9 @@ pub struct ManagedModel {
     store: WeightStore,
     costs: Vec<BlockCost>,
     state: Mutex<ModelState>,
+    /// The block fetched after each block in the last forward (learned: a model fetches its blocks in the same
+    /// order every call), which is what a prefetch copies next.
+    next_fetch: Mutex<HashMap<usize, usize>>,
 }
 
 #[derive(Default)]
@@ -234,7 +240,35 @@ pub struct ModelLock {
     device: Device,
     inflight: Arc<AtomicU64>,
     streamed: AtomicU64,
+    prefetched: AtomicU64,
     loaded: AtomicU64,
+    /// The block fetched last (to learn the order) and the prefetch in flight.
+    last_fetch: Mutex<Option<usize>>,
+    pending: Mutex<Option<Prefetch>>,
+}
+
+/// A streamed block's device tensors in the storage dtype, and the pooled buffer they view (emulated device).
+type Uploaded = (HashMap<String, Tensor>, Option<BlockBuffer>);
+
+/// The next streamed block, being copied on its own thread while the current one computes. Its lease (device
+/// bytes) is taken before the copy starts, within the plan's slot.
+struct Prefetch {
+    block: usize,
+    lease: StreamLease,
+    done: mpsc::Receiver<Result<Uploaded>>,
+}
+
+/// Copy block `b` of `m` to the device for one use. `prefetch`: on the prefetch thread (single-threaded copy; on
+/// CUDA the copy runs on that thread's own stream, so wait for it there: the consumer then needs no event).
+fn upload_streamed(sh: &Shared, m: &ManagedModel, b: usize, prefetch: bool) -> Result<Uploaded> {
+    if let Some((tensors, buf)) = m.store.block_to_buffer(b, &sh.alloc, !prefetch)? {
+        return Ok((tensors, Some(buf)));
+    }
+    let tensors = m.store.block_to_device(b, &sh.alloc, &sh.staging)?;
+    if prefetch && sh.alloc.is_cuda() {
+        sh.alloc.device().synchronize()?;
+    }
+    Ok((tensors, None))
 }
 
 struct StreamLease {
@@ -316,9 +350,15 @@ impl Shared {
         let state = cfg.vram_state;
         let partial_ok =
             cfg.enable_partial_loading || matches!(state, VramState::Low | VramState::None);
+        // Prefetch (async_loading) needs a second block in flight; plans fall back to one slot when two don't fit.
+        let slots = if cfg.async_loading && self.alloc.capacity().is_some() {
+            2
+        } else {
+            1
+        };
         let min_of = |m: &Arc<ManagedModel>| {
             if partial_ok {
-                plan::min_need(&m.costs)
+                plan::min_need(&m.costs, 1)
             } else {
                 plan::whole_need(&m.costs)
             }
@@ -373,19 +413,23 @@ impl Shared {
             };
             let costs = &m.costs;
             let p = match state {
-                VramState::None => {
-                    (plan::min_need(costs) <= budget).then(|| plan::stream_all(costs, budget))
-                }
+                VramState::None => [slots, 1]
+                    .into_iter()
+                    .find(|&k| plan::min_need(costs, k) <= budget)
+                    .map(|k| plan::stream_all(costs, budget, k)),
                 VramState::High | VramState::Normal => {
                     if plan::whole_need(costs) <= budget {
                         Some(plan::whole(costs, budget))
                     } else if partial_ok {
-                        plan::partial(costs, budget)
+                        plan::partial(costs, budget, slots)
+                            .or_else(|| plan::partial(costs, budget, 1))
                     } else {
                         None
                     }
                 }
-                _ if partial_ok => plan::partial(costs, budget),
+                _ if partial_ok => {
+                    plan::partial(costs, budget, slots).or_else(|| plan::partial(costs, budget, 1))
+                }
                 _ => (plan::whole_need(costs) <= budget).then(|| plan::whole(costs, budget)),
             };
             let Some(p) = p else {
@@ -449,6 +493,7 @@ impl Shared {
                 budget_bytes: p.budget_bytes,
                 resident_bytes: p.resident_bytes,
                 slot_bytes: p.slot_bytes,
+                slots: p.slots,
                 working_bytes: *work,
                 streamed_bytes_per_forward: p.streamed_bytes_per_forward,
                 predicted_peak_bytes: peak,
@@ -513,13 +558,7 @@ impl Shared {
                         .map(|(c, _)| c.bytes)
                         .sum();
                     p.streamed_bytes_per_forward = m.store.total_bytes() - p.resident_bytes;
-                    p.slot_bytes = m
-                        .costs
-                        .iter()
-                        .zip(&p.resident)
-                        .map(|(c, r)| if *r { c.cast } else { c.lease_streamed() })
-                        .max()
-                        .unwrap_or(0);
+                    p.slot_bytes = plan::slot_of(&m.costs, &p.resident, p.slots);
                 }
             }
         }
@@ -604,6 +643,9 @@ impl Shared {
             return Ok(false);
         }
         m.store.load_ram_copy()?;
+        if inner.config.pin_memory {
+            m.store.pin_ram_copy(&self.alloc)?;
+        }
         self.enforce_ram(inner, Some(m.id));
         Ok(false)
     }
@@ -657,6 +699,7 @@ impl ModelCache {
     /// A cache over the device `config` selects, sized per `config` (see [`ModelCache::sizing`] for the log lines).
     pub fn new(config: Config) -> Result<Self> {
         let alloc = DeviceAllocator::new(&config.effective_device())?;
+        crate::device::set_pool_keep(&alloc, config.cuda_allocator == CudaAllocator::PoolKeep)?;
         let sizing = sizing::compute(&config, &alloc);
         Ok(Self {
             shared: Arc::new(Shared {
@@ -673,6 +716,8 @@ impl ModelCache {
                     plan: None,
                 }),
                 streamed: AtomicU64::new(0),
+                prefetched: AtomicU64::new(0),
+                prefetch_wasted: AtomicU64::new(0),
                 loaded: AtomicU64::new(0),
                 hits: AtomicU64::new(0),
                 misses: AtomicU64::new(0),
@@ -731,6 +776,7 @@ impl ModelCache {
                 next.effective_device()
             )));
         }
+        crate::device::set_pool_keep(&sh.alloc, next.cuda_allocator == CudaAllocator::PoolKeep)?;
         let mut inner = sh.inner();
         let old = std::mem::replace(&mut inner.config, next);
         let new_sizing = sizing::compute(&inner.config, &sh.alloc);
@@ -791,6 +837,7 @@ impl ModelCache {
             name: name.to_string(),
             store,
             costs,
+            next_fetch: Mutex::new(HashMap::new()),
             state: Mutex::new(ModelState {
                 last_used: inner.clock,
                 ..Default::default()
@@ -829,7 +876,7 @@ impl ModelCache {
                 Err(e) => {
                     let own = working
                         + if inner.config.enable_partial_loading {
-                            plan::min_need(&model.costs)
+                            plan::min_need(&model.costs, 1)
                         } else {
                             plan::whole_need(&model.costs)
                         };
@@ -876,7 +923,10 @@ impl ModelCache {
             device: sh.alloc.device().clone(),
             inflight: Arc::new(AtomicU64::new(0)),
             streamed: AtomicU64::new(0),
+            prefetched: AtomicU64::new(0),
             loaded: AtomicU64::new(0),
+            last_fetch: Mutex::new(None),
+            pending: Mutex::new(None),
         };
         // Dropping `lk` on an error below unregisters the lock.
         lk.working = Some(sh.alloc_for(
@@ -1082,10 +1132,13 @@ impl ModelCache {
                 staging_bytes: sh.staging.bytes(),
                 staging_peak_bytes: sh.staging.peak(),
                 staging_slots: sh.staging.slots(),
+                pinned_bytes: models.iter().map(|m| m.store.pinned_bytes()).sum(),
                 mapped_bytes: models.iter().map(|m| m.store.mapped_bytes()).sum(),
             },
             models: mstats,
             bytes_streamed_total: sh.streamed.load(Ordering::Relaxed),
+            bytes_prefetched_total: sh.prefetched.load(Ordering::Relaxed),
+            bytes_prefetch_wasted_total: sh.prefetch_wasted.load(Ordering::Relaxed),
             bytes_loaded_total: sh.loaded.load(Ordering::Relaxed),
             cache_hits: sh.hits.load(Ordering::Relaxed),
             cache_misses: sh.misses.load(Ordering::Relaxed),
@@ -1107,6 +1160,10 @@ impl ModelLock {
     /// Bytes streamed through this lock (per run).
     pub fn bytes_streamed(&self) -> u64 {
         self.streamed.load(Ordering::Relaxed)
+    }
+    /// Of [`Self::bytes_streamed`], the bytes that were copied ahead of use by a prefetch (async_loading).
+    pub fn bytes_prefetched(&self) -> u64 {
+        self.prefetched.load(Ordering::Relaxed)
     }
     /// Bytes made resident through this lock (at lock time or when the budget grew).
     pub fn bytes_loaded(&self) -> u64 {
@@ -1154,11 +1211,100 @@ impl WeightSource for ModelLock {
     /// resident (the budget grew) are made resident when there is room; every other block is streamed and its bytes
     /// are released when the returned value drops. The plan is re-read at every call, so a budget change takes
     /// effect at the next block.
+    /// With a plan of two slots (async_loading), the block this model fetched next last time is then copied on
+    /// a separate thread while the caller computes, and handed over by the next fetch.
     fn fetch(&self, block: &str) -> Result<BlockWeights> {
         let m = &self.model;
         let Some(b) = m.store.block_index(block) else {
             return Ok(BlockWeights::new(block, HashMap::new(), None));
         };
+        if let Some(a) = lock(&self.last_fetch).replace(b) {
+            if a != b {
+                lock(&m.next_fetch).insert(a, b);
+            }
+        }
+        let ready = match lock(&self.pending).take() {
+            Some(p) if p.block == b => Some(p),
+            Some(p) => {
+                self.discard(p);
+                None
+            }
+            None => None,
+        };
+        let out = self.fetch_now(b, block, ready)?;
+        self.start_prefetch(b);
+        Ok(out)
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn dtype(&self) -> DType {
+        self.model.store.compute_dtype()
+    }
+}
+
+impl ModelLock {
+    /// A prefetch that will not be used: wait for its copy (its bytes are in use until then), then release them.
+    fn discard(&self, p: Prefetch) {
+        let _ = p.done.recv();
+        self.shared
+            .prefetch_wasted
+            .fetch_add(self.model.costs[p.block].bytes, Ordering::Relaxed);
+    }
+
+    /// Start copying the block expected after `b`, if it will be streamed and its lease fits in the plan's slot
+    /// beside what this lock holds now (never waiting and never evicting: a prefetch that does not fit is skipped).
+    fn start_prefetch(&self, b: usize) {
+        let m = &self.model;
+        let Some(n) = lock(&m.next_fetch).get(&b).copied() else {
+            return;
+        };
+        let slot = {
+            let st = m.state();
+            let Some(p) = st.plan.as_ref().filter(|p| p.slots >= 2) else {
+                return;
+            };
+            if st.resident.contains_key(&n) || st.target.as_ref().is_some_and(|t| t[n]) {
+                return;
+            }
+            p.slot_bytes
+        };
+        let bytes = m.costs[n].lease_streamed();
+        let sh = &self.shared;
+        if self.inflight.load(Ordering::SeqCst) + bytes > slot
+            || sh.alloc.free().is_some_and(|f| f < bytes)
+        {
+            return;
+        }
+        let Ok(alloc) = sh.alloc.allocate(bytes, AllocKind::Streaming) else {
+            return;
+        };
+        self.inflight.fetch_add(bytes, Ordering::SeqCst);
+        let lease = StreamLease {
+            _alloc: alloc,
+            bytes,
+            inflight: self.inflight.clone(),
+        };
+        let (tx, done) = mpsc::sync_channel(1);
+        let (sh, m) = (sh.clone(), m.clone());
+        let spawned = std::thread::Builder::new()
+            .name("lowvram-prefetch".into())
+            .spawn(move || {
+                let _ = tx.send(upload_streamed(&sh, &m, n, true));
+            });
+        if spawned.is_ok() {
+            *lock(&self.pending) = Some(Prefetch {
+                block: n,
+                lease,
+                done,
+            });
+        }
+    }
+
+    fn fetch_now(&self, b: usize, block: &str, ready: Option<Prefetch>) -> Result<BlockWeights> {
+        let m = &self.model;
         let cost = m.costs[b];
         let (res, planned) = {
             let st = m.state();
@@ -1210,26 +1356,41 @@ impl WeightSource for ModelLock {
                 ));
             }
         }
-        let lease = self.stream_alloc(cost.lease_streamed())?;
-        let tensors = m.store.block_to_device(b, &sh.alloc, &sh.staging)?;
+        // A prefetched copy if it arrived whole (a failed one is redone here, which reports the error).
+        let prefetched = ready.and_then(|p| match p.done.recv() {
+            Ok(Ok(up)) => Some((p.lease, up)),
+            _ => None,
+        });
+        let from_prefetch = prefetched.is_some();
+        let (lease, (tensors, buf)) = match prefetched {
+            Some(x) => x,
+            None => (
+                self.stream_alloc(cost.lease_streamed())?,
+                upload_streamed(sh, m, b, false)?,
+            ),
+        };
         let tensors = self.cast_all(tensors)?;
         sh.streamed.fetch_add(cost.bytes, Ordering::Relaxed);
         self.streamed.fetch_add(cost.bytes, Ordering::Relaxed);
+        if from_prefetch {
+            sh.prefetched.fetch_add(cost.bytes, Ordering::Relaxed);
+            self.prefetched.fetch_add(cost.bytes, Ordering::Relaxed);
+        }
         m.state().streamed += cost.bytes;
-        Ok(BlockWeights::new(block, tensors, Some(Box::new(lease))))
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
-    }
-
-    fn dtype(&self) -> DType {
-        self.model.store.compute_dtype()
+        // BlockWeights drops its tensors before its lease, so the views are gone before the buffer is reused.
+        Ok(BlockWeights::new(
+            block,
+            tensors,
+            Some(Box::new((lease, buf))),
+        ))
     }
 }
 
 impl Drop for ModelLock {
     fn drop(&mut self) {
+        if let Some(p) = lock(&self.pending).take() {
+            self.discard(p);
+        }
         drop(self.working.take());
         let sh = &self.shared;
         let mut inner = sh.inner();

@@ -1,9 +1,9 @@
 //! Residency plans: which blocks of a model stay on the device for a given budget.
 //!
 //! Every block runs once per forward, in order, so within a model there is no LRU: the plan is a fixed subset,
-//! and each forward streams exactly `model − resident` bytes. A plan must also leave room for the one block in
-//! flight (the *slot*: the largest streamed block, plus any dtype cast of a resident one), so
-//! `resident + slot ≤ budget`.
+//! and each forward streams exactly `model − resident` bytes. A plan must also leave room for the blocks in
+//! flight (the *slot*: the largest streamed block, plus any dtype cast of a resident one — or, with prefetch, the
+//! two largest, one being used while the next is copied), so `resident + slot ≤ budget`.
 //!
 //! **Rule: largest blocks first, then first-fit by size.** It maximises resident bytes (so minimises the bytes
 //! streamed per forward, the one cost we can state without timings), and every large block kept resident also
@@ -36,8 +36,10 @@ pub struct ResidencyPlan {
     pub resident: Vec<bool>,
     /// Bytes kept resident.
     pub resident_bytes: u64,
-    /// Bytes a fetch may hold beyond residency at once (largest streamed block, or largest cast).
+    /// Bytes fetches may hold beyond residency at once: the `slots` largest streamed leases (or casts).
     pub slot_bytes: u64,
+    /// Blocks that may be in flight at once: 1, or 2 when the next streamed block is prefetched.
+    pub slots: usize,
     /// Bytes streamed by one forward (`model − resident`).
     pub streamed_bytes_per_forward: u64,
     /// The budget the plan was made for (resident + slot ≤ budget).
@@ -51,7 +53,25 @@ pub fn rank(blocks: &[BlockCost]) -> Vec<usize> {
     order
 }
 
-fn finish(blocks: &[BlockCost], resident: Vec<bool>, budget: u64) -> ResidencyPlan {
+/// The bytes `slots` fetches in flight may hold at once with this resident set: the sum of the `slots` largest
+/// leases (a streamed block's bytes + cast, or a resident block's cast).
+pub fn slot_of(blocks: &[BlockCost], resident: &[bool], slots: usize) -> u64 {
+    let mut top = vec![0u64; slots.max(1)];
+    for (b, r) in blocks.iter().zip(resident) {
+        let lease = if *r { b.cast } else { b.lease_streamed() };
+        if lease > top[top.len() - 1] {
+            let at = top
+                .iter()
+                .position(|&t| lease > t)
+                .expect("larger than the last");
+            top.insert(at, lease);
+            top.pop();
+        }
+    }
+    top.iter().sum()
+}
+
+fn finish(blocks: &[BlockCost], resident: Vec<bool>, budget: u64, slots: usize) -> ResidencyPlan {
     let total: u64 = blocks.iter().map(|b| b.bytes).sum();
     let resident_bytes: u64 = blocks
         .iter()
@@ -59,29 +79,29 @@ fn finish(blocks: &[BlockCost], resident: Vec<bool>, budget: u64) -> ResidencyPl
         .filter(|(_, r)| **r)
         .map(|(b, _)| b.bytes)
         .sum();
-    let slot_bytes = blocks
-        .iter()
-        .zip(&resident)
-        .map(|(b, r)| if *r { b.cast } else { b.lease_streamed() })
-        .max()
-        .unwrap_or(0);
+    let slots = if resident.iter().all(|r| *r) {
+        1
+    } else {
+        slots.max(1)
+    };
     ResidencyPlan {
+        slot_bytes: slot_of(blocks, &resident, slots),
+        slots,
         resident,
         resident_bytes,
-        slot_bytes,
         streamed_bytes_per_forward: total - resident_bytes,
         budget_bytes: budget,
     }
 }
 
-/// Everything streamed (nothing resident).
-pub fn stream_all(blocks: &[BlockCost], budget: u64) -> ResidencyPlan {
-    finish(blocks, vec![false; blocks.len()], budget)
+/// Everything streamed (nothing resident), with `slots` blocks in flight.
+pub fn stream_all(blocks: &[BlockCost], budget: u64, slots: usize) -> ResidencyPlan {
+    finish(blocks, vec![false; blocks.len()], budget, slots)
 }
 
 /// Everything resident.
 pub fn whole(blocks: &[BlockCost], budget: u64) -> ResidencyPlan {
-    finish(blocks, vec![true; blocks.len()], budget)
+    finish(blocks, vec![true; blocks.len()], budget, 1)
 }
 
 /// Bytes the model needs on the device when whole: all blocks plus the largest cast.
@@ -89,39 +109,31 @@ pub fn whole_need(blocks: &[BlockCost]) -> u64 {
     blocks.iter().map(|b| b.bytes).sum::<u64>() + blocks.iter().map(|b| b.cast).max().unwrap_or(0)
 }
 
-/// Bytes the model needs at least to run at all (everything streamed: the largest lease).
-pub fn min_need(blocks: &[BlockCost]) -> u64 {
-    blocks.iter().map(|b| b.lease_streamed()).max().unwrap_or(0)
+/// Bytes the model needs at least to run at all with `slots` blocks in flight (everything streamed).
+pub fn min_need(blocks: &[BlockCost], slots: usize) -> u64 {
+    slot_of(blocks, &vec![false; blocks.len()], slots)
 }
 
-/// The partial plan for `budget` bytes (resident + slot ≤ budget), or None when not even streaming fits.
-pub fn partial(blocks: &[BlockCost], budget: u64) -> Option<ResidencyPlan> {
-    if min_need(blocks) > budget {
+/// The partial plan for `budget` bytes with `slots` blocks in flight (resident + slot ≤ budget), or None when not
+/// even streaming fits. Blocks are taken in [`rank`] order, each kept if it still fits beside the slot it leaves.
+pub fn partial(blocks: &[BlockCost], budget: u64, slots: usize) -> Option<ResidencyPlan> {
+    if min_need(blocks, slots) > budget {
         return None;
     }
     if whole_need(blocks) <= budget {
         return Some(whole(blocks, budget));
     }
-    let order = rank(blocks);
-    // suffix[i] = largest streamed lease among order[i..]
-    let mut suffix = vec![0u64; order.len() + 1];
-    for i in (0..order.len()).rev() {
-        suffix[i] = suffix[i + 1].max(blocks[order[i]].lease_streamed());
-    }
     let mut resident = vec![false; blocks.len()];
-    let (mut used, mut skipped_max, mut cast_max) = (0u64, 0u64, 0u64);
-    for (pos, &i) in order.iter().enumerate() {
-        let b = blocks[i];
-        let slot_if = skipped_max.max(suffix[pos + 1]).max(cast_max).max(b.cast);
-        if used + b.bytes + slot_if <= budget {
-            resident[i] = true;
-            used += b.bytes;
-            cast_max = cast_max.max(b.cast);
+    let mut used = 0u64;
+    for i in rank(blocks) {
+        resident[i] = true;
+        if used + blocks[i].bytes + slot_of(blocks, &resident, slots) <= budget {
+            used += blocks[i].bytes;
         } else {
-            skipped_max = skipped_max.max(b.lease_streamed());
+            resident[i] = false;
         }
     }
-    Some(finish(blocks, resident, budget))
+    Some(finish(blocks, resident, budget, slots))
 }
 
 /// Blocks to keep for an unlocked model given `budget` bytes of pure residency (no slot): the same rank, first-fit.
@@ -150,20 +162,42 @@ mod tests {
     #[test]
     fn plan_respects_budget_and_keeps_largest() {
         let c = costs(&[10, 40, 20, 30]);
-        assert!(partial(&c, 39).is_none());
-        let p = partial(&c, 40).unwrap();
+        assert!(partial(&c, 39, 1).is_none());
+        let p = partial(&c, 40, 1).unwrap();
         assert_eq!(p.resident_bytes, 0);
         assert_eq!(p.slot_bytes, 40);
-        let p = partial(&c, 70).unwrap();
+        let p = partial(&c, 70, 1).unwrap();
         assert_eq!(p.resident, vec![false, true, false, false]);
         assert_eq!(p.slot_bytes, 30);
-        let p = partial(&c, 99).unwrap();
+        let p = partial(&c, 99, 1).unwrap();
         assert_eq!(
             (p.resident_bytes, p.slot_bytes, p.streamed_bytes_per_forward),
             (70, 20, 30)
         );
-        let p = partial(&c, 100).unwrap();
+        let p = partial(&c, 100, 1).unwrap();
         assert_eq!((p.resident_bytes, p.slot_bytes), (100, 0));
-        assert_eq!(partial(&c, 1000).unwrap().slot_bytes, 0);
+        assert_eq!(partial(&c, 1000, 1).unwrap().slot_bytes, 0);
+    }
+
+    #[test]
+    fn two_slots_reserve_the_two_largest_leases() {
+        let c = costs(&[10, 40, 20, 30]);
+        assert_eq!(min_need(&c, 2), 70);
+        assert!(partial(&c, 69, 2).is_none());
+        let p = partial(&c, 70, 2).unwrap();
+        assert_eq!((p.resident_bytes, p.slot_bytes, p.slots), (0, 70, 2));
+        // 40 resident leaves 30 + 20 in flight: 90.
+        let p = partial(&c, 90, 2).unwrap();
+        assert_eq!(p.resident, vec![false, true, false, false]);
+        assert_eq!(p.slot_bytes, 50);
+        let p = partial(&c, 100, 2).unwrap();
+        assert_eq!((p.resident_bytes, p.slot_bytes, p.slots), (100, 0, 1));
+        // Casts of resident blocks count as leases too.
+        let c = vec![
+            BlockCost { bytes: 10, cast: 5 },
+            BlockCost { bytes: 8, cast: 4 },
+        ];
+        assert_eq!(slot_of(&c, &[true, true], 2), 9);
+        assert_eq!(slot_of(&c, &[false, true], 2), 19);
     }
 }

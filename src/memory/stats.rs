@@ -16,6 +16,10 @@ pub struct CacheStats {
     pub models: Vec<ModelStats>,
     /// Bytes copied to the device for one fetch and released after it, since creation.
     pub bytes_streamed_total: u64,
+    /// Of those, bytes copied ahead of use by a prefetch (async_loading), since creation.
+    pub bytes_prefetched_total: u64,
+    /// Bytes a prefetch copied that were not used (the model fetched another block next), since creation.
+    pub bytes_prefetch_wasted_total: u64,
     /// Bytes copied to the device to stay resident, since creation.
     pub bytes_loaded_total: u64,
     /// Loads and locks served from memory (RAM copy or device residency already there).
@@ -53,6 +57,8 @@ pub struct RamStats {
     pub staging_peak_bytes: u64,
     /// Buffers in the ring.
     pub staging_slots: usize,
+    /// Bytes of RAM copies registered as pinned (page-locked) memory: CUDA with `pin_memory`, else 0.
+    pub pinned_bytes: u64,
     /// Bytes memory-mapped (files; not counted as cache).
     pub mapped_bytes: u64,
 }
@@ -87,8 +93,10 @@ pub struct PlanStats {
     pub budget_bytes: u64,
     /// Bytes planned resident.
     pub resident_bytes: u64,
-    /// Bytes one fetch may hold beyond residency (largest streamed block or cast).
+    /// Bytes fetches may hold beyond residency (the `slots` largest streamed blocks or casts).
     pub slot_bytes: u64,
+    /// Blocks in flight at once: 2 when the next streamed block is prefetched (async_loading), else 1.
+    pub slots: usize,
     /// The lock's working memory.
     pub working_bytes: u64,
     /// Bytes one forward streams (`model − resident`).

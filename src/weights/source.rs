@@ -27,14 +27,23 @@ pub trait WeightSource: Send + Sync {
 pub struct BlockWeights {
     prefix: String,
     tensors: HashMap<String, Tensor>,
-    /// Held while the block computes; dropping it gives streamed bytes back to the allocator.
+    /// Held while the block computes; dropping it gives streamed bytes back to the allocator. Declared after
+    /// `tensors` so it drops after them (a streamed block's tensors may view a buffer the lease returns to a pool).
     _lease: Option<Box<dyn Send + Sync>>,
 }
 
 impl BlockWeights {
     /// Wrap the tensors of block `prefix`; `lease` (if any) is dropped together with the tensors.
-    pub fn new(prefix: impl Into<String>, tensors: HashMap<String, Tensor>, lease: Option<Box<dyn Send + Sync>>) -> Self {
-        Self { prefix: prefix.into(), tensors, _lease: lease }
+    pub fn new(
+        prefix: impl Into<String>,
+        tensors: HashMap<String, Tensor>,
+        lease: Option<Box<dyn Send + Sync>>,
+    ) -> Self {
+        Self {
+            prefix: prefix.into(),
+            tensors,
+            _lease: lease,
+        }
     }
 
     /// The block prefix these weights belong to.
@@ -44,7 +53,10 @@ impl BlockWeights {
 
     /// The tensor `name` (relative to the block), or a format error naming the full tensor.
     pub fn get(&self, name: &str) -> Result<Tensor> {
-        self.tensors.get(name).cloned().ok_or_else(|| Error::format(format!("missing tensor {}", self.full_name(name))))
+        self.tensors
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::format(format!("missing tensor {}", self.full_name(name))))
     }
 
     /// The tensor `name`, checked to have exactly `shape`.
@@ -73,16 +85,29 @@ impl BlockWeights {
 
     /// Bytes of all tensors in the block.
     pub fn bytes(&self) -> u64 {
-        self.tensors.values().map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64).sum()
+        self.tensors
+            .values()
+            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+            .sum()
     }
 
     fn full_name(&self, name: &str) -> String {
-        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) }
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
     }
 }
 
 /// Containers whose numbered children are separate blocks (each streamed or kept resident as a unit).
-const BLOCK_LISTS: &[&str] = &["resnets", "attentions", "downsamplers", "upsamplers", "transformer_blocks"];
+const BLOCK_LISTS: &[&str] = &[
+    "resnets",
+    "attentions",
+    "downsamplers",
+    "upsamplers",
+    "transformer_blocks",
+];
 
 /// The block a checkpoint tensor belongs to: the name up to the first numbered child of a block list
 /// (`down_blocks.0.resnets.1.conv1.weight` → `down_blocks.0.resnets.1`), else its top-level module
@@ -98,7 +123,11 @@ pub fn block_key(name: &str) -> &str {
             return &name[..len];
         }
     }
-    let depth = if matches!(parts[0], "encoder" | "decoder") && parts.len() > 2 { 2 } else { 1 };
+    let depth = if matches!(parts[0], "encoder" | "decoder") && parts.len() > 2 {
+        2
+    } else {
+        1
+    };
     let len = parts[..depth].iter().map(|p| p.len()).sum::<usize>() + depth - 1;
     &name[..len]
 }
@@ -109,18 +138,36 @@ mod tests {
 
     #[test]
     fn block_keys_follow_the_checkpoint_layout() {
-        assert_eq!(block_key("down_blocks.0.resnets.1.conv1.weight"), "down_blocks.0.resnets.1");
+        assert_eq!(
+            block_key("down_blocks.0.resnets.1.conv1.weight"),
+            "down_blocks.0.resnets.1"
+        );
         assert_eq!(
             block_key("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"),
             "down_blocks.1.attentions.0"
         );
-        assert_eq!(block_key("down_blocks.0.downsamplers.0.conv.bias"), "down_blocks.0.downsamplers.0");
-        assert_eq!(block_key("mid_block.attentions.0.proj_in.weight"), "mid_block.attentions.0");
-        assert_eq!(block_key("time_embedding.linear_1.weight"), "time_embedding");
+        assert_eq!(
+            block_key("down_blocks.0.downsamplers.0.conv.bias"),
+            "down_blocks.0.downsamplers.0"
+        );
+        assert_eq!(
+            block_key("mid_block.attentions.0.proj_in.weight"),
+            "mid_block.attentions.0"
+        );
+        assert_eq!(
+            block_key("time_embedding.linear_1.weight"),
+            "time_embedding"
+        );
         assert_eq!(block_key("conv_in.weight"), "conv_in");
-        assert_eq!(block_key("decoder.up_blocks.2.resnets.0.norm1.weight"), "decoder.up_blocks.2.resnets.0");
+        assert_eq!(
+            block_key("decoder.up_blocks.2.resnets.0.norm1.weight"),
+            "decoder.up_blocks.2.resnets.0"
+        );
         assert_eq!(block_key("decoder.conv_in.weight"), "decoder.conv_in");
-        assert_eq!(block_key("decoder.mid_block.attentions.0.to_q.weight"), "decoder.mid_block.attentions.0");
+        assert_eq!(
+            block_key("decoder.mid_block.attentions.0.to_q.weight"),
+            "decoder.mid_block.attentions.0"
+        );
         assert_eq!(block_key("post_quant_conv.weight"), "post_quant_conv");
     }
 }

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use serde::Serialize;
 
-use crate::device::DeviceAllocator;
+use crate::device::{BlockBuffer, DeviceAllocator, PinnedHost};
 use crate::error::{Error, Result};
 use crate::weights::source::block_key;
 
@@ -163,6 +163,8 @@ pub struct WeightStore {
     index: HashMap<String, usize>,
     compute_dtype: DType,
     ram: Mutex<Option<Arc<Vec<HashMap<String, Tensor>>>>>,
+    /// The RAM copy's registration as pinned memory (CUDA, `pin_memory`); dropped before the copy.
+    pinned: Mutex<Option<PinnedHost>>,
 }
 
 fn dtype_of(d: safetensors::Dtype, name: &str) -> Result<DType> {
@@ -173,6 +175,49 @@ fn dtype_of(d: safetensors::Dtype, name: &str) -> Result<DType> {
         other => Err(Error::unsupported(format!(
             "tensor {name}: dtype {other:?} (supported: F32, F16, BF16)"
         ))),
+    }
+}
+
+/// The bytes of a contiguous CPU tensor's storage.
+fn cpu_bytes<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> Result<&'a [u8]> {
+    fn bytes<T>(v: &[T], a: usize, b: usize) -> &[u8] {
+        let v = &v[a..b];
+        // SAFETY: plain numbers, read as bytes.
+        unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+    }
+    let (candle_core::Storage::Cpu(cpu), Some((a, b))) = (storage, layout.contiguous_offsets())
+    else {
+        return Err(Error::unsupported(
+            "a RAM copy that is not a contiguous CPU tensor".to_string(),
+        ));
+    };
+    use candle_core::CpuStorage as S;
+    Ok(match cpu {
+        S::F32(v) => bytes(v, a, b),
+        S::F16(v) => bytes(v, a, b),
+        S::BF16(v) => bytes(v, a, b),
+        _ => {
+            return Err(Error::unsupported(
+                "a RAM copy of a dtype other than f32, f16, bf16".to_string(),
+            ))
+        }
+    })
+}
+
+/// `dst.copy_from_slice(src)`, split into 1 MiB chunks over the rayon pool when `parallel` and large (both cores'
+/// memory bandwidth instead of one thread's).
+fn copy_bytes(dst: &mut [u8], src: &[u8], parallel: bool) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 20;
+    if parallel && src.len() >= 4 * CHUNK {
+        dst.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    } else {
+        dst.copy_from_slice(src);
     }
 }
 
@@ -290,6 +335,7 @@ impl WeightStore {
             index,
             compute_dtype: compute,
             ram: Mutex::new(None),
+            pinned: Mutex::new(None),
         })
     }
 
@@ -364,14 +410,89 @@ impl WeightStore {
         Ok(self.total_bytes())
     }
 
-    /// Drop the RAM copy; returns the bytes released.
+    /// Register the RAM copy as pinned host memory on `alloc`'s device (CUDA; elsewhere nothing happens), so
+    /// streamed blocks cross at DMA speed and a prefetch overlaps compute. Returns the bytes pinned now.
+    pub fn pin_ram_copy(&self, alloc: &DeviceAllocator) -> Result<u64> {
+        let Some(ram) = lock(&self.ram).clone() else {
+            return Ok(0);
+        };
+        let mut pinned = lock(&self.pinned);
+        if pinned.is_none() {
+            *pinned = PinnedHost::register(alloc, ram.iter().flat_map(|m| m.values()))?;
+        }
+        Ok(pinned.as_ref().map_or(0, |p| p.bytes()))
+    }
+
+    /// Host bytes of the RAM copy registered as pinned memory.
+    pub fn pinned_bytes(&self) -> u64 {
+        lock(&self.pinned).as_ref().map_or(0, |p| p.bytes())
+    }
+
+    /// Drop the RAM copy (unpinning it first); returns the bytes released.
     pub fn drop_ram_copy(&self) -> u64 {
+        drop(lock(&self.pinned).take());
         let had = lock(&self.ram).take().is_some();
         if had {
             self.total_bytes()
         } else {
             0
         }
+    }
+
+    /// Block `b` streamed into one reusable buffer of the device's pool (the emulated device; see
+    /// [`crate::device::BlockBuffers`]): its tensors are views into the buffer, which must outlive them. None when
+    /// the device has no pool or the block mixes storage dtypes (then use [`Self::block_to_device`]). `parallel`
+    /// splits large copies over the rayon pool (synchronous fetches); a prefetch copies on its own thread.
+    pub fn block_to_buffer(
+        &self,
+        b: usize,
+        alloc: &DeviceAllocator,
+        parallel: bool,
+    ) -> Result<Option<(HashMap<String, Tensor>, BlockBuffer)>> {
+        let Some(pool) = alloc.block_buffers() else {
+            return Ok(None);
+        };
+        let block = &self.blocks[b];
+        let Some(&first) = block.tensors.first() else {
+            return Ok(None);
+        };
+        let dtype = self.tensors[first].storage_dtype;
+        if block
+            .tensors
+            .iter()
+            .any(|&ti| self.tensors[ti].storage_dtype != dtype)
+        {
+            return Ok(None);
+        }
+        let elems: usize = block
+            .tensors
+            .iter()
+            .map(|&ti| self.tensors[ti].elem_count())
+            .sum();
+        let buf = pool.take(dtype, elems)?;
+        let ram = lock(&self.ram).clone();
+        let mut out = HashMap::with_capacity(block.tensors.len());
+        let mut at = 0usize;
+        for &ti in &block.tensors {
+            let t = &self.tensors[ti];
+            let n = t.storage_bytes() as usize;
+            match ram.as_ref().and_then(|r| r[b].get(&t.rel_name)) {
+                Some(src) => {
+                    let (storage, layout) = src.storage_and_layout();
+                    let bytes = cpu_bytes(&storage, layout)?;
+                    buf.write(at, n, |dst| copy_bytes(dst, bytes, parallel))?;
+                }
+                None => {
+                    let src = &self.mmap[t.offset..t.offset + t.len];
+                    buf.write(at, n, |dst| {
+                        convert_into(src, t.file_dtype, t.storage_dtype, dst)
+                    })?;
+                }
+            }
+            out.insert(t.rel_name.clone(), buf.view(at, &t.shape)?);
+            at += t.elem_count();
+        }
+        Ok(Some((out, buf)))
     }
 
     /// Copy block `b` to the device of `alloc` in the storage dtype: from the RAM copy when held, else from the
