@@ -5,7 +5,8 @@
 #                                # --features cuda of the GPU test (tests/gpu.rs) and the SD benchmark, gzipped into
 #                                # .carry/ with gpu-env.sh and torch_anchor.py; the diffusers wheel into .whl/
 #   scripts/gpu/run.sh remote    # there, from the project root, with carry [".carry", ".whl"]: runs the GPU test,
-#                                # makes the random SD 1.5 model, runs lowvram's benchmark (fp16, budgets 100/50/25/10)
+#                                # makes the random SD 1.5 model, runs lowvram's benchmark (fp16, budgets 100/50/25/10,
+#                                # each with prefetch off and on: synchronous vs overlapped streaming from pinned RAM)
 #                                # and the PyTorch/diffusers baseline (torch_anchor.py); everything lands in $OUT
 #
 # Device-tool call after `pack` (one command, well under its 10-minute limit):
@@ -56,7 +57,7 @@ remote)
     python3 scripts/bench/make_sd15_random.py /tmp/sd15 2>&1 | tail -3
     echo "==> lowvram benchmark on cuda:0 (fp16)"
     /tmp/lowvram-bin/sd --model /tmp/sd15 --device cuda:0 --dtype fp16 --only unet_step_64,vae_decode_512 \
-        --budgets "${LOWVRAM_GPU_BUDGETS:-100,50,25,10}" --repeats "${LOWVRAM_GPU_REPEATS:-5}" --json \
+        --budgets "${LOWVRAM_GPU_BUDGETS:-100,50,25,10}" --prefetch off,on --repeats "${LOWVRAM_GPU_REPEATS:-5}" --json \
         > "$out/lowvram-gpu.json" 2> "$out/lowvram-gpu.log" || { rc=1; tail -20 "$out/lowvram-gpu.log"; }
     tail -20 "$out/lowvram-gpu.log"
     if [ -f .carry/torch_anchor.py ]; then
