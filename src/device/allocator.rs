@@ -142,13 +142,10 @@ impl Drop for Allocation {
 /// in, by the copying threads rather than by one zeroing pass): a streamed block costs the memory bandwidth of both
 /// cores instead of one thread's copy plus page faults.
 fn emulated_copy(t: &Tensor) -> Result<Tensor> {
-    use rayon::prelude::*;
-    const CHUNK: usize = 1 << 18; // elements per task (1 MiB of f32)
+    const CHUNK: usize = 1 << 18; // elements (1 MiB of f32)
     fn par_copy<T: Copy + Default + Send + Sync>(src: &[T]) -> Vec<T> {
         let mut dst = vec![T::default(); src.len()];
-        dst.par_chunks_mut(CHUNK)
-            .zip(src.par_chunks(CHUNK))
-            .for_each(|(d, s)| d.copy_from_slice(s));
+        crate::device::copy_chunked(&mut dst, src, true);
         dst
     }
     if t.elem_count() < 4 * CHUNK || !t.is_contiguous() {

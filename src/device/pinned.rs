@@ -50,11 +50,10 @@ impl PinnedHost {
                 bytes: 0,
             };
             for t in tensors {
-                let (storage, layout) = t.storage_and_layout();
+                let (storage, _) = t.storage_and_layout();
                 let candle_core::Storage::Cpu(cpu) = &*storage else {
                     continue;
                 };
-                let _ = layout;
                 let (ptr, len) = cpu_span(cpu);
                 // Small tensors are latency-bound either way, and may share a page with a registered neighbour
                 // (the driver refuses overlapping registrations): those stay pageable.

@@ -207,20 +207,6 @@ fn cpu_bytes<'a>(
     })
 }
 
-/// `dst.copy_from_slice(src)`, split into 1 MiB chunks over the rayon pool when `parallel` and large (both cores'
-/// memory bandwidth instead of one thread's).
-fn copy_bytes(dst: &mut [u8], src: &[u8], parallel: bool) {
-    use rayon::prelude::*;
-    const CHUNK: usize = 1 << 20;
-    if parallel && src.len() >= 4 * CHUNK {
-        dst.par_chunks_mut(CHUNK)
-            .zip(src.par_chunks(CHUNK))
-            .for_each(|(d, s)| d.copy_from_slice(s));
-    } else {
-        dst.copy_from_slice(src);
-    }
-}
-
 /// Convert `src` (elements of `from`) into `dst` (elements of `to`), little-endian, any alignment.
 fn convert_into(src: &[u8], from: DType, to: DType, dst: &mut [u8]) {
     if from == to {
@@ -480,7 +466,7 @@ impl WeightStore {
                 Some(src) => {
                     let (storage, layout) = src.storage_and_layout();
                     let bytes = cpu_bytes(&storage, layout)?;
-                    buf.write(at, n, |dst| copy_bytes(dst, bytes, parallel))?;
+                    buf.write(at, n, |dst| crate::device::copy_chunked(dst, bytes, parallel))?;
                 }
                 None => {
                     let src = &self.mmap[t.offset..t.offset + t.len];
