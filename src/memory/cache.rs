@@ -1314,6 +1314,14 @@ impl ModelLock {
                 .map(|r| (r.tensors.clone(), r.alloc.clone()));
             (res, st.target.as_ref().is_some_and(|t| t[b]))
         };
+        // A prefetch of a block that is resident now (the budget grew): wait for its copy before releasing its lease.
+        let ready = match ready {
+            Some(p) if res.is_some() || planned => {
+                self.discard(p);
+                None
+            }
+            r => r,
+        };
         if let Some((tensors, a)) = res {
             if cost.cast == 0 {
                 return Ok(BlockWeights::new(block, tensors, Some(Box::new(a))));
