@@ -4,9 +4,12 @@
 //!
 //! ```text
 //! cargo bench --bench ops -- [--threads N] [--repeats R] [--warmup W] [--only PREFIX,PREFIX] [--json]
+//!                             [--device cpu|cuda:N] [--dtype f32|f16|bf16]
 //! ```
 //!
-//! Each case: `--warmup` runs (default 1), then `--repeats` timed runs (default 5): median/min/max ms. f32 on the CPU.
+//! Each case: `--warmup` runs (default 1), then `--repeats` timed runs (default 5): median/min/max ms. f32 on the CPU
+//! by default; on a GPU (`--device cuda:0`, a `--features cuda` build) each timed call ends with a device
+//! synchronise, and memory is the CUDA pool's own high-water mark (`device::pool_peak_bytes`) instead.
 //! Beside each op, interleaved run by run, the candle composition it replaced (`ops::*_reference`,
 //! `ops::attention_with_budget`): the before/after of the own kernels in one run.
 //! Memory: a counting global allocator measures, per case, the peak of heap bytes allocated during one call beyond
@@ -41,7 +44,26 @@ struct Case {
     estimate: Option<u64>,
 }
 
+/// Where the cases run: inputs are made on the CPU in f32 and moved there once.
+#[derive(Clone)]
+struct Target {
+    device: Device,
+    dtype: DType,
+}
+
+static TARGET: std::sync::OnceLock<Target> = std::sync::OnceLock::new();
+
+fn target() -> &'static Target {
+    TARGET.get_or_init(|| Target { device: Device::Cpu, dtype: DType::F32 })
+}
+
 fn randn(shape: &[usize], seed: u64) -> Tensor {
+    let t = randn_cpu(shape, seed);
+    let tg = target();
+    t.to_device(&tg.device).and_then(|t| t.to_dtype(tg.dtype)).expect("moving a case's input")
+}
+
+fn randn_cpu(shape: &[usize], seed: u64) -> Tensor {
     // Deterministic inputs; values do not change the timings.
     let n: usize = shape.iter().product();
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -57,12 +79,12 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
 }
 
 fn bytes(shape: &[usize]) -> u64 {
-    4 * shape.iter().product::<usize>() as u64
+    (target().dtype.size_in_bytes() * shape.iter().product::<usize>()) as u64
 }
 
 fn cases() -> Vec<Case> {
     let mut out = Vec::new();
-    let cpu_f32 = OpTarget::new(&Device::Cpu, DType::F32);
+    let op_target = OpTarget::new(&target().device, target().dtype);
     // Attention: q, k, v as [B, N, H·D] (what the linear projections produce).
     for &(name, b, n, nk, h, d) in &[
         ("attn_self_64x64_h8_d40", 2, 4096, 4096, 8, 40),
@@ -76,7 +98,7 @@ fn cases() -> Vec<Case> {
         let k = randn(&[b, nk, h * d], 2);
         let v = randn(&[b, nk, h * d], 3);
         let scale = 1.0 / (d as f64).sqrt();
-        let est = ops::attention_scratch_bytes(b, h, n, nk, d, cpu_f32) + bytes(&[b, n, h * d]);
+        let est = ops::attention_scratch_bytes(b, h, n, nk, d, op_target) + bytes(&[b, n, h * d]);
         out.push(Case {
             name: name.into(),
             what: format!("q [{b},{n},{}] k,v [{b},{nk},{}], {h} heads of {d}", h * d, h * d),
@@ -109,7 +131,7 @@ fn cases() -> Vec<Case> {
         let bias = randn(&[cout], 6);
         let pad = k / 2;
         let oh = (hw + 2 * pad - k) / s + 1;
-        let est = ops::conv2d_scratch_bytes(b, cin, cout, oh, oh, k, s, cpu_f32) + bytes(&[b, cout, oh, oh]);
+        let est = ops::conv2d_scratch_bytes(b, cin, cout, oh, oh, k, s, op_target) + bytes(&[b, cout, oh, oh]);
         out.push(Case {
             name: name.into(),
             what: format!("x [{b},{cin},{hw},{hw}] w [{cout},{cin},{k},{k}] stride {s} pad {pad}"),
@@ -132,7 +154,7 @@ fn cases() -> Vec<Case> {
         let x = randn(&[b, c, hw, hw], 7);
         let w = randn(&[c], 8);
         let bias = randn(&[c], 9);
-        let est = ops::group_norm_scratch_bytes(b * c * hw * hw, cpu_f32) + bytes(&[b, c, hw, hw]);
+        let est = ops::group_norm_scratch_bytes(b * c * hw * hw, op_target) + bytes(&[b, c, hw, hw]);
         out.push(Case {
             name: name.into(),
             what: format!("x [{b},{c},{hw},{hw}], 32 groups, eps 1e-5, SiLU"),
@@ -203,6 +225,7 @@ fn main() -> BoxResult<()> {
     let mut threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let (mut repeats, mut warmup, mut json_out) = (5usize, 1usize, false);
     let mut only: Vec<String> = Vec::new();
+    let (mut device_name, mut dtype_name) = ("cpu".to_string(), "f32".to_string());
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| panic!("{a} needs a value"));
@@ -212,44 +235,75 @@ fn main() -> BoxResult<()> {
             "--warmup" => warmup = val().parse()?,
             "--only" => only = val().split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
             "--json" => json_out = true,
+            "--device" => device_name = val(),
+            "--dtype" => dtype_name = val(),
             "--bench" => {}
             other => {
-                eprintln!("usage: cargo bench --bench ops -- [--threads N] [--repeats R] [--warmup W] [--only PREFIX,..] [--json]");
+                eprintln!(
+                    "usage: cargo bench --bench ops -- [--threads N] [--repeats R] [--warmup W] [--only PREFIX,..] [--json] \
+                     [--device cpu|cuda:N] [--dtype f32|f16|bf16]"
+                );
                 return Err(format!("unknown argument {other}").into());
             }
         }
     }
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
-
+    let device = match device_name.as_str() {
+        "cpu" => Device::Cpu,
+        d => match d.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => Device::new_cuda(n)?,
+            None => return Err(format!("--device {d}: expected cpu or cuda:N").into()),
+        },
+    };
+    let dtype = match dtype_name.as_str() {
+        "f32" | "fp32" => DType::F32,
+        "f16" | "fp16" => DType::F16,
+        "bf16" => DType::BF16,
+        d => return Err(format!("--dtype {d}: expected f32, f16 or bf16").into()),
+    };
+    let gpu = device.is_cuda();
+    let _ = TARGET.set(Target { device: device.clone(), dtype });
+    let sync = |y: Tensor| -> lowvram::Result<Tensor> {
+        y.device().synchronize()?;
+        Ok(y)
+    };
     let mut results = serde_json::Map::new();
     for case in cases() {
         if !only.is_empty() && !only.iter().any(|p| case.name.starts_with(p.as_str())) {
             continue;
         }
         for _ in 0..warmup {
-            drop((case.op)()?);
+            drop(sync((case.op)()?)?);
         }
-        // Memory: one call, peak live bytes above the level before it.
-        let before = LIVE.load(Ordering::Relaxed);
-        PEAK.store(before, Ordering::Relaxed);
-        let y = (case.op)()?;
-        let peak = PEAK.load(Ordering::Relaxed).saturating_sub(before) as u64;
+        // Memory: one call, peak live bytes above the level before it (host heap; on a GPU the CUDA pool's).
+        let (y, peak) = if gpu {
+            lowvram::device::pool_peak_reset(&device)?;
+            let before = lowvram::device::pool_peak_bytes(&device)?.map_or(0, |(used, _)| used);
+            let y = sync((case.op)()?)?;
+            let high = lowvram::device::pool_peak_bytes(&device)?.map_or(0, |(_, high)| high);
+            (y, high.saturating_sub(before))
+        } else {
+            let before = LIVE.load(Ordering::Relaxed);
+            PEAK.store(before, Ordering::Relaxed);
+            let y = (case.op)()?;
+            (y, PEAK.load(Ordering::Relaxed).saturating_sub(before) as u64)
+        };
         let out_bytes = (y.elem_count() * y.dtype().size_in_bytes()) as u64;
         drop(y);
         // Kernel and composition interleaved, so drift on the machine falls on both.
         for _ in 0..warmup {
-            drop((case.composition)()?);
+            drop(sync((case.composition)()?)?);
         }
         let mut runs = Vec::with_capacity(repeats);
         let mut comp_runs = Vec::with_capacity(repeats);
         for _ in 0..repeats {
             let t = Instant::now();
-            let y = (case.op)()?;
+            let y = sync((case.op)()?)?;
             runs.push(t.elapsed().as_secs_f64() * 1e3);
             drop(y);
             let t = Instant::now();
-            let y = (case.composition)()?;
+            let y = sync((case.composition)()?)?;
             comp_runs.push(t.elapsed().as_secs_f64() * 1e3);
             drop(y);
         }
@@ -288,7 +342,8 @@ fn main() -> BoxResult<()> {
     }
     if json_out {
         let v: Value = json!({"impl": "lowvram", "lowvram": lowvram::VERSION, "threads": threads, "repeats": repeats,
-                              "warmup": warmup, "dtype": "f32", "cases": results});
+                              "warmup": warmup, "dtype": dtype_name, "device": device_name,
+                              "cases": results});
         println!("{v}");
     }
     Ok(())

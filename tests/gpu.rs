@@ -118,11 +118,19 @@ fn gpu_suite() {
 
     // 1. Parity with diffusers, fully resident.
     let free_before = device_free_bytes();
+    let cold = std::time::Instant::now();
     let ctx = context(F32);
     let unet = ctx.load_model(&dir.join("unet")).unwrap();
     let vae = ctx.load_model(&dir.join("vae")).unwrap();
     let (latents, report) = run(&ctx, &unet);
     let (image, _) = ctx.vae_decode(&vae, &latents, Tiling::Never).unwrap();
+    // The first image in a fresh process: context, kernel modules (own: machine code; candle's: PTX, JIT-compiled on a
+    // machine whose driver cache does not have them yet), cuBLAS, loading, 8 steps and the decode.
+    println!(
+        "gpu cold start: first context + load + 8 steps + decode in this process {:.2} s (own kernels built for sm {})",
+        cold.elapsed().as_secs_f64(),
+        lowvram::ops::cuda_kernel_archs().unwrap_or("-")
+    );
     let (el, ei) = (
         max_abs(&latents, &f["latents"]),
         max_abs(&image, &f["image"]),
@@ -228,4 +236,158 @@ fn gpu_suite() {
         d <= 1e-6 && max_abs(&fast, &latents) <= 1e-6,
         "prefetch changed the result on the GPU"
     );
+}
+
+/// The own CUDA kernels (flash attention, implicit-GEMM conv2d, fused GroupNorm+SiLU) through `lowvram::ops`, against
+/// the f32 candle compositions on the same GPU from the same (rounded) inputs, in f32, f16 and bf16, at SD's shapes
+/// (spatial sizes cut down) and with tails; prints the worst error per op and dtype.
+#[test]
+fn gpu_kernels() {
+    use candle_core::DType;
+    use lowvram::ops;
+    if let Some(why) = skip_reason() {
+        let _ = writeln!(std::io::stderr(), "gpu kernel tests skipped: {why}");
+        return;
+    }
+    let dev = Device::new_cuda(0).unwrap();
+    // (dtype, tolerance relative to max(1, max |reference|)): f32 exact up to summation order; f16/bf16 one rounding
+    // of the output plus the rounding of p before p·v.
+    let dtypes = [(DType::F32, 2e-5f32), (DType::F16, 4e-3), (DType::BF16, 3e-2)];
+    let rel = |got: &Tensor, want: &Tensor| -> f32 {
+        let m = want
+            .to_dtype(DType::F32)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1.0);
+        max_abs(&got.to_dtype(DType::F32).unwrap(), &want.to_dtype(DType::F32).unwrap()) / m
+    };
+    let randn = |shape: &[usize], dtype: DType| {
+        Tensor::randn(0f32, 1.0, shape, &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    for (dtype, tol) in dtypes {
+        let up = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        // Attention: (batch, nq, nk, heads, head size); SD1.x 40/80/160, SD2/SDXL 64, FLUX 128.
+        let mut worst = 0f32;
+        for (b, nq, nk, h, d) in [
+            (2, 256, 256, 8, 40),
+            (2, 256, 77, 8, 40),
+            (2, 100, 77, 8, 80),
+            (2, 64, 64, 8, 160),
+            (1, 130, 70, 10, 64),
+            (1, 33, 1, 24, 128),
+            (1, 1, 5, 2, 64),
+        ] {
+            let (q, k, v) = (randn(&[b, nq, h * d], dtype), randn(&[b, nk, h * d], dtype), randn(&[b, nk, h * d], dtype));
+            let scale = 1.0 / (d as f64).sqrt();
+            let got = ops::attention(&q, &k, &v, h, scale, false).unwrap();
+            assert_eq!((got.dims(), got.dtype()), (q.dims(), dtype));
+            let want = ops::attention_with_budget(&up(&q), &up(&k), &up(&v), h, scale, true, 64 << 20).unwrap();
+            let e = rel(&got, &want);
+            assert!(e <= tol, "attention {dtype:?} b{b} nq{nq} nk{nk} h{h} d{d}: error {e}");
+            worst = worst.max(e);
+        }
+        // A strided q (a slice of a fused qkv projection).
+        let qkv = randn(&[2, 50, 3 * 320], dtype);
+        let (q, k, v) = (qkv.narrow(2, 0, 320).unwrap(), qkv.narrow(2, 320, 320).unwrap(), qkv.narrow(2, 640, 320).unwrap());
+        let got = ops::attention(&q, &k, &v, 8, 0.15, false).unwrap();
+        let want = ops::attention_with_budget(&up(&q), &up(&k), &up(&v), 8, 0.15, true, 64 << 20).unwrap();
+        worst = worst.max(rel(&got, &want));
+        assert!(rel(&got, &want) <= tol, "strided attention {dtype:?}: {}", rel(&got, &want));
+        println!("gpu kernel attention {dtype:?}: worst error {worst:.2e} (relative to max(1, |ref|); tolerance {tol:.0e})");
+
+        // conv2d: (batch, cin, h, w, cout, k, stride, pad, bias).
+        let mut worst = 0f32;
+        for (b, cin, hh, ww, cout, k, s, p, bias) in [
+            (2, 320, 16, 16, 320, 3, 1, 1, true),
+            (2, 4, 16, 16, 320, 3, 1, 1, true),
+            (1, 320, 8, 8, 4, 3, 1, 1, true),
+            (2, 640, 8, 8, 640, 3, 2, 1, true),
+            (2, 640, 8, 8, 1280, 1, 1, 0, true),
+            (1, 17, 6, 11, 33, 3, 1, 1, false),
+            (1, 128, 40, 24, 3, 3, 1, 1, true),
+        ] {
+            let x = randn(&[b, cin, hh, ww], dtype);
+            let w = (randn(&[cout, cin, k, k], DType::F32) * (1.0 / ((cin * k * k) as f64).sqrt())).unwrap().to_dtype(dtype).unwrap();
+            let bb = bias.then(|| randn(&[cout], dtype));
+            let got = ops::conv2d(&x, &w, bb.as_ref(), s, p).unwrap();
+            let want = ops::conv2d::conv2d_reference(&up(&x), &up(&w), bb.as_ref().map(up).as_ref(), s, p).unwrap();
+            let e = rel(&got, &want);
+            assert!(e <= tol, "conv2d {dtype:?} {b}x{cin}x{hh}x{ww} -> {cout} k{k} s{s} p{p}: error {e}");
+            worst = worst.max(e);
+        }
+        println!("gpu kernel conv2d {dtype:?}: worst error {worst:.2e}");
+
+        // GroupNorm(+SiLU): (shape, groups); the last is a VAE-sized group (4·256² elements) split in many chunks.
+        let mut worst = 0f32;
+        for (shape, g) in [
+            (vec![2, 320, 16, 16], 32),
+            (vec![2, 1280, 4, 4], 32),
+            (vec![1, 6, 7], 3),
+            (vec![1, 128, 256, 256], 32),
+        ] {
+            let x = randn(&shape, DType::F32).affine(3.0, 0.5).unwrap().to_dtype(dtype).unwrap();
+            let (w, bias) = (randn(&[shape[1]], dtype), randn(&[shape[1]], dtype));
+            for silu in [false, true] {
+                let got = ops::group_norm(&x, g, &w, &bias, 1e-6, silu).unwrap();
+                let want = ops::group_norm::group_norm_reference(&up(&x), g, &up(&w), &up(&bias), 1e-6, silu).unwrap();
+                let e = rel(&got, &want);
+                assert!(e <= tol, "group_norm {dtype:?} {shape:?} g{g} silu {silu}: error {e}");
+                worst = worst.max(e);
+            }
+        }
+        println!("gpu kernel group_norm {dtype:?}: worst error {worst:.2e}");
+    }
+
+    // Working memory on the GPU (f16): the CUDA pool's own high-water mark during one call, beyond what was in use
+    // before it, against the op's estimate + its output; the pool rounds each allocation up (to 2 MiB at most), hence
+    // the slack.
+    let target = ops::OpTarget::new(&dev, DType::F16);
+    assert!(target.cuda_kernels, "f16 on the GPU should run the own kernels");
+    let measure = |f: &dyn Fn() -> Tensor| -> u64 {
+        lowvram::device::pool_peak_reset(&dev).unwrap();
+        let before = lowvram::device::pool_peak_bytes(&dev).unwrap().unwrap().0;
+        let y = f();
+        let high = lowvram::device::pool_peak_bytes(&dev).unwrap().unwrap().1;
+        drop(y);
+        high.saturating_sub(before)
+    };
+    let slack = 4u64 << 20;
+    let (q, k, v) = (randn(&[2, 4096, 320], DType::F16), randn(&[2, 4096, 320], DType::F16), randn(&[2, 4096, 320], DType::F16));
+    let x = randn(&[1, 256, 256, 256], DType::F16);
+    let w = randn(&[256, 256, 3, 3], DType::F16);
+    let (c, bias) = (randn(&[256], DType::F16), randn(&[256], DType::F16));
+    let out_bytes = |shape: &[usize]| 2 * shape.iter().product::<usize>() as u64;
+    let cases: [(&str, u64, Box<dyn Fn() -> Tensor>); 3] = [
+        (
+            "attention 2x4096x320, 8 heads",
+            ops::attention_scratch_bytes(2, 8, 4096, 4096, 40, target) + out_bytes(&[2, 4096, 320]),
+            Box::new(|| ops::attention(&q, &k, &v, 8, 0.158, false).unwrap()),
+        ),
+        (
+            "conv2d 1x256x256x256 -> 256, 3x3",
+            ops::conv2d_scratch_bytes(1, 256, 256, 256, 256, 3, 1, target) + out_bytes(&[1, 256, 256, 256]),
+            Box::new(|| ops::conv2d(&x, &w, Some(&bias), 1, 1).unwrap()),
+        ),
+        (
+            "group_norm+silu 1x256x256x256",
+            ops::group_norm_scratch_bytes(256 * 256 * 256, target) + out_bytes(&[1, 256, 256, 256]),
+            Box::new(|| ops::group_norm(&x, 32, &c, &bias, 1e-6, true).unwrap()),
+        ),
+    ];
+    for (what, estimate, f) in cases {
+        let measured = measure(&*f);
+        println!("gpu working memory {what}: measured {measured} B, estimate {estimate} B");
+        assert!(measured <= estimate + slack, "{what}: measured {measured} B above the estimate {estimate} B");
+        assert!(estimate <= measured + measured / 2 + slack, "{what}: estimate {estimate} B far above the measured {measured} B");
+    }
 }

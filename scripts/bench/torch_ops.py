@@ -2,6 +2,10 @@
 """PyTorch's side of the per-op microbenchmarks: the same cases (names, shapes) as `benches/ops.rs`, f32 on the CPU.
 
     scripts/bench/torch_ops.py [--threads N] [--repeats R] [--warmup W] [--only PREFIX,PREFIX] [--json]
+                               [--device cpu|cuda:N] [--dtype f32|f16|bf16]
+
+On a GPU every timed call ends with torch.cuda.synchronize(), and each case also reports its peak memory: the
+high-water mark of torch's CUDA allocator above what was allocated before the call (the output included).
 
 Each op is written as diffusers runs it: attention takes q, k, v as [B, N, H*D], views them as [B, H, N, D]
 (view + transpose, no copy), calls scaled_dot_product_attention and merges the heads back (transpose + reshape);
@@ -18,12 +22,12 @@ import torch
 import torch.nn.functional as F
 
 
-def cases():
+def cases(device="cpu", dtype=torch.float32):
     out = []
     g = torch.Generator().manual_seed(0)
 
     def rn(*shape):
-        return torch.rand(*shape, generator=g) * 2 - 1
+        return (torch.rand(*shape, generator=g) * 2 - 1).to(device=device, dtype=dtype)
 
     for name, b, n, nk, h, d in [
         ("attn_self_64x64_h8_d40", 2, 4096, 4096, 8, 40),
@@ -89,28 +93,45 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--only", default="")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "fp32", "f16", "fp16", "bf16"])
     a = ap.parse_args()
+    dtype = {"f32": torch.float32, "fp32": torch.float32, "f16": torch.float16, "fp16": torch.float16,
+             "bf16": torch.bfloat16}[a.dtype]
+    gpu = a.device.startswith("cuda")
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
     torch.set_num_threads(a.threads)
     only = [p for p in a.only.split(",") if p]
     results = {}
     log = sys.stderr if a.json else sys.stdout
     with torch.inference_mode():
-        for name, fn in cases():
+        for name, fn in cases(a.device, dtype):
             if only and not any(name.startswith(p) for p in only):
                 continue
             for _ in range(a.warmup):
                 fn()
+            sync()
+            peak = None
+            if gpu:
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                y = fn()
+                sync()
+                peak = torch.cuda.max_memory_allocated() - before
+                del y
             runs = []
             for _ in range(a.repeats):
                 t = time.perf_counter()
                 fn()
+                sync()
                 runs.append((time.perf_counter() - t) * 1e3)
             med = statistics.median(runs)
-            print(f"{name:<30} {med:>10.2f} ms  (min {min(runs):.2f}, max {max(runs):.2f})", file=log)
-            results[name] = {"median_ms": med, "runs_ms": runs}
+            mem = f"  peak {peak / 2**20:.1f} MiB" if peak is not None else ""
+            print(f"{name:<30} {med:>10.2f} ms  (min {min(runs):.2f}, max {max(runs):.2f}){mem}", file=log)
+            results[name] = {"median_ms": med, "runs_ms": runs, "peak_bytes": peak}
     if a.json:
         print(json.dumps({"impl": "pytorch", "torch": torch.__version__, "threads": a.threads, "repeats": a.repeats,
-                          "warmup": a.warmup, "dtype": "f32", "cases": results}))
+                          "warmup": a.warmup, "dtype": a.dtype, "device": a.device, "cases": results}))
 
 
 if __name__ == "__main__":

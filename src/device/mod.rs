@@ -5,10 +5,12 @@
 mod allocator;
 mod block_buffers;
 mod pinned;
+mod pool;
 
 pub use allocator::{AllocKind, Allocation, DeviceAllocator, DeviceUsage};
 pub use block_buffers::{BlockBuffer, BlockBuffers};
 pub use pinned::{set_pool_keep, PinnedHost};
+pub use pool::{pool_peak_bytes, pool_peak_reset};
 
 /// `dst.copy_from_slice(src)`, split into 1 MiB chunks over the rayon pool when `parallel` and at least 4 MiB: the
 /// memory bandwidth of every core instead of one thread's (uploads to the emulated device, streamed blocks).

@@ -98,7 +98,7 @@ fn cpu_span(cpu: &candle_core::CpuStorage) -> (usize, usize) {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_err(e: candle_core::cuda_backend::cudarc::driver::DriverError) -> crate::error::Error {
+pub(super) fn cuda_err(e: candle_core::cuda_backend::cudarc::driver::DriverError) -> crate::error::Error {
     crate::error::Error::unsupported(format!("CUDA driver: {e:?}"))
 }
 

@@ -2,8 +2,10 @@
 //!
 //! **Paths.** When q, k and v are all f32 CPU tensors, [`attention`] runs the flash-style kernel of
 //! `ops::cpu::attention` (online softmax over key blocks, no head-split copies, output written in place; see there).
-//! Otherwise (f16/bf16, CUDA) it runs the candle composition [`attention_with_budget`], which processes the queries in
-//! chunks; that composition is also the reference the kernel is tested against.
+//! CUDA tensors (a `cuda` build) of the head sizes the CUDA kernel has (`kernels/attention.cu`: f16/bf16 on tensor
+//! cores, f32) run that kernel, with no scratch beyond the output. Otherwise it runs the candle composition
+//! [`attention_with_budget`], which processes the queries in chunks; that composition is also the reference the
+//! kernels are tested against.
 //!
 //! **Scratch of the composition.** For a chunk of `c` query rows it holds at most three f32 score-sized buffers
 //! (`3 · 4 · B · H · c · Nk` bytes: the scores, the shifted exponent, the probabilities) plus the chunk's output.
@@ -29,6 +31,17 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, u
     if cpu::is_cpu_f32(q) && cpu::is_cpu_f32(k) && cpu::is_cpu_f32(v) {
         return cpu::attention::attention(q, k, v, heads, scale);
     }
+    #[cfg(feature = "cuda")]
+    if heads > 0 && q.rank() == 3 && q.dim(2)? % heads == 0 && super::cuda::attention::supported(q, k, v, q.dim(2)? / heads) {
+        let (b, nq, c) = q.dims3()?;
+        let (bk, nk, ck) = k.dims3()?;
+        if v.dims() != k.dims() || bk != b || ck != c || nq == 0 || nk == 0 {
+            return Err(Error::invalid(format!("attention: q {:?}, k {:?}, v {:?} with {heads} heads", q.dims(), k.dims(), v.dims())));
+        }
+        // The kernel takes q·kᵀ from the f16/bf16 inputs with f32 accumulation: what `upcast` asks for.
+        let _ = upcast;
+        return Ok(super::cuda::attention::attention(q, k, v, heads, scale)?);
+    }
     attention_with_budget(q, k, v, heads, scale, upcast, ATTENTION_SCRATCH_BYTES)
 }
 
@@ -53,6 +66,10 @@ pub fn attention_scratch_bytes(
     target: impl Into<OpTarget>,
 ) -> u64 {
     let target = target.into();
+    #[cfg(feature = "cuda")]
+    if target.cuda_kernels && super::cuda::attention::geometry(head_dim, target.dtype).is_some() {
+        return 0; // reads q, k, v in place, writes only its output
+    }
     if target.cpu_kernels {
         let dims = cpu::attention::Dims { b: batch, nq, nk, heads, d: head_dim };
         cpu::attention::scratch_bytes(dims, cpu::threads())

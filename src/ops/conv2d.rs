@@ -9,7 +9,8 @@ use crate::error::{Error, Result};
 /// Convolve `x` `[B, Cin, H, W]` with `weight` `[Cout, Cin, k, k]`, add `bias` `[Cout]`.
 ///
 /// Output `[B, Cout, (H + 2p - k)/s + 1, (W + 2p - k)/s + 1]`. f32 tensors on the CPU (square kernels) go through
-/// the own tiled im2col + gemm kernel (bias fused); other dtypes and CUDA through candle ([`conv2d_reference`]).
+/// the own tiled im2col + gemm kernel (bias fused); CUDA tensors (a `cuda` build) through the own implicit-GEMM kernel
+/// (`kernels/conv2d.cu`: no column buffer, bias fused); other dtypes on the CPU through candle ([`conv2d_reference`]).
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     let (_, cin, _, _) = x.dims4()?;
     let (_, wcin, kh, kw) = weight.dims4()?;
@@ -18,6 +19,10 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize,
     }
     if kh == kw && is_cpu_f32(x) && is_cpu_f32(weight) && bias.is_none_or(is_cpu_f32) {
         return cpu::conv2d::conv2d(x, weight, bias, stride, padding);
+    }
+    #[cfg(feature = "cuda")]
+    if kh == kw && stride > 0 && super::cuda::conv2d::supported(x, weight) {
+        return Ok(super::cuda::conv2d::conv2d(x, weight, bias, stride, padding)?);
     }
     conv2d_reference(x, weight, bias, stride, padding)
 }
@@ -40,7 +45,7 @@ pub fn conv2d_reference(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stri
 /// Upper bound of the transient bytes of one [`conv2d`] call beyond its (contiguous) inputs and its output.
 ///
 /// `target` says which path runs ([`OpTarget::new`] from the device and dtype; a bare `DType` means candle's, the
-/// larger). Candle's (CUDA's full im2col): the column buffer `B·Hout·Wout·Cin·k²` plus the un-permuted GEMM result
+/// larger). The CUDA kernel's is zero (its columns live in shared memory). Candle's (CUDA's full im2col): the column buffer `B·Hout·Wout·Cin·k²` plus the un-permuted GEMM result
 /// `B·Hout·Wout·Cout`, plus one more output for the bias add; 1×1 stride-1 convs skip im2col; its CPU backend also
 /// copies the input and the weights. The own f32 CPU kernel's: a few MiB, one column tile per concurrently running
 /// task (at most one per thread of the global rayon pool) plus gemm's packed operands, independent of the image
@@ -57,6 +62,9 @@ pub fn conv2d_scratch_bytes(
     target: impl Into<OpTarget>,
 ) -> u64 {
     let target = target.into();
+    if target.cuda_kernels {
+        return 0; // implicit GEMM: the columns live in shared memory only
+    }
     if target.cpu_kernels {
         return cpu::conv2d::scratch_bytes_bound(batch, cin, cout, out_h, out_w, k, stride);
     }

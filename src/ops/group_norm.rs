@@ -1,7 +1,8 @@
 //! Group normalisation (PyTorch `nn.GroupNorm`, affine), optionally followed by SiLU — the pair every resnet starts
 //! with. Mean and variance are computed in f32 or better (two-pass, biased variance as PyTorch), whatever the input
-//! dtype. f32 CPU tensors go through one fused kernel (`ops::cpu::norm`); other dtypes and CUDA through a candle
-//! composition ([`group_norm_reference`]).
+//! dtype. f32 CPU tensors go through one fused kernel (`ops::cpu::norm`), CUDA tensors (a `cuda` build) through the
+//! fused CUDA kernel (`kernels/group_norm.cu`: chunked Welford statistics, then one normalising pass); other dtypes on
+//! the CPU through a candle composition ([`group_norm_reference`]), the reference both kernels are tested against.
 
 use candle_core::{DType, Tensor};
 
@@ -13,6 +14,10 @@ use crate::ops::cpu::{self, is_cpu_f32};
 /// and shift by `bias` `[C]`; apply SiLU when `silu`. Returns `x`'s dtype.
 pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps: f64, silu: bool) -> Result<Tensor> {
     let (c, spatial) = check(x, groups, weight, bias)?;
+    #[cfg(feature = "cuda")]
+    if crate::ops::cuda::group_norm::supported(x) && x.dims()[0] > 0 {
+        return Ok(crate::ops::cuda::group_norm::group_norm(x, groups, weight, bias, eps, silu)?);
+    }
     if !(is_cpu_f32(x) && is_cpu_f32(weight) && is_cpu_f32(bias)) {
         return group_norm_reference(x, groups, weight, bias, eps, silu);
     }
@@ -83,10 +88,15 @@ pub fn group_norm_reference(
 /// Transient bytes of one [`group_norm`] call on `elems` elements beyond its input and output, on the path `target`
 /// selects ([`OpTarget::new`]; a bare `DType` means the composition's, the larger): the candle composition (CUDA,
 /// f16/bf16) holds at most three f32 copies of the input at once (the f32 input, the centred values, the squared or
-/// scaled values); the f32 CPU kernel needs none.
+/// scaled values); the f32 CPU kernel needs none; the CUDA kernel a statistics buffer of 12 bytes per chunk of
+/// 8192 elements of a group — at most `12 · (elems / 8192 + B·G)`, bounded here for `B·G ≤ 4096` (batch 128 at 32
+/// groups).
 pub fn group_norm_scratch_bytes(elems: usize, target: impl Into<OpTarget>) -> u64 {
-    // The kernel allocates only its output (a strided input would add one contiguous copy; no model passes one).
-    if target.into().cpu_kernels {
+    // The kernels allocate only their output (a strided input would add one contiguous copy; no model passes one).
+    let target = target.into();
+    if target.cuda_kernels {
+        12 * (elems as u64 / 8192 + 4096)
+    } else if target.cpu_kernels {
         0
     } else {
         3 * 4 * elems as u64

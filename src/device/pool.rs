@@ -1,0 +1,71 @@
+//! The high-water mark of the CUDA default memory pool (which candle's allocations come from, through
+//! `cuMemAllocAsync`): the device's own accounting of the bytes live at once, used to measure an operation's peak
+//! device memory (benchmarks; GPU tests check working-memory estimates against it). Off CUDA these report None.
+
+use candle_core::Device;
+
+use crate::error::Result;
+
+/// Reset the pool's high-water mark of used bytes to the bytes in use now (then [`pool_peak_bytes`] − the bytes in
+/// use now = the peak of what follows). Synchronises the device first so earlier work is not counted.
+pub fn pool_peak_reset(device: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = device {
+        device.synchronize()?;
+        let mut zero: u64 = 0;
+        set(device, cuda::ATTR_USED_HIGH, &mut zero)?;
+    }
+    let _ = device;
+    Ok(())
+}
+
+/// `(used now, high-water mark since the last reset)` of the pool in bytes, after synchronising; None off CUDA.
+pub fn pool_peak_bytes(device: &Device) -> Result<Option<(u64, u64)>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = device {
+        device.synchronize()?;
+        let used = get(device, cuda::ATTR_USED)?;
+        let high = get(device, cuda::ATTR_USED_HIGH)?;
+        return Ok(Some((used, high)));
+    }
+    let _ = device;
+    Ok(None)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute;
+    pub const ATTR_USED: CUmemPool_attribute = CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT;
+    pub const ATTR_USED_HIGH: CUmemPool_attribute = CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+}
+
+#[cfg(feature = "cuda")]
+fn default_pool(device: &Device) -> Result<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let Device::Cuda(dev) = device else { unreachable!("called for CUDA devices only") };
+    let ctx = dev.cuda_stream().context().clone();
+    ctx.bind_to_thread().map_err(super::pinned::cuda_err)?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: an out-pointer of the documented type and the context's device.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result().map_err(super::pinned::cuda_err)? };
+    Ok(pool)
+}
+
+#[cfg(feature = "cuda")]
+fn get(device: &Device, attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let pool = default_pool(device)?;
+    let mut v: u64 = 0;
+    // SAFETY: the used-memory attributes are u64 (cuuint64_t) values.
+    unsafe { sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut _).result().map_err(super::pinned::cuda_err)? };
+    Ok(v)
+}
+
+#[cfg(feature = "cuda")]
+fn set(device: &Device, attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute, v: &mut u64) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let pool = default_pool(device)?;
+    // SAFETY: the high-water mark may only be set to 0 (reset); the value is a u64 (cuuint64_t).
+    unsafe { sys::cuMemPoolSetAttribute(pool, attr, v as *mut u64 as *mut _).result().map_err(super::pinned::cuda_err)? };
+    Ok(())
+}
