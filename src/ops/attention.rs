@@ -66,8 +66,7 @@ pub fn attention_scratch_bytes(
     target: impl Into<OpTarget>,
 ) -> u64 {
     let target = target.into();
-    #[cfg(feature = "cuda")]
-    if target.cuda_kernels && super::cuda::attention::geometry(head_dim, target.dtype).is_some() {
+    if target.cuda_kernels && super::cuda::geometry::attention(head_dim, target.dtype).is_some() {
         return 0; // reads q, k, v in place, writes only its output
     }
     if target.cpu_kernels {

@@ -10,7 +10,6 @@ use candle_core::{DType, Device};
 
 pub mod attention;
 mod cpu;
-#[cfg(feature = "cuda")]
 mod cuda;
 pub mod conv2d;
 pub mod geglu;

@@ -3,6 +3,7 @@
 //! buffer k² times the input and a permuted copy of the result); bias fused in the epilogue. f16/bf16 on tensor cores
 //! (f32 accumulators), f32 with FMAs.
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use cudarc::driver::{DeviceRepr, PushKernelArg};
@@ -19,14 +20,24 @@ const THREADS: u32 = 256;
 /// Whether the kernel runs `x` and `weight` (CUDA tensors of one dtype the GPU supports).
 pub(crate) fn supported(x: &Tensor, weight: &Tensor) -> bool {
     match x.device() {
-        candle_core::Device::Cuda(dev) => x.dtype() == weight.dtype() && weight.device().same_device(x.device()) && dtype_runs(dev, x.dtype()),
+        candle_core::Device::Cuda(dev) => {
+            x.dtype() == weight.dtype()
+                && weight.device().same_device(x.device())
+                && dtype_runs(dev, x.dtype())
+        }
         _ => false,
     }
 }
 
 /// `x` `[B, Cin, H, W]` convolved with `weight` `[Cout, Cin, k, k]` (+ `bias` `[Cout]`), stride and symmetric
 /// padding; the caller has checked the channel counts.
-pub(crate) fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
+pub(crate) fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
     let x = x.contiguous()?;
     let w = weight.contiguous()?;
     let op = ConvOp { stride, padding };
@@ -46,11 +57,23 @@ impl CustomOp2 for ConvOp {
         "lowvram-conv2d"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         candle_core::bail!("lowvram-conv2d: the CUDA kernel got CPU tensors")
     }
 
-    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         self.dispatch(x, xl, w, wl, None)
     }
 }
@@ -60,17 +83,40 @@ impl CustomOp3 for ConvOp {
         "lowvram-conv2d"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         candle_core::bail!("lowvram-conv2d: the CUDA kernel got CPU tensors")
     }
 
-    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout, b: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         self.dispatch(x, xl, w, wl, Some((b, bl)))
     }
 }
 
 impl ConvOp {
-    fn dispatch(&self, x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout, b: Option<(&CudaStorage, &Layout)>) -> Result<(CudaStorage, Shape)> {
+    fn dispatch(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        b: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<(CudaStorage, Shape)> {
         match x.dtype() {
             DType::F32 => self.run::<f32>(x, xl, w, wl, b),
             DType::F16 => self.run::<half::f16>(x, xl, w, wl, b),
@@ -89,19 +135,31 @@ impl ConvOp {
     ) -> Result<(CudaStorage, Shape)> {
         let (batch, cin, h, wd) = xl.shape().dims4()?;
         let (cout, wcin, k, kw) = wl.shape().dims4()?;
-        if !xl.is_contiguous() || !wl.is_contiguous() || cin != wcin || k != kw || self.stride == 0 {
-            candle_core::bail!("lowvram-conv2d: x {:?}, weight {:?}, stride {}", xl.dims(), wl.dims(), self.stride);
+        if !xl.is_contiguous() || !wl.is_contiguous() || cin != wcin || k != kw || self.stride == 0
+        {
+            candle_core::bail!(
+                "lowvram-conv2d: x {:?}, weight {:?}, stride {}",
+                xl.dims(),
+                wl.dims(),
+                self.stride
+            );
         }
         let (s, p) = (self.stride, self.padding);
         if h + 2 * p < k || wd + 2 * p < k {
-            candle_core::bail!("lowvram-conv2d: kernel {k} larger than the padded input {h}×{wd} (+{p})");
+            candle_core::bail!(
+                "lowvram-conv2d: kernel {k} larger than the padded input {h}×{wd} (+{p})"
+            );
         }
         let (oh, ow) = ((h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1);
         let dev = &x.device;
         let xv = view::<T>(x, xl)?;
         let wv = view::<T>(w, wl)?;
         let mut y = output::<T>(dev, batch * cout * oh * ow)?;
-        let grid = (grid_dim((batch * oh * ow).div_ceil(TILE_N), "conv2d")?, grid_dim(cout.div_ceil(TILE_M), "conv2d")?, 1);
+        let grid = (
+            grid_dim((batch * oh * ow).div_ceil(TILE_N), "conv2d")?,
+            grid_dim(cout.div_ceil(TILE_M), "conv2d")?,
+            1,
+        );
         let name = format!("lowvram_conv2d_{}", dtype_suffix(x.dtype()).unwrap_or("?"));
         let kern = kernel(dev, Module::Conv2d, &name, 0)?;
         let dims = [batch, cin, h, wd, cout, k, s, p, oh, ow].map(|d| d as i32);
@@ -128,6 +186,9 @@ impl ConvOp {
         // SAFETY: the argument list is the kernel's (kernels/conv2d.cu); the pointers cover the NCHW input, the
         // [Cout, Cin, k, k] weights, Cout biases (or NULL) and the B·Cout·Ho·Wo output, which the grid covers exactly.
         unsafe { launch.launch(config(grid, THREADS, 0)) }.map_err(|e| launch_error(&name, e))?;
-        Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), Shape::from((batch, cout, oh, ow))))
+        Ok((
+            CudaStorage::wrap_cuda_slice(y, dev.clone()),
+            Shape::from((batch, cout, oh, ow)),
+        ))
     }
 }

@@ -2,6 +2,7 @@
 //! scratch buffer, one pass that merges them per group and normalises; the input is read twice and the output
 //! written once, in place of candle's ~10 ops and three f32 copies.
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use cudarc::driver::{DeviceRepr, PushKernelArg};
@@ -20,12 +21,6 @@ pub(crate) fn chunks(n: usize) -> usize {
     n.div_ceil(CHUNK_ELEMS).clamp(1, MAX_CHUNKS)
 }
 
-/// Device bytes of the statistics scratch for `x` `[B, C, ...]` with `groups` groups: `B·G·chunks·3` f32s.
-pub(crate) fn scratch_bytes(batch: usize, channels: usize, spatial: usize, groups: usize) -> u64 {
-    let n = channels / groups.max(1) * spatial;
-    (batch * groups * chunks(n) * 3 * 4) as u64
-}
-
 /// Whether the kernel runs `x` (a CUDA tensor): f32, f16, or bf16 where the GPU supports it.
 pub(crate) fn supported(x: &Tensor) -> bool {
     match x.device() {
@@ -36,11 +31,26 @@ pub(crate) fn supported(x: &Tensor) -> bool {
 
 /// `x` `[B, C, ...]` normalised over `groups` groups, scaled by `weight` and shifted by `bias` (`[C]`, converted to
 /// x's dtype), SiLU when `silu`. The caller has checked the shapes.
-pub(crate) fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps: f64, silu: bool) -> Result<Tensor> {
+pub(crate) fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
     let x = x.contiguous()?;
     let w = weight.to_dtype(x.dtype())?.contiguous()?;
     let b = bias.to_dtype(x.dtype())?.contiguous()?;
-    x.apply_op3_no_bwd(&w, &b, &GroupNormOp { groups, eps: eps as f32, silu })
+    x.apply_op3_no_bwd(
+        &w,
+        &b,
+        &GroupNormOp {
+            groups,
+            eps: eps as f32,
+            silu,
+        },
+    )
 }
 
 struct GroupNormOp {
@@ -54,11 +64,27 @@ impl CustomOp3 for GroupNormOp {
         "lowvram-group-norm"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         candle_core::bail!("lowvram-group-norm: the CUDA kernel got CPU tensors (ops::group_norm dispatches those to the CPU kernel)")
     }
 
-    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout, b: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         match x.dtype() {
             DType::F32 => self.run::<f32>(x, xl, w, wl, b, bl),
             DType::F16 => self.run::<half::f16>(x, xl, w, wl, b, bl),
@@ -80,13 +106,19 @@ impl GroupNormOp {
     ) -> Result<(CudaStorage, Shape)> {
         let dims = xl.dims();
         if !xl.is_contiguous() || !wl.is_contiguous() || !bl.is_contiguous() || dims.len() < 2 {
-            candle_core::bail!("lowvram-group-norm: needs contiguous [B, C, ...] input, got {dims:?}");
+            candle_core::bail!(
+                "lowvram-group-norm: needs contiguous [B, C, ...] input, got {dims:?}"
+            );
         }
         let (batch, c) = (dims[0], dims[1]);
         let spatial: usize = dims[2..].iter().product();
         let g = self.groups;
         if g == 0 || c % g != 0 || wl.shape().elem_count() != c || bl.shape().elem_count() != c {
-            candle_core::bail!("lowvram-group-norm: {c} channels, {g} groups, weight {:?}, bias {:?}", wl.dims(), bl.dims());
+            candle_core::bail!(
+                "lowvram-group-norm: {c} channels, {g} groups, weight {:?}, bias {:?}",
+                wl.dims(),
+                bl.dims()
+            );
         }
         let chunks = chunks(c / g * spatial);
         let dev = &x.device;
@@ -94,13 +126,23 @@ impl GroupNormOp {
         let (xv, wv, bv) = (view::<T>(x, xl)?, view::<T>(w, wl)?, view::<T>(b, bl)?);
         let partial = output::<f32>(dev, batch * g * chunks * 3)?;
         let mut y = output::<T>(dev, xl.shape().elem_count())?;
-        let grid = (grid_dim(chunks, "group_norm")?, grid_dim(g, "group_norm")?, grid_dim(batch, "group_norm")?);
+        let grid = (
+            grid_dim(chunks, "group_norm")?,
+            grid_dim(g, "group_norm")?,
+            grid_dim(batch, "group_norm")?,
+        );
         let (ci, gi, si, ki) = (c as i32, g as i32, spatial as i64, chunks as i32);
 
         let name = format!("lowvram_group_norm_stats_{suffix}");
         let k = kernel(dev, Module::GroupNorm, &name, 0)?;
         let mut launch = k.stream.launch_builder(&k.func);
-        launch.arg(&xv).arg(&partial).arg(&ci).arg(&gi).arg(&si).arg(&ki);
+        launch
+            .arg(&xv)
+            .arg(&partial)
+            .arg(&ci)
+            .arg(&gi)
+            .arg(&si)
+            .arg(&ki);
         // SAFETY: the argument list is the kernel's (kernels/group_norm.cu), pointers cover B·C·S inputs and
         // B·G·chunks·3 partials, the grid/block are the documented ones.
         unsafe { launch.launch(config(grid, THREADS, 0)) }.map_err(|e| launch_error(&name, e))?;
@@ -109,9 +151,23 @@ impl GroupNormOp {
         let name = format!("lowvram_group_norm_apply_{suffix}");
         let k = kernel(dev, Module::GroupNorm, &name, 0)?;
         let mut launch = k.stream.launch_builder(&k.func);
-        launch.arg(&xv).arg(&partial).arg(&wv).arg(&bv).arg(&mut y).arg(&ci).arg(&gi).arg(&si).arg(&ki).arg(&eps).arg(&silu);
+        launch
+            .arg(&xv)
+            .arg(&partial)
+            .arg(&wv)
+            .arg(&bv)
+            .arg(&mut y)
+            .arg(&ci)
+            .arg(&gi)
+            .arg(&si)
+            .arg(&ki)
+            .arg(&eps)
+            .arg(&silu);
         // SAFETY: as above; y has B·C·S elements, every one written by exactly one block.
         unsafe { launch.launch(config(grid, THREADS, 0)) }.map_err(|e| launch_error(&name, e))?;
-        Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), xl.shape().clone()))
+        Ok((
+            CudaStorage::wrap_cuda_slice(y, dev.clone()),
+            xl.shape().clone(),
+        ))
     }
 }

@@ -73,27 +73,46 @@ pub(crate) fn kernel(dev: &CudaDevice, module: Module, name: &str, smem: u32) ->
                 None => {
                     let m = ctx
                         .load_module(Ptx::from_binary(module.image().to_vec()))
-                        .map_err(|e| candle_core::Error::Msg(format!("loading the {module:?} CUDA kernels: {e}")))?;
+                        .map_err(|e| {
+                            candle_core::Error::Msg(format!(
+                                "loading the {module:?} CUDA kernels: {e}"
+                            ))
+                        })?;
                     loaded.modules.insert((key, module), m.clone());
                     m
                 }
             };
-            let func = m.load_function(name).map_err(|e| candle_core::Error::Msg(format!("CUDA kernel {name}: {e}")))?;
-            Loadedfn { func, smem_allowed: SMEM_DEFAULT }
+            let func = m
+                .load_function(name)
+                .map_err(|e| candle_core::Error::Msg(format!("CUDA kernel {name}: {e}")))?;
+            Loadedfn {
+                func,
+                smem_allowed: SMEM_DEFAULT,
+            }
         }
     };
     if smem > f.smem_allowed {
         let limit = smem_optin_limit(&ctx)?;
         if smem > limit {
-            return Err(candle_core::Error::Msg(format!("{name} needs {smem} B of shared memory; this GPU allows {limit} B")));
+            return Err(candle_core::Error::Msg(format!(
+                "{name} needs {smem} B of shared memory; this GPU allows {limit} B"
+            )));
         }
         f.func
-            .set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-            .map_err(|e| candle_core::Error::Msg(format!("{name}: shared memory opt-in to {smem} B: {e}")))?;
+            .set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| {
+                candle_core::Error::Msg(format!("{name}: shared memory opt-in to {smem} B: {e}"))
+            })?;
         f.smem_allowed = smem;
     }
     loaded.functions.insert((key, name.to_string()), f.clone());
-    Ok(Kernel { func: f.func, stream })
+    Ok(Kernel {
+        func: f.func,
+        stream,
+    })
 }
 
 /// The most dynamic shared memory one block may opt in to on this context's GPU, in bytes.
