@@ -35,12 +35,19 @@ fn main() {
         println!("cargo:rerun-if-changed={}", src.display());
         compile(&nvcc, &src, &out.join(format!("{name}.fatbin")), &archs);
     }
-    println!("cargo:rustc-env=LOWVRAM_CUDA_ARCHS_BUILT={}", archs.join(","));
+    println!(
+        "cargo:rustc-env=LOWVRAM_CUDA_ARCHS_BUILT={}",
+        archs.join(",")
+    );
 }
 
 fn archs() -> Vec<String> {
     let list = std::env::var("LOWVRAM_CUDA_ARCHS").unwrap_or_else(|_| DEFAULT_ARCHS.to_string());
-    let archs: Vec<String> = list.split(',').map(|a| a.trim().to_string()).filter(|a| !a.is_empty()).collect();
+    let archs: Vec<String> = list
+        .split(',')
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
     for a in &archs {
         if a.len() < 2 || !a.chars().all(|c| c.is_ascii_digit()) {
             panic!("LOWVRAM_CUDA_ARCHS: `{a}` is not a compute capability like 80 or 90 (list: `{list}`)");
@@ -67,16 +74,28 @@ fn nvcc() -> PathBuf {
 
 fn compile(nvcc: &Path, src: &Path, dst: &Path, archs: &[String]) {
     let mut cmd = Command::new(nvcc);
-    cmd.args(["-std=c++17", "-O3", "--fatbin", "-Ikernels", "-Werror", "all-warnings"]);
+    cmd.args([
+        "-std=c++17",
+        "-O3",
+        "--fatbin",
+        "-Ikernels",
+        "-Werror",
+        "all-warnings",
+    ]);
     if let Some(ccbin) = std::env::var_os("NVCC_CCBIN") {
         cmd.arg("-ccbin").arg(ccbin);
     }
     for a in archs {
-        cmd.arg("-gencode").arg(format!("arch=compute_{a},code=sm_{a}"));
+        cmd.arg("-gencode")
+            .arg(format!("arch=compute_{a},code=sm_{a}"));
     }
     // PTX of the newest listed architecture, so GPUs newer than the list still run (JIT once per machine).
-    let newest = archs.iter().max_by_key(|a| a.parse::<u32>().unwrap_or(0)).expect("non-empty");
-    cmd.arg("-gencode").arg(format!("arch=compute_{newest},code=compute_{newest}"));
+    let newest = archs
+        .iter()
+        .max_by_key(|a| a.parse::<u32>().unwrap_or(0))
+        .expect("non-empty");
+    cmd.arg("-gencode")
+        .arg(format!("arch=compute_{newest},code=compute_{newest}"));
     cmd.arg(src).arg("-o").arg(dst);
     let status = cmd.status().unwrap_or_else(|e| {
         panic!(

@@ -54,13 +54,18 @@ struct Target {
 static TARGET: std::sync::OnceLock<Target> = std::sync::OnceLock::new();
 
 fn target() -> &'static Target {
-    TARGET.get_or_init(|| Target { device: Device::Cpu, dtype: DType::F32 })
+    TARGET.get_or_init(|| Target {
+        device: Device::Cpu,
+        dtype: DType::F32,
+    })
 }
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     let t = randn_cpu(shape, seed);
     let tg = target();
-    t.to_device(&tg.device).and_then(|t| t.to_dtype(tg.dtype)).expect("moving a case's input")
+    t.to_device(&tg.device)
+        .and_then(|t| t.to_dtype(tg.dtype))
+        .expect("moving a case's input")
 }
 
 fn randn_cpu(shape: &[usize], seed: u64) -> Tensor {
@@ -101,12 +106,26 @@ fn cases() -> Vec<Case> {
         let est = ops::attention_scratch_bytes(b, h, n, nk, d, op_target) + bytes(&[b, n, h * d]);
         out.push(Case {
             name: name.into(),
-            what: format!("q [{b},{n},{}] k,v [{b},{nk},{}], {h} heads of {d}", h * d, h * d),
+            what: format!(
+                "q [{b},{n},{}] k,v [{b},{nk},{}], {h} heads of {d}",
+                h * d,
+                h * d
+            ),
             op: {
                 let (q, k, v) = (q.clone(), k.clone(), v.clone());
                 Box::new(move || ops::attention(&q, &k, &v, h, scale, false))
             },
-            composition: Box::new(move || ops::attention_with_budget(&q, &k, &v, h, scale, false, ops::ATTENTION_SCRATCH_BYTES)),
+            composition: Box::new(move || {
+                ops::attention_with_budget(
+                    &q,
+                    &k,
+                    &v,
+                    h,
+                    scale,
+                    false,
+                    ops::ATTENTION_SCRATCH_BYTES,
+                )
+            }),
             estimate: Some(est),
         });
     }
@@ -131,7 +150,8 @@ fn cases() -> Vec<Case> {
         let bias = randn(&[cout], 6);
         let pad = k / 2;
         let oh = (hw + 2 * pad - k) / s + 1;
-        let est = ops::conv2d_scratch_bytes(b, cin, cout, oh, oh, k, s, op_target) + bytes(&[b, cout, oh, oh]);
+        let est = ops::conv2d_scratch_bytes(b, cin, cout, oh, oh, k, s, op_target)
+            + bytes(&[b, cout, oh, oh]);
         out.push(Case {
             name: name.into(),
             what: format!("x [{b},{cin},{hw},{hw}] w [{cout},{cin},{k},{k}] stride {s} pad {pad}"),
@@ -139,7 +159,9 @@ fn cases() -> Vec<Case> {
                 let (x, w, bias) = (x.clone(), w.clone(), bias.clone());
                 Box::new(move || ops::conv2d(&x, &w, Some(&bias), s, pad))
             },
-            composition: Box::new(move || ops::conv2d::conv2d_reference(&x, &w, Some(&bias), s, pad)),
+            composition: Box::new(move || {
+                ops::conv2d::conv2d_reference(&x, &w, Some(&bias), s, pad)
+            }),
             estimate: Some(est),
         });
     }
@@ -154,7 +176,8 @@ fn cases() -> Vec<Case> {
         let x = randn(&[b, c, hw, hw], 7);
         let w = randn(&[c], 8);
         let bias = randn(&[c], 9);
-        let est = ops::group_norm_scratch_bytes(b * c * hw * hw, op_target) + bytes(&[b, c, hw, hw]);
+        let est =
+            ops::group_norm_scratch_bytes(b * c * hw * hw, op_target) + bytes(&[b, c, hw, hw]);
         out.push(Case {
             name: name.into(),
             what: format!("x [{b},{c},{hw},{hw}], 32 groups, eps 1e-5, SiLU"),
@@ -162,7 +185,9 @@ fn cases() -> Vec<Case> {
                 let (x, w, bias) = (x.clone(), w.clone(), bias.clone());
                 Box::new(move || ops::group_norm(&x, 32, &w, &bias, 1e-5, true))
             },
-            composition: Box::new(move || ops::group_norm::group_norm_reference(&x, 32, &w, &bias, 1e-5, true)),
+            composition: Box::new(move || {
+                ops::group_norm::group_norm_reference(&x, 32, &w, &bias, 1e-5, true)
+            }),
             estimate: Some(est),
         });
     }
@@ -178,7 +203,9 @@ fn cases() -> Vec<Case> {
                 let (x, w, bias) = (x.clone(), w.clone(), bias.clone());
                 Box::new(move || ops::layer_norm(&x, &w, &bias, 1e-5))
             },
-            composition: Box::new(move || ops::layer_norm::layer_norm_reference(&x, &w, &bias, 1e-5)),
+            composition: Box::new(move || {
+                ops::layer_norm::layer_norm_reference(&x, &w, &bias, 1e-5)
+            }),
             estimate: None,
         });
     }
@@ -197,7 +224,10 @@ fn cases() -> Vec<Case> {
             estimate: None,
         });
     }
-    for &(name, rows, inp, outf) in &[("linear_8192x320_to_320", 8192, 320, 320), ("linear_154x768_to_320", 154, 768, 320)] {
+    for &(name, rows, inp, outf) in &[
+        ("linear_8192x320_to_320", 8192, 320, 320),
+        ("linear_154x768_to_320", 154, 768, 320),
+    ] {
         let x = randn(&[rows, inp], 16);
         let w = randn(&[outf, inp], 17);
         let bias = randn(&[outf], 18);
@@ -218,11 +248,17 @@ fn cases() -> Vec<Case> {
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn main() -> BoxResult<()> {
-    let mut threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let (mut repeats, mut warmup, mut json_out) = (5usize, 1usize, false);
     let mut only: Vec<String> = Vec::new();
     let (mut device_name, mut dtype_name) = ("cpu".to_string(), "f32".to_string());
@@ -233,7 +269,13 @@ fn main() -> BoxResult<()> {
             "--threads" => threads = val().parse()?,
             "--repeats" | "-r" => repeats = val().parse()?,
             "--warmup" => warmup = val().parse()?,
-            "--only" => only = val().split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            "--only" => {
+                only = val()
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            }
             "--json" => json_out = true,
             "--device" => device_name = val(),
             "--dtype" => dtype_name = val(),
@@ -248,10 +290,15 @@ fn main() -> BoxResult<()> {
         }
     }
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global();
     let device = match device_name.as_str() {
         "cpu" => Device::Cpu,
-        d => match d.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+        d => match d
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
             Some(n) => Device::new_cuda(n)?,
             None => return Err(format!("--device {d}: expected cpu or cuda:N").into()),
         },
@@ -263,7 +310,10 @@ fn main() -> BoxResult<()> {
         d => return Err(format!("--dtype {d}: expected f32, f16 or bf16").into()),
     };
     let gpu = device.is_cuda();
-    let _ = TARGET.set(Target { device: device.clone(), dtype });
+    let _ = TARGET.set(Target {
+        device: device.clone(),
+        dtype,
+    });
     let sync = |y: Tensor| -> lowvram::Result<Tensor> {
         y.device().synchronize()?;
         Ok(y)
@@ -287,7 +337,10 @@ fn main() -> BoxResult<()> {
             let before = LIVE.load(Ordering::Relaxed);
             PEAK.store(before, Ordering::Relaxed);
             let y = (case.op)()?;
-            (y, PEAK.load(Ordering::Relaxed).saturating_sub(before) as u64)
+            (
+                y,
+                PEAK.load(Ordering::Relaxed).saturating_sub(before) as u64,
+            )
         };
         let out_bytes = (y.elem_count() * y.dtype().size_in_bytes()) as u64;
         drop(y);
@@ -325,7 +378,11 @@ fn main() -> BoxResult<()> {
             out_bytes as f64 / 1048576.0,
             case.estimate.map(|e| format!("  estimate {:.1} MiB", e as f64 / 1048576.0)).unwrap_or_default()
         );
-        if json_out { eprintln!("{line}") } else { println!("{line}") }
+        if json_out {
+            eprintln!("{line}")
+        } else {
+            println!("{line}")
+        }
         results.insert(
             case.name.clone(),
             json!({

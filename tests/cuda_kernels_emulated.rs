@@ -22,10 +22,21 @@ fn cuda_kernels_on_the_cpu_emulator() {
         .env("TMPDIR", &tmp)
         .output()
         .expect("running kernels/emu/run_tests.sh (needs bash and g++)");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     println!("{text}");
-    assert!(out.status.success(), "the emulated CUDA kernel tests failed ({}):\n{text}", out.status);
+    assert!(
+        out.status.success(),
+        "the emulated CUDA kernel tests failed ({}):\n{text}",
+        out.status
+    );
     for kernel in ["group_norm", "attention", "conv2d"] {
-        assert!(text.contains(kernel), "no result for the {kernel} kernel in:\n{text}");
+        assert!(
+            text.contains(kernel),
+            "no result for the {kernel} kernel in:\n{text}"
+        );
     }
 }

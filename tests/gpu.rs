@@ -252,7 +252,11 @@ fn gpu_kernels() {
     let dev = Device::new_cuda(0).unwrap();
     // (dtype, tolerance relative to max(1, max |reference|)): f32 exact up to summation order; f16/bf16 one rounding
     // of the output plus the rounding of p before p·v.
-    let dtypes = [(DType::F32, 2e-5f32), (DType::F16, 4e-3), (DType::BF16, 3e-2)];
+    let dtypes = [
+        (DType::F32, 2e-5f32),
+        (DType::F16, 4e-3),
+        (DType::BF16, 3e-2),
+    ];
     let rel = |got: &Tensor, want: &Tensor| -> f32 {
         let m = want
             .to_dtype(DType::F32)
@@ -266,7 +270,10 @@ fn gpu_kernels() {
             .to_scalar::<f32>()
             .unwrap()
             .max(1.0);
-        max_abs(&got.to_dtype(DType::F32).unwrap(), &want.to_dtype(DType::F32).unwrap()) / m
+        max_abs(
+            &got.to_dtype(DType::F32).unwrap(),
+            &want.to_dtype(DType::F32).unwrap(),
+        ) / m
     };
     let randn = |shape: &[usize], dtype: DType| {
         Tensor::randn(0f32, 1.0, shape, &dev)
@@ -287,22 +294,40 @@ fn gpu_kernels() {
             (1, 33, 1, 24, 128),
             (1, 1, 5, 2, 64),
         ] {
-            let (q, k, v) = (randn(&[b, nq, h * d], dtype), randn(&[b, nk, h * d], dtype), randn(&[b, nk, h * d], dtype));
+            let (q, k, v) = (
+                randn(&[b, nq, h * d], dtype),
+                randn(&[b, nk, h * d], dtype),
+                randn(&[b, nk, h * d], dtype),
+            );
             let scale = 1.0 / (d as f64).sqrt();
             let got = ops::attention(&q, &k, &v, h, scale, false).unwrap();
             assert_eq!((got.dims(), got.dtype()), (q.dims(), dtype));
-            let want = ops::attention_with_budget(&up(&q), &up(&k), &up(&v), h, scale, true, 64 << 20).unwrap();
+            let want =
+                ops::attention_with_budget(&up(&q), &up(&k), &up(&v), h, scale, true, 64 << 20)
+                    .unwrap();
             let e = rel(&got, &want);
-            assert!(e <= tol, "attention {dtype:?} b{b} nq{nq} nk{nk} h{h} d{d}: error {e}");
+            assert!(
+                e <= tol,
+                "attention {dtype:?} b{b} nq{nq} nk{nk} h{h} d{d}: error {e}"
+            );
             worst = worst.max(e);
         }
         // A strided q (a slice of a fused qkv projection).
         let qkv = randn(&[2, 50, 3 * 320], dtype);
-        let (q, k, v) = (qkv.narrow(2, 0, 320).unwrap(), qkv.narrow(2, 320, 320).unwrap(), qkv.narrow(2, 640, 320).unwrap());
+        let (q, k, v) = (
+            qkv.narrow(2, 0, 320).unwrap(),
+            qkv.narrow(2, 320, 320).unwrap(),
+            qkv.narrow(2, 640, 320).unwrap(),
+        );
         let got = ops::attention(&q, &k, &v, 8, 0.15, false).unwrap();
-        let want = ops::attention_with_budget(&up(&q), &up(&k), &up(&v), 8, 0.15, true, 64 << 20).unwrap();
+        let want =
+            ops::attention_with_budget(&up(&q), &up(&k), &up(&v), 8, 0.15, true, 64 << 20).unwrap();
         worst = worst.max(rel(&got, &want));
-        assert!(rel(&got, &want) <= tol, "strided attention {dtype:?}: {}", rel(&got, &want));
+        assert!(
+            rel(&got, &want) <= tol,
+            "strided attention {dtype:?}: {}",
+            rel(&got, &want)
+        );
         println!("gpu kernel attention {dtype:?}: worst error {worst:.2e} (relative to max(1, |ref|); tolerance {tol:.0e})");
 
         // conv2d: (batch, cin, h, w, cout, k, stride, pad, bias).
@@ -317,12 +342,20 @@ fn gpu_kernels() {
             (1, 128, 40, 24, 3, 3, 1, 1, true),
         ] {
             let x = randn(&[b, cin, hh, ww], dtype);
-            let w = (randn(&[cout, cin, k, k], DType::F32) * (1.0 / ((cin * k * k) as f64).sqrt())).unwrap().to_dtype(dtype).unwrap();
+            let w = (randn(&[cout, cin, k, k], DType::F32) * (1.0 / ((cin * k * k) as f64).sqrt()))
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
             let bb = bias.then(|| randn(&[cout], dtype));
             let got = ops::conv2d(&x, &w, bb.as_ref(), s, p).unwrap();
-            let want = ops::conv2d::conv2d_reference(&up(&x), &up(&w), bb.as_ref().map(up).as_ref(), s, p).unwrap();
+            let want =
+                ops::conv2d::conv2d_reference(&up(&x), &up(&w), bb.as_ref().map(up).as_ref(), s, p)
+                    .unwrap();
             let e = rel(&got, &want);
-            assert!(e <= tol, "conv2d {dtype:?} {b}x{cin}x{hh}x{ww} -> {cout} k{k} s{s} p{p}: error {e}");
+            assert!(
+                e <= tol,
+                "conv2d {dtype:?} {b}x{cin}x{hh}x{ww} -> {cout} k{k} s{s} p{p}: error {e}"
+            );
             worst = worst.max(e);
         }
         println!("gpu kernel conv2d {dtype:?}: worst error {worst:.2e}");
@@ -335,13 +368,28 @@ fn gpu_kernels() {
             (vec![1, 6, 7], 3),
             (vec![1, 128, 256, 256], 32),
         ] {
-            let x = randn(&shape, DType::F32).affine(3.0, 0.5).unwrap().to_dtype(dtype).unwrap();
+            let x = randn(&shape, DType::F32)
+                .affine(3.0, 0.5)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
             let (w, bias) = (randn(&[shape[1]], dtype), randn(&[shape[1]], dtype));
             for silu in [false, true] {
                 let got = ops::group_norm(&x, g, &w, &bias, 1e-6, silu).unwrap();
-                let want = ops::group_norm::group_norm_reference(&up(&x), g, &up(&w), &up(&bias), 1e-6, silu).unwrap();
+                let want = ops::group_norm::group_norm_reference(
+                    &up(&x),
+                    g,
+                    &up(&w),
+                    &up(&bias),
+                    1e-6,
+                    silu,
+                )
+                .unwrap();
                 let e = rel(&got, &want);
-                assert!(e <= tol, "group_norm {dtype:?} {shape:?} g{g} silu {silu}: error {e}");
+                assert!(
+                    e <= tol,
+                    "group_norm {dtype:?} {shape:?} g{g} silu {silu}: error {e}"
+                );
                 worst = worst.max(e);
             }
         }
@@ -352,7 +400,10 @@ fn gpu_kernels() {
     // before it, against the op's estimate + its output; the pool rounds each allocation up (to 2 MiB at most), hence
     // the slack.
     let target = ops::OpTarget::new(&dev, DType::F16);
-    assert!(target.cuda_kernels, "f16 on the GPU should run the own kernels");
+    assert!(
+        target.cuda_kernels,
+        "f16 on the GPU should run the own kernels"
+    );
     let measure = |f: &dyn Fn() -> Tensor| -> u64 {
         lowvram::device::pool_peak_reset(&dev).unwrap();
         let before = lowvram::device::pool_peak_bytes(&dev).unwrap().unwrap().0;
@@ -362,7 +413,11 @@ fn gpu_kernels() {
         high.saturating_sub(before)
     };
     let slack = 4u64 << 20;
-    let (q, k, v) = (randn(&[2, 4096, 320], DType::F16), randn(&[2, 4096, 320], DType::F16), randn(&[2, 4096, 320], DType::F16));
+    let (q, k, v) = (
+        randn(&[2, 4096, 320], DType::F16),
+        randn(&[2, 4096, 320], DType::F16),
+        randn(&[2, 4096, 320], DType::F16),
+    );
     let x = randn(&[1, 256, 256, 256], DType::F16);
     let w = randn(&[256, 256, 3, 3], DType::F16);
     let (c, bias) = (randn(&[256], DType::F16), randn(&[256], DType::F16));
@@ -375,7 +430,8 @@ fn gpu_kernels() {
         ),
         (
             "conv2d 1x256x256x256 -> 256, 3x3",
-            ops::conv2d_scratch_bytes(1, 256, 256, 256, 256, 3, 1, target) + out_bytes(&[1, 256, 256, 256]),
+            ops::conv2d_scratch_bytes(1, 256, 256, 256, 256, 3, 1, target)
+                + out_bytes(&[1, 256, 256, 256]),
             Box::new(|| ops::conv2d(&x, &w, Some(&bias), 1, 1).unwrap()),
         ),
         (
@@ -387,7 +443,13 @@ fn gpu_kernels() {
     for (what, estimate, f) in cases {
         let measured = measure(&*f);
         println!("gpu working memory {what}: measured {measured} B, estimate {estimate} B");
-        assert!(measured <= estimate + slack, "{what}: measured {measured} B above the estimate {estimate} B");
-        assert!(estimate <= measured + measured / 2 + slack, "{what}: estimate {estimate} B far above the measured {measured} B");
+        assert!(
+            measured <= estimate + slack,
+            "{what}: measured {measured} B above the estimate {estimate} B"
+        );
+        assert!(
+            estimate <= measured + measured / 2 + slack,
+            "{what}: estimate {estimate} B far above the measured {measured} B"
+        );
     }
 }

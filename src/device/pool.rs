@@ -35,37 +35,62 @@ pub fn pool_peak_bytes(device: &Device) -> Result<Option<(u64, u64)>> {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute;
-    pub const ATTR_USED: CUmemPool_attribute = CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT;
-    pub const ATTR_USED_HIGH: CUmemPool_attribute = CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+    pub const ATTR_USED: CUmemPool_attribute =
+        CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT;
+    pub const ATTR_USED_HIGH: CUmemPool_attribute =
+        CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
 }
 
 #[cfg(feature = "cuda")]
-fn default_pool(device: &Device) -> Result<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+fn default_pool(
+    device: &Device,
+) -> Result<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
     use candle_core::cuda_backend::cudarc::driver::sys;
-    let Device::Cuda(dev) = device else { unreachable!("called for CUDA devices only") };
+    let Device::Cuda(dev) = device else {
+        unreachable!("called for CUDA devices only")
+    };
     let ctx = dev.cuda_stream().context().clone();
     ctx.bind_to_thread().map_err(super::pinned::cuda_err)?;
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
     // SAFETY: an out-pointer of the documented type and the context's device.
-    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result().map_err(super::pinned::cuda_err)? };
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(super::pinned::cuda_err)?
+    };
     Ok(pool)
 }
 
 #[cfg(feature = "cuda")]
-fn get(device: &Device, attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute) -> Result<u64> {
+fn get(
+    device: &Device,
+    attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
+) -> Result<u64> {
     use candle_core::cuda_backend::cudarc::driver::sys;
     let pool = default_pool(device)?;
     let mut v: u64 = 0;
     // SAFETY: the used-memory attributes are u64 (cuuint64_t) values.
-    unsafe { sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut _).result().map_err(super::pinned::cuda_err)? };
+    unsafe {
+        sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut _)
+            .result()
+            .map_err(super::pinned::cuda_err)?
+    };
     Ok(v)
 }
 
 #[cfg(feature = "cuda")]
-fn set(device: &Device, attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute, v: &mut u64) -> Result<()> {
+fn set(
+    device: &Device,
+    attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
+    v: &mut u64,
+) -> Result<()> {
     use candle_core::cuda_backend::cudarc::driver::sys;
     let pool = default_pool(device)?;
     // SAFETY: the high-water mark may only be set to 0 (reset); the value is a u64 (cuuint64_t).
-    unsafe { sys::cuMemPoolSetAttribute(pool, attr, v as *mut u64 as *mut _).result().map_err(super::pinned::cuda_err)? };
+    unsafe {
+        sys::cuMemPoolSetAttribute(pool, attr, v as *mut u64 as *mut _)
+            .result()
+            .map_err(super::pinned::cuda_err)?
+    };
     Ok(())
 }

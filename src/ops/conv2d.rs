@@ -21,7 +21,7 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize,
         return cpu::conv2d::conv2d(x, weight, bias, stride, padding);
     }
     #[cfg(feature = "cuda")]
-    if kh == kw && stride > 0 && super::cuda::conv2d::supported(x, weight) {
+    if super::cuda::conv2d::supported(x, weight, stride, padding) {
         return Ok(super::cuda::conv2d::conv2d(x, weight, bias, stride, padding)?);
     }
     conv2d_reference(x, weight, bias, stride, padding)

@@ -15,7 +15,7 @@ use crate::ops::cpu::{self, is_cpu_f32};
 pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps: f64, silu: bool) -> Result<Tensor> {
     let (c, spatial) = check(x, groups, weight, bias)?;
     #[cfg(feature = "cuda")]
-    if crate::ops::cuda::group_norm::supported(x) && x.dims()[0] > 0 {
+    if crate::ops::cuda::group_norm::supported(x, groups) {
         return Ok(crate::ops::cuda::group_norm::group_norm(x, groups, weight, bias, eps, silu)?);
     }
     if !(is_cpu_f32(x) && is_cpu_f32(weight) && is_cpu_f32(bias)) {

@@ -12,7 +12,9 @@ use super::geometry::attention as geometry;
 use super::module::{kernel, smem_optin_limit, Module};
 use super::{config, dtype_runs, dtype_suffix, grid_dim, launch_error, output, view};
 
-/// Whether the kernel runs attention with head size `d` on `q`'s device and dtype (k and v alike).
+/// Whether the kernel runs attention with head size `d` on `q`'s device and dtype (k and v alike), within the
+/// kernel's launch limits (at most 65535 batches and heads: grid y and z). Checked here rather than trapped on: a
+/// kernel that traps leaves the CUDA context unusable.
 pub(crate) fn supported(q: &Tensor, k: &Tensor, v: &Tensor, d: usize) -> bool {
     let candle_core::Device::Cuda(dev) = q.device() else {
         return false;
@@ -20,11 +22,24 @@ pub(crate) fn supported(q: &Tensor, k: &Tensor, v: &Tensor, d: usize) -> bool {
     if k.dtype() != q.dtype() || v.dtype() != q.dtype() || !dtype_runs(dev, q.dtype()) {
         return false;
     }
+    let (Ok((b, nq, c)), Ok((_, nk, _))) = (q.dims3(), k.dims3()) else {
+        return false;
+    };
+    if b == 0
+        || b > 65535
+        || d == 0
+        || c / d > 65535
+        || nq == 0
+        || nk == 0
+        || nq >= 1 << 31
+        || nk >= 1 << 31
+    {
+        return false;
+    }
     let Some(g) = geometry(d, q.dtype()) else {
         return false;
     };
-    g.smem <= 48 * 1024
-        || smem_optin_limit(&dev.cuda_stream().context().clone()).is_ok_and(|l| g.smem <= l)
+    g.smem <= 48 * 1024 || smem_optin_limit(dev.cuda_stream().context()).is_ok_and(|l| g.smem <= l)
 }
 
 /// Attention over `q` `[B, Nq, H·D]`, `k`, `v` `[B, Nk, H·D]` (feature dimension contiguous); the caller has checked

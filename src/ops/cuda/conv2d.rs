@@ -17,16 +17,46 @@ const TILE_N: usize = 128;
 const TILE_M: usize = 128;
 const THREADS: u32 = 256;
 
-/// Whether the kernel runs `x` and `weight` (CUDA tensors of one dtype the GPU supports).
-pub(crate) fn supported(x: &Tensor, weight: &Tensor) -> bool {
-    match x.device() {
-        candle_core::Device::Cuda(dev) => {
-            x.dtype() == weight.dtype()
-                && weight.device().same_device(x.device())
-                && dtype_runs(dev, x.dtype())
-        }
-        _ => false,
+/// Whether the kernel runs `x` and `weight` (CUDA tensors of one dtype the GPU supports) with this stride and padding:
+/// the kernel's preconditions (kernels/conv2d.cu) are checked here, because a kernel that traps leaves the CUDA
+/// context unusable; shapes beyond them (e.g. one image of more than 2³¹ elements) go to candle's conv instead.
+pub(crate) fn supported(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> bool {
+    let candle_core::Device::Cuda(dev) = x.device() else {
+        return false;
+    };
+    if x.dtype() != weight.dtype()
+        || !weight.device().same_device(x.device())
+        || !dtype_runs(dev, x.dtype())
+    {
+        return false;
     }
+    let (Ok((b, cin, h, w)), Ok((cout, wcin, k, kw))) = (x.dims4(), weight.dims4()) else {
+        return false;
+    };
+    if cin != wcin
+        || k != kw
+        || stride == 0
+        || k == 0
+        || b == 0
+        || cin == 0
+        || cout == 0
+        || h + 2 * padding < k
+        || w + 2 * padding < k
+    {
+        return false;
+    }
+    let (oh, ow) = (
+        (h + 2 * padding - k) / stride + 1,
+        (w + 2 * padding - k) / stride + 1,
+    );
+    let lim = 1usize << 31;
+    let fits = |n: Option<usize>| n.is_some_and(|n| n < lim);
+    fits(b.checked_mul(oh).and_then(|n| n.checked_mul(ow)))
+        && fits(cin.checked_mul(k * k))
+        && fits(cin.checked_mul(h).and_then(|n| n.checked_mul(w)))
+        && [b, cin, h, w, cout, k, stride, padding]
+            .iter()
+            .all(|&d| d < lim)
 }
 
 /// `x` `[B, Cin, H, W]` convolved with `weight` `[Cout, Cin, k, k]` (+ `bias` `[Cout]`), stride and symmetric

@@ -21,12 +21,21 @@ pub(crate) fn chunks(n: usize) -> usize {
     n.div_ceil(CHUNK_ELEMS).clamp(1, MAX_CHUNKS)
 }
 
-/// Whether the kernel runs `x` (a CUDA tensor): f32, f16, or bf16 where the GPU supports it.
-pub(crate) fn supported(x: &Tensor) -> bool {
-    match x.device() {
-        candle_core::Device::Cuda(dev) => dtype_runs(dev, x.dtype()),
-        _ => false,
-    }
+/// Whether the kernel runs `x` (a CUDA tensor) with `groups` groups: f32, f16, or bf16 where the GPU supports it, and
+/// within the kernel's preconditions (checked here: a kernel that traps leaves the CUDA context unusable).
+pub(crate) fn supported(x: &Tensor, groups: usize) -> bool {
+    let candle_core::Device::Cuda(dev) = x.device() else {
+        return false;
+    };
+    let dims = x.dims();
+    let lim = 1usize << 31;
+    dtype_runs(dev, x.dtype())
+        && dims.len() >= 2
+        && x.elem_count() > 0
+        && (1..=65535).contains(&dims[0])
+        && (1..=65535).contains(&groups)
+        && dims[1] % groups == 0
+        && dims[1] < lim
 }
 
 /// `x` `[B, C, ...]` normalised over `groups` groups, scaled by `weight` and shifted by `bias` (`[C]`, converted to
