@@ -33,6 +33,8 @@
 //     d = a*b + c in f32 from the exact inputs (products are exact in f32, sums rounded in f32, k ascending);
 //     store_matrix_sync is written by ONE lane: the LAST existing lane of the warp (lanes run in order, so a missing
 //     __syncwarp/__syncthreads between the store and another lane's read makes that lane read unwritten memory).
+//     Every load/store checks the hardware's operand rules (pointer 32-byte aligned, ldm a multiple of 16 bytes) and
+//     fails the test if one is broken: a GPU would give undefined results there.
 //   * Math: expf/__expf/exp2f/logf/__logf/... are the exact libm functions (the GPU's fast intrinsics are less
 //     precise: test tolerances must allow for that). atomicAdd etc. are plain read-modify-writes (one OS thread).
 //   * Limits: one launch at a time per process (a mutex serialises launches); fiber stack LV_EMU_STACK_KB KiB
@@ -919,10 +921,27 @@ template <class Use, int M, int N, int K, class T, class L>
 inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, const std::type_identity_t<T>& v) {
     for (int i = 0; i < 256; ++i) f.x[i] = v;
 }
+// The hardware's rules for WMMA memory operands (CUDA C++ Programming Guide, "Warp Matrix Functions"): the pointer
+// 256-bit (32-byte) aligned, ldm a multiple of 16 bytes (8 halves / 4 floats). A GPU gives undefined results or a
+// misaligned-address fault otherwise; the emulator would not notice, so it checks them.
+template <class T> inline void check_wmma_operand(const T* p, unsigned ldm, const char* what) {
+    if (reinterpret_cast<std::uintptr_t>(p) % 32 != 0) {
+        char msg[160];
+        std::snprintf(msg, sizeof msg, "%s: pointer %p is not 32-byte aligned (WMMA needs 256-bit alignment)", what,
+                      static_cast<const void*>(p));
+        lv_emu::detail::fail(msg);
+    }
+    if ((size_t(ldm) * sizeof(T)) % 16 != 0) {
+        char msg[160];
+        std::snprintf(msg, sizeof msg, "%s: ldm %u elements is not a multiple of 16 bytes", what, ldm);
+        lv_emu::detail::fail(msg);
+    }
+}
 // A: element (r,k) at p[r*ldm+k] (row_major) / p[k*ldm+r] (col_major); B: (k,n) at p[k*ldm+n] / p[n*ldm+k].
 template <class T, class L>
 inline void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
     lv_emu::detail::self();
+    check_wmma_operand(p, ldm, "load_matrix_sync(matrix_a)");
     for (int r = 0; r < 16; ++r)
         for (int c = 0; c < 16; ++c)
             f.x[r * 16 + c] = std::is_same_v<L, row_major> ? p[size_t(r) * ldm + c] : p[size_t(c) * ldm + r];
@@ -930,6 +949,7 @@ inline void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, L>& f, const T* p
 template <class T, class L>
 inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
     lv_emu::detail::self();
+    check_wmma_operand(p, ldm, "load_matrix_sync(matrix_b)");
     for (int r = 0; r < 16; ++r)
         for (int c = 0; c < 16; ++c)
             f.x[r * 16 + c] = std::is_same_v<L, row_major> ? p[size_t(r) * ldm + c] : p[size_t(c) * ldm + r];
@@ -937,6 +957,7 @@ inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, L>& f, const T* p
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
                              layout_t layout) {
     lv_emu::detail::self();
+    check_wmma_operand(p, ldm, "load_matrix_sync(accumulator)");
     for (int r = 0; r < 16; ++r)
         for (int c = 0; c < 16; ++c)
             f.x[r * 16 + c] = layout == mem_row_major ? p[size_t(r) * ldm + c] : p[size_t(c) * ldm + r];
@@ -945,6 +966,7 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
                               layout_t layout) {
     using namespace lv_emu::detail;
     const Fiber& me = self();
+    check_wmma_operand(p, ldm, "store_matrix_sync");
     const unsigned exist = g.warps[me.warp].exist;
     if (me.lane != 31 - __builtin_clz(exist)) return; // the last lane of the warp writes
     for (int r = 0; r < 16; ++r)

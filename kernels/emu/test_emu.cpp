@@ -287,11 +287,23 @@ __global__ void k_wmma(const T* A, const T* B, float* C, int M, int N, int K) {
     wmma::store_matrix_sync(C + (size_t)M * N + (size_t)tm * 16 * N + tn * 16, d, N, wmma::mem_row_major);
 }
 
+// Device allocations are 256-byte aligned (cudaMalloc); WMMA operands must be 32-byte aligned, which the emulator
+// checks, so the host buffers standing in for device memory are aligned the same way.
+template <class T> struct DeviceAlloc {
+    using value_type = T;
+    DeviceAlloc() = default;
+    template <class U> DeviceAlloc(const DeviceAlloc<U>&) {}
+    T* allocate(size_t n) { return static_cast<T*>(std::aligned_alloc(256, (n * sizeof(T) + 255) / 256 * 256)); }
+    void deallocate(T* p, size_t) { std::free(p); }
+    template <class U> bool operator==(const DeviceAlloc<U>&) const { return true; }
+};
+template <class T> using dvec = std::vector<T, DeviceAlloc<T>>;
+
 template <class T, class LA, class LB> static void wmma_case(const char* name) {
     const int M = 32, N = 48, K = 64;
     std::mt19937 rng(11);
     std::uniform_real_distribution<float> dist(-2.f, 2.f);
-    std::vector<T> A(M * K), B(K * N);
+    dvec<T> A(M * K), B(K * N);
     std::vector<float> Af(M * K), Bf(K * N); // logical row-major values
     constexpr bool arow = std::is_same_v<LA, nvcuda::wmma::row_major>,
                    brow = std::is_same_v<LB, nvcuda::wmma::row_major>;
@@ -307,7 +319,7 @@ template <class T, class LA, class LB> static void wmma_case(const char* name) {
             Bf[k * N + n] = lv_to_float(v);
             B[brow ? k * N + n : n * K + k] = v;
         }
-    std::vector<float> C(2 * M * N, NAN);
+    dvec<float> C(2 * M * N, NAN);
     const int warps = (M / 16) * (N / 16);
     lv_emu::launch(k_wmma<T, LA, LB>, dim3(1), dim3(32 * warps), warps * 256 * sizeof(float), A.data(), B.data(),
                    C.data(), M, N, K);
@@ -340,6 +352,10 @@ extern "C" __global__ void k_divergent_sync(int* out) {
 extern "C" __global__ void k_trap(int n) {
     if (blockDim.x != 64) lv_trap();
     (void)n;
+}
+extern "C" __global__ void k_wmma_misaligned(const __half* p, unsigned ldm) {
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> a;
+    nvcuda::wmma::load_matrix_sync(a, p, ldm);
 }
 extern "C" __global__ void k_spin(volatile int* flag) {
     if (threadIdx.x == 0)
@@ -382,6 +398,18 @@ static void test_errors() {
     msg = run_child([] { lv_emu::launch_named("my_trap", k_trap, dim3(1), dim3(32), 0, 3); }, &ab);
     CHECK(ab && msg.find("lv_trap") != std::string::npos && msg.find("my_trap") != std::string::npos,
           "lv_trap not reported: %s", msg.c_str());
+    // WMMA operands break the hardware's rules: a pointer 16 bytes off the 32-byte alignment; an ldm of 12 halves.
+    for (int c = 0; c < 2; ++c) {
+        msg = run_child(
+            [c] {
+                dvec<__half> buf(16 * 40);
+                lv_emu::launch(k_wmma_misaligned, dim3(1), dim3(32), 0, buf.data() + (c == 0 ? 8 : 0),
+                               c == 0 ? 16u : 12u);
+            },
+            &ab);
+        CHECK(ab && msg.find(c == 0 ? "32-byte aligned" : "multiple of 16 bytes") != std::string::npos,
+              "misaligned WMMA operand (case %d) not reported: %s", c, msg.c_str());
+    }
     setenv("LV_EMU_WATCHDOG_S", "1", 1);
     msg = run_child(
         [] {
