@@ -57,6 +57,7 @@ pub(crate) fn supported(x: &Tensor, weight: &Tensor, stride: usize, padding: usi
         && [b, cin, h, w, cout, k, stride, padding]
             .iter()
             .all(|&d| d < lim)
+        && cout.div_ceil(TILE_M) <= 65535 // grid y
 }
 
 /// `x` `[B, Cin, H, W]` convolved with `weight` `[Cout, Cin, k, k]` (+ `bias` `[Cout]`), stride and symmetric
