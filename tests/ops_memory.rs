@@ -61,7 +61,7 @@ fn working_memory_estimates_bound_measured_peaks() {
         let e = ops::attention_scratch_bytes(b, h, n, nk, d, cpu_f32);
         check(&format!("attention b{b} n{n} nk{nk} h{h} d{d}"), e, m, KERNEL, &mut failures);
     }
-    for &(b, cin, cout, hw, k, s) in &[(2, 320, 320, 32, 3, 1), (2, 640, 640, 16, 3, 1), (1, 128, 128, 128, 3, 1), (2, 320, 320, 32, 3, 2), (2, 320, 640, 16, 1, 1)] {
+    for &(b, cin, cout, hw, k, s) in &[(2, 320, 320, 32, 3, 1), (2, 640, 640, 16, 3, 1), (1, 128, 128, 128, 3, 1), (1, 512, 512, 32, 3, 1), (2, 320, 320, 32, 3, 2), (2, 320, 640, 16, 1, 1)] {
         let (x, w, bias) = (randn(&[b, cin, hw, hw]), randn(&[cout, cin, k, k]), randn(&[cout]));
         let (m, y) = measure(|| ops::conv2d(&x, &w, Some(&bias), s, k / 2).unwrap());
         let (oh, ow) = (y.dim(2).unwrap(), y.dim(3).unwrap());

@@ -15,7 +15,7 @@ use candle_core::Tensor;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{f32_tensor, threads, with_f32};
+use super::{f32_tensor, threads, winograd, with_f32};
 use crate::error::{Error, Result};
 
 /// Column buffer per task, in f32s (2 MiB).
@@ -35,7 +35,7 @@ const GEMM_PACK_SLACK: usize = 32;
 /// weights) only when m exceeds 128 microkernel rows (2048 with AVX2, 4096 with AVX-512; always on aarch64), and
 /// prepacks the lhs only when m ≤ 2·mc (mc ≤ 8 microkernel rows, so m ≤ 512). Its per-thread L2 slab is
 /// persistent, not per call.
-fn gemm_pack_f32s(m: usize, n: usize, depth: usize) -> usize {
+pub(super) fn gemm_pack_f32s(m: usize, n: usize, depth: usize) -> usize {
     let rhs = if cfg!(target_arch = "aarch64") || m > 2048 { depth * (n + GEMM_PACK_SLACK) } else { 0 };
     let lhs = if m <= 512 { depth * (m + GEMM_PACK_SLACK) } else { 0 };
     rhs + lhs
@@ -94,6 +94,8 @@ pub(crate) struct Tiling {
     /// Hand gemm the weights as lhs (`out = W·col`) instead of `outᵀ = colᵀ·Wᵀ`; gemm normalises both to the same
     /// call (it orients by the output's unit stride), kept to measure that.
     pub weights_lhs: bool,
+    /// Tiles per block on the Winograd path ([`winograd`]); 0 for im2col + gemm.
+    pub winograd: usize,
 }
 
 impl Tiling {
@@ -103,13 +105,14 @@ impl Tiling {
         let p = g.positions().max(1);
         if g.direct() {
             let tiles = p.div_ceil(DIRECT_TILE);
-            return Tiling { positions: p.div_ceil(tiles).next_multiple_of(TILE_ALIGN).min(p), channels: g.cin.max(1), weights_lhs: false };
+            return Tiling { positions: p.div_ceil(tiles).next_multiple_of(TILE_ALIGN).min(p), channels: g.cin.max(1), weights_lhs: false, winograd: 0 };
         }
         let chunks = g.cin.div_ceil((DEPTH_TARGET / k2).max(1)).max(1);
         let channels = g.cin.div_ceil(chunks).max(1);
         let max_tile = (COL_BUDGET / (channels * k2)).max(TILE_ALIGN) / TILE_ALIGN * TILE_ALIGN;
         let tiles = p.div_ceil(max_tile);
-        Tiling { positions: p.div_ceil(tiles).next_multiple_of(TILE_ALIGN).min(p), channels, weights_lhs: false }
+        let winograd = if winograd::applies(g) { winograd::block_tiles(g) } else { 0 };
+        Tiling { positions: p.div_ceil(tiles).next_multiple_of(TILE_ALIGN).min(p), channels, weights_lhs: false, winograd }
     }
 
     fn tiles(&self, g: &Geom) -> usize {
@@ -135,6 +138,9 @@ impl Tiling {
     /// Upper bound of the transient f32s of a conv run with this tiling on `threads` threads: the column buffers
     /// alive at once, and gemm's packed copies of its operands in each running call.
     fn scratch_f32s(&self, g: &Geom, threads: usize) -> usize {
+        if self.winograd > 0 {
+            return winograd::scratch_f32s(g, self.winograd, threads);
+        }
         let live = if self.outer_parallel(g, threads) { threads.min(g.b * self.tiles(g)) } else { 1 };
         let depth = self.channels.min(g.cin) * g.k * g.k;
         let np = self.positions.min(g.positions());
@@ -198,6 +204,13 @@ fn run(x: &[f32], w: &[f32], bias: Option<&[f32]>, out: &mut [f32], g: &Geom, t:
         return Err(Error::invalid("conv2d: buffer sizes do not match the shapes"));
     }
     if out.is_empty() {
+        return Ok(());
+    }
+    if t.winograd > 0 {
+        if g.k != 3 || g.stride != 1 || g.pad != 1 {
+            return Err(Error::invalid("conv2d: the Winograd path takes 3×3 stride-1 padding-1 convs only"));
+        }
+        winograd::run(x, w, bias, out, g, t.winograd);
         return Ok(());
     }
     let tiles = t.tiles(g);
@@ -416,7 +429,7 @@ mod tests {
         let wt = rand(&[23, 19, 3, 3], 5);
         let bs = rand(&[23], 6);
         let g = Geom::new(x.dims4().unwrap(), wt.dims4().unwrap(), 1, 1).unwrap();
-        let t = Tiling { positions: 40, channels: 7, weights_lhs: false };
+        let t = Tiling { positions: 40, channels: 7, weights_lhs: false, winograd: 0 };
         let a: Vec<f32> = conv2d_tiled(&x, &wt, Some(&bs), &g, t).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let t = Tiling { weights_lhs: true, ..t };
         let b: Vec<f32> = conv2d_tiled(&x, &wt, Some(&bs), &g, t).unwrap().flatten_all().unwrap().to_vec1().unwrap();
@@ -545,7 +558,7 @@ mod bench {
                     .split(',')
                     .map(|a| {
                         let (p, c) = a.split_once('x').unwrap();
-                        Tiling { positions: p.parse().unwrap(), channels: c.parse().unwrap(), weights_lhs: false }
+                        Tiling { positions: p.parse().unwrap(), channels: c.parse().unwrap(), weights_lhs: false, winograd: 0 }
                     })
                     .collect();
                 let mut ts = vec![vec![]; alts.len() + 1];

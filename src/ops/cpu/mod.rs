@@ -14,6 +14,7 @@ pub(crate) mod elementwise;
 pub(crate) mod norm;
 #[cfg(test)]
 mod timing;
+pub(crate) mod winograd;
 
 /// Whether `t` is an f32 tensor in host memory, the case the kernels here handle.
 pub(crate) fn is_cpu_f32(t: &Tensor) -> bool {
