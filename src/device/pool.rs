@@ -11,9 +11,10 @@ use crate::error::Result;
 pub fn pool_peak_reset(device: &Device) -> Result<()> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(_) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute;
         device.synchronize()?;
         let mut zero: u64 = 0;
-        set(device, cuda::ATTR_USED_HIGH, &mut zero)?;
+        set(device, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut zero)?;
     }
     let _ = device;
     Ok(())
@@ -23,22 +24,14 @@ pub fn pool_peak_reset(device: &Device) -> Result<()> {
 pub fn pool_peak_bytes(device: &Device) -> Result<Option<(u64, u64)>> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(_) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute;
         device.synchronize()?;
-        let used = get(device, cuda::ATTR_USED)?;
-        let high = get(device, cuda::ATTR_USED_HIGH)?;
+        let used = get(device, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+        let high = get(device, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
         return Ok(Some((used, high)));
     }
     let _ = device;
     Ok(None)
-}
-
-#[cfg(feature = "cuda")]
-mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute;
-    pub const ATTR_USED: CUmemPool_attribute =
-        CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT;
-    pub const ATTR_USED_HIGH: CUmemPool_attribute =
-        CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
 }
 
 #[cfg(feature = "cuda")]

@@ -32,7 +32,7 @@ impl Module {
 }
 
 /// Compute capabilities the embedded machine code was built for (`LOWVRAM_CUDA_ARCHS` at build time).
-pub const BUILT_ARCHS: &str = env!("LOWVRAM_CUDA_ARCHS_BUILT");
+pub(crate) const BUILT_ARCHS: &str = env!("LOWVRAM_CUDA_ARCHS_BUILT");
 
 /// Loaded modules and functions, per context (a process normally has one).
 #[derive(Default)]
