@@ -150,7 +150,7 @@ fn cases() -> Vec<Case> {
         let bias = randn(&[cout], 6);
         let pad = k / 2;
         let oh = (hw + 2 * pad - k) / s + 1;
-        let est = ops::conv2d_scratch_bytes(b, cin, cout, oh, oh, k, s, op_target)
+        let est = ops::conv2d_scratch_bytes(b, cin, cout, oh, oh, k, s, pad, op_target)
             + bytes(&[b, cout, oh, oh]);
         out.push(Case {
             name: name.into(),

@@ -430,7 +430,7 @@ fn gpu_kernels() {
         ),
         (
             "conv2d 1x256x256x256 -> 256, 3x3",
-            ops::conv2d_scratch_bytes(1, 256, 256, 256, 256, 3, 1, target)
+            ops::conv2d_scratch_bytes(1, 256, 256, 256, 256, 3, 1, 1, target)
                 + out_bytes(&[1, 256, 256, 256]),
             Box::new(|| ops::conv2d(&x, &w, Some(&bias), 1, 1).unwrap()),
         ),

@@ -338,9 +338,12 @@ pub(crate) fn act(b: usize, c: usize, hw: usize, e: OpTarget) -> u64 {
     (b * c * hw * e.size_in_bytes()) as u64
 }
 
-/// Conv scratch for a "same" conv on `hw` positions.
+/// Conv scratch for a "same" conv (stride 1, padding k/2) on `hw` positions, taken as a near-square image (the
+/// estimates carry positions, not shapes; latents are square or close to it, and the kernel's path depends on the
+/// number of 2×2 output tiles, which a 1-wide image would overstate twofold).
 pub(crate) fn conv_scratch(b: usize, cin: usize, cout: usize, hw: usize, k: usize, e: OpTarget) -> u64 {
-    ops::conv2d_scratch_bytes(b, cin, cout, hw, 1, k, 1, e)
+    let h = hw.isqrt().max(1);
+    ops::conv2d_scratch_bytes(b, cin, cout, h, hw.div_ceil(h), k, 1, k / 2, e)
 }
 
 /// Live-bytes bookkeeping for the working-memory estimates: `live` is what persists between ops (the current

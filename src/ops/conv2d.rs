@@ -49,7 +49,7 @@ pub fn conv2d_reference(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stri
 /// `B·Hout·Wout·Cout`, plus one more output for the bias add; 1×1 stride-1 convs skip im2col; its CPU backend also
 /// copies the input and the weights. The own f32 CPU kernel's: a few MiB, one column tile per concurrently running
 /// task (at most one per thread of the global rayon pool) plus gemm's packed operands, independent of the image
-/// size beyond that; the padding is not passed, so it takes the larger of the unpadded and padded cases.
+/// size beyond that; `padding` picks its path (3×3 stride-1 padding-1 convs may run Winograd, see `ops::cpu`).
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_scratch_bytes(
     batch: usize,
@@ -59,6 +59,7 @@ pub fn conv2d_scratch_bytes(
     out_w: usize,
     k: usize,
     stride: usize,
+    padding: usize,
     target: impl Into<OpTarget>,
 ) -> u64 {
     let target = target.into();
@@ -66,7 +67,7 @@ pub fn conv2d_scratch_bytes(
         return 0; // implicit GEMM: the columns live in shared memory only
     }
     if target.cpu_kernels {
-        return cpu::conv2d::scratch_bytes_bound(batch, cin, cout, out_h, out_w, k, stride);
+        return cpu::conv2d::scratch_bytes_bound(batch, cin, cout, out_h, out_w, k, stride, padding);
     }
     let dtype = target.dtype;
     let e = dtype.size_in_bytes() as u64;

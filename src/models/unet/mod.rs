@@ -255,7 +255,7 @@ impl UNet2DConditionModel {
             if let Some(d) = &blk.downsample {
                 let (nh, nw) = d.out_size(hh, ww);
                 let y = act(b, d.c, nh * nw, dtype);
-                p.transient(ops::conv2d_scratch_bytes(b, d.c, d.c, nh, nw, 3, 2, dtype) + y);
+                p.transient(ops::conv2d_scratch_bytes(b, d.c, d.c, nh, nw, 3, 2, 1, dtype) + y);
                 p.alloc(y);
                 (hh, ww) = (nh, nw);
                 skip_sizes.push((d.c, hh, ww));

@@ -213,7 +213,7 @@ pub(crate) fn conv3x3_tile_bytes(b: usize, cin: usize, cout: usize, th: usize, t
     let normed = if norm { window + 3 * 4 * bc * src } else { 0 };
     let upsampled = window * (up * up) as u64;
     let padding = upsampled + 2 * halo;
-    let conv = halo + conv2d_scratch_bytes(b, cin, cout, th, tw, 3, 1, e) + (b * cout * th * tw) as u64 * es;
+    let conv = halo + conv2d_scratch_bytes(b, cin, cout, th, tw, 3, 1, 0, e) + (b * cout * th * tw) as u64 * es;
     normed.max(padding).max(conv)
 }
 

@@ -96,7 +96,7 @@ impl AutoencoderKL {
         let mut peak = 0u64;
         let (th, tw) = side(1);
         if self.post_quant_conv.is_some() {
-            peak = peak.max(2 * act(b, l, th * tw, e) + conv2d_scratch_bytes(b, l, l, th, tw, 1, 1, e));
+            peak = peak.max(2 * act(b, l, th * tw, e) + conv2d_scratch_bytes(b, l, l, th, tw, 1, 1, 0, e));
         }
         peak = peak.max(conv3x3_tile_bytes(b, l, self.dec_conv_in.cout, th, tw, 1, false, e));
         for r in &self.dec_mid.resnets {
@@ -194,7 +194,7 @@ fn resnet_tiled(w: &dyn WeightSource, r: &ResnetSpec, x: &Tensor, tile: usize, d
 fn resnet_tile_bytes(r: &ResnetSpec, b: usize, th: usize, tw: usize, e: OpTarget) -> u64 {
     let px = th * tw;
     let y = act(b, r.cout, px, e);
-    let shortcut = if r.cin != r.cout { conv2d_scratch_bytes(b, r.cin, r.cout, th, tw, 1, 1, e) + y } else { 0 };
+    let shortcut = if r.cin != r.cout { conv2d_scratch_bytes(b, r.cin, r.cout, th, tw, 1, 1, 0, e) + y } else { 0 };
     let residual = y + act(b, r.cin, px, e) + shortcut + y;
     stats_tile_bytes(b, r.cin, th, tw, e)
         .max(stats_tile_bytes(b, r.cout, th, tw, e))

@@ -149,20 +149,16 @@ impl Tiling {
 }
 
 /// Upper bound of the transient bytes of [`conv2d`] on contiguous f32 inputs (a strided `x` or weight is first
-/// copied whole by [`with_f32`]) with the global rayon pool, for an output `[b, cout, oh, ow]`. The padding is not
-/// passed: a k×k conv takes the larger of the unpadded and padded cases, a 1×1 conv is taken as unpadded (every
-/// model's 1×1 convs are; unpadded and stride 1, it reads its input directly and needs no column buffer).
-pub(crate) fn scratch_bytes_bound(b: usize, cin: usize, cout: usize, oh: usize, ow: usize, k: usize, stride: usize) -> u64 {
-    let pads: &[usize] = if k == 1 { &[0] } else { &[0, 1] };
-    pads.iter()
-        .copied()
-        .map(|pad| {
-            // The tiling and the scratch depend on the output size, not on the input's.
-            let g = Geom { b, cin, h: oh * stride + k, w: ow * stride + k, cout, k, stride, pad, oh, ow };
-            Tiling::for_geom(&g).scratch_f32s(&g, threads()) as u64 * 4
-        })
-        .max()
-        .unwrap_or(0)
+/// copied whole by [`with_f32`]) with the global rayon pool, for an output `[b, cout, oh, ow]` and padding `pad` —
+/// the path the kernel takes for that geometry (im2col + gemm, the direct 1×1 path, or Winograd for 3×3 stride-1
+/// padding-1 convs), which is what decides the scratch.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn scratch_bytes_bound(b: usize, cin: usize, cout: usize, oh: usize, ow: usize, k: usize, stride: usize, pad: usize) -> u64 {
+    // The tiling and the scratch depend on the output size; the input size is the one that gives it.
+    let (oh, ow) = (oh.max(1), ow.max(1));
+    let input = |o: usize| ((o - 1) * stride + k).saturating_sub(2 * pad).max(1);
+    let g = Geom { b, cin, h: input(oh), w: input(ow), cout, k, stride, pad, oh, ow };
+    Tiling::for_geom(&g).scratch_f32s(&g, threads()) as u64 * 4
 }
 
 /// `x` `[B, Cin, H, W]` ⋆ `weight` `[Cout, Cin, k, k]` + `bias` `[Cout]`, all f32 on the CPU.
