@@ -5,7 +5,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use cudarc::driver::{DeviceRepr, PushKernelArg};
 
 use super::geometry::attention as geometry;
@@ -22,9 +22,12 @@ pub(crate) fn supported(q: &Tensor, k: &Tensor, v: &Tensor, d: usize) -> bool {
     if k.dtype() != q.dtype() || v.dtype() != q.dtype() || !dtype_runs(dev, q.dtype()) {
         return false;
     }
-    let (Ok((b, nq, c)), Ok((_, nk, _))) = (q.dims3(), k.dims3()) else {
+    let (Ok((b, nq, c)), Ok((bk, nk, ck))) = (q.dims3(), k.dims3()) else {
         return false;
     };
+    if v.dims() != k.dims() || bk != b || ck != c {
+        return false;
+    }
     if b == 0
         || b > 65535
         || d == 0
@@ -104,12 +107,7 @@ impl CustomOp3 for FlashAttention {
         v: &CudaStorage,
         vl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        match q.dtype() {
-            DType::F32 => self.run::<f32>(q, ql, k, kl, v, vl),
-            DType::F16 => self.run::<half::f16>(q, ql, k, kl, v, vl),
-            DType::BF16 => self.run::<half::bf16>(q, ql, k, kl, v, vl),
-            d => candle_core::bail!("lowvram-flash-attention: no kernel for {d:?}"),
-        }
+        with_element_type!(q.dtype(), "lowvram-flash-attention", T => self.run::<T>(q, ql, k, kl, v, vl))
     }
 }
 

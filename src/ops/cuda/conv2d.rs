@@ -5,7 +5,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use cudarc::driver::{DeviceRepr, PushKernelArg};
 
 use super::module::{kernel, Module};
@@ -148,12 +148,7 @@ impl ConvOp {
         wl: &Layout,
         b: Option<(&CudaStorage, &Layout)>,
     ) -> Result<(CudaStorage, Shape)> {
-        match x.dtype() {
-            DType::F32 => self.run::<f32>(x, xl, w, wl, b),
-            DType::F16 => self.run::<half::f16>(x, xl, w, wl, b),
-            DType::BF16 => self.run::<half::bf16>(x, xl, w, wl, b),
-            d => candle_core::bail!("lowvram-conv2d: no kernel for {d:?}"),
-        }
+        with_element_type!(x.dtype(), "lowvram-conv2d", T => self.run::<T>(x, xl, w, wl, b))
     }
 
     fn run<T: CudaDType + DeviceRepr>(

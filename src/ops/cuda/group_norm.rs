@@ -4,7 +4,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use cudarc::driver::{DeviceRepr, PushKernelArg};
 
 use super::module::{kernel, Module};
@@ -94,12 +94,7 @@ impl CustomOp3 for GroupNormOp {
         b: &CudaStorage,
         bl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        match x.dtype() {
-            DType::F32 => self.run::<f32>(x, xl, w, wl, b, bl),
-            DType::F16 => self.run::<half::f16>(x, xl, w, wl, b, bl),
-            DType::BF16 => self.run::<half::bf16>(x, xl, w, wl, b, bl),
-            d => candle_core::bail!("lowvram-group-norm: no kernel for {d:?}"),
-        }
+        with_element_type!(x.dtype(), "lowvram-group-norm", T => self.run::<T>(x, xl, w, wl, b, bl))
     }
 }
 

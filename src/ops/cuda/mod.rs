@@ -3,6 +3,29 @@
 //! tensors and candle's stream ordering covers them. The public ops in `ops::*` dispatch here for CUDA tensors of
 //! the dtypes and shapes a kernel supports, and fall back to the candle compositions otherwise.
 
+/// `$body` with `$T` the element type of `$dtype` (f32, f16 or bf16: the dtypes every kernel has), or an error naming
+/// `$op`: the one place the kernels' dtypes map to Rust types.
+#[cfg(feature = "cuda")]
+macro_rules! with_element_type {
+    ($dtype:expr, $op:literal, $T:ident => $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            candle_core::DType::F16 => {
+                type $T = half::f16;
+                $body
+            }
+            candle_core::DType::BF16 => {
+                type $T = half::bf16;
+                $body
+            }
+            d => candle_core::bail!("{}: no kernel for {d:?}", $op),
+        }
+    };
+}
+
 #[cfg(feature = "cuda")]
 pub(crate) mod attention;
 #[cfg(feature = "cuda")]
