@@ -3,11 +3,20 @@
 //!
 //! - [`unet`]: the SD 1.x / 2.x `UNet2DConditionModel`.
 //! - [`vae`]: `AutoencoderKL` (decoder, encoder, tiled decode).
+//! - [`family`]: which architectures a pipeline combines and how its family is detected.
+//! - [`denoiser`]: the interface the sampler calls on any denoising model; [`conditioning`]: the named tensors it
+//!   takes.
 
 pub(crate) mod blocks;
+pub mod conditioning;
 mod config_util;
+pub mod denoiser;
+pub mod family;
 pub mod unet;
 pub mod vae;
 
+pub use conditioning::{BatchedConditioning, CondSpec, Conditioning};
+pub use denoiser::Denoiser;
+pub use family::Family;
 pub use unet::{UNet2DConditionModel, UNetConfig};
 pub use vae::{AutoencoderKL, VaeConfig};
