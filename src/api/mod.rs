@@ -4,6 +4,7 @@ mod context;
 mod image;
 mod model;
 mod run;
+mod sample;
 mod tensor;
 
 pub use context::{Context, ContextOptions};

@@ -123,3 +123,15 @@ fn scheduler_beside(unet_dir: &Path) -> Result<SchedulerConfig> {
         _ => Ok(SchedulerConfig::sd15()),
     }
 }
+
+impl Model {
+    /// The model as a denoiser with its scheduler configuration, or INVALID_ARGUMENT naming what was passed.
+    pub fn as_denoiser(&self) -> Result<(&dyn crate::models::Denoiser, &SchedulerConfig)> {
+        match &self.arch {
+            Architecture::Unet { model, scheduler } => Ok((model, scheduler)),
+            Architecture::Vae(_) => {
+                Err(Error::invalid(format!("{} is a VAE, a denoising model is needed", self.dir.display())))
+            }
+        }
+    }
+}

@@ -72,15 +72,15 @@ pub enum Tiling {
 }
 
 /// The dimensions of a rank-`N` input, or INVALID_ARGUMENT naming it (not the tensor library's rank error).
-fn dims<const N: usize>(t: &Tensor, name: &str, layout: &str) -> Result<[usize; N]> {
+pub(crate) fn dims<const N: usize>(t: &Tensor, name: &str, layout: &str) -> Result<[usize; N]> {
     <[usize; N]>::try_from(t.dims())
         .map_err(|_| Error::invalid(format!("{name} has shape {:?}, expected {layout}", t.dims())))
 }
 
 /// A weight source that stops a run at the next block boundary when the context is cancelled.
-struct Cancellable<'a> {
-    inner: &'a ModelLock,
-    cancel: &'a AtomicBool,
+pub(crate) struct Cancellable<'a> {
+    pub(crate) inner: &'a ModelLock,
+    pub(crate) cancel: &'a AtomicBool,
 }
 
 impl WeightSource for Cancellable<'_> {
@@ -277,7 +277,7 @@ impl Context {
         Err(last_err.unwrap_or_else(|| Error::invalid("no tile size fits")))
     }
 
-    fn report(
+    pub(crate) fn report(
         &self,
         lock: &ModelLock,
         start: Instant,
