@@ -3,6 +3,7 @@
 mod context;
 mod image;
 mod model;
+mod pipeline;
 mod run;
 mod sample;
 mod tensor;
@@ -10,5 +11,6 @@ mod tensor;
 pub use context::{Context, ContextOptions};
 pub use image::write_pngs;
 pub use model::{Architecture, Model, ModelKind};
+pub use pipeline::{ComponentPaths, Pipeline, PromptOptions};
 pub use run::{DenoiseOptions, RunReport, Tiling};
 pub use tensor::{HostDType, HostTensor};

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::memory::{ManagedModel, ModelCache};
+use crate::models::text_encoder::{PromptTokenizer, TextEncoder};
 use crate::models::{AutoencoderKL, UNet2DConditionModel, UNetConfig, VaeConfig};
 use crate::sampling::SchedulerConfig;
 
@@ -17,6 +18,8 @@ pub enum Architecture {
     Unet { model: UNet2DConditionModel, scheduler: SchedulerConfig },
     /// An `AutoencoderKL`.
     Vae(AutoencoderKL),
+    /// A text encoder (`CLIPTextModel`, `CLIPTextModelWithProjection`) with the tokenizer found beside it, if any.
+    TextEncoder { model: Box<dyn TextEncoder>, tokenizer: Option<Box<dyn PromptTokenizer>> },
 }
 
 /// The kind of a component (stable numbers in the C enum).
@@ -25,6 +28,7 @@ pub enum Architecture {
 pub enum ModelKind {
     Unet,
     Vae,
+    TextEncoder,
 }
 
 /// A loaded component. Shared (`Arc`) by the host's handle and any run using it.
@@ -83,6 +87,7 @@ impl Model {
         match self.arch {
             Architecture::Unet { .. } => ModelKind::Unet,
             Architecture::Vae(_) => ModelKind::Vae,
+            Architecture::TextEncoder { .. } => ModelKind::TextEncoder,
         }
     }
 
@@ -100,7 +105,7 @@ impl Model {
     pub fn as_unet(&self) -> Result<(&UNet2DConditionModel, &SchedulerConfig)> {
         match &self.arch {
             Architecture::Unet { model, scheduler } => Ok((model, scheduler)),
-            Architecture::Vae(_) => Err(Error::invalid(format!("{} is a VAE, a UNet is needed", self.dir.display()))),
+            _ => Err(Error::invalid(format!("{} is a {:?}, a UNet is needed", self.dir.display(), self.kind()))),
         }
     }
 
@@ -108,9 +113,7 @@ impl Model {
     pub fn as_vae(&self) -> Result<&AutoencoderKL> {
         match &self.arch {
             Architecture::Vae(v) => Ok(v),
-            Architecture::Unet { .. } => {
-                Err(Error::invalid(format!("{} is a UNet, a VAE is needed", self.dir.display())))
-            }
+            _ => Err(Error::invalid(format!("{} is a {:?}, a VAE is needed", self.dir.display(), self.kind()))),
         }
     }
 }
@@ -129,9 +132,19 @@ impl Model {
     pub fn as_denoiser(&self) -> Result<(&dyn crate::models::Denoiser, &SchedulerConfig)> {
         match &self.arch {
             Architecture::Unet { model, scheduler } => Ok((model, scheduler)),
-            Architecture::Vae(_) => {
-                Err(Error::invalid(format!("{} is a VAE, a denoising model is needed", self.dir.display())))
-            }
+            _ => Err(Error::invalid(format!(
+                "{} is a {:?}, a denoising model is needed",
+                self.dir.display(),
+                self.kind()
+            ))),
+        }
+    }
+
+    /// The model as a text encoder with its tokenizer (if its folder has one), or INVALID_ARGUMENT.
+    pub fn as_text_encoder(&self) -> Result<(&dyn TextEncoder, Option<&dyn PromptTokenizer>)> {
+        match &self.arch {
+            Architecture::TextEncoder { model, tokenizer } => Ok((model.as_ref(), tokenizer.as_deref())),
+            _ => Err(Error::invalid(format!("{} is a {:?}, a text encoder is needed", self.dir.display(), self.kind()))),
         }
     }
 }

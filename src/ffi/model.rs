@@ -30,6 +30,8 @@ pub enum lowvram_model_kind {
     Unet = 0,
     /// An AutoencoderKL: used by `lowvram_vae_decode`.
     Vae = 1,
+    /// A text encoder (CLIPTextModel, CLIPTextModelWithProjection): used by a pipeline's prompt encoding.
+    TextEncoder = 2,
 }
 
 /// A model's facts, filled by `lowvram_model_get_info`. Bytes throughout.
@@ -94,6 +96,7 @@ pub unsafe extern "C" fn lowvram_model_get_info(
             kind: match model.kind() {
                 ModelKind::Unet => lowvram_model_kind::Unet as u32,
                 ModelKind::Vae => lowvram_model_kind::Vae as u32,
+                ModelKind::TextEncoder => lowvram_model_kind::TextEncoder as u32,
             },
             total_bytes: w.total_bytes(),
             resident_bytes: w.resident_bytes(),

@@ -12,6 +12,7 @@ pub mod conditioning;
 mod config_util;
 pub mod denoiser;
 pub mod family;
+pub mod text_encoder;
 pub mod unet;
 pub mod vae;
 
