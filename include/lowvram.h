@@ -110,6 +110,10 @@ enum lowvram_model_kind
      * An AutoencoderKL: used by `lowvram_vae_decode`.
      */
     LOWVRAM_MODEL_KIND_VAE = 1,
+    /**
+     * A text encoder (CLIPTextModel, CLIPTextModelWithProjection): used by a pipeline's prompt encoding.
+     */
+    LOWVRAM_MODEL_KIND_TEXT_ENCODER = 2,
 };
 #ifndef __cplusplus
 typedef uint32_t lowvram_model_kind;

@@ -96,6 +96,11 @@ impl Pipeline {
         Ok(Self { family, denoiser, vae, text_encoders, zeros_for_empty_negative })
     }
 
+    /// Whether at least one of the family's text encoders is loaded.
+    pub fn has_text_encoders(&self) -> bool {
+        self.text_encoders.iter().any(Option::is_some)
+    }
+
     /// The family.
     pub fn family(&self) -> Family {
         self.family
