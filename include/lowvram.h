@@ -215,6 +215,14 @@ typedef uint32_t lowvram_status;
 #endif // __cplusplus
 
 /**
+ * Named conditioning tensors (`sampling.cond_embeddings`, `sampling.uncond_embeddings`, `sampling.cond_pooled`,
+ * `sampling.uncond_pooled`, `sampling.time_ids`): the same names as the CLI's `--inputs` file. Opaque, one owner
+ * (the host). Reading is thread-safe; `lowvram_conditioning_set` must not run concurrently with other calls on
+ * the same conditioning. Free with `lowvram_conditioning_free`.
+ */
+typedef struct lowvram_conditioning lowvram_conditioning;
+
+/**
  * A context: one model cache with its RAM and VRAM budgets, a logger and a cancel flag. Opaque.
  * Created by `lowvram_context_new`, freed by `lowvram_context_free`. Its functions are thread-safe unless stated.
  */
@@ -226,6 +234,14 @@ typedef struct lowvram_context lowvram_context;
  * `lowvram_model_free`. Thread-safe.
  */
 typedef struct lowvram_model lowvram_model;
+
+/**
+ * A loaded pipeline: a family's denoiser, VAE and text encoders (with tokenizers), in one context's cache.
+ * Opaque, one owner (the host); the models inside are shared with the cache and with running calls, so freeing
+ * the pipeline during a call on another thread is safe (the call holds its own references). Free with
+ * `lowvram_pipeline_free`. Thread-safe: calls on one pipeline may run from several threads.
+ */
+typedef struct lowvram_pipeline lowvram_pipeline;
 
 /**
  * Device memory reserved for the host. Opaque; free with `lowvram_reservation_free` to give it back.
@@ -360,6 +376,59 @@ typedef struct lowvram_model_info {
 } lowvram_model_info;
 
 /**
+ * Where a pipeline's components are. Initialise with `lowvram_pipeline_params_init(&p, sizeof p)`.
+ */
+typedef struct lowvram_pipeline_params {
+    /**
+     * `sizeof(lowvram_pipeline_params)` as the host sees it; set by the init function.
+     */
+    uint32_t struct_size;
+    /**
+     * A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, ...). Required.
+     */
+    const char *path;
+    /**
+     * A VAE component folder replacing the pipeline's vae/; NULL = the pipeline's. Default NULL.
+     */
+    const char *vae_path;
+    /**
+     * A text encoder component folder (its tokenizer folder beside it) replacing text_encoder/. Default NULL.
+     */
+    const char *text_encoder_path;
+    /**
+     * The second text encoder (SDXL's OpenCLIP bigG) replacing text_encoder_2/. Default NULL.
+     */
+    const char *text_encoder_2_path;
+} lowvram_pipeline_params;
+
+/**
+ * How a prompt is encoded. Initialise with `lowvram_prompt_params_init(&p, sizeof p)`.
+ */
+typedef struct lowvram_prompt_params {
+    /**
+     * `sizeof(lowvram_prompt_params)` as the host sees it; set by the init function.
+     */
+    uint32_t struct_size;
+    /**
+     * What not to draw (the unconditional half of guidance); NULL = none (SDXL: zeros). Default NULL.
+     */
+    const char *negative_prompt;
+    /**
+     * Images per prompt. Default 1.
+     */
+    uint32_t batch;
+    /**
+     * Image width and height in pixels (SDXL's size conditioning). Default 512 × 512.
+     */
+    uint32_t width;
+    uint32_t height;
+    /**
+     * Layers to skip from the end of the text encoder (diffusers' clip_skip). Default 0.
+     */
+    uint32_t clip_skip;
+} lowvram_prompt_params;
+
+/**
  * Progress of a running call: `step` of `total` done. Return false to cancel (the call then returns CANCELLED).
  * Runs on the thread that made the call.
  */
@@ -413,30 +482,6 @@ typedef struct lowvram_denoise_params {
 } lowvram_denoise_params;
 
 /**
- * Parameters of `lowvram_vae_decode`. Initialise with `lowvram_decode_params_init(&p, sizeof p)`.
- */
-typedef struct lowvram_decode_params {
-    /**
-     * `sizeof(lowvram_decode_params)` as the host sees it; set by the init function.
-     */
-    uint32_t struct_size;
-    /**
-     * Tile edge in latent pixels: 0 = automatic (untiled when it fits, tiled when its working memory does not
-     * fit, and after a device OOM); > 0 = always tile with this edge. Tiled decoding is exact (global GroupNorm
-     * statistics, halo convolutions): it matches the untiled result to float rounding. Default 0.
-     */
-    uint32_t tile_latent;
-    /**
-     * Ignored: exact tiles need no overlap. Kept so the struct layout stays stable. Default 0.
-     */
-    uint32_t overlap_latent;
-    /**
-     * Never tile (BUDGET_TOO_SMALL when the whole decode cannot fit). Default false.
-     */
-    bool never_tile;
-} lowvram_decode_params;
-
-/**
  * What a run measured, filled when the caller passes a non-NULL report pointer. Bytes and milliseconds.
  */
 typedef struct lowvram_run_report {
@@ -474,6 +519,30 @@ typedef struct lowvram_run_report {
      */
     uint32_t tile_latent;
 } lowvram_run_report;
+
+/**
+ * Parameters of `lowvram_vae_decode`. Initialise with `lowvram_decode_params_init(&p, sizeof p)`.
+ */
+typedef struct lowvram_decode_params {
+    /**
+     * `sizeof(lowvram_decode_params)` as the host sees it; set by the init function.
+     */
+    uint32_t struct_size;
+    /**
+     * Tile edge in latent pixels: 0 = automatic (untiled when it fits, tiled when its working memory does not
+     * fit, and after a device OOM); > 0 = always tile with this edge. Tiled decoding is exact (global GroupNorm
+     * statistics, halo convolutions): it matches the untiled result to float rounding. Default 0.
+     */
+    uint32_t tile_latent;
+    /**
+     * Ignored: exact tiles need no overlap. Kept so the struct layout stays stable. Default 0.
+     */
+    uint32_t overlap_latent;
+    /**
+     * Never tile (BUDGET_TOO_SMALL when the whole decode cannot fit). Default false.
+     */
+    bool never_tile;
+} lowvram_decode_params;
 
 /**
  * One CUDA device.
@@ -656,6 +725,97 @@ lowvram_status lowvram_model_load_to_device(const struct lowvram_context *ctx,
  * until the context is freed or they are evicted; a run using the model keeps it alive until it returns.
  */
 void lowvram_model_free(struct lowvram_model *model);
+
+/**
+ * Fill `*params` with defaults and store `struct_size`. Thread-safe.
+ */
+lowvram_status lowvram_pipeline_params_init(struct lowvram_pipeline_params *params, size_t struct_size);
+
+/**
+ * Fill `*params` with defaults and store `struct_size`. Thread-safe.
+ */
+lowvram_status lowvram_prompt_params_init(struct lowvram_prompt_params *params, size_t struct_size);
+
+/**
+ * Load a pipeline into `ctx`'s cache: the family is detected from the folder (SD 1.x/2.x, SDXL), each component
+ * is loaded as `lowvram_model_load` would (memory-mapped, no device memory yet). Text encoders are optional: a
+ * pipeline without them takes conditioning from the host only. On success `*out` is a new handle owned by the
+ * caller. Errors: IO, FORMAT, UNSUPPORTED (an unknown pipeline class), INVALID_ARGUMENT (a missing VAE: the message
+ * says which path to pass). Thread-safe.
+ */
+lowvram_status lowvram_pipeline_load(const struct lowvram_context *ctx,
+                                     const struct lowvram_pipeline_params *params,
+                                     struct lowvram_pipeline **out);
+
+/**
+ * Free a pipeline handle (NULL is a no-op). Models stay in the cache until its budgets evict them.
+ */
+void lowvram_pipeline_free(struct lowvram_pipeline *pipeline);
+
+/**
+ * Encode `prompt` (UTF-8) with the pipeline's text encoders into the conditioning its denoiser takes (SD 1.x:
+ * embeddings of prompt and negative; SDXL: both encoders' penultimate states, pooled embeddings and size
+ * conditioning). The encoders run under the cache like any model (loaded, streamed, evicted). `params` NULL =
+ * defaults. On success `*out` is a new conditioning owned by the caller. INVALID_ARGUMENT when the pipeline has no
+ * text encoder (the message names the component to pass). Thread-safe.
+ */
+lowvram_status lowvram_pipeline_encode_prompt(const struct lowvram_context *ctx,
+                                              const struct lowvram_pipeline *pipeline,
+                                              const char *prompt,
+                                              const struct lowvram_prompt_params *params,
+                                              struct lowvram_conditioning **out);
+
+/**
+ * Denoise with the pipeline's denoiser from `cond` (checked against what the family needs: a missing or
+ * misshapen tensor is INVALID_ARGUMENT naming it and its expected shape). `init_noise` `[B, C, h, w]` or NULL
+ * (seeded, size from `params`); `params` as for `lowvram_denoise` (NULL = defaults). On success `*out_latents`
+ * (owned by the caller) receives the final latents f32; `report` (may be NULL) the measurements. Cancel and
+ * thread-safety as `lowvram_denoise`. Borrowed inputs are read during the call only.
+ */
+lowvram_status lowvram_pipeline_denoise(const struct lowvram_context *ctx,
+                                        const struct lowvram_pipeline *pipeline,
+                                        const struct lowvram_conditioning *cond,
+                                        const struct lowvram_denoise_params *params,
+                                        const struct lowvram_tensor *init_noise,
+                                        struct lowvram_run_report *report,
+                                        struct lowvram_tensor **out_latents);
+
+/**
+ * Decode `latents` with the pipeline's VAE (as `lowvram_vae_decode`: scaling applied here, automatic tiling by
+ * default). On success `*out_image` `[B, 3, H, W]` f32 is owned by the caller. Thread-safe.
+ */
+lowvram_status lowvram_pipeline_decode(const struct lowvram_context *ctx,
+                                       const struct lowvram_pipeline *pipeline,
+                                       const struct lowvram_decode_params *params,
+                                       const struct lowvram_tensor *latents,
+                                       struct lowvram_run_report *report,
+                                       struct lowvram_tensor **out_image);
+
+/**
+ * Create an empty conditioning for host-given tensors. On success `*out` is owned by the caller. Thread-safe.
+ */
+lowvram_status lowvram_conditioning_new(struct lowvram_conditioning **out);
+
+/**
+ * Set the tensor `name` (e.g. "sampling.cond_pooled") of `cond` to a copy of `tensor` (replacing one of that
+ * name); the caller keeps `tensor`. Names are checked against the family when the conditioning is used.
+ */
+lowvram_status lowvram_conditioning_set(struct lowvram_conditioning *cond,
+                                        const char *name,
+                                        const struct lowvram_tensor *tensor);
+
+/**
+ * Copy the tensor `name` of `cond` into a new tensor handle `*out` (owned by the caller). INVALID_ARGUMENT when
+ * `cond` has no tensor of that name. Thread-safe.
+ */
+lowvram_status lowvram_conditioning_get(const struct lowvram_conditioning *cond,
+                                        const char *name,
+                                        struct lowvram_tensor **out);
+
+/**
+ * Free a conditioning (NULL is a no-op).
+ */
+void lowvram_conditioning_free(struct lowvram_conditioning *cond);
 
 /**
  * Reserve `bytes` of device memory for the host's own use: the cache shrinks at once (a generation running on

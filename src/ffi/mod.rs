@@ -6,6 +6,7 @@ pub mod context;
 pub mod error;
 pub mod log;
 pub mod model;
+pub mod pipeline;
 pub mod reservation;
 pub mod run;
 pub mod status;

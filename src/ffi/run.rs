@@ -1,7 +1,7 @@
 //! `lowvram_denoise` and `lowvram_vae_decode`: the operations, with their params, progress and reports.
 
 use std::ffi::c_void;
-use std::mem::{offset_of, size_of};
+use std::mem::size_of;
 
 use crate::api::{DenoiseOptions, HostTensor, RunReport, Tiling};
 use crate::error::{Error, Result};
@@ -98,22 +98,64 @@ pub struct lowvram_run_report {
     pub tile_latent: u32,
 }
 
-macro_rules! init_params {
-    ($ty:ty, $p:expr, $size:expr, $defaults:expr) => {{
-        let p = out_arg($p, "params")?;
-        let full = size_of::<$ty>();
-        if $size < offset_of!($ty, struct_size) + size_of::<u32>() || $size > full.max(4096) {
+/// Fill a params struct of the host's `size` with `defaults` (what `*_params_init` does for every struct).
+pub(crate) unsafe fn init_struct<T: 'static>(p: *mut T, size: usize, defaults: T, name: &str) -> Result<()> {
+    let p = out_arg(p, "params")?;
+    let full = size_of::<T>();
+    if size < size_of::<u32>() || size > full.max(4096) {
+        return Err(Error::invalid(format!("struct_size {size} is not a sizeof({name}) this library knows ({full})")));
+    }
+    let mut d = defaults;
+    // Every params struct starts with its u32 struct_size.
+    *(&mut d as *mut T).cast::<u32>() = size as u32;
+    std::ptr::copy_nonoverlapping((&d as *const T).cast::<u8>(), (p as *mut T).cast::<u8>(), size.min(full));
+    Ok(())
+}
+
+/// Copy the host's params struct into a full one, fields it does not cover taking the defaults (NULL = defaults).
+pub(crate) unsafe fn read_struct<T>(p: *const T, defaults: T) -> Result<T> {
+    read_params(p, defaults)
+}
+
+/// The denoise options, the optional step noise and the raw params of a `lowvram_denoise_params` (NULL =
+/// defaults).
+pub(crate) unsafe fn denoise_options<'a>(
+    params: *const lowvram_denoise_params,
+) -> Result<(DenoiseOptions, Option<&'a candle_core::Tensor>, lowvram_denoise_params)> {
+    let p = read_params(params, denoise_defaults())?;
+    let scheduler = match p.scheduler {
+        0 => SchedulerKind::Euler,
+        1 => SchedulerKind::EulerAncestral,
+        2 => SchedulerKind::Ddim,
+        3 => SchedulerKind::DpmPP2M,
+        n => {
             return Err(Error::invalid(format!(
-                "struct_size {} is not a sizeof({}) this library knows ({full})",
-                $size,
-                stringify!($ty)
-            )));
+                "params->scheduler is {n} (accepted: 0 euler, 1 euler_a, 2 ddim, 3 dpmpp_2m)"
+            )))
         }
-        let mut d: $ty = $defaults;
-        d.struct_size = $size as u32;
-        std::ptr::copy_nonoverlapping((&d as *const $ty).cast::<u8>(), (p as *mut $ty).cast::<u8>(), $size.min(full));
-        Ok(())
-    }};
+    };
+    let options = DenoiseOptions {
+        scheduler,
+        karras: p.karras,
+        steps: p.steps as usize,
+        guidance: p.guidance as f64,
+        seed: p.seed,
+        latent_size: (p.latent_height as usize, p.latent_width as usize),
+    };
+    let step_noise = (p.step_noise as *const HostTensor).as_ref().map(|t| t.tensor());
+    Ok((options, step_noise, p))
+}
+
+/// The tiling a `lowvram_decode_params` asks for (NULL = automatic).
+pub(crate) unsafe fn decode_tiling(params: *const lowvram_decode_params) -> Result<Tiling> {
+    let p = read_params(params, decode_defaults())?;
+    Ok(if p.never_tile {
+        Tiling::Never
+    } else if p.tile_latent > 0 {
+        Tiling::Tiles { tile_latent: p.tile_latent as usize }
+    } else {
+        Tiling::Auto
+    })
 }
 
 /// Copy the host's params struct into a full one, fields it does not cover taking the defaults.
@@ -163,7 +205,7 @@ pub unsafe extern "C" fn lowvram_denoise_params_init(
     params: *mut lowvram_denoise_params,
     struct_size: usize,
 ) -> lowvram_status {
-    guard(|| init_params!(lowvram_denoise_params, params, struct_size, denoise_defaults()))
+    guard(|| init_struct(params, struct_size, denoise_defaults(), "lowvram_denoise_params"))
 }
 
 /// Fill `*params` with defaults and store `struct_size` (the host's `sizeof(lowvram_decode_params)`). Thread-safe.
@@ -172,10 +214,10 @@ pub unsafe extern "C" fn lowvram_decode_params_init(
     params: *mut lowvram_decode_params,
     struct_size: usize,
 ) -> lowvram_status {
-    guard(|| init_params!(lowvram_decode_params, params, struct_size, decode_defaults()))
+    guard(|| init_struct(params, struct_size, decode_defaults(), "lowvram_decode_params"))
 }
 
-fn write_report(out: *mut lowvram_run_report, r: &RunReport) -> Result<()> {
+pub(crate) fn write_report(out: *mut lowvram_run_report, r: &RunReport) -> Result<()> {
     // SAFETY: the caller passes NULL or a valid report.
     let Some(out) = (unsafe { out.as_mut() }) else { return Ok(()) };
     let expected = size_of::<lowvram_run_report>() as u32;
@@ -199,7 +241,7 @@ fn write_report(out: *mut lowvram_run_report, r: &RunReport) -> Result<()> {
     Ok(())
 }
 
-fn check_report(out: *const lowvram_run_report) -> Result<()> {
+pub(crate) fn check_report(out: *const lowvram_run_report) -> Result<()> {
     // SAFETY: the caller passes NULL or a valid report.
     match unsafe { out.as_ref() } {
         Some(r) if (r.struct_size as usize) < size_of::<lowvram_run_report>() => Err(Error::invalid(format!(
@@ -239,27 +281,7 @@ pub unsafe extern "C" fn lowvram_denoise(
         let init_noise = (init_noise as *const HostTensor).as_ref();
         let out = out_arg(out_latents, "out_latents")?;
         check_report(report)?;
-        let p = read_params(params, denoise_defaults())?;
-        let scheduler = match p.scheduler {
-            0 => SchedulerKind::Euler,
-            1 => SchedulerKind::EulerAncestral,
-            2 => SchedulerKind::Ddim,
-            3 => SchedulerKind::DpmPP2M,
-            n => {
-                return Err(Error::invalid(format!(
-                    "params->scheduler is {n} (accepted: 0 euler, 1 euler_a, 2 ddim, 3 dpmpp_2m)"
-                )))
-            }
-        };
-        let options = DenoiseOptions {
-            scheduler,
-            karras: p.karras,
-            steps: p.steps as usize,
-            guidance: p.guidance as f64,
-            seed: p.seed,
-            latent_size: (p.latent_height as usize, p.latent_width as usize),
-        };
-        let step_noise = (p.step_noise as *const HostTensor).as_ref().map(|t| t.tensor());
+        let (options, step_noise, p) = denoise_options(params)?;
         let mut progress = |step: usize, total: usize| match p.progress {
             Some(cb) => cb(step as u32, total as u32, p.progress_user_data),
             None => true,
@@ -301,14 +323,7 @@ pub unsafe extern "C" fn lowvram_vae_decode(
         let latents = borrow(latents, "latents")?;
         let out = out_arg(out_image, "out_image")?;
         check_report(report)?;
-        let p = read_params(params, decode_defaults())?;
-        let tiling = if p.never_tile {
-            Tiling::Never
-        } else if p.tile_latent > 0 {
-            Tiling::Tiles { tile_latent: p.tile_latent as usize }
-        } else {
-            Tiling::Auto
-        };
+        let tiling = decode_tiling(params)?;
         let (image, r) = ctx.vae_decode(vae, latents.tensor(), tiling)?;
         let handle = HostTensor::from_tensor(&image)?;
         write_report(report, &r)?;
