@@ -375,7 +375,7 @@ fn bad_models_and_inputs_give_clear_errors_and_leave_the_context_usable() {
     assert!(cfg.contains("\"addition_embed_type\": null"));
     let cfg = cfg.replace(
         "\"addition_embed_type\": null",
-        "\"addition_embed_type\": \"text_time\"",
+        "\"addition_embed_type\": \"text_image\"",
     );
     std::fs::write(dir.join("config.json"), cfg).unwrap();
     let err = ctx.load_model(&dir).err().unwrap();

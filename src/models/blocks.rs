@@ -48,10 +48,12 @@ pub(crate) fn conv_from(
     conv2d(x, &weight, Some(&bias), stride, padding)
 }
 
-/// Linear layer `{name}.weight` `[out, in]` with a required (`bias`) or optional bias `{name}.bias` `[out]`.
+/// Linear layer `{name}.weight` `[out, in]` with a required (`bias`) or optional bias `{name}.bias` `[out]`
+/// (`weight`/`bias` when `name` is empty: a block that is one linear layer).
 pub(crate) fn linear_from(bw: &BlockWeights, name: &str, x: &Tensor, inp: usize, out: usize, bias: Bias) -> Result<Tensor> {
-    let weight = bw.get_shaped(&format!("{name}.weight"), &[out, inp])?;
-    let b_name = format!("{name}.bias");
+    let dot = if name.is_empty() { "" } else { "." };
+    let weight = bw.get_shaped(&format!("{name}{dot}weight"), &[out, inp])?;
+    let b_name = format!("{name}{dot}bias");
     let b = match bias {
         Bias::Required => Some(bw.get_shaped(&b_name, &[out])?),
         Bias::IfPresent if bw.contains(&b_name) => Some(bw.get_shaped(&b_name, &[out])?),
@@ -187,6 +189,10 @@ impl UpsampleSpec {
 /// diffusers' `Transformer2DModel` (continuous input) around `BasicTransformerBlock`s: GroupNorm, proj_in (1×1 conv
 /// or linear), per layer self-attention, cross-attention and a GEGLU feed-forward (each pre-LayerNorm, residual),
 /// proj_out, residual.
+///
+/// Fetched as `depth + 2` blocks, each once and in order: `{key}` (norm, proj_in), `{key}.transformer_blocks.{i}`
+/// per layer, `{key}.proj_out` — so SDXL's 10-layer 1280-channel stacks stream in 66 MiB units, not 669 MiB ones
+/// (the partition of `crate::models::unet::block_of`).
 #[derive(Debug, Clone)]
 pub(crate) struct TransformerSpec {
     pub key: String,
@@ -201,50 +207,59 @@ pub(crate) struct TransformerSpec {
 
 impl TransformerSpec {
     pub fn forward(&self, w: &dyn WeightSource, x: &Tensor, ctx: &Tensor) -> Result<Tensor> {
-        let bw = w.fetch(&self.key)?;
         let (b, c, hh, ww) = x.dims4()?;
         let n = hh * ww;
-        let mut h = norm_from(&bw, "norm", x, c, self.groups, 1e-6, false)?;
-        if self.linear_proj {
-            h = h.permute((0, 2, 3, 1))?.reshape((b, n, c))?;
-            h = linear_from(&bw, "proj_in", &h, c, c, Bias::Required)?;
-        } else {
-            h = conv_from(&bw, "proj_in.", &h, c, c, 1, 1, 0)?;
-            h = h.permute((0, 2, 3, 1))?.reshape((b, n, c))?;
-        }
+        let mut h = {
+            let bw = w.fetch(&self.key)?;
+            let h = norm_from(&bw, "norm", x, c, self.groups, 1e-6, false)?;
+            if self.linear_proj {
+                let h = h.permute((0, 2, 3, 1))?.reshape((b, n, c))?;
+                linear_from(&bw, "proj_in", &h, c, c, Bias::Required)?
+            } else {
+                let h = conv_from(&bw, "proj_in.", &h, c, c, 1, 1, 0)?;
+                h.permute((0, 2, 3, 1))?.reshape((b, n, c))?
+            }
+        };
         for i in 0..self.depth {
-            let p = format!("transformer_blocks.{i}");
-            let ln = |name: &str, t: &Tensor| -> Result<Tensor> {
-                let weight = bw.get_shaped(&format!("{p}.{name}.weight"), &[c])?;
-                let bias = bw.get_shaped(&format!("{p}.{name}.bias"), &[c])?;
-                layer_norm(t, &weight, &bias, 1e-5)
-            };
-            let n1 = ln("norm1", &h)?;
-            let a = self.attn(&bw, &format!("{p}.attn1"), &n1, &n1, c)?;
-            drop(n1);
-            h = (h + a)?;
-            let n2 = ln("norm2", &h)?;
-            let a = self.attn(&bw, &format!("{p}.attn2"), &n2, ctx, self.cross_dim)?;
-            drop(n2);
-            h = (h + a)?;
-            let n3 = ln("norm3", &h)?;
-            let inner = 4 * c;
-            let pw = bw.get_shaped(&format!("{p}.ff.net.0.proj.weight"), &[2 * inner, c])?;
-            let pb = bw.get_shaped(&format!("{p}.ff.net.0.proj.bias"), &[2 * inner])?;
-            let g = geglu(&n3, &pw, Some(&pb))?;
-            drop(n3);
-            let f = linear_from(&bw, &format!("{p}.ff.net.2"), &g, inner, c, Bias::Required)?;
-            drop(g);
-            h = (h + f)?;
+            let bw = w.fetch(&format!("{}.transformer_blocks.{i}", self.key))?;
+            h = self.layer(&bw, h, ctx)?;
         }
+        let bw = w.fetch(&format!("{}.proj_out", self.key))?;
         if self.linear_proj {
-            h = linear_from(&bw, "proj_out", &h, c, c, Bias::Required)?;
+            h = linear_from(&bw, "", &h, c, c, Bias::Required)?;
             h = h.reshape((b, hh, ww, c))?.permute((0, 3, 1, 2))?;
         } else {
             h = h.reshape((b, hh, ww, c))?.permute((0, 3, 1, 2))?.contiguous()?;
-            h = conv_from(&bw, "proj_out.", &h, c, c, 1, 1, 0)?;
+            h = conv_from(&bw, "", &h, c, c, 1, 1, 0)?;
         }
         Ok((h + x)?)
+    }
+
+    /// One `BasicTransformerBlock` on tokens `h` `[B, N, C]`, its weights in `bw`.
+    fn layer(&self, bw: &BlockWeights, mut h: Tensor, ctx: &Tensor) -> Result<Tensor> {
+        let c = self.channels;
+        let ln = |name: &str, t: &Tensor| -> Result<Tensor> {
+            let weight = bw.get_shaped(&format!("{name}.weight"), &[c])?;
+            let bias = bw.get_shaped(&format!("{name}.bias"), &[c])?;
+            layer_norm(t, &weight, &bias, 1e-5)
+        };
+        let n1 = ln("norm1", &h)?;
+        let a = self.attn(bw, "attn1", &n1, &n1, c)?;
+        drop(n1);
+        h = (h + a)?;
+        let n2 = ln("norm2", &h)?;
+        let a = self.attn(bw, "attn2", &n2, ctx, self.cross_dim)?;
+        drop(n2);
+        h = (h + a)?;
+        let n3 = ln("norm3", &h)?;
+        let inner = 4 * c;
+        let pw = bw.get_shaped("ff.net.0.proj.weight", &[2 * inner, c])?;
+        let pb = bw.get_shaped("ff.net.0.proj.bias", &[2 * inner])?;
+        let g = geglu(&n3, &pw, Some(&pb))?;
+        drop(n3);
+        let f = linear_from(bw, "ff.net.2", &g, inner, c, Bias::Required)?;
+        drop(g);
+        Ok((h + f)?)
     }
 
     fn attn(&self, bw: &BlockWeights, name: &str, x: &Tensor, ctx: &Tensor, kv_dim: usize) -> Result<Tensor> {

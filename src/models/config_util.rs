@@ -55,14 +55,6 @@ pub(crate) fn is_bool_all(v: &Value, b: bool) -> bool {
     }
 }
 
-/// True for the number `x`, or a list of only `x`.
-pub(crate) fn is_num_all(v: &Value, x: f64) -> bool {
-    match v {
-        Value::Array(a) => a.iter().all(|y| is_num(y, x)),
-        _ => is_num(v, x),
-    }
-}
-
 /// Parse a JSON object.
 pub(crate) fn parse_object(text: &str, what: &str) -> Result<serde_json::Map<String, Value>> {
     match serde_json::from_str::<Value>(text) {

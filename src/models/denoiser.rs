@@ -4,8 +4,11 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
-use crate::models::conditioning::{BatchedConditioning, CondSpec, Conditioning, Dim, COND_EMBEDDINGS, UNCOND_EMBEDDINGS};
-use crate::models::UNet2DConditionModel;
+use crate::models::conditioning::{
+    BatchedConditioning, CondSpec, Conditioning, Dim, COND_EMBEDDINGS, COND_POOLED, TIME_IDS, UNCOND_EMBEDDINGS,
+    UNCOND_POOLED,
+};
+use crate::models::{AddedCond, UNet2DConditionModel};
 use crate::ops::OpTarget;
 use crate::weights::WeightSource;
 
@@ -34,14 +37,27 @@ impl Denoiser for UNet2DConditionModel {
 
     fn conditioning(&self) -> Vec<CondSpec> {
         let d = self.config().cross_attention_dim;
-        vec![
+        let mut specs = vec![
             CondSpec::required(COND_EMBEDDINGS, vec![Dim::Batch, Dim::Any, Dim::Is(d)]),
             CondSpec::optional(UNCOND_EMBEDDINGS, vec![Dim::Batch, Dim::Any, Dim::Is(d)]),
-        ]
+        ];
+        // SDXL's text_time conditioning: pooled text embeds and the six size/crop numbers.
+        if let Some((pooled, time_ids)) = self.needs_added_cond() {
+            specs.push(CondSpec::required(COND_POOLED, vec![Dim::Batch, Dim::Is(pooled)]));
+            specs.push(CondSpec::optional(UNCOND_POOLED, vec![Dim::Batch, Dim::Is(pooled)]));
+            specs.push(CondSpec::required(TIME_IDS, vec![Dim::Batch, Dim::Is(time_ids)]));
+        }
+        specs
     }
 
     fn forward(&self, w: &dyn WeightSource, x: &Tensor, t: f64, cond: &BatchedConditioning) -> Result<Tensor> {
-        UNet2DConditionModel::forward(self, w, x, t, cond.get("embeddings")?)
+        let added = match self.needs_added_cond() {
+            Some(_) => {
+                Some(AddedCond { text_embeds: cond.get("pooled")?.clone(), time_ids: cond.get("time_ids")?.clone() })
+            }
+            None => None,
+        };
+        self.forward_with(w, x, t, cond.get("embeddings")?, added.as_ref())
     }
 
     fn working_bytes(&self, batch: usize, h: usize, w: usize, cond: &Conditioning, target: OpTarget) -> u64 {

@@ -1,7 +1,7 @@
 //! Model architectures, built from diffusers `config.json` files. Models own no tensors: every block fetches its
 //! weights from a [`crate::WeightSource`] when it runs and drops them when it is done.
 //!
-//! - [`unet`]: the SD 1.x / 2.x `UNet2DConditionModel`.
+//! - [`unet`]: the SD 1.x / 2.x / SDXL `UNet2DConditionModel`.
 //! - [`vae`]: `AutoencoderKL` (decoder, encoder, tiled decode).
 //! - [`family`]: which architectures a pipeline combines and how its family is detected.
 //! - [`denoiser`]: the interface the sampler calls on any denoising model; [`conditioning`]: the named tensors it
@@ -19,5 +19,5 @@ pub mod vae;
 pub use conditioning::{BatchedConditioning, CondSpec, Conditioning};
 pub use denoiser::Denoiser;
 pub use family::Family;
-pub use unet::{UNet2DConditionModel, UNetConfig};
+pub use unet::{AddedCond, UNet2DConditionModel, UNetConfig};
 pub use vae::{AutoencoderKL, VaeConfig};

@@ -32,6 +32,8 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     #[serde(default = "yes")]
     pub mid_block_add_attention: bool,
+    /// diffusers' `force_upcast` (default true): decode in f32 when the compute dtype is f16, whose range the SDXL
+    /// VAE's activations overflow. Read it with [`VaeConfig::force_upcast`].
     #[serde(default = "yes")]
     pub force_upcast: bool,
     #[serde(default)]
@@ -98,8 +100,43 @@ impl VaeConfig {
         Ok(cfg)
     }
 
+    /// Whether a pipeline must decode this VAE in f32 rather than f16 (diffusers' `force_upcast`; the SDXL VAE sets
+    /// it because its fp16 activations overflow to NaN; fp16-fixed finetunes clear it).
+    pub fn force_upcast(&self) -> bool {
+        self.force_upcast
+    }
+
     /// Pixels per latent along each side: `2^(blocks − 1)`.
     pub fn downscale(&self) -> usize {
         1 << (self.block_out_channels.len() - 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::VaeConfig;
+
+    /// stabilityai/stable-diffusion-xl-base-1.0 vae/config.json as shipped.
+    const SDXL_VAE: &str = r#"{"_class_name":"AutoencoderKL","_diffusers_version":"0.20.0.dev0","act_fn":"silu",
+        "block_out_channels":[128,256,512,512],"down_block_types":["DownEncoderBlock2D","DownEncoderBlock2D",
+        "DownEncoderBlock2D","DownEncoderBlock2D"],"force_upcast":true,"in_channels":3,"latent_channels":4,
+        "layers_per_block":2,"norm_num_groups":32,"out_channels":3,"sample_size":1024,"scaling_factor":0.13025,
+        "up_block_types":["UpDecoderBlock2D","UpDecoderBlock2D","UpDecoderBlock2D","UpDecoderBlock2D"]}"#;
+
+    #[test]
+    fn sdxl_vae_keys() {
+        let c = VaeConfig::from_json(SDXL_VAE).unwrap();
+        assert_eq!(c.scaling_factor, 0.13025);
+        assert!(c.force_upcast());
+        assert_eq!(c.shift_factor, None);
+        assert_eq!(c.downscale(), 8);
+        // shift_factor null (as diffusers writes it) is accepted; an fp16-fixed VAE clears force_upcast.
+        let fixed = SDXL_VAE.replace("\"force_upcast\":true", "\"force_upcast\":false,\"shift_factor\":null");
+        let c = VaeConfig::from_json(&fixed).unwrap();
+        assert!(!c.force_upcast());
+        assert_eq!(c.shift_factor, None);
+        // Absent, it defaults to true like diffusers' AutoencoderKL.
+        let c = VaeConfig::from_json(&SDXL_VAE.replace("\"force_upcast\":true,", "")).unwrap();
+        assert!(c.force_upcast());
     }
 }
