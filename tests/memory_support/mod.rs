@@ -68,6 +68,17 @@ fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 
 /// Write a chain model with the given dims (f32) to `dir/name.safetensors`.
 pub fn write_model(dir: &Path, name: &str, dims: &[usize], seed: u64) -> TestModel {
+    write_model_as(dir, name, dims, seed, DType::F32)
+}
+
+/// [`write_model`] with the tensors stored in `dtype` (`block_bytes` are then in that dtype).
+pub fn write_model_as(
+    dir: &Path,
+    name: &str,
+    dims: &[usize],
+    seed: u64,
+    dtype: DType,
+) -> TestModel {
     let mut tensors = HashMap::new();
     let mut blocks = Vec::new();
     let mut block_bytes = Vec::new();
@@ -82,10 +93,10 @@ pub fn write_model(dir: &Path, name: &str, dims: &[usize], seed: u64) -> TestMod
         .unwrap();
         let bias =
             Tensor::from_vec(values(b, seed * 7777 + i as u64, 0.1), b, &Device::Cpu).unwrap();
-        tensors.insert(format!("{key}.weight"), w);
-        tensors.insert(format!("{key}.bias"), bias);
+        tensors.insert(format!("{key}.weight"), w.to_dtype(dtype).unwrap());
+        tensors.insert(format!("{key}.bias"), bias.to_dtype(dtype).unwrap());
         blocks.push(key);
-        block_bytes.push(((a * b + b) * 4) as u64);
+        block_bytes.push(((a * b + b) * dtype.size_in_bytes()) as u64);
     }
     let path = dir.join(format!("{name}.safetensors"));
     candle_core::safetensors::save(&tensors, &path).unwrap();
