@@ -6,7 +6,7 @@ mod model;
 mod run;
 mod tensor;
 
-pub use context::{Context, ContextOptions};
+pub use context::{CancelToken, Context, ContextOptions};
 pub use image::write_pngs;
 pub use model::{Architecture, Model, ModelKind};
 pub use run::{DenoiseOptions, RunReport, Tiling};

@@ -9,5 +9,6 @@ mod config_util;
 pub mod unet;
 pub mod vae;
 
+pub use blocks::ExpectedTensors;
 pub use unet::{UNet2DConditionModel, UNetConfig};
 pub use vae::{AutoencoderKL, VaeConfig};

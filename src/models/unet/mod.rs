@@ -17,7 +17,8 @@ use candle_core::Tensor;
 use crate::ops::OpTarget;
 use crate::error::{Error, Result};
 use crate::models::blocks::{
-    act, conv_scratch, norm_silu_block, Bias, ConvSpec, DownsampleSpec, Peak, ResnetSpec, TransformerSpec, UpsampleSpec,
+    act, conv_scratch, norm_silu_block, Bias, ConvSpec, DownsampleSpec, ExpectedTensors, Peak, ResnetSpec,
+    TransformerSpec, UpsampleSpec,
 };
 use crate::ops::{self, linear, timestep_embedding};
 use crate::weights::WeightSource;
@@ -144,6 +145,35 @@ impl UNet2DConditionModel {
     /// The configuration the model was built from.
     pub fn config(&self) -> &UNetConfig {
         &self.config
+    }
+
+    /// Every tensor the forward reads, with its shape (checked against a checkpoint at load).
+    pub fn expected_tensors(&self) -> ExpectedTensors {
+        let mut t = ExpectedTensors::default();
+        let c0 = self.config.block_out_channels[0];
+        t.linear("time_embedding", "linear_1", c0, self.temb_dim, true);
+        t.linear("time_embedding", "linear_2", self.temb_dim, self.temb_dim, true);
+        self.conv_in.expect(&mut t);
+        for blk in &self.down {
+            blk.resnets.iter().for_each(|r| r.expect(&mut t));
+            blk.attentions.iter().for_each(|a| a.expect(&mut t));
+            if let Some(d) = &blk.downsample {
+                d.expect(&mut t);
+            }
+        }
+        self.mid_resnets.iter().for_each(|r| r.expect(&mut t));
+        self.mid_attention.expect(&mut t);
+        for blk in &self.up {
+            blk.resnets.iter().for_each(|r| r.expect(&mut t));
+            blk.attentions.iter().for_each(|a| a.expect(&mut t));
+            if let Some(u) = &blk.upsample {
+                u.expect(&mut t);
+            }
+        }
+        t.add("conv_norm_out.weight", &[c0]);
+        t.add("conv_norm_out.bias", &[c0]);
+        self.conv_out.expect(&mut t);
+        t
     }
 
     /// Predict the noise (or v) for `sample` `[B, in_channels, h, w]` at `timestep` given `encoder_hidden_states`
