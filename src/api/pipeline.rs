@@ -4,13 +4,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use crate::api::run::Cancellable;
-use crate::api::{Context, DenoiseOptions, Model, RunReport, Tiling};
+use crate::api::run::{Cancellable, Meter};
+use crate::api::{CancelToken, Context, DenoiseOptions, Model, RunReport, Tiling};
 use crate::error::{Error, Result};
 use crate::models::conditioning::{COND_EMBEDDINGS, COND_POOLED, TIME_IDS, UNCOND_EMBEDDINGS, UNCOND_POOLED};
 use crate::models::text_encoder::{HiddenLayer, TextEncoding};
@@ -210,25 +209,41 @@ impl Context {
             Error::invalid(format!("{}: no tokenizer beside this text encoder", encoder.dir().display()))
         })?;
         let ids = tokenizer.tokenize(prompt)?;
-        self.encode_ids(encoder, &ids, layer).map(|(enc, _)| enc)
+        self.encode_ids(encoder, &ids, layer, None, &mut RunReport::default())
     }
 
-    /// Encode token ids `[1, S]` with a text encoder under the cache's lock, with a report.
-    pub fn encode_ids(&self, encoder: &Model, ids: &[u32], layer: HiddenLayer) -> Result<(TextEncoding, RunReport)> {
-        let start = Instant::now();
-        let (model, _) = encoder.as_text_encoder()?;
-        let target = OpTarget::new(self.cache().device(), self.cache().compute_dtype());
-        let estimate = model.working_bytes(1, ids.len(), target);
-        self.cache().allocator().reset_peak();
-        let refused_before = self.cache().allocator().refused();
-        let lock = self.cache().lock(encoder.weights(), estimate)?;
-        let source = Cancellable { inner: &lock, cancel: self.cancel_flag() };
-        let ids = Tensor::from_slice(ids, (1, ids.len()), source.device())?;
-        let enc = model.encode(&source, &ids, layer)?;
-        let to_host = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
-        let enc = TextEncoding { hidden: to_host(&enc.hidden)?, pooled: enc.pooled.as_ref().map(to_host).transpose()? };
-        let report = self.report(&lock, start, Vec::new(), estimate, refused_before, None);
-        Ok((enc, report))
+    /// Encode token ids `[1, S]` with a text encoder under the cache's lock, with a report (filled on failure too).
+    pub fn encode_ids(
+        &self,
+        encoder: &Model,
+        ids: &[u32],
+        layer: HiddenLayer,
+        token: Option<&CancelToken>,
+        report: &mut RunReport,
+    ) -> Result<TextEncoding> {
+        let call = self.begin_call(token)?;
+        let mut meter = Meter::new(self);
+        let result = (|| {
+            self.check_owns(encoder)?;
+            let (model, _) = encoder.as_text_encoder()?;
+            if ids.is_empty() {
+                return Err(Error::invalid("no token ids to encode"));
+            }
+            let target = OpTarget::new(self.cache().device(), self.cache().compute_dtype());
+            meter.estimate = model.working_bytes(1, ids.len(), target);
+            call.check()?;
+            let lock = self.cache().lock(encoder.weights(), meter.estimate)?;
+            meter.took(&lock);
+            let source = Cancellable { inner: &lock, cancel: &call, on_block: None };
+            let ids = Tensor::from_slice(ids, (1, ids.len()), source.device())?;
+            let enc = model.encode(&source, &ids, layer);
+            meter.took(&lock);
+            let enc = enc?;
+            let to_host = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+            Ok(TextEncoding { hidden: to_host(&enc.hidden)?, pooled: enc.pooled.as_ref().map(to_host).transpose()? })
+        })();
+        *report = meter.report(self, encoder);
+        result
     }
 }
 

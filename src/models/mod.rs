@@ -16,6 +16,7 @@ pub mod text_encoder;
 pub mod unet;
 pub mod vae;
 
+pub use blocks::ExpectedTensors;
 pub use conditioning::{BatchedConditioning, CondSpec, Conditioning};
 pub use denoiser::Denoiser;
 pub use family::Family;

@@ -4,6 +4,7 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
+use crate::models::ExpectedTensors;
 use crate::ops::OpTarget;
 use crate::weights::WeightSource;
 
@@ -38,6 +39,8 @@ pub trait TextEncoder: Send + Sync {
     fn encode(&self, w: &dyn WeightSource, ids: &Tensor, layer: HiddenLayer) -> Result<TextEncoding>;
     /// Peak activation bytes of one encode of `batch` sequences of `seq` tokens on `target`.
     fn working_bytes(&self, batch: usize, seq: usize, target: OpTarget) -> u64;
+    /// Every tensor the encoder reads, with its shape (checked against the checkpoint at load).
+    fn expected_tensors(&self) -> ExpectedTensors;
 }
 
 /// Turns a prompt into the fixed-length ids its encoder takes.
