@@ -7,7 +7,7 @@ use std::mem::size_of;
 use crate::api::{ComponentPaths, HostTensor, Pipeline, PromptOptions};
 use crate::error::Error;
 use crate::ffi::boundary::{
-    arc_handle, borrow, box_handle, clone_arc, field, free_arc, free_box, guard, guard_ctx, opt_str_arg, out_arg,
+    arc_handle, borrow, box_handle, clone_arc, field, free_arc, free_box, guard, guard_ctx, non_null, opt_str_arg, out_arg,
     params_bytes, str_arg, CStruct, Field, Handle, OwnershipArc, OwnershipBox,
 };
 use crate::ffi::context::{init_params, lowvram_context};
@@ -227,15 +227,14 @@ pub unsafe extern "C" fn lowvram_pipeline_denoise(
     out_latents: *mut *mut lowvram_tensor,
 ) -> lowvram_status {
     guard_ctx(ctx, |ctx| {
-        let pipeline = clone_arc(pipeline, "pipeline")?;
-        let cond = borrow(cond, "cond")?;
-        let init_noise = (init_noise as *const HostTensor).as_ref();
-        let out = out_arg(out_latents, "out_latents")?;
         let latents = run_denoise(params, report, |options, step_noise, on_step, token, r| {
-            let noise = init_noise.map(|t| t.tensor());
+            let pipeline = clone_arc(pipeline, "pipeline")?;
+            let cond = borrow(cond, "cond")?;
+            non_null(out_latents, "out_latents")?;
+            let noise = (init_noise as *const HostTensor).as_ref().map(|t| t.tensor());
             ctx.denoise_conditioned_with(pipeline.denoiser(), options, cond, noise, step_noise, on_step, token, r)
         })?;
-        *out = into_handle(HostTensor::from_tensor(&latents)?);
+        *out_arg(out_latents, "out_latents")? = into_handle(HostTensor::from_tensor(&latents)?);
         Ok(())
     })
 }
@@ -252,13 +251,13 @@ pub unsafe extern "C" fn lowvram_pipeline_decode(
     out_image: *mut *mut lowvram_tensor,
 ) -> lowvram_status {
     guard_ctx(ctx, |ctx| {
-        let pipeline = clone_arc(pipeline, "pipeline")?;
-        let latents = borrow(latents, "latents")?;
-        let out = out_arg(out_image, "out_image")?;
         let image = run_decode(params, report, |tiling, on_block, token, r| {
+            let pipeline = clone_arc(pipeline, "pipeline")?;
+            let latents = borrow(latents, "latents")?;
+            non_null(out_image, "out_image")?;
             ctx.vae_decode_with(pipeline.vae(), latents.tensor(), tiling, on_block, token, r)
         })?;
-        *out = into_handle(HostTensor::from_tensor(&image)?);
+        *out_arg(out_image, "out_image")? = into_handle(HostTensor::from_tensor(&image)?);
         Ok(())
     })
 }

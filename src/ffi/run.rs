@@ -6,7 +6,7 @@ use std::mem::size_of;
 use crate::api::{CancelToken, DenoiseOptions, HostTensor, RunReport, Tiling};
 use crate::error::{Error, Result};
 use crate::ffi::boundary::{
-    borrow, check_out_size, clone_arc, field, guard, guard_ctx, out_arg, params_bytes, write_out, CStruct, Field,
+    borrow, check_out_size, clone_arc, field, guard, guard_ctx, non_null, out_arg, params_bytes, write_out, CStruct, Field,
     ReleaseOnDrop,
 };
 use crate::ffi::cancel::{lowvram_cancel_token, token_arg};
@@ -281,12 +281,13 @@ pub unsafe extern "C" fn lowvram_denoise(
     out_latents: *mut *mut lowvram_tensor,
 ) -> lowvram_status {
     guard_ctx(ctx, |ctx| {
-        let unet = clone_arc(unet, "unet")?;
-        let cond = borrow(cond, "cond")?;
-        let uncond = (uncond as *const HostTensor).as_ref();
-        let init_noise = (init_noise as *const HostTensor).as_ref();
-        let out = out_arg(out_latents, "out_latents")?;
+        // Arguments are checked inside the runner, after the params: their user data is released either way.
         let latents = run_denoise(params, report, |options, step_noise, on_step, token, r| {
+            let unet = clone_arc(unet, "unet")?;
+            let cond = borrow(cond, "cond")?;
+            let uncond = (uncond as *const HostTensor).as_ref();
+            let init_noise = (init_noise as *const HostTensor).as_ref();
+            non_null(out_latents, "out_latents")?;
             ctx.denoise_with(
                 &unet,
                 options,
@@ -299,7 +300,7 @@ pub unsafe extern "C" fn lowvram_denoise(
                 r,
             )
         })?;
-        *out = into_handle(HostTensor::from_tensor(&latents)?);
+        *out_arg(out_latents, "out_latents")? = into_handle(HostTensor::from_tensor(&latents)?);
         Ok(())
     })
 }
@@ -364,13 +365,13 @@ pub unsafe extern "C" fn lowvram_vae_decode(
     out_image: *mut *mut lowvram_tensor,
 ) -> lowvram_status {
     guard_ctx(ctx, |ctx| {
-        let vae = clone_arc(vae, "vae")?;
-        let latents = borrow(latents, "latents")?;
-        let out = out_arg(out_image, "out_image")?;
         let image = run_decode(params, report, |tiling, on_block, token, r| {
+            let vae = clone_arc(vae, "vae")?;
+            let latents = borrow(latents, "latents")?;
+            non_null(out_image, "out_image")?;
             ctx.vae_decode_with(&vae, latents.tensor(), tiling, on_block, token, r)
         })?;
-        *out = into_handle(HostTensor::from_tensor(&image)?);
+        *out_arg(out_image, "out_image")? = into_handle(HostTensor::from_tensor(&image)?);
         Ok(())
     })
 }
