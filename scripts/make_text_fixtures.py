@@ -213,6 +213,7 @@ def redraw(model, seed):
 
 def save_encoder(model, folder, prefix):
     folder.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(folder)
     sd = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
     # transformers 5 saves CLIPTextModel without the `text_model.` prefix; the hub's SD folders have it.
@@ -254,15 +255,16 @@ def main():
         sys.exit(f"need transformers {EXPECTED_TRANSFORMERS} and torch {EXPECTED_TORCH}, have "
                  f"{transformers.__version__} / {torch.__version__}")
     assert CLIPTokenizerFast is CLIPTokenizer or issubclass(CLIPTokenizerFast, CLIPTokenizer)
-    if OUT.exists():
-        shutil.rmtree(OUT)
+    for old in ("sd1", "sdxl"):
+        shutil.rmtree(OUT / old, ignore_errors=True)
+    OUT.mkdir(parents=True, exist_ok=True)
     vocab, merges = clip_vocab()
 
     # Tokenizers: SD 1.x style from vocab.json + merges.txt; SDXL tokenizer_2 style as tokenizer.json, written by
     # transformers' save_pretrained from the vocab folder (the way diffusers pipelines save it).
     sd1_tok_dir = OUT / "sd1" / "tokenizer"
     write_vocab_folder(sd1_tok_dir, vocab, merges, EOS)
-    tokens = {"prompts": PROMPTS, "tokenizers": {}}
+    tokens = {"prompts": PROMPTS, "encoder_prompts": ENCODER_PROMPTS, "tokenizers": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sdxl_vocab_dir = tmp / "sdxl_vocab"

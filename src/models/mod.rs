@@ -3,8 +3,10 @@
 //!
 //! - [`unet`]: the SD 1.x / 2.x `UNet2DConditionModel`.
 //! - [`vae`]: `AutoencoderKL` (decoder, encoder, tiled decode).
+//! - [`clip`]: the CLIP text encoders (`CLIPTextModel`, `CLIPTextModelWithProjection`).
 
 pub(crate) mod blocks;
+pub mod clip;
 mod config_util;
 pub mod unet;
 pub mod vae;

@@ -27,8 +27,8 @@ use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::roberta::RobertaProcessing;
 use tokenizers::{
-    AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, SplitDelimiterBehavior, Tokenizer, TruncationDirection,
-    TruncationParams, TruncationStrategy,
+    AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, SplitDelimiterBehavior, Tokenizer,
+    TruncationDirection, TruncationParams, TruncationStrategy,
 };
 
 use crate::error::{Error, Result};
@@ -48,8 +48,7 @@ const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
 /// CLIP's pre-tokenizer pattern (transformers `CLIPTokenizer`): specials, contractions, letter runs, single digits,
 /// runs of other non-space characters. Whitespace is dropped.
-const CLIP_SPLIT: &str =
-    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_SPLIT: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 /// OpenAI's merges file, gzip-compressed (1.36 MB), MIT-licensed: line 0 is a header, lines 1..=48894 the merges.
 static EMBEDDED_BPE_GZ: &[u8] = include_bytes!("bpe_simple_vocab_16e6.txt.gz");
 const MERGES: usize = 49152 - 256 - 2;
@@ -104,9 +103,10 @@ impl ClipTokenizer {
         } else if vocab.is_file() && merges.is_file() {
             let vocab_text = std::fs::read_to_string(&vocab).map_err(|e| Error::io(&vocab, e))?;
             let merges_text = std::fs::read_to_string(&merges).map_err(|e| Error::io(&merges, e))?;
-            let vocab_map: Vocab = serde_json::from_str(&vocab_text)
-                .map_err(|e| Error::format(format!("{}: {e}", vocab.display())))?;
-            let merge_list = parse_merges(&merges_text).map_err(|e| Error::format(format!("{}: {e}", merges.display())))?;
+            let vocab_map: Vocab =
+                serde_json::from_str(&vocab_text).map_err(|e| Error::format(format!("{}: {e}", vocab.display())))?;
+            let merge_list =
+                parse_merges(&merges_text).map_err(|e| Error::format(format!("{}: {e}", merges.display())))?;
             let inner = build(vocab_map, merge_list, &specials.unk.content)?;
             Self::finish(inner, specials, true, &dir.display().to_string())
         } else {
@@ -125,7 +125,12 @@ impl ClipTokenizer {
             PadToken::Eos => special(EOS, true),
             PadToken::Exclamation => special("!", false),
         };
-        let specials = Specials { bos: special(BOS, true), eos: special(EOS, true), unk: special(EOS, true), pad };
+        let specials = Specials {
+            bos: special(BOS, true),
+            eos: special(EOS, true),
+            unk: special(EOS, true),
+            pad,
+        };
         Self::finish(inner, specials, true, "embedded CLIP vocabulary")
     }
 
@@ -134,12 +139,19 @@ impl ClipTokenizer {
     fn finish(mut inner: Tokenizer, s: Specials, add_post_processor: bool, what: &str) -> Result<Self> {
         let id = |t: &AddedToken, inner: &Tokenizer| {
             inner.token_to_id(&t.content).ok_or_else(|| {
-                Error::format(format!("{what}: special token {:?} is not in the vocabulary", t.content))
+                Error::format(format!(
+                    "{what}: special token {:?} is not in the vocabulary",
+                    t.content
+                ))
             })
         };
         // transformers adds every special token of the config to the added vocabulary (matched before the BPE);
         // those a tokenizer.json already lists keep their flags from there.
-        let known: Vec<String> = inner.get_added_tokens_decoder().into_values().map(|t| t.content).collect();
+        let known: Vec<String> = inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .map(|t| t.content)
+            .collect();
         let mut added = vec![s.bos.clone(), s.eos.clone(), s.unk.clone(), s.pad.clone()];
         added.retain(|t| !known.contains(&t.content));
         added.dedup_by(|a, b| a.content == b.content);
@@ -147,7 +159,9 @@ impl ClipTokenizer {
             id(t, &inner)?; // must exist in the vocabulary: adding would otherwise grow it past the embedding
         }
         let added: Vec<AddedToken> = added;
-        inner.add_special_tokens(added).map_err(|e| Error::format(format!("{what}: {e}")))?;
+        inner
+            .add_special_tokens(added)
+            .map_err(|e| Error::format(format!("{what}: {e}")))?;
         let (bos_id, eos_id, pad_id) = (id(&s.bos, &inner)?, id(&s.eos, &inner)?, id(&s.pad, &inner)?);
         if add_post_processor {
             inner.with_post_processor(Some(
@@ -189,7 +203,10 @@ impl ClipTokenizer {
                 prompt.len()
             )));
         }
-        let enc = self.inner.encode(prompt, true).map_err(|e| Error::format(format!("tokenizer: {e}")))?;
+        let enc = self
+            .inner
+            .encode(prompt, true)
+            .map_err(|e| Error::format(format!("tokenizer: {e}")))?;
         let ids = enc.get_ids().to_vec();
         let attention_mask = enc.get_attention_mask().to_vec();
         let kept = attention_mask.iter().filter(|&&m| m == 1).count();
@@ -200,7 +217,11 @@ impl ClipTokenizer {
                 self.eos_id
             )));
         }
-        Ok(TokenizedPrompt { ids, attention_mask, eos_position: kept - 1 })
+        Ok(TokenizedPrompt {
+            ids,
+            attention_mask,
+            eos_position: kept - 1,
+        })
     }
 
     /// The pad id (49407 or 0 for the standard vocabulary).
@@ -237,10 +258,22 @@ fn build(vocab: Vocab, merges: Vec<(String, String)>, unk: &str) -> Result<Token
         .map_err(err)?;
     let mut t = Tokenizer::new(bpe);
     let whitespace = Replace::new(ReplacePattern::Regex(r"\s+".into()), " ").map_err(err)?;
-    t.with_normalizer(Some(NormalizerSequence::new(vec![NFC.into(), whitespace.into(), Lowercase.into()])))
-        .map_err(err)?;
-    let split = Split::new(SplitPattern::Regex(CLIP_SPLIT.into()), SplitDelimiterBehavior::Removed, true).map_err(err)?;
-    t.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![split.into(), ByteLevel::new(false, true, true).into()])));
+    t.with_normalizer(Some(NormalizerSequence::new(vec![
+        NFC.into(),
+        whitespace.into(),
+        Lowercase.into(),
+    ])))
+    .map_err(err)?;
+    let split = Split::new(
+        SplitPattern::Regex(CLIP_SPLIT.into()),
+        SplitDelimiterBehavior::Removed,
+        true,
+    )
+    .map_err(err)?;
+    t.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, true, true).into(),
+    ])));
     Ok(t)
 }
 
@@ -278,14 +311,24 @@ impl Specials {
                             let normalized = o.get("normalized").and_then(Value::as_bool).unwrap_or(false);
                             return Ok(special(s, normalized));
                         }
-                        _ => return Err(Error::format(format!("{}: {key} has no string \"content\"", p.display()))),
+                        _ => {
+                            return Err(Error::format(format!(
+                                "{}: {key} has no string \"content\"",
+                                p.display()
+                            )))
+                        }
                     },
                     Some(v) => return Err(Error::format(format!("{}: {key} = {v} is not a token", p.display()))),
                 }
             }
             Ok(special(default, true))
         };
-        Ok(Self { bos: get("bos_token", BOS)?, eos: get("eos_token", EOS)?, unk: get("unk_token", EOS)?, pad: get("pad_token", EOS)? })
+        Ok(Self {
+            bos: get("bos_token", BOS)?,
+            eos: get("eos_token", EOS)?,
+            unk: get("unk_token", EOS)?,
+            pad: get("pad_token", EOS)?,
+        })
     }
 }
 
@@ -333,7 +376,10 @@ static EMBEDDED: Lazy<std::result::Result<(Vocab, Vec<(String, String)>), String
     tokens.push(EOS.into());
     let vocab: Vocab = tokens.into_iter().enumerate().map(|(i, t)| (t, i as u32)).collect();
     if vocab.len() != VOCAB_SIZE {
-        return Err(format!("embedded CLIP vocabulary has {} distinct entries, expected {VOCAB_SIZE}", vocab.len()));
+        return Err(format!(
+            "embedded CLIP vocabulary has {} distinct entries, expected {VOCAB_SIZE}",
+            vocab.len()
+        ));
     }
     Ok((vocab, merges))
 });
@@ -342,7 +388,10 @@ static EMBEDDED: Lazy<std::result::Result<(Vocab, Vec<(String, String)>), String
 /// `¡`..`¬`, `®`..`ÿ`), then the other bytes in ascending order to U+0100 onwards.
 fn byte_chars() -> Vec<char> {
     let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
-    let mut out: Vec<char> = (0..256u32).filter(|&b| printable(b)).filter_map(char::from_u32).collect();
+    let mut out: Vec<char> = (0..256u32)
+        .filter(|&b| printable(b))
+        .filter_map(char::from_u32)
+        .collect();
     let mut n = 0;
     for b in 0..256u32 {
         if !printable(b) {

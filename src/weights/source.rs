@@ -107,11 +107,12 @@ const BLOCK_LISTS: &[&str] = &[
     "downsamplers",
     "upsamplers",
     "transformer_blocks",
+    "layers", // CLIP text encoders: `text_model.encoder.layers.N`
 ];
 
 /// The block a checkpoint tensor belongs to: the name up to the first numbered child of a block list
 /// (`down_blocks.0.resnets.1.conv1.weight` → `down_blocks.0.resnets.1`), else its top-level module
-/// (`time_embedding.linear_1.weight` → `time_embedding`; under `encoder.`/`decoder.` one level deeper).
+/// (`time_embedding.linear_1.weight` → `time_embedding`; under `encoder.`/`decoder.`/`text_model.` one level deeper).
 ///
 /// Blocks are the unit of residency and of transfer: big enough for efficient copies, small enough to plan finely.
 pub fn block_key(name: &str) -> &str {
@@ -123,7 +124,7 @@ pub fn block_key(name: &str) -> &str {
             return &name[..len];
         }
     }
-    let depth = if matches!(parts[0], "encoder" | "decoder") && parts.len() > 2 {
+    let depth = if matches!(parts[0], "encoder" | "decoder" | "text_model") && parts.len() > 2 {
         2
     } else {
         1
