@@ -2,7 +2,7 @@
 
 use candle_core::DType;
 
-use super::config::ClipTextConfig;
+use super::config::{Activation, ClipTextConfig};
 use crate::models::blocks::Peak;
 use crate::ops::OpTarget;
 
@@ -13,7 +13,7 @@ use crate::ops::OpTarget;
 /// `[B, S, intermediate]`, Sc = one f32 `[B, H, S, S]` score buffer): the embedding lookup and sum (2X); per layer the
 /// input and output hidden states, LayerNorm out, q/k/v, their head-split copies (≤ 5X at once), the scores, shifted
 /// exponent and probabilities (≤ 2 Sc at once; the inputs are dropped as their copies appear), the attention output
-/// and its merged copy, then the MLP (fc1 out, the activation's temporaries: ≤ 3F); the final LayerNorm of the last
+/// and its merged copy, then the MLP (fc1 out, the activation's temporaries: 3F for quick_gelu, 2F for GELU); the final LayerNorm of the last
 /// and the clip-skipped states; pooled and projected rows. On the candle compositions (f16/bf16, CUDA) LayerNorm
 /// adds its f32 temporaries (≤ 4 f32 X) and attention f32 copies of q and k; those are counted there.
 pub(crate) fn working_bytes(c: &ClipTextConfig, batch: usize, seq: usize, target: OpTarget) -> u64 {
@@ -36,7 +36,7 @@ pub(crate) fn working_bytes(c: &ClipTextConfig, batch: usize, seq: usize, target
 
     let mut p = Peak::default();
     p.alloc(b * s * 4 + s * s * 4); // host ids, causal mask
-    p.transient(b * s * 4 + 2 * x); // ids on the device, token rows, their sum with the positions
+    p.transient(b * s * 8 + b * s * 4 + 2 * x); // ids read as i64, on the device; token rows, their sum with positions
     p.alloc(x); // hidden state
     p.alloc(2 * x); // the states clip-skip keeps (penultimate, skipped)
                     // One encoder layer; `x` (its input) stays live throughout.
@@ -51,7 +51,12 @@ pub(crate) fn working_bytes(c: &ClipTextConfig, batch: usize, seq: usize, target
     p.transient(3 * x); // the merged output copy and out_proj's output
     p.alloc(x); // new hidden state
     p.transient(x + ln_scratch + f); // LayerNorm 2 and fc1
-    p.transient(3 * f); // the activation: its input, a temporary, its output
+                                     // The activation: quick_gelu's input, a temporary and its output; the exact GELU's input and output.
+    p.transient(if c.hidden_act == Activation::QuickGelu {
+        3 * f
+    } else {
+        2 * f
+    });
     p.transient(f + 2 * x); // fc2's input and output, the residual sum
     p.free(x); // the layer's input
                // Final LayerNorm of the last and the clip-skipped states, pooled and projected rows.
