@@ -481,3 +481,26 @@ fn encoders_stream_under_the_memory_manager() {
         }
     }
 }
+
+/// The f16 compute path (what CUDA runs; on the CPU the candle compositions) stays close to f32.
+#[test]
+fn f16_compute_is_close_to_f32() {
+    for (tag, enc_dir, tok_dir) in MODELS {
+        let dir = fixtures().join(enc_dir);
+        let enc = ClipTextEncoder::load_config(&dir).unwrap();
+        let ids = prompt_ids(tok_dir);
+        let file = ClipTextEncoder::weights_file(&dir).unwrap();
+        let w16 = ResidentWeights::load(&file, &Device::Cpu, DType::F16).unwrap();
+        let (a, b) = (enc.encode(&resident(&dir), &ids).unwrap(), enc.encode_with_clip_skip(&w16, &ids, 0).unwrap());
+        assert_eq!(b.last_hidden_state.dtype(), DType::F16);
+        for (name, x, y) in [
+            ("last_hidden_state", &a.last_hidden_state, &b.last_hidden_state),
+            ("penultimate", &a.penultimate, &b.penultimate),
+            ("pooled", &a.pooled, &b.pooled),
+        ] {
+            let e = rel_err(y, x);
+            println!("{tag} f16 vs f32 {name:<18} {e:.2e}");
+            assert!(e < 1e-2, "{tag} {name}: {e}");
+        }
+    }
+}
