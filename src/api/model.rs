@@ -8,7 +8,9 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::memory::{ManagedModel, ModelCache};
+use crate::models::clip::ClipTextEncoder;
 use crate::models::text_encoder::{PromptTokenizer, TextEncoder};
+use crate::text::ClipTokenizer;
 use crate::models::{AutoencoderKL, ExpectedTensors, UNet2DConditionModel, UNetConfig, VaeConfig};
 use crate::sampling::SchedulerConfig;
 
@@ -66,15 +68,24 @@ impl Model {
                 Architecture::Unet { model, scheduler: scheduler_beside(dir)? }
             }
             "AutoencoderKL" => Architecture::Vae(AutoencoderKL::new(VaeConfig::from_json(&text)?)?),
+            "CLIPTextModel" | "CLIPTextModelWithProjection" => Architecture::TextEncoder {
+                model: Box::new(ClipTextEncoder::load_config(dir)?),
+                tokenizer: tokenizer_beside(dir)?,
+            },
             other => {
                 return Err(Error::unsupported(format!(
-                    "{}: _class_name \"{other}\" (supported: UNet2DConditionModel, AutoencoderKL)",
+                    "{}: _class_name \"{other}\" (supported: UNet2DConditionModel, AutoencoderKL, CLIPTextModel, \
+                     CLIPTextModelWithProjection)",
                     config_path.display()
                 )))
             }
         };
         step(1, LOAD_PHASES)?;
-        let file = WEIGHT_FILES.iter().map(|f| dir.join(f)).find(|p| p.exists()).ok_or_else(|| {
+        let file = match &arch {
+            Architecture::TextEncoder { .. } => Some(ClipTextEncoder::weights_file(dir)?),
+            _ => WEIGHT_FILES.iter().map(|f| dir.join(f)).find(|p| p.exists()),
+        };
+        let file = file.ok_or_else(|| {
             Error::io(
                 dir,
                 std::io::Error::new(
@@ -178,6 +189,24 @@ fn check_tensors(file: &Path, expected: &ExpectedTensors, weights: &ManagedModel
             if problems.len() > 1 { format!(" (and {} more problems)", problems.len() - 1) } else { String::new() }
         ))),
     }
+}
+
+/// The tokenizer folder beside a text encoder (`text_encoder` → `../tokenizer`, `text_encoder_2` →
+/// `../tokenizer_2`; any other name `N` → `../tokenizer` then `N/tokenizer`), if there is one. A folder without one
+/// still loads (host-given ids work); encoding a prompt then names what is missing.
+fn tokenizer_beside(encoder_dir: &Path) -> Result<Option<Box<dyn PromptTokenizer>>> {
+    let name = encoder_dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let suffix = name.strip_prefix("text_encoder").filter(|s| s.is_empty() || s.starts_with('_')).unwrap_or("");
+    let candidates = [
+        encoder_dir.parent().map(|p| p.join(format!("tokenizer{suffix}"))),
+        Some(encoder_dir.join("tokenizer")),
+    ];
+    for dir in candidates.into_iter().flatten() {
+        if dir.is_dir() {
+            return Ok(Some(Box::new(ClipTokenizer::from_dir(&dir)?)));
+        }
+    }
+    Ok(None)
 }
 
 /// `../scheduler/scheduler_config.json` of a pipeline's `unet/` folder, else SD 1.5's configuration.

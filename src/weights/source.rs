@@ -107,13 +107,15 @@ const BLOCK_LISTS: &[&str] = &[
     "downsamplers",
     "upsamplers",
     "transformer_blocks",
+    "layers", // CLIP text encoders: `text_model.encoder.layers.N`
 ];
 
 /// The block a checkpoint tensor belongs to: the name up to the deepest numbered child of a block list
 /// (`down_blocks.0.resnets.1.conv1.weight` → `down_blocks.0.resnets.1`;
 /// `….attentions.0.transformer_blocks.3.attn1.to_q.weight` → `….attentions.0.transformer_blocks.3`), with an
 /// attention's `proj_out` a block of its own (`….attentions.0.proj_out`), else its top-level module
-/// (`time_embedding.linear_1.weight` → `time_embedding`; under `encoder.`/`decoder.` one level deeper).
+/// (`time_embedding.linear_1.weight` → `time_embedding`; under `encoder.`/`decoder.`/`text_model.` one level
+/// deeper).
 ///
 /// Blocks are the unit of residency and of transfer: big enough for efficient copies, small enough to plan finely.
 /// This is the UNet family's rule (`crate::models::unet::block_of`, which documents why), applied to every file
@@ -138,7 +140,7 @@ pub fn block_key(name: &str) -> &str {
         }
         return &name[..ends[i]];
     }
-    let depth = if matches!(parts[0], "encoder" | "decoder") && parts.len() > 2 {
+    let depth = if matches!(parts[0], "encoder" | "decoder" | "text_model") && parts.len() > 2 {
         2
     } else {
         1

@@ -1,0 +1,506 @@
+//! Tokenizers and CLIP text encoders against transformers 5.23.0 (issue 15, deliverables 2 and 7): token ids of
+//! tricky prompts identical for both pad conventions and every tokenizer source (vocab.json + merges.txt,
+//! tokenizer.json, the embedded vocabulary); encoder outputs within 1e-4 of their scale; the encoders under the
+//! memory manager, streamed, bit-identical to the resident run. Fixtures: scripts/make_text_fixtures.py.
+
+use std::path::PathBuf;
+
+use lowvram::text::{ClipTokenizer, PadToken};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text")
+}
+
+struct Expected {
+    prompts: Vec<String>,
+    /// Per tokenizer variant, per prompt: (ids, attention mask).
+    tokens: serde_json::Map<String, Value>,
+}
+
+fn expected() -> Expected {
+    let text = std::fs::read_to_string(fixtures().join("tokens.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let prompts = v["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    Expected {
+        prompts,
+        tokens: v["tokenizers"].as_object().unwrap().clone(),
+    }
+}
+
+fn column(v: &Value, key: &str) -> Vec<u32> {
+    v[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Every prompt through `tok` against transformers' ids and mask for `variant`.
+fn check_tokenizer(tok: &ClipTokenizer, variant: &str, e: &Expected) {
+    let cases = e.tokens[variant].as_array().unwrap();
+    assert_eq!(cases.len(), e.prompts.len());
+    let mut truncated = 0;
+    for (prompt, case) in e.prompts.iter().zip(cases) {
+        let got = tok.encode_full(prompt).unwrap();
+        assert_eq!(got.ids, column(case, "ids"), "{variant}: ids of {prompt:?}");
+        assert_eq!(
+            got.attention_mask,
+            column(case, "mask"),
+            "{variant}: mask of {prompt:?}"
+        );
+        assert_eq!(
+            got.ids[got.eos_position], 49407,
+            "{variant}: EOS position of {prompt:?}"
+        );
+        assert_eq!(tok.encode(prompt).unwrap(), got.ids);
+        truncated += usize::from(got.eos_position == 76);
+    }
+    assert!(truncated >= 2, "the fixture prompts include over-long ones");
+}
+
+#[test]
+fn tokenizer_from_vocab_and_merges_matches_transformers() {
+    let e = expected();
+    let tok = ClipTokenizer::from_dir(&fixtures().join("sd1/tokenizer")).unwrap();
+    assert_eq!(tok.pad_id(), 49407);
+    check_tokenizer(&tok, "sd1.vocab_merges", &e);
+}
+
+#[test]
+fn tokenizer_from_tokenizer_json_with_exclamation_pad_matches_transformers() {
+    let e = expected();
+    let tok = ClipTokenizer::from_dir(&fixtures().join("sdxl/tokenizer_2")).unwrap();
+    assert_eq!(tok.pad_id(), 0);
+    check_tokenizer(&tok, "sdxl.tokenizer_json", &e);
+    // A literal "!" is the special pad token there, and a lone one is id 0 (open_clip would give 256).
+    assert_eq!(&tok.encode("!").unwrap()[..3], &[49406, 0, 49407]);
+}
+
+#[test]
+fn embedded_vocabulary_matches_transformers_for_both_pad_tokens() {
+    let e = expected();
+    check_tokenizer(&ClipTokenizer::embedded(PadToken::Eos).unwrap(), "sd1.vocab_merges", &e);
+    check_tokenizer(
+        &ClipTokenizer::embedded(PadToken::Exclamation).unwrap(),
+        "sdxl.vocab_merges",
+        &e,
+    );
+}
+
+/// The vocabulary files written from open-clip's gz (the fixture) agree entry by entry with the one the library
+/// builds from its embedded copy of the same gz.
+#[test]
+fn embedded_vocabulary_equals_the_folder_vocabulary() {
+    let vocab: std::collections::HashMap<String, u32> =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("sd1/tokenizer/vocab.json")).unwrap()).unwrap();
+    let tok = ClipTokenizer::embedded(PadToken::Eos).unwrap();
+    assert_eq!(vocab.len(), 49408);
+    assert_eq!(tok.vocab_size(), 49408);
+    for (token, id) in &vocab {
+        assert_eq!(tok.token_to_id(token), Some(*id), "{token}");
+    }
+}
+
+#[test]
+fn tokenizer_errors_are_clear() {
+    let dir = std::env::temp_dir().join(format!("lowvram-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let err = ClipTokenizer::from_dir(&dir).err().unwrap().to_string();
+    assert!(err.contains("no tokenizer"), "{err}");
+    std::fs::write(dir.join("vocab.json"), "{\"a\": 0}").unwrap();
+    std::fs::write(dir.join("merges.txt"), "#version: 0.2\na\n").unwrap();
+    let err = ClipTokenizer::from_dir(&dir).err().unwrap().to_string();
+    assert!(err.contains("merges.txt") && err.contains("line 2"), "{err}");
+    std::fs::write(dir.join("merges.txt"), "#version: 0.2\n").unwrap();
+    let err = ClipTokenizer::from_dir(&dir).err().unwrap().to_string();
+    assert!(
+        err.contains("<|startoftext|>") && err.contains("not in the vocabulary"),
+        "{err}"
+    );
+    std::fs::write(dir.join("tokenizer_config.json"), "[1]").unwrap();
+    let err = ClipTokenizer::from_dir(&dir).err().unwrap().to_string();
+    assert!(err.contains("tokenizer_config.json"), "{err}");
+    std::fs::write(dir.join("tokenizer.json"), "{not json").unwrap();
+    std::fs::remove_file(dir.join("tokenizer_config.json")).unwrap();
+    let err = ClipTokenizer::from_dir(&dir).err().unwrap().to_string();
+    assert!(err.contains("tokenizer.json"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let tok = ClipTokenizer::embedded(PadToken::Eos).unwrap();
+    let huge = "a ".repeat(1 << 20);
+    assert!(matches!(tok.encode(&huge), Err(lowvram::Error::InvalidArgument(_))));
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Text encoders
+// ---------------------------------------------------------------------------------------------------------------------
+
+mod memory_support;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Tensor};
+use lowvram::memory::ModelCache;
+use lowvram::models::clip::{ClipKind, ClipOutput, ClipTextEncoder, KeyLayout};
+use lowvram::ops::OpTarget;
+use lowvram::{BlockWeights, ResidentWeights, WeightSource};
+
+/// (tag, encoder folder, tokenizer folder)
+const MODELS: [(&str, &str, &str); 2] = [
+    ("sd1", "sd1/text_encoder", "sd1/tokenizer"),
+    ("sdxl", "sdxl/text_encoder_2", "sdxl/tokenizer_2"),
+];
+
+fn references() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join("encoders.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn encoder_prompts() -> Vec<String> {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokens.json")).unwrap()).unwrap();
+    v["encoder_prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The prompts' ids from the folder's tokenizer, `[B, 77]` u32.
+fn prompt_ids(tokenizer_dir: &str) -> Tensor {
+    let tok = ClipTokenizer::from_dir(&fixtures().join(tokenizer_dir)).unwrap();
+    let prompts = encoder_prompts();
+    let ids: Vec<u32> = prompts.iter().flat_map(|p| tok.encode(p).unwrap()).collect();
+    Tensor::from_vec(ids, (prompts.len(), 77), &Device::Cpu).unwrap()
+}
+
+/// max |a − b| / max(max |ref|, 1e-6): the error relative to the reference's scale.
+fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
+    assert_eq!(got.dims(), want.dims());
+    let got = got
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let want = want
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale
+}
+
+fn assert_close(name: &str, got: &Tensor, want: &Tensor) {
+    let e = rel_err(got, want);
+    println!("{name:<36} max |diff| / max |ref| = {e:.2e}");
+    assert!(e <= 1e-4, "{name}: relative error {e}");
+}
+
+fn resident(dir: &std::path::Path) -> ResidentWeights {
+    ResidentWeights::load(&ClipTextEncoder::weights_file(dir).unwrap(), &Device::Cpu, DType::F32).unwrap()
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
+
+fn all_bits(o: &ClipOutput) -> Vec<Vec<u32>> {
+    let mut v = vec![
+        bits(&o.last_hidden_state),
+        bits(&o.penultimate),
+        bits(&o.clip_skipped),
+        bits(&o.pooled),
+    ];
+    v.extend(o.text_embeds.as_ref().map(bits));
+    v
+}
+
+#[test]
+fn encoders_match_transformers() {
+    let refs = references();
+    for (tag, enc_dir, tok_dir) in MODELS {
+        let dir = fixtures().join(enc_dir);
+        let enc = ClipTextEncoder::load_config(&dir).unwrap();
+        assert_eq!(enc.layout(), KeyLayout::Prefixed);
+        let w = resident(&dir);
+        let ids = prompt_ids(tok_dir);
+        let want_ids = refs[&format!("{tag}.input_ids")].to_dtype(DType::U32).unwrap();
+        assert_eq!(
+            bits(&ids.to_dtype(DType::F32).unwrap()),
+            bits(&want_ids.to_dtype(DType::F32).unwrap()),
+            "{tag}: ids"
+        );
+        // Both id dtypes are accepted.
+        let out = enc.encode(&w, &refs[&format!("{tag}.input_ids")]).unwrap();
+        assert_eq!(all_bits(&out), all_bits(&enc.encode(&w, &ids).unwrap()));
+        assert_close(
+            &format!("{tag} last_hidden_state"),
+            &out.last_hidden_state,
+            &refs[&format!("{tag}.last_hidden_state")],
+        );
+        assert_close(
+            &format!("{tag} penultimate"),
+            &out.penultimate,
+            &refs[&format!("{tag}.penultimate")],
+        );
+        assert_close(&format!("{tag} pooled"), &out.pooled, &refs[&format!("{tag}.pooled")]);
+        assert_eq!(
+            bits(&out.clip_skipped),
+            bits(&out.last_hidden_state),
+            "clip_skip 0 is the last state"
+        );
+        match enc.config().kind {
+            ClipKind::WithProjection => assert_close(
+                &format!("{tag} text_embeds"),
+                out.text_embeds.as_ref().unwrap(),
+                &refs[&format!("{tag}.text_embeds")],
+            ),
+            ClipKind::TextModel => assert!(out.text_embeds.is_none()),
+        }
+        let layers = enc.config().num_hidden_layers;
+        for k in 1..layers {
+            let o = enc.encode_with_clip_skip(&w, &ids, k).unwrap();
+            assert_close(
+                &format!("{tag} clip_skip {k} (SD rule)"),
+                &o.clip_skipped,
+                &refs[&format!("{tag}.clip_skip{k}.sd")],
+            );
+            assert_close(
+                &format!("{tag} clip_skip {k} (SDXL rule)"),
+                &o.penultimate,
+                &refs[&format!("{tag}.clip_skip{k}.sdxl")],
+            );
+            assert_eq!(bits(&o.last_hidden_state), bits(&out.last_hidden_state));
+        }
+        let err = enc.encode_with_clip_skip(&w, &ids, layers).unwrap_err();
+        assert!(matches!(err, lowvram::Error::InvalidArgument(_)), "{err}");
+    }
+}
+
+/// transformers 5 saves a `CLIPTextModel` without the `text_model.` prefix: the same weights in that layout give
+/// the same outputs, bit for bit.
+#[test]
+fn bare_key_layout_gives_the_same_outputs() {
+    let src = fixtures().join("sd1/text_encoder");
+    let dir = memory_support::TempDir::new("clip-bare");
+    let tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let bare: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| (k.strip_prefix("text_model.").unwrap().to_string(), v))
+        .collect();
+    candle_core::safetensors::save(&bare, dir.path().join("model.safetensors")).unwrap();
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let (a, b) = (
+        ClipTextEncoder::load_config(&src).unwrap(),
+        ClipTextEncoder::load_config(dir.path()).unwrap(),
+    );
+    assert_eq!(b.layout(), KeyLayout::Bare);
+    let ids = prompt_ids("sd1/tokenizer");
+    let oa = a.encode(&resident(&src), &ids).unwrap();
+    let ob = b.encode(&resident(dir.path()), &ids).unwrap();
+    assert_eq!(all_bits(&oa), all_bits(&ob));
+}
+
+/// A [`WeightSource`] that logs every fetch and how many blocks are held at once.
+struct Logging {
+    inner: ResidentWeights,
+    log: Mutex<Vec<String>>,
+}
+
+impl WeightSource for Logging {
+    fn fetch(&self, block: &str) -> lowvram::Result<BlockWeights> {
+        self.log.lock().unwrap().push(block.to_string());
+        self.inner.fetch(block)
+    }
+    fn device(&self) -> &Device {
+        self.inner.device()
+    }
+    fn dtype(&self) -> DType {
+        self.inner.dtype()
+    }
+}
+
+/// Every block is fetched once, in execution order; the expected tensors are exactly the checkpoint's, with their
+/// shapes; a missing or misshapen tensor is a format error naming it.
+#[test]
+fn encoder_fetches_each_block_once_and_names_bad_tensors() {
+    for (_, enc_dir, tok_dir) in MODELS {
+        let dir = fixtures().join(enc_dir);
+        let enc = ClipTextEncoder::load_config(&dir).unwrap();
+        let file = ClipTextEncoder::weights_file(&dir).unwrap();
+        let tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+        let mut expected: Vec<(String, Vec<usize>)> = enc.expected_tensors();
+        let mut actual: Vec<(String, Vec<usize>)> =
+            tensors.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
+        expected.sort();
+        actual.sort();
+        assert_eq!(expected, actual);
+        for (name, _) in &expected {
+            assert_eq!(
+                lowvram::weights::block_key(name),
+                lowvram::models::clip::block_of(name),
+                "{name}"
+            );
+        }
+        let w = Logging {
+            inner: resident(&dir),
+            log: Mutex::new(vec![]),
+        };
+        let ids = prompt_ids(tok_dir);
+        enc.encode(&w, &ids).unwrap();
+        assert_eq!(*w.log.lock().unwrap(), enc.block_keys());
+
+        let victim = &expected[expected.len() / 2].0;
+        let mut missing = tensors.clone();
+        missing.remove(victim);
+        let r = ResidentWeights::from_tensors(missing, &Device::Cpu, DType::F32).unwrap();
+        let err = enc.encode(&r, &ids).unwrap_err().to_string();
+        assert!(err.contains(victim.as_str()), "{err}");
+        let mut bad = tensors.clone();
+        let shape = bad[victim].dims().to_vec();
+        bad.insert(
+            victim.clone(),
+            Tensor::zeros(shape.iter().product::<usize>() + 1, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let r = ResidentWeights::from_tensors(bad, &Device::Cpu, DType::F32).unwrap();
+        let err = enc.encode(&r, &ids).unwrap_err().to_string();
+        assert!(err.contains(victim.as_str()) && err.contains("shape"), "{err}");
+    }
+    // Bad ids: out of the vocabulary, too many positions, wrong rank or dtype.
+    let dir = fixtures().join("sd1/text_encoder");
+    let (enc, w) = (ClipTextEncoder::load_config(&dir).unwrap(), resident(&dir));
+    for ids in [
+        Tensor::new(&[[49406u32, 49408]], &Device::Cpu).unwrap(),
+        Tensor::zeros((1, 78), DType::U32, &Device::Cpu).unwrap(),
+        Tensor::zeros(77, DType::U32, &Device::Cpu).unwrap(),
+        Tensor::zeros((1, 77), DType::F32, &Device::Cpu).unwrap(),
+        Tensor::new(&[[-1i64]], &Device::Cpu).unwrap(),
+    ] {
+        assert!(
+            matches!(enc.encode(&w, &ids), Err(lowvram::Error::InvalidArgument(_))),
+            "{ids:?}"
+        );
+    }
+}
+
+/// Both encoders in one `memory::ModelCache` on an `emulated:` device whose budget holds neither completely: each
+/// locked in turn (evicting the other), streamed, outputs bit-identical to the resident run, zero refused
+/// allocations, bytes streamed = model − resident, peak ≤ capacity. Two settings: fp32 storage at the smallest
+/// capacity that runs (every block streamed, the token table included), and the file's fp16 storage halfway
+/// between that and holding a model whole (some layers streamed).
+#[test]
+fn encoders_stream_under_the_memory_manager() {
+    let refs: Vec<(ClipTextEncoder, std::path::PathBuf, Tensor, Vec<Vec<u32>>)> = MODELS
+        .iter()
+        .map(|(_, enc_dir, tok_dir)| {
+            let dir = fixtures().join(enc_dir);
+            let enc = ClipTextEncoder::load_config(&dir).unwrap();
+            let ids = prompt_ids(tok_dir);
+            let out = all_bits(&enc.encode_with_clip_skip(&resident(&dir), &ids, 1).unwrap());
+            (enc, ClipTextEncoder::weights_file(&dir).unwrap(), ids, out)
+        })
+        .collect();
+    for (storage, halfway) in [("fp32", false), ("auto", true)] {
+        let config = |device: &str, work: u64| {
+            let mut c = memory_support::config(device, work);
+            c.set("storage_dtype", storage).unwrap();
+            c
+        };
+        // Size the device from the blocks: a fetch holds a block's storage bytes plus its cast to f32; a whole model
+        // needs every block's storage bytes plus the largest cast.
+        let probe = ModelCache::new(config("emulated:1GiB", 1 << 20)).unwrap();
+        let (mut max_fetch, mut whole_min) = (0u64, u64::MAX);
+        for (_, file, _, _) in &refs {
+            let m = probe.load_model(file, "probe").unwrap();
+            let fetch = m.blocks().iter().map(|b| b.storage_bytes + b.cast_bytes).max().unwrap();
+            let whole = m.total_bytes() + m.blocks().iter().map(|b| b.cast_bytes).max().unwrap();
+            max_fetch = max_fetch.max(fetch);
+            whole_min = whole_min.min(whole);
+        }
+        let target = OpTarget::new(probe.device(), probe.compute_dtype());
+        drop(probe);
+        let work: u64 = refs
+            .iter()
+            .map(|(e, _, ids, _)| e.working_bytes(ids.dim(0).unwrap(), 77, target))
+            .max()
+            .unwrap();
+        assert!(whole_min > max_fetch);
+        let cap = work + max_fetch + if halfway { (whole_min - max_fetch) / 2 } else { 0 };
+        let cache = ModelCache::new(config(&format!("emulated:{cap}"), 0)).unwrap();
+        assert_eq!(cache.compute_dtype(), DType::F32);
+        for round in 0..2 {
+            for (i, (enc, file, ids, want)) in refs.iter().enumerate() {
+                let m = cache.load_model(file, &format!("text_encoder_{i}")).unwrap();
+                // Both lock the larger of the two estimates (a lock may ask for more than its own), so one
+                // capacity splits both models.
+                assert!(enc.working_bytes(ids.dim(0).unwrap(), 77, target) <= work);
+                let lock = cache.lock(&m, work).unwrap();
+                let resident = m.resident_bytes();
+                assert!(resident < m.total_bytes(), "the budget must force streaming");
+                if !halfway {
+                    assert_eq!(resident, 0, "at the smallest capacity every block streams");
+                }
+                let out = enc.encode_with_clip_skip(&lock, ids, 1).unwrap();
+                assert_eq!(
+                    &all_bits(&out),
+                    want,
+                    "{storage} round {round}, encoder {i}: differs from the resident run"
+                );
+                assert_eq!(
+                    lock.bytes_streamed(),
+                    m.total_bytes() - resident,
+                    "streamed = model − resident"
+                );
+                assert_eq!(cache.allocator().refused(), 0, "runs that fit refuse nothing");
+                assert!(cache.allocator().peak() <= cap);
+                println!(
+                    "storage {storage} round {round} encoder {i}: capacity {cap} B, model {} B, resident {resident} B, \
+                     streamed {} B, peak {} B",
+                    m.total_bytes(),
+                    lock.bytes_streamed(),
+                    cache.allocator().peak()
+                );
+            }
+        }
+    }
+}
+
+/// The f16 compute path (what CUDA runs; on the CPU the candle compositions) stays close to f32.
+#[test]
+fn f16_compute_is_close_to_f32() {
+    for (tag, enc_dir, tok_dir) in MODELS {
+        let dir = fixtures().join(enc_dir);
+        let enc = ClipTextEncoder::load_config(&dir).unwrap();
+        let ids = prompt_ids(tok_dir);
+        let file = ClipTextEncoder::weights_file(&dir).unwrap();
+        let w16 = ResidentWeights::load(&file, &Device::Cpu, DType::F16).unwrap();
+        let (a, b) = (enc.encode(&resident(&dir), &ids).unwrap(), enc.encode_with_clip_skip(&w16, &ids, 0).unwrap());
+        assert_eq!(b.last_hidden_state.dtype(), DType::F16);
+        for (name, x, y) in [
+            ("last_hidden_state", &a.last_hidden_state, &b.last_hidden_state),
+            ("penultimate", &a.penultimate, &b.penultimate),
+            ("pooled", &a.pooled, &b.pooled),
+        ] {
+            let e = rel_err(y, x);
+            println!("{tag} f16 vs f32 {name:<18} {e:.2e}");
+            assert!(e < 1e-2, "{tag} {name}: {e}");
+        }
+    }
+}
