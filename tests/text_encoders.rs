@@ -423,14 +423,14 @@ fn encoders_stream_under_the_memory_manager() {
             c.set("storage_dtype", storage).unwrap();
             c
         };
-        // Size the device from the blocks: a fetch holds a block's storage bytes plus its cast to f32; a whole model
-        // needs every block's storage bytes plus the largest cast.
+        // Size the device from the blocks: weights are converted to the compute dtype when they arrive, so a fetch
+        // holds one block in f32 and a whole model every block in f32.
         let probe = ModelCache::new(config("emulated:1GiB", 1 << 20)).unwrap();
         let (mut max_fetch, mut whole_min) = (0u64, u64::MAX);
         for (_, file, _, _) in &refs {
             let m = probe.load_model(file, "probe").unwrap();
-            let fetch = m.blocks().iter().map(|b| b.storage_bytes + b.cast_bytes).max().unwrap();
-            let whole = m.total_bytes() + m.blocks().iter().map(|b| b.cast_bytes).max().unwrap();
+            let fetch = m.blocks().iter().map(|b| b.compute_bytes).max().unwrap();
+            let whole = m.blocks().iter().map(|b| b.compute_bytes).sum::<u64>();
             max_fetch = max_fetch.max(fetch);
             whole_min = whole_min.min(whole);
         }
@@ -463,11 +463,11 @@ fn encoders_stream_under_the_memory_manager() {
                     want,
                     "{storage} round {round}, encoder {i}: differs from the resident run"
                 );
-                assert_eq!(
-                    lock.bytes_streamed(),
-                    m.total_bytes() - resident,
-                    "streamed = model − resident"
-                );
+                // Streams move storage bytes: the blocks not resident, in the file's dtype.
+                let resident_keys = m.resident_blocks();
+                let not_resident: u64 =
+                    m.blocks().iter().filter(|b| !resident_keys.contains(&b.key)).map(|b| b.storage_bytes).sum();
+                assert_eq!(lock.bytes_streamed(), not_resident, "streamed = model − resident (storage bytes)");
                 assert_eq!(cache.allocator().refused(), 0, "runs that fit refuse nothing");
                 assert!(cache.allocator().peak() <= cap);
                 println!(
