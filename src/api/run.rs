@@ -161,7 +161,7 @@ impl Context {
         let estimate = model.working_bytes(unet_batch, h, w, seq, target);
         self.cache().allocator().reset_peak();
         let refused_before = self.cache().allocator().refused();
-        let lock = self.cache().lock(unet.weights(), estimate)?;
+        let lock = self.cache().lock_cancellable(unet.weights(), estimate, Some(self.cancel_flag()))?;
         let source = Cancellable { inner: &lock, cancel: self.cancel_flag() };
 
         let device = lock.device().clone();
@@ -224,7 +224,7 @@ impl Context {
 
         if matches!(tiling, Tiling::Auto | Tiling::Never) {
             let estimate = model.decode_working_bytes(z.dims(), target);
-            match self.cache().lock(vae.weights(), estimate) {
+            match self.cache().lock_cancellable(vae.weights(), estimate, Some(self.cancel_flag())) {
                 Ok(lock) => {
                     let source = Cancellable { inner: &lock, cancel: self.cancel_flag() };
                     match model.decode(&source, &z.to_device(lock.device())?) {
@@ -255,7 +255,7 @@ impl Context {
                 return Err(Error::invalid("tile edge must be positive"));
             }
             let estimate = model.decode_tiled_working_bytes(z.dims(), tile, target);
-            let lock = match self.cache().lock(vae.weights(), estimate) {
+            let lock = match self.cache().lock_cancellable(vae.weights(), estimate, Some(self.cancel_flag())) {
                 Ok(lock) => lock,
                 Err(e @ Error::BudgetTooSmall { .. }) => {
                     last_err = Some(e);

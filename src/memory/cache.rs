@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -27,6 +27,22 @@ use crate::weights::{
 const STAGING_SLOTS: usize = 2;
 /// How long a lock or a fetch waits for bytes held by a running block before treating the shortage as an OOM.
 const WAIT_LIMIT: Duration = Duration::from_secs(5);
+/// How long a lock waits for other calls' locks (their working memory and plans) to make room before it fails.
+pub const LOCK_WAIT_LIMIT: Duration = Duration::from_secs(60);
+
+/// The outcome of one attempt to lock a model.
+enum Attempt {
+    Locked(ModelLock),
+    /// Cannot succeed by waiting (the model does not fit alone, or an I/O error).
+    Failed(Error),
+    /// Does not fit beside the locks held now; the error to report if waiting does not help.
+    Contended(Error),
+}
+
+/// A sum of byte counts that saturates instead of wrapping.
+fn sat_sum(v: impl IntoIterator<Item = u64>) -> u64 {
+    v.into_iter().fold(0, u64::saturating_add)
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -67,6 +83,12 @@ struct Inner {
 }
 
 impl Inner {
+    /// Bytes of host reservations (saturating: a host may ask for any u64).
+    fn reserved(&self) -> u64 {
+        self.reservations
+            .iter()
+            .fold(0u64, |a, r| a.saturating_add(r.1))
+    }
     fn id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
@@ -358,6 +380,18 @@ fn block_costs(store: &WeightStore, cuda: bool) -> Vec<BlockCost> {
         .collect()
 }
 
+/// The least a model needs on the device to run at all: fully streamed with one block in flight, or whole when
+/// the configuration does not split models.
+fn min_need(cfg: &Config, costs: &[BlockCost]) -> u64 {
+    let partial_ok =
+        cfg.enable_partial_loading || matches!(cfg.vram_state, VramState::Low | VramState::None);
+    if partial_ok {
+        plan::min_need(costs, 1)
+    } else {
+        plan::whole_need(costs)
+    }
+}
+
 fn resolve_compute(config: &Config, alloc: &DeviceAllocator) -> DType {
     config.compute_dtype.dtype().unwrap_or(if alloc.is_cuda() {
         DType::F16
@@ -387,8 +421,31 @@ impl Shared {
         } else {
             self.alloc.used(AllocKind::External)
         };
-        let reserved: u64 = inner.reservations.iter().map(|r| r.1).sum();
-        Some(cap.saturating_sub(external + inner.config.reserve_vram_bytes() + reserved))
+        let held = external
+            .saturating_add(inner.config.reserve_vram_bytes())
+            .saturating_add(inner.reserved());
+        Some(cap.saturating_sub(held))
+    }
+
+    /// Whether `m` with `working` bytes of working memory could run if it were the only lock: None when it can,
+    /// else what it needs and what the device (or the cap) really has for it.
+    fn fits_alone(&self, inner: &Inner, m: &ManagedModel, working: u64) -> Option<Infeasible> {
+        let min = min_need(&inner.config, &m.costs);
+        let phys = self.avail_phys(inner);
+        if let Some(c) = inner.config.max_cache_vram_bytes() {
+            if min > c {
+                return Some(Infeasible {
+                    needed: min,
+                    available: phys.map_or(c, |p| p.min(c)),
+                });
+            }
+        }
+        let p = phys?;
+        let need = min.saturating_add(working);
+        (need > p).then_some(Infeasible {
+            needed: need,
+            available: p,
+        })
     }
 
     /// Recompute every locked model's plan for the current budget, release residency above it (now, or at the
@@ -406,13 +463,7 @@ impl Shared {
         } else {
             1
         };
-        let min_of = |m: &Arc<ManagedModel>| {
-            if partial_ok {
-                plan::min_need(&m.costs, 1)
-            } else {
-                plan::whole_need(&m.costs)
-            }
-        };
+        let min_of = |m: &Arc<ManagedModel>| min_need(&cfg, &m.costs);
         // One entry per locked model (a model locked twice is planned once; its working memories add up).
         let mut order: Vec<(Arc<ManagedModel>, u64)> = Vec::new();
         for l in &inner.locks {
@@ -425,7 +476,7 @@ impl Shared {
         let works: Vec<u64> = order.iter().map(|(_, w)| *w).collect();
         match (cap, phys) {
             (None, Some(p)) => {
-                let need: u64 = mins.iter().sum::<u64>() + works.iter().sum::<u64>();
+                let need = sat_sum(mins.iter().chain(&works).copied());
                 if need > p {
                     return Err(Infeasible {
                         needed: need,
@@ -433,12 +484,12 @@ impl Shared {
                     });
                 }
             }
-            (Some(c), _) => {
-                let need: u64 = mins.iter().sum();
+            (Some(c), p) => {
+                let need = sat_sum(mins.iter().copied());
                 if need > c {
                     return Err(Infeasible {
                         needed: need,
-                        available: c,
+                        available: p.map_or(c, |p| p.min(c)),
                     });
                 }
             }
@@ -447,18 +498,20 @@ impl Shared {
         let mut plans = Vec::with_capacity(order.len());
         let (mut used_w, mut used_work) = (0u64, 0u64);
         for (k, (m, work)) in order.iter().enumerate() {
-            let later_min: u64 = mins[k + 1..].iter().sum();
-            let later_work: u64 = works[k + 1..].iter().sum();
+            let later_min = sat_sum(mins[k + 1..].iter().copied());
+            let later_work = sat_sum(works[k + 1..].iter().copied());
             let budget = match (cap, phys) {
                 (None, None) => u64::MAX,
                 (None, Some(p)) => {
-                    p.saturating_sub(used_w + used_work + later_min + later_work + work)
+                    p.saturating_sub(sat_sum([used_w, used_work, later_min, later_work, *work]))
                 }
                 // The cap takes precedence over working memory: plan up to it, bounded only by what the device
                 // holds besides the other locks; the working memory then comes out of residency on refusal.
                 (Some(c), p) => {
-                    let b = c.saturating_sub(used_w + later_min);
-                    p.map_or(b, |p| b.min(p.saturating_sub(used_w + later_min)))
+                    let b = c.saturating_sub(used_w.saturating_add(later_min));
+                    p.map_or(b, |p| {
+                        b.min(p.saturating_sub(used_w.saturating_add(later_min)))
+                    })
                 }
             };
             let costs = &m.costs;
@@ -483,14 +536,14 @@ impl Shared {
                 _ => (plan::whole_need(costs) <= budget).then(|| plan::whole(costs, budget)),
             };
             let Some(p) = p else {
-                let own = min_of(m) + work;
+                let own = min_of(m).saturating_add(*work);
                 return Err(Infeasible {
                     needed: own,
-                    available: budget + work,
+                    available: budget.saturating_add(*work),
                 });
             };
-            used_w += p.resident_bytes + p.slot_bytes;
-            used_work += work;
+            used_w = sat_sum([used_w, p.resident_bytes, p.slot_bytes]);
+            used_work = used_work.saturating_add(*work);
             plans.push(p);
         }
         // Apply the plans to the locked models.
@@ -503,7 +556,7 @@ impl Shared {
         // Unlocked residency must fit what is left; evict least recently used first.
         let room = match (cap, phys) {
             (None, None) => u64::MAX,
-            (None, Some(p)) => p.saturating_sub(used_w + used_work),
+            (None, Some(p)) => p.saturating_sub(used_w.saturating_add(used_work)),
             (Some(c), p) => {
                 let b = c.saturating_sub(used_w);
                 p.map_or(b, |p| b.min(p.saturating_sub(used_w)))
@@ -532,9 +585,8 @@ impl Shared {
             total -= released;
         }
         // The predicted device peak with these plans.
-        let reserved: u64 = inner.reservations.iter().map(|r| r.1).sum();
         let external = self.alloc.used(AllocKind::External);
-        let peak = used_w + used_work + total + reserved + external;
+        let peak = sat_sum([used_w, used_work, total, inner.reserved(), external]);
         inner.plan = order
             .last()
             .zip(plans.last())
@@ -911,12 +963,53 @@ impl ModelCache {
     /// Lock `model` for an operation needing `working_mem_bytes` of working memory (the lock gets
     /// max(`device_working_mem_gb`, that)). Plans residency for the current budget (evicting unlocked models,
     /// shrinking other plans to their minimum if needed), reserves the working memory and loads the planned blocks.
-    /// `BudgetTooSmall` when the model cannot run even fully streamed beside what is already locked and reserved.
+    /// When the model fits the device alone but not beside the locks held now (another call's working memory), it
+    /// waits for them (up to [`LOCK_WAIT_LIMIT`]) instead of failing. `BudgetTooSmall` when the model cannot run
+    /// even fully streamed and alone beside host reservations and other programs' use.
     pub fn lock(&self, model: &Arc<ManagedModel>, working_mem_bytes: u64) -> Result<ModelLock> {
+        self.lock_cancellable(model, working_mem_bytes, None)
+    }
+
+    /// [`lock`](Self::lock) whose wait for other calls' memory ends with `Cancelled` as soon as `cancel` is set.
+    pub fn lock_cancellable(
+        &self,
+        model: &Arc<ManagedModel>,
+        working_mem_bytes: u64,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<ModelLock> {
+        let sh = &self.shared;
+        let start = Instant::now();
+        loop {
+            match self.try_lock(model, working_mem_bytes) {
+                Attempt::Locked(l) => return Ok(l),
+                Attempt::Failed(e) => return Err(e),
+                Attempt::Contended(e) => {
+                    if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
+                        return Err(Error::Cancelled);
+                    }
+                    if start.elapsed() >= LOCK_WAIT_LIMIT {
+                        return Err(e);
+                    }
+                    // Woken by every release (allocations, locks, reservations); the timeout bounds a missed one.
+                    sh.alloc.wait_for_free(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    /// One attempt at [`lock`](Self::lock): locked, failed for good, or failed only because of other locks.
+    fn try_lock(&self, model: &Arc<ManagedModel>, working_mem_bytes: u64) -> Attempt {
         let sh = &self.shared;
         let (id, working) = {
             let mut inner = sh.inner();
             let working = inner.config.working_mem_bytes().max(working_mem_bytes);
+            if let Some(e) = sh.fits_alone(&inner, model, working) {
+                return Attempt::Failed(Error::BudgetTooSmall {
+                    what: format!("model `{}` (working memory {working} bytes)", model.name),
+                    needed_bytes: e.needed,
+                    available_bytes: e.available,
+                });
+            }
             let id = inner.id();
             inner.clock += 1;
             let clock = inner.clock;
@@ -932,20 +1025,15 @@ impl ModelCache {
                 working,
             });
             let failure: Option<Error> = match sh.rebalance(&mut inner) {
-                Err(e) => {
-                    let own = working
-                        + if inner.config.enable_partial_loading {
-                            plan::min_need(&model.costs, 1)
-                        } else {
-                            plan::whole_need(&model.costs)
-                        };
-                    let own = own.min(e.needed);
-                    Some(Error::BudgetTooSmall {
-                        what: format!("model `{}` (working memory {working} bytes)", model.name),
-                        needed_bytes: own,
-                        available_bytes: e.available.saturating_sub(e.needed - own),
-                    })
-                }
+                Err(e) => Some(Error::BudgetTooSmall {
+                    what: format!(
+                        "model `{}` (working memory {working} bytes) beside the {} other lock(s) held now",
+                        model.name,
+                        inner.locks.len() - 1
+                    ),
+                    needed_bytes: e.needed,
+                    available_bytes: e.available,
+                }),
                 Ok(()) => match sh.ensure_ram(&mut inner, model) {
                     Ok(ram_hit) => {
                         let c = if ram_hit || was_resident {
@@ -969,7 +1057,14 @@ impl ModelCache {
                     }
                 }
                 let _ = sh.rebalance(&mut inner);
-                return Err(err);
+                // It fits alone (checked above): a plan that fails now fails because of the other locks.
+                let contended =
+                    matches!(err, Error::BudgetTooSmall { .. }) && !inner.locks.is_empty();
+                return if contended {
+                    Attempt::Contended(err)
+                } else {
+                    Attempt::Failed(err)
+                };
             }
             (id, working)
         };
@@ -988,15 +1083,30 @@ impl ModelCache {
             pending: Mutex::new(None),
         };
         // Dropping `lk` on an error below unregisters the lock.
-        lk.working = Some(sh.alloc_for(
+        match sh.alloc_for(
             working,
             AllocKind::Working,
             Some(model.as_ref()),
             Some(WAIT_LIMIT),
             0,
-        )?);
-        sh.fill_target(model, &lk.loaded)?;
-        Ok(lk)
+        ) {
+            Ok(a) => lk.working = Some(a),
+            Err(e @ Error::OutOfDeviceMemory { .. }) => {
+                drop(lk);
+                // Other locks' working memory or streamed blocks hold the bytes: wait for them.
+                let others = !sh.inner().locks.is_empty();
+                return if others {
+                    Attempt::Contended(e)
+                } else {
+                    Attempt::Failed(e)
+                };
+            }
+            Err(e) => return Attempt::Failed(e),
+        }
+        match sh.fill_target(model, &lk.loaded) {
+            Ok(()) => Attempt::Locked(lk),
+            Err(e) => Attempt::Failed(e),
+        }
     }
 
     /// Explicit partial load (like `lowvram_model_load_to_device`): make up to `max_bytes` of `model` resident now,
@@ -1075,13 +1185,22 @@ impl ModelCache {
             let mut inner = sh.inner();
             let id = inner.id();
             inner.reservations.push((id, bytes));
-            if let Err(e) = sh.rebalance(&mut inner) {
+            if sh.rebalance(&mut inner).is_err() {
                 inner.reservations.retain(|r| r.0 != id);
                 let _ = sh.rebalance(&mut inner);
+                // What the device has beside other reservations, minus what locked models need to run at all.
+                let locked =
+                    sat_sum(inner.locks.iter().map(|l| {
+                        min_need(&inner.config, &l.model.costs).saturating_add(l.working)
+                    }));
+                let available = sh
+                    .avail_phys(&inner)
+                    .unwrap_or(u64::MAX)
+                    .saturating_sub(locked);
                 return Err(Error::BudgetTooSmall {
                     what: "reservation".into(),
                     needed_bytes: bytes,
-                    available_bytes: (e.available + bytes).saturating_sub(e.needed),
+                    available_bytes: available,
                 });
             }
             id
@@ -1175,7 +1294,10 @@ impl ModelCache {
             .collect();
         CacheStats {
             device: DeviceStats {
-                free_bytes: sh.alloc.free(),
+                // From the same snapshot as `usage`, so free + used never exceeds the capacity.
+                free_bytes: usage
+                    .capacity_bytes
+                    .map(|c| c.saturating_sub(usage.current_bytes)),
                 used_by_cache_bytes: usage.weights_bytes,
                 usage,
             },
