@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
@@ -18,7 +18,7 @@ use crate::device::{AllocKind, Allocation, BlockBuffer, DeviceAllocator, DeviceS
 use crate::error::{Error, Result};
 use crate::memory::plan::{self, BlockCost, ResidencyPlan};
 use crate::memory::sizing::{self, Sizing};
-use crate::memory::stats::{CacheStats, DeviceStats, ModelStats, PlanStats, RamStats};
+use crate::memory::stats::{CacheStats, DeviceStats, ModelStats, PlanStats, RamStats, TierStats};
 use crate::weights::{
     BlockInfo, BlockWeights, StagingRing, TensorLocation, WeightSource, WeightStore,
 };
@@ -63,6 +63,44 @@ struct Shared {
     loaded: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
+    tiers: TierCounters,
+    /// File bytes read by models the cache has forgotten (the live ones count their own).
+    files_read: AtomicU64,
+}
+
+/// Hits, misses and evictions of the two tiers (see [`TierStats`]).
+#[derive(Default)]
+struct TierCounters {
+    load_hits: AtomicU64,
+    load_misses: AtomicU64,
+    ram_hits: AtomicU64,
+    ram_misses: AtomicU64,
+    ram_evictions: AtomicU64,
+    ram_evicted_bytes: AtomicU64,
+    device_hits: AtomicU64,
+    device_misses: AtomicU64,
+    device_evictions: AtomicU64,
+    device_evicted_bytes: AtomicU64,
+    forgotten: AtomicU64,
+}
+
+impl TierCounters {
+    fn snapshot(&self) -> TierStats {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        TierStats {
+            load_hits: g(&self.load_hits),
+            load_misses: g(&self.load_misses),
+            ram_hits: g(&self.ram_hits),
+            ram_misses: g(&self.ram_misses),
+            ram_evictions: g(&self.ram_evictions),
+            ram_evicted_bytes: g(&self.ram_evicted_bytes),
+            device_hits: g(&self.device_hits),
+            device_misses: g(&self.device_misses),
+            device_evictions: g(&self.device_evictions),
+            device_evicted_bytes: g(&self.device_evicted_bytes),
+            models_forgotten: g(&self.forgotten),
+        }
+    }
 }
 
 struct LockRec {
@@ -74,7 +112,9 @@ struct LockRec {
 struct Inner {
     config: Config,
     sizing: Sizing,
-    models: Vec<Weak<ManagedModel>>,
+    /// Every model the cache keeps (strongly: a model outlives its host handles until the budgets evict it or
+    /// `unload_all` forgets it).
+    models: Vec<Arc<ManagedModel>>,
     locks: Vec<LockRec>,
     reservations: Vec<(u64, u64)>,
     next_id: u64,
@@ -94,8 +134,7 @@ impl Inner {
         self.next_id
     }
     fn live_models(&mut self) -> Vec<Arc<ManagedModel>> {
-        self.models.retain(|w| w.strong_count() > 0);
-        self.models.iter().filter_map(|w| w.upgrade()).collect()
+        self.models.clone()
     }
 }
 
@@ -105,11 +144,34 @@ struct Infeasible {
     available: u64,
 }
 
+/// Size and modification time of a weight file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileKey {
+    size: u64,
+    mtime: Option<std::time::SystemTime>,
+}
+
+impl FileKey {
+    fn of(path: &Path) -> Result<Self> {
+        let md = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        Ok(Self {
+            size: md.len(),
+            mtime: md.modified().ok(),
+        })
+    }
+}
+
 /// A model registered with the cache: its mapped weights and where each block is now. Shared (`Arc`) between
-/// the host, the cache (weakly) and running locks; dropping the last `Arc` frees its RAM and device bytes.
+/// the host, the cache and running locks. The cache keeps it after the host's handles are gone, until its RAM copy
+/// and device residency are evicted by the budgets (then it is forgotten and its file unmapped) or `unload_all`.
 pub struct ManagedModel {
     id: u64,
     name: String,
+    /// The file's size and modification time when it was mapped: a later load of the same path is a cache hit only
+    /// while they are unchanged.
+    file_key: FileKey,
+    /// The `storage_dtype` it was loaded with (a load under another one is a different model).
+    storage: Option<DType>,
     store: WeightStore,
     costs: Vec<BlockCost>,
     state: Mutex<ModelState>,
@@ -581,9 +643,10 @@ impl Shared {
                 break;
             }
             let mut st = m.state();
-            let (_, released) = m.evict(&mut st, total - room, whole);
+            let (_, released) = self.evict(m, &mut st, total - room, whole);
             total -= released;
         }
+        self.forget_unused(inner);
         // The predicted device peak with these plans.
         let external = self.alloc.used(AllocKind::External);
         let peak = sat_sum([used_w, used_work, total, inner.reserved(), external]);
@@ -624,7 +687,7 @@ impl Shared {
             if now >= want {
                 break;
             }
-            let (n, t) = m.evict(&mut m.state(), want - now, whole);
+            let (n, t) = self.evict(m, &mut m.state(), want - now, whole);
             now += n;
             total += t;
         }
@@ -714,7 +777,7 @@ impl Shared {
     }
 
     /// Keep the RAM tier within its limit: drop RAM copies of unlocked models, least recently used first, never
-    /// `keep`'s. Returns log lines.
+    /// `keep`'s; then forget models that hold nothing any more.
     fn enforce_ram(&self, inner: &mut Inner, keep: Option<u64>) {
         let limit = inner.sizing.ram_limit_bytes;
         let mut models = inner.live_models();
@@ -725,19 +788,73 @@ impl Shared {
                 break;
             }
             if Some(m.id) != keep && m.state().locks == 0 {
-                used -= m.store.drop_ram_copy();
+                used -= self.drop_ram(m);
             }
         }
+        drop(models);
+        self.forget_unused(inner);
+    }
+
+    /// Drop `m`'s RAM copy (an eviction from the RAM tier); returns the bytes released.
+    fn drop_ram(&self, m: &ManagedModel) -> u64 {
+        let bytes = m.store.drop_ram_copy();
+        if bytes > 0 {
+            self.tiers.ram_evictions.fetch_add(1, Ordering::Relaxed);
+            self.tiers
+                .ram_evicted_bytes
+                .fetch_add(bytes, Ordering::Relaxed);
+        }
+        bytes
+    }
+
+    /// [`ManagedModel::evict`], counted as an eviction from the device tier when it releases anything.
+    fn evict(&self, m: &ManagedModel, st: &mut ModelState, want: u64, whole: bool) -> (u64, u64) {
+        let (now, total) = m.evict(st, want, whole);
+        if total > 0 {
+            self.tiers.device_evictions.fetch_add(1, Ordering::Relaxed);
+            self.tiers
+                .device_evicted_bytes
+                .fetch_add(total, Ordering::Relaxed);
+        }
+        (now, total)
+    }
+
+    /// Forget models that no handle, lock or prefetch holds and that cache nothing any more (no RAM copy, no device
+    /// residency): their files are unmapped. Only the registry's reference is left when the strong count is 1.
+    fn forget_unused(&self, inner: &mut Inner) {
+        self.forget(inner, |m| {
+            Arc::strong_count(m) == 1 && !m.store.has_ram_copy() && m.state().resident.is_empty()
+        });
+    }
+
+    /// Drop the registry's reference to every model `gone` selects (counted; their file reads stay in the total).
+    fn forget(&self, inner: &mut Inner, gone: impl Fn(&Arc<ManagedModel>) -> bool) {
+        let before = inner.models.len();
+        inner.models.retain(|m| {
+            if gone(m) {
+                self.files_read
+                    .fetch_add(m.store.file_bytes_read(), Ordering::Relaxed);
+                return false;
+            }
+            true
+        });
+        let n = (before - inner.models.len()) as u64;
+        self.tiers.forgotten.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Make sure a model that should have a RAM copy has one. Returns whether it was already there (a hit).
     fn ensure_ram(&self, inner: &mut Inner, m: &ManagedModel) -> Result<bool> {
-        if !inner.config.keep_ram_copy_of_weights || m.store.has_ram_copy() {
+        if !inner.config.keep_ram_copy_of_weights {
+            return Ok(true);
+        }
+        if m.store.has_ram_copy() {
+            self.tiers.ram_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(true);
         }
         if m.store.total_bytes() > inner.sizing.ram_limit_bytes {
             return Ok(false);
         }
+        self.tiers.ram_misses.fetch_add(1, Ordering::Relaxed);
         m.store.load_ram_copy()?;
         if inner.config.pin_memory {
             m.store.pin_ram_copy(&self.alloc)?;
@@ -839,6 +956,8 @@ impl ModelCache {
                 loaded: AtomicU64::new(0),
                 hits: AtomicU64::new(0),
                 misses: AtomicU64::new(0),
+                tiers: TierCounters::default(),
+                files_read: AtomicU64::new(0),
             }),
         })
     }
@@ -912,7 +1031,7 @@ impl ModelCache {
         if !inner.config.keep_ram_copy_of_weights {
             for m in inner.live_models() {
                 if m.state().locks == 0 {
-                    m.store.drop_ram_copy();
+                    sh.drop_ram(&m);
                 }
             }
         }
@@ -924,28 +1043,52 @@ impl ModelCache {
     }
 
     /// Map the safetensors file `path` and register it as `name` (no device bytes yet; a RAM copy when
-    /// `keep_ram_copy_of_weights`). Loading the same name and path again returns the same model (a cache hit).
+    /// `keep_ram_copy_of_weights` and it fits the RAM tier). Loading the same file again — same path, size and
+    /// modification time, same storage dtype — returns the model the cache keeps, with whatever RAM copy and device
+    /// residency it still has, without reading the file (a hit), even after every earlier handle was freed. The
+    /// file is mapped and read without holding the cache's lock, so other threads' calls proceed meanwhile.
     pub fn load_model(&self, path: &Path, name: &str) -> Result<Arc<ManagedModel>> {
         let sh = &self.shared;
-        let mut inner = sh.inner();
         let canon = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
-        if let Some(m) = inner
-            .live_models()
-            .into_iter()
-            .find(|m| m.name == name && m.store.path() == canon.as_path())
-        {
-            sh.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(m);
-        }
-        let storage = inner.config.storage_dtype.dtype();
-        let compute = resolve_compute(&inner.config, &sh.alloc);
+        let key = FileKey::of(&canon)?;
+        let (storage, compute, keep_ram, ram_limit, pin) = {
+            let mut inner = sh.inner();
+            let storage = inner.config.storage_dtype.dtype();
+            let compute = resolve_compute(&inner.config, &sh.alloc);
+            if let Some(m) = self.cached(&mut inner, &canon, key, storage, compute) {
+                return Ok(m);
+            }
+            let c = &inner.config;
+            (
+                storage,
+                compute,
+                c.keep_ram_copy_of_weights,
+                inner.sizing.ram_limit_bytes,
+                c.pin_memory,
+            )
+        };
+        // The slow part, outside the cache's lock: map and validate the file, read the RAM copy, pin it.
         let store = WeightStore::open(&canon, storage, compute)?;
         let costs = block_costs(&store, sh.alloc.is_cuda());
+        let ram = keep_ram && store.total_bytes() <= ram_limit;
+        if ram {
+            store.load_ram_copy()?;
+            if pin {
+                store.pin_ram_copy(&sh.alloc)?;
+            }
+        }
+        let mut inner = sh.inner();
+        // Another thread may have loaded the same file meanwhile: use its model (ours is dropped).
+        if let Some(m) = self.cached(&mut inner, &canon, key, storage, compute) {
+            return Ok(m);
+        }
         let id = inner.id();
         inner.clock += 1;
         let m = Arc::new(ManagedModel {
             id,
             name: name.to_string(),
+            file_key: key,
+            storage,
             store,
             costs,
             next_fetch: Mutex::new(HashMap::new()),
@@ -955,9 +1098,44 @@ impl ModelCache {
             }),
         });
         sh.misses.fetch_add(1, Ordering::Relaxed);
-        sh.ensure_ram(&mut inner, &m)?;
-        inner.models.push(Arc::downgrade(&m));
+        sh.tiers.load_misses.fetch_add(1, Ordering::Relaxed);
+        if ram {
+            sh.tiers.ram_misses.fetch_add(1, Ordering::Relaxed);
+        }
+        inner.models.push(m.clone());
+        sh.enforce_ram(&mut inner, Some(m.id));
         Ok(m)
+    }
+
+    /// The model the cache keeps for this file, if its size and modification time are unchanged (a hit: it is
+    /// marked used now). Entries for an older version of the file are forgotten when nothing holds them.
+    fn cached(
+        &self,
+        inner: &mut Inner,
+        path: &Path,
+        key: FileKey,
+        storage: Option<DType>,
+        compute: DType,
+    ) -> Option<Arc<ManagedModel>> {
+        let sh = &self.shared;
+        sh.forget(inner, |m| {
+            m.store.path() == path
+                && m.file_key != key
+                && Arc::strong_count(m) == 1
+                && m.state().locks == 0
+        });
+        let m = inner.models.iter().find(|m| {
+            m.store.path() == path
+                && m.file_key == key
+                && m.storage == storage
+                && m.store.compute_dtype() == compute
+        })?;
+        let m = m.clone();
+        inner.clock += 1;
+        m.state().last_used = inner.clock;
+        sh.hits.fetch_add(1, Ordering::Relaxed);
+        sh.tiers.load_hits.fetch_add(1, Ordering::Relaxed);
+        Some(m)
     }
 
     /// Lock `model` for an operation needing `working_mem_bytes` of working memory (the lock gets
@@ -1103,8 +1281,24 @@ impl ModelCache {
             }
             Err(e) => return Attempt::Failed(e),
         }
+        let planned = model
+            .state()
+            .target
+            .as_ref()
+            .is_some_and(|t| t.iter().any(|r| *r));
         match sh.fill_target(model, &lk.loaded) {
-            Ok(()) => Attempt::Locked(lk),
+            Ok(()) => {
+                // The device tier: a hit when the plan's resident blocks were all there already.
+                let c = match lk.loaded.load(Ordering::Relaxed) {
+                    0 if planned => Some(&sh.tiers.device_hits),
+                    0 => None,
+                    _ => Some(&sh.tiers.device_misses),
+                };
+                if let Some(c) = c {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+                Attempt::Locked(lk)
+            }
             Err(e) => Attempt::Failed(e),
         }
     }
@@ -1155,7 +1349,7 @@ impl ModelCache {
                     break;
                 }
                 let want = other_bytes + keep_bytes - room;
-                other_bytes -= o.evict(&mut o.state(), want, false).1;
+                other_bytes -= sh.evict(o, &mut o.state(), want, false).1;
             }
             let mut st = model.state();
             st.last_used = clock;
@@ -1243,26 +1437,32 @@ impl ModelCache {
             if released >= bytes {
                 break;
             }
-            released += m.evict(&mut m.state(), bytes - released, false).1;
+            released += self
+                .shared
+                .evict(&m, &mut m.state(), bytes - released, false)
+                .1;
         }
+        self.shared.forget_unused(&mut inner);
         drop(inner);
         self.shared.alloc.notify();
         released
     }
 
-    /// Unload every unlocked model: device residency and RAM copies (they stay registered and reload from their
-    /// files on next use). Returns the device bytes released.
+    /// Unload every unlocked model: device residency and RAM copies. Models a host still holds stay registered
+    /// and reload from their files on next use; the others are forgotten (files unmapped). Returns the device bytes
+    /// released.
     pub fn unload_all(&self) -> u64 {
         let mut inner = self.shared.inner();
         let mut released = 0;
         for m in inner.live_models() {
             let mut st = m.state();
             if st.locks == 0 {
-                released += m.evict(&mut st, u64::MAX, true).1;
+                released += self.shared.evict(&m, &mut st, u64::MAX, true).1;
                 drop(st);
-                m.store.drop_ram_copy();
+                self.shared.drop_ram(&m);
             }
         }
+        self.shared.forget_unused(&mut inner);
         drop(inner);
         self.shared.alloc.notify();
         released
@@ -1317,6 +1517,12 @@ impl ModelCache {
             bytes_loaded_total: sh.loaded.load(Ordering::Relaxed),
             cache_hits: sh.hits.load(Ordering::Relaxed),
             cache_misses: sh.misses.load(Ordering::Relaxed),
+            tiers: sh.tiers.snapshot(),
+            bytes_read_from_files_total: sh.files_read.load(Ordering::Relaxed)
+                + models
+                    .iter()
+                    .map(|m| m.store.file_bytes_read())
+                    .sum::<u64>(),
             plan: inner.plan.clone(),
             sizing: inner.sizing.clone(),
         }
@@ -1567,7 +1773,7 @@ impl Drop for ModelLock {
             if st.locks == 0 {
                 st.target = None;
                 if unload {
-                    self.model.evict(&mut st, u64::MAX, true);
+                    sh.evict(&self.model, &mut st, u64::MAX, true);
                 }
             }
         }
