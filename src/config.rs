@@ -19,7 +19,7 @@ pub const GIB: u64 = 1 << 30;
 
 /// The largest value a `*_gb` key takes: 2^20 GiB (1 PiB), far above any device or RAM, and small enough that sums
 /// of every budget stay far below `u64::MAX` bytes.
-pub const MAX_GB: f64 = (1u64 << 20) as f64;
+pub(crate) const MAX_GB: f64 = (1u64 << 20) as f64;
 
 /// Every key [`Config::set`] and the YAML readers accept, with what each takes (used in error messages too).
 pub const KEYS: &[(&str, &str)] = &[
