@@ -26,7 +26,12 @@ fn randn(shape: &[usize]) -> Tensor {
 fn sdxl_unet_estimate_bounds_measured_peak() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl/model/unet");
     let m = UNet2DConditionModel::from_config_file(&dir.join("config.json")).unwrap();
-    let w = ResidentWeights::load(&dir.join("diffusion_pytorch_model.safetensors"), &Device::Cpu, DType::F32).unwrap();
+    let w = ResidentWeights::load(
+        &dir.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
     let (pooled, n_ids) = m.needs_added_cond().unwrap();
     let b = 2;
     let ehs = randn(&[b, 77, m.config().cross_attention_dim]);
@@ -46,12 +51,17 @@ fn sdxl_unet_estimate_bounds_measured_peak() {
         let measured = peak.saturating_sub((y.elem_count() * 4) as u64);
         let estimate = m.working_bytes(b, h, wd, 77, OpTarget::new(&Device::Cpu, DType::F32));
         let ratio = estimate as f64 / measured.max(1) as f64;
-        let line = format!("sdxl unet b{b} {h}x{wd} latents: measured {measured} B, estimate {estimate} B, ratio {ratio:.2}");
+        let line =
+            format!("sdxl unet b{b} {h}x{wd} latents: measured {measured} B, estimate {estimate} B, ratio {ratio:.2}");
         println!("{line}");
         // 64 KiB: a call's bookkeeping (shape vectors, rayon job lists), as in tests/ops_memory.rs.
         if estimate + (64 << 10) < measured || ratio > 1.5 {
             failures.push(line);
         }
     }
-    assert!(failures.is_empty(), "estimates outside [measured, 1.5x measured]:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "estimates outside [measured, 1.5x measured]:\n{}",
+        failures.join("\n")
+    );
 }
