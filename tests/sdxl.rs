@@ -464,3 +464,24 @@ fn streamed_under_tight_budget_is_bit_identical_to_resident() {
     assert!(lock.bytes_streamed() > 0);
     assert_eq!(cache.allocator().refused(), 0, "refused allocations");
 }
+
+/// The checkpoint layout the model derives from its config is exactly the tiny SDXL file's (names and shapes), so
+/// unit sizes computed from a config alone (the real SDXL's, in the library's unit tests) are those of real files.
+#[test]
+fn tensor_shapes_match_the_checkpoint() {
+    for (model, file) in [
+        (unet(), weights("unet")),
+        (
+            UNet2DConditionModel::from_config_file(&root().join("models/tiny-sd/unet/config.json")).unwrap(),
+            root().join("models/tiny-sd/unet/diffusion_pytorch_model.safetensors"),
+        ),
+    ] {
+        let ours: BTreeMap<String, Vec<usize>> = model.tensor_shapes().into_iter().collect();
+        let file: BTreeMap<String, Vec<usize>> = candle_core::safetensors::load(&file, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| (k, t.dims().to_vec()))
+            .collect();
+        assert_eq!(ours, file);
+    }
+}

@@ -12,6 +12,7 @@
 pub mod blocks;
 mod config;
 mod estimate;
+mod shapes;
 
 use std::path::Path;
 
