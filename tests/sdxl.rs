@@ -485,3 +485,19 @@ fn tensor_shapes_match_the_checkpoint() {
         assert_eq!(ours, file);
     }
 }
+
+/// The SDXL UNet computing in f16 (weights, activations and the added embedding's input cast like diffusers does)
+/// stays close to the f32 reference.
+#[test]
+fn f16_compute_is_close_to_f32() {
+    let f = fixture("unet_forward.safetensors");
+    let added = AddedCond { text_embeds: f["text_embeds"].clone(), time_ids: f["time_ids"].clone() };
+    let w16 = ResidentWeights::load(&weights("unet"), &Device::Cpu, DType::F16).unwrap();
+    let out = unet()
+        .forward_with(&w16, &f["sample"], scalar(&f["timestep"]), &f["encoder_hidden_states"], Some(&added))
+        .unwrap();
+    assert_eq!(out.dtype(), DType::F16);
+    let (err, scale) = (max_abs(&out, &f["out"]), max_of(&f["out"]));
+    println!("f16 unet forward: max abs err {err:.3e} (max |ref| {scale:.3})");
+    assert!(err <= 2e-2 * scale.max(1.0), "max abs err {err}");
+}
