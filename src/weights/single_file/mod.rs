@@ -1,0 +1,500 @@
+//! Single-file checkpoints in the LDM/SGM layout (SD 1.x, SD 2.x, SDXL `.safetensors`): which family and
+//! components a file holds, and a pure name mapping from its tensors to the diffusers names each component's model
+//! uses. Nothing is rewritten: every mapped tensor is a byte range of the memory-mapped file (q/k/v of OpenCLIP's
+//! fused `in_proj` are row ranges, i.e. contiguous byte ranges), plus a transpose flag for OpenCLIP's
+//! `text_projection` and a reshape flag for the VAE's 1×1-conv attention weights.
+//!
+//! The rules are those of diffusers' `loaders/single_file_utils.py` (cited per module); keys no rule maps are an
+//! error naming them, except the known extras listed in [`detect`] (EMA copies, schedule buffers, position ids,
+//! `logit_scale`, ...), which are skipped and reported by [`SingleFile::skipped`].
+
+mod clip;
+pub mod config;
+pub mod detect;
+mod unet;
+mod vae;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+
+pub use clip::ClipLayout;
+pub use detect::Family;
+
+/// A model component a single file may hold (the diffusers sub-folder names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Component {
+    /// `UNet2DConditionModel`.
+    Unet,
+    /// `AutoencoderKL`.
+    Vae,
+    /// The first (or only) text encoder: `CLIPTextModel`.
+    TextEncoder,
+    /// SDXL's second text encoder: `CLIPTextModelWithProjection` (OpenCLIP bigG).
+    TextEncoder2,
+}
+
+impl Component {
+    /// Every component, in pipeline order.
+    pub const ALL: [Component; 4] = [
+        Component::Unet,
+        Component::Vae,
+        Component::TextEncoder,
+        Component::TextEncoder2,
+    ];
+
+    /// The diffusers folder name (`unet`, `vae`, `text_encoder`, `text_encoder_2`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::Unet => "unet",
+            Component::Vae => "vae",
+            Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
+        }
+    }
+
+    /// Parse a diffusers folder name.
+    pub fn from_name(name: &str) -> Result<Self> {
+        Component::ALL
+            .into_iter()
+            .find(|c| c.name() == name)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "unknown component '{name}' (unet, vae, text_encoder, text_encoder_2)"
+                ))
+            })
+    }
+
+    /// What a user passes when the file lacks this component (the CLI flag).
+    fn missing_hint(self) -> &'static str {
+        match self {
+            Component::Unet => "no UNet in this file: pass a checkpoint that has one as --model",
+            Component::Vae => "no VAE in this file: pass --vae",
+            Component::TextEncoder => "no text encoder in this file: pass --text-encoder",
+            Component::TextEncoder2 => "no second text encoder in this file: pass --text-encoder-2",
+        }
+    }
+}
+
+impl fmt::Display for Component {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One tensor as stored in the file.
+#[derive(Debug, Clone)]
+pub(crate) struct Stored {
+    pub name: String,
+    pub dtype: Option<DType>,
+    pub shape: Vec<usize>,
+    /// Absolute byte range of its data in the file.
+    pub bytes: Range<usize>,
+}
+
+/// What one rule produces for one stored tensor (before byte ranges are resolved).
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    name: String,
+    shape: Vec<usize>,
+    rows: Option<Range<usize>>,
+    transpose: bool,
+    reshape: bool,
+}
+
+impl Target {
+    fn whole(name: String, t: &Stored) -> Self {
+        Target {
+            name,
+            shape: t.shape.clone(),
+            rows: None,
+            transpose: false,
+            reshape: false,
+        }
+    }
+    fn reshaped(name: String, _t: &Stored, shape: Vec<usize>) -> Self {
+        Target {
+            name,
+            shape,
+            rows: None,
+            transpose: false,
+            reshape: true,
+        }
+    }
+    fn transposed(name: String, t: &Stored) -> Self {
+        Target {
+            name,
+            shape: t.shape.iter().rev().copied().collect(),
+            rows: None,
+            transpose: true,
+            reshape: false,
+        }
+    }
+    fn rows(name: String, t: &Stored, rows: Range<usize>) -> Self {
+        let mut shape = t.shape.clone();
+        shape[0] = rows.len();
+        Target {
+            name,
+            shape,
+            rows: Some(rows),
+            transpose: false,
+            reshape: false,
+        }
+    }
+}
+
+/// One tensor of a component, as its model names it, and where its bytes are in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapEntry {
+    /// The diffusers/transformers name the model loads (`down_blocks.0.resnets.1.conv1.weight`).
+    pub internal_name: String,
+    /// The name in the file (`model.diffusion_model.input_blocks.2.0.in_layers.2.weight`).
+    pub stored_name: String,
+    /// The stored dtype (also the dtype [`SingleFile::read_tensor`] returns).
+    pub dtype: DType,
+    /// The shape the model expects.
+    pub shape: Vec<usize>,
+    /// The stored tensor's shape.
+    pub stored_shape: Vec<usize>,
+    /// A slice of dim 0 of the stored tensor (q/k/v out of OpenCLIP's `in_proj_weight`); None = all of it.
+    pub rows: Option<Range<usize>>,
+    /// The stored 2-D tensor is the transpose of what the model expects (OpenCLIP's `text_projection`).
+    pub transpose: bool,
+    /// Same bytes, different shape (LDM's 1×1-conv VAE attention weights read as linear).
+    pub reshape: bool,
+    /// Absolute byte range in the file of the stored bytes this entry reads (the row slice when `rows` is set).
+    /// Contiguous and row-major; with `transpose`, the bytes of the stored (untransposed) tensor.
+    pub bytes: Range<usize>,
+}
+
+/// The mapping of one component.
+#[derive(Debug, Clone)]
+pub struct ComponentMap {
+    /// Which component.
+    pub component: Component,
+    /// The key prefix it was found under (`model.diffusion_model.`).
+    pub prefix: &'static str,
+    /// Entries sorted by `internal_name`.
+    pub entries: Vec<MapEntry>,
+}
+
+impl ComponentMap {
+    /// The entry for a model name.
+    pub fn get(&self, internal_name: &str) -> Option<&MapEntry> {
+        self.entries
+            .binary_search_by(|e| e.internal_name.as_str().cmp(internal_name))
+            .ok()
+            .map(|i| &self.entries[i])
+    }
+}
+
+/// An opened single-file checkpoint: memory-mapped, its keys mapped per component, its family detected.
+pub struct SingleFile {
+    path: PathBuf,
+    mmap: Mmap,
+    family: Family,
+    maps: BTreeMap<Component, ComponentMap>,
+    skipped: Vec<String>,
+    sidecar: Option<serde_json::Value>,
+    config_dir: Option<PathBuf>,
+}
+
+impl fmt::Debug for SingleFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SingleFile")
+            .field("path", &self.path)
+            .field("family", &self.family)
+            .field("components", &self.components())
+            .field("skipped", &self.skipped.len())
+            .finish()
+    }
+}
+
+fn dtype_of(d: safetensors::Dtype) -> Option<DType> {
+    match d {
+        safetensors::Dtype::F32 => Some(DType::F32),
+        safetensors::Dtype::F16 => Some(DType::F16),
+        safetensors::Dtype::BF16 => Some(DType::BF16),
+        safetensors::Dtype::F8_E4M3 => Some(DType::F8E4M3),
+        _ => None,
+    }
+}
+
+/// Keys listed in an error: the first few and a count.
+fn list_keys(keys: &[String]) -> String {
+    const SHOWN: usize = 8;
+    let mut s = keys
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if keys.len() > SHOWN {
+        s.push_str(&format!(" and {} more", keys.len() - SHOWN));
+    }
+    s
+}
+
+impl SingleFile {
+    /// Open `path`, detect its family and map every key. A `<stem>.yaml` next to the file (the LDM "original
+    /// config" A1111 and ComfyUI read) is used for what shapes cannot tell (head counts, v-prediction, VAE
+    /// scale); see [`config`]. Errors: unreadable or corrupt file, keys no rule maps (named), unknown family.
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with_config(path, None)
+    }
+
+    /// Like [`open`](Self::open), with a diffusers folder whose `<component>/config.json` give the components'
+    /// configs (diffusers' `from_single_file(config=...)`).
+    pub fn open_with_config(path: &Path, config_dir: Option<&Path>) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: read-only mapping; as every mmap-based loader, we rely on the file not being truncated while
+        // mapped (documented for hosts).
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let st = safetensors::SafeTensors::deserialize(&mmap)
+            .map_err(|e| Error::format(format!("{}: invalid safetensors: {e}", path.display())))?;
+        let base = mmap.as_ptr() as usize;
+        let mut stored = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let start = view.data().as_ptr() as usize - base;
+            let t = Stored {
+                name: name.clone(),
+                dtype: dtype_of(view.dtype()),
+                shape: view.shape().to_vec(),
+                bytes: start..start + view.data().len(),
+            };
+            stored.insert(name, t);
+        }
+        drop(st);
+        let family = detect::family(&stored)
+            .map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
+        let (maps, skipped) = map_all(&stored, family)
+            .map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
+        let sidecar = config::read_sidecar(path)?;
+        Ok(SingleFile {
+            path: path.to_path_buf(),
+            mmap,
+            family,
+            maps,
+            skipped,
+            sidecar,
+            config_dir: config_dir.map(Path::to_path_buf),
+        })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The model family.
+    pub fn family(&self) -> Family {
+        self.family
+    }
+
+    /// The components present, in pipeline order.
+    pub fn components(&self) -> Vec<Component> {
+        self.maps.keys().copied().collect()
+    }
+
+    /// The components the family needs that this file lacks.
+    pub fn missing(&self) -> Vec<Component> {
+        self.family
+            .components()
+            .iter()
+            .copied()
+            .filter(|c| !self.maps.contains_key(c))
+            .collect()
+    }
+
+    /// The mapping of one component; a clear error naming what to pass when the file lacks it.
+    pub fn component(&self, c: Component) -> Result<&ComponentMap> {
+        self.maps.get(&c).ok_or_else(|| {
+            Error::invalid(format!(
+                "{}: {} (a {} checkpoint)",
+                self.path.display(),
+                c.missing_hint(),
+                self.family
+            ))
+        })
+    }
+
+    /// Stored names skipped as known extras (EMA copies, schedule buffers, position ids, ...).
+    pub fn skipped(&self) -> &[String] {
+        &self.skipped
+    }
+
+    /// The diffusers config of a component: from the config folder when one was given, else the family's
+    /// standard config when the shapes match it, else derived from the shapes and the `.yaml` sidecar.
+    pub fn config(&self, c: Component) -> Result<serde_json::Value> {
+        let map = self.component(c)?;
+        config::component_config(self, map)
+    }
+
+    pub(crate) fn sidecar(&self) -> Option<&serde_json::Value> {
+        self.sidecar.as_ref()
+    }
+
+    pub(crate) fn config_dir(&self) -> Option<&Path> {
+        self.config_dir.as_deref()
+    }
+
+    /// The raw bytes of an entry (row slice applied; before any transpose).
+    pub fn entry_bytes(&self, e: &MapEntry) -> &[u8] {
+        &self.mmap[e.bytes.clone()]
+    }
+
+    /// Read one entry as a CPU tensor in the stored dtype, with its row slice, transpose and reshape applied
+    /// (a copy: for tests and loaders that want a `Tensor`; streaming loaders use [`MapEntry::bytes`]).
+    pub fn read_tensor(&self, e: &MapEntry) -> Result<Tensor> {
+        let raw = self.entry_bytes(e);
+        if e.transpose {
+            let t = Tensor::from_raw_buffer(raw, e.dtype, &e.stored_shape, &Device::Cpu)?;
+            return Ok(t.t()?.contiguous()?);
+        }
+        Ok(Tensor::from_raw_buffer(
+            raw,
+            e.dtype,
+            &e.shape,
+            &Device::Cpu,
+        )?)
+    }
+}
+
+/// Map every key of the file: per component entries, plus the skipped extras. Unmapped keys are one error
+/// listing them.
+fn map_all(
+    stored: &BTreeMap<String, Stored>,
+    family: Family,
+) -> std::result::Result<(BTreeMap<Component, ComponentMap>, Vec<String>), String> {
+    let mut groups: BTreeMap<Component, (&'static str, ClipLayoutOrModel, Vec<&Stored>)> =
+        BTreeMap::new();
+    let mut skipped = Vec::new();
+    let mut unmapped = Vec::new();
+    for t in stored.values() {
+        match detect::classify(&t.name) {
+            detect::Class::Extra => skipped.push(t.name.clone()),
+            detect::Class::Unknown => unmapped.push(t.name.clone()),
+            detect::Class::Part {
+                component,
+                prefix,
+                clip,
+            } => {
+                let kind = match clip {
+                    Some(c) => ClipLayoutOrModel::Clip(c),
+                    None => ClipLayoutOrModel::Model,
+                };
+                groups
+                    .entry(component)
+                    .or_insert((prefix, kind, Vec::new()))
+                    .2
+                    .push(t);
+            }
+        }
+    }
+    let mut maps = BTreeMap::new();
+    for (component, (prefix, kind, tensors)) in groups {
+        let rels: Vec<&str> = tensors.iter().map(|t| &t.name[prefix.len()..]).collect();
+        let unet_layout = if component == Component::Unet {
+            Some(unet::layout(&rels).ok_or_else(|| {
+                "cannot read the UNet's layout from its keys (input_blocks/output_blocks)"
+                    .to_string()
+            })?)
+        } else {
+            None
+        };
+        let vae_levels = if component == Component::Vae {
+            vae::levels(&rels)
+        } else {
+            0
+        };
+        let mut entries = Vec::new();
+        for (t, rel) in tensors.iter().zip(&rels) {
+            let targets = match (component, kind) {
+                (Component::Unet, _) => {
+                    unet::map(rel, t, unet_layout.unwrap(), family == Family::Sdxl)
+                }
+                (Component::Vae, _) => vae::map(rel, t, vae_levels),
+                (_, ClipLayoutOrModel::Clip(ClipLayout::Transformers)) => {
+                    clip::map_transformers(rel, t)
+                }
+                (_, ClipLayoutOrModel::Clip(ClipLayout::OpenClipNoProjection)) => {
+                    clip::map_open_clip(rel, t, false)
+                }
+                (_, ClipLayoutOrModel::Clip(ClipLayout::OpenClipWithProjection)) => {
+                    clip::map_open_clip(rel, t, true)
+                }
+                (_, ClipLayoutOrModel::Model) => None,
+            };
+            let Some(targets) = targets else {
+                unmapped.push(t.name.clone());
+                continue;
+            };
+            let Some(dtype) = t.dtype else {
+                return Err(format!(
+                    "tensor {}: unsupported dtype (supported: F32, F16, BF16, F8_E4M3)",
+                    t.name
+                ));
+            };
+            for tg in targets {
+                let row_bytes = t.shape.iter().skip(1).product::<usize>() * dtype.size_in_bytes();
+                let bytes = match &tg.rows {
+                    Some(r) => {
+                        t.bytes.start + r.start * row_bytes..t.bytes.start + r.end * row_bytes
+                    }
+                    None => t.bytes.clone(),
+                };
+                entries.push(MapEntry {
+                    internal_name: tg.name,
+                    stored_name: t.name.clone(),
+                    dtype,
+                    shape: tg.shape,
+                    stored_shape: t.shape.clone(),
+                    rows: tg.rows,
+                    transpose: tg.transpose,
+                    reshape: tg.reshape,
+                    bytes,
+                });
+            }
+        }
+        entries.sort_by(|a, b| a.internal_name.cmp(&b.internal_name));
+        if let Some(w) = entries
+            .windows(2)
+            .find(|w| w[0].internal_name == w[1].internal_name)
+        {
+            return Err(format!(
+                "{} and {} both map to {}",
+                w[0].stored_name, w[1].stored_name, w[0].internal_name
+            ));
+        }
+        maps.insert(
+            component,
+            ComponentMap {
+                component,
+                prefix,
+                entries,
+            },
+        );
+    }
+    if !unmapped.is_empty() {
+        unmapped.sort();
+        return Err(format!(
+            "{} key(s) no {family} single-file rule maps: {}",
+            unmapped.len(),
+            list_keys(&unmapped)
+        ));
+    }
+    Ok((maps, skipped))
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ClipLayoutOrModel {
+    Model,
+    Clip(ClipLayout),
+}

@@ -1,0 +1,395 @@
+//! Single-file (LDM/SGM) checkpoints through the public API: the mapping gives exactly the diffusers folders'
+//! tensors (names, shapes, dtypes, bytes), the family and components are detected, extras are skipped, stray keys
+//! and missing components fail with clear errors, and the derived configs agree with the folders'.
+//!
+//! The fixtures (tests/fixtures/single-file) are written by scripts/make_single_file_fixtures.py, which checks
+//! them against diffusers' own single-file loader.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use lowvram::weights::single_file::{Component, Family, SingleFile};
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    repo().join("tests/fixtures/single-file").join(name)
+}
+
+/// The diffusers-folder file holding a component of a fixture.
+fn folder_file(model: &str, c: Component) -> PathBuf {
+    let base = match (model, c) {
+        ("sd1", Component::Unet | Component::Vae) => repo().join("models/tiny-sd"),
+        ("sd2", Component::Unet | Component::Vae) => repo().join("tests/fixtures/tiny-sd2/model"),
+        _ => fixture(model),
+    };
+    let dir = base.join(c.name());
+    match c {
+        Component::Unet | Component::Vae => dir.join("diffusion_pytorch_model.safetensors"),
+        _ => dir.join("model.safetensors"),
+    }
+}
+
+fn load(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap()
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    // f16/bf16 → f32 is exact, so equal f32 bits ⇔ equal stored bits.
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect()
+}
+
+fn components_of(model: &str) -> Vec<Component> {
+    match model {
+        "sdxl" => vec![
+            Component::Unet,
+            Component::Vae,
+            Component::TextEncoder,
+            Component::TextEncoder2,
+        ],
+        _ => vec![Component::Unet, Component::Vae, Component::TextEncoder],
+    }
+}
+
+#[test]
+fn mapping_reproduces_every_folder_tensor_bit_for_bit() {
+    for model in ["sd1", "sd2", "sdxl"] {
+        let sf = SingleFile::open(&fixture(&format!("{model}.safetensors"))).unwrap();
+        for c in components_of(model) {
+            let map = sf.component(c).unwrap();
+            let want = load(&folder_file(model, c));
+            let got: BTreeSet<&str> = map
+                .entries
+                .iter()
+                .map(|e| e.internal_name.as_str())
+                .collect();
+            let names: BTreeSet<&str> = want.keys().map(String::as_str).collect();
+            let extra: Vec<_> = got.difference(&names).collect();
+            let missing: Vec<_> = names.difference(&got).collect();
+            assert!(extra.is_empty() && missing.is_empty(), "{model} {c}: mapped but not in the folder {extra:?}, in the folder but not mapped {missing:?}");
+            for e in &map.entries {
+                let w = &want[&e.internal_name];
+                assert_eq!(e.shape, w.dims(), "{model} {c} {}", e.internal_name);
+                assert_eq!(e.dtype, w.dtype(), "{model} {c} {}", e.internal_name);
+                let t = sf.read_tensor(e).unwrap();
+                assert_eq!(t.dims(), w.dims(), "{model} {c} {}", e.internal_name);
+                assert_eq!(t.dtype(), w.dtype(), "{model} {c} {}", e.internal_name);
+                assert!(
+                    bits(&t) == bits(w),
+                    "{model} {c} {}: bytes differ (from {})",
+                    e.internal_name,
+                    e.stored_name
+                );
+                // A mapped tensor is one contiguous byte range of the file (row slices included).
+                let elems: usize = e.shape.iter().product();
+                assert_eq!(
+                    e.bytes.len(),
+                    elems * e.dtype.size_in_bytes(),
+                    "{model} {c} {}",
+                    e.internal_name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn family_and_components_are_detected() {
+    for (model, family) in [
+        ("sd1", Family::Sd1),
+        ("sd2", Family::Sd2),
+        ("sdxl", Family::Sdxl),
+    ] {
+        let sf = SingleFile::open(&fixture(&format!("{model}.safetensors"))).unwrap();
+        assert_eq!(sf.family(), family, "{model}");
+        assert_eq!(sf.components(), components_of(model), "{model}");
+        assert!(sf.missing().is_empty(), "{model}");
+    }
+}
+
+#[test]
+fn open_clip_in_proj_is_split_into_row_ranges_and_text_projection_transposed() {
+    let sf = SingleFile::open(&fixture("sd2.safetensors")).unwrap();
+    let te = sf.component(Component::TextEncoder).unwrap();
+    let stored = "cond_stage_model.model.transformer.resblocks.3.attn.in_proj_weight";
+    let parts: Vec<_> = te
+        .entries
+        .iter()
+        .filter(|e| e.stored_name == stored)
+        .collect();
+    assert_eq!(parts.len(), 3);
+    let base = parts.iter().map(|e| e.bytes.start).min().unwrap();
+    for (name, r) in [("q_proj", 0..48), ("k_proj", 48..96), ("v_proj", 96..144)] {
+        let e = te
+            .get(&format!(
+                "text_model.encoder.layers.3.self_attn.{name}.weight"
+            ))
+            .unwrap();
+        assert_eq!(e.stored_name, stored);
+        assert_eq!(e.rows, Some(r.clone()));
+        assert_eq!(e.stored_shape, vec![144, 48]);
+        assert_eq!(e.shape, vec![48, 48]);
+        assert_eq!(
+            e.bytes.start - base,
+            r.start * 48 * 4,
+            "{name}: rows are consecutive byte ranges"
+        );
+        assert!(!e.transpose && !e.reshape);
+    }
+    let sdxl = SingleFile::open(&fixture("sdxl.safetensors")).unwrap();
+    let te2 = sdxl.component(Component::TextEncoder2).unwrap();
+    let p = te2.get("text_projection.weight").unwrap();
+    assert_eq!(
+        p.stored_name,
+        "conditioner.embedders.1.model.text_projection"
+    );
+    assert!(p.transpose);
+    assert_eq!(
+        (p.stored_shape.clone(), p.shape.clone()),
+        (vec![40, 24], vec![24, 40])
+    );
+    // VAE attention: LDM's 1x1 convs read as linears, same bytes.
+    let vae = sdxl.component(Component::Vae).unwrap();
+    let q = vae
+        .get("decoder.mid_block.attentions.0.to_q.weight")
+        .unwrap();
+    assert_eq!(
+        q.stored_name,
+        "first_stage_model.decoder.mid.attn_1.q.weight"
+    );
+    assert!(q.reshape && !q.transpose);
+    assert_eq!(
+        (q.stored_shape.clone(), q.shape.clone()),
+        (vec![16, 16, 1, 1], vec![16, 16])
+    );
+    // SDXL's label_emb is the text_time add_embedding.
+    let unet = sdxl.component(Component::Unet).unwrap();
+    assert_eq!(
+        unet.get("add_embedding.linear_1.weight")
+            .unwrap()
+            .stored_name,
+        "model.diffusion_model.label_emb.0.0.weight"
+    );
+}
+
+#[test]
+fn known_extras_are_skipped() {
+    let sd1 = SingleFile::open(&fixture("sd1.safetensors")).unwrap();
+    let skipped: BTreeSet<&str> = sd1.skipped().iter().map(String::as_str).collect();
+    for k in [
+        "cond_stage_model.transformer.text_model.embeddings.position_ids",
+        "model_ema.decay",
+        "model_ema.num_updates",
+        "model_ema.diffusion_modelinput_blocks00weight",
+        "alphas_cumprod",
+        "betas",
+        "sqrt_alphas_cumprod",
+    ] {
+        assert!(skipped.contains(k), "sd1: {k} not skipped: {skipped:?}");
+    }
+    assert_eq!(skipped.len(), 7, "{skipped:?}");
+    let sd2 = SingleFile::open(&fixture("sd2.safetensors")).unwrap();
+    let s2 = sd2.skipped();
+    assert!(s2
+        .iter()
+        .any(|k| k == "cond_stage_model.model.text_projection"));
+    assert!(s2.iter().any(|k| k == "cond_stage_model.model.logit_scale"));
+    // diffusers' SD 2 text encoder keeps 23 of OpenCLIP-H's 24 resblocks.
+    assert_eq!(
+        s2.iter().filter(|k| k.contains("resblocks.23.")).count(),
+        12
+    );
+    let sdxl = SingleFile::open(&fixture("sdxl.safetensors")).unwrap();
+    assert_eq!(
+        sdxl.skipped(),
+        ["conditioner.embedders.1.model.logit_scale"]
+    );
+}
+
+/// Copy `src` to a temporary file, dropping keys `drop` rejects and adding `add` (name, f32 shape).
+fn rewrite(
+    src: &Path,
+    tag: &str,
+    drop: impl Fn(&str) -> bool,
+    add: &[(&str, Vec<usize>)],
+) -> PathBuf {
+    let bytes = std::fs::read(src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut views: Vec<(String, safetensors::tensor::TensorView)> =
+        st.tensors().into_iter().filter(|(n, _)| !drop(n)).collect();
+    let extra: Vec<(String, Vec<usize>, Vec<u8>)> = add
+        .iter()
+        .map(|(n, s)| {
+            (
+                n.to_string(),
+                s.clone(),
+                vec![0u8; s.iter().product::<usize>() * 4],
+            )
+        })
+        .collect();
+    for (n, s, d) in &extra {
+        views.push((
+            n.clone(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap(),
+        ));
+    }
+    let dir = std::env::temp_dir().join(format!("lowvram-single-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{tag}.safetensors"));
+    safetensors::tensor::serialize_to_file(views, None, &path).unwrap();
+    path
+}
+
+#[test]
+fn a_stray_key_fails_naming_it() {
+    for stray in [
+        "model.diffusion_model.input_blocks.1.7.weight",
+        "cond_stage_model.transformer.text_model.foo.weight",
+        "unrelated.tensor",
+    ] {
+        let path = rewrite(
+            &fixture("sd1.safetensors"),
+            "stray",
+            |_| false,
+            &[(stray, vec![2, 2])],
+        );
+        let err = SingleFile::open(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(stray) && err.contains("no SD 1.x single-file rule maps"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_file_without_vae_says_pass_vae() {
+    let path = rewrite(
+        &fixture("sd1.safetensors"),
+        "novae",
+        |n| n.starts_with("first_stage_model."),
+        &[],
+    );
+    let sf = SingleFile::open(&path).unwrap();
+    assert_eq!(sf.family(), Family::Sd1);
+    assert_eq!(
+        sf.components(),
+        vec![Component::Unet, Component::TextEncoder]
+    );
+    assert_eq!(sf.missing(), vec![Component::Vae]);
+    let err = sf.component(Component::Vae).unwrap_err().to_string();
+    assert!(err.contains("no VAE in this file: pass --vae"), "{err}");
+    // Without text encoders, the tiny UNet's 32-wide context does not tell the family.
+    let unet_only = rewrite(
+        &fixture("sd1.safetensors"),
+        "unetonly",
+        |n| !n.starts_with("model.diffusion_model."),
+        &[],
+    );
+    let err = SingleFile::open(&unet_only).unwrap_err().to_string();
+    assert!(
+        err.contains("32-wide cross-attention") && err.contains("cannot tell the family"),
+        "{err}"
+    );
+    let path = rewrite(
+        &fixture("sdxl.safetensors"),
+        "note2",
+        |n| n.starts_with("conditioner.embedders.1."),
+        &[],
+    );
+    let sf = SingleFile::open(&path).unwrap();
+    assert_eq!(sf.family(), Family::Sdxl);
+    let err = sf
+        .component(Component::TextEncoder2)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("pass --text-encoder-2"), "{err}");
+}
+
+fn folder_config(model: &str, c: Component) -> Value {
+    let p = folder_file(model, c).parent().unwrap().join("config.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// Every derived key equals the folder's, except those LDM cannot express (norm groups: LDM fixes 32).
+fn assert_config_matches(model: &str, c: Component, derived: &Value, except: &[&str]) {
+    let want = folder_config(model, c);
+    for (k, v) in derived.as_object().unwrap() {
+        if except.contains(&k.as_str()) || k.starts_with('_') || k == "architectures" {
+            continue;
+        }
+        assert_eq!(Some(v), want.get(k), "{model} {c} config key {k}");
+    }
+}
+
+#[test]
+fn configs_from_shapes_and_the_ldm_yaml_match_the_folders() {
+    for model in ["sd1", "sd2", "sdxl"] {
+        let sf = SingleFile::open(&fixture(&format!("{model}.safetensors"))).unwrap();
+        let unet = sf.config(Component::Unet).unwrap();
+        assert_config_matches(
+            model,
+            Component::Unet,
+            &unet,
+            &["norm_num_groups", "sample_size"],
+        );
+        let vae = sf.config(Component::Vae).unwrap();
+        assert_config_matches(
+            model,
+            Component::Vae,
+            &vae,
+            &["norm_num_groups", "sample_size"],
+        );
+        // The tiny encoders' heads are not 64 wide: the derived config says so instead of guessing.
+        let err = sf.config(Component::TextEncoder).unwrap_err().to_string();
+        assert!(
+            err.contains("attention heads") && err.contains("config folder"),
+            "{err}"
+        );
+    }
+    let sd2 = SingleFile::open(&fixture("sd2.safetensors")).unwrap();
+    assert_eq!(
+        sd2.config(Component::Unet).unwrap()["attention_head_dim"],
+        serde_json::json!([2, 4, 8])
+    );
+    assert_eq!(sd2.prediction_type(), "v_prediction");
+    assert_eq!(
+        SingleFile::open(&fixture("sd1.safetensors"))
+            .unwrap()
+            .prediction_type(),
+        "epsilon"
+    );
+    let sdxl = SingleFile::open(&fixture("sdxl.safetensors")).unwrap();
+    let u = sdxl.config(Component::Unet).unwrap();
+    assert_eq!(u["addition_time_embed_dim"], 8);
+    assert_eq!(
+        u["transformer_layers_per_block"],
+        serde_json::json!([1, 2, 2])
+    );
+    assert_eq!(
+        sdxl.config(Component::Vae).unwrap()["scaling_factor"],
+        0.13025
+    );
+}
+
+#[test]
+fn a_config_folder_gives_the_components_configs() {
+    let sf =
+        SingleFile::open_with_config(&fixture("sdxl.safetensors"), Some(&fixture("sdxl"))).unwrap();
+    for c in components_of("sdxl") {
+        assert_eq!(sf.config(c).unwrap(), folder_config("sdxl", c), "{c}");
+    }
+    let te2 = sf.config(Component::TextEncoder2).unwrap();
+    assert_eq!(te2["projection_dim"], 24);
+}
