@@ -8,7 +8,7 @@
 //! `q_proj/k_proj/v_proj`, `token_embedding` and `positional_embedding` → `embeddings.*`, `ln_final` →
 //! `final_layer_norm`, `text_projection` [hidden, proj] → `text_projection.weight` [proj, hidden] (transposed).
 
-use super::{Stored, Target};
+use super::{StoredTensor, Target};
 
 /// Which text-encoder layout a prefix holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +22,7 @@ pub enum ClipLayout {
 }
 
 /// A transformers CLIP key (prefix stripped). Old files store names without `text_model.`.
-pub fn map_transformers(rel: &str, t: &Stored) -> Option<Vec<Target>> {
+pub fn map_transformers(rel: &str, t: &StoredTensor) -> Option<Vec<Target>> {
     let rel = rel.strip_prefix("text_model.").unwrap_or(rel);
     let (module, leaf) = rel.rsplit_once('.')?;
     let ok = match module {
@@ -50,7 +50,7 @@ pub fn map_transformers(rel: &str, t: &Stored) -> Option<Vec<Target>> {
 
 /// An OpenCLIP key (prefix stripped). `text_projection` is mapped only `with_projection`; the caller skips it
 /// (and `logit_scale`) otherwise.
-pub fn map_open_clip(rel: &str, t: &Stored, with_projection: bool) -> Option<Vec<Target>> {
+pub fn map_open_clip(rel: &str, t: &StoredTensor, with_projection: bool) -> Option<Vec<Target>> {
     let whole = |name: &str| Some(vec![Target::whole(name.to_string(), t)]);
     match rel {
         "token_embedding.weight" => return whole("text_model.embeddings.token_embedding.weight"),

@@ -16,7 +16,7 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use super::detect::Family;
-use super::{Component, ComponentMap, SingleFile};
+use super::{Component, ComponentMap, SingleFileMap};
 use crate::error::{Error, Result};
 
 /// Read `<stem>.yaml` (or `<stem>.json`) next to the checkpoint, if there is one.
@@ -54,7 +54,7 @@ fn unet_params(sidecar: Option<&Value>) -> Option<&Value> {
 
 /// The scheduler's `prediction_type` for this file: the sidecar's `parameterization: v` (absent = epsilon, as in
 /// LDM); without a sidecar the family's standard (SD 2.x → v_prediction, as diffusers' SD 2.1 default).
-pub fn prediction_type(sf: &SingleFile) -> &'static str {
+pub fn prediction_type(sf: &SingleFileMap) -> &'static str {
     match model_params(sf.sidecar()) {
         Some(p) if p.get("parameterization").and_then(Value::as_str) == Some("v") => "v_prediction",
         Some(_) => "epsilon",
@@ -63,22 +63,14 @@ pub fn prediction_type(sf: &SingleFile) -> &'static str {
     }
 }
 
-impl SingleFile {
-    /// The scheduler's `prediction_type` (see [`prediction_type`]).
-    pub fn prediction_type(&self) -> &'static str {
-        prediction_type(self)
-    }
-}
-
-pub(crate) fn component_config(sf: &SingleFile, map: &ComponentMap) -> Result<Value> {
+pub(crate) fn component_config(sf: &SingleFileMap, map: &ComponentMap) -> Result<Value> {
     if let Some(dir) = sf.config_dir() {
         let p = dir.join(map.component.name()).join("config.json");
         let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
         return serde_json::from_str(&text)
             .map_err(|e| Error::format(format!("{}: {e}", p.display())));
     }
-    let what =
-        |e: String| Error::invalid(format!("{}: {}: {e}", sf.path().display(), map.component));
+    let what = |e: String| Error::invalid(format!("{}: {}: {e}", sf.source(), map.component));
     match map.component {
         Component::Unet => unet_config(sf, map).map_err(what),
         Component::Vae => Ok(vae_config(sf, map)),
@@ -129,7 +121,7 @@ fn int_or_list(v: &[usize]) -> Value {
     }
 }
 
-fn unet_config(sf: &SingleFile, map: &ComponentMap) -> std::result::Result<Value, String> {
+fn unet_config(sf: &SingleFileMap, map: &ComponentMap) -> std::result::Result<Value, String> {
     let family = sf.family();
     let levels = count(map, "down_blocks.");
     let layers = count(map, "down_blocks.0.resnets.");
@@ -230,7 +222,7 @@ fn unet_config(sf: &SingleFile, map: &ComponentMap) -> std::result::Result<Value
 /// diffusers' `attention_head_dim` (a head count, despite the name), as `create_unet_diffusers_config_from_ldm`
 /// computes it from `num_heads` / `num_head_channels`; without a sidecar, the family's convention (SD 1.x: 8 heads;
 /// SD 2.x and SDXL: 64-channel heads).
-fn heads(sf: &SingleFile, channels: &[usize]) -> std::result::Result<Value, String> {
+fn heads(sf: &SingleFileMap, channels: &[usize]) -> std::result::Result<Value, String> {
     let per_channels = |c: usize| -> std::result::Result<Value, String> {
         let v: Vec<usize> = channels.iter().map(|ch| ch / c).collect();
         if c == 0 || channels.iter().any(|ch| ch % c != 0) {
@@ -269,7 +261,7 @@ fn agrees(cfg: &Value, std: &Value, ignore: &[&str]) -> bool {
         .all(|(k, v)| std.get(k).map_or(v.is_null(), |s| s == v))
 }
 
-fn vae_config(sf: &SingleFile, map: &ComponentMap) -> Value {
+fn vae_config(sf: &SingleFileMap, map: &ComponentMap) -> Value {
     let family = sf.family();
     let levels = count(map, "encoder.down_blocks.");
     let channels: Vec<usize> = (0..levels)
@@ -315,7 +307,10 @@ fn vae_config(sf: &SingleFile, map: &ComponentMap) -> Value {
     cfg
 }
 
-fn text_encoder_config(sf: &SingleFile, map: &ComponentMap) -> std::result::Result<Value, String> {
+fn text_encoder_config(
+    sf: &SingleFileMap,
+    map: &ComponentMap,
+) -> std::result::Result<Value, String> {
     let hidden = dim(map, "text_model.embeddings.token_embedding.weight", 1)?;
     let projection = shape(map, "text_projection.weight").map(|s| s[0]);
     let open_clip = sf.family() != Family::Sd1 && map.component == Component::TextEncoder2

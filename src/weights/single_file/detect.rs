@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use super::{ClipLayout, Component, Stored};
+use super::{ClipLayout, Component, StoredTensor};
 
 /// A model family a single file can hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -161,7 +161,7 @@ pub fn classify(name: &str) -> Class {
 }
 
 /// The UNet's cross-attention width, from the first `attn2.to_k.weight` ([C, context]).
-pub(crate) fn context_dim(stored: &BTreeMap<String, Stored>) -> Option<usize> {
+pub(crate) fn context_dim(stored: &BTreeMap<String, StoredTensor>) -> Option<usize> {
     stored
         .iter()
         .find(|(k, _)| k.starts_with(UNET_PREFIX) && k.ends_with(".attn2.to_k.weight"))
@@ -169,7 +169,7 @@ pub(crate) fn context_dim(stored: &BTreeMap<String, Stored>) -> Option<usize> {
 }
 
 /// Detect the family (see the module doc); an error says what was seen.
-pub(crate) fn family(stored: &BTreeMap<String, Stored>) -> Result<Family, String> {
+pub(crate) fn family(stored: &BTreeMap<String, StoredTensor>) -> Result<Family, String> {
     let has = |p: &str| {
         stored
             .range(p.to_string()..)

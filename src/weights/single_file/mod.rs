@@ -89,13 +89,16 @@ impl fmt::Display for Component {
     }
 }
 
-/// One tensor as stored in the file.
-#[derive(Debug, Clone)]
-pub(crate) struct Stored {
+/// One tensor as a safetensors header describes it: what the mapping works from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredTensor {
+    /// Its name in the file.
     pub name: String,
+    /// Its dtype; None for dtypes no model loads (I64 position ids, ...): fine for skipped extras only.
     pub dtype: Option<DType>,
+    /// Its shape.
     pub shape: Vec<usize>,
-    /// Absolute byte range of its data in the file.
+    /// Byte range of its data in the file.
     pub bytes: Range<usize>,
 }
 
@@ -110,7 +113,7 @@ pub(crate) struct Target {
 }
 
 impl Target {
-    fn whole(name: String, t: &Stored) -> Self {
+    fn whole(name: String, t: &StoredTensor) -> Self {
         Target {
             name,
             shape: t.shape.clone(),
@@ -119,7 +122,7 @@ impl Target {
             reshape: false,
         }
     }
-    fn reshaped(name: String, _t: &Stored, shape: Vec<usize>) -> Self {
+    fn reshaped(name: String, _t: &StoredTensor, shape: Vec<usize>) -> Self {
         Target {
             name,
             shape,
@@ -128,7 +131,7 @@ impl Target {
             reshape: true,
         }
     }
-    fn transposed(name: String, t: &Stored) -> Self {
+    fn transposed(name: String, t: &StoredTensor) -> Self {
         Target {
             name,
             shape: t.shape.iter().rev().copied().collect(),
@@ -137,7 +140,7 @@ impl Target {
             reshape: false,
         }
     }
-    fn rows(name: String, t: &Stored, rows: Range<usize>) -> Self {
+    fn rows(name: String, t: &StoredTensor, rows: Range<usize>) -> Self {
         let mut shape = t.shape.clone();
         shape[0] = rows.len();
         Target {
@@ -195,10 +198,11 @@ impl ComponentMap {
     }
 }
 
-/// An opened single-file checkpoint: memory-mapped, its keys mapped per component, its family detected.
-pub struct SingleFile {
-    path: PathBuf,
-    mmap: Mmap,
+/// The mapping of a whole single file, from its tensor names, dtypes and shapes alone (no file access): family,
+/// components, skipped extras and configs.
+#[derive(Debug, Clone)]
+pub struct SingleFileMap {
+    source: String,
     family: Family,
     maps: BTreeMap<Component, ComponentMap>,
     skipped: Vec<String>,
@@ -206,13 +210,18 @@ pub struct SingleFile {
     config_dir: Option<PathBuf>,
 }
 
+/// An opened single-file checkpoint: memory-mapped, its keys mapped per component ([`SingleFileMap`]).
+pub struct SingleFile {
+    path: PathBuf,
+    mmap: Mmap,
+    map: SingleFileMap,
+}
+
 impl fmt::Debug for SingleFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SingleFile")
             .field("path", &self.path)
-            .field("family", &self.family)
-            .field("components", &self.components())
-            .field("skipped", &self.skipped.len())
+            .field("map", &self.map)
             .finish()
     }
 }
@@ -242,55 +251,30 @@ fn list_keys(keys: &[String]) -> String {
     s
 }
 
-impl SingleFile {
-    /// Open `path`, detect its family and map every key. A `<stem>.yaml` next to the file (the LDM "original
-    /// config" A1111 and ComfyUI read) is used for what shapes cannot tell (head counts, v-prediction, VAE
-    /// scale); see [`config`]. Errors: unreadable or corrupt file, keys no rule maps (named), unknown family.
-    pub fn open(path: &Path) -> Result<Self> {
-        Self::open_with_config(path, None)
-    }
-
-    /// Like [`open`](Self::open), with a diffusers folder whose `<component>/config.json` give the components'
-    /// configs (diffusers' `from_single_file(config=...)`).
-    pub fn open_with_config(path: &Path, config_dir: Option<&Path>) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: read-only mapping; as every mmap-based loader, we rely on the file not being truncated while
-        // mapped (documented for hosts).
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let st = safetensors::SafeTensors::deserialize(&mmap)
-            .map_err(|e| Error::format(format!("{}: invalid safetensors: {e}", path.display())))?;
-        let base = mmap.as_ptr() as usize;
-        let mut stored = BTreeMap::new();
-        for (name, view) in st.tensors() {
-            let start = view.data().as_ptr() as usize - base;
-            let t = Stored {
-                name: name.clone(),
-                dtype: dtype_of(view.dtype()),
-                shape: view.shape().to_vec(),
-                bytes: start..start + view.data().len(),
-            };
-            stored.insert(name, t);
-        }
-        drop(st);
-        let family = detect::family(&stored)
-            .map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
-        let (maps, skipped) = map_all(&stored, family)
-            .map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
-        let sidecar = config::read_sidecar(path)?;
-        Ok(SingleFile {
-            path: path.to_path_buf(),
-            mmap,
+impl SingleFileMap {
+    /// Map `tensors` (a safetensors header). `source` names the file in errors; `sidecar` is its LDM original
+    /// config (see [`config`]); `config_dir` a diffusers folder giving the components' configs. Errors: keys no
+    /// rule maps (named), an unknown family, two keys mapping to one name.
+    pub fn new(
+        source: &str,
+        tensors: Vec<StoredTensor>,
+        sidecar: Option<serde_json::Value>,
+        config_dir: Option<&Path>,
+    ) -> Result<Self> {
+        let stored: BTreeMap<String, StoredTensor> =
+            tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
+        let family =
+            detect::family(&stored).map_err(|e| Error::format(format!("{source}: {e}")))?;
+        let (maps, skipped) =
+            map_all(&stored, family).map_err(|e| Error::format(format!("{source}: {e}")))?;
+        Ok(SingleFileMap {
+            source: source.to_string(),
             family,
             maps,
             skipped,
             sidecar,
             config_dir: config_dir.map(Path::to_path_buf),
         })
-    }
-
-    /// The file.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// The model family.
@@ -318,7 +302,7 @@ impl SingleFile {
         self.maps.get(&c).ok_or_else(|| {
             Error::invalid(format!(
                 "{}: {} (a {} checkpoint)",
-                self.path.display(),
+                self.source,
                 c.missing_hint(),
                 self.family
             ))
@@ -337,6 +321,15 @@ impl SingleFile {
         config::component_config(self, map)
     }
 
+    /// The scheduler's `prediction_type` (see [`config::prediction_type`]).
+    pub fn prediction_type(&self) -> &'static str {
+        config::prediction_type(self)
+    }
+
+    pub(crate) fn source(&self) -> &str {
+        &self.source
+    }
+
     pub(crate) fn sidecar(&self) -> Option<&serde_json::Value> {
         self.sidecar.as_ref()
     }
@@ -344,16 +337,110 @@ impl SingleFile {
     pub(crate) fn config_dir(&self) -> Option<&Path> {
         self.config_dir.as_deref()
     }
+}
+
+impl SingleFile {
+    /// Open `path`, detect its family and map every key. A `<stem>.yaml` next to the file (the LDM "original
+    /// config" A1111 and ComfyUI read) is used for what shapes cannot tell (head counts, v-prediction, VAE
+    /// scale); see [`config`]. Errors: unreadable or corrupt file, keys no rule maps (named), unknown family.
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with_config(path, None)
+    }
+
+    /// Like [`open`](Self::open), with a diffusers folder whose `<component>/config.json` give the components'
+    /// configs (diffusers' `from_single_file(config=...)`).
+    pub fn open_with_config(path: &Path, config_dir: Option<&Path>) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: read-only mapping; as every mmap-based loader, we rely on the file not being truncated while
+        // mapped (documented for hosts).
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let st = safetensors::SafeTensors::deserialize(&mmap)
+            .map_err(|e| Error::format(format!("{}: invalid safetensors: {e}", path.display())))?;
+        let base = mmap.as_ptr() as usize;
+        let tensors = st
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| {
+                let start = view.data().as_ptr() as usize - base;
+                StoredTensor {
+                    name,
+                    dtype: dtype_of(view.dtype()),
+                    shape: view.shape().to_vec(),
+                    bytes: start..start + view.data().len(),
+                }
+            })
+            .collect();
+        drop(st);
+        let sidecar = config::read_sidecar(path)?;
+        let map = SingleFileMap::new(&path.display().to_string(), tensors, sidecar, config_dir)?;
+        Ok(SingleFile {
+            path: path.to_path_buf(),
+            mmap,
+            map,
+        })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The mapping.
+    pub fn map(&self) -> &SingleFileMap {
+        &self.map
+    }
+
+    /// The model family.
+    pub fn family(&self) -> Family {
+        self.map.family()
+    }
+
+    /// The components present, in pipeline order.
+    pub fn components(&self) -> Vec<Component> {
+        self.map.components()
+    }
+
+    /// The components the family needs that this file lacks.
+    pub fn missing(&self) -> Vec<Component> {
+        self.map.missing()
+    }
+
+    /// The mapping of one component; a clear error naming what to pass when the file lacks it
+    /// ("no VAE in this file: pass --vae").
+    pub fn component(&self, c: Component) -> Result<&ComponentMap> {
+        self.map.component(c)
+    }
+
+    /// Stored names skipped as known extras.
+    pub fn skipped(&self) -> &[String] {
+        self.map.skipped()
+    }
+
+    /// The diffusers config of a component (see [`SingleFileMap::config`]).
+    pub fn config(&self, c: Component) -> Result<serde_json::Value> {
+        self.map.config(c)
+    }
+
+    /// The scheduler's `prediction_type`.
+    pub fn prediction_type(&self) -> &'static str {
+        self.map.prediction_type()
+    }
 
     /// The raw bytes of an entry (row slice applied; before any transpose).
-    pub fn entry_bytes(&self, e: &MapEntry) -> &[u8] {
-        &self.mmap[e.bytes.clone()]
+    pub fn entry_bytes(&self, e: &MapEntry) -> Result<&[u8]> {
+        self.mmap.get(e.bytes.clone()).ok_or_else(|| {
+            Error::invalid(format!(
+                "{}: entry {} is not a range of this file",
+                self.path.display(),
+                e.internal_name
+            ))
+        })
     }
 
     /// Read one entry as a CPU tensor in the stored dtype, with its row slice, transpose and reshape applied
     /// (a copy: for tests and loaders that want a `Tensor`; streaming loaders use [`MapEntry::bytes`]).
     pub fn read_tensor(&self, e: &MapEntry) -> Result<Tensor> {
-        let raw = self.entry_bytes(e);
+        let raw = self.entry_bytes(e)?;
         if e.transpose {
             let t = Tensor::from_raw_buffer(raw, e.dtype, &e.stored_shape, &Device::Cpu)?;
             return Ok(t.t()?.contiguous()?);
@@ -370,10 +457,10 @@ impl SingleFile {
 /// Map every key of the file: per component entries, plus the skipped extras. Unmapped keys are one error
 /// listing them.
 fn map_all(
-    stored: &BTreeMap<String, Stored>,
+    stored: &BTreeMap<String, StoredTensor>,
     family: Family,
 ) -> std::result::Result<(BTreeMap<Component, ComponentMap>, Vec<String>), String> {
-    let mut groups: BTreeMap<Component, (&'static str, ClipLayoutOrModel, Vec<&Stored>)> =
+    let mut groups: BTreeMap<Component, (&'static str, ClipLayoutOrModel, Vec<&StoredTensor>)> =
         BTreeMap::new();
     let mut skipped = Vec::new();
     let mut unmapped = Vec::new();

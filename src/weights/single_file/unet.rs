@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 
-use super::{Stored, Target};
+use super::{StoredTensor, Target};
 
 /// What the mapping needs to know about the UNet's layout, read from its keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +82,12 @@ fn split_index(s: &str) -> Option<(usize, &str)> {
 
 /// The diffusers name of one UNet key, or None when no rule maps it. `add_embedding` names `label_emb` as SDXL's
 /// `text_time` embedding; otherwise it is a `class_embedding` (diffusers' "projection" models).
-pub fn map(rel: &str, t: &Stored, layout: UnetLayout, add_embedding: bool) -> Option<Vec<Target>> {
+pub fn map(
+    rel: &str,
+    t: &StoredTensor,
+    layout: UnetLayout,
+    add_embedding: bool,
+) -> Option<Vec<Target>> {
     let l = layout.layers_per_block;
     let name = map_name(rel, l, add_embedding)?;
     Some(vec![Target::whole(name, t)])

@@ -7,7 +7,7 @@
 //! weights read as linear: a reshape of the same bytes), `nin_shortcut` → `conv_shortcut`, `norm_out` →
 //! `conv_norm_out`.
 
-use super::{Stored, Target};
+use super::{StoredTensor, Target};
 
 /// Decoder levels in the file (`decoder.up.k`), needed to reverse their order.
 pub fn levels(keys: &[&str]) -> usize {
@@ -43,7 +43,7 @@ fn split_index(s: &str) -> Option<(usize, &str)> {
 }
 
 /// The diffusers name (and reshape) of one VAE key; None when no rule maps it. `levels` = decoder levels.
-pub fn map(rel: &str, t: &Stored, levels: usize) -> Option<Vec<Target>> {
+pub fn map(rel: &str, t: &StoredTensor, levels: usize) -> Option<Vec<Target>> {
     let (side, rest) = rel.split_once('.')?;
     match side {
         "encoder" | "decoder" => {}
