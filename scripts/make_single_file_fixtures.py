@@ -21,6 +21,8 @@ What it writes under tests/fixtures/single-file/ (see README.md there):
                       `conditioner.embedders.0.transformer.` and an OpenCLIP bigG-style tower with projection under
                       `conditioner.embedders.1.model.` (text_projection stored transposed)
     sdxl.yaml, sdxl/{unet,vae,text_encoder,text_encoder_2}/  the same components as diffusers folders (float16)
+    real-keys/{sd15,sd21,sdxl}.json  names, dtypes and shapes (no data) of real-size single files, from the
+                      standard architectures built on the meta device
 
 The single files are written with this script's own diffusers -> LDM mapping (`to_ldm_*` below). The independent
 check is diffusers itself: `UNet2DConditionModel.from_single_file` / `AutoencoderKL.from_single_file` with a local
@@ -463,6 +465,115 @@ def sdxl():
                   vae_cfg)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Real-size key lists (no weights): the standard SD 1.5 / SD 2.1 / SDXL-base architectures built on the meta device
+# --------------------------------------------------------------------------------------------------------------------
+
+# The standard diffusers configs (stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1,
+# stabilityai/stable-diffusion-xl-base-1.0), the keys that shape the weights.
+STD_UNET = {
+    "sd15": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+                 attention_head_dim=8, sample_size=64),
+    "sd21": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=1024,
+                 attention_head_dim=[5, 10, 20, 20], use_linear_projection=True, upcast_attention=True,
+                 sample_size=96),
+    "sdxl": dict(block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+                 attention_head_dim=[5, 10, 20], use_linear_projection=True, transformer_layers_per_block=[1, 2, 10],
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816, sample_size=128),
+}
+STD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+              hidden_act="quick_gelu", projection_dim=768, max_position_embeddings=77)
+OPEN_CLIP_H = dict(CLIP_L, hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
+                   hidden_act="gelu", projection_dim=512)
+OPEN_CLIP_BIGG = dict(CLIP_L, hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                      hidden_act="gelu", projection_dim=1280)
+
+
+def meta_state(model):
+    return {k: v for k, v in model.state_dict().items()}
+
+
+def shapes(sd):
+    return {k: list(v.shape) for k, v in sd.items()}
+
+
+def real_size_key_lists():
+    """Key lists (name, dtype, shape) of real-size LDM/SGM files, made from the standard architectures with our
+    mapping, each checked against diffusers' convert functions (which run on meta tensors too)."""
+    out_dir = OUT / "real-keys"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("sd15", "sd21", "sdxl"):
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**STD_UNET[name])
+            vae = AutoencoderKL(**STD_VAE)
+            if name == "sd15":
+                encoders = [("text_encoder", CLIPTextModel(CLIPTextConfig(**CLIP_L)))]
+            elif name == "sd21":
+                encoders = [("text_encoder", CLIPTextModel(CLIPTextConfig(**OPEN_CLIP_H)))]
+            else:
+                encoders = [("text_encoder", CLIPTextModel(CLIPTextConfig(**CLIP_L))),
+                            ("text_encoder_2", CLIPTextModelWithProjection(CLIPTextConfig(**OPEN_CLIP_BIGG)))]
+        ucfg, vcfg = dict(unet.config), dict(vae.config)
+        usd, vsd = meta_state(unet), meta_state(vae)
+        ckpt = {}
+        ckpt.update(to_ldm_unet(usd, ucfg))
+        ckpt.update(to_ldm_vae(vsd, vcfg))
+        expected = {"unet": shapes(usd), "vae": shapes(vsd)}
+        for comp, te in encoders:
+            tsd = hub_clip_state_dict(te)
+            if name == "sd15":
+                ckpt.update(to_ldm_clip(tsd, "cond_stage_model.transformer."))
+                ckpt["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.empty(1, 77, device="meta")
+                want = tsd
+            elif name == "sd21":
+                ckpt.update(to_open_clip(tsd, "cond_stage_model.model.", 24, torch.empty(1024, 1024, device="meta")))
+                got = sfu.convert_open_clip_checkpoint(te, ckpt, prefix="cond_stage_model.model.")
+                # diffusers' SD 2 text encoder: the first 23 layers.
+                want = {k: v for k, v in tsd.items() if not k.startswith("text_model.encoder.layers.23.")}
+            elif comp == "text_encoder":
+                ckpt.update(to_ldm_clip(tsd, "conditioner.embedders.0.transformer."))
+                want = tsd
+            else:
+                ckpt.update(to_open_clip(tsd, "conditioner.embedders.1.model.", 32,
+                                         tsd["text_projection.weight"].t()))
+                want = tsd
+            expected[comp] = shapes(want)
+        ckpt.update(noise_schedule())
+        # diffusers' converters give back the models' names and shapes.
+        checks = [("unet", sfu.convert_ldm_unet_checkpoint(ckpt, ucfg)), ("vae", sfu.convert_ldm_vae_checkpoint(ckpt, vcfg))]
+        if name == "sd15":
+            checks.append(("text_encoder", sfu.convert_ldm_clip_checkpoint(
+                {k: v for k, v in ckpt.items() if not k.endswith("position_ids")})))
+        elif name == "sd21":
+            checks.append(("text_encoder", sfu.convert_open_clip_checkpoint(
+                encoders[0][1], ckpt, prefix="cond_stage_model.model.")))
+        else:
+            checks.append(("text_encoder", sfu.convert_ldm_clip_checkpoint(
+                {k: v for k, v in ckpt.items() if k.startswith("conditioner.embedders.0.")})))
+            checks.append(("text_encoder_2", sfu.convert_open_clip_checkpoint(
+                encoders[1][1], ckpt, prefix="conditioner.embedders.1.model.")))
+        for comp, got in checks:
+            if shapes(got) != expected[comp]:
+                missing = sorted(set(expected[comp]) - set(got))[:5]
+                extra = sorted(set(got) - set(expected[comp]))[:5]
+                raise SystemExit(f"{name} {comp}: diffusers' conversion differs: missing {missing}, extra {extra}")
+            print(f"  ok {name} {comp}: diffusers converts {len(got)} real-size names back")
+        doc = {
+            "generated_by": META["generated_by"],
+            "tensors": [[k, "F16" if v.dtype.is_floating_point else "I64", list(v.shape)] for k, v in sorted(ckpt.items())],
+            "expected": {comp: {"tensors": len(sd), "elements": sum(math.prod(s) for s in sd.values())}
+                         for comp, sd in expected.items()},
+        }
+        path = out_dir / f"{name}.json"
+        path.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
+        print(f"  wrote {path.relative_to(ROOT)}: {len(ckpt)} keys, {path.stat().st_size} bytes")
+
+
 def main():
     for mod, want in (("torch", torch), ("diffusers", diffusers), ("transformers", transformers)):
         got = want.__version__.split("+")[0]
@@ -472,6 +583,7 @@ def main():
     sd1()
     sd2()
     sdxl()
+    real_size_key_lists()
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"done: {total} bytes under {OUT.relative_to(ROOT)}")
 

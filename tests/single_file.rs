@@ -9,7 +9,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
-use lowvram::weights::single_file::{Component, Family, SingleFile};
+use lowvram::weights::single_file::{
+    config, Component, Family, SingleFile, SingleFileMap, StoredTensor,
+};
 use serde_json::Value;
 
 fn repo() -> PathBuf {
@@ -392,4 +394,99 @@ fn a_config_folder_gives_the_components_configs() {
     }
     let te2 = sf.config(Component::TextEncoder2).unwrap();
     assert_eq!(te2["projection_dim"], 24);
+}
+
+/// A real-size key list (tests/fixtures/single-file/real-keys, written from the standard architectures and
+/// checked against diffusers' converters) as the header of a file: names, dtypes, shapes, consecutive byte ranges.
+fn real_size_map(name: &str) -> (SingleFileMap, Value) {
+    let path = fixture(&format!("real-keys/{name}.json"));
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut offset = 0;
+    let mut tensors = Vec::new();
+    for t in doc["tensors"].as_array().unwrap() {
+        let shape: Vec<usize> = t[2]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
+        let (dtype, size) = match t[1].as_str().unwrap() {
+            "F16" => (Some(DType::F16), 2),
+            _ => (None, 8),
+        };
+        let len = shape.iter().product::<usize>() * size;
+        tensors.push(StoredTensor {
+            name: t[0].as_str().unwrap().to_string(),
+            dtype,
+            shape,
+            bytes: offset..offset + len,
+        });
+        offset += len;
+    }
+    (
+        SingleFileMap::new(name, tensors, None, None).unwrap(),
+        doc["expected"].clone(),
+    )
+}
+
+#[test]
+fn real_size_checkpoints_map_completely_and_get_the_standard_configs() {
+    for (name, family, prediction) in [
+        ("sd15", Family::Sd1, "epsilon"),
+        ("sd21", Family::Sd2, "v_prediction"),
+        ("sdxl", Family::Sdxl, "epsilon"),
+    ] {
+        let (map, expected) = real_size_map(name);
+        assert_eq!(map.family(), family, "{name}");
+        assert!(map.missing().is_empty(), "{name}: {:?}", map.missing());
+        assert_eq!(map.prediction_type(), prediction, "{name}");
+        for c in map.components() {
+            let m = map.component(c).unwrap();
+            let want = &expected[c.name()];
+            let elements: usize = m
+                .entries
+                .iter()
+                .map(|e| e.shape.iter().product::<usize>())
+                .sum();
+            assert_eq!(
+                m.entries.len() as u64,
+                want["tensors"].as_u64().unwrap(),
+                "{name} {c}: tensors"
+            );
+            assert_eq!(
+                elements as u64,
+                want["elements"].as_u64().unwrap(),
+                "{name} {c}: elements"
+            );
+            let standard = match c {
+                Component::Unet => config::standard_unet(family).unwrap(),
+                Component::Vae => config::standard_vae(family),
+                _ => config::standard_text_encoder(family, c),
+            };
+            assert_eq!(
+                map.config(c).unwrap(),
+                standard,
+                "{name} {c}: not recognised as the standard config"
+            );
+        }
+    }
+    let (sd21, _) = real_size_map("sd21");
+    assert_eq!(
+        sd21.config(Component::TextEncoder).unwrap()["num_hidden_layers"],
+        23
+    );
+    let (sdxl, _) = real_size_map("sdxl");
+    let te2 = sdxl.component(Component::TextEncoder2).unwrap();
+    assert!(te2.get("text_projection.weight").unwrap().transpose);
+    let unet = sdxl.component(Component::Unet).unwrap();
+    // SDXL's deepest attention stack: 10 transformer blocks per attention at 1280 channels.
+    assert!(unet
+        .get("down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k.weight")
+        .is_some());
+    assert_eq!(
+        unet.get("down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k.weight")
+            .unwrap()
+            .shape,
+        vec![1280, 2048]
+    );
 }

@@ -330,12 +330,12 @@ fn text_encoder_config(
     if agrees(
         &cfg,
         &std,
-        &[
-            "num_attention_heads",
-            "bos_token_id",
-            "eos_token_id",
-            "pad_token_id",
-        ],
+        // A CLIPTextModel has no projection: its projection_dim is not in the file (SD 2.1's config says 512).
+        if projection.is_some() {
+            &["num_attention_heads"][..]
+        } else {
+            &["num_attention_heads", "projection_dim"][..]
+        },
     ) {
         return Ok(std);
     }
