@@ -490,3 +490,20 @@ fn real_size_checkpoints_map_completely_and_get_the_standard_configs() {
         vec![1280, 2048]
     );
 }
+
+#[test]
+fn v_pred_and_ztsnr_markers_set_the_prediction_type() {
+    let path = rewrite(
+        &fixture("sdxl.safetensors"),
+        "vpred",
+        |_| false,
+        &[("v_pred", vec![0]), ("ztsnr", vec![0])],
+    );
+    let sf = SingleFile::open(&path).unwrap();
+    assert_eq!(sf.prediction_type(), "v_prediction");
+    assert!(sf.zero_terminal_snr());
+    assert!(sf.skipped().iter().any(|k| k == "v_pred"));
+    let plain = SingleFile::open(&fixture("sdxl.safetensors")).unwrap();
+    assert_eq!(plain.prediction_type(), "epsilon");
+    assert!(!plain.zero_terminal_snr());
+}

@@ -52,9 +52,13 @@ fn unet_params(sidecar: Option<&Value>) -> Option<&Value> {
         .get("params")
 }
 
-/// The scheduler's `prediction_type` for this file: the sidecar's `parameterization: v` (absent = epsilon, as in
-/// LDM); without a sidecar the family's standard (SD 2.x → v_prediction, as diffusers' SD 2.1 default).
+/// The scheduler's `prediction_type` for this file: a `v_pred` marker key → v_prediction; else the sidecar's
+/// `parameterization: v` (absent = epsilon, as in LDM); without either, the family's standard (SD 2.x →
+/// v_prediction, as diffusers' SD 2.1 default).
 pub fn prediction_type(sf: &SingleFileMap) -> &'static str {
+    if sf.has_marker("v_pred") {
+        return "v_prediction";
+    }
     match model_params(sf.sidecar()) {
         Some(p) if p.get("parameterization").and_then(Value::as_str) == Some("v") => "v_prediction",
         Some(_) => "epsilon",

@@ -106,17 +106,29 @@ pub const SCHEDULE_BUFFERS: [&str; 16] = [
     "denoiser.log_sigmas",
 ];
 
+/// Marker keys some checkpoints carry: `v_pred` (a v-prediction model, e.g. SDXL v-pred fine-tunes), `ztsnr`
+/// (trained with zero terminal SNR). ComfyUI reads them the same way (`supported_models.py`, `SDXL.model_type`).
+pub const MARKERS: [&str; 2] = ["v_pred", "ztsnr"];
+
 /// The known extras, skipped (documented in one place):
 /// - `model_ema.*`: the EMA copy of the UNet (flattened names) and its `decay`/`num_updates`; diffusers also loads
 ///   the non-EMA weights unless asked (`extract_ema`).
 /// - [`SCHEDULE_BUFFERS`].
 /// - `*.embeddings.position_ids` of the CLIP encoders (a buffer: `arange(77)`).
 /// - OpenCLIP `logit_scale` (contrastive training only).
+/// - [`MARKERS`]: empty tensors that flag v-prediction / zero terminal SNR (read by
+///   [`SingleFileMap::prediction_type`](super::SingleFileMap::prediction_type)), and `embedding_manager.*`
+///   (textual-inversion training state). stable-diffusion.cpp's `unused_tensors` and ComfyUI's
+///   `supported_models.py` skip or read the same keys.
 /// - SD 2.x only: `cond_stage_model.model.text_projection` (its `CLIPTextModel` has no projection) and
 ///   `cond_stage_model.model.transformer.resblocks.23.*` (SD 2 uses the penultimate layer; diffusers' text encoder
 ///   has 23 layers and drops this one: `SD_2_TEXT_ENCODER_KEYS_TO_IGNORE`).
 pub fn is_extra(name: &str) -> bool {
-    if name.starts_with("model_ema.") || SCHEDULE_BUFFERS.contains(&name) {
+    if name.starts_with("model_ema.")
+        || name.starts_with("embedding_manager.")
+        || SCHEDULE_BUFFERS.contains(&name)
+        || MARKERS.contains(&name)
+    {
         return true;
     }
     let clip = PREFIXES

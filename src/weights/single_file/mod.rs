@@ -326,6 +326,16 @@ impl SingleFileMap {
         config::prediction_type(self)
     }
 
+    /// The file was trained with zero terminal SNR (a `ztsnr` marker key): diffusers'
+    /// `rescale_betas_zero_snr: true` for its scheduler.
+    pub fn zero_terminal_snr(&self) -> bool {
+        self.has_marker("ztsnr")
+    }
+
+    pub(crate) fn has_marker(&self, name: &str) -> bool {
+        self.skipped.iter().any(|k| k == name)
+    }
+
     pub(crate) fn source(&self) -> &str {
         &self.source
     }
@@ -424,6 +434,11 @@ impl SingleFile {
     /// The scheduler's `prediction_type`.
     pub fn prediction_type(&self) -> &'static str {
         self.map.prediction_type()
+    }
+
+    /// Trained with zero terminal SNR (see [`SingleFileMap::zero_terminal_snr`]).
+    pub fn zero_terminal_snr(&self) -> bool {
+        self.map.zero_terminal_snr()
     }
 
     /// The raw bytes of an entry (row slice applied; before any transpose).
