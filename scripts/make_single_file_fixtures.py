@@ -51,7 +51,7 @@ torch.set_num_threads(1)
 import diffusers  # noqa: E402
 import transformers  # noqa: E402
 import yaml  # noqa: E402
-from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel  # noqa: E402
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -93,6 +93,13 @@ SDXL_VAE = dict(
     up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
     latent_channels=4, norm_num_groups=4, sample_size=64, scaling_factor=0.13025, force_upcast=True,
 )
+
+
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json.
+SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                      interpolation_type="linear", prediction_type="epsilon", sample_max_value=1.0,
+                      set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, timestep_spacing="leading",
+                      use_karras_sigmas=False, clip_sample=False, trained_betas=None)
 
 
 def gen(seed):
@@ -267,6 +274,14 @@ def write_clip_folder(folder, model):
     return sd
 
 
+def copy_configs(model, folder):
+    """A complete diffusers config folder beside the fixture (configs only: the weights are the single file's), for
+    `SingleFile::open_with_config` (diffusers' `config=`)."""
+    for sub, name in (("unet", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model / sub / name, folder / sub / name)
+
+
 def save_single(path, tensors):
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=META)
     print(f"  wrote {path.relative_to(ROOT)}: {len(tensors)} tensors, {path.stat().st_size} bytes")
@@ -365,6 +380,7 @@ def sd1():
     vae_sd = folder_state(model / "vae" / "diffusion_pytorch_model.safetensors")
     te = build_clip(CLIPTextModel, SD1_CLIP, 101, torch.float32)
     te_sd = write_clip_folder(OUT / "sd1" / "text_encoder", te)
+    copy_configs(model, OUT / "sd1")
     single = {}
     single.update(to_ldm_unet(unet_sd, unet_cfg))
     single.update(to_ldm_vae(vae_sd, vae_cfg))
@@ -401,6 +417,7 @@ def sd2():
     te.load_state_dict({k.removeprefix("text_model."): v for k, v in full_sd.items()
                         if not k.startswith("text_model.encoder.layers.23.")})
     te_sd = write_clip_folder(OUT / "sd2" / "text_encoder", te)
+    copy_configs(model, OUT / "sd2")
     proj = torch.randn((48, 48), generator=gen(203)) / math.sqrt(48)
     single = {}
     single.update(to_ldm_unet(unet_sd, unet_cfg))
@@ -435,6 +452,7 @@ def sdxl():
         if (folder / sub).exists():
             shutil.rmtree(folder / sub)
         m.save_pretrained(str(folder / sub), safe_serialization=True)
+    EulerDiscreteScheduler.from_config(SDXL_SCHEDULER).save_config(str(folder / "scheduler"))
     unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
     vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
     unet_sd = folder_state(folder / "unet" / "diffusion_pytorch_model.safetensors")

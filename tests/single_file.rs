@@ -387,13 +387,29 @@ fn configs_from_shapes_and_the_ldm_yaml_match_the_folders() {
 
 #[test]
 fn a_config_folder_gives_the_components_configs() {
+    for model in ["sd1", "sd2", "sdxl"] {
+        let sf = SingleFile::open_with_config(
+            &fixture(&format!("{model}.safetensors")),
+            Some(&fixture(model)),
+        )
+        .unwrap();
+        for c in components_of(model) {
+            assert_eq!(
+                sf.config(c).unwrap(),
+                folder_config(model, c),
+                "{model} {c}"
+            );
+        }
+        let sched = fixture(model).join("scheduler/scheduler_config.json");
+        let want: Value = serde_json::from_str(&std::fs::read_to_string(sched).unwrap()).unwrap();
+        assert_eq!(sf.scheduler_config().unwrap(), want, "{model}");
+    }
     let sf =
         SingleFile::open_with_config(&fixture("sdxl.safetensors"), Some(&fixture("sdxl"))).unwrap();
-    for c in components_of("sdxl") {
-        assert_eq!(sf.config(c).unwrap(), folder_config("sdxl", c), "{c}");
-    }
-    let te2 = sf.config(Component::TextEncoder2).unwrap();
-    assert_eq!(te2["projection_dim"], 24);
+    assert_eq!(
+        sf.config(Component::TextEncoder2).unwrap()["projection_dim"],
+        24
+    );
 }
 
 /// A real-size key list (tests/fixtures/single-file/real-keys, written from the standard architectures and
@@ -503,7 +519,47 @@ fn v_pred_and_ztsnr_markers_set_the_prediction_type() {
     assert_eq!(sf.prediction_type(), "v_prediction");
     assert!(sf.zero_terminal_snr());
     assert!(sf.skipped().iter().any(|k| k == "v_pred"));
+    let sched = sf.scheduler_config().unwrap();
+    assert_eq!(
+        (
+            sched["prediction_type"].as_str(),
+            sched["rescale_betas_zero_snr"].as_bool()
+        ),
+        (Some("v_prediction"), Some(true))
+    );
     let plain = SingleFile::open(&fixture("sdxl.safetensors")).unwrap();
     assert_eq!(plain.prediction_type(), "epsilon");
     assert!(!plain.zero_terminal_snr());
+}
+
+#[test]
+fn scheduler_configs_follow_the_family_and_the_yaml() {
+    use lowvram::sampling::{PredictionType, SchedulerConfig, SchedulerKind};
+    for (model, class, prediction) in [
+        ("sd1", "PNDMScheduler", PredictionType::Epsilon),
+        ("sd2", "DDIMScheduler", PredictionType::VPrediction),
+        ("sdxl", "EulerDiscreteScheduler", PredictionType::Epsilon),
+    ] {
+        let sf = SingleFile::open(&fixture(&format!("{model}.safetensors"))).unwrap();
+        let v = sf.scheduler_config().unwrap();
+        assert_eq!(v["_class_name"], class, "{model}");
+        let resolved = SchedulerConfig::from_value(&v)
+            .unwrap()
+            .resolve(SchedulerKind::Euler)
+            .unwrap();
+        assert_eq!(resolved.prediction_type, prediction, "{model}");
+    }
+    // SD 2.x without its yaml: v-prediction, as diffusers' SD 2.1 default; with an epsilon yaml: epsilon.
+    let path = rewrite(&fixture("sd2.safetensors"), "sd2-bare", |_| false, &[]);
+    let bare = SingleFile::open(&path).unwrap();
+    assert_eq!(bare.prediction_type(), "v_prediction");
+    std::fs::write(
+        path.with_extension("yaml"),
+        "model:\n  params:\n    scale_factor: 0.18215\n",
+    )
+    .unwrap();
+    assert_eq!(
+        SingleFile::open(&path).unwrap().prediction_type(),
+        "epsilon"
+    );
 }

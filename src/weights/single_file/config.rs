@@ -67,6 +67,58 @@ pub fn prediction_type(sf: &SingleFileMap) -> &'static str {
     }
 }
 
+/// The scheduler config a pipeline built from this file uses: `<config_dir>/scheduler/scheduler_config.json`
+/// when a config folder was given, else the family's standard one with this file's `prediction_type` and, for a
+/// `ztsnr` marker, `rescale_betas_zero_snr: true` (which the sampler refuses by name if it does not implement it).
+pub fn scheduler_config(sf: &SingleFileMap) -> Result<Value> {
+    if let Some(dir) = sf.config_dir() {
+        let p = dir.join("scheduler").join("scheduler_config.json");
+        if p.is_file() {
+            let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+            return serde_json::from_str(&text)
+                .map_err(|e| Error::format(format!("{}: {e}", p.display())));
+        }
+    }
+    let mut cfg = standard_scheduler(sf.family());
+    cfg["prediction_type"] = json!(prediction_type(sf));
+    if sf.zero_terminal_snr() {
+        cfg["rescale_betas_zero_snr"] = json!(true);
+    }
+    Ok(cfg)
+}
+
+/// The family's standard `scheduler_config.json` (SD 1.5: PNDM; SD 2.1: DDIM, v-prediction; SDXL base: Euler,
+/// leading spacing).
+pub fn standard_scheduler(family: Family) -> Value {
+    let mut cfg = json!({
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "set_alpha_to_one": false,
+        "skip_prk_steps": true,
+        "steps_offset": 1,
+        "clip_sample": false,
+        "trained_betas": null,
+    });
+    match family {
+        Family::Sd1 => cfg["_class_name"] = json!("PNDMScheduler"),
+        Family::Sd2 => {
+            cfg["_class_name"] = json!("DDIMScheduler");
+            cfg["prediction_type"] = json!("v_prediction");
+        }
+        Family::Sdxl => {
+            cfg["_class_name"] = json!("EulerDiscreteScheduler");
+            cfg["prediction_type"] = json!("epsilon");
+            cfg["interpolation_type"] = json!("linear");
+            cfg["timestep_spacing"] = json!("leading");
+            cfg["use_karras_sigmas"] = json!(false);
+            cfg["sample_max_value"] = json!(1.0);
+        }
+    }
+    cfg
+}
+
 pub(crate) fn component_config(sf: &SingleFileMap, map: &ComponentMap) -> Result<Value> {
     if let Some(dir) = sf.config_dir() {
         let p = dir.join(map.component.name()).join("config.json");

@@ -321,6 +321,12 @@ impl SingleFileMap {
         config::component_config(self, map)
     }
 
+    /// The scheduler config (see [`config::scheduler_config`]); parse it with
+    /// [`SchedulerConfig::from_value`](crate::sampling::SchedulerConfig::from_value).
+    pub fn scheduler_config(&self) -> Result<serde_json::Value> {
+        config::scheduler_config(self)
+    }
+
     /// The scheduler's `prediction_type` (see [`config::prediction_type`]).
     pub fn prediction_type(&self) -> &'static str {
         config::prediction_type(self)
@@ -434,6 +440,11 @@ impl SingleFile {
     /// The scheduler's `prediction_type`.
     pub fn prediction_type(&self) -> &'static str {
         self.map.prediction_type()
+    }
+
+    /// The scheduler config (see [`SingleFileMap::scheduler_config`]).
+    pub fn scheduler_config(&self) -> Result<serde_json::Value> {
+        self.map.scheduler_config()
     }
 
     /// Trained with zero terminal SNR (see [`SingleFileMap::zero_terminal_snr`]).
