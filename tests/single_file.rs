@@ -563,3 +563,93 @@ fn scheduler_configs_follow_the_family_and_the_yaml() {
         "epsilon"
     );
 }
+
+/// The single file through the models: the tiny UNets and VAEs built from the file's derived configs and mapped
+/// tensors give diffusers' reference outputs (tests/fixtures/tiny-sd*/), bit-identical to the folder-loaded run.
+#[test]
+fn single_file_models_match_the_folder_and_diffusers() {
+    use candle_core::Device;
+    use lowvram::models::{AutoencoderKL, UNet2DConditionModel, UNetConfig, VaeConfig};
+    use lowvram::ResidentWeights;
+    for (model, refs) in [("sd1", "tiny-sd"), ("sd2", "tiny-sd2")] {
+        let sf = SingleFile::open_with_config(
+            &fixture(&format!("{model}.safetensors")),
+            Some(&fixture(model)),
+        )
+        .unwrap();
+        let cfg = UNetConfig::from_json(&sf.config(Component::Unet).unwrap().to_string()).unwrap();
+        let unet = UNet2DConditionModel::new(cfg).unwrap();
+        let from_file = ResidentWeights::from_tensors(
+            sf.read_component(Component::Unet).unwrap(),
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap();
+        let from_folder = ResidentWeights::load(
+            &folder_file(model, Component::Unet),
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap();
+        let f = load(
+            &repo()
+                .join("tests/fixtures")
+                .join(refs)
+                .join("unet_forward.safetensors"),
+        );
+        let t = f["timestep"]
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()[0];
+        let out = unet
+            .forward(&from_file, &f["sample"], t, &f["encoder_hidden_states"])
+            .unwrap();
+        let folder_out = unet
+            .forward(&from_folder, &f["sample"], t, &f["encoder_hidden_states"])
+            .unwrap();
+        assert!(
+            bits(&out) == bits(&folder_out),
+            "{model}: single-file UNet output differs from the folder's"
+        );
+        let max = (&out - &f["out"])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(max <= 1e-4, "{model}: UNet vs diffusers max abs {max}");
+
+        let vcfg = VaeConfig::from_json(&sf.config(Component::Vae).unwrap().to_string()).unwrap();
+        let vae = AutoencoderKL::new(vcfg).unwrap();
+        let w = ResidentWeights::from_tensors(
+            sf.read_component(Component::Vae).unwrap(),
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap();
+        let f = load(
+            &repo()
+                .join("tests/fixtures")
+                .join(refs)
+                .join("vae_decode.safetensors"),
+        );
+        let img = vae.decode(&w, &f["latents"]).unwrap();
+        let max = (&img - &f["image"])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            max <= 1e-3,
+            "{model}: VAE decode vs diffusers max abs {max}"
+        );
+    }
+}

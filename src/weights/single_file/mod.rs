@@ -463,6 +463,19 @@ impl SingleFile {
         })
     }
 
+    /// Every tensor of a component by its model name, read as [`read_tensor`](Self::read_tensor) does (CPU,
+    /// stored dtype): for resident loading (`ResidentWeights::from_tensors`) and tests.
+    pub fn read_component(
+        &self,
+        c: Component,
+    ) -> Result<std::collections::HashMap<String, Tensor>> {
+        let map = self.component(c)?;
+        map.entries
+            .iter()
+            .map(|e| Ok((e.internal_name.clone(), self.read_tensor(e)?)))
+            .collect()
+    }
+
     /// Read one entry as a CPU tensor in the stored dtype, with its row slice, transpose and reshape applied
     /// (a copy: for tests and loaders that want a `Tensor`; streaming loaders use [`MapEntry::bytes`]).
     pub fn read_tensor(&self, e: &MapEntry) -> Result<Tensor> {
