@@ -122,7 +122,7 @@ impl Target {
             reshape: false,
         }
     }
-    fn reshaped(name: String, _t: &StoredTensor, shape: Vec<usize>) -> Self {
+    fn reshaped(name: String, shape: Vec<usize>) -> Self {
         Target {
             name,
             shape,

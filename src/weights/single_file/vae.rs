@@ -98,7 +98,7 @@ pub fn map(rel: &str, t: &StoredTensor, levels: usize) -> Option<Vec<Target>> {
             if t.shape[2..].iter().any(|&d| d != 1) {
                 return None;
             }
-            return Some(vec![Target::reshaped(name, t, t.shape[..2].to_vec())]);
+            return Some(vec![Target::reshaped(name, t.shape[..2].to_vec())]);
         }
         name
     } else {
