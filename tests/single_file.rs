@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 use lowvram::weights::single_file::{
-    config, Component, Family, SingleFile, SingleFileMap, StoredTensor,
+    config, Component, ComponentFile, Family, SingleFile, SingleFileMap, StoredTensor,
 };
 use serde_json::Value;
 
@@ -652,4 +652,103 @@ fn single_file_models_match_the_folder_and_diffusers() {
             "{model}: VAE decode vs diffusers max abs {max}"
         );
     }
+}
+
+/// Copy the tensors of `src` that `rename` keeps (under their new names) to a temporary file.
+fn extract(src: &Path, tag: &str, rename: impl Fn(&str) -> Option<String>) -> PathBuf {
+    let bytes = std::fs::read(src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .filter_map(|(n, v)| rename(&n).map(|m| (m, v)))
+        .collect();
+    let dir = std::env::temp_dir().join(format!("lowvram-single-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{tag}.safetensors"));
+    safetensors::tensor::serialize_to_file(views, None, &path).unwrap();
+    path
+}
+
+fn assert_component_file_matches(file: &ComponentFile, model: &str, c: Component) {
+    let want = load(&folder_file(model, c));
+    let got = file.read_all().unwrap();
+    let mut names: Vec<&String> = got.keys().collect();
+    names.sort();
+    let mut want_names: Vec<&String> = want.keys().collect();
+    want_names.sort();
+    assert_eq!(names, want_names, "{}: names", file.path().display());
+    for (k, w) in &want {
+        assert!(
+            got[k].dims() == w.dims() && bits(&got[k]) == bits(w),
+            "{}: {k} differs",
+            file.path().display()
+        );
+    }
+}
+
+#[test]
+fn standalone_component_files_map_to_the_folders() {
+    // An LDM VAE file (bare keys, as vae-ft-mse-840000 is stored) and the same under `vae.`.
+    let sd1 = fixture("sd1.safetensors");
+    let bare = extract(&sd1, "vae-bare", |n| {
+        n.strip_prefix("first_stage_model.").map(str::to_string)
+    });
+    let f = ComponentFile::open(&bare, Component::Vae).unwrap();
+    assert!(
+        f.map()
+            .get("decoder.mid_block.attentions.0.to_q.weight")
+            .unwrap()
+            .reshape
+    );
+    assert_component_file_matches(&f, "sd1", Component::Vae);
+    let vae_prefix = extract(&sd1, "vae-prefixed", |n| {
+        n.strip_prefix("first_stage_model.")
+            .map(|r| format!("vae.{r}"))
+    });
+    assert_component_file_matches(
+        &ComponentFile::open(&vae_prefix, Component::Vae).unwrap(),
+        "sd1",
+        Component::Vae,
+    );
+    // A VAE already in diffusers layout maps to itself.
+    let diffusers_vae = folder_file("sd1", Component::Vae);
+    assert_component_file_matches(
+        &ComponentFile::open(&diffusers_vae, Component::Vae).unwrap(),
+        "sd1",
+        Component::Vae,
+    );
+    // transformers-layout encoders (ComfyUI's clip_l / clip_g files), with and without projection.
+    for (model, c) in [
+        ("sd1", Component::TextEncoder),
+        ("sdxl", Component::TextEncoder2),
+    ] {
+        let f = ComponentFile::open(&folder_file(model, c), c).unwrap();
+        assert_component_file_matches(&f, model, c);
+    }
+    // OpenCLIP towers: bigG bare (with its transposed projection), OpenCLIP-H under SD 2's prefix (23 of 24 layers).
+    let sdxl = fixture("sdxl.safetensors");
+    let g = extract(&sdxl, "bigg", |n| {
+        n.strip_prefix("conditioner.embedders.1.model.")
+            .map(str::to_string)
+    });
+    let f = ComponentFile::open(&g, Component::TextEncoder2).unwrap();
+    assert!(f.map().get("text_projection.weight").unwrap().transpose);
+    assert_eq!(f.skipped(), ["logit_scale"]);
+    assert_component_file_matches(&f, "sdxl", Component::TextEncoder2);
+    let h = extract(&fixture("sd2.safetensors"), "openclip-h", |n| {
+        n.starts_with("cond_stage_model.model.")
+            .then(|| n.to_string())
+    });
+    let f = ComponentFile::open(&h, Component::TextEncoder).unwrap();
+    assert_component_file_matches(&f, "sd2", Component::TextEncoder);
+    // A UNet tensor in a VAE file is named.
+    let mixed = extract(&sd1, "vae-mixed", |n| {
+        (n.starts_with("first_stage_model.") || n == "model.diffusion_model.out.2.weight")
+            .then(|| n.to_string())
+    });
+    let err = ComponentFile::open(&mixed, Component::Vae)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.diffusion_model.out.2.weight"), "{err}");
 }

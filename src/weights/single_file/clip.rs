@@ -23,6 +23,10 @@ pub enum ClipLayout {
 
 /// A transformers CLIP key (prefix stripped). Old files store names without `text_model.`.
 pub fn map_transformers(rel: &str, t: &StoredTensor) -> Option<Vec<Target>> {
+    // CLIPTextModelWithProjection's own name (standalone encoder files).
+    if rel == "text_projection.weight" && t.shape.len() == 2 {
+        return Some(vec![Target::whole(rel.to_string(), t)]);
+    }
     let rel = rel.strip_prefix("text_model.").unwrap_or(rel);
     let (module, leaf) = rel.rsplit_once('.')?;
     let ok = match module {

@@ -366,27 +366,7 @@ impl SingleFile {
     /// Like [`open`](Self::open), with a diffusers folder whose `<component>/config.json` give the components'
     /// configs (diffusers' `from_single_file(config=...)`).
     pub fn open_with_config(path: &Path, config_dir: Option<&Path>) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: read-only mapping; as every mmap-based loader, we rely on the file not being truncated while
-        // mapped (documented for hosts).
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let st = safetensors::SafeTensors::deserialize(&mmap)
-            .map_err(|e| Error::format(format!("{}: invalid safetensors: {e}", path.display())))?;
-        let base = mmap.as_ptr() as usize;
-        let tensors = st
-            .tensors()
-            .into_iter()
-            .map(|(name, view)| {
-                let start = view.data().as_ptr() as usize - base;
-                StoredTensor {
-                    name,
-                    dtype: dtype_of(view.dtype()),
-                    shape: view.shape().to_vec(),
-                    bytes: start..start + view.data().len(),
-                }
-            })
-            .collect();
-        drop(st);
+        let (mmap, tensors) = read_header(path)?;
         let sidecar = config::read_sidecar(path)?;
         let map = SingleFileMap::new(&path.display().to_string(), tensors, sidecar, config_dir)?;
         Ok(SingleFile {
@@ -452,17 +432,6 @@ impl SingleFile {
         self.map.zero_terminal_snr()
     }
 
-    /// The raw bytes of an entry (row slice applied; before any transpose).
-    pub fn entry_bytes(&self, e: &MapEntry) -> Result<&[u8]> {
-        self.mmap.get(e.bytes.clone()).ok_or_else(|| {
-            Error::invalid(format!(
-                "{}: entry {} is not a range of this file",
-                self.path.display(),
-                e.internal_name
-            ))
-        })
-    }
-
     /// Every tensor of a component by its model name, read as [`read_tensor`](Self::read_tensor) does (CPU,
     /// stored dtype): for resident loading (`ResidentWeights::from_tensors`) and tests.
     pub fn read_component(
@@ -477,20 +446,24 @@ impl SingleFile {
     }
 
     /// Read one entry as a CPU tensor in the stored dtype, with its row slice, transpose and reshape applied
-    /// (a copy: for tests and loaders that want a `Tensor`; streaming loaders use [`MapEntry::bytes`]).
+    /// (a copy: for tests and loaders that want a `Tensor`; streaming loaders read [`MapEntry::bytes`] of the
+    /// mapped file).
     pub fn read_tensor(&self, e: &MapEntry) -> Result<Tensor> {
-        let raw = self.entry_bytes(e)?;
-        if e.transpose {
-            let t = Tensor::from_raw_buffer(raw, e.dtype, &e.stored_shape, &Device::Cpu)?;
-            return Ok(t.t()?.contiguous()?);
-        }
-        Ok(Tensor::from_raw_buffer(
-            raw,
-            e.dtype,
-            &e.shape,
-            &Device::Cpu,
-        )?)
+        read_entry(&self.mmap, &self.path, e)
     }
+}
+
+/// Which rules map a group of keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rules {
+    /// LDM UNet (`input_blocks`, ...); `sdxl` names `label_emb` the `text_time` add_embedding.
+    Unet { sdxl: bool },
+    /// LDM VAE (`encoder.down.i.block.j`, ...).
+    Vae,
+    /// A text encoder in one of the CLIP layouts.
+    Clip(ClipLayout),
+    /// Already diffusers/transformers names (a standalone component file in diffusers layout).
+    Identity,
 }
 
 /// Map every key of the file: per component entries, plus the skipped extras. Unmapped keys are one error
@@ -499,7 +472,7 @@ fn map_all(
     stored: &BTreeMap<String, StoredTensor>,
     family: Family,
 ) -> std::result::Result<(BTreeMap<Component, ComponentMap>, Vec<String>), String> {
-    let mut groups: BTreeMap<Component, (&'static str, ClipLayoutOrModel, Vec<&StoredTensor>)> =
+    let mut groups: BTreeMap<Component, (&'static str, Rules, Vec<&StoredTensor>)> =
         BTreeMap::new();
     let mut skipped = Vec::new();
     let mut unmapped = Vec::new();
@@ -512,101 +485,25 @@ fn map_all(
                 prefix,
                 clip,
             } => {
-                let kind = match clip {
-                    Some(c) => ClipLayoutOrModel::Clip(c),
-                    None => ClipLayoutOrModel::Model,
+                let rules = match (component, clip) {
+                    (_, Some(c)) => Rules::Clip(c),
+                    (Component::Unet, None) => Rules::Unet {
+                        sdxl: family == Family::Sdxl,
+                    },
+                    _ => Rules::Vae,
                 };
                 groups
                     .entry(component)
-                    .or_insert((prefix, kind, Vec::new()))
+                    .or_insert((prefix, rules, Vec::new()))
                     .2
                     .push(t);
             }
         }
     }
     let mut maps = BTreeMap::new();
-    for (component, (prefix, kind, tensors)) in groups {
-        let rels: Vec<&str> = tensors.iter().map(|t| &t.name[prefix.len()..]).collect();
-        let unet_layout = if component == Component::Unet {
-            Some(unet::layout(&rels).ok_or_else(|| {
-                "cannot read the UNet's layout from its keys (input_blocks/output_blocks)"
-                    .to_string()
-            })?)
-        } else {
-            None
-        };
-        let vae_levels = if component == Component::Vae {
-            vae::levels(&rels)
-        } else {
-            0
-        };
-        let mut entries = Vec::new();
-        for (t, rel) in tensors.iter().zip(&rels) {
-            let targets = match (component, kind) {
-                (Component::Unet, _) => {
-                    unet::map(rel, t, unet_layout.unwrap(), family == Family::Sdxl)
-                }
-                (Component::Vae, _) => vae::map(rel, t, vae_levels),
-                (_, ClipLayoutOrModel::Clip(ClipLayout::Transformers)) => {
-                    clip::map_transformers(rel, t)
-                }
-                (_, ClipLayoutOrModel::Clip(ClipLayout::OpenClipNoProjection)) => {
-                    clip::map_open_clip(rel, t, false)
-                }
-                (_, ClipLayoutOrModel::Clip(ClipLayout::OpenClipWithProjection)) => {
-                    clip::map_open_clip(rel, t, true)
-                }
-                (_, ClipLayoutOrModel::Model) => None,
-            };
-            let Some(targets) = targets else {
-                unmapped.push(t.name.clone());
-                continue;
-            };
-            let Some(dtype) = t.dtype else {
-                return Err(format!(
-                    "tensor {}: unsupported dtype (supported: F32, F16, BF16, F8_E4M3)",
-                    t.name
-                ));
-            };
-            for tg in targets {
-                let row_bytes = t.shape.iter().skip(1).product::<usize>() * dtype.size_in_bytes();
-                let bytes = match &tg.rows {
-                    Some(r) => {
-                        t.bytes.start + r.start * row_bytes..t.bytes.start + r.end * row_bytes
-                    }
-                    None => t.bytes.clone(),
-                };
-                entries.push(MapEntry {
-                    internal_name: tg.name,
-                    stored_name: t.name.clone(),
-                    dtype,
-                    shape: tg.shape,
-                    stored_shape: t.shape.clone(),
-                    rows: tg.rows,
-                    transpose: tg.transpose,
-                    reshape: tg.reshape,
-                    bytes,
-                });
-            }
-        }
-        entries.sort_by(|a, b| a.internal_name.cmp(&b.internal_name));
-        if let Some(w) = entries
-            .windows(2)
-            .find(|w| w[0].internal_name == w[1].internal_name)
-        {
-            return Err(format!(
-                "{} and {} both map to {}",
-                w[0].stored_name, w[1].stored_name, w[0].internal_name
-            ));
-        }
-        maps.insert(
-            component,
-            ComponentMap {
-                component,
-                prefix,
-                entries,
-            },
-        );
+    for (component, (prefix, rules, tensors)) in groups {
+        let map = map_group(component, prefix, rules, &tensors, &mut unmapped)?;
+        maps.insert(component, map);
     }
     if !unmapped.is_empty() {
         unmapped.sort();
@@ -619,8 +516,275 @@ fn map_all(
     Ok((maps, skipped))
 }
 
-#[derive(Debug, Clone, Copy)]
-enum ClipLayoutOrModel {
-    Model,
-    Clip(ClipLayout),
+/// Map one component's keys (all under `prefix`) with `rules`; keys no rule maps go to `unmapped`.
+fn map_group(
+    component: Component,
+    prefix: &'static str,
+    rules: Rules,
+    tensors: &[&StoredTensor],
+    unmapped: &mut Vec<String>,
+) -> std::result::Result<ComponentMap, String> {
+    let rels: Vec<&str> = tensors.iter().map(|t| &t.name[prefix.len()..]).collect();
+    let unet_layout = match rules {
+        Rules::Unet { .. } => Some(unet::layout(&rels).ok_or_else(|| {
+            "cannot read the UNet's layout from its keys (input_blocks/output_blocks)".to_string()
+        })?),
+        _ => None,
+    };
+    let vae_levels = if rules == Rules::Vae {
+        vae::levels(&rels)
+    } else {
+        0
+    };
+    let mut entries = Vec::new();
+    for (t, rel) in tensors.iter().zip(&rels) {
+        let targets = match rules {
+            Rules::Unet { sdxl } => unet_layout.and_then(|l| unet::map(rel, t, l, sdxl)),
+            Rules::Vae => vae::map(rel, t, vae_levels),
+            Rules::Clip(ClipLayout::Transformers) => clip::map_transformers(rel, t),
+            Rules::Clip(ClipLayout::OpenClipNoProjection) => clip::map_open_clip(rel, t, false),
+            Rules::Clip(ClipLayout::OpenClipWithProjection) => clip::map_open_clip(rel, t, true),
+            Rules::Identity => Some(vec![Target::whole(rel.to_string(), t)]),
+        };
+        let Some(targets) = targets else {
+            unmapped.push(t.name.clone());
+            continue;
+        };
+        let Some(dtype) = t.dtype else {
+            return Err(format!(
+                "tensor {}: unsupported dtype (supported: F32, F16, BF16, F8_E4M3)",
+                t.name
+            ));
+        };
+        for tg in targets {
+            let row_bytes = t.shape.iter().skip(1).product::<usize>() * dtype.size_in_bytes();
+            let bytes = match &tg.rows {
+                Some(r) => t.bytes.start + r.start * row_bytes..t.bytes.start + r.end * row_bytes,
+                None => t.bytes.clone(),
+            };
+            entries.push(MapEntry {
+                internal_name: tg.name,
+                stored_name: t.name.clone(),
+                dtype,
+                shape: tg.shape,
+                stored_shape: t.shape.clone(),
+                rows: tg.rows,
+                transpose: tg.transpose,
+                reshape: tg.reshape,
+                bytes,
+            });
+        }
+    }
+    entries.sort_by(|a, b| a.internal_name.cmp(&b.internal_name));
+    if let Some(w) = entries
+        .windows(2)
+        .find(|w| w[0].internal_name == w[1].internal_name)
+    {
+        return Err(format!(
+            "{} and {} both map to {}",
+            w[0].stored_name, w[1].stored_name, w[0].internal_name
+        ));
+    }
+    Ok(ComponentMap {
+        component,
+        prefix,
+        entries,
+    })
+}
+
+/// Map the header of a file holding one component alone (`--vae` / `--text-encoder` given a file): an LDM VAE
+/// (`encoder.down.0.block.0...`, bare or under `first_stage_model.`/`vae.`), a VAE already in diffusers layout,
+/// a transformers CLIP text model (`text_model.*`, + `text_projection.weight`), or an OpenCLIP text tower
+/// (`transformer.resblocks.N...`), bare or under the single-file prefixes.
+fn map_component_file(
+    component: Component,
+    tensors: &[StoredTensor],
+) -> std::result::Result<(ComponentMap, Vec<String>), String> {
+    let prefixes: &[&'static str] = match component {
+        Component::Unet => return Err(
+            "a UNet alone is read as a checkpoint (model.diffusion_model.*): open it as the model"
+                .into(),
+        ),
+        Component::Vae => &["first_stage_model.", "vae.", ""],
+        Component::TextEncoder | Component::TextEncoder2 => &[
+            "cond_stage_model.transformer.",
+            "cond_stage_model.model.",
+            "conditioner.embedders.0.transformer.",
+            "conditioner.embedders.1.model.",
+            "",
+        ],
+    };
+    let open_clip = tensors
+        .iter()
+        .any(|t| t.name.contains("transformer.resblocks."));
+    let mut skipped = Vec::new();
+    let mut kept = Vec::new();
+    for t in tensors {
+        let leaf = t.name.rsplit('.').next().unwrap_or("");
+        let extra = t.name.starts_with("model_ema.")
+            || t.name.ends_with("position_ids")
+            || leaf == "logit_scale"
+            // An OpenCLIP tower as the only text encoder is SD 2's: no projection, and the 24th resblock dropped
+            // as diffusers drops it (see `detect::is_extra`).
+            || (open_clip
+                && component == Component::TextEncoder
+                && (leaf == "text_projection" || t.name.contains("transformer.resblocks.23.")));
+        if extra {
+            skipped.push(t.name.clone());
+        } else {
+            kept.push(t);
+        }
+    }
+    // The prefix most keys are under (bare when none is used); keys outside it are reported as unmapped.
+    let under = |p: &str| kept.iter().filter(|t| t.name.starts_with(p)).count();
+    let prefix = prefixes
+        .iter()
+        .copied()
+        .filter(|p| !p.is_empty() && under(p) > 0)
+        .max_by_key(|p| under(p))
+        .unwrap_or("");
+    let mut unmapped: Vec<String> = kept
+        .iter()
+        .filter(|t| !t.name.starts_with(prefix))
+        .map(|t| t.name.clone())
+        .collect();
+    kept.retain(|t| t.name.starts_with(prefix));
+    let rels = || kept.iter().map(|t| &t.name[prefix.len()..]);
+    let rules = match component {
+        Component::Vae
+            if rels().any(|r| {
+                r.starts_with("encoder.down_blocks.") || r.starts_with("decoder.up_blocks.")
+            }) =>
+        {
+            Rules::Identity
+        }
+        Component::Vae => Rules::Vae,
+        _ if open_clip => Rules::Clip(if component == Component::TextEncoder2 {
+            ClipLayout::OpenClipWithProjection
+        } else {
+            ClipLayout::OpenClipNoProjection
+        }),
+        _ => Rules::Clip(ClipLayout::Transformers),
+    };
+    let map = map_group(component, prefix, rules, &kept, &mut unmapped)?;
+    if !unmapped.is_empty() {
+        unmapped.sort();
+        return Err(format!(
+            "{} key(s) no {component} rule maps: {}",
+            unmapped.len(),
+            list_keys(&unmapped)
+        ));
+    }
+    Ok((map, skipped))
+}
+
+/// Memory-map a safetensors file and list its tensors.
+fn read_header(path: &Path) -> Result<(Mmap, Vec<StoredTensor>)> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: read-only mapping; as every mmap-based loader, we rely on the file not being truncated while
+    // mapped (documented for hosts).
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&mmap)
+        .map_err(|e| Error::format(format!("{}: invalid safetensors: {e}", path.display())))?;
+    let base = mmap.as_ptr() as usize;
+    let tensors = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let start = view.data().as_ptr() as usize - base;
+            StoredTensor {
+                name,
+                dtype: dtype_of(view.dtype()),
+                shape: view.shape().to_vec(),
+                bytes: start..start + view.data().len(),
+            }
+        })
+        .collect();
+    drop(st);
+    Ok((mmap, tensors))
+}
+
+/// One entry as a CPU tensor (row slice, transpose and reshape applied).
+fn read_entry(mmap: &Mmap, path: &Path, e: &MapEntry) -> Result<Tensor> {
+    let raw = mmap.get(e.bytes.clone()).ok_or_else(|| {
+        Error::invalid(format!(
+            "{}: entry {} is not a range of this file",
+            path.display(),
+            e.internal_name
+        ))
+    })?;
+    if e.transpose {
+        let t = Tensor::from_raw_buffer(raw, e.dtype, &e.stored_shape, &Device::Cpu)?;
+        return Ok(t.t()?.contiguous()?);
+    }
+    Ok(Tensor::from_raw_buffer(
+        raw,
+        e.dtype,
+        &e.shape,
+        &Device::Cpu,
+    )?)
+}
+
+/// One component stored alone in a file: a VAE or text encoder passed as `--vae FILE` / `--text-encoder FILE`
+/// (LDM, OpenCLIP or diffusers/transformers layout), memory-mapped and mapped to the model's names.
+pub struct ComponentFile {
+    path: PathBuf,
+    mmap: Mmap,
+    map: ComponentMap,
+    skipped: Vec<String>,
+}
+
+impl fmt::Debug for ComponentFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ComponentFile")
+            .field("path", &self.path)
+            .field("component", &self.map.component)
+            .field("entries", &self.map.entries.len())
+            .finish()
+    }
+}
+
+impl ComponentFile {
+    /// Open `path` as `component`. Errors: unreadable or corrupt file, keys no rule maps (named), a UNet (open
+    /// those with [`SingleFile::open`]).
+    pub fn open(path: &Path, component: Component) -> Result<Self> {
+        let (mmap, tensors) = read_header(path)?;
+        let (map, skipped) = map_component_file(component, &tensors)
+            .map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
+        Ok(ComponentFile {
+            path: path.to_path_buf(),
+            mmap,
+            map,
+            skipped,
+        })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The mapping.
+    pub fn map(&self) -> &ComponentMap {
+        &self.map
+    }
+
+    /// Stored names skipped as known extras (position ids, `logit_scale`, EMA copies).
+    pub fn skipped(&self) -> &[String] {
+        &self.skipped
+    }
+
+    /// Read one entry (see [`SingleFile::read_tensor`]).
+    pub fn read_tensor(&self, e: &MapEntry) -> Result<Tensor> {
+        read_entry(&self.mmap, &self.path, e)
+    }
+
+    /// Every tensor by its model name (see [`SingleFile::read_component`]).
+    pub fn read_all(&self) -> Result<std::collections::HashMap<String, Tensor>> {
+        self.map
+            .entries
+            .iter()
+            .map(|e| Ok((e.internal_name.clone(), self.read_tensor(e)?)))
+            .collect()
+    }
 }
