@@ -62,16 +62,11 @@ pub fn map_open_clip(rel: &str, t: &StoredTensor, with_projection: bool) -> Opti
         "ln_final.weight" => return whole("text_model.final_layer_norm.weight"),
         "ln_final.bias" => return whole("text_model.final_layer_norm.bias"),
         "text_projection" if with_projection && t.shape.len() == 2 => {
-            return Some(vec![Target::transposed(
-                "text_projection.weight".to_string(),
-                t,
-            )])
+            return Some(vec![Target::transposed("text_projection.weight".to_string(), t)])
         }
         _ => {}
     }
-    let (n, inner) = rel
-        .strip_prefix("transformer.resblocks.")?
-        .split_once('.')?;
+    let (n, inner) = rel.strip_prefix("transformer.resblocks.")?.split_once('.')?;
     let n: usize = n.parse().ok()?;
     let layer = format!("text_model.encoder.layers.{n}");
     if let Some(leaf) = inner.strip_prefix("attn.in_proj_") {
@@ -85,13 +80,7 @@ pub fn map_open_clip(rel: &str, t: &StoredTensor, with_projection: bool) -> Opti
             ["q_proj", "k_proj", "v_proj"]
                 .iter()
                 .enumerate()
-                .map(|(i, p)| {
-                    Target::rows(
-                        format!("{layer}.self_attn.{p}.{leaf}"),
-                        t,
-                        i * d..(i + 1) * d,
-                    )
-                })
+                .map(|(i, p)| Target::rows(format!("{layer}.self_attn.{p}.{leaf}"), t, i * d..(i + 1) * d))
                 .collect(),
         );
     }
@@ -104,6 +93,5 @@ pub fn map_open_clip(rel: &str, t: &StoredTensor, with_projection: bool) -> Opti
         "mlp.c_proj" => "mlp.fc2",
         _ => return None,
     };
-    (leaf == "weight" || leaf == "bias")
-        .then(|| vec![Target::whole(format!("{layer}.{to}.{leaf}"), t)])
+    (leaf == "weight" || leaf == "bias").then(|| vec![Target::whole(format!("{layer}.{to}.{leaf}"), t)])
 }

@@ -10,10 +10,7 @@ use candle_core::Tensor;
 use memmap2::Mmap;
 
 use super::StoredTensor;
-use super::{
-    list_keys, map_group, read_entry, read_header, ClipLayout, Component, ComponentMap, MapEntry,
-    Rules,
-};
+use super::{list_keys, map_group, read_entry, read_header, ClipLayout, Component, ComponentMap, MapEntry, Rules};
 use crate::error::{Error, Result};
 
 /// Map the header of a file holding one component alone (`--vae` / `--text-encoder` given a file): an LDM VAE
@@ -25,10 +22,9 @@ fn map_component_file(
     tensors: &[StoredTensor],
 ) -> std::result::Result<(ComponentMap, Vec<String>), String> {
     let prefixes: &[&'static str] = match component {
-        Component::Unet => return Err(
-            "a UNet alone is read as a checkpoint (model.diffusion_model.*): open it as the model"
-                .into(),
-        ),
+        Component::Unet => {
+            return Err("a UNet alone is read as a checkpoint (model.diffusion_model.*): open it as the model".into())
+        }
         Component::Vae => &["first_stage_model.", "vae.", ""],
         Component::TextEncoder | Component::TextEncoder2 => &[
             "cond_stage_model.transformer.",
@@ -38,9 +34,7 @@ fn map_component_file(
             "",
         ],
     };
-    let open_clip = tensors
-        .iter()
-        .any(|t| t.name.contains("transformer.resblocks."));
+    let open_clip = tensors.iter().any(|t| t.name.contains("transformer.resblocks."));
     let mut skipped = Vec::new();
     let mut kept = Vec::new();
     for t in tensors {
@@ -61,24 +55,15 @@ fn map_component_file(
     }
     // The prefix most keys are under (bare when none is used); keys outside it are reported as unmapped.
     let under = |p: &str| kept.iter().filter(|t| t.name.starts_with(p)).count();
-    let prefix = prefixes
-        .iter()
-        .copied()
-        .filter(|p| !p.is_empty() && under(p) > 0)
-        .max_by_key(|p| under(p))
-        .unwrap_or("");
-    let mut unmapped: Vec<String> = kept
-        .iter()
-        .filter(|t| !t.name.starts_with(prefix))
-        .map(|t| t.name.clone())
-        .collect();
+    let prefix =
+        prefixes.iter().copied().filter(|p| !p.is_empty() && under(p) > 0).max_by_key(|p| under(p)).unwrap_or("");
+    let mut unmapped: Vec<String> =
+        kept.iter().filter(|t| !t.name.starts_with(prefix)).map(|t| t.name.clone()).collect();
     kept.retain(|t| t.name.starts_with(prefix));
     let rels = || kept.iter().map(|t| &t.name[prefix.len()..]);
     let rules = match component {
         Component::Vae
-            if rels().any(|r| {
-                r.starts_with("encoder.down_blocks.") || r.starts_with("decoder.up_blocks.")
-            }) =>
+            if rels().any(|r| r.starts_with("encoder.down_blocks.") || r.starts_with("decoder.up_blocks.")) =>
         {
             Rules::Identity
         }
@@ -93,11 +78,7 @@ fn map_component_file(
     let map = map_group(component, prefix, rules, &kept, &mut unmapped)?;
     if !unmapped.is_empty() {
         unmapped.sort();
-        return Err(format!(
-            "{} key(s) no {component} rule maps: {}",
-            unmapped.len(),
-            list_keys(&unmapped)
-        ));
+        return Err(format!("{} key(s) no {component} rule maps: {}", unmapped.len(), list_keys(&unmapped)));
     }
     Ok((map, skipped))
 }
@@ -126,14 +107,9 @@ impl ComponentFile {
     /// those with [`SingleFile::open`](super::SingleFile::open)).
     pub fn open(path: &Path, component: Component) -> Result<Self> {
         let (mmap, tensors) = read_header(path)?;
-        let (map, skipped) = map_component_file(component, &tensors)
-            .map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
-        Ok(ComponentFile {
-            path: path.to_path_buf(),
-            mmap,
-            map,
-            skipped,
-        })
+        let (map, skipped) =
+            map_component_file(component, &tensors).map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
+        Ok(ComponentFile { path: path.to_path_buf(), mmap, map, skipped })
     }
 
     /// The file.
@@ -158,10 +134,6 @@ impl ComponentFile {
 
     /// Every tensor by its model name (see [`SingleFile::read_component`](super::SingleFile::read_component)).
     pub fn read_all(&self) -> Result<std::collections::HashMap<String, Tensor>> {
-        self.map
-            .entries
-            .iter()
-            .map(|e| Ok((e.internal_name.clone(), self.read_tensor(e)?)))
-            .collect()
+        self.map.entries.iter().map(|e| Ok((e.internal_name.clone(), self.read_tensor(e)?))).collect()
     }
 }

@@ -28,11 +28,9 @@ pub fn read_sidecar(path: &Path) -> Result<Option<Value>> {
         }
         let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
         let v: Value = if ext == "json" {
-            serde_json::from_str(&text)
-                .map_err(|e| Error::format(format!("{}: {e}", p.display())))?
+            serde_json::from_str(&text).map_err(|e| Error::format(format!("{}: {e}", p.display())))?
         } else {
-            serde_saphyr::from_str(&text)
-                .map_err(|e| Error::format(format!("{}: {e}", p.display())))?
+            serde_saphyr::from_str(&text).map_err(|e| Error::format(format!("{}: {e}", p.display())))?
         };
         return Ok(Some(v));
     }
@@ -47,9 +45,7 @@ fn model_params(sidecar: Option<&Value>) -> Option<&Value> {
 /// `unet_config.params` (LDM) or `network_config.params` (SGM).
 fn unet_params(sidecar: Option<&Value>) -> Option<&Value> {
     let p = model_params(sidecar)?;
-    p.get("unet_config")
-        .or_else(|| p.get("network_config"))?
-        .get("params")
+    p.get("unet_config").or_else(|| p.get("network_config"))?.get("params")
 }
 
 /// The scheduler's `prediction_type` for this file: a `v_pred` marker key → v_prediction; else the sidecar's
@@ -75,8 +71,7 @@ pub fn scheduler_config(sf: &SingleFileMap) -> Result<Value> {
         let p = dir.join("scheduler").join("scheduler_config.json");
         if p.is_file() {
             let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-            return serde_json::from_str(&text)
-                .map_err(|e| Error::format(format!("{}: {e}", p.display())));
+            return serde_json::from_str(&text).map_err(|e| Error::format(format!("{}: {e}", p.display())));
         }
     }
     let mut cfg = standard_scheduler(sf.family());
@@ -123,16 +118,13 @@ pub(crate) fn component_config(sf: &SingleFileMap, map: &ComponentMap) -> Result
     if let Some(dir) = sf.config_dir() {
         let p = dir.join(map.component.name()).join("config.json");
         let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-        return serde_json::from_str(&text)
-            .map_err(|e| Error::format(format!("{}: {e}", p.display())));
+        return serde_json::from_str(&text).map_err(|e| Error::format(format!("{}: {e}", p.display())));
     }
     let what = |e: String| Error::invalid(format!("{}: {}: {e}", sf.source(), map.component));
     match map.component {
         Component::Unet => unet_config(sf, map).map_err(what),
         Component::Vae => Ok(vae_config(sf, map)),
-        Component::TextEncoder | Component::TextEncoder2 => {
-            text_encoder_config(sf, map).map_err(what)
-        }
+        Component::TextEncoder | Component::TextEncoder2 => text_encoder_config(sf, map).map_err(what),
     }
 }
 
@@ -141,31 +133,20 @@ fn shape<'a>(map: &'a ComponentMap, name: &str) -> Option<&'a [usize]> {
 }
 
 fn dim(map: &ComponentMap, name: &str, i: usize) -> std::result::Result<usize, String> {
-    shape(map, name)
-        .and_then(|s| s.get(i).copied())
-        .ok_or_else(|| format!("missing {name}"))
+    shape(map, name).and_then(|s| s.get(i).copied()).ok_or_else(|| format!("missing {name}"))
 }
 
 /// Count `prefix<N>.` indices among the entries.
 fn count(map: &ComponentMap, prefix: &str) -> usize {
     map.entries
         .iter()
-        .filter_map(|e| {
-            e.internal_name
-                .strip_prefix(prefix)?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
+        .filter_map(|e| e.internal_name.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
         .max()
         .map_or(0, |m| m + 1)
 }
 
 fn has_prefix(map: &ComponentMap, prefix: &str) -> bool {
-    map.entries
-        .iter()
-        .any(|e| e.internal_name.starts_with(prefix))
+    map.entries.iter().any(|e| e.internal_name.starts_with(prefix))
 }
 
 /// Ints as one int when all equal (diffusers' configs write `1`, SDXL's writes `[1, 2, 10]`).
@@ -186,42 +167,16 @@ fn unet_config(sf: &SingleFileMap, map: &ComponentMap) -> std::result::Result<Va
     let mut up = Vec::new();
     let mut depth = Vec::new();
     for b in 0..levels {
-        channels.push(dim(
-            map,
-            &format!("down_blocks.{b}.resnets.0.conv2.weight"),
-            0,
-        )?);
+        channels.push(dim(map, &format!("down_blocks.{b}.resnets.0.conv2.weight"), 0)?);
         let attn = has_prefix(map, &format!("down_blocks.{b}.attentions."));
-        down.push(if attn {
-            "CrossAttnDownBlock2D"
-        } else {
-            "DownBlock2D"
-        });
+        down.push(if attn { "CrossAttnDownBlock2D" } else { "DownBlock2D" });
         let up_attn = has_prefix(map, &format!("up_blocks.{b}.attentions."));
-        up.push(if up_attn {
-            "CrossAttnUpBlock2D"
-        } else {
-            "UpBlock2D"
-        });
-        depth.push(if attn {
-            count(
-                map,
-                &format!("down_blocks.{b}.attentions.0.transformer_blocks."),
-            )
-        } else {
-            1
-        });
+        up.push(if up_attn { "CrossAttnUpBlock2D" } else { "UpBlock2D" });
+        depth.push(if attn { count(map, &format!("down_blocks.{b}.attentions.0.transformer_blocks.")) } else { 1 });
     }
     // Any attention tells the context width and the projection kind (LDM: 1x1 conv; SD 2.x/SDXL: linear).
-    let first = |suffix: &str| {
-        map.entries
-            .iter()
-            .find(|e| e.internal_name.ends_with(suffix))
-            .map(|e| &e.shape)
-    };
-    let context = first(".attn2.to_k.weight")
-        .and_then(|s| s.get(1).copied())
-        .ok_or("no cross-attention")?;
+    let first = |suffix: &str| map.entries.iter().find(|e| e.internal_name.ends_with(suffix)).map(|e| &e.shape);
+    let context = first(".attn2.to_k.weight").and_then(|s| s.get(1).copied()).ok_or("no cross-attention")?;
     let linear = first(".proj_in.weight").is_some_and(|s| s.len() == 2);
     let mid_attn = has_prefix(map, "mid_block.attentions.");
     let mut cfg = json!({
@@ -251,9 +206,7 @@ fn unet_config(sf: &SingleFileMap, map: &ComponentMap) -> std::result::Result<Va
             .checked_sub(pooled)
             .filter(|d| d % 6 == 0)
             .map(|d| d / 6)
-            .ok_or_else(|| {
-                format!("add_embedding input {adm} is not pooled ({pooled}) + 6 × time embedding")
-            })?;
+            .ok_or_else(|| format!("add_embedding input {adm} is not pooled ({pooled}) + 6 × time embedding"))?;
         cfg["addition_embed_type"] = json!("text_time");
         cfg["addition_time_embed_dim"] = json!(time);
         cfg["projection_class_embeddings_input_dim"] = json!(adm);
@@ -263,11 +216,8 @@ fn unet_config(sf: &SingleFileMap, map: &ComponentMap) -> std::result::Result<Va
     }
     cfg["attention_head_dim"] = heads(sf, &channels)?;
     if let Some(std) = standard_unet(family) {
-        if agrees(
-            &cfg,
-            &std,
-            &["attention_head_dim", "sample_size", "upcast_attention"],
-        ) && unet_params(sf.sidecar()).is_none()
+        if agrees(&cfg, &std, &["attention_head_dim", "sample_size", "upcast_attention"])
+            && unet_params(sf.sidecar()).is_none()
         {
             return Ok(std);
         }
@@ -290,10 +240,7 @@ fn heads(sf: &SingleFileMap, channels: &[usize]) -> std::result::Result<Value, S
         Ok(json!(v))
     };
     if let Some(p) = unet_params(sf.sidecar()) {
-        if let Some(n) = p
-            .get("num_heads")
-            .filter(|v| !v.is_null() && v.as_i64() != Some(-1))
-        {
+        if let Some(n) = p.get("num_heads").filter(|v| !v.is_null() && v.as_i64() != Some(-1)) {
             return Ok(n.clone());
         }
         if let Some(c) = p.get("num_head_channels").and_then(Value::as_u64) {
@@ -312,31 +259,19 @@ fn agrees(cfg: &Value, std: &Value, ignore: &[&str]) -> bool {
     let (Some(cfg), Some(std)) = (cfg.as_object(), std.as_object()) else {
         return false;
     };
-    cfg.iter()
-        .filter(|(k, _)| !ignore.contains(&k.as_str()))
-        .all(|(k, v)| std.get(k).map_or(v.is_null(), |s| s == v))
+    cfg.iter().filter(|(k, _)| !ignore.contains(&k.as_str())).all(|(k, v)| std.get(k).map_or(v.is_null(), |s| s == v))
 }
 
 fn vae_config(sf: &SingleFileMap, map: &ComponentMap) -> Value {
     let family = sf.family();
     let levels = count(map, "encoder.down_blocks.");
     let channels: Vec<usize> = (0..levels)
-        .filter_map(|b| {
-            shape(
-                map,
-                &format!("encoder.down_blocks.{b}.resnets.0.conv2.weight"),
-            )
-            .map(|s| s[0])
-        })
+        .filter_map(|b| shape(map, &format!("encoder.down_blocks.{b}.resnets.0.conv2.weight")).map(|s| s[0]))
         .collect();
     let scale = model_params(sf.sidecar())
         .and_then(|p| p.get("scale_factor"))
         .and_then(Value::as_f64)
-        .unwrap_or(if family == Family::Sdxl {
-            0.13025
-        } else {
-            0.18215
-        });
+        .unwrap_or(if family == Family::Sdxl { 0.13025 } else { 0.18215 });
     let cfg = json!({
         "_class_name": "AutoencoderKL",
         "in_channels": shape(map, "encoder.conv_in.weight").map_or(3, |s| s[1]),
@@ -355,22 +290,17 @@ fn vae_config(sf: &SingleFileMap, map: &ComponentMap) -> Value {
         "mid_block_add_attention": has_prefix(map, "encoder.mid_block.attentions."),
     });
     let std = standard_vae(family);
-    if agrees(&cfg, &std, &["sample_size", "scaling_factor"])
-        && model_params(sf.sidecar()).is_none()
-    {
+    if agrees(&cfg, &std, &["sample_size", "scaling_factor"]) && model_params(sf.sidecar()).is_none() {
         return std;
     }
     cfg
 }
 
-fn text_encoder_config(
-    sf: &SingleFileMap,
-    map: &ComponentMap,
-) -> std::result::Result<Value, String> {
+fn text_encoder_config(sf: &SingleFileMap, map: &ComponentMap) -> std::result::Result<Value, String> {
     let hidden = dim(map, "text_model.embeddings.token_embedding.weight", 1)?;
     let projection = shape(map, "text_projection.weight").map(|s| s[0]);
-    let open_clip = sf.family() != Family::Sd1 && map.component == Component::TextEncoder2
-        || sf.family() == Family::Sd2;
+    let open_clip =
+        sf.family() != Family::Sd1 && map.component == Component::TextEncoder2 || sf.family() == Family::Sd2;
     let cfg = json!({
         "architectures": [if projection.is_some() { "CLIPTextModelWithProjection" } else { "CLIPTextModel" }],
         "vocab_size": dim(map, "text_model.embeddings.token_embedding.weight", 0)?,
@@ -477,13 +407,7 @@ pub fn standard_vae(family: Family) -> Value {
 
 /// The family's standard text-encoder config (transformers `CLIPTextConfig` keys).
 pub fn standard_text_encoder(family: Family, c: Component) -> Value {
-    let clip = |arch: &str,
-                hidden: usize,
-                inter: usize,
-                heads: usize,
-                layers: usize,
-                act: &str,
-                proj: usize| {
+    let clip = |arch: &str, hidden: usize, inter: usize, heads: usize, layers: usize, act: &str, proj: usize| {
         json!({
             "architectures": [arch],
             "vocab_size": 49408,
@@ -502,15 +426,9 @@ pub fn standard_text_encoder(family: Family, c: Component) -> Value {
     };
     match (family, c) {
         (Family::Sd2, _) => clip("CLIPTextModel", 1024, 4096, 16, 23, "gelu", 512),
-        (Family::Sdxl, Component::TextEncoder2) => clip(
-            "CLIPTextModelWithProjection",
-            1280,
-            5120,
-            20,
-            32,
-            "gelu",
-            1280,
-        ),
+        (Family::Sdxl, Component::TextEncoder2) => {
+            clip("CLIPTextModelWithProjection", 1280, 5120, 20, 32, "gelu", 1280)
+        }
         _ => clip("CLIPTextModel", 768, 3072, 12, 12, "quick_gelu", 768),
     }
 }

@@ -35,12 +35,7 @@ impl Family {
     pub fn components(self) -> &'static [Component] {
         match self {
             Family::Sd1 | Family::Sd2 => &[Component::Unet, Component::Vae, Component::TextEncoder],
-            Family::Sdxl => &[
-                Component::Unet,
-                Component::Vae,
-                Component::TextEncoder,
-                Component::TextEncoder2,
-            ],
+            Family::Sdxl => &[Component::Unet, Component::Vae, Component::TextEncoder, Component::TextEncoder2],
         }
     }
 }
@@ -63,26 +58,10 @@ const PREFIXES: [(&str, Component, Option<ClipLayout>); 7] = [
     (UNET_PREFIX, Component::Unet, None),
     ("first_stage_model.", Component::Vae, None),
     ("vae.", Component::Vae, None),
-    (
-        "cond_stage_model.transformer.",
-        Component::TextEncoder,
-        Some(ClipLayout::Transformers),
-    ),
-    (
-        "cond_stage_model.model.",
-        Component::TextEncoder,
-        Some(ClipLayout::OpenClipNoProjection),
-    ),
-    (
-        "conditioner.embedders.0.transformer.",
-        Component::TextEncoder,
-        Some(ClipLayout::Transformers),
-    ),
-    (
-        "conditioner.embedders.1.model.",
-        Component::TextEncoder2,
-        Some(ClipLayout::OpenClipWithProjection),
-    ),
+    ("cond_stage_model.transformer.", Component::TextEncoder, Some(ClipLayout::Transformers)),
+    ("cond_stage_model.model.", Component::TextEncoder, Some(ClipLayout::OpenClipNoProjection)),
+    ("conditioner.embedders.0.transformer.", Component::TextEncoder, Some(ClipLayout::Transformers)),
+    ("conditioner.embedders.1.model.", Component::TextEncoder2, Some(ClipLayout::OpenClipWithProjection)),
 ];
 
 /// Top-level buffers of LDM's `LatentDiffusion` / SGM's denoiser: the training noise schedule, never weights of
@@ -131,10 +110,7 @@ pub fn is_extra(name: &str) -> bool {
     {
         return true;
     }
-    let clip = PREFIXES
-        .iter()
-        .filter(|p| p.2.is_some())
-        .find_map(|(p, _, _)| name.strip_prefix(p));
+    let clip = PREFIXES.iter().filter(|p| p.2.is_some()).find_map(|(p, _, _)| name.strip_prefix(p));
     let Some(rel) = clip else { return false };
     rel.ends_with("embeddings.position_ids")
         || rel == "logit_scale"
@@ -150,11 +126,7 @@ pub enum Class {
     /// No rule knows it.
     Unknown,
     /// A tensor of a component, under `prefix`.
-    Part {
-        component: Component,
-        prefix: &'static str,
-        clip: Option<ClipLayout>,
-    },
+    Part { component: Component, prefix: &'static str, clip: Option<ClipLayout> },
 }
 
 /// Classify one key.
@@ -165,11 +137,7 @@ pub fn classify(name: &str) -> Class {
     PREFIXES
         .iter()
         .find(|(p, _, _)| name.starts_with(p))
-        .map_or(Class::Unknown, |&(prefix, component, clip)| Class::Part {
-            component,
-            prefix,
-            clip,
-        })
+        .map_or(Class::Unknown, |&(prefix, component, clip)| Class::Part { component, prefix, clip })
 }
 
 /// The UNet's cross-attention width, from the first `attn2.to_k.weight` ([C, context]).
@@ -182,12 +150,7 @@ pub(crate) fn context_dim(stored: &BTreeMap<String, StoredTensor>) -> Option<usi
 
 /// Detect the family (see the module doc); an error says what was seen.
 pub(crate) fn family(stored: &BTreeMap<String, StoredTensor>) -> Result<Family, String> {
-    let has = |p: &str| {
-        stored
-            .range(p.to_string()..)
-            .next()
-            .is_some_and(|(k, _)| k.starts_with(p))
-    };
+    let has = |p: &str| stored.range(p.to_string()..).next().is_some_and(|(k, _)| k.starts_with(p));
     if has("conditioner.embedders.0.model.") {
         return Err("an SDXL refiner checkpoint (OpenCLIP as embedder 0): not supported".into());
     }

@@ -48,12 +48,7 @@ pub enum Component {
 
 impl Component {
     /// Every component, in pipeline order.
-    pub const ALL: [Component; 4] = [
-        Component::Unet,
-        Component::Vae,
-        Component::TextEncoder,
-        Component::TextEncoder2,
-    ];
+    pub const ALL: [Component; 4] = [Component::Unet, Component::Vae, Component::TextEncoder, Component::TextEncoder2];
 
     /// The diffusers folder name (`unet`, `vae`, `text_encoder`, `text_encoder_2`).
     pub fn name(self) -> &'static str {
@@ -67,14 +62,9 @@ impl Component {
 
     /// Parse a diffusers folder name.
     pub fn from_name(name: &str) -> Result<Self> {
-        Component::ALL
-            .into_iter()
-            .find(|c| c.name() == name)
-            .ok_or_else(|| {
-                Error::invalid(format!(
-                    "unknown component '{name}' (unet, vae, text_encoder, text_encoder_2)"
-                ))
-            })
+        Component::ALL.into_iter().find(|c| c.name() == name).ok_or_else(|| {
+            Error::invalid(format!("unknown component '{name}' (unet, vae, text_encoder, text_encoder_2)"))
+        })
     }
 
     /// What a user passes when the file lacks this component (the CLI flag).
@@ -119,42 +109,18 @@ pub(crate) struct Target {
 
 impl Target {
     fn whole(name: String, t: &StoredTensor) -> Self {
-        Target {
-            name,
-            shape: t.shape.clone(),
-            rows: None,
-            transpose: false,
-            reshape: false,
-        }
+        Target { name, shape: t.shape.clone(), rows: None, transpose: false, reshape: false }
     }
     fn reshaped(name: String, shape: Vec<usize>) -> Self {
-        Target {
-            name,
-            shape,
-            rows: None,
-            transpose: false,
-            reshape: true,
-        }
+        Target { name, shape, rows: None, transpose: false, reshape: true }
     }
     fn transposed(name: String, t: &StoredTensor) -> Self {
-        Target {
-            name,
-            shape: t.shape.iter().rev().copied().collect(),
-            rows: None,
-            transpose: true,
-            reshape: false,
-        }
+        Target { name, shape: t.shape.iter().rev().copied().collect(), rows: None, transpose: true, reshape: false }
     }
     fn rows(name: String, t: &StoredTensor, rows: Range<usize>) -> Self {
         let mut shape = t.shape.clone();
         shape[0] = rows.len();
-        Target {
-            name,
-            shape,
-            rows: Some(rows),
-            transpose: false,
-            reshape: false,
-        }
+        Target { name, shape, rows: Some(rows), transpose: false, reshape: false }
     }
 }
 
@@ -196,10 +162,7 @@ pub struct ComponentMap {
 impl ComponentMap {
     /// The entry for a model name.
     pub fn get(&self, internal_name: &str) -> Option<&MapEntry> {
-        self.entries
-            .binary_search_by(|e| e.internal_name.as_str().cmp(internal_name))
-            .ok()
-            .map(|i| &self.entries[i])
+        self.entries.binary_search_by(|e| e.internal_name.as_str().cmp(internal_name)).ok().map(|i| &self.entries[i])
     }
 }
 
@@ -224,10 +187,7 @@ pub struct SingleFile {
 
 impl fmt::Debug for SingleFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SingleFile")
-            .field("path", &self.path)
-            .field("map", &self.map)
-            .finish()
+        f.debug_struct("SingleFile").field("path", &self.path).field("map", &self.map).finish()
     }
 }
 
@@ -244,12 +204,7 @@ fn dtype_of(d: safetensors::Dtype) -> Option<DType> {
 /// Keys listed in an error: the first few and a count.
 fn list_keys(keys: &[String]) -> String {
     const SHOWN: usize = 8;
-    let mut s = keys
-        .iter()
-        .take(SHOWN)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(", ");
+    let mut s = keys.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
     if keys.len() > SHOWN {
         s.push_str(&format!(" and {} more", keys.len() - SHOWN));
     }
@@ -266,12 +221,9 @@ impl SingleFileMap {
         sidecar: Option<serde_json::Value>,
         config_dir: Option<&Path>,
     ) -> Result<Self> {
-        let stored: BTreeMap<String, StoredTensor> =
-            tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
-        let family =
-            detect::family(&stored).map_err(|e| Error::format(format!("{source}: {e}")))?;
-        let (maps, skipped) =
-            map_all(&stored, family).map_err(|e| Error::format(format!("{source}: {e}")))?;
+        let stored: BTreeMap<String, StoredTensor> = tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
+        let family = detect::family(&stored).map_err(|e| Error::format(format!("{source}: {e}")))?;
+        let (maps, skipped) = map_all(&stored, family).map_err(|e| Error::format(format!("{source}: {e}")))?;
         Ok(SingleFileMap {
             source: source.to_string(),
             family,
@@ -294,23 +246,13 @@ impl SingleFileMap {
 
     /// The components the family needs that this file lacks.
     pub fn missing(&self) -> Vec<Component> {
-        self.family
-            .components()
-            .iter()
-            .copied()
-            .filter(|c| !self.maps.contains_key(c))
-            .collect()
+        self.family.components().iter().copied().filter(|c| !self.maps.contains_key(c)).collect()
     }
 
     /// The mapping of one component; a clear error naming what to pass when the file lacks it.
     pub fn component(&self, c: Component) -> Result<&ComponentMap> {
         self.maps.get(&c).ok_or_else(|| {
-            Error::invalid(format!(
-                "{}: {} (a {} checkpoint)",
-                self.source,
-                c.missing_hint(),
-                self.family
-            ))
+            Error::invalid(format!("{}: {} (a {} checkpoint)", self.source, c.missing_hint(), self.family))
         })
     }
 
@@ -374,11 +316,7 @@ impl SingleFile {
         let (mmap, tensors) = read_header(path)?;
         let sidecar = config::read_sidecar(path)?;
         let map = SingleFileMap::new(&path.display().to_string(), tensors, sidecar, config_dir)?;
-        Ok(SingleFile {
-            path: path.to_path_buf(),
-            mmap,
-            map,
-        })
+        Ok(SingleFile { path: path.to_path_buf(), mmap, map })
     }
 
     /// The file.
@@ -439,15 +377,9 @@ impl SingleFile {
 
     /// Every tensor of a component by its model name, read as [`read_tensor`](Self::read_tensor) does (CPU,
     /// stored dtype): for resident loading (`ResidentWeights::from_tensors`) and tests.
-    pub fn read_component(
-        &self,
-        c: Component,
-    ) -> Result<std::collections::HashMap<String, Tensor>> {
+    pub fn read_component(&self, c: Component) -> Result<std::collections::HashMap<String, Tensor>> {
         let map = self.component(c)?;
-        map.entries
-            .iter()
-            .map(|e| Ok((e.internal_name.clone(), self.read_tensor(e)?)))
-            .collect()
+        map.entries.iter().map(|e| Ok((e.internal_name.clone(), self.read_tensor(e)?))).collect()
     }
 
     /// Read one entry as a CPU tensor in the stored dtype, with its row slice, transpose and reshape applied
@@ -477,31 +409,20 @@ fn map_all(
     stored: &BTreeMap<String, StoredTensor>,
     family: Family,
 ) -> std::result::Result<(BTreeMap<Component, ComponentMap>, Vec<String>), String> {
-    let mut groups: BTreeMap<Component, (&'static str, Rules, Vec<&StoredTensor>)> =
-        BTreeMap::new();
+    let mut groups: BTreeMap<Component, (&'static str, Rules, Vec<&StoredTensor>)> = BTreeMap::new();
     let mut skipped = Vec::new();
     let mut unmapped = Vec::new();
     for t in stored.values() {
         match detect::classify(&t.name) {
             detect::Class::Extra => skipped.push(t.name.clone()),
             detect::Class::Unknown => unmapped.push(t.name.clone()),
-            detect::Class::Part {
-                component,
-                prefix,
-                clip,
-            } => {
+            detect::Class::Part { component, prefix, clip } => {
                 let rules = match (component, clip) {
                     (_, Some(c)) => Rules::Clip(c),
-                    (Component::Unet, None) => Rules::Unet {
-                        sdxl: family == Family::Sdxl,
-                    },
+                    (Component::Unet, None) => Rules::Unet { sdxl: family == Family::Sdxl },
                     _ => Rules::Vae,
                 };
-                groups
-                    .entry(component)
-                    .or_insert((prefix, rules, Vec::new()))
-                    .2
-                    .push(t);
+                groups.entry(component).or_insert((prefix, rules, Vec::new())).2.push(t);
             }
         }
     }
@@ -512,11 +433,7 @@ fn map_all(
     }
     if !unmapped.is_empty() {
         unmapped.sort();
-        return Err(format!(
-            "{} key(s) no {family} single-file rule maps: {}",
-            unmapped.len(),
-            list_keys(&unmapped)
-        ));
+        return Err(format!("{} key(s) no {family} single-file rule maps: {}", unmapped.len(), list_keys(&unmapped)));
     }
     Ok((maps, skipped))
 }
@@ -530,17 +447,14 @@ fn map_group(
     unmapped: &mut Vec<String>,
 ) -> std::result::Result<ComponentMap, String> {
     let rels: Vec<&str> = tensors.iter().map(|t| &t.name[prefix.len()..]).collect();
-    let unet_layout = match rules {
-        Rules::Unet { .. } => Some(unet::layout(&rels).ok_or_else(|| {
-            "cannot read the UNet's layout from its keys (input_blocks/output_blocks)".to_string()
-        })?),
-        _ => None,
-    };
-    let vae_levels = if rules == Rules::Vae {
-        vae::levels(&rels)
-    } else {
-        0
-    };
+    let unet_layout =
+        match rules {
+            Rules::Unet { .. } => Some(unet::layout(&rels).ok_or_else(|| {
+                "cannot read the UNet's layout from its keys (input_blocks/output_blocks)".to_string()
+            })?),
+            _ => None,
+        };
+    let vae_levels = if rules == Rules::Vae { vae::levels(&rels) } else { 0 };
     let mut entries = Vec::new();
     for (t, rel) in tensors.iter().zip(&rels) {
         let targets = match rules {
@@ -556,10 +470,7 @@ fn map_group(
             continue;
         };
         let Some(dtype) = t.dtype else {
-            return Err(format!(
-                "tensor {}: unsupported dtype (supported: F32, F16, BF16, F8_E4M3)",
-                t.name
-            ));
+            return Err(format!("tensor {}: unsupported dtype (supported: F32, F16, BF16, F8_E4M3)", t.name));
         };
         for tg in targets {
             let row_bytes = t.shape.iter().skip(1).product::<usize>() * dtype.size_in_bytes();
@@ -581,20 +492,10 @@ fn map_group(
         }
     }
     entries.sort_by(|a, b| a.internal_name.cmp(&b.internal_name));
-    if let Some(w) = entries
-        .windows(2)
-        .find(|w| w[0].internal_name == w[1].internal_name)
-    {
-        return Err(format!(
-            "{} and {} both map to {}",
-            w[0].stored_name, w[1].stored_name, w[0].internal_name
-        ));
+    if let Some(w) = entries.windows(2).find(|w| w[0].internal_name == w[1].internal_name) {
+        return Err(format!("{} and {} both map to {}", w[0].stored_name, w[1].stored_name, w[0].internal_name));
     }
-    Ok(ComponentMap {
-        component,
-        prefix,
-        entries,
-    })
+    Ok(ComponentMap { component, prefix, entries })
 }
 
 /// Memory-map a safetensors file and list its tensors.
@@ -626,20 +527,11 @@ fn read_header(path: &Path) -> Result<(Mmap, Vec<StoredTensor>)> {
 /// One entry as a CPU tensor (row slice, transpose and reshape applied).
 fn read_entry(mmap: &Mmap, path: &Path, e: &MapEntry) -> Result<Tensor> {
     let raw = mmap.get(e.bytes.clone()).ok_or_else(|| {
-        Error::invalid(format!(
-            "{}: entry {} is not a range of this file",
-            path.display(),
-            e.internal_name
-        ))
+        Error::invalid(format!("{}: entry {} is not a range of this file", path.display(), e.internal_name))
     })?;
     if e.transpose {
         let t = Tensor::from_raw_buffer(raw, e.dtype, &e.stored_shape, &Device::Cpu)?;
         return Ok(t.t()?.contiguous()?);
     }
-    Ok(Tensor::from_raw_buffer(
-        raw,
-        e.dtype,
-        &e.shape,
-        &Device::Cpu,
-    )?)
+    Ok(Tensor::from_raw_buffer(raw, e.dtype, &e.shape, &Device::Cpu)?)
 }

@@ -55,10 +55,7 @@ pub fn layout(keys: &[&str]) -> Option<UnetLayout> {
     if levels == 0 || outputs.len() % (layers_per_block + 1) != 0 {
         return None;
     }
-    Some(UnetLayout {
-        layers_per_block,
-        levels,
-    })
+    Some(UnetLayout { layers_per_block, levels })
 }
 
 fn resnet(rest: &str) -> Option<String> {
@@ -70,9 +67,7 @@ fn resnet(rest: &str) -> Option<String> {
         ("out_layers.3.", "conv2."),
         ("skip_connection.", "conv_shortcut."),
     ];
-    RENAMES
-        .iter()
-        .find_map(|(from, to)| rest.strip_prefix(from).map(|leaf| format!("{to}{leaf}")))
+    RENAMES.iter().find_map(|(from, to)| rest.strip_prefix(from).map(|leaf| format!("{to}{leaf}")))
 }
 
 fn split_index(s: &str) -> Option<(usize, &str)> {
@@ -82,12 +77,7 @@ fn split_index(s: &str) -> Option<(usize, &str)> {
 
 /// The diffusers name of one UNet key, or None when no rule maps it. `add_embedding` names `label_emb` as SDXL's
 /// `text_time` embedding; otherwise it is a `class_embedding` (diffusers' "projection" models).
-pub fn map(
-    rel: &str,
-    t: &StoredTensor,
-    layout: UnetLayout,
-    add_embedding: bool,
-) -> Option<Vec<Target>> {
+pub fn map(rel: &str, t: &StoredTensor, layout: UnetLayout, add_embedding: bool) -> Option<Vec<Target>> {
     let l = layout.layers_per_block;
     let name = map_name(rel, l, add_embedding)?;
     Some(vec![Target::whole(name, t)])
@@ -106,11 +96,7 @@ fn map_name(rel: &str, l: usize, add_embedding: bool) -> Option<String> {
             return leaf_only(leaf).then(|| format!("{to}{leaf}"));
         }
     }
-    let emb = if add_embedding {
-        "add_embedding"
-    } else {
-        "class_embedding"
-    };
+    let emb = if add_embedding { "add_embedding" } else { "class_embedding" };
     if let Some(leaf) = rel.strip_prefix("label_emb.0.0.") {
         return leaf_only(leaf).then(|| format!("{emb}.linear_1.{leaf}"));
     }
@@ -126,10 +112,10 @@ fn map_name(rel: &str, l: usize, add_embedding: bool) -> Option<String> {
         let (sub, rest) = split_index(rest)?;
         return match sub {
             0 => match rest.strip_prefix("op.") {
-                Some(leaf) => (j == l && leaf_only(leaf))
-                    .then(|| format!("down_blocks.{b}.downsamplers.0.conv.{leaf}")),
-                None => (j < l)
-                    .then(|| resnet(rest).map(|r| format!("down_blocks.{b}.resnets.{j}.{r}")))?,
+                Some(leaf) => {
+                    (j == l && leaf_only(leaf)).then(|| format!("down_blocks.{b}.downsamplers.0.conv.{leaf}"))
+                }
+                None => (j < l).then(|| resnet(rest).map(|r| format!("down_blocks.{b}.resnets.{j}.{r}")))?,
             },
             1 if j < l && attention(rest) => Some(format!("down_blocks.{b}.attentions.{j}.{rest}")),
             _ => None,
@@ -179,10 +165,7 @@ fn attention(rest: &str) -> bool {
     if matches!(module, "norm" | "proj_in" | "proj_out") {
         return true;
     }
-    let Some((k, inner)) = module
-        .strip_prefix("transformer_blocks.")
-        .and_then(|r| r.split_once('.'))
-    else {
+    let Some((k, inner)) = module.strip_prefix("transformer_blocks.").and_then(|r| r.split_once('.')) else {
         return false;
     };
     k.parse::<usize>().is_ok()

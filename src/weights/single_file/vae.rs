@@ -12,13 +12,7 @@ use super::{StoredTensor, Target};
 /// Decoder levels in the file (`decoder.up.k`), needed to reverse their order.
 pub fn levels(keys: &[&str]) -> usize {
     keys.iter()
-        .filter_map(|k| {
-            k.strip_prefix("decoder.up.")?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
+        .filter_map(|k| k.strip_prefix("decoder.up.")?.split('.').next()?.parse::<usize>().ok())
         .max()
         .map_or(0, |m| m + 1)
 }
@@ -47,9 +41,7 @@ pub fn map(rel: &str, t: &StoredTensor, levels: usize) -> Option<Vec<Target>> {
     let (side, rest) = rel.split_once('.')?;
     match side {
         "encoder" | "decoder" => {}
-        "quant_conv" | "post_quant_conv" => {
-            return leaf_only(rest).then(|| vec![Target::whole(rel.to_string(), t)])
-        }
+        "quant_conv" | "post_quant_conv" => return leaf_only(rest).then(|| vec![Target::whole(rel.to_string(), t)]),
         _ => return None,
     }
     let name = if let Some(r) = rest.strip_prefix("down.").filter(|_| side == "encoder") {
@@ -58,9 +50,7 @@ pub fn map(rel: &str, t: &StoredTensor, levels: usize) -> Option<Vec<Target>> {
             let (j, r) = split_index(r)?;
             format!("encoder.down_blocks.{i}.resnets.{j}.{}", resnet(r)?)
         } else {
-            let leaf = r
-                .strip_prefix("downsample.conv.")
-                .filter(|l| leaf_only(l))?;
+            let leaf = r.strip_prefix("downsample.conv.").filter(|l| leaf_only(l))?;
             format!("encoder.down_blocks.{i}.downsamplers.0.conv.{leaf}")
         }
     } else if let Some(r) = rest.strip_prefix("up.").filter(|_| side == "decoder") {
