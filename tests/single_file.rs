@@ -318,6 +318,16 @@ fn real_size_checkpoints_map_completely_and_get_the_standard_configs() {
             assert_eq!(map.config(c).unwrap(), standard, "{name} {c}: not recognised as the standard config");
         }
     }
+    // The derived SD 1.x/2.x configs are accepted by the models' config parsers (SDXL's UNet is not supported by
+    // the UNet model yet, so only its VAE is parsed).
+    use lowvram::models::{UNetConfig, VaeConfig};
+    for name in ["sd15", "sd21", "sdxl"] {
+        let (map, _) = real_size_map(name);
+        if name != "sdxl" {
+            UNetConfig::from_json(&map.config(Component::Unet).unwrap().to_string()).unwrap();
+        }
+        VaeConfig::from_json(&map.config(Component::Vae).unwrap().to_string()).unwrap();
+    }
     let (sd21, _) = real_size_map("sd21");
     assert_eq!(sd21.config(Component::TextEncoder).unwrap()["num_hidden_layers"], 23);
     let (sdxl, _) = real_size_map("sdxl");
