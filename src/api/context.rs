@@ -199,6 +199,24 @@ impl Context {
         Ok(Arc::new(model))
     }
 
+    /// Load one component of an opened single-file checkpoint into the cache (see
+    /// [`Model::load_single_file_component`]).
+    pub fn load_single_file_component(
+        &self,
+        file: &crate::weights::single_file::SingleFile,
+        component: crate::weights::single_file::Component,
+    ) -> Result<Arc<Model>> {
+        let model = Model::load_single_file_component(&self.cache, file, component, self.id)?;
+        self.logger.info(&format!(
+            "loaded {} of {} ({:?}, {} bytes of weights)",
+            component.name(),
+            file.path().display(),
+            model.kind(),
+            model.weights().total_bytes()
+        ));
+        Ok(Arc::new(model))
+    }
+
     /// Place up to `max_bytes` of `model`'s weights on the device now (explicit partial load); returns the bytes
     /// resident afterwards.
     pub fn load_to_device(&self, model: &Model, max_bytes: u64) -> Result<u64> {

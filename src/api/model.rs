@@ -8,7 +8,11 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::memory::{ManagedModel, ModelCache};
-use crate::models::clip::ClipTextEncoder;
+use crate::models::clip::{ClipTextConfig, ClipTextEncoder, KeyLayout};
+use crate::models::Family;
+use crate::text::PadToken;
+use crate::weights::single_file::{Component, SingleFile};
+use crate::weights::{BlockRule, TensorSpan, WeightLayout};
 use crate::models::text_encoder::{PromptTokenizer, TextEncoder};
 use crate::text::ClipTokenizer;
 use crate::models::{AutoencoderKL, ExpectedTensors, UNet2DConditionModel, UNetConfig, VaeConfig};
@@ -40,6 +44,26 @@ pub struct Model {
     dir: PathBuf,
     arch: Architecture,
     weights: Arc<ManagedModel>,
+}
+
+impl Architecture {
+    /// The family's block partition of this architecture's checkpoints (the streaming units).
+    fn block_rule(&self) -> BlockRule {
+        match self {
+            Architecture::Unet { .. } => crate::models::unet::block_of,
+            Architecture::Vae(_) => crate::weights::block_key,
+            Architecture::TextEncoder { .. } => crate::models::clip::block_of,
+        }
+    }
+
+    /// Every tensor the architecture reads, with its shape.
+    fn expected_tensors(&self) -> ExpectedTensors {
+        match self {
+            Architecture::Unet { model, .. } => model.expected_tensors(),
+            Architecture::Vae(v) => v.expected_tensors(),
+            Architecture::TextEncoder { model, .. } => model.expected_tensors(),
+        }
+    }
 }
 
 /// Weight files a component folder may hold, in order of preference.
@@ -95,16 +119,61 @@ impl Model {
             )
         })?;
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
-        let weights = cache.load_model(&file, &name)?;
+        let weights = cache.load_model_as(&file, &name, &WeightLayout::whole(arch.block_rule()))?;
         step(2, LOAD_PHASES)?;
-        let expected = match &arch {
-            Architecture::Unet { model, .. } => model.expected_tensors(),
-            Architecture::Vae(v) => v.expected_tensors(),
-            Architecture::TextEncoder { model, .. } => model.expected_tensors(),
-        };
-        check_tensors(&file, &expected, &weights)?;
+        check_tensors(&file, &arch.expected_tensors(), &weights)?;
         step(3, LOAD_PHASES)?;
         Ok(Self { context_id, dir: dir.to_path_buf(), arch, weights })
+    }
+
+    /// Load one component of a single-file checkpoint (LDM/SGM layout) into `cache`: its tensors are read in place
+    /// under the family's names (no copy of the file is written), its config is the one the file's shapes give
+    /// (see [`SingleFile::config`]), a text encoder takes the CLIP vocabulary compiled into the library.
+    pub fn load_single_file_component(
+        cache: &ModelCache,
+        file: &SingleFile,
+        component: Component,
+        context_id: u64,
+    ) -> Result<Self> {
+        let map = file.component(component)?;
+        let config = file.config(component)?.to_string();
+        let arch = match component {
+            Component::Unet => {
+                let scheduler = SchedulerConfig::from_value(&file.scheduler_config()?)?;
+                Architecture::Unet { model: UNet2DConditionModel::new(UNetConfig::from_json(&config)?)?, scheduler }
+            }
+            Component::Vae => Architecture::Vae(AutoencoderKL::new(VaeConfig::from_json(&config)?)?),
+            Component::TextEncoder | Component::TextEncoder2 => {
+                // SD 1.x and SDXL's first encoder pad with EOS; OpenCLIP (SD 2.x, SDXL's bigG) with "!".
+                let pad = match (file.family(), component) {
+                    (Family::Sd1, _) | (Family::Sdxl, Component::TextEncoder) => PadToken::Eos,
+                    _ => PadToken::Exclamation,
+                };
+                Architecture::TextEncoder {
+                    model: Box::new(ClipTextEncoder::new(ClipTextConfig::from_json(&config)?, KeyLayout::Prefixed)),
+                    tokenizer: Some(Box::new(ClipTokenizer::embedded(pad)?)),
+                }
+            }
+        };
+        let spans = map
+            .entries
+            .iter()
+            .map(|e| TensorSpan {
+                name: e.internal_name.clone(),
+                dtype: e.dtype,
+                shape: e.shape.clone(),
+                bytes: e.bytes.clone(),
+                transposed: e.transpose,
+            })
+            .collect();
+        let layout = WeightLayout {
+            view: component.name().to_string(),
+            rule: arch.block_rule(),
+            spans: Some(Arc::new(spans)),
+        };
+        let weights = cache.load_model_as(file.path(), component.name(), &layout)?;
+        check_tensors(file.path(), &arch.expected_tensors(), &weights)?;
+        Ok(Self { context_id, dir: file.path().to_path_buf(), arch, weights })
     }
 
     /// The identity of the context the model was loaded in.

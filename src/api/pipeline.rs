@@ -15,6 +15,7 @@ use crate::models::conditioning::{COND_EMBEDDINGS, COND_POOLED, TIME_IDS, UNCOND
 use crate::models::text_encoder::{HiddenLayer, TextEncoding};
 use crate::models::{Conditioning, Family};
 use crate::ops::OpTarget;
+use crate::weights::single_file::{Component, SingleFile};
 use crate::weights::WeightSource;
 
 /// Component paths that override (or complete) what a pipeline folder holds: each a diffusers component folder.
@@ -58,11 +59,11 @@ impl Pipeline {
     /// from `model_index.json` (or the UNet's config); text encoders are optional (without them only host-given
     /// conditioning works, and [`Self::encode_prompt`] says which flag to pass).
     pub fn load(ctx: &Context, path: &Path, components: &ComponentPaths) -> Result<Self> {
+        if path.is_file() {
+            return Self::load_single_file(ctx, path, components);
+        }
         if !path.is_dir() {
-            return Err(Error::unsupported(format!(
-                "{}: a pipeline is a diffusers folder (model_index.json, unet/, vae/, ...)",
-                path.display()
-            )));
+            return Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)));
         }
         let family = Family::of_pipeline_dir(path)?;
         let denoiser = ctx.load_model(&path.join("unet"))?;
@@ -98,6 +99,42 @@ impl Pipeline {
     /// Whether at least one of the family's text encoders is loaded.
     pub fn has_text_encoders(&self) -> bool {
         self.text_encoders.iter().any(Option::is_some)
+    }
+
+    /// Load a single-file checkpoint (SD 1.x/2.x/SDXL `.safetensors` in the LDM/SGM layout): the family and the
+    /// components come from its keys, each component is read in place under diffusers' names. Components the file
+    /// lacks come from `components` (diffusers component folders); one that is neither is an error naming the flag
+    /// ("no VAE in this file: pass --vae").
+    fn load_single_file(ctx: &Context, path: &Path, components: &ComponentPaths) -> Result<Self> {
+        let file = SingleFile::open(path)?;
+        let family = file.family();
+        let load = |c: Component, over: &Option<PathBuf>| -> Result<Option<Arc<Model>>> {
+            match over {
+                Some(dir) => ctx.load_model(dir).map(Some),
+                None if file.components().contains(&c) => ctx.load_single_file_component(&file, c).map(Some),
+                None => Ok(None),
+            }
+        };
+        let denoiser = load(Component::Unet, &None)?.ok_or_else(|| {
+            Error::invalid(format!("{}: no UNet in this file (a VAE or text encoder alone?)", path.display()))
+        })?;
+        let vae = match load(Component::Vae, &components.vae)? {
+            Some(v) => v,
+            None => return Err(Error::invalid(format!("{}: no VAE in this file: pass --vae", path.display()))),
+        };
+        vae.as_vae()?;
+        let mut text_encoders = Vec::new();
+        for (i, c) in [Component::TextEncoder, Component::TextEncoder2].into_iter().enumerate() {
+            if i < family.text_encoders().len() {
+                let over = if i == 0 { &components.text_encoder } else { &components.text_encoder_2 };
+                let m = load(c, over)?;
+                if let Some(m) = &m {
+                    m.as_text_encoder()?;
+                }
+                text_encoders.push(m);
+            }
+        }
+        Ok(Self { family, denoiser, vae, text_encoders, zeros_for_empty_negative: family == Family::Sdxl })
     }
 
     /// The family.
@@ -194,7 +231,7 @@ impl Pipeline {
         self.text_encoders.get(i).and_then(|m| m.as_deref()).ok_or_else(|| {
             Error::invalid(format!(
                 "this {} pipeline has no {name}: pass --{flag} (or give sampling.cond_embeddings)",
-                self.family.name()
+                self.family
             ))
         })
     }

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::memory::plan::{self, BlockCost, ResidencyPlan};
 use crate::memory::sizing::{self, Sizing};
 use crate::memory::stats::{CacheStats, DeviceStats, ModelStats, PlanStats, RamStats, TierStats};
-use crate::weights::{
+use crate::weights::{WeightLayout, 
     BlockInfo, BlockWeights, StagingRing, TensorLocation, WeightSource, WeightStore,
 };
 
@@ -167,6 +167,8 @@ impl FileKey {
 pub struct ManagedModel {
     id: u64,
     name: String,
+    /// Which view of the file it is (`""` whole; a single file's component name).
+    view: String,
     /// The file's size and modification time when it was mapped: a later load of the same path is a cache hit only
     /// while they are unchanged.
     file_key: FileKey,
@@ -1048,6 +1050,12 @@ impl ModelCache {
     /// residency it still has, without reading the file (a hit), even after every earlier handle was freed. The
     /// file is mapped and read without holding the cache's lock, so other threads' calls proceed meanwhile.
     pub fn load_model(&self, path: &Path, name: &str) -> Result<Arc<ManagedModel>> {
+        self.load_model_as(path, name, &WeightLayout::whole(crate::weights::block_key))
+    }
+
+    /// [`Self::load_model`] with a family's layout: its block rule and, for a component of a single-file
+    /// checkpoint, the spans of its tensors (each component of one file is its own model in the cache).
+    pub fn load_model_as(&self, path: &Path, name: &str, layout: &WeightLayout) -> Result<Arc<ManagedModel>> {
         let sh = &self.shared;
         let canon = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
         let key = FileKey::of(&canon)?;
@@ -1055,7 +1063,7 @@ impl ModelCache {
             let mut inner = sh.inner();
             let storage = inner.config.storage_dtype.dtype();
             let compute = resolve_compute(&inner.config, &sh.alloc);
-            if let Some(m) = self.cached(&mut inner, &canon, key, storage, compute) {
+            if let Some(m) = self.cached(&mut inner, &canon, &layout.view, key, storage, compute) {
                 return Ok(m);
             }
             let c = &inner.config;
@@ -1068,7 +1076,7 @@ impl ModelCache {
             )
         };
         // The slow part, outside the cache's lock: map and validate the file, read the RAM copy, pin it.
-        let store = WeightStore::open(&canon, storage, compute)?;
+        let store = WeightStore::open_with(&canon, layout, storage, compute)?;
         let costs = block_costs(&store, sh.alloc.is_cuda());
         let ram = keep_ram && store.total_bytes() <= ram_limit;
         if ram {
@@ -1079,7 +1087,7 @@ impl ModelCache {
         }
         let mut inner = sh.inner();
         // Another thread may have loaded the same file meanwhile: use its model (ours is dropped).
-        if let Some(m) = self.cached(&mut inner, &canon, key, storage, compute) {
+        if let Some(m) = self.cached(&mut inner, &canon, &layout.view, key, storage, compute) {
             return Ok(m);
         }
         let id = inner.id();
@@ -1087,6 +1095,7 @@ impl ModelCache {
         let m = Arc::new(ManagedModel {
             id,
             name: name.to_string(),
+            view: layout.view.clone(),
             file_key: key,
             storage,
             store,
@@ -1113,6 +1122,7 @@ impl ModelCache {
         &self,
         inner: &mut Inner,
         path: &Path,
+        view: &str,
         key: FileKey,
         storage: Option<DType>,
         compute: DType,
@@ -1126,6 +1136,7 @@ impl ModelCache {
         });
         let m = inner.models.iter().find(|m| {
             m.store.path() == path
+                && m.view == view
                 && m.file_key == key
                 && m.storage == storage
                 && m.store.compute_dtype() == compute

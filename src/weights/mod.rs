@@ -6,5 +6,5 @@ mod source;
 mod store;
 
 pub use resident::ResidentWeights;
-pub use source::{block_key, BlockWeights, WeightSource};
+pub use source::{block_key, BlockRule, BlockWeights, TensorSpan, WeightLayout, WeightSource};
 pub use store::{BlockInfo, StagingRing, TensorInfo, TensorLocation, WeightStore};

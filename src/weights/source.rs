@@ -100,6 +100,44 @@ impl BlockWeights {
     }
 }
 
+/// A family's block partition: the streaming unit a tensor name belongs to (a prefix of the name).
+pub type BlockRule = fn(&str) -> &str;
+
+/// How a file's bytes become one component's tensors: the family's block rule and, for a component inside a
+/// single-file checkpoint, where each of its tensors lies in the file (the whole file as stored otherwise).
+#[derive(Clone)]
+pub struct WeightLayout {
+    /// Names this view of the file in the cache (`""` = the whole file; `unet`, `vae`, ... for a single file's
+    /// components), so one file can back several models.
+    pub view: String,
+    /// The family's block rule.
+    pub rule: BlockRule,
+    /// The component's tensors in the file (None = every tensor of the file under its stored name).
+    pub spans: Option<std::sync::Arc<Vec<TensorSpan>>>,
+}
+
+impl WeightLayout {
+    /// Every tensor of the file under its stored name, partitioned by `rule`.
+    pub fn whole(rule: BlockRule) -> Self {
+        Self { view: String::new(), rule, spans: None }
+    }
+}
+
+/// One tensor of a component as it lies in a file: a contiguous byte range read in place (never rewritten).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpan {
+    /// The name the model reads (`down_blocks.0.resnets.1.conv1.weight`).
+    pub name: String,
+    /// Its dtype in the file.
+    pub dtype: DType,
+    /// The shape the model reads.
+    pub shape: Vec<usize>,
+    /// Byte range in the file.
+    pub bytes: std::ops::Range<usize>,
+    /// The stored 2-D tensor is the transpose of `shape` (OpenCLIP's `text_projection`): transposed when read.
+    pub transposed: bool,
+}
+
 /// Containers whose numbered children are separate blocks (each streamed or kept resident as a unit).
 const BLOCK_LISTS: &[&str] = &[
     "resnets",
