@@ -345,4 +345,54 @@ mod tests {
         .unwrap();
         assert_eq!(last_error(), "invalid argument: main thread");
     }
+
+    #[test]
+    fn a_panic_marks_its_context_failed_and_later_calls_say_so() {
+        use crate::ffi::context::{
+            lowvram_cache_stats, lowvram_context, lowvram_context_configure, lowvram_context_free,
+            lowvram_context_new, lowvram_context_params, lowvram_context_params_init, lowvram_context_stats,
+        };
+        unsafe {
+            let mut params = std::mem::MaybeUninit::<lowvram_context_params>::zeroed();
+            assert_eq!(
+                lowvram_context_params_init(params.as_mut_ptr(), std::mem::size_of::<lowvram_context_params>()),
+                lowvram_status::Ok
+            );
+            let mut params = params.assume_init();
+            params.device = c"cpu".as_ptr();
+            let mut ctx: *mut lowvram_context = std::ptr::null_mut();
+            assert_eq!(lowvram_context_new(&params, &mut ctx), lowvram_status::Ok);
+            let mut stats: lowvram_cache_stats = std::mem::zeroed();
+            stats.struct_size = std::mem::size_of::<lowvram_cache_stats>() as u32;
+            assert_eq!(lowvram_context_stats(ctx, &mut stats), lowvram_status::Ok);
+            assert_eq!(guard_ctx(ctx, |_| panic!("half-way through")), lowvram_status::Panic);
+            assert_eq!(lowvram_context_stats(ctx, &mut stats), lowvram_status::Panic);
+            let msg = last_error();
+            assert!(msg.contains("context unusable") && msg.contains("half-way through"), "{msg}");
+            assert_eq!(lowvram_context_configure(ctx, c"max_cache_vram_gb: 1".as_ptr()), lowvram_status::Panic);
+            lowvram_context_free(ctx);
+        }
+    }
+
+    #[test]
+    fn the_last_error_survives_thread_teardown() {
+        struct CallsOnTeardown;
+        impl Drop for CallsOnTeardown {
+            fn drop(&mut self) {
+                // Thread-locals are being destroyed: neither call may panic (a panic here aborts the process).
+                let _ = guard(|| Err(Error::invalid("during teardown")));
+                let _ = unsafe { CStr::from_ptr(lowvram_last_error_message()) };
+            }
+        }
+        thread_local! {
+            static TEARDOWN: CallsOnTeardown = const { CallsOnTeardown };
+        }
+        std::thread::spawn(|| {
+            // Registered first, destroyed last: the last error's thread-local is gone when it runs.
+            TEARDOWN.with(|_| {});
+            guard(|| Err(Error::invalid("before teardown")));
+        })
+        .join()
+        .unwrap();
+    }
 }
