@@ -104,7 +104,10 @@ pub(crate) fn arc_handle<H: Handle<Ownership = OwnershipArc>>(value: Arc<H::Targ
 ///
 /// # Safety
 /// `ptr` must be NULL or a live handle of type `H`.
-pub(crate) unsafe fn clone_arc<H: Handle<Ownership = OwnershipArc>>(ptr: *const H, name: &'static str) -> Result<Arc<H::Target>> {
+pub(crate) unsafe fn clone_arc<H: Handle<Ownership = OwnershipArc>>(
+    ptr: *const H,
+    name: &'static str,
+) -> Result<Arc<H::Target>> {
     if ptr.is_null() {
         return Err(Error::NullArgument(name));
     }
@@ -292,7 +295,11 @@ pub(crate) unsafe fn str_arg<'a>(ptr: *const c_char, name: &'static str) -> Resu
 /// # Safety
 /// As [`str_arg`].
 pub(crate) unsafe fn opt_str_arg<'a>(ptr: *const c_char, name: &'static str) -> Result<Option<&'a str>> {
-    if ptr.is_null() { Ok(None) } else { str_arg(ptr, name).map(Some) }
+    if ptr.is_null() {
+        Ok(None)
+    } else {
+        str_arg(ptr, name).map(Some)
+    }
 }
 
 /// NULL check of a pointer to a host struct that may be shorter than ours (no reference is formed).
@@ -349,8 +356,8 @@ mod tests {
     #[test]
     fn a_panic_marks_its_context_failed_and_later_calls_say_so() {
         use crate::ffi::context::{
-            lowvram_cache_stats, lowvram_context, lowvram_context_configure, lowvram_context_free,
-            lowvram_context_new, lowvram_context_params, lowvram_context_params_init, lowvram_context_stats,
+            lowvram_cache_stats, lowvram_context, lowvram_context_configure, lowvram_context_free, lowvram_context_new,
+            lowvram_context_params, lowvram_context_params_init, lowvram_context_stats,
         };
         unsafe {
             let mut params = std::mem::MaybeUninit::<lowvram_context_params>::zeroed();

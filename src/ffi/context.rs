@@ -330,7 +330,10 @@ pub unsafe extern "C" fn lowvram_context_free_memory(
 /// Unload every model not in use from the device and the RAM cache (their handles stay valid and reload on next
 /// use); `*out_freed` (may be NULL) receives the bytes freed. Thread-safe.
 #[no_mangle]
-pub unsafe extern "C" fn lowvram_context_unload_all(ctx: *const lowvram_context, out_freed: *mut u64) -> lowvram_status {
+pub unsafe extern "C" fn lowvram_context_unload_all(
+    ctx: *const lowvram_context,
+    out_freed: *mut u64,
+) -> lowvram_status {
     guard_ctx(ctx, |ctx| {
         let freed = ctx.unload_all();
         if let Some(o) = out_freed.as_mut() {

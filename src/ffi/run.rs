@@ -36,7 +36,8 @@ pub enum lowvram_scheduler {
 /// Runs on the thread that made the call. It may call `lowvram_context_stats`, `lowvram_context_cancel` and
 /// `lowvram_cancel_token_cancel`; it must not start another call on the same context, throw or `longjmp`.
 #[allow(non_camel_case_types)]
-pub type lowvram_progress_callback = Option<unsafe extern "C" fn(step: u32, total: u32, user_data: *mut c_void) -> bool>;
+pub type lowvram_progress_callback =
+    Option<unsafe extern "C" fn(step: u32, total: u32, user_data: *mut c_void) -> bool>;
 
 /// Parameters of `lowvram_denoise`. Initialise with `lowvram_denoise_params_init(&p, sizeof p)`.
 #[repr(C)]
@@ -252,7 +253,9 @@ fn scheduler_arg(n: u32) -> Result<SchedulerKind> {
         1 => Ok(SchedulerKind::EulerAncestral),
         2 => Ok(SchedulerKind::Ddim),
         3 => Ok(SchedulerKind::DpmPP2M),
-        n => Err(Error::invalid(format!("params->scheduler is {n} (accepted: 0 euler, 1 euler_a, 2 ddim, 3 dpmpp_2m)"))),
+        n => {
+            Err(Error::invalid(format!("params->scheduler is {n} (accepted: 0 euler, 1 euler_a, 2 ddim, 3 dpmpp_2m)")))
+        }
     }
 }
 
@@ -299,7 +302,10 @@ pub unsafe extern "C" fn lowvram_denoise(
             steps: p.get::<u32>(field!(P, steps)) as usize,
             guidance: p.get::<f32>(field!(P, guidance)) as f64,
             seed: p.get(field!(P, seed)),
-            latent_size: (p.get::<u32>(field!(P, latent_height)) as usize, p.get::<u32>(field!(P, latent_width)) as usize),
+            latent_size: (
+                p.get::<u32>(field!(P, latent_height)) as usize,
+                p.get::<u32>(field!(P, latent_width)) as usize,
+            ),
         };
         let step_noise_ptr: *const lowvram_tensor = p.get(field!(P, step_noise));
         let step_noise = (step_noise_ptr as *const HostTensor).as_ref().map(|t| t.tensor());
