@@ -140,6 +140,28 @@ impl ReleaseOnDrop {
     }
 }
 
+/// The release of a params struct's `user_data`, read before anything else can fail (a NULL context included), so
+/// it runs exactly once whatever the call's status. A no-op when `p` is NULL, its `struct_size` is rejected (no
+/// field can be trusted) or does not cover the release field.
+///
+/// # Safety
+/// `p` must be NULL or point to a struct whose first `struct_size` bytes are readable.
+pub(crate) unsafe fn release_of<T: CStruct>(p: *const T, user_data: Field, release: Field) -> ReleaseOnDrop {
+    let none = ReleaseOnDrop::new(None, std::ptr::null_mut());
+    if p.is_null() {
+        return none;
+    }
+    let size = struct_size_at(p);
+    if check_params_size::<T>(size).is_err() || size < release.offset + release.size {
+        return none;
+    }
+    let base = p.cast::<u8>();
+    ReleaseOnDrop::new(
+        std::ptr::read_unaligned(base.add(release.offset).cast::<lowvram_release_callback>()),
+        std::ptr::read_unaligned(base.add(user_data.offset).cast::<*mut std::ffi::c_void>()),
+    )
+}
+
 impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
         if let Some(f) = self.release.take() {

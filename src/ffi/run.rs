@@ -6,8 +6,8 @@ use std::mem::size_of;
 use crate::api::{DenoiseOptions, HostTensor, RunReport, Tiling};
 use crate::error::{Error, Result};
 use crate::ffi::boundary::{
-    borrow, check_out_size, clone_arc, field, guard, guard_ctx, out_arg, params_bytes, write_out, CStruct, Field,
-    ReleaseOnDrop,
+    borrow, check_out_size, clone_arc, field, guard, guard_ctx, out_arg, params_bytes, release_of, write_out, CStruct,
+    Field,
 };
 use crate::ffi::cancel::{lowvram_cancel_token, token_arg};
 use crate::ffi::context::{init_params, lowvram_context};
@@ -283,12 +283,17 @@ pub unsafe extern "C" fn lowvram_denoise(
     report: *mut lowvram_run_report,
     out_latents: *mut *mut lowvram_tensor,
 ) -> lowvram_status {
+    // Read first: the release runs exactly once, also when the context is NULL or failed.
+    let _release = release_of(
+        params,
+        field!(lowvram_denoise_params, progress_user_data),
+        field!(lowvram_denoise_params, progress_user_data_release),
+    );
     guard_ctx(ctx, |ctx| {
         type P = lowvram_denoise_params;
         let p = params_bytes(params, &denoise_defaults(size_of::<P>() as u32))?;
         let progress: lowvram_progress_callback = p.get(field!(P, progress));
         let user_data: *mut c_void = p.get(field!(P, progress_user_data));
-        let _release = ReleaseOnDrop::new(p.get(field!(P, progress_user_data_release)), user_data);
         let unet = clone_arc(unet, "unet")?;
         let cond = borrow(cond, "cond")?;
         let uncond = (uncond as *const HostTensor).as_ref();
@@ -348,12 +353,17 @@ pub unsafe extern "C" fn lowvram_vae_decode(
     report: *mut lowvram_run_report,
     out_image: *mut *mut lowvram_tensor,
 ) -> lowvram_status {
+    // Read first: the release runs exactly once, also when the context is NULL or failed.
+    let _release = release_of(
+        params,
+        field!(lowvram_decode_params, progress_user_data),
+        field!(lowvram_decode_params, progress_user_data_release),
+    );
     guard_ctx(ctx, |ctx| {
         type P = lowvram_decode_params;
         let p = params_bytes(params, &decode_defaults(size_of::<P>() as u32))?;
         let progress: lowvram_progress_callback = p.get(field!(P, progress));
         let user_data: *mut c_void = p.get(field!(P, progress_user_data));
-        let _release = ReleaseOnDrop::new(p.get(field!(P, progress_user_data_release)), user_data);
         let vae = clone_arc(vae, "vae")?;
         let latents = borrow(latents, "latents")?;
         let out = out_arg(out_image, "out_image")?;

@@ -631,6 +631,14 @@ static void test_release_callbacks(lowvram_model *unet, lowvram_context *ctx, lo
     dec.progress_user_data_release = count_release;
     CHECK(lowvram_vae_decode(ctx, unet, &dec, NULL, NULL, &out) == LOWVRAM_STATUS_NULL_ARGUMENT);
     CHECK(releases == 9);
+    CHECK(lowvram_denoise(NULL, unet, &dp, cond, NULL, NULL, NULL, &out) == LOWVRAM_STATUS_NULL_ARGUMENT);
+    CHECK(releases == 10); /* even without a context */
+    lowvram_model_load_params lp;
+    lowvram_model_load_params_init(&lp, sizeof lp);
+    lp.progress_user_data_release = count_release;
+    lowvram_model *m = NULL;
+    CHECK(lowvram_model_load_ex(ctx, NULL, &lp, &m) == LOWVRAM_STATUS_NULL_ARGUMENT);
+    CHECK(releases == 11 && m == NULL);
 }
 
 /* ---- absurd sizes and hostile folders ------------------------------------------------------------------------- */
