@@ -938,7 +938,8 @@ lowvram_status lowvram_system_stats(struct lowvram_system_info *out);
 
 /**
  * Copy `data_len` bytes at `data` into a new tensor of `dtype` (a `lowvram_dtype` value) and `shape[0..ndim]` (row-major, native endianness).
- * `data_len` must equal the product of the shape times the element size (BUFFER_SIZE otherwise). The library
+ * `data_len` must equal the product of the shape times the element size (BUFFER_SIZE otherwise); `data` may be
+ * NULL when that is 0 (a shape with a zero dimension). The library
  * copies the data; the caller keeps ownership of `data`. On success `*out` is a new handle owned by the caller
  * (free with `lowvram_tensor_free`). Thread-safe.
  */
