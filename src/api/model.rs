@@ -83,8 +83,8 @@ impl Model {
     ) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-        let json: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::format(format!("{}: {e}", config_path.display())))?;
+        let json: Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(format!("{}: {e}", config_path.display())))?;
         let class = json.get("_class_name").and_then(Value::as_str).unwrap_or("");
         let arch = match class {
             "UNet2DConditionModel" => {

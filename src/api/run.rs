@@ -9,11 +9,11 @@ use serde::Serialize;
 
 use crate::api::context::{CallCancel, CancelToken};
 use crate::api::{Context, Model};
-use crate::ops::OpTarget;
 use crate::error::{Error, Result};
 use crate::memory::ModelLock;
 use crate::models::conditioning::{COND_EMBEDDINGS, UNCOND_EMBEDDINGS};
 use crate::models::Conditioning;
+use crate::ops::OpTarget;
 use crate::sampling::{self, DenoiseParams, SchedulerKind};
 use crate::weights::{BlockWeights, WeightSource};
 
@@ -59,7 +59,14 @@ pub struct DenoiseOptions {
 
 impl Default for DenoiseOptions {
     fn default() -> Self {
-        Self { scheduler: SchedulerKind::Euler, karras: false, steps: 20, guidance: 7.5, seed: 0, latent_size: (64, 64) }
+        Self {
+            scheduler: SchedulerKind::Euler,
+            karras: false,
+            steps: 20,
+            guidance: 7.5,
+            seed: 0,
+            latent_size: (64, 64),
+        }
     }
 }
 
@@ -128,10 +135,7 @@ fn f32_bytes(what: &str, dims: &[usize]) -> Result<u64> {
 fn check_host_bytes(what: &str, bytes: u64) -> Result<()> {
     let ram = crate::system::ram_stats();
     if ram.free_bytes > 0 && bytes > ram.free_bytes {
-        return Err(Error::OutOfHostMemory(format!(
-            "{what} needs {bytes} bytes of RAM, {} available",
-            ram.free_bytes
-        )));
+        return Err(Error::OutOfHostMemory(format!("{what} needs {bytes} bytes of RAM, {} available", ram.free_bytes)));
     }
     Ok(())
 }
@@ -151,7 +155,15 @@ impl Meter {
     pub(crate) fn new(ctx: &Context) -> Self {
         let refused_before = ctx.cache().allocator().refused();
         ctx.cache().allocator().reset_peak();
-        Self { start: Instant::now(), refused_before, estimate: 0, working: 0, streamed: 0, tile_latent: None, step_ms: Vec::new() }
+        Self {
+            start: Instant::now(),
+            refused_before,
+            estimate: 0,
+            working: 0,
+            streamed: 0,
+            tile_latent: None,
+            step_ms: Vec::new(),
+        }
     }
 
     pub(crate) fn took(&mut self, lock: &ModelLock) {
@@ -206,7 +218,8 @@ impl Context {
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<(Tensor, RunReport)> {
         let mut report = RunReport::default();
-        let latents = self.denoise_with(unet, options, cond, uncond, init_noise, step_noise, progress, None, &mut report)?;
+        let latents =
+            self.denoise_with(unet, options, cond, uncond, init_noise, step_noise, progress, None, &mut report)?;
         Ok((latents, report))
     }
 
@@ -428,8 +441,11 @@ impl Context {
         // The estimates multiply the widest activation by small factors: refuse what cannot be addressed first.
         f32_bytes("the decoder's activations", &[b, widest, h, f, w, f, 64])?;
         let target = OpTarget::new(self.cache().device(), self.cache().compute_dtype());
-        let on_host =
-            if self.cache().allocator().capacity().is_none() { model.decode_working_bytes(latents.dims(), target) } else { 0 };
+        let on_host = if self.cache().allocator().capacity().is_none() {
+            model.decode_working_bytes(latents.dims(), target)
+        } else {
+            0
+        };
         // The output image and the host copy of the latents; untiled on the CPU device, the working memory too.
         let host_needed = f32_bytes("the decoded image", &[b, config.out_channels, h, f, w, f])?.saturating_mul(2);
         check_host_bytes("the decode", host_needed.saturating_add(if tiling == Tiling::Never { on_host } else { 0 }))?;
@@ -440,7 +456,12 @@ impl Context {
             z = (z + shift)?;
         }
         // Progress counts the decoder's blocks as they are fetched (each once per pass, tiled or not).
-        let total = vae.weights().blocks().iter().filter(|b| b.key.starts_with("decoder.") || b.key == "post_quant_conv").count();
+        let total = vae
+            .weights()
+            .blocks()
+            .iter()
+            .filter(|b| b.key.starts_with("decoder.") || b.key == "post_quant_conv")
+            .count();
         let mut done = 0usize;
         let mut on_block_fn = || {
             done += 1;

@@ -104,7 +104,10 @@ pub(crate) fn arc_handle<H: Handle<Ownership = OwnershipArc>>(value: Arc<H::Targ
 ///
 /// # Safety
 /// `ptr` must be NULL or a live handle of type `H`.
-pub(crate) unsafe fn clone_arc<H: Handle<Ownership = OwnershipArc>>(ptr: *const H, name: &'static str) -> Result<Arc<H::Target>> {
+pub(crate) unsafe fn clone_arc<H: Handle<Ownership = OwnershipArc>>(
+    ptr: *const H,
+    name: &'static str,
+) -> Result<Arc<H::Target>> {
     if ptr.is_null() {
         return Err(Error::NullArgument(name));
     }
@@ -135,6 +138,28 @@ impl ReleaseOnDrop {
     pub(crate) fn new(release: lowvram_release_callback, user_data: *mut std::ffi::c_void) -> Self {
         Self { release, user_data }
     }
+}
+
+/// The release of a params struct's `user_data`, read before anything else can fail (a NULL context included), so
+/// it runs exactly once whatever the call's status. A no-op when `p` is NULL, its `struct_size` is rejected (no
+/// field can be trusted) or does not cover the release field.
+///
+/// # Safety
+/// `p` must be NULL or point to a struct whose first `struct_size` bytes are readable.
+pub(crate) unsafe fn release_of<T: CStruct>(p: *const T, user_data: Field, release: Field) -> ReleaseOnDrop {
+    let none = ReleaseOnDrop::new(None, std::ptr::null_mut());
+    if p.is_null() {
+        return none;
+    }
+    let size = struct_size_at(p);
+    if check_params_size::<T>(size).is_err() || size < release.offset + release.size {
+        return none;
+    }
+    let base = p.cast::<u8>();
+    ReleaseOnDrop::new(
+        std::ptr::read_unaligned(base.add(release.offset).cast::<lowvram_release_callback>()),
+        std::ptr::read_unaligned(base.add(user_data.offset).cast::<*mut std::ffi::c_void>()),
+    )
 }
 
 impl Drop for ReleaseOnDrop {
@@ -292,7 +317,11 @@ pub(crate) unsafe fn str_arg<'a>(ptr: *const c_char, name: &'static str) -> Resu
 /// # Safety
 /// As [`str_arg`].
 pub(crate) unsafe fn opt_str_arg<'a>(ptr: *const c_char, name: &'static str) -> Result<Option<&'a str>> {
-    if ptr.is_null() { Ok(None) } else { str_arg(ptr, name).map(Some) }
+    if ptr.is_null() {
+        Ok(None)
+    } else {
+        str_arg(ptr, name).map(Some)
+    }
 }
 
 /// NULL check of a pointer to a host struct that may be shorter than ours (no reference is formed).
@@ -344,5 +373,55 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(last_error(), "invalid argument: main thread");
+    }
+
+    #[test]
+    fn a_panic_marks_its_context_failed_and_later_calls_say_so() {
+        use crate::ffi::context::{
+            lowvram_cache_stats, lowvram_context, lowvram_context_configure, lowvram_context_free, lowvram_context_new,
+            lowvram_context_params, lowvram_context_params_init, lowvram_context_stats,
+        };
+        unsafe {
+            let mut params = std::mem::MaybeUninit::<lowvram_context_params>::zeroed();
+            assert_eq!(
+                lowvram_context_params_init(params.as_mut_ptr(), std::mem::size_of::<lowvram_context_params>()),
+                lowvram_status::Ok
+            );
+            let mut params = params.assume_init();
+            params.device = c"cpu".as_ptr();
+            let mut ctx: *mut lowvram_context = std::ptr::null_mut();
+            assert_eq!(lowvram_context_new(&params, &mut ctx), lowvram_status::Ok);
+            let mut stats: lowvram_cache_stats = std::mem::zeroed();
+            stats.struct_size = std::mem::size_of::<lowvram_cache_stats>() as u32;
+            assert_eq!(lowvram_context_stats(ctx, &mut stats), lowvram_status::Ok);
+            assert_eq!(guard_ctx(ctx, |_| panic!("half-way through")), lowvram_status::Panic);
+            assert_eq!(lowvram_context_stats(ctx, &mut stats), lowvram_status::Panic);
+            let msg = last_error();
+            assert!(msg.contains("context unusable") && msg.contains("half-way through"), "{msg}");
+            assert_eq!(lowvram_context_configure(ctx, c"max_cache_vram_gb: 1".as_ptr()), lowvram_status::Panic);
+            lowvram_context_free(ctx);
+        }
+    }
+
+    #[test]
+    fn the_last_error_survives_thread_teardown() {
+        struct CallsOnTeardown;
+        impl Drop for CallsOnTeardown {
+            fn drop(&mut self) {
+                // Thread-locals are being destroyed: neither call may panic (a panic here aborts the process).
+                let _ = guard(|| Err(Error::invalid("during teardown")));
+                let _ = unsafe { CStr::from_ptr(lowvram_last_error_message()) };
+            }
+        }
+        thread_local! {
+            static TEARDOWN: CallsOnTeardown = const { CallsOnTeardown };
+        }
+        std::thread::spawn(|| {
+            // Registered first, destroyed last: the last error's thread-local is gone when it runs.
+            TEARDOWN.with(|_| {});
+            guard(|| Err(Error::invalid("before teardown")));
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -331,7 +331,10 @@ pub unsafe extern "C" fn lowvram_context_free_memory(
 /// and reload from their files on next use; the others are forgotten (their files unmapped). `*out_freed` (may be
 /// NULL) receives the device bytes freed. Thread-safe.
 #[no_mangle]
-pub unsafe extern "C" fn lowvram_context_unload_all(ctx: *const lowvram_context, out_freed: *mut u64) -> lowvram_status {
+pub unsafe extern "C" fn lowvram_context_unload_all(
+    ctx: *const lowvram_context,
+    out_freed: *mut u64,
+) -> lowvram_status {
     guard_ctx(ctx, |ctx| {
         let freed = ctx.unload_all();
         if let Some(o) = out_freed.as_mut() {

@@ -6,7 +6,7 @@ use std::mem::size_of;
 use crate::api::{Model, ModelKind};
 use crate::ffi::boundary::{
     arc_handle, borrow, check_out_size, clone_arc, field, free_arc, guard, guard_ctx, non_null, out_arg, params_bytes,
-    str_arg, write_out, CStruct, Field, Handle, OwnershipArc, ReleaseOnDrop,
+    release_of, str_arg, write_out, CStruct, Field, Handle, OwnershipArc,
 };
 use crate::ffi::cancel::{lowvram_cancel_token, token_arg};
 use crate::ffi::context::{init_params, lowvram_context};
@@ -150,12 +150,17 @@ pub unsafe extern "C" fn lowvram_model_load_ex(
     params: *const lowvram_model_load_params,
     out: *mut *mut lowvram_model,
 ) -> lowvram_status {
+    // Read first: the release runs exactly once, also when the context is NULL or failed.
+    let _release = release_of(
+        params,
+        field!(lowvram_model_load_params, progress_user_data),
+        field!(lowvram_model_load_params, progress_user_data_release),
+    );
     guard_ctx(ctx, |ctx| {
         type P = lowvram_model_load_params;
         let p = params_bytes(params, &load_defaults(size_of::<P>() as u32))?;
         let progress: lowvram_progress_callback = p.get(field!(P, progress));
         let user_data: *mut c_void = p.get(field!(P, progress_user_data));
-        let _release = ReleaseOnDrop::new(p.get(field!(P, progress_user_data_release)), user_data);
         let path = str_arg(path, "path")?;
         let out = out_arg(out, "out")?;
         let token = token_arg(p.get(field!(P, cancel_token)))?;

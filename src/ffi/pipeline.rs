@@ -8,7 +8,7 @@ use crate::api::{ComponentPaths, HostTensor, Pipeline, PromptOptions};
 use crate::error::Error;
 use crate::ffi::boundary::{
     arc_handle, borrow, box_handle, clone_arc, field, free_arc, free_box, guard, guard_ctx, non_null, opt_str_arg, out_arg,
-    params_bytes, str_arg, CStruct, Field, Handle, OwnershipArc, OwnershipBox,
+    params_bytes, release_of, str_arg, CStruct, Field, Handle, OwnershipArc, OwnershipBox,
 };
 use crate::ffi::context::{init_params, lowvram_context};
 use crate::ffi::run::{lowvram_decode_params, lowvram_denoise_params, lowvram_run_report, run_decode, run_denoise};
@@ -226,6 +226,12 @@ pub unsafe extern "C" fn lowvram_pipeline_denoise(
     report: *mut lowvram_run_report,
     out_latents: *mut *mut lowvram_tensor,
 ) -> lowvram_status {
+    // Read first: the release runs exactly once, also when the context is NULL or failed.
+    let _release = release_of(
+        params,
+        field!(lowvram_denoise_params, progress_user_data),
+        field!(lowvram_denoise_params, progress_user_data_release),
+    );
     guard_ctx(ctx, |ctx| {
         let latents = run_denoise(params, report, |options, step_noise, on_step, token, r| {
             let pipeline = clone_arc(pipeline, "pipeline")?;
@@ -250,6 +256,11 @@ pub unsafe extern "C" fn lowvram_pipeline_decode(
     report: *mut lowvram_run_report,
     out_image: *mut *mut lowvram_tensor,
 ) -> lowvram_status {
+    let _release = release_of(
+        params,
+        field!(lowvram_decode_params, progress_user_data),
+        field!(lowvram_decode_params, progress_user_data_release),
+    );
     guard_ctx(ctx, |ctx| {
         let image = run_decode(params, report, |tiling, on_block, token, r| {
             let pipeline = clone_arc(pipeline, "pipeline")?;

@@ -6,8 +6,8 @@ use std::mem::size_of;
 use crate::api::{CancelToken, DenoiseOptions, HostTensor, RunReport, Tiling};
 use crate::error::{Error, Result};
 use crate::ffi::boundary::{
-    borrow, check_out_size, clone_arc, field, guard, guard_ctx, non_null, out_arg, params_bytes, write_out, CStruct, Field,
-    ReleaseOnDrop,
+    borrow, check_out_size, clone_arc, field, guard, guard_ctx, non_null, out_arg, params_bytes, release_of, write_out,
+    CStruct, Field,
 };
 use crate::ffi::cancel::{lowvram_cancel_token, token_arg};
 use crate::ffi::context::{init_params, lowvram_context};
@@ -36,7 +36,8 @@ pub enum lowvram_scheduler {
 /// Runs on the thread that made the call. It may call `lowvram_context_stats`, `lowvram_context_cancel` and
 /// `lowvram_cancel_token_cancel`; it must not start another call on the same context, throw or `longjmp`.
 #[allow(non_camel_case_types)]
-pub type lowvram_progress_callback = Option<unsafe extern "C" fn(step: u32, total: u32, user_data: *mut c_void) -> bool>;
+pub type lowvram_progress_callback =
+    Option<unsafe extern "C" fn(step: u32, total: u32, user_data: *mut c_void) -> bool>;
 
 /// Parameters of `lowvram_denoise`. Initialise with `lowvram_denoise_params_init(&p, sizeof p)`.
 #[repr(C)]
@@ -252,7 +253,9 @@ fn scheduler_arg(n: u32) -> Result<SchedulerKind> {
         1 => Ok(SchedulerKind::EulerAncestral),
         2 => Ok(SchedulerKind::Ddim),
         3 => Ok(SchedulerKind::DpmPP2M),
-        n => Err(Error::invalid(format!("params->scheduler is {n} (accepted: 0 euler, 1 euler_a, 2 ddim, 3 dpmpp_2m)"))),
+        n => {
+            Err(Error::invalid(format!("params->scheduler is {n} (accepted: 0 euler, 1 euler_a, 2 ddim, 3 dpmpp_2m)")))
+        }
     }
 }
 
@@ -280,6 +283,12 @@ pub unsafe extern "C" fn lowvram_denoise(
     report: *mut lowvram_run_report,
     out_latents: *mut *mut lowvram_tensor,
 ) -> lowvram_status {
+    // Read first: the release runs exactly once, also when the context is NULL or failed.
+    let _release = release_of(
+        params,
+        field!(lowvram_denoise_params, progress_user_data),
+        field!(lowvram_denoise_params, progress_user_data_release),
+    );
     guard_ctx(ctx, |ctx| {
         // Arguments are checked inside the runner, after the params: their user data is released either way.
         let latents = run_denoise(params, report, |options, step_noise, on_step, token, r| {
@@ -325,7 +334,6 @@ pub(crate) unsafe fn run_denoise(
     let p = params_bytes(params, &denoise_defaults(size_of::<P>() as u32))?;
     let progress: lowvram_progress_callback = p.get(field!(P, progress));
     let user_data: *mut c_void = p.get(field!(P, progress_user_data));
-    let _release = ReleaseOnDrop::new(p.get(field!(P, progress_user_data_release)), user_data);
     check_out_size(report, "report")?;
     let token = token_arg(p.get(field!(P, cancel_token)))?;
     let options = DenoiseOptions {
@@ -364,6 +372,12 @@ pub unsafe extern "C" fn lowvram_vae_decode(
     report: *mut lowvram_run_report,
     out_image: *mut *mut lowvram_tensor,
 ) -> lowvram_status {
+    // Read first: the release runs exactly once, also when the context is NULL or failed.
+    let _release = release_of(
+        params,
+        field!(lowvram_decode_params, progress_user_data),
+        field!(lowvram_decode_params, progress_user_data_release),
+    );
     guard_ctx(ctx, |ctx| {
         let image = run_decode(params, report, |tiling, on_block, token, r| {
             let vae = clone_arc(vae, "vae")?;
@@ -394,7 +408,6 @@ pub(crate) unsafe fn run_decode(
     let p = params_bytes(params, &decode_defaults(size_of::<P>() as u32))?;
     let progress: lowvram_progress_callback = p.get(field!(P, progress));
     let user_data: *mut c_void = p.get(field!(P, progress_user_data));
-    let _release = ReleaseOnDrop::new(p.get(field!(P, progress_user_data_release)), user_data);
     check_out_size(report, "report")?;
     let token = token_arg(p.get(field!(P, cancel_token)))?;
     let tile: u32 = p.get(field!(P, tile_latent));

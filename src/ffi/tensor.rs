@@ -75,7 +75,8 @@ pub(crate) unsafe fn shape_arg(shape: *const i64, ndim: usize) -> Result<Vec<usi
 }
 
 /// Copy `data_len` bytes at `data` into a new tensor of `dtype` (a `lowvram_dtype` value) and `shape[0..ndim]` (row-major, native endianness).
-/// `data_len` must equal the product of the shape times the element size (BUFFER_SIZE otherwise). The library
+/// `data_len` must equal the product of the shape times the element size (BUFFER_SIZE otherwise); `data` may be
+/// NULL when that is 0 (a shape with a zero dimension). The library
 /// copies the data; the caller keeps ownership of `data`. On success `*out` is a new handle owned by the caller
 /// (free with `lowvram_tensor_free`). Thread-safe.
 #[no_mangle]
@@ -97,10 +98,14 @@ pub unsafe extern "C" fn lowvram_tensor_from_host(
             n => return Err(Error::invalid(format!("dtype {n} is not a lowvram_dtype (0 f32, 1 f16, 2 bf16)"))),
         };
         let shape = shape_arg(shape, ndim)?;
-        if data.is_null() {
+        // An empty tensor (a zero dimension) has no bytes: NULL data is fine there.
+        let bytes: &[u8] = if data.is_null() && data_len == 0 {
+            &[]
+        } else if data.is_null() {
             return Err(Error::NullArgument("data"));
-        }
-        let bytes = std::slice::from_raw_parts(data.cast::<u8>(), data_len);
+        } else {
+            std::slice::from_raw_parts(data.cast::<u8>(), data_len)
+        };
         *out = into_handle(HostTensor::from_bytes(dtype.into(), &shape, bytes)?);
         Ok(())
     })

@@ -113,7 +113,11 @@ mod tests {
 
     #[test]
     fn bounded_names_the_key_and_accepts_lists() {
-        let m = parse_object(r#"{"a": 4294967295, "b": [1, 2, 70000], "c": 18446744073709551615, "d": 1e300, "e": [3, 4]}"#, "t").unwrap();
+        let m = parse_object(
+            r#"{"a": 4294967295, "b": [1, 2, 70000], "c": 18446744073709551615, "d": 1e300, "e": [3, 4]}"#,
+            "t",
+        )
+        .unwrap();
         for key in ["a", "b", "c", "d"] {
             let e = bounded(&m, key, 1, 65536).unwrap_err().to_string();
             assert!(e.starts_with("format error: config key ") && e.contains(key), "{e}");

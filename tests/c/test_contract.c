@@ -631,9 +631,30 @@ static void test_release_callbacks(lowvram_model *unet, lowvram_context *ctx, lo
     dec.progress_user_data_release = count_release;
     CHECK(lowvram_vae_decode(ctx, unet, &dec, NULL, NULL, &out) == LOWVRAM_STATUS_NULL_ARGUMENT);
     CHECK(releases == 9);
+    CHECK(lowvram_denoise(NULL, unet, &dp, cond, NULL, NULL, NULL, &out) == LOWVRAM_STATUS_NULL_ARGUMENT);
+    CHECK(releases == 10); /* even without a context */
+    lowvram_model_load_params lp;
+    lowvram_model_load_params_init(&lp, sizeof lp);
+    lp.progress_user_data_release = count_release;
+    lowvram_model *m = NULL;
+    CHECK(lowvram_model_load_ex(ctx, NULL, &lp, &m) == LOWVRAM_STATUS_NULL_ARGUMENT);
+    CHECK(releases == 11 && m == NULL);
 }
 
 /* ---- absurd sizes and hostile folders ------------------------------------------------------------------------- */
+
+static void test_empty_tensor_needs_no_data(void) {
+    int64_t shape[2] = {0, 4};
+    lowvram_tensor *t = NULL;
+    CHECK_OK(lowvram_tensor_from_host(LOWVRAM_DTYPE_F32, shape, 2, NULL, 0, &t));
+    size_t bytes = 1;
+    CHECK_OK(lowvram_tensor_info(t, NULL, NULL, 0, NULL, &bytes));
+    CHECK(bytes == 0);
+    lowvram_tensor_free(t);
+    int64_t one[1] = {1};
+    t = NULL;
+    CHECK(lowvram_tensor_from_host(LOWVRAM_DTYPE_F32, one, 1, NULL, 4, &t) == LOWVRAM_STATUS_NULL_ARGUMENT && !t);
+}
 
 static void test_absurd_sizes(lowvram_model *unet, lowvram_context *ctx, lowvram_tensor *cond) {
     lowvram_denoise_params dp;
@@ -812,6 +833,7 @@ int main(void) {
     test_cancel_mid_load(ctx);
     test_ownership(cond);
     test_release_callbacks(unet, ctx, cond);
+    test_empty_tensor_needs_no_data();
     test_absurd_sizes(unet, ctx, cond);
     test_hostile_folders(ctx);
 

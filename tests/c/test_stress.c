@@ -27,7 +27,8 @@ static atomic_int failures = 0;
     } while (0)
 #define CHECK_OK(call) CHECK((call) == LOWVRAM_STATUS_OK)
 
-enum { ITERATIONS = 16 };
+/* Iterations per worker; $LOWVRAM_STRESS_ITERATIONS overrides it (e.g. fewer under valgrind). */
+static int ITERATIONS = 16;
 
 struct shared {
     lowvram_context *ctx;
@@ -244,6 +245,8 @@ static void stress(const char *device, const char *yaml, const char *unet_dir, c
 
 int main(void) {
     alarm(600); /* watchdog: a deadlock fails the test instead of hanging it */
+    const char *iters = getenv("LOWVRAM_STRESS_ITERATIONS");
+    if (iters && atoi(iters) > 0) ITERATIONS = atoi(iters);
     const char *repo = getenv("LOWVRAM_REPO");
     char unet_dir[1100], vae_dir[1100];
     snprintf(unet_dir, sizeof unet_dir, "%s/models/tiny-sd/unet", repo ? repo : ".");

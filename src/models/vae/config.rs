@@ -76,7 +76,9 @@ impl VaeConfig {
         require(&m, "down_block_types", |v| {
             v.as_array().is_some_and(|a| a.iter().all(|s| is_str(s, "DownEncoderBlock2D")))
         })?;
-        require(&m, "up_block_types", |v| v.as_array().is_some_and(|a| a.iter().all(|s| is_str(s, "UpDecoderBlock2D"))))?;
+        require(&m, "up_block_types", |v| {
+            v.as_array().is_some_and(|a| a.iter().all(|s| is_str(s, "UpDecoderBlock2D")))
+        })?;
         if let Some(c) = m.get("_class_name").and_then(|v| v.as_str()) {
             if c != "AutoencoderKL" {
                 return Err(Error::unsupported(format!("config key _class_name = \"{c}\"")));
@@ -146,7 +148,11 @@ mod tests {
 
     #[test]
     fn hostile_numbers_are_format_errors_naming_the_key() {
-        for (key, value) in [("layers_per_block", "4294967295"), ("latent_channels", "18446744073709551616"), ("block_out_channels", "[64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64]")] {
+        for (key, value) in [
+            ("layers_per_block", "4294967295"),
+            ("latent_channels", "18446744073709551616"),
+            ("block_out_channels", "[64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64]"),
+        ] {
             let e = VaeConfig::from_json(&format!("{{\"{key}\": {value}}}")).unwrap_err();
             assert!(matches!(e, Error::Format(_)), "{key}: {e}");
             assert!(e.to_string().contains(key), "{e}");
