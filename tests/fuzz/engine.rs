@@ -534,7 +534,8 @@ pub fn worker(target: &mut dyn Target, a: &WorkerArgs) {
                 }
             }
             Outcome::Finding(what) => {
-                let key = feature("", &what);
+                // one class per kind of violation, not per tensor name or number in the message
+                let key: String = feature("", &what).chars().take(64).collect();
                 if seen.insert(format!("finding:{key}")) {
                     let path = a.out_dir.join(format!(
                         "finding-{name}-{}-{}-{}.bin",
@@ -636,6 +637,7 @@ pub fn supervise(target: &str, a: &SupervisorArgs) -> Summary {
                 &["--include-known"][..]
             })
             .env("RAYON_NUM_THREADS", "1")
+            .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("worker log"))
             .output()
@@ -664,7 +666,8 @@ pub fn supervise(target: &str, a: &SupervisorArgs) -> Summary {
                 let execs: u64 = rest.rsplit('=').next().and_then(|n| n.parse().ok()).unwrap_or(0);
                 s.execs += execs.saturating_sub(1);
                 let tail = std::fs::read_to_string(&log).unwrap_or_default();
-                let why: Vec<&str> = tail.lines().rev().take(3).collect();
+                // the first lines say why (an allocation failure, a stack overflow); a backtrace may follow
+                let why: Vec<&str> = tail.lines().filter(|l| !l.trim().is_empty()).take(2).collect();
                 let input = a
                     .out_dir
                     .join(format!("crash-{target}-{}-{run}.bin", a.seed + run as u64));
@@ -673,7 +676,7 @@ pub fn supervise(target: &str, a: &SupervisorArgs) -> Summary {
                     if rest.starts_with("CRASH") { "crash" } else { "hang" },
                     out.status,
                     input.display(),
-                    why.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                    why.join(" | ")
                 );
                 if rest.starts_with("CRASH") {
                     s.crashes.push(what);
