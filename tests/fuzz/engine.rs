@@ -466,6 +466,8 @@ pub struct WorkerArgs {
     pub hang_ms: u64,
     pub mem_mb: u64,
     pub run_index: u32,
+    /// Rounds of the leak check after the budget (0: none).
+    pub leak_rounds: u32,
 }
 
 /// Run `target` in this process until the time or execution budget is spent; print one `REPORT` line.
@@ -560,8 +562,34 @@ pub fn worker(target: &mut dyn Target, a: &WorkerArgs) {
         }
     }
     let rss_end = rss_kib();
+    // Leak check: replay a fixed set of corpus inputs round after round; after the first round (caches warm,
+    // allocator pools grown) resident memory must stay flat. The corpus's own growth cannot hide a leak here.
+    let mut leak = String::new();
+    if a.leak_rounds > 0 {
+        let set: Vec<Vec<u8>> = corpus.iter().chain(&seeds).take(256).cloned().collect();
+        let mut first = 0;
+        for round in 0..a.leak_rounds {
+            for input in &set {
+                CURRENT_INPUT.store(input.as_ptr() as *mut u8, Ordering::SeqCst);
+                CURRENT_LEN.store(input.len(), Ordering::SeqCst);
+                STARTED_MS.store(now_ms(), Ordering::SeqCst);
+                let _ = catch_unwind(AssertUnwindSafe(|| target.run(input, a.avoid_known)));
+                STARTED_MS.store(0, Ordering::SeqCst);
+                CURRENT_INPUT.store(std::ptr::null_mut(), Ordering::SeqCst);
+            }
+            if round == 0 {
+                first = rss_kib();
+            }
+        }
+        leak = format!(
+            " leak_inputs={} leak_rounds={} leak_rss_first_kib={first} leak_rss_last_kib={}",
+            set.len(),
+            a.leak_rounds,
+            rss_kib()
+        );
+    }
     println!(
-        "FUZZ-WORKER REPORT execs={execs} seconds={:.2} corpus={} outcomes={} findings={} rss_warm_kib={} rss_end_kib={rss_end} rss_max_kib={}",
+        "FUZZ-WORKER REPORT execs={execs} seconds={:.2} corpus={} outcomes={} findings={} rss_warm_kib={} rss_end_kib={rss_end} rss_max_kib={}{leak}",
         start.elapsed().as_secs_f64(),
         corpus.len(),
         seen.len(),
@@ -600,6 +628,8 @@ pub struct Summary {
     pub rss_warm_kib: u64,
     pub rss_end_kib: u64,
     pub outcomes: u64,
+    /// The leak check: inputs, rounds, RSS after the first and the last round.
+    pub leak: Option<(u64, u64, u64, u64)>,
 }
 
 pub struct SupervisorArgs {
@@ -611,6 +641,7 @@ pub struct SupervisorArgs {
     pub hang_ms: u64,
     pub mem_mb: u64,
     pub max_restarts: u32,
+    pub leak_rounds: u32,
 }
 
 /// Run `target` in worker processes for the budget; restart after a crash or hang (with the next seed) until
@@ -639,6 +670,7 @@ pub fn supervise(target: &str, a: &SupervisorArgs) -> Summary {
             .args(["--hang-ms", &a.hang_ms.to_string()])
             .args(["--mem-mb", &a.mem_mb.to_string()])
             .args(["--out", &a.out_dir.display().to_string()])
+            .args(["--leak-rounds", &a.leak_rounds.to_string()])
             .args(if a.avoid_known {
                 &[][..]
             } else {
@@ -658,9 +690,17 @@ pub fn supervise(target: &str, a: &SupervisorArgs) -> Summary {
             };
             if let Some(r) = rest.strip_prefix("REPORT ") {
                 ended = true;
+                let mut leak = (0u64, 0u64, 0u64, 0u64);
                 for kv in r.split_whitespace() {
                     let (k, v) = kv.split_once('=').unwrap_or((kv, "0"));
                     match k {
+                        "leak_inputs" => leak.0 = v.parse().unwrap_or(0),
+                        "leak_rounds" => leak.1 = v.parse().unwrap_or(0),
+                        "leak_rss_first_kib" => leak.2 = v.parse().unwrap_or(0),
+                        "leak_rss_last_kib" => {
+                            leak.3 = v.parse().unwrap_or(0);
+                            s.leak = Some(leak);
+                        }
                         "execs" => s.execs += v.parse::<u64>().unwrap_or(0),
                         "outcomes" => s.outcomes = s.outcomes.max(v.parse().unwrap_or(0)),
                         "rss_warm_kib" => s.rss_warm_kib = v.parse().unwrap_or(0),

@@ -12,6 +12,7 @@
 //!   --seed N               first seed (a restarted worker takes the next)   --include-known   see known.rs
 //!   --out DIR              crash and finding inputs, worker logs (default target/fuzz)
 //!   --hang-ms MS --mem-mb MB --max-restarts N   hang limit per input, address-space cap per worker, restarts
+//!   --leak-rounds N        after the budget, replay up to 256 corpus inputs N times: RSS must stay flat
 //! Reproduce a saved input: `--target NAME --replay FILE`.
 
 mod engine;
@@ -92,6 +93,7 @@ fn main() {
                 hang_ms,
                 mem_mb,
                 run_index,
+                leak_rounds: num("--leak-rounds", 0.0) as u32,
             },
         );
         let _ = std::fs::remove_dir_all(&scratch);
@@ -127,6 +129,7 @@ fn main() {
         hang_ms,
         mem_mb,
         max_restarts: num("--max-restarts", if smoke { 0.0 } else { 20.0 }) as u32,
+        leak_rounds: num("--leak-rounds", 0.0) as u32,
     };
     println!(
         "lowvram fuzz: {} s per target, seed {seed}, {}known findings {}, outputs in {}",
@@ -155,6 +158,14 @@ fn main() {
             s.rss_warm_kib,
             s.rss_end_kib
         );
+        let line = match s.leak {
+            Some((inputs, rounds, first, last)) => format!(
+                "{line}\n             leak check: {inputs} inputs × {rounds} rounds, RSS {first} KiB after the first round, \
+                 {last} KiB after the last ({:+} KiB)",
+                last as i64 - first as i64
+            ),
+            None => line,
+        };
         println!("{line}");
         for c in s.crashes.iter().chain(&s.hangs).chain(&s.findings) {
             println!("    {c}");
