@@ -437,7 +437,7 @@ fn install_crash_handlers(path: &Path) {
 
 /// Cap the worker's address space, so a huge allocation fails (and aborts, which is caught as a crash) instead
 /// of taking a shared machine's memory.
-fn limit_memory(mb: u64) {
+pub fn limit_memory(mb: u64) {
     let bytes = mb << 20;
     let lim = libc::rlimit {
         rlim_cur: bytes,

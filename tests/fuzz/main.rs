@@ -104,6 +104,7 @@ fn main() {
         let scratch = scratch_dir();
         let mut target = make(&name, &scratch);
         let input = std::fs::read(&file).expect("replay input");
+        engine::limit_memory(mem_mb); // as in a worker: a huge allocation fails here too
         let outcome = target.run(&input, avoid_known);
         let _ = std::fs::remove_dir_all(&scratch);
         match outcome {
