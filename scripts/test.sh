@@ -15,13 +15,15 @@ command -v mono >/dev/null || need_apt+=(mono-runtime)
 [ -e /usr/lib/mono/4.5/System.Core.dll ] || need_apt+=(libmono-system-core4.0-cil)
 command -v valgrind >/dev/null || need_apt+=(valgrind)
 command -v g++ >/dev/null || need_apt+=(g++)
+command -v cmake >/dev/null || need_apt+=(cmake)
+command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 if [ ${#need_apt[@]} -gt 0 ]; then
     step "installing ${need_apt[*]}"
     sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
     $sudo apt-get update -q || true
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${need_apt[@]}"
 fi
-for tool in mcs mono valgrind gcc g++; do
+for tool in mcs mono valgrind gcc g++ cmake pkg-config; do
     command -v "$tool" >/dev/null || { echo "FATAL: $tool is required and could not be installed" >&2; exit 1; }
 done
 
@@ -68,6 +70,29 @@ gcc -std=c11 -Wall -Wextra -Wpedantic -Werror -I include examples/generate.c -o 
 rm -f "$out/example.png"
 "$out/generate_example" models/tiny-sd "$out/example.png"
 head -c 8 "$out/example.png" | od -An -tx1 | grep -q "89 50 4e 47 0d 0a 1a 0a" || { echo "FATAL: the example wrote no PNG" >&2; exit 1; }
+
+step "install to a temporary prefix; examples/generate.c via CMake find_package(lowvram) and via pkg-config"
+prefix="$out/prefix"
+rm -rf "$prefix" "$out/cmake-example"
+scripts/install.sh --prefix "$prefix" --no-build
+cmake -S examples -B "$out/cmake-example" -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build "$out/cmake-example"
+export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
+# shellcheck disable=SC2046  # pkg-config's output is a list of flags
+gcc -std=c11 -Wall -Wextra -Wpedantic -Werror examples/generate.c -o "$out/generate_pkgconfig" \
+    $(pkg-config --cflags --libs lowvram) -Wl,-rpath,"$(pkg-config --variable=libdir lowvram)"
+# shellcheck disable=SC2046
+echo '#include <lowvram.hpp>' | g++ -std=c++17 -Wall -Wextra -Wpedantic -Werror -fsyntax-only -x c++ - \
+    $(pkg-config --cflags lowvram)
+unset PKG_CONFIG_PATH
+for exe in "$out/cmake-example/generate" "$out/generate_pkgconfig"; do
+    # each must load the installed library, not the build tree's
+    [[ "$(ldd "$exe")" == *"$prefix/lib/liblowvram.so"* ]] || { echo "FATAL: $exe does not load $prefix/lib" >&2; exit 1; }
+    rm -f "$out/installed.png"
+    "$exe" models/tiny-sd "$out/installed.png" >/dev/null
+    head -c 8 "$out/installed.png" | od -An -tx1 | grep -q "89 50 4e 47 0d 0a 1a 0a" \
+        || { echo "FATAL: $exe wrote no PNG" >&2; exit 1; }
+done
 
 # --- C++ -----------------------------------------------------------------------------------------------------------
 step "C++ host test (g++ -std=c++17 -Wall -Wextra -Wpedantic -Werror)"
