@@ -48,6 +48,14 @@ step "C host test under valgrind"
 valgrind --quiet --error-exitcode=3 --leak-check=full --errors-for-leak-kinds=definite,indirect \
     --show-leak-kinds=definite,indirect --suppressions=tests/c/valgrind.supp "$out/test_api_c"
 
+step "C pipeline host test: prompt -> image against diffusers, host conditioning, errors, free order"
+gcc -std=c11 -Wall -Wextra -Wpedantic -Werror -g -I include tests/c/test_pipeline.c -o "$out/test_pipeline_c" \
+    -L "$lib_dir" -llowvram -lm -Wl,-rpath,"$lib_dir"
+"$out/test_pipeline_c"
+step "C pipeline host test under valgrind"
+valgrind --quiet --error-exitcode=3 --leak-check=full --errors-for-leak-kinds=definite,indirect \
+    --show-leak-kinds=definite,indirect --suppressions=tests/c/valgrind.supp "$out/test_pipeline_c"
+
 step "C host contract test: ownership, per-call cancel from other threads, ABI growth, hostile inputs"
 gcc -std=c11 -Wall -Wextra -Wpedantic -Werror -g -pthread -I include tests/c/test_contract.c -o "$out/test_contract_c" \
     -L "$lib_dir" -llowvram -lm -Wl,-rpath,"$lib_dir"

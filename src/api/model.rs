@@ -71,10 +71,10 @@ const WEIGHT_FILES: [&str; 2] = ["diffusion_pytorch_model.safetensors", "diffusi
 
 impl Model {
     /// Load the component in `dir` (config.json + safetensors) into `cache`, the cache of context `context_id`. The
-    /// architecture comes from config.json's `_class_name`; weights are memory-mapped and registered with the cache
-    /// (no device bytes yet), and every tensor the architecture reads is checked by name and shape, so a renamed or
-    /// misshapen tensor fails here rather than at the first run. `step(done, LOAD_PHASES)` runs after each phase; an
-    /// error from it (a cancel) stops the load.
+    /// architecture comes from config.json's `_class_name` (transformers folders: `architectures`); weights are
+    /// memory-mapped and registered with the cache (no device bytes yet), and every tensor the architecture reads is
+    /// checked by name and shape, so a renamed or misshapen tensor fails here rather than at the first run.
+    /// `step(done, LOAD_PHASES)` runs after each phase; an error from it (a cancel) stops the load.
     pub fn load(
         cache: &ModelCache,
         dir: &Path,
@@ -83,9 +83,15 @@ impl Model {
     ) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-        let json: Value =
-            serde_json::from_str(&text).map_err(|e| Error::format(format!("{}: {e}", config_path.display())))?;
-        let class = json.get("_class_name").and_then(Value::as_str).unwrap_or("");
+        let json: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(format!("{}: {e}", config_path.display())))?;
+        // diffusers components name their class in `_class_name`; transformers folders (the text encoders, as the
+        // hub ships them) in `architectures`.
+        let class = json
+            .get("_class_name")
+            .or_else(|| json.get("architectures").and_then(|a| a.get(0)))
+            .and_then(Value::as_str)
+            .unwrap_or("");
         let arch = match class {
             "UNet2DConditionModel" => {
                 let model = UNet2DConditionModel::new(UNetConfig::from_json(&text)?)?;

@@ -50,7 +50,8 @@ pub struct Pipeline {
     vae: Arc<Model>,
     /// In the family's order (`text_encoder`, `text_encoder_2`); `None` where the pipeline has none.
     text_encoders: Vec<Option<Arc<Model>>>,
-    /// SDXL: an empty negative prompt is zeros, not the encoding of "" (`force_zeros_for_empty_prompt`).
+    /// SDXL: no negative prompt is zeros, not the encoding of "" (`force_zeros_for_empty_prompt`; a given "" is
+    /// encoded, as diffusers does).
     zeros_for_empty_negative: bool,
 }
 
@@ -166,7 +167,7 @@ impl Pipeline {
             return Err(Error::invalid("batch must be at least 1"));
         }
         let mut cond = Conditioning::new();
-        let negative_is_zeros = self.zeros_for_empty_negative && negative.is_none_or(str::is_empty);
+        let negative_is_zeros = self.zeros_for_empty_negative && negative.is_none();
         match self.family {
             Family::Sd1 | Family::Sd2 => {
                 let layer = if options.clip_skip == 0 { HiddenLayer::Last } else { HiddenLayer::SkipNormed(options.clip_skip) };
