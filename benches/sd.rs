@@ -59,15 +59,19 @@ struct Args {
     extra_config: String,
     json: bool,
     seed: u64,
-    /// Storage and compute dtype (`fp32` on the CPU, as the PyTorch baseline; `fp16` for GPU runs).
+    /// Storage and compute dtype (`fp32` on the CPU, as the PyTorch baseline; `fp16` for GPU runs; `auto` = the
+    /// default configuration: storage = the file's dtype, compute f32 on the CPU / fp16 on CUDA).
     dtype: String,
+    /// Which weight file the model folders provide: `fp32` (diffusion_pytorch_model.safetensors) or `fp16` (the
+    /// `.fp16.` variant users download; run from a folder of links to it).
+    weights: String,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench sd -- [--model DIR] [--threads N] [--repeats R] [--warmup W] [--only W,W]\n\
          \x20      [--budgets 100,50,25,10] [--prefetch on,off] [--device emulated:SIZE] [--working-gb G] [--config 'key: value'] [--seed S]\n\
-         \x20      [--dtype fp32|fp16|bf16] [--json]\n\
+         \x20      [--dtype fp32|fp16|bf16|auto] [--weights fp32|fp16] [--json]\n\
          workloads: unet_step_32 unet_step_64 vae_decode_256 vae_decode_512"
     );
     std::process::exit(2)
@@ -94,6 +98,7 @@ fn parse_args() -> Args {
         json: false,
         seed: 0,
         dtype: "fp32".into(),
+        weights: "fp32".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -145,6 +150,7 @@ fn parse_args() -> Args {
             "--config" => a.extra_config = val().replace("\\n", "\n"),
             "--seed" => a.seed = val().parse().unwrap_or_else(|_| usage()),
             "--dtype" => a.dtype = val(),
+            "--weights" => a.weights = val(),
             "--json" => a.json = true,
             "--bench" => {} // passed by `cargo bench`
             "-h" | "--help" => usage(),
@@ -163,8 +169,12 @@ fn parse_args() -> Args {
         eprintln!("unknown workload {bad}");
         usage()
     }
-    if !["fp32", "fp16", "bf16"].contains(&a.dtype.as_str()) {
-        eprintln!("--dtype takes fp32, fp16 or bf16");
+    if !["fp32", "fp16", "bf16", "auto"].contains(&a.dtype.as_str()) {
+        eprintln!("--dtype takes fp32, fp16, bf16 or auto");
+        usage()
+    }
+    if !["fp32", "fp16"].contains(&a.weights.as_str()) {
+        eprintln!("--weights takes fp32 or fp16");
         usage()
     }
     if a.repeats == 0 || a.threads == 0 || a.budgets.iter().any(|&p| p == 0 || p > 100) {
@@ -319,10 +329,15 @@ fn log(args: &Args, msg: &str) {
 /// Config for a run: f32 storage and compute (the PyTorch baseline's), a fixed working memory, and the cache cap.
 fn config_yaml(args: &Args, max_cache_vram_bytes: Option<u64>) -> String {
     let mut y = format!(
-        "storage_dtype: {d}\ncompute_dtype: {d}\ndevice_working_mem_gb: {}\nkeep_ram_copy_of_weights: true\n",
-        args.working_gb,
-        d = args.dtype
+        "device_working_mem_gb: {}\nkeep_ram_copy_of_weights: true\n",
+        args.working_gb
     );
+    if args.dtype != "auto" {
+        y.push_str(&format!(
+            "storage_dtype: {d}\ncompute_dtype: {d}\n",
+            d = args.dtype
+        ));
+    }
     if !args.extra_config.is_empty() {
         y.push_str(&args.extra_config);
         y.push('\n');
@@ -378,7 +393,8 @@ fn unet_point(
     // The budget needs the model's bytes in its storage dtype: load once without a cap to learn them, then set it.
     let ctx = new_context(args, dev.clone(), None)?;
     let model = ctx.load_model(&unet_dir)?;
-    let total = model.weights().total_bytes();
+    // Budgets are device bytes: the weights in the compute dtype (an fp16 file computed in f32 takes twice its size).
+    let total = model.weights().device_bytes();
     let target = if pct >= 100 {
         total + 64 * MIB
     } else {
@@ -437,7 +453,7 @@ fn unet_point(
     )?;
 
     let per_step = streamed.iter().copied().max().unwrap_or(0);
-    let expected = total - resident;
+    let expected = model.weights().streamed_bytes_per_forward();
     let t = timing.json();
     log(
         args,
@@ -616,6 +632,7 @@ fn run(args: &Args) -> BoxResult<Value> {
         "cpu": cpu_model(),
         "threads": args.threads,
         "dtype": args.dtype,
+        "weights": args.weights,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "config_yaml": config_yaml(args, None),
@@ -628,8 +645,42 @@ fn run(args: &Args) -> BoxResult<Value> {
     }))
 }
 
+/// With `--weights fp16`: a pipeline folder of links to the model's fp16 files only (the loader takes the f32 file
+/// when both are present), beside the model folder.
+fn fp16_view(model: &Path) -> BoxResult<PathBuf> {
+    let model = std::fs::canonicalize(model)?;
+    let name = model
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("model");
+    let view = model.with_file_name(format!("{name}-fp16-view"));
+    for part in ["unet", "vae", "scheduler"] {
+        let (src, dst) = (model.join(part), view.join(part));
+        if !src.is_dir() {
+            continue;
+        }
+        std::fs::create_dir_all(&dst)?;
+        for f in [
+            "config.json",
+            "scheduler_config.json",
+            "diffusion_pytorch_model.fp16.safetensors",
+        ] {
+            if src.join(f).exists() && !dst.join(f).exists() {
+                std::os::unix::fs::symlink(src.join(f), dst.join(f))?;
+            }
+        }
+    }
+    Ok(view)
+}
+
 fn main() {
-    let args = parse_args();
+    let mut args = parse_args();
+    if args.weights == "fp16" {
+        args.model = fp16_view(&args.model).unwrap_or_else(|e| {
+            eprintln!("cannot link the fp16 files: {e}");
+            std::process::exit(2)
+        });
+    }
     // candle's CPU kernels size their parallelism from RAYON_NUM_THREADS; rayon's global pool is built to match.
     std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
     let _ = rayon::ThreadPoolBuilder::new()

@@ -16,6 +16,16 @@
 #include <stdint.h>
 
 /**
+ * Phases `Model::load` reports: config read, weights mapped, tensors checked.
+ */
+#define LOAD_PHASES 3
+
+/**
+ * Largest |guidance| accepted: beyond it every latent overflows to infinity or NaN.
+ */
+#define MAX_GUIDANCE 1000.0
+
+/**
  * Major version of this header; `lowvram_version()` gives the library's at run time.
  */
 #define LOWVRAM_VERSION_MAJOR 0
@@ -39,6 +49,16 @@
  * Most dimensions a tensor crossing the API may have.
  */
 #define LOWVRAM_MAX_DIMS 8
+
+/**
+ * Number of micro-conditioning values per sample: (orig_h, orig_w, crop_top, crop_left, target_h, target_w).
+ */
+#define TextTimeConfig_TIME_IDS 6
+
+/**
+ * Largest `num_train_timesteps` accepted (diffusers' models use 1000).
+ */
+#define MAX_TRAIN_TIMESTEPS 100000
 
 /**
  * Element type of a tensor (stable numbers).
@@ -110,6 +130,10 @@ enum lowvram_model_kind
      * An AutoencoderKL: used by `lowvram_vae_decode`.
      */
     LOWVRAM_MODEL_KIND_VAE = 1,
+    /**
+     * A text encoder (CLIPTextModel, CLIPTextModelWithProjection): used by a pipeline's prompt encoding.
+     */
+    LOWVRAM_MODEL_KIND_TEXT_ENCODER = 2,
 };
 #ifndef __cplusplus
 typedef uint32_t lowvram_model_kind;
@@ -194,7 +218,8 @@ enum lowvram_status
      */
     LOWVRAM_STATUS_UNSUPPORTED = 9,
     /**
-     * The library panicked; the panic was caught at the C boundary. Please report it.
+     * The library panicked; the panic was caught at the C boundary. Please report it. The context the call ran on
+     * is marked failed: every later call on it returns PANIC (free it and create a new one).
      */
     LOWVRAM_STATUS_PANIC = 10,
     /**
@@ -211,26 +236,51 @@ typedef uint32_t lowvram_status;
 #endif // __cplusplus
 
 /**
- * A context: one model cache with its RAM and VRAM budgets, a logger and a cancel flag. Opaque.
- * Created by `lowvram_context_new`, freed by `lowvram_context_free`. Its functions are thread-safe unless stated.
+ * A cancel request for the calls it is passed to (in their params' `cancel_token`). Opaque. Ownership: shared;
+ * the host's handle is one reference and every call using the token holds its own, so the handle may be freed
+ * while a call runs. Once cancelled it stays cancelled. Thread-safe.
+ */
+typedef struct lowvram_cancel_token lowvram_cancel_token;
+
+/**
+ * Named conditioning tensors (`sampling.cond_embeddings`, `sampling.uncond_embeddings`, `sampling.cond_pooled`,
+ * `sampling.uncond_pooled`, `sampling.time_ids`): the same names as the CLI's `--inputs` file. Opaque, one owner
+ * (the host). Reading is thread-safe; `lowvram_conditioning_set` must not run concurrently with other calls on
+ * the same conditioning. Free with `lowvram_conditioning_free`.
+ */
+typedef struct lowvram_conditioning lowvram_conditioning;
+
+/**
+ * A context: one model cache with its RAM and VRAM budgets, a logger and a cancel epoch. Opaque. Ownership: one
+ * owner, the host, from `lowvram_context_new` to `lowvram_context_free`. Its functions are thread-safe unless
+ * stated.
  */
 typedef struct lowvram_context lowvram_context;
 
 /**
- * A loaded model component (a UNet or a VAE). Opaque, shared: the cache and any running generation hold their
- * own references, so freeing the handle during a run only drops the host's reference. Free with
- * `lowvram_model_free`. Thread-safe.
+ * A loaded model component (a UNet or a VAE). Opaque. Ownership: shared; the host's handle is one reference and
+ * every running call using the model holds its own, so `lowvram_model_free` during a run only drops the host's
+ * reference. It runs only on the context it was loaded in. Thread-safe.
  */
 typedef struct lowvram_model lowvram_model;
 
 /**
- * Device memory reserved for the host. Opaque; free with `lowvram_reservation_free` to give it back.
+ * A loaded pipeline: a family's denoiser, VAE and text encoders (with tokenizers), in one context's cache.
+ * Opaque, shared: each call holds its own reference, so freeing the handle during a call on another thread only
+ * drops the host's reference. Free with `lowvram_pipeline_free`. Thread-safe: calls on one pipeline may run from
+ * several threads.
+ */
+typedef struct lowvram_pipeline lowvram_pipeline;
+
+/**
+ * Device memory reserved for the host. Opaque. Ownership: one owner, the host, until `lowvram_reservation_free`
+ * gives the bytes back; it may outlive its context (then it keeps that cache's device alive until freed).
  */
 typedef struct lowvram_reservation lowvram_reservation;
 
 /**
  * A tensor in host memory, owned by the library: contiguous, row-major. Opaque. Immutable once made, so a tensor
- * may be read from several threads at once. Free with `lowvram_tensor_free`.
+ * may be read from several threads at once. Ownership: one owner, the host, until `lowvram_tensor_free`.
  */
 typedef struct lowvram_tensor lowvram_tensor;
 
@@ -240,6 +290,12 @@ typedef struct lowvram_tensor lowvram_tensor;
  * back into lowvram on the same context.
  */
 typedef void (*lowvram_log_callback)(lowvram_log_level level, const char *message, void *user_data);
+
+/**
+ * Releases a callback's `user_data` (wasmtime's finalizer): the library calls it exactly once, when it will never
+ * use that `user_data` again. It may run on any thread that calls lowvram; it must not call back into lowvram.
+ */
+typedef void (*lowvram_release_callback)(void *user_data);
 
 /**
  * Parameters of `lowvram_context_new`. Initialise with `lowvram_context_params_init(&p, sizeof p)`, then set fields.
@@ -268,9 +324,17 @@ typedef struct lowvram_context_params {
      */
     lowvram_log_callback log_callback;
     /**
-     * Passed back to `log_callback`; not owned by the library, must outlive the context or the callback.
+     * Passed back to `log_callback`; not owned by the library unless `log_user_data_release` is set.
      */
     void *log_user_data;
+    /**
+     * Called exactly once with `log_user_data` when the library will never use it again: when the context's log
+     * callback is replaced or the context freed (after any message being delivered), or at once when
+     * `log_callback` is NULL or `lowvram_context_new` fails (except when `struct_size` itself is rejected: then no
+     * field is trusted). NULL = the host manages `log_user_data` itself (then
+     * it must outlive the context). Since 0.2.
+     */
+    lowvram_release_callback log_user_data_release;
 } lowvram_context_params;
 
 /**
@@ -278,7 +342,8 @@ typedef struct lowvram_context_params {
  */
 typedef struct lowvram_cache_stats {
     /**
-     * Set by the caller to `sizeof(lowvram_cache_stats)`.
+     * Set by the caller to `sizeof(lowvram_cache_stats)`; on return, the bytes the library wrote (an older library
+     * writes fewer fields, a newer one only those this size covers).
      */
     uint32_t struct_size;
     /**
@@ -326,11 +391,46 @@ typedef struct lowvram_cache_stats {
 } lowvram_cache_stats;
 
 /**
+ * Progress of a running call: `step` of `total` done. Return false to cancel (the call then returns CANCELLED).
+ * Runs on the thread that made the call. It may call `lowvram_context_stats`, `lowvram_context_cancel` and
+ * `lowvram_cancel_token_cancel`; it must not start another call on the same context, throw or `longjmp`.
+ */
+typedef bool (*lowvram_progress_callback)(uint32_t step, uint32_t total, void *user_data);
+
+/**
+ * Parameters of `lowvram_model_load_ex`. Initialise with `lowvram_model_load_params_init(&p, sizeof p)`. Since 0.2.
+ */
+typedef struct lowvram_model_load_params {
+    /**
+     * `sizeof(lowvram_model_load_params)` as the host sees it; set by the init function.
+     */
+    uint32_t struct_size;
+    /**
+     * Called after each phase of the load (config read, weights mapped, tensors checked) with `(done, 3)`; return
+     * false to cancel (CANCELLED). Runs on the calling thread. NULL = none.
+     */
+    lowvram_progress_callback progress;
+    /**
+     * Passed back to `progress`.
+     */
+    void *progress_user_data;
+    /**
+     * Called exactly once with `progress_user_data` before the call returns (whatever its status), when the
+     * library will never use it again. NULL = none.
+     */
+    lowvram_release_callback progress_user_data_release;
+    /**
+     * Cancels the load at its next phase; NULL = none. The call holds its own reference.
+     */
+    const struct lowvram_cancel_token *cancel_token;
+} lowvram_model_load_params;
+
+/**
  * A model's facts, filled by `lowvram_model_get_info`. Bytes throughout.
  */
 typedef struct lowvram_model_info {
     /**
-     * Set by the caller to `sizeof(lowvram_model_info)`.
+     * Set by the caller to `sizeof(lowvram_model_info)`; on return, the bytes the library wrote.
      */
     uint32_t struct_size;
     /**
@@ -356,10 +456,57 @@ typedef struct lowvram_model_info {
 } lowvram_model_info;
 
 /**
- * Progress of a running call: `step` of `total` done. Return false to cancel (the call then returns CANCELLED).
- * Runs on the thread that made the call.
+ * Where a pipeline's components are. Initialise with `lowvram_pipeline_params_init(&p, sizeof p)`.
  */
-typedef bool (*lowvram_progress_callback)(uint32_t step, uint32_t total, void *user_data);
+typedef struct lowvram_pipeline_params {
+    /**
+     * `sizeof(lowvram_pipeline_params)` as the host sees it; set by the init function.
+     */
+    uint32_t struct_size;
+    /**
+     * A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, ...). Required.
+     */
+    const char *path;
+    /**
+     * A VAE component folder replacing the pipeline's vae/; NULL = the pipeline's. Default NULL.
+     */
+    const char *vae_path;
+    /**
+     * A text encoder component folder (its tokenizer folder beside it) replacing text_encoder/. Default NULL.
+     */
+    const char *text_encoder_path;
+    /**
+     * The second text encoder (SDXL's OpenCLIP bigG) replacing text_encoder_2/. Default NULL.
+     */
+    const char *text_encoder_2_path;
+} lowvram_pipeline_params;
+
+/**
+ * How a prompt is encoded. Initialise with `lowvram_prompt_params_init(&p, sizeof p)`.
+ */
+typedef struct lowvram_prompt_params {
+    /**
+     * `sizeof(lowvram_prompt_params)` as the host sees it; set by the init function.
+     */
+    uint32_t struct_size;
+    /**
+     * What not to draw (the unconditional half of guidance); NULL = none (SDXL: zeros). Default NULL.
+     */
+    const char *negative_prompt;
+    /**
+     * Images per prompt. Default 1.
+     */
+    uint32_t batch;
+    /**
+     * Image width and height in pixels (SDXL's size conditioning). Default 512 × 512.
+     */
+    uint32_t width;
+    uint32_t height;
+    /**
+     * Layers to skip from the end of the text encoder (diffusers' clip_skip). Default 0.
+     */
+    uint32_t clip_skip;
+} lowvram_prompt_params;
 
 /**
  * Parameters of `lowvram_denoise`. Initialise with `lowvram_denoise_params_init(&p, sizeof p)`.
@@ -374,7 +521,7 @@ typedef struct lowvram_denoise_params {
      */
     uint32_t scheduler;
     /**
-     * Karras sigma schedule (EULER and DPMPP_2M only). Default false.
+     * Karras sigma schedule (EULER and DPMPP_2M only). Default false. Read as a byte: any non-zero value is true.
      */
     bool karras;
     /**
@@ -382,7 +529,7 @@ typedef struct lowvram_denoise_params {
      */
     uint32_t steps;
     /**
-     * Classifier-free guidance scale; ≤ 1 runs the conditional batch only. Default 7.5.
+     * Classifier-free guidance scale; ≤ 1 runs the conditional batch only; |guidance| ≤ 1000. Default 7.5.
      */
     float guidance;
     /**
@@ -406,38 +553,24 @@ typedef struct lowvram_denoise_params {
      * Passed back to `progress`.
      */
     void *progress_user_data;
+    /**
+     * Cancels this call (also before it starts); NULL = none. The call holds its own reference. Since 0.2.
+     */
+    const struct lowvram_cancel_token *cancel_token;
+    /**
+     * Called exactly once with `progress_user_data` before the call returns, whatever its status (unless the
+     * params' `struct_size` itself is rejected), when the library will never use it again. NULL = none. Since 0.2.
+     */
+    lowvram_release_callback progress_user_data_release;
 } lowvram_denoise_params;
 
 /**
- * Parameters of `lowvram_vae_decode`. Initialise with `lowvram_decode_params_init(&p, sizeof p)`.
- */
-typedef struct lowvram_decode_params {
-    /**
-     * `sizeof(lowvram_decode_params)` as the host sees it; set by the init function.
-     */
-    uint32_t struct_size;
-    /**
-     * Tile edge in latent pixels: 0 = automatic (untiled when it fits, tiled when its working memory does not
-     * fit, and after a device OOM); > 0 = always tile with this edge. Tiled decoding is exact (global GroupNorm
-     * statistics, halo convolutions): it matches the untiled result to float rounding. Default 0.
-     */
-    uint32_t tile_latent;
-    /**
-     * Ignored: exact tiles need no overlap. Kept so the struct layout stays stable. Default 0.
-     */
-    uint32_t overlap_latent;
-    /**
-     * Never tile (BUDGET_TOO_SMALL when the whole decode cannot fit). Default false.
-     */
-    bool never_tile;
-} lowvram_decode_params;
-
-/**
- * What a run measured, filled when the caller passes a non-NULL report pointer. Bytes and milliseconds.
+ * What a run measured, filled when the caller passes a non-NULL report pointer: on success and on failure once
+ * the call ran (BUDGET_TOO_SMALL and CANCELLED report what was measured up to then). Bytes and milliseconds.
  */
 typedef struct lowvram_run_report {
     /**
-     * Set by the caller to `sizeof(lowvram_run_report)`.
+     * Set by the caller to `sizeof(lowvram_run_report)`; on return, the bytes the library wrote.
      */
     uint32_t struct_size;
     /**
@@ -472,6 +605,48 @@ typedef struct lowvram_run_report {
 } lowvram_run_report;
 
 /**
+ * Parameters of `lowvram_vae_decode`. Initialise with `lowvram_decode_params_init(&p, sizeof p)`.
+ */
+typedef struct lowvram_decode_params {
+    /**
+     * `sizeof(lowvram_decode_params)` as the host sees it; set by the init function.
+     */
+    uint32_t struct_size;
+    /**
+     * Tile edge in latent pixels: 0 = automatic (untiled when it fits, tiled when its working memory does not
+     * fit, and after a device OOM); > 0 = always tile with this edge. Tiled decoding is exact (global GroupNorm
+     * statistics, halo convolutions): it matches the untiled result to float rounding. Default 0.
+     */
+    uint32_t tile_latent;
+    /**
+     * Ignored: exact tiles need no overlap. Kept so the struct layout stays stable. Default 0.
+     */
+    uint32_t overlap_latent;
+    /**
+     * Never tile (BUDGET_TOO_SMALL when the whole decode cannot fit). Default false. Read as a byte: any non-zero
+     * value is true.
+     */
+    bool never_tile;
+    /**
+     * Called as each decoder block starts with `(blocks done, blocks)`; return false to cancel. NULL = none.
+     * Since 0.2.
+     */
+    lowvram_progress_callback progress;
+    /**
+     * Passed back to `progress`. Since 0.2.
+     */
+    void *progress_user_data;
+    /**
+     * Cancels this call (also before it starts); NULL = none. The call holds its own reference. Since 0.2.
+     */
+    const struct lowvram_cancel_token *cancel_token;
+    /**
+     * As in `lowvram_denoise_params`. Since 0.2.
+     */
+    lowvram_release_callback progress_user_data_release;
+} lowvram_decode_params;
+
+/**
  * One CUDA device.
  */
 typedef struct lowvram_device_info {
@@ -498,7 +673,7 @@ typedef struct lowvram_device_info {
  */
 typedef struct lowvram_system_info {
     /**
-     * Set by the caller to `sizeof(lowvram_system_info)` before the call.
+     * Set by the caller to `sizeof(lowvram_system_info)` before the call; on return, the bytes the library wrote.
      */
     uint32_t struct_size;
     /**
@@ -532,9 +707,33 @@ extern "C" {
 #endif // __cplusplus
 
 /**
+ * Create a token, not cancelled. On success `*out` is a new handle owned by the caller; free it with
+ * `lowvram_cancel_token_free`. Thread-safe.
+ */
+lowvram_status lowvram_cancel_token_new(struct lowvram_cancel_token **out);
+
+/**
+ * Cancel every call the token is passed to: a running call stops at its next step or block with CANCELLED, and a
+ * call that starts later with this token returns CANCELLED at once. Other calls are never affected.
+ * Thread-safe; safe to call from any callback.
+ */
+lowvram_status lowvram_cancel_token_cancel(const struct lowvram_cancel_token *token);
+
+/**
+ * `*out_cancelled` = whether the token was cancelled. Thread-safe.
+ */
+lowvram_status lowvram_cancel_token_is_cancelled(const struct lowvram_cancel_token *token, bool *out_cancelled);
+
+/**
+ * Drop the host's reference to a token. NULL is a no-op. Calls using the token keep their own reference.
+ */
+void lowvram_cancel_token_free(struct lowvram_cancel_token *token);
+
+/**
  * Fill `*params` with defaults (all NULL: automatic device, default configuration, process-wide logging) and
- * store `struct_size`. `struct_size` must be the host's `sizeof(lowvram_context_params)`; it may be smaller than
- * this library's (an older header), never smaller than the first version's. Thread-safe.
+ * store `struct_size`. `struct_size` is the host's `sizeof(lowvram_context_params)`: older (smaller) and newer
+ * (larger) sizes are accepted exactly as `lowvram_context_new` accepts them (≥ 4, not ending inside a field).
+ * Thread-safe.
  */
 lowvram_status lowvram_context_params_init(struct lowvram_context_params *params, size_t struct_size);
 
@@ -546,24 +745,40 @@ lowvram_status lowvram_context_params_init(struct lowvram_context_params *params
 lowvram_status lowvram_context_new(const struct lowvram_context_params *params, struct lowvram_context **out);
 
 /**
- * Free a context and everything its cache holds. NULL is a no-op. Must not be called while another thread is
- * inside a call on the same context, and must not be called twice. Model handles loaded from it stay valid to
- * free (their weights are released with the last reference).
+ * Free a context. NULL is a no-op. Must not be called while another thread is inside a call on the same context,
+ * and must not be called twice. Handles made from it outlive it and keep working: a model handle can still be
+ * described (`lowvram_model_get_info`) and freed, a reservation read and freed; each keeps its own share of the
+ * cache (its weights, RAM and device memory) until it is freed, so free them too. Using such a model with another
+ * context is INVALID_ARGUMENT.
  */
 void lowvram_context_free(struct lowvram_context *ctx);
 
 /**
  * Set this context's log callback (NULL: fall back to the process-wide one). `user_data` is passed back
- * unchanged and must stay valid until the callback is replaced or the context freed. Thread-safe.
+ * unchanged; the host owns it and must keep it valid until the context is freed (the library may still deliver a
+ * message to the old callback while this call returns). Prefer `lowvram_context_set_log_callback_ex`, whose
+ * release callback says exactly when `user_data` is dead. Thread-safe.
  */
 lowvram_status lowvram_context_set_log_callback(const struct lowvram_context *ctx,
                                                 lowvram_log_callback callback,
                                                 void *user_data);
 
 /**
- * Ask the call running on `ctx` (on another thread) to stop at its next step or block; it then returns
- * LOWVRAM_STATUS_CANCELLED and releases its working memory. A call that starts later clears the request.
- * Thread-safe; safe to call from a callback.
+ * Set this context's log callback (NULL: fall back to the process-wide one) with a release for `user_data`: the
+ * library calls `release(user_data)` exactly once, when it will never use `user_data` again (the callback is
+ * replaced and no message is being delivered to it any more, or the context is freed; at once if `callback` is
+ * NULL or the call fails). Replacing a callback is therefore race-free. Thread-safe.
+ */
+lowvram_status lowvram_context_set_log_callback_ex(const struct lowvram_context *ctx,
+                                                   lowvram_log_callback callback,
+                                                   void *user_data,
+                                                   lowvram_release_callback release);
+
+/**
+ * Cancel every call running on `ctx` at this moment (on any thread): each stops at its next step or block,
+ * returns LOWVRAM_STATUS_CANCELLED and releases its working memory. Calls that start afterwards are not affected,
+ * and no call starting can erase the request. To cancel one call, or a call that may not have started yet, give
+ * it a `lowvram_cancel_token`. Thread-safe; safe to call from a callback.
  */
 lowvram_status lowvram_context_cancel(const struct lowvram_context *ctx);
 
@@ -575,8 +790,9 @@ lowvram_status lowvram_context_cancel(const struct lowvram_context *ctx);
 lowvram_status lowvram_context_configure(const struct lowvram_context *ctx, const char *yaml);
 
 /**
- * Fill `*out` with the cache's statistics. Set `out->struct_size = sizeof *out` first. Written only on success.
- * Thread-safe. `lowvram_context_stats_json` gives everything, per model and with the sizing rules.
+ * Fill `*out` with the cache's statistics. Set `out->struct_size = sizeof *out` first: the fields it covers are
+ * written (an older, smaller struct gets the fields it knows). Written only on success. Thread-safe.
+ * `lowvram_context_stats_json` gives everything, per model and with the sizing rules.
  */
 lowvram_status lowvram_context_stats(const struct lowvram_context *ctx, struct lowvram_cache_stats *out);
 
@@ -608,14 +824,16 @@ lowvram_status lowvram_context_unload_all(const struct lowvram_context *ctx, uin
  * The message of the last failing call on the calling thread, or "" if none failed yet.
  *
  * The string is owned by the library; it stays valid until the next failing lowvram call on the same thread.
- * Do not free it. Successful calls leave it unchanged. Thread-safe: each thread has its own message.
+ * Do not free it. Successful calls leave it unchanged. Thread-safe: each thread has its own message. Never fails:
+ * called while the thread is being torn down (from a thread-local destructor) it returns "".
  */
 const char *lowvram_last_error_message(void);
 
 /**
  * Set the process-wide log callback, used for messages of contexts that have no callback of their own and of
  * work done outside any context. NULL `callback` removes it. `user_data` is passed back unchanged; the library
- * does not own it, and it must stay valid until the callback is replaced or removed.
+ * does not own it, and it must stay valid as long as any message may still be delivered to it (prefer
+ * `lowvram_set_log_callback_ex`, which says when that is).
  *
  * Thread-safe: may be called from any thread at any time; a message being delivered concurrently goes to the old
  * or the new callback. The callback runs on the thread whose lowvram call logs.
@@ -623,24 +841,54 @@ const char *lowvram_last_error_message(void);
 lowvram_status lowvram_set_log_callback(lowvram_log_callback callback, void *user_data);
 
 /**
+ * As `lowvram_set_log_callback`, with a release for `user_data`: the library calls `release(user_data)` exactly
+ * once, when it will never use `user_data` again: after the callback is replaced and every message being
+ * delivered to it has returned (on the thread that finished last), or at once when `callback` is NULL. Replacing
+ * the callback and then freeing the old user data in `release` is race-free. Thread-safe.
+ */
+lowvram_status lowvram_set_log_callback_ex(lowvram_log_callback callback,
+                                           void *user_data,
+                                           lowvram_release_callback release);
+
+/**
+ * Fill `*params` with defaults and store `struct_size` (the host's `sizeof(lowvram_model_load_params)`).
+ * Thread-safe.
+ */
+lowvram_status lowvram_model_load_params_init(struct lowvram_model_load_params *params, size_t struct_size);
+
+/**
  * Load a diffusers component folder (`.../unet` or `.../vae`: config.json plus diffusion_pytorch_model.safetensors
- * or .fp16.safetensors) into `ctx`'s cache. The weights are memory-mapped and validated; no device memory is used
- * until the model runs or `lowvram_model_load_to_device` places it. A UNet picks up `../scheduler/
- * scheduler_config.json` when present (SD 1.5's scheduler otherwise). On success `*out` is a new handle owned by
- * the caller. Errors: IO (missing folder or files), FORMAT (corrupt safetensors, bad config.json), UNSUPPORTED
- * (an architecture or config key this version cannot run; the message names it). Thread-safe.
+ * or .fp16.safetensors) into `ctx`'s cache. The weights are memory-mapped and every tensor the architecture reads
+ * is checked by name and shape (a renamed or misshapen tensor is FORMAT here, not at the first run); no device
+ * memory is used until the model runs or `lowvram_model_load_to_device` places it. A UNet picks up
+ * `../scheduler/scheduler_config.json` when present (SD 1.5's scheduler otherwise). On success `*out` is a new
+ * handle owned by the caller. Errors: IO (missing folder or files), FORMAT (corrupt safetensors, bad config.json,
+ * a count or size out of range, a missing tensor; the message names it), UNSUPPORTED (an architecture or config
+ * key this version cannot run). Thread-safe.
  */
 lowvram_status lowvram_model_load(const struct lowvram_context *ctx, const char *path, struct lowvram_model **out);
 
 /**
- * Describe a model. Set `out->struct_size = sizeof *out` first; written only on success. Thread-safe.
+ * `lowvram_model_load` with progress and cancel (`params` NULL = none): the load stops with CANCELLED at its next
+ * phase when `params->cancel_token` is cancelled, the progress callback returns false, or `lowvram_context_cancel`
+ * is called while it runs. Since 0.2. Thread-safe.
+ */
+lowvram_status lowvram_model_load_ex(const struct lowvram_context *ctx,
+                                     const char *path,
+                                     const struct lowvram_model_load_params *params,
+                                     struct lowvram_model **out);
+
+/**
+ * Describe a model. Set `out->struct_size = sizeof *out` first: the fields it covers are written (older, smaller
+ * structs get the fields they know). Written only on success. Works after the model's context was freed.
+ * Thread-safe.
  */
 lowvram_status lowvram_model_get_info(const struct lowvram_model *model, struct lowvram_model_info *out);
 
 /**
  * Place up to `max_bytes` of the model's weights on the device now (an explicit partial load; the rest streams
  * when used). `*out_resident_bytes` (may be NULL) receives the bytes resident afterwards. BUDGET_TOO_SMALL when
- * the cache's budget leaves no room. Thread-safe.
+ * the cache's budget leaves no room; INVALID_ARGUMENT when the model was loaded in another context. Thread-safe.
  */
 lowvram_status lowvram_model_load_to_device(const struct lowvram_context *ctx,
                                             const struct lowvram_model *model,
@@ -648,10 +896,102 @@ lowvram_status lowvram_model_load_to_device(const struct lowvram_context *ctx,
                                             uint64_t *out_resident_bytes);
 
 /**
- * Drop the host's reference to a model. NULL is a no-op. The cache keeps the weights (subject to its budgets)
- * until the context is freed or they are evicted; a run using the model keeps it alive until it returns.
+ * Drop the host's reference to a model. NULL is a no-op. A call using the model keeps its own reference until it
+ * returns; with the last reference the model's weights leave the cache (RAM copy and device bytes). Safe during a
+ * run on another thread, and after the model's context was freed.
  */
 void lowvram_model_free(struct lowvram_model *model);
+
+/**
+ * Fill `*params` with defaults and store `struct_size`. Thread-safe.
+ */
+lowvram_status lowvram_pipeline_params_init(struct lowvram_pipeline_params *params, size_t struct_size);
+
+/**
+ * Fill `*params` with defaults and store `struct_size`. Thread-safe.
+ */
+lowvram_status lowvram_prompt_params_init(struct lowvram_prompt_params *params, size_t struct_size);
+
+/**
+ * Load a pipeline into `ctx`'s cache: the family is detected from the folder (SD 1.x/2.x, SDXL), each component
+ * is loaded as `lowvram_model_load` would (memory-mapped, no device memory yet). Text encoders are optional: a
+ * pipeline without them takes conditioning from the host only. On success `*out` is a new handle owned by the
+ * caller. Errors: IO, FORMAT, UNSUPPORTED (an unknown pipeline class), INVALID_ARGUMENT (a missing VAE: the message
+ * says which path to pass). Thread-safe.
+ */
+lowvram_status lowvram_pipeline_load(const struct lowvram_context *ctx,
+                                     const struct lowvram_pipeline_params *params,
+                                     struct lowvram_pipeline **out);
+
+/**
+ * Free a pipeline handle (NULL is a no-op). Models stay in the cache until its budgets evict them.
+ */
+void lowvram_pipeline_free(struct lowvram_pipeline *pipeline);
+
+/**
+ * Encode `prompt` (UTF-8) with the pipeline's text encoders into the conditioning its denoiser takes (SD 1.x:
+ * embeddings of prompt and negative; SDXL: both encoders' penultimate states, pooled embeddings and size
+ * conditioning). The encoders run under the cache like any model (loaded, streamed, evicted). `params` NULL =
+ * defaults. On success `*out` is a new conditioning owned by the caller. INVALID_ARGUMENT when the pipeline has no
+ * text encoder (the message names the component to pass). Thread-safe.
+ */
+lowvram_status lowvram_pipeline_encode_prompt(const struct lowvram_context *ctx,
+                                              const struct lowvram_pipeline *pipeline,
+                                              const char *prompt,
+                                              const struct lowvram_prompt_params *params,
+                                              struct lowvram_conditioning **out);
+
+/**
+ * Denoise with the pipeline's denoiser from `cond` (checked against what the family needs: a missing or
+ * misshapen tensor is INVALID_ARGUMENT naming it and its expected shape). `init_noise` `[B, C, h, w]` or NULL
+ * (seeded, size from `params`); `params` as for `lowvram_denoise` (NULL = defaults). On success `*out_latents`
+ * (owned by the caller) receives the final latents f32; `report` (may be NULL) the measurements. Cancel and
+ * thread-safety as `lowvram_denoise`. Borrowed inputs are read during the call only.
+ */
+lowvram_status lowvram_pipeline_denoise(const struct lowvram_context *ctx,
+                                        const struct lowvram_pipeline *pipeline,
+                                        const struct lowvram_conditioning *cond,
+                                        const struct lowvram_denoise_params *params,
+                                        const struct lowvram_tensor *init_noise,
+                                        struct lowvram_run_report *report,
+                                        struct lowvram_tensor **out_latents);
+
+/**
+ * Decode `latents` with the pipeline's VAE (as `lowvram_vae_decode`: scaling applied here, automatic tiling by
+ * default). On success `*out_image` `[B, 3, H, W]` f32 is owned by the caller. Thread-safe.
+ */
+lowvram_status lowvram_pipeline_decode(const struct lowvram_context *ctx,
+                                       const struct lowvram_pipeline *pipeline,
+                                       const struct lowvram_decode_params *params,
+                                       const struct lowvram_tensor *latents,
+                                       struct lowvram_run_report *report,
+                                       struct lowvram_tensor **out_image);
+
+/**
+ * Create an empty conditioning for host-given tensors. On success `*out` is owned by the caller. Thread-safe.
+ */
+lowvram_status lowvram_conditioning_new(struct lowvram_conditioning **out);
+
+/**
+ * Set the tensor `name` (e.g. "sampling.cond_pooled") of `cond` to a copy of `tensor` (replacing one of that
+ * name); the caller keeps `tensor`. Names are checked against the family when the conditioning is used.
+ */
+lowvram_status lowvram_conditioning_set(struct lowvram_conditioning *cond,
+                                        const char *name,
+                                        const struct lowvram_tensor *tensor);
+
+/**
+ * Copy the tensor `name` of `cond` into a new tensor handle `*out` (owned by the caller). INVALID_ARGUMENT when
+ * `cond` has no tensor of that name. Thread-safe.
+ */
+lowvram_status lowvram_conditioning_get(const struct lowvram_conditioning *cond,
+                                        const char *name,
+                                        struct lowvram_tensor **out);
+
+/**
+ * Free a conditioning (NULL is a no-op).
+ */
+void lowvram_conditioning_free(struct lowvram_conditioning *cond);
 
 /**
  * Reserve `bytes` of device memory for the host's own use: the cache shrinks at once (a generation running on
@@ -675,7 +1015,8 @@ lowvram_status lowvram_reservation_bytes(const struct lowvram_reservation *reser
 void lowvram_reservation_free(struct lowvram_reservation *reservation);
 
 /**
- * Fill `*params` with defaults and store `struct_size` (the host's `sizeof(lowvram_denoise_params)`). Thread-safe.
+ * Fill `*params` with defaults and store `struct_size` (the host's `sizeof(lowvram_denoise_params)`; older and
+ * newer sizes are accepted as `lowvram_denoise` accepts them). Thread-safe.
  */
 lowvram_status lowvram_denoise_params_init(struct lowvram_denoise_params *params, size_t struct_size);
 
@@ -685,15 +1026,19 @@ lowvram_status lowvram_denoise_params_init(struct lowvram_denoise_params *params
 lowvram_status lowvram_decode_params_init(struct lowvram_decode_params *params, size_t struct_size);
 
 /**
- * Run the denoising loop on `unet` (a UNet model of `ctx`). `cond` is `[B, S, D]` text embeddings (f32/f16/bf16);
- * `uncond` the same shape or NULL (zeros); `init_noise` `[B, 4, h, w]` standard-normal noise or NULL (seeded with
- * `params->seed`, size from `params->latent_*`). `params` NULL = defaults. Blocks of the UNet that do not fit the
- * budget stream from RAM; the call reserves its working memory and releases it on return (also on error and
- * cancel). On success `*out_latents` receives the final latents `[B, 4, h, w]` f32 (before the VAE scaling;
- * pass them to `lowvram_vae_decode`), owned by the caller; `report` (may be NULL; set its struct_size) receives the
- * measurements. Cancel with `lowvram_context_cancel` from another thread or by returning false from the progress
- * callback: CANCELLED. Input tensors are borrowed for the call. Runs on the calling thread; several calls may run
- * on one context from different threads (they share its budgets).
+ * Run the denoising loop on `unet` (a UNet model loaded in `ctx`; another context's model is INVALID_ARGUMENT).
+ * `cond` is `[B, S, D]` text embeddings (f32/f16/bf16); `uncond` the same shape or NULL (zeros); `init_noise`
+ * `[B, 4, h, w]` standard-normal noise or NULL (seeded with `params->seed`, size from `params->latent_*`).
+ * `params` NULL = defaults. Sizes are checked before anything is allocated: an absurd size is INVALID_ARGUMENT,
+ * or OUT_OF_HOST_MEMORY / BUDGET_TOO_SMALL with the bytes needed and available; a result with NaN or infinity is
+ * INVALID_ARGUMENT. Blocks of the UNet that do not fit the budget stream from RAM; the call reserves its working
+ * memory and releases it on return (also on error and cancel). On success `*out_latents` receives the final
+ * latents `[B, 4, h, w]` f32 (before the VAE scaling; pass them to `lowvram_vae_decode`), owned by the caller.
+ * `report` (may be NULL; set its struct_size) receives the measurements on success and on failure once the call
+ * ran. Cancel: `params->cancel_token`, the progress callback returning false, or `lowvram_context_cancel`; the
+ * call stops at its next UNet block with CANCELLED. The call holds its own references to `unet` and the token,
+ * so either may be freed meanwhile; input tensors are borrowed for the call. Runs on the calling thread; several
+ * calls may run on one context from different threads (they share its budgets).
  */
 lowvram_status lowvram_denoise(const struct lowvram_context *ctx,
                                const struct lowvram_model *unet,
@@ -706,11 +1051,12 @@ lowvram_status lowvram_denoise(const struct lowvram_context *ctx,
 
 /**
  * Decode `latents` (`[B, 4, h, w]` as `lowvram_denoise` returns them; the VAE's scaling factor is applied here)
- * with `vae` (a VAE model of `ctx`) into the raw decoder output `[B, 3, 8h, 8w]` f32 (≈ [-1, 1], unclamped).
- * `params` NULL = defaults (automatic tiling). The call reserves the decode's working-memory estimate; when that
- * cannot fit it decodes in tiles, and after a device OOM it retries in tiles. On success `*out_image` is owned by
- * the caller; `report` (may be NULL) receives the measurements. CANCELLED at the next block after
- * `lowvram_context_cancel`. Thread-safe as `lowvram_denoise`.
+ * with `vae` (a VAE model loaded in `ctx`) into the raw decoder output `[B, 3, 8h, 8w]` f32 (≈ [-1, 1],
+ * unclamped). `params` NULL = defaults (automatic tiling). The call reserves the decode's working-memory
+ * estimate; when that cannot fit it decodes in tiles, and after a device OOM it retries in tiles. On success
+ * `*out_image` is owned by the caller; `report` (may be NULL) receives the measurements on success and on failure
+ * once the call ran. Cancel as for `lowvram_denoise`: the decode stops at its next decoder block. Thread-safe as
+ * `lowvram_denoise`.
  */
 lowvram_status lowvram_vae_decode(const struct lowvram_context *ctx,
                                   const struct lowvram_model *vae,
@@ -735,8 +1081,8 @@ const char *lowvram_version(void);
  * Probe host RAM and CUDA devices into `*out`. The CUDA driver is loaded at run time: on a machine without one
  * this succeeds with `cuda_available = false`, no devices, and the reason.
  *
- * `out` is caller-owned; set `out->struct_size = sizeof *out` first (INVALID_ARGUMENT otherwise). Written only on
- * success. Thread-safe. The probe creates and releases each device's primary context, which takes milliseconds.
+ * `out` is caller-owned; set `out->struct_size = sizeof *out` first: the fields it covers are written (an older,
+ * smaller struct gets the fields it knows). Written only on success. Thread-safe. The probe creates and releases each device's primary context, which takes milliseconds.
  */
 lowvram_status lowvram_system_stats(struct lowvram_system_info *out);
 

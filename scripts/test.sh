@@ -46,6 +46,22 @@ step "C host test under valgrind"
 valgrind --quiet --error-exitcode=3 --leak-check=full --errors-for-leak-kinds=definite,indirect \
     --show-leak-kinds=definite,indirect --suppressions=tests/c/valgrind.supp "$out/test_api_c"
 
+step "C host contract test: ownership, per-call cancel from other threads, ABI growth, hostile inputs"
+gcc -std=c11 -Wall -Wextra -Wpedantic -Werror -g -pthread -I include tests/c/test_contract.c -o "$out/test_contract_c" \
+    -L "$lib_dir" -llowvram -lm -Wl,-rpath,"$lib_dir"
+"$out/test_contract_c"
+step "C host built against the frozen v0.1 header runs against this library"
+gcc -std=c11 -Wall -Wextra -Wpedantic -Werror -g -I tests/c tests/c/test_frozen_abi.c -o "$out/test_frozen_abi_c" \
+    -L "$lib_dir" -llowvram -Wl,-rpath,"$lib_dir"
+"$out/test_frozen_abi_c"
+step "C thread stress test (watchdog: alarm)"
+gcc -std=c11 -Wall -Wextra -Wpedantic -Werror -g -pthread -I include tests/c/test_stress.c -o "$out/test_stress_c" \
+    -L "$lib_dir" -llowvram -Wl,-rpath,"$lib_dir"
+"$out/test_stress_c"
+step "the v0.1 host under valgrind"
+valgrind --quiet --error-exitcode=3 --leak-check=full --errors-for-leak-kinds=definite,indirect \
+    --show-leak-kinds=definite,indirect --suppressions=tests/c/valgrind.supp "$out/test_frozen_abi_c"
+
 step "C example: examples/generate.c end to end on the shipped model"
 gcc -std=c11 -Wall -Wextra -Wpedantic -Werror -I include examples/generate.c -o "$out/generate_example" \
     -L "$lib_dir" -llowvram -Wl,-rpath,"$lib_dir"

@@ -9,7 +9,7 @@ use std::time::Duration;
 use candle_core::{DType, Device};
 use lowvram::memory::ModelCache;
 use lowvram::weights::TensorLocation;
-use lowvram::{Error, ResidentWeights};
+use lowvram::{Error, ResidentWeights, WeightSource};
 use memory_support::*;
 
 const KIB: u64 = 1024;
@@ -576,8 +576,9 @@ fn vram_states_and_smart_memory() {
     ));
 }
 
-/// storage_dtype fp16 with fp32 compute: the cast is accounted in the plan, the result equals the all-resident
-/// path through fp16 weights.
+/// storage_dtype fp16 with fp32 compute: resident blocks are converted once when placed (they cost their f32
+/// bytes), streamed ones on arrival (the plan's lease); the result equals the all-resident path through fp16
+/// weights and the predicted peak is the measured one.
 #[test]
 fn storage_dtype_fp16() {
     let dir = TempDir::new("fp16");
@@ -587,6 +588,8 @@ fn storage_dtype_fp16() {
     let cap = WORK + 90_000;
     let mut cfg = config(&format!("emulated:{cap}"), WORK);
     cfg.set("storage_dtype", "fp16").unwrap();
+    // One block in flight, so that the first forward's peak is the plan's (no prefetch to learn first).
+    cfg.set("async_loading", "false").unwrap();
     let cache = ModelCache::new(cfg).unwrap();
     assert_eq!(cache.compute_dtype(), DType::F32);
     let m = cache.load_model(&a.path, "a").unwrap();
@@ -596,8 +599,18 @@ fn storage_dtype_fp16() {
     assert_eq!(bits(&forward(&l, &a).unwrap()), reference);
     let plan = cache.stats().plan.unwrap();
     assert_eq!(cache.allocator().peak(), plan.predicted_peak_bytes);
-    assert_eq!(l.bytes_streamed(), m.total_bytes() - m.resident_bytes());
-    assert!(m.resident_bytes() > 0 && m.resident_bytes() < m.total_bytes());
+    // Resident blocks hold their f32 bytes (twice the fp16 file's); a forward streams the others' fp16 bytes.
+    let resident = m.resident_blocks();
+    let resident_storage: u64 = a
+        .blocks
+        .iter()
+        .zip(&a.block_bytes)
+        .filter(|(k, _)| resident.contains(k))
+        .map(|(_, b)| b / 2)
+        .sum();
+    assert_eq!(m.resident_bytes(), 2 * resident_storage);
+    assert_eq!(l.bytes_streamed(), m.total_bytes() - resident_storage);
+    assert!(m.resident_bytes() > 0 && resident_storage < m.total_bytes());
     eprintln!(
         "fp16 storage: resident {} of {}, slot {}, predicted peak {} = measured",
         m.resident_bytes(),
@@ -605,4 +618,53 @@ fn storage_dtype_fp16() {
         plan.slot_bytes,
         plan.predicted_peak_bytes
     );
+}
+
+/// The fp16 file users download, default configuration: on the CPU device (and on the emulated one, fully
+/// resident) every block is converted to f32 once when placed. A fetch returns the same f32 tensors every time
+/// (no cast, no streaming lease) and the result is bit-identical to converting the file's weights up front.
+#[test]
+fn fp16_file_default_config_converts_resident_blocks_once() {
+    let dir = TempDir::new("fp16-once");
+    let a = write_model_as(dir.path(), "a", &[64, 128, 96, 64], 21, DType::F16);
+    let r = ResidentWeights::load(&a.path, &Device::Cpu, DType::F32).unwrap();
+    let reference = bits(&forward(&r, &a).unwrap());
+    for device in [
+        "cpu".to_string(),
+        format!("emulated:{}", WORK + 4 * a.total()),
+    ] {
+        let cache = ModelCache::new(config(&device, WORK)).unwrap();
+        assert_eq!(cache.compute_dtype(), DType::F32);
+        let m = cache.load_model(&a.path, "a").unwrap();
+        assert_eq!(
+            m.total_bytes(),
+            a.total(),
+            "{device}: storage stays the file's fp16"
+        );
+        let l = cache.lock(&m, 0).unwrap();
+        assert_eq!(
+            m.resident_bytes(),
+            2 * a.total(),
+            "{device}: resident = the converted f32 bytes"
+        );
+        assert_eq!(cache.allocator().usage().weights_bytes, 2 * a.total());
+        for _ in 0..2 {
+            assert_eq!(bits(&forward(&l, &a).unwrap()), reference, "{device}");
+        }
+        assert_eq!(l.bytes_streamed(), 0);
+        let key = &a.blocks[1];
+        let (w1, w2) = (l.fetch(key).unwrap(), l.fetch(key).unwrap());
+        let (t1, t2) = (w1.get("weight").unwrap(), w2.get("weight").unwrap());
+        assert_eq!(t1.dtype(), DType::F32);
+        assert_eq!(
+            t1.id(),
+            t2.id(),
+            "{device}: a resident block is converted once, not per fetch"
+        );
+        assert_eq!(
+            cache.allocator().usage().streaming_bytes,
+            0,
+            "{device}: no per-fetch cast lease"
+        );
+    }
 }

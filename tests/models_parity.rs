@@ -363,10 +363,11 @@ fn unsupported_config_keys_are_named() {
     assert!(UNetConfig::from_json(&text).is_ok());
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
     for (key, value) in [
-        ("addition_embed_type", serde_json::json!("text_time")),
+        // text_time (SDXL) and per-block transformer depths are supported (tests/sdxl.rs); these are not.
+        ("addition_embed_type", serde_json::json!("text_image")),
         ("class_embed_type", serde_json::json!("timestep")),
         ("time_cond_proj_dim", serde_json::json!(256)),
-        ("transformer_layers_per_block", serde_json::json!(2)),
+        ("transformer_layers_per_block", serde_json::json!([[1, 2], [1, 2], [1, 2]])),
         ("mid_block_type", serde_json::json!("UNetMidBlock2DSimpleCrossAttn")),
     ] {
         let mut c = v.clone();

@@ -2,7 +2,7 @@
 # lowvram vs PyTorch/diffusers on CPU, f32, the SD 1.5 UNet step and VAE decode, plus lowvram's UNet budget sweep.
 #
 #   scripts/bench/compare.sh [--threads N] [--repeats R] [--rounds K] [--model DIR] [--only W,W]
-#                            [--budgets 100,50,25,10] [--out DIR] [--before CHECKOUT]
+#                            [--budgets 100,50,25,10] [--out DIR] [--before CHECKOUT] [--weights fp32|fp16]
 #
 # 1. makes the random-weight SD 1.5 model (scripts/bench/make_sd15_random.py) if DIR has none;
 # 2. builds the benchmark (`cargo bench --bench sd --no-run`, the bench profile);
@@ -10,6 +10,8 @@
 #    which goes first, so that drift on the machine (thermal, other load) falls on both;
 # 4. prints the table: each figure, the ratio lowvram/PyTorch beside the goal (<= 0.80x), and the sweep ratios vs
 #    100 % resident beside the goal (25 % <= 1.10x). Raw JSON and the table are kept in --out.
+# --weights fp16: both sides load the fp16 file users download (PyTorch into f32; lowvram with LOWVRAM_BENCH_ARGS,
+#    e.g. "--dtype auto" for the default configuration: fp16 storage, f32 compute). Default fp32: the f32 file.
 # --before CHECKOUT: a second checkout of lowvram (an earlier commit, e.g. `git worktree add ../before <rev>`) whose
 #    benchmark runs in the same rounds (fully resident only), so the table shows before/after in one run
 #    (its own target dir: BEFORE_TARGET_DIR, default CHECKOUT/target).
@@ -29,6 +31,7 @@ only="unet_step_32,unet_step_64,vae_decode_256,vae_decode_512"
 budgets="100,50,25,10"
 out=""
 before=""
+weights=fp32
 while [ $# -gt 0 ]; do
     case "$1" in
         --threads) threads=$2; shift 2 ;;
@@ -39,7 +42,8 @@ while [ $# -gt 0 ]; do
         --budgets) budgets=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
         --before) before=$2; shift 2 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        --weights) weights=$2; shift 2 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -77,19 +81,19 @@ export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
     echo "lowvram: $(git -C "$root" rev-parse --short HEAD)$(git -C "$root" diff --quiet || echo '+dirty')"
     echo "LOWVRAM_BENCH_ARGS: ${LOWVRAM_BENCH_ARGS:-}"
     [ -z "$before" ] || echo "before: $(git -C "$before" rev-parse --short HEAD) ($before)"
-    echo "command: scripts/bench/compare.sh --threads $threads --repeats $repeats --rounds $rounds --model $model --only $only --budgets $budgets"
+    echo "command: scripts/bench/compare.sh --threads $threads --repeats $repeats --rounds $rounds --model $model --only $only --budgets $budgets --weights $weights"
 } > "$out/machine.txt"
 cat "$out/machine.txt" >&2
 
 run_torch() {
     log "round $1: PyTorch"
     "$python" scripts/bench/torch_bench.py --model "$model" --threads "$threads" --repeats "$repeats" \
-        --only "$only" --json > "$out/torch-$1.json" 2> >(grep -v -i 'warn' >&2)
+        --only "$only" --weights "$weights" --json > "$out/torch-$1.json" 2> >(grep -v -i 'warn' >&2)
 }
 run_lowvram() {
     log "round $1: lowvram"
     cargo bench -q --bench sd -- --model "$model" --threads "$threads" --repeats "$repeats" --only "$only" \
-        --budgets "$budgets" ${extra[@]+"${extra[@]}"} --json > "$out/lowvram-$1.json"
+        --budgets "$budgets" --weights "$weights" ${extra[@]+"${extra[@]}"} --json > "$out/lowvram-$1.json"
 }
 run_before() {
     [ -n "$before" ] || return 0

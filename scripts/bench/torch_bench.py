@@ -3,7 +3,9 @@
 
     scripts/bench/torch_bench.py --model DIR [--threads N] [--repeats R] [--only W,W] [--json]
 
-DIR is a diffusers pipeline folder (scripts/bench/make_sd15_random.py writes one); its f32 weight files are used.
+DIR is a diffusers pipeline folder (scripts/bench/make_sd15_random.py writes one); its f32 weight files are used, or
+with --weights fp16 its fp16 files (variant="fp16", the file users download), loaded into f32 as PyTorch users on a
+CPU do.
 Workloads (the same ones benches/sd.rs runs through lowvram):
 
     unet_step_32   one classifier-free-guidance UNet step: one forward at batch 2 (cond + uncond),
@@ -75,6 +77,8 @@ def main():
     ap.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated subset of " + ", ".join(WORKLOADS))
     ap.add_argument("--device", default="cpu", help="cpu (the baseline), or cuda for a side-by-side GPU run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights", choices=("fp32", "fp16"), default="fp32",
+                    help="which weight file to load (always computed in f32)")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = ap.parse_args()
 
@@ -136,6 +140,8 @@ def main():
         log(f"{name:15s} median {res['median_ms']:10.1f} ms  min {res['min_ms']:10.1f}  max {res['max_ms']:10.1f}"
             + (f"  peak RSS {hwm / 1024:.0f} MiB" if hwm is not None else ""))
 
+    variant = "fp16" if args.weights == "fp16" else None
+    out["weights"] = args.weights
     gen = torch.Generator().manual_seed(args.seed)
     unet_names = [w for w in wanted if w.startswith("unet")]
     vae_names = [w for w in wanted if w.startswith("vae")]
@@ -143,7 +149,8 @@ def main():
     if unet_names:
         reset_hwm()
         t0 = time.perf_counter()
-        unet = UNet2DConditionModel.from_pretrained(os.path.join(args.model, "unet"), torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(args.model, "unet"), torch_dtype=torch.float32,
+                                                    variant=variant)
         unet = unet.to(dev).eval()
         out["unet_load_ms"] = round((time.perf_counter() - t0) * 1000.0, 1)
         out["unet_weight_bytes"] = sum(p.numel() * p.element_size() for p in unet.parameters())
@@ -163,7 +170,7 @@ def main():
     if vae_names:
         reset_hwm()
         t0 = time.perf_counter()
-        vae = AutoencoderKL.from_pretrained(os.path.join(args.model, "vae"), torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(os.path.join(args.model, "vae"), torch_dtype=torch.float32, variant=variant)
         vae = vae.to(dev).eval()
         out["vae_load_ms"] = round((time.perf_counter() - t0) * 1000.0, 1)
         out["vae_weight_bytes"] = sum(p.numel() * p.element_size() for p in vae.parameters())

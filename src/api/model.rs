@@ -8,7 +8,8 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::memory::{ManagedModel, ModelCache};
-use crate::models::{AutoencoderKL, UNet2DConditionModel, UNetConfig, VaeConfig};
+use crate::models::text_encoder::{PromptTokenizer, TextEncoder};
+use crate::models::{AutoencoderKL, ExpectedTensors, UNet2DConditionModel, UNetConfig, VaeConfig};
 use crate::sampling::SchedulerConfig;
 
 /// The architecture of a loaded component.
@@ -17,6 +18,8 @@ pub enum Architecture {
     Unet { model: UNet2DConditionModel, scheduler: SchedulerConfig },
     /// An `AutoencoderKL`.
     Vae(AutoencoderKL),
+    /// A text encoder (`CLIPTextModel`, `CLIPTextModelWithProjection`) with the tokenizer found beside it, if any.
+    TextEncoder { model: Box<dyn TextEncoder>, tokenizer: Option<Box<dyn PromptTokenizer>> },
 }
 
 /// The kind of a component (stable numbers in the C enum).
@@ -25,10 +28,13 @@ pub enum Architecture {
 pub enum ModelKind {
     Unet,
     Vae,
+    TextEncoder,
 }
 
 /// A loaded component. Shared (`Arc`) by the host's handle and any run using it.
 pub struct Model {
+    /// The context it was loaded in: it runs only there (its weights are registered in that context's cache).
+    context_id: u64,
     dir: PathBuf,
     arch: Architecture,
     weights: Arc<ManagedModel>,
@@ -38,9 +44,17 @@ pub struct Model {
 const WEIGHT_FILES: [&str; 2] = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"];
 
 impl Model {
-    /// Load the component in `dir` (config.json + safetensors) into `cache`. The architecture comes from
-    /// config.json's `_class_name`; weights are memory-mapped and registered with the cache (no device bytes yet).
-    pub fn load(cache: &ModelCache, dir: &Path) -> Result<Self> {
+    /// Load the component in `dir` (config.json + safetensors) into `cache`, the cache of context `context_id`. The
+    /// architecture comes from config.json's `_class_name`; weights are memory-mapped and registered with the cache
+    /// (no device bytes yet), and every tensor the architecture reads is checked by name and shape, so a renamed or
+    /// misshapen tensor fails here rather than at the first run. `step(done, LOAD_PHASES)` runs after each phase; an
+    /// error from it (a cancel) stops the load.
+    pub fn load(
+        cache: &ModelCache,
+        dir: &Path,
+        context_id: u64,
+        step: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let json: Value = serde_json::from_str(&text)
@@ -59,6 +73,7 @@ impl Model {
                 )))
             }
         };
+        step(1, LOAD_PHASES)?;
         let file = WEIGHT_FILES.iter().map(|f| dir.join(f)).find(|p| p.exists()).ok_or_else(|| {
             Error::io(
                 dir,
@@ -70,7 +85,20 @@ impl Model {
         })?;
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
         let weights = cache.load_model(&file, &name)?;
-        Ok(Self { dir: dir.to_path_buf(), arch, weights })
+        step(2, LOAD_PHASES)?;
+        let expected = match &arch {
+            Architecture::Unet { model, .. } => model.expected_tensors(),
+            Architecture::Vae(v) => v.expected_tensors(),
+            Architecture::TextEncoder { model, .. } => model.expected_tensors(),
+        };
+        check_tensors(&file, &expected, &weights)?;
+        step(3, LOAD_PHASES)?;
+        Ok(Self { context_id, dir: dir.to_path_buf(), arch, weights })
+    }
+
+    /// The identity of the context the model was loaded in.
+    pub fn context_id(&self) -> u64 {
+        self.context_id
     }
 
     /// The component folder.
@@ -83,6 +111,7 @@ impl Model {
         match self.arch {
             Architecture::Unet { .. } => ModelKind::Unet,
             Architecture::Vae(_) => ModelKind::Vae,
+            Architecture::TextEncoder { .. } => ModelKind::TextEncoder,
         }
     }
 
@@ -100,7 +129,7 @@ impl Model {
     pub fn as_unet(&self) -> Result<(&UNet2DConditionModel, &SchedulerConfig)> {
         match &self.arch {
             Architecture::Unet { model, scheduler } => Ok((model, scheduler)),
-            Architecture::Vae(_) => Err(Error::invalid(format!("{} is a VAE, a UNet is needed", self.dir.display()))),
+            _ => Err(Error::invalid(format!("{} is a {:?}, a UNet is needed", self.dir.display(), self.kind()))),
         }
     }
 
@@ -108,10 +137,46 @@ impl Model {
     pub fn as_vae(&self) -> Result<&AutoencoderKL> {
         match &self.arch {
             Architecture::Vae(v) => Ok(v),
-            Architecture::Unet { .. } => {
-                Err(Error::invalid(format!("{} is a UNet, a VAE is needed", self.dir.display())))
-            }
+            _ => Err(Error::invalid(format!("{} is a {:?}, a VAE is needed", self.dir.display(), self.kind()))),
         }
+    }
+}
+
+/// Phases `Model::load` reports: config read, weights mapped, tensors checked.
+pub const LOAD_PHASES: usize = 3;
+
+/// Old diffusers checkpoints name the VAE attention projections `query`/`key`/`value`/`proj_attn`.
+const LEGACY_ATTENTION: [(&str, &str); 4] =
+    [(".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."), (".to_out.0.", ".proj_attn.")];
+
+/// FORMAT naming the first missing or misshapen tensor (and how many there are) unless the file holds every tensor
+/// the architecture reads with its shape.
+fn check_tensors(file: &Path, expected: &ExpectedTensors, weights: &ManagedModel) -> Result<()> {
+    let have: std::collections::HashMap<&str, &[usize]> =
+        weights.store().tensors().iter().map(|t| (t.name.as_str(), t.shape.as_slice())).collect();
+    let lookup = |name: &str| -> Option<&[usize]> {
+        have.get(name).copied().or_else(|| {
+            LEGACY_ATTENTION
+                .iter()
+                .find(|(new, _)| name.contains(new))
+                .and_then(|(new, old)| have.get(name.replacen(new, old, 1).as_str()).copied())
+        })
+    };
+    let mut problems = Vec::new();
+    for (name, shape) in &expected.0 {
+        match lookup(name) {
+            None => problems.push(format!("tensor {name} {shape:?} is missing")),
+            Some(s) if s == shape.as_slice() => {}
+            Some(s) => problems.push(format!("tensor {name} has shape {s:?}, the config needs {shape:?}")),
+        }
+    }
+    match problems.first() {
+        None => Ok(()),
+        Some(first) => Err(Error::format(format!(
+            "{}: {first}{}",
+            file.display(),
+            if problems.len() > 1 { format!(" (and {} more problems)", problems.len() - 1) } else { String::new() }
+        ))),
     }
 }
 
@@ -121,5 +186,27 @@ fn scheduler_beside(unet_dir: &Path) -> Result<SchedulerConfig> {
     match path {
         Some(p) if p.exists() => SchedulerConfig::from_file(&p),
         _ => Ok(SchedulerConfig::sd15()),
+    }
+}
+
+impl Model {
+    /// The model as a denoiser with its scheduler configuration, or INVALID_ARGUMENT naming what was passed.
+    pub fn as_denoiser(&self) -> Result<(&dyn crate::models::Denoiser, &SchedulerConfig)> {
+        match &self.arch {
+            Architecture::Unet { model, scheduler } => Ok((model, scheduler)),
+            _ => Err(Error::invalid(format!(
+                "{} is a {:?}, a denoising model is needed",
+                self.dir.display(),
+                self.kind()
+            ))),
+        }
+    }
+
+    /// The model as a text encoder with its tokenizer (if its folder has one), or INVALID_ARGUMENT.
+    pub fn as_text_encoder(&self) -> Result<(&dyn TextEncoder, Option<&dyn PromptTokenizer>)> {
+        match &self.arch {
+            Architecture::TextEncoder { model, tokenizer } => Ok((model.as_ref(), tokenizer.as_deref())),
+            _ => Err(Error::invalid(format!("{} is a {:?}, a text encoder is needed", self.dir.display(), self.kind()))),
+        }
     }
 }

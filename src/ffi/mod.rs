@@ -2,14 +2,17 @@
 //! function forwards to the Rust API. One file per C "class".
 
 mod boundary;
+pub mod cancel;
 pub mod context;
 pub mod error;
 pub mod log;
 pub mod model;
+pub mod pipeline;
 pub mod reservation;
 pub mod run;
 pub mod status;
 pub mod system;
 pub mod tensor;
 
+pub use boundary::lowvram_release_callback;
 pub use status::lowvram_status;

@@ -4,7 +4,7 @@ use std::ffi::c_void;
 
 use crate::api::{HostDType, HostTensor};
 use crate::error::{Error, Result};
-use crate::ffi::boundary::{borrow, guard, out_arg, Handle};
+use crate::ffi::boundary::{borrow, box_handle, free_box, guard, out_arg, Handle, OwnershipBox};
 use crate::ffi::status::lowvram_status;
 
 /// Most dimensions a tensor crossing the API may have.
@@ -44,7 +44,7 @@ impl From<HostDType> for lowvram_dtype {
 }
 
 /// A tensor in host memory, owned by the library: contiguous, row-major. Opaque. Immutable once made, so a tensor
-/// may be read from several threads at once. Free with `lowvram_tensor_free`.
+/// may be read from several threads at once. Ownership: one owner, the host, until `lowvram_tensor_free`.
 #[allow(non_camel_case_types)]
 pub struct lowvram_tensor {
     _private: [u8; 0],
@@ -52,11 +52,12 @@ pub struct lowvram_tensor {
 
 impl Handle for lowvram_tensor {
     type Target = HostTensor;
+    type Ownership = OwnershipBox;
 }
 
 /// Box a tensor into a new handle.
 pub(crate) fn into_handle(t: HostTensor) -> *mut lowvram_tensor {
-    Box::into_raw(Box::new(t)).cast()
+    box_handle(t)
 }
 
 /// Read a `(shape, ndim)` pair from C.
@@ -162,9 +163,7 @@ pub unsafe extern "C" fn lowvram_tensor_read(
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_tensor_free(tensor: *mut lowvram_tensor) {
     guard(|| {
-        if !tensor.is_null() {
-            drop(Box::from_raw(tensor.cast::<HostTensor>()));
-        }
+        free_box(tensor);
         Ok(())
     });
 }

@@ -150,7 +150,23 @@ impl ManagedModel {
     pub fn total_bytes(&self) -> u64 {
         self.store.total_bytes()
     }
-    /// Bytes resident on the device now.
+    /// Device bytes the model takes when wholly resident: its weights in the compute dtype (they are converted
+    /// once when placed, so an fp16 file computed in f32 takes twice its storage bytes).
+    pub fn device_bytes(&self) -> u64 {
+        self.costs.iter().map(|c| c.resident).sum()
+    }
+    /// Storage-dtype bytes of the blocks not resident now: what one forward streams.
+    pub fn streamed_bytes_per_forward(&self) -> u64 {
+        let st = self.state();
+        self.store
+            .blocks()
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !st.resident.contains_key(i))
+            .map(|(_, b)| b.storage_bytes)
+            .sum()
+    }
+    /// Device bytes resident now (compute dtype).
     pub fn resident_bytes(&self) -> u64 {
         self.state()
             .resident
@@ -258,13 +274,14 @@ struct Prefetch {
     done: mpsc::Receiver<Result<Uploaded>>,
 }
 
-/// Copy block `b` of `m` to the device for one use. `prefetch`: on the prefetch thread (single-threaded copy; on
+/// Copy block `b` of `m` to the device for one use, converted to the compute dtype on arrival. `prefetch`: on the prefetch thread (single-threaded copy; on
 /// CUDA the copy runs on that thread's own stream, so wait for it there: the consumer then needs no event).
 fn upload_streamed(sh: &Shared, m: &ManagedModel, b: usize, prefetch: bool) -> Result<Uploaded> {
-    if let Some((tensors, buf)) = m.store.block_to_buffer(b, &sh.alloc, !prefetch)? {
+    let dtype = m.store.compute_dtype();
+    if let Some((tensors, buf)) = m.store.block_to_buffer(b, &sh.alloc, !prefetch, dtype)? {
         return Ok((tensors, Some(buf)));
     }
-    let tensors = m.store.block_to_device(b, &sh.alloc, &sh.staging)?;
+    let tensors = m.store.block_to_device(b, &sh.alloc, &sh.staging, dtype)?;
     if prefetch && sh.alloc.is_cuda() {
         sh.alloc.device().synchronize()?;
     }
@@ -306,6 +323,39 @@ impl Drop for Reservation {
         drop(inner);
         self.shared.alloc.notify();
     }
+}
+
+/// What each block of `store` costs on `alloc`'s device. Blocks are converted to the compute dtype once: resident
+/// ones when placed, streamed ones on arrival. On CUDA the storage-dtype copy crosses the bus and is converted on
+/// the device (so it is held beside the converted one meanwhile); elsewhere the conversion runs on the host as the
+/// bytes are copied.
+fn block_costs(store: &WeightStore, cuda: bool) -> Vec<BlockCost> {
+    let compute = store.compute_dtype();
+    store
+        .blocks()
+        .iter()
+        .map(|b| {
+            let converts = b
+                .tensors
+                .iter()
+                .any(|&t| store.tensors()[t].storage_dtype != compute);
+            match (converts, cuda) {
+                (false, _) => BlockCost::same_dtype(b.storage_bytes),
+                (true, false) => BlockCost {
+                    bytes: b.storage_bytes,
+                    resident: b.compute_bytes,
+                    lease: b.compute_bytes,
+                    place: 0,
+                },
+                (true, true) => BlockCost {
+                    bytes: b.storage_bytes,
+                    resident: b.compute_bytes,
+                    lease: b.storage_bytes + b.compute_bytes,
+                    place: b.storage_bytes,
+                },
+            }
+        })
+        .collect()
 }
 
 fn resolve_compute(config: &Config, alloc: &DeviceAllocator) -> DType {
@@ -550,14 +600,8 @@ impl Shared {
                 let target = st.target.clone();
                 if let (Some(t), Some(p)) = (target, st.plan.as_mut()) {
                     p.resident = t;
-                    p.resident_bytes = m
-                        .costs
-                        .iter()
-                        .zip(&p.resident)
-                        .filter(|(_, r)| **r)
-                        .map(|(c, _)| c.bytes)
-                        .sum();
-                    p.streamed_bytes_per_forward = m.store.total_bytes() - p.resident_bytes;
+                    p.resident_bytes = plan::resident_bytes(&m.costs, &p.resident);
+                    p.streamed_bytes_per_forward = plan::streamed_bytes(&m.costs, &p.resident);
                     p.slot_bytes = plan::slot_of(&m.costs, &p.resident, p.slots);
                 }
             }
@@ -666,10 +710,32 @@ impl Shared {
             if !m.state().target.as_ref().is_some_and(|t| t[b]) {
                 continue;
             }
-            let bytes = m.costs[b].bytes;
-            match self.alloc_for(bytes, AllocKind::Weights, Some(m), Some(WAIT_LIMIT), 0) {
-                Ok(a) => {
-                    let tensors = m.store.block_to_device(b, &self.alloc, &self.staging)?;
+            let bytes = m.costs[b].resident;
+            let placed = self
+                .alloc_for(bytes, AllocKind::Weights, Some(m), Some(WAIT_LIMIT), 0)
+                .and_then(|a| {
+                    let place = m.costs[b].place;
+                    let transient = match place {
+                        0 => None,
+                        n => Some(self.alloc_for(
+                            n,
+                            AllocKind::Streaming,
+                            Some(m),
+                            Some(WAIT_LIMIT),
+                            0,
+                        )?),
+                    };
+                    Ok((a, transient))
+                });
+            match placed {
+                Ok((a, transient)) => {
+                    let tensors = m.store.block_to_device(
+                        b,
+                        &self.alloc,
+                        &self.staging,
+                        m.store.compute_dtype(),
+                    )?;
+                    drop(transient);
                     let mut st = m.state();
                     st.resident.insert(
                         b,
@@ -822,14 +888,7 @@ impl ModelCache {
         let storage = inner.config.storage_dtype.dtype();
         let compute = resolve_compute(&inner.config, &sh.alloc);
         let store = WeightStore::open(&canon, storage, compute)?;
-        let costs = store
-            .blocks()
-            .iter()
-            .map(|b| BlockCost {
-                bytes: b.storage_bytes,
-                cast: b.cast_bytes,
-            })
-            .collect();
+        let costs = block_costs(&store, sh.alloc.is_cuda());
         let id = inner.id();
         inner.clock += 1;
         let m = Arc::new(ManagedModel {
@@ -973,13 +1032,7 @@ impl ModelCache {
                 (Some(c), p) => p.map_or(c, |p| p.min(c)).saturating_sub(locked),
             };
             let keep = plan::keep_within(&model.costs, max_bytes.min(room));
-            let keep_bytes: u64 = model
-                .costs
-                .iter()
-                .zip(&keep)
-                .filter(|(_, k)| **k)
-                .map(|(c, _)| c.bytes)
-                .sum();
+            let keep_bytes = plan::resident_bytes(&model.costs, &keep);
             let mut others: Vec<Arc<ManagedModel>> = inner
                 .live_models()
                 .into_iter()
@@ -1174,20 +1227,6 @@ impl ModelLock {
         self.model.plan()
     }
 
-    fn cast_all(&self, tensors: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
-        let dt = self.model.store.compute_dtype();
-        tensors
-            .into_iter()
-            .map(|(k, t)| {
-                if t.dtype() == dt {
-                    Ok((k, t))
-                } else {
-                    self.shared.alloc.cast(&t, dt).map(|t| (k, t))
-                }
-            })
-            .collect()
-    }
-
     fn stream_alloc(&self, bytes: u64) -> Result<StreamLease> {
         let own = self.inflight.load(Ordering::SeqCst);
         let a = self.shared.alloc_for(
@@ -1322,21 +1361,26 @@ impl ModelLock {
             }
             r => r,
         };
+        // Resident blocks were converted when placed: no cast here.
         if let Some((tensors, a)) = res {
-            if cost.cast == 0 {
-                return Ok(BlockWeights::new(block, tensors, Some(Box::new(a))));
-            }
-            let lease = self.stream_alloc(cost.cast)?;
-            return Ok(BlockWeights::new(
-                block,
-                self.cast_all(tensors)?,
-                Some(Box::new((a, lease))),
-            ));
+            return Ok(BlockWeights::new(block, tensors, Some(Box::new(a))));
         }
         let sh = &self.shared;
-        if planned && sh.alloc.free().is_none_or(|f| f >= cost.bytes) {
-            if let Ok(a) = sh.alloc.allocate(cost.bytes, AllocKind::Weights) {
-                let tensors = m.store.block_to_device(b, &sh.alloc, &sh.staging)?;
+        if planned
+            && sh
+                .alloc
+                .free()
+                .is_none_or(|f| f >= cost.resident + cost.place)
+        {
+            if let Ok(a) = sh.alloc.allocate(cost.resident, AllocKind::Weights) {
+                let transient = match cost.place {
+                    0 => None,
+                    n => Some(self.stream_alloc(n)?),
+                };
+                let tensors =
+                    m.store
+                        .block_to_device(b, &sh.alloc, &sh.staging, m.store.compute_dtype())?;
+                drop(transient);
                 let a = Arc::new(a);
                 {
                     let mut st = m.state();
@@ -1348,20 +1392,12 @@ impl ModelLock {
                                 alloc: a.clone(),
                             },
                         );
-                        st.loaded += cost.bytes;
+                        st.loaded += cost.resident;
                     }
                 }
-                sh.loaded.fetch_add(cost.bytes, Ordering::Relaxed);
-                self.loaded.fetch_add(cost.bytes, Ordering::Relaxed);
-                if cost.cast == 0 {
-                    return Ok(BlockWeights::new(block, tensors, Some(Box::new(a))));
-                }
-                let lease = self.stream_alloc(cost.cast)?;
-                return Ok(BlockWeights::new(
-                    block,
-                    self.cast_all(tensors)?,
-                    Some(Box::new((a, lease))),
-                ));
+                sh.loaded.fetch_add(cost.resident, Ordering::Relaxed);
+                self.loaded.fetch_add(cost.resident, Ordering::Relaxed);
+                return Ok(BlockWeights::new(block, tensors, Some(Box::new(a))));
             }
         }
         // A prefetched copy if it arrived whole (a failed one is redone here, which reports the error).
@@ -1377,7 +1413,6 @@ impl ModelLock {
                 upload_streamed(sh, m, b, false)?,
             ),
         };
-        let tensors = self.cast_all(tensors)?;
         sh.streamed.fetch_add(cost.bytes, Ordering::Relaxed);
         self.streamed.fetch_add(cost.bytes, Ordering::Relaxed);
         if from_prefetch {

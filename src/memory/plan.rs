@@ -2,7 +2,7 @@
 //!
 //! Every block runs once per forward, in order, so within a model there is no LRU: the plan is a fixed subset,
 //! and each forward streams exactly `model − resident` bytes. A plan must also leave room for the blocks in
-//! flight (the *slot*: the largest streamed block, plus any dtype cast of a resident one — or, with prefetch, the
+//! flight (the *slot*: the largest streamed block, or a resident one being placed — or, with prefetch, the
 //! two largest, one being used while the next is copied), so `resident + slot ≤ budget`.
 //!
 //! **Rule: largest blocks first, then first-fit by size.** It maximises resident bytes (so minimises the bytes
@@ -13,19 +13,35 @@
 
 use serde::Serialize;
 
-/// What residency and streaming of one block cost on the device.
+/// What residency and streaming of one block cost on the device. Weights are converted to the compute dtype once,
+/// when they are placed (resident) or as they arrive (streamed), so a fetch never casts.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BlockCost {
-    /// Bytes resident (storage dtype) — also the bytes a stream moves.
+    /// Bytes in the storage dtype: the RAM copy, and what one stream of the block reads and moves.
     pub bytes: u64,
-    /// Extra bytes a fetch needs to cast the block to the compute dtype (0 when storage = compute).
-    pub cast: u64,
+    /// Device bytes while resident (the compute dtype).
+    pub resident: u64,
+    /// Device bytes a streamed fetch of the block holds (its compute-dtype tensors, plus the storage-dtype copy
+    /// where the conversion runs on the device).
+    pub lease: u64,
+    /// Extra device bytes held while the block is placed resident (the storage-dtype copy a device-side conversion
+    /// reads; 0 when the conversion runs on the host or storage = compute).
+    pub place: u64,
 }
 
 impl BlockCost {
+    /// A block whose storage and compute dtypes match: every cost is its bytes.
+    pub fn same_dtype(bytes: u64) -> Self {
+        Self {
+            bytes,
+            resident: bytes,
+            lease: bytes,
+            place: 0,
+        }
+    }
     /// Device bytes a fetch of this block holds when it is streamed.
     pub fn lease_streamed(&self) -> u64 {
-        self.bytes + self.cast
+        self.lease
     }
 }
 
@@ -36,7 +52,7 @@ pub struct ResidencyPlan {
     pub resident: Vec<bool>,
     /// Bytes kept resident.
     pub resident_bytes: u64,
-    /// Bytes fetches may hold beyond residency at once: the `slots` largest streamed leases (or casts).
+    /// Bytes fetches may hold beyond residency at once: the `slots` largest streamed leases (or placements).
     pub slot_bytes: u64,
     /// Blocks that may be in flight at once: 1, or 2 when the next streamed block is prefetched.
     pub slots: usize,
@@ -49,16 +65,16 @@ pub struct ResidencyPlan {
 /// Blocks in the order the rule prefers them for residency (largest first, file order on ties).
 pub fn rank(blocks: &[BlockCost]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..blocks.len()).collect();
-    order.sort_by(|&a, &b| blocks[b].bytes.cmp(&blocks[a].bytes).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| blocks[b].resident.cmp(&blocks[a].resident).then(a.cmp(&b)));
     order
 }
 
 /// The bytes `slots` fetches in flight may hold at once with this resident set: the sum of the `slots` largest
-/// leases (a streamed block's bytes + cast, or a resident block's cast).
+/// leases (a streamed block's lease, or a resident block's placement bytes).
 pub fn slot_of(blocks: &[BlockCost], resident: &[bool], slots: usize) -> u64 {
     let mut top = vec![0u64; slots.max(1)];
     for (b, r) in blocks.iter().zip(resident) {
-        let lease = if *r { b.cast } else { b.lease_streamed() };
+        let lease = if *r { b.place } else { b.lease_streamed() };
         if lease > top[top.len() - 1] {
             let at = top
                 .iter()
@@ -71,14 +87,28 @@ pub fn slot_of(blocks: &[BlockCost], resident: &[bool], slots: usize) -> u64 {
     top.iter().sum()
 }
 
-fn finish(blocks: &[BlockCost], resident: Vec<bool>, budget: u64, slots: usize) -> ResidencyPlan {
-    let total: u64 = blocks.iter().map(|b| b.bytes).sum();
-    let resident_bytes: u64 = blocks
+/// Device bytes of the resident set.
+pub fn resident_bytes(blocks: &[BlockCost], resident: &[bool]) -> u64 {
+    blocks
         .iter()
-        .zip(&resident)
+        .zip(resident)
         .filter(|(_, r)| **r)
+        .map(|(b, _)| b.resident)
+        .sum()
+}
+
+/// Storage bytes one forward streams with this resident set (every other block, once).
+pub fn streamed_bytes(blocks: &[BlockCost], resident: &[bool]) -> u64 {
+    blocks
+        .iter()
+        .zip(resident)
+        .filter(|(_, r)| !**r)
         .map(|(b, _)| b.bytes)
-        .sum();
+        .sum()
+}
+
+fn finish(blocks: &[BlockCost], resident: Vec<bool>, budget: u64, slots: usize) -> ResidencyPlan {
+    let resident_bytes = resident_bytes(blocks, &resident);
     let slots = if resident.iter().all(|r| *r) {
         1
     } else {
@@ -87,9 +117,9 @@ fn finish(blocks: &[BlockCost], resident: Vec<bool>, budget: u64, slots: usize) 
     ResidencyPlan {
         slot_bytes: slot_of(blocks, &resident, slots),
         slots,
+        streamed_bytes_per_forward: streamed_bytes(blocks, &resident),
         resident,
         resident_bytes,
-        streamed_bytes_per_forward: total - resident_bytes,
         budget_bytes: budget,
     }
 }
@@ -104,9 +134,13 @@ pub fn whole(blocks: &[BlockCost], budget: u64) -> ResidencyPlan {
     finish(blocks, vec![true; blocks.len()], budget, 1)
 }
 
-/// Bytes the model needs on the device when whole: all blocks plus the largest cast.
+/// Bytes the model needs on the device when whole: all blocks resident plus the largest placement.
 pub fn whole_need(blocks: &[BlockCost]) -> u64 {
-    blocks.iter().map(|b| b.bytes).sum::<u64>() + blocks.iter().map(|b| b.cast).max().unwrap_or(0)
+    blocks
+        .iter()
+        .map(|b| b.resident)
+        .fold(0u64, u64::saturating_add)
+        + blocks.iter().map(|b| b.place).max().unwrap_or(0)
 }
 
 /// Bytes the model needs at least to run at all with `slots` blocks in flight (everything streamed).
@@ -127,8 +161,8 @@ pub fn partial(blocks: &[BlockCost], budget: u64, slots: usize) -> Option<Reside
     let mut used = 0u64;
     for i in rank(blocks) {
         resident[i] = true;
-        if used + blocks[i].bytes + slot_of(blocks, &resident, slots) <= budget {
-            used += blocks[i].bytes;
+        if used + blocks[i].resident + slot_of(blocks, &resident, slots) <= budget {
+            used += blocks[i].resident;
         } else {
             resident[i] = false;
         }
@@ -141,9 +175,9 @@ pub fn keep_within(blocks: &[BlockCost], budget: u64) -> Vec<bool> {
     let mut keep = vec![false; blocks.len()];
     let mut used = 0u64;
     for i in rank(blocks) {
-        if used + blocks[i].bytes <= budget {
+        if used + blocks[i].resident <= budget {
             keep[i] = true;
-            used += blocks[i].bytes;
+            used += blocks[i].resident;
         }
     }
     keep
@@ -155,7 +189,7 @@ mod tests {
 
     fn costs(b: &[u64]) -> Vec<BlockCost> {
         b.iter()
-            .map(|&bytes| BlockCost { bytes, cast: 0 })
+            .map(|&bytes| BlockCost::same_dtype(bytes))
             .collect()
     }
 
@@ -192,12 +226,44 @@ mod tests {
         assert_eq!(p.slot_bytes, 50);
         let p = partial(&c, 100, 2).unwrap();
         assert_eq!((p.resident_bytes, p.slot_bytes, p.slots), (100, 0, 1));
-        // Casts of resident blocks count as leases too.
+        // Placements of resident blocks (a device-side conversion) count as leases too.
         let c = vec![
-            BlockCost { bytes: 10, cast: 5 },
-            BlockCost { bytes: 8, cast: 4 },
+            BlockCost {
+                bytes: 10,
+                resident: 20,
+                lease: 30,
+                place: 5,
+            },
+            BlockCost {
+                bytes: 8,
+                resident: 16,
+                lease: 24,
+                place: 4,
+            },
         ];
         assert_eq!(slot_of(&c, &[true, true], 2), 9);
-        assert_eq!(slot_of(&c, &[false, true], 2), 19);
+        assert_eq!(slot_of(&c, &[false, true], 2), 34);
+        assert_eq!(whole_need(&c), 41);
+    }
+
+    /// Converted-once blocks: residency costs the compute-dtype bytes, a stream moves the storage bytes.
+    #[test]
+    fn converted_blocks_cost_compute_bytes_resident_and_storage_bytes_streamed() {
+        let c: Vec<BlockCost> = [10u64, 40, 20]
+            .iter()
+            .map(|&b| BlockCost {
+                bytes: b,
+                resident: 2 * b,
+                lease: 2 * b,
+                place: 0,
+            })
+            .collect();
+        assert_eq!(whole_need(&c), 140);
+        let p = partial(&c, 120, 1).unwrap();
+        assert_eq!(p.resident, vec![false, true, false]);
+        assert_eq!(
+            (p.resident_bytes, p.slot_bytes, p.streamed_bytes_per_forward),
+            (80, 40, 30)
+        );
     }
 }

@@ -48,10 +48,12 @@ pub(crate) fn conv_from(
     conv2d(x, &weight, Some(&bias), stride, padding)
 }
 
-/// Linear layer `{name}.weight` `[out, in]` with a required (`bias`) or optional bias `{name}.bias` `[out]`.
+/// Linear layer `{name}.weight` `[out, in]` with a required (`bias`) or optional bias `{name}.bias` `[out]`
+/// (`weight`/`bias` when `name` is empty: a block that is one linear layer).
 pub(crate) fn linear_from(bw: &BlockWeights, name: &str, x: &Tensor, inp: usize, out: usize, bias: Bias) -> Result<Tensor> {
-    let weight = bw.get_shaped(&format!("{name}.weight"), &[out, inp])?;
-    let b_name = format!("{name}.bias");
+    let dot = if name.is_empty() { "" } else { "." };
+    let weight = bw.get_shaped(&format!("{name}{dot}weight"), &[out, inp])?;
+    let b_name = format!("{name}{dot}bias");
     let b = match bias {
         Bias::Required => Some(bw.get_shaped(&b_name, &[out])?),
         Bias::IfPresent if bw.contains(&b_name) => Some(bw.get_shaped(&b_name, &[out])?),
@@ -187,6 +189,10 @@ impl UpsampleSpec {
 /// diffusers' `Transformer2DModel` (continuous input) around `BasicTransformerBlock`s: GroupNorm, proj_in (1×1 conv
 /// or linear), per layer self-attention, cross-attention and a GEGLU feed-forward (each pre-LayerNorm, residual),
 /// proj_out, residual.
+///
+/// Fetched as `depth + 2` blocks, each once and in order: `{key}` (norm, proj_in), `{key}.transformer_blocks.{i}`
+/// per layer, `{key}.proj_out` — so SDXL's 10-layer 1280-channel stacks stream in 66 MiB units, not 669 MiB ones
+/// (the partition of `crate::models::unet::block_of`).
 #[derive(Debug, Clone)]
 pub(crate) struct TransformerSpec {
     pub key: String,
@@ -201,50 +207,59 @@ pub(crate) struct TransformerSpec {
 
 impl TransformerSpec {
     pub fn forward(&self, w: &dyn WeightSource, x: &Tensor, ctx: &Tensor) -> Result<Tensor> {
-        let bw = w.fetch(&self.key)?;
         let (b, c, hh, ww) = x.dims4()?;
         let n = hh * ww;
-        let mut h = norm_from(&bw, "norm", x, c, self.groups, 1e-6, false)?;
-        if self.linear_proj {
-            h = h.permute((0, 2, 3, 1))?.reshape((b, n, c))?;
-            h = linear_from(&bw, "proj_in", &h, c, c, Bias::Required)?;
-        } else {
-            h = conv_from(&bw, "proj_in.", &h, c, c, 1, 1, 0)?;
-            h = h.permute((0, 2, 3, 1))?.reshape((b, n, c))?;
-        }
+        let mut h = {
+            let bw = w.fetch(&self.key)?;
+            let h = norm_from(&bw, "norm", x, c, self.groups, 1e-6, false)?;
+            if self.linear_proj {
+                let h = h.permute((0, 2, 3, 1))?.reshape((b, n, c))?;
+                linear_from(&bw, "proj_in", &h, c, c, Bias::Required)?
+            } else {
+                let h = conv_from(&bw, "proj_in.", &h, c, c, 1, 1, 0)?;
+                h.permute((0, 2, 3, 1))?.reshape((b, n, c))?
+            }
+        };
         for i in 0..self.depth {
-            let p = format!("transformer_blocks.{i}");
-            let ln = |name: &str, t: &Tensor| -> Result<Tensor> {
-                let weight = bw.get_shaped(&format!("{p}.{name}.weight"), &[c])?;
-                let bias = bw.get_shaped(&format!("{p}.{name}.bias"), &[c])?;
-                layer_norm(t, &weight, &bias, 1e-5)
-            };
-            let n1 = ln("norm1", &h)?;
-            let a = self.attn(&bw, &format!("{p}.attn1"), &n1, &n1, c)?;
-            drop(n1);
-            h = (h + a)?;
-            let n2 = ln("norm2", &h)?;
-            let a = self.attn(&bw, &format!("{p}.attn2"), &n2, ctx, self.cross_dim)?;
-            drop(n2);
-            h = (h + a)?;
-            let n3 = ln("norm3", &h)?;
-            let inner = 4 * c;
-            let pw = bw.get_shaped(&format!("{p}.ff.net.0.proj.weight"), &[2 * inner, c])?;
-            let pb = bw.get_shaped(&format!("{p}.ff.net.0.proj.bias"), &[2 * inner])?;
-            let g = geglu(&n3, &pw, Some(&pb))?;
-            drop(n3);
-            let f = linear_from(&bw, &format!("{p}.ff.net.2"), &g, inner, c, Bias::Required)?;
-            drop(g);
-            h = (h + f)?;
+            let bw = w.fetch(&format!("{}.transformer_blocks.{i}", self.key))?;
+            h = self.layer(&bw, h, ctx)?;
         }
+        let bw = w.fetch(&format!("{}.proj_out", self.key))?;
         if self.linear_proj {
-            h = linear_from(&bw, "proj_out", &h, c, c, Bias::Required)?;
+            h = linear_from(&bw, "", &h, c, c, Bias::Required)?;
             h = h.reshape((b, hh, ww, c))?.permute((0, 3, 1, 2))?;
         } else {
             h = h.reshape((b, hh, ww, c))?.permute((0, 3, 1, 2))?.contiguous()?;
-            h = conv_from(&bw, "proj_out.", &h, c, c, 1, 1, 0)?;
+            h = conv_from(&bw, "", &h, c, c, 1, 1, 0)?;
         }
         Ok((h + x)?)
+    }
+
+    /// One `BasicTransformerBlock` on tokens `h` `[B, N, C]`, its weights in `bw`.
+    fn layer(&self, bw: &BlockWeights, mut h: Tensor, ctx: &Tensor) -> Result<Tensor> {
+        let c = self.channels;
+        let ln = |name: &str, t: &Tensor| -> Result<Tensor> {
+            let weight = bw.get_shaped(&format!("{name}.weight"), &[c])?;
+            let bias = bw.get_shaped(&format!("{name}.bias"), &[c])?;
+            layer_norm(t, &weight, &bias, 1e-5)
+        };
+        let n1 = ln("norm1", &h)?;
+        let a = self.attn(bw, "attn1", &n1, &n1, c)?;
+        drop(n1);
+        h = (h + a)?;
+        let n2 = ln("norm2", &h)?;
+        let a = self.attn(bw, "attn2", &n2, ctx, self.cross_dim)?;
+        drop(n2);
+        h = (h + a)?;
+        let n3 = ln("norm3", &h)?;
+        let inner = 4 * c;
+        let pw = bw.get_shaped("ff.net.0.proj.weight", &[2 * inner, c])?;
+        let pb = bw.get_shaped("ff.net.0.proj.bias", &[2 * inner])?;
+        let g = geglu(&n3, &pw, Some(&pb))?;
+        drop(n3);
+        let f = linear_from(bw, "ff.net.2", &g, inner, c, Bias::Required)?;
+        drop(g);
+        Ok((h + f)?)
     }
 
     fn attn(&self, bw: &BlockWeights, name: &str, x: &Tensor, ctx: &Tensor, kv_dim: usize) -> Result<Tensor> {
@@ -365,5 +380,105 @@ impl Peak {
     /// Bytes that exist only during the current op, on top of what is live.
     pub fn transient(&mut self, bytes: u64) {
         self.peak = self.peak.max(self.live + bytes);
+    }
+}
+
+/// The tensors a model's forward reads, with their shapes: what a checkpoint must hold. A tensor with
+/// alternatives (an optional bias, legacy attention names) is listed by its required names only.
+#[derive(Debug, Default, Clone)]
+pub struct ExpectedTensors(pub Vec<(String, Vec<usize>)>);
+
+impl ExpectedTensors {
+    pub(crate) fn add(&mut self, name: impl Into<String>, shape: &[usize]) {
+        self.0.push((name.into(), shape.to_vec()));
+    }
+    /// `{key}.{name}weight` `[cout, cin, k, k]` and `{key}.{name}bias` `[cout]`.
+    pub(crate) fn conv(&mut self, key: &str, name: &str, cin: usize, cout: usize, k: usize) {
+        self.add(format!("{key}.{name}weight"), &[cout, cin, k, k]);
+        self.add(format!("{key}.{name}bias"), &[cout]);
+    }
+    /// `{key}.{name}.weight` and `.bias`, both `[c]` (a norm).
+    pub(crate) fn norm(&mut self, key: &str, name: &str, c: usize) {
+        self.add(format!("{key}.{name}.weight"), &[c]);
+        self.add(format!("{key}.{name}.bias"), &[c]);
+    }
+    /// `{key}.{name}.weight` `[out, inp]`, and its bias `[out]` when required.
+    pub(crate) fn linear(&mut self, key: &str, name: &str, inp: usize, out: usize, bias: bool) {
+        self.add(format!("{key}.{name}.weight"), &[out, inp]);
+        if bias {
+            self.add(format!("{key}.{name}.bias"), &[out]);
+        }
+    }
+}
+
+impl ConvSpec {
+    pub(crate) fn expect(&self, t: &mut ExpectedTensors) {
+        t.conv(&self.key, "", self.cin, self.cout, self.k);
+    }
+}
+
+impl ResnetSpec {
+    pub(crate) fn expect(&self, t: &mut ExpectedTensors) {
+        t.norm(&self.key, "norm1", self.cin);
+        t.conv(&self.key, "conv1.", self.cin, self.cout, 3);
+        if let Some(tc) = self.temb {
+            t.linear(&self.key, "time_emb_proj", tc, self.cout, true);
+        }
+        t.norm(&self.key, "norm2", self.cout);
+        t.conv(&self.key, "conv2.", self.cout, self.cout, 3);
+        if self.cin != self.cout {
+            t.conv(&self.key, "conv_shortcut.", self.cin, self.cout, 1);
+        }
+    }
+}
+
+impl DownsampleSpec {
+    pub(crate) fn expect(&self, t: &mut ExpectedTensors) {
+        t.conv(&self.key, "conv.", self.c, self.c, 3);
+    }
+}
+
+impl UpsampleSpec {
+    pub(crate) fn expect(&self, t: &mut ExpectedTensors) {
+        t.conv(&self.key, "conv.", self.c, self.c, 3);
+    }
+}
+
+impl TransformerSpec {
+    pub(crate) fn expect(&self, t: &mut ExpectedTensors) {
+        let (k, c) = (self.key.as_str(), self.channels);
+        t.norm(k, "norm", c);
+        if self.linear_proj {
+            t.linear(k, "proj_in", c, c, true);
+            t.linear(k, "proj_out", c, c, true);
+        } else {
+            t.conv(k, "proj_in.", c, c, 1);
+            t.conv(k, "proj_out.", c, c, 1);
+        }
+        for i in 0..self.depth {
+            let p = format!("{k}.transformer_blocks.{i}");
+            for n in ["norm1", "norm2", "norm3"] {
+                t.norm(&p, n, c);
+            }
+            for (attn, kv) in [("attn1", c), ("attn2", self.cross_dim)] {
+                t.linear(&p, &format!("{attn}.to_q"), c, c, false);
+                t.linear(&p, &format!("{attn}.to_k"), kv, c, false);
+                t.linear(&p, &format!("{attn}.to_v"), kv, c, false);
+                t.linear(&p, &format!("{attn}.to_out.0"), c, c, true);
+            }
+            t.linear(&p, "ff.net.0.proj", c, 8 * c, true);
+            t.linear(&p, "ff.net.2", 4 * c, c, true);
+        }
+    }
+}
+
+impl VaeAttentionSpec {
+    /// Lists the current names (`to_q`…); a checkpoint with the legacy names (`query`…) is matched by the caller.
+    pub(crate) fn expect(&self, t: &mut ExpectedTensors) {
+        let (k, c) = (self.key.as_str(), self.channels);
+        t.norm(k, "group_norm", c);
+        for n in ["to_q", "to_k", "to_v", "to_out.0"] {
+            t.linear(k, n, c, c, true);
+        }
     }
 }

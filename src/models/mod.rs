@@ -1,15 +1,26 @@
 //! Model architectures, built from diffusers `config.json` files. Models own no tensors: every block fetches its
 //! weights from a [`crate::WeightSource`] when it runs and drops them when it is done.
 //!
-//! - [`unet`]: the SD 1.x / 2.x `UNet2DConditionModel`.
+//! - [`unet`]: the SD 1.x / 2.x / SDXL `UNet2DConditionModel`.
 //! - [`vae`]: `AutoencoderKL` (decoder, encoder, tiled decode).
 //! - [`clip`]: the CLIP text encoders (`CLIPTextModel`, `CLIPTextModelWithProjection`).
+//! - [`family`]: which architectures a pipeline combines and how its family is detected.
+//! - [`denoiser`]: the interface the sampler calls on any denoising model; [`conditioning`]: the named tensors it
+//!   takes.
 
 pub(crate) mod blocks;
 pub mod clip;
+pub mod conditioning;
 mod config_util;
+pub mod denoiser;
+pub mod family;
+pub mod text_encoder;
 pub mod unet;
 pub mod vae;
 
-pub use unet::{UNet2DConditionModel, UNetConfig};
+pub use blocks::ExpectedTensors;
+pub use conditioning::{BatchedConditioning, CondSpec, Conditioning};
+pub use denoiser::Denoiser;
+pub use family::Family;
+pub use unet::{AddedCond, UNet2DConditionModel, UNetConfig};
 pub use vae::{AutoencoderKL, VaeConfig};

@@ -110,27 +110,41 @@ const BLOCK_LISTS: &[&str] = &[
     "layers", // CLIP text encoders: `text_model.encoder.layers.N`
 ];
 
-/// The block a checkpoint tensor belongs to: the name up to the first numbered child of a block list
-/// (`down_blocks.0.resnets.1.conv1.weight` → `down_blocks.0.resnets.1`), else its top-level module
+/// The block a checkpoint tensor belongs to: the name up to the deepest numbered child of a block list
+/// (`down_blocks.0.resnets.1.conv1.weight` → `down_blocks.0.resnets.1`;
+/// `….attentions.0.transformer_blocks.3.attn1.to_q.weight` → `….attentions.0.transformer_blocks.3`), with an
+/// attention's `proj_out` a block of its own (`….attentions.0.proj_out`), else its top-level module
 /// (`time_embedding.linear_1.weight` → `time_embedding`; under `encoder.`/`decoder.`/`text_model.` one level deeper).
 ///
 /// Blocks are the unit of residency and of transfer: big enough for efficient copies, small enough to plan finely.
+/// This is the UNet family's rule (`crate::models::unet::block_of`, which documents why), applied to every file
+/// until stores take a family's rule.
 pub fn block_key(name: &str) -> &str {
     let parts: Vec<&str> = name.split('.').collect();
+    let mut ends = Vec::with_capacity(parts.len());
     let mut len = 0usize;
     for (i, part) in parts.iter().enumerate() {
         len += part.len() + usize::from(i > 0);
-        if i > 0 && BLOCK_LISTS.contains(&parts[i - 1]) && part.parse::<usize>().is_ok() {
-            return &name[..len];
+        ends.push(len);
+    }
+    let deepest = (1..parts.len())
+        .rev()
+        .find(|&i| BLOCK_LISTS.contains(&parts[i - 1]) && parts[i].parse::<usize>().is_ok());
+    if let Some(i) = deepest {
+        if parts[i - 1] == "attentions"
+            && parts.get(i + 1) == Some(&"proj_out")
+            && i + 2 < parts.len()
+        {
+            return &name[..ends[i + 1]];
         }
+        return &name[..ends[i]];
     }
     let depth = if matches!(parts[0], "encoder" | "decoder" | "text_model") && parts.len() > 2 {
         2
     } else {
         1
     };
-    let len = parts[..depth].iter().map(|p| p.len()).sum::<usize>() + depth - 1;
-    &name[..len]
+    &name[..ends[depth - 1]]
 }
 
 #[cfg(test)]
@@ -145,7 +159,11 @@ mod tests {
         );
         assert_eq!(
             block_key("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"),
-            "down_blocks.1.attentions.0"
+            "down_blocks.1.attentions.0.transformer_blocks.0"
+        );
+        assert_eq!(
+            block_key("down_blocks.1.attentions.0.proj_out.weight"),
+            "down_blocks.1.attentions.0.proj_out"
         );
         assert_eq!(
             block_key("down_blocks.0.downsamplers.0.conv.bias"),

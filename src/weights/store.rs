@@ -66,8 +66,8 @@ pub struct BlockInfo {
     pub tensors: Vec<usize>,
     /// Bytes in the storage dtype (what residency costs and what a stream moves).
     pub storage_bytes: u64,
-    /// Extra device bytes a fetch needs to cast the block to the compute dtype (0 when storage = compute).
-    pub cast_bytes: u64,
+    /// Bytes in the compute dtype (what the block occupies on the device once converted).
+    pub compute_bytes: u64,
 }
 
 /// A small pool of host buffers that streamed blocks pass through when there is no RAM copy. Host bytes it holds
@@ -207,32 +207,57 @@ fn cpu_bytes<'a>(
     })
 }
 
-/// Convert `src` (elements of `from`) into `dst` (elements of `to`), little-endian, any alignment.
+/// Convert `src` (elements of `from`) into `dst` (elements of `to`), little-endian, any alignment. One loop per
+/// dtype pair, so the per-element work is just the conversion (this runs once per resident block and once per
+/// streamed block's arrival).
 fn convert_into(src: &[u8], from: DType, to: DType, dst: &mut [u8]) {
     if from == to {
         dst.copy_from_slice(src);
         return;
     }
-    let read = |i: usize| -> f32 {
-        match from {
-            DType::F32 => f32::from_le_bytes(src[4 * i..4 * i + 4].try_into().unwrap()),
-            DType::F16 => {
-                half::f16::from_bits(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])).to_f32()
-            }
-            _ => half::bf16::from_bits(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])).to_f32(),
-        }
-    };
-    let n = src.len() / from.size_in_bytes();
-    for i in 0..n {
-        let x = read(i);
-        match to {
-            DType::F32 => dst[4 * i..4 * i + 4].copy_from_slice(&x.to_le_bytes()),
-            DType::F16 => dst[2 * i..2 * i + 2]
-                .copy_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes()),
-            _ => dst[2 * i..2 * i + 2]
-                .copy_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes()),
+    fn run<const A: usize, const B: usize>(
+        src: &[u8],
+        dst: &mut [u8],
+        f: impl Fn([u8; A]) -> [u8; B],
+    ) {
+        for (s, d) in src.chunks_exact(A).zip(dst.chunks_exact_mut(B)) {
+            d.copy_from_slice(&f(s.try_into().expect("chunk of A bytes")));
         }
     }
+    use half::{bf16, f16};
+    match (from, to) {
+        (DType::F16, DType::F32) => run(src, dst, |b: [u8; 2]| {
+            f16::from_le_bytes(b).to_f32().to_le_bytes()
+        }),
+        (DType::BF16, DType::F32) => run(src, dst, |b: [u8; 2]| {
+            bf16::from_le_bytes(b).to_f32().to_le_bytes()
+        }),
+        (DType::F32, DType::F16) => run(src, dst, |b: [u8; 4]| {
+            f16::from_f32(f32::from_le_bytes(b)).to_le_bytes()
+        }),
+        (DType::F32, DType::BF16) => run(src, dst, |b: [u8; 4]| {
+            bf16::from_f32(f32::from_le_bytes(b)).to_le_bytes()
+        }),
+        (DType::F16, _) => run(src, dst, |b: [u8; 2]| {
+            bf16::from_f32(f16::from_le_bytes(b).to_f32()).to_le_bytes()
+        }),
+        _ => run(src, dst, |b: [u8; 2]| {
+            f16::from_f32(bf16::from_le_bytes(b).to_f32()).to_le_bytes()
+        }),
+    }
+}
+
+/// [`convert_into`] split over the rayon pool for large blocks (a resident placement or a synchronous fetch).
+fn convert_par(src: &[u8], from: DType, to: DType, dst: &mut [u8], parallel: bool) {
+    const CHUNK: usize = 1 << 18; // elements
+    let n = src.len() / from.size_in_bytes();
+    if !parallel || n < 4 * CHUNK || from == to {
+        return convert_into(src, from, to, dst);
+    }
+    use rayon::prelude::*;
+    src.par_chunks(CHUNK * from.size_in_bytes())
+        .zip(dst.par_chunks_mut(CHUNK * to.size_in_bytes()))
+        .for_each(|(s, d)| convert_into(s, from, to, d));
 }
 
 impl WeightStore {
@@ -290,7 +315,7 @@ impl WeightStore {
                     key,
                     tensors: Vec::new(),
                     storage_bytes: 0,
-                    cast_bytes: 0,
+                    compute_bytes: 0,
                 });
                 blocks.len() - 1
             });
@@ -307,9 +332,7 @@ impl WeightStore {
             };
             let b = &mut blocks[block];
             b.storage_bytes += info.storage_bytes();
-            if storage_dtype != compute {
-                b.cast_bytes += (info.elem_count() * compute.size_in_bytes()) as u64;
-            }
+            b.compute_bytes += (info.elem_count() * compute.size_in_bytes()) as u64;
             b.tensors.push(tensors.len());
             tensors.push(info);
         }
@@ -425,29 +448,23 @@ impl WeightStore {
         }
     }
 
-    /// Block `b` streamed into one reusable buffer of the device's pool (the emulated device; see
-    /// [`crate::device::BlockBuffers`]): its tensors are views into the buffer, which must outlive them. None when
-    /// the device has no pool or the block mixes storage dtypes (then use [`Self::block_to_device`]). `parallel`
-    /// splits large copies over the rayon pool (synchronous fetches); a prefetch copies on its own thread.
+    /// Block `b` converted to `dtype` into one reusable buffer of the device's pool (the emulated device; see
+    /// [`crate::device::BlockBuffers`]) in one pass from the RAM copy or the mapping: its tensors are views into the
+    /// buffer, which must outlive them. None when the device has no pool or the block is empty (then use
+    /// [`Self::block_to_device`]). `parallel` splits large copies over the rayon pool (synchronous fetches); a
+    /// prefetch copies on its own thread.
     pub fn block_to_buffer(
         &self,
         b: usize,
         alloc: &DeviceAllocator,
         parallel: bool,
+        dtype: DType,
     ) -> Result<Option<(HashMap<String, Tensor>, BlockBuffer)>> {
         let Some(pool) = alloc.block_buffers() else {
             return Ok(None);
         };
         let block = &self.blocks[b];
-        let Some(&first) = block.tensors.first() else {
-            return Ok(None);
-        };
-        let dtype = self.tensors[first].storage_dtype;
-        if block
-            .tensors
-            .iter()
-            .any(|&ti| self.tensors[ti].storage_dtype != dtype)
-        {
+        if block.tensors.is_empty() {
             return Ok(None);
         }
         let elems: usize = block
@@ -461,17 +478,25 @@ impl WeightStore {
         let mut at = 0usize;
         for &ti in &block.tensors {
             let t = &self.tensors[ti];
-            let n = t.storage_bytes() as usize;
+            let n = t.elem_count() * dtype.size_in_bytes();
             match ram.as_ref().and_then(|r| r[b].get(&t.rel_name)) {
                 Some(src) => {
                     let (storage, layout) = src.storage_and_layout();
                     let bytes = cpu_bytes(&storage, layout)?;
-                    buf.write(at, n, |dst| crate::device::copy_chunked(dst, bytes, parallel))?;
+                    if t.storage_dtype == dtype {
+                        buf.write(at, n, |dst| {
+                            crate::device::copy_chunked(dst, bytes, parallel)
+                        })?;
+                    } else {
+                        buf.write(at, n, |dst| {
+                            convert_par(bytes, t.storage_dtype, dtype, dst, parallel)
+                        })?;
+                    }
                 }
                 None => {
                     let src = &self.mmap[t.offset..t.offset + t.len];
                     buf.write(at, n, |dst| {
-                        convert_into(src, t.file_dtype, t.storage_dtype, dst)
+                        convert_par(src, t.file_dtype, dtype, dst, parallel)
                     })?;
                 }
             }
@@ -481,35 +506,52 @@ impl WeightStore {
         Ok(Some((out, buf)))
     }
 
-    /// Copy block `b` to the device of `alloc` in the storage dtype: from the RAM copy when held, else from the
-    /// mapping through `ring`. The caller has already accounted the bytes with the allocator.
+    /// Copy block `b` to the device of `alloc`, converted to `dtype`: from the RAM copy when held, else from the
+    /// mapping through `ring`. On CUDA a RAM copy crosses in the storage dtype (pinned, half the bytes for fp16) and
+    /// is converted on the device, so the storage-dtype copy is held until the conversion is done (the plan's
+    /// `lease`/`place`); elsewhere the conversion runs on the host as the bytes are copied. The caller has already
+    /// accounted the bytes with the allocator.
     pub fn block_to_device(
         &self,
         b: usize,
         alloc: &DeviceAllocator,
         ring: &Arc<StagingRing>,
+        dtype: DType,
     ) -> Result<HashMap<String, Tensor>> {
         let block = &self.blocks[b];
         let ram = lock(&self.ram).clone();
         let mut out = HashMap::with_capacity(block.tensors.len());
         if let Some(ram) = ram {
             for (name, t) in &ram[b] {
-                out.insert(name.clone(), alloc.copy_to_device(t)?);
+                let d = if t.dtype() == dtype {
+                    alloc.copy_to_device(t)?
+                } else if alloc.is_cuda() {
+                    alloc.cast(&alloc.copy_to_device(t)?, dtype)?
+                } else {
+                    self.host_convert(t, dtype)?
+                };
+                out.insert(name.clone(), d);
             }
             return Ok(out);
         }
-        let mut slot = ring.acquire(block.storage_bytes as usize);
+        let bytes: usize = block
+            .tensors
+            .iter()
+            .map(|&ti| self.tensors[ti].elem_count() * dtype.size_in_bytes())
+            .sum();
+        let mut slot = ring.acquire(bytes);
         let buf = slot.buf.as_mut().expect("slot holds a buffer");
         let mut at = 0usize;
         let mut spans = Vec::with_capacity(block.tensors.len());
         for &ti in &block.tensors {
             let t = &self.tensors[ti];
-            let n = t.storage_bytes() as usize;
-            convert_into(
+            let n = t.elem_count() * dtype.size_in_bytes();
+            convert_par(
                 &self.mmap[t.offset..t.offset + t.len],
                 t.file_dtype,
-                t.storage_dtype,
+                dtype,
                 &mut buf[at..at + n],
+                true,
             );
             spans.push((ti, at, n));
             at += n;
@@ -518,9 +560,40 @@ impl WeightStore {
             let t = &self.tensors[ti];
             out.insert(
                 t.rel_name.clone(),
-                alloc.tensor_from_bytes(&buf[at..at + n], t.storage_dtype, &t.shape)?,
+                alloc.tensor_from_bytes(&buf[at..at + n], dtype, &t.shape)?,
             );
         }
         Ok(out)
+    }
+
+    /// A host (CPU) tensor of the RAM copy converted to `dtype` in new memory, in parallel for large tensors.
+    fn host_convert(&self, t: &Tensor, dtype: DType) -> Result<Tensor> {
+        fn into<T: Copy + Default + candle_core::WithDType>(
+            src: &[u8],
+            from: DType,
+            to: DType,
+            shape: &[usize],
+        ) -> Result<Tensor> {
+            let mut v = vec![T::default(); src.len() / from.size_in_bytes()];
+            // SAFETY: plain numbers, written as bytes.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(
+                    v.as_mut_ptr() as *mut u8,
+                    std::mem::size_of_val(&v[..]),
+                )
+            };
+            convert_par(src, from, to, dst, true);
+            Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+        }
+        let (storage, layout) = t.storage_and_layout();
+        let src = cpu_bytes(&storage, layout)?;
+        match dtype {
+            DType::F32 => into::<f32>(src, t.dtype(), dtype, t.dims()),
+            DType::F16 => into::<half::f16>(src, t.dtype(), dtype, t.dims()),
+            DType::BF16 => into::<half::bf16>(src, t.dtype(), dtype, t.dims()),
+            other => Err(Error::unsupported(format!(
+                "converting weights to {other:?}"
+            ))),
+        }
     }
 }

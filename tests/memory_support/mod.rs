@@ -53,10 +53,14 @@ impl TestModel {
 }
 
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
         })
         .collect()
@@ -64,6 +68,17 @@ fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 
 /// Write a chain model with the given dims (f32) to `dir/name.safetensors`.
 pub fn write_model(dir: &Path, name: &str, dims: &[usize], seed: u64) -> TestModel {
+    write_model_as(dir, name, dims, seed, DType::F32)
+}
+
+/// [`write_model`] with the tensors stored in `dtype` (`block_bytes` are then in that dtype).
+pub fn write_model_as(
+    dir: &Path,
+    name: &str,
+    dims: &[usize],
+    seed: u64,
+    dtype: DType,
+) -> TestModel {
     let mut tensors = HashMap::new();
     let mut blocks = Vec::new();
     let mut block_bytes = Vec::new();
@@ -76,11 +91,12 @@ pub fn write_model(dir: &Path, name: &str, dims: &[usize], seed: u64) -> TestMod
             &Device::Cpu,
         )
         .unwrap();
-        let bias = Tensor::from_vec(values(b, seed * 7777 + i as u64, 0.1), b, &Device::Cpu).unwrap();
-        tensors.insert(format!("{key}.weight"), w);
-        tensors.insert(format!("{key}.bias"), bias);
+        let bias =
+            Tensor::from_vec(values(b, seed * 7777 + i as u64, 0.1), b, &Device::Cpu).unwrap();
+        tensors.insert(format!("{key}.weight"), w.to_dtype(dtype).unwrap());
+        tensors.insert(format!("{key}.bias"), bias.to_dtype(dtype).unwrap());
         blocks.push(key);
-        block_bytes.push(((a * b + b) * 4) as u64);
+        block_bytes.push(((a * b + b) * dtype.size_in_bytes()) as u64);
     }
     let path = dir.join(format!("{name}.safetensors"));
     candle_core::safetensors::save(&tensors, &path).unwrap();
@@ -94,7 +110,11 @@ pub fn write_model(dir: &Path, name: &str, dims: &[usize], seed: u64) -> TestMod
 
 /// The forward: x = tanh(x·Wᵢ + bᵢ), fetching each block in order and dropping it before the next.
 /// `hook(i, &weights)` runs while block i is held.
-pub fn forward_with(src: &dyn WeightSource, m: &TestModel, mut hook: impl FnMut(usize)) -> Result<Vec<f32>> {
+pub fn forward_with(
+    src: &dyn WeightSource,
+    m: &TestModel,
+    mut hook: impl FnMut(usize),
+) -> Result<Vec<f32>> {
     let mut x = Tensor::from_vec(values(2 * m.dims[0], 42, 1.0), (2, m.dims[0]), src.device())?;
     for (i, key) in m.blocks.iter().enumerate() {
         let w = src.fetch(key)?;

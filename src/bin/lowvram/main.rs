@@ -7,7 +7,11 @@ use std::str::FromStr;
 
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Parser, Subcommand};
-use lowvram::api::{write_pngs, Context, ContextOptions, DenoiseOptions, Model, RunReport, Tiling};
+use lowvram::api::{
+    write_pngs, ComponentPaths, Context, ContextOptions, DenoiseOptions, Model, Pipeline, PromptOptions, RunReport, Tiling,
+};
+use lowvram::models::conditioning::COND_EMBEDDINGS;
+use lowvram::models::Conditioning;
 use lowvram::sampling::SchedulerKind;
 use lowvram::{Error, Result};
 use serde_json::json;
@@ -27,6 +31,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Decode saved latents with a pipeline's VAE.
     Decode(DecodeArgs),
+    /// Encode a prompt into the conditioning tensors generate feeds the denoiser (a safetensors file).
+    Encode(EncodeArgs),
     /// Host RAM and CUDA devices (never fails for lack of a GPU).
     SystemStats {
         /// Print one JSON object.
@@ -38,9 +44,19 @@ enum Command {
 /// Where and how to run: shared by generate and decode.
 #[derive(Args)]
 struct RunArgs {
-    /// Pipeline folder in diffusers layout (unet/, vae/, scheduler/). Default: the tiny model built into lowvram.
+    /// Pipeline folder in diffusers layout (unet/, vae/, scheduler/, text_encoder/, tokenizer/, ...). Default: the
+    /// tiny model built into lowvram.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// VAE component folder (config.json + weights), overriding the pipeline's vae/.
+    #[arg(long, value_name = "PATH")]
+    vae: Option<PathBuf>,
+    /// Text encoder component folder (its tokenizer folder beside it), overriding the pipeline's text_encoder/.
+    #[arg(long, value_name = "PATH")]
+    text_encoder: Option<PathBuf>,
+    /// Second text encoder (SDXL's OpenCLIP bigG), overriding the pipeline's text_encoder_2/.
+    #[arg(long, value_name = "PATH")]
+    text_encoder_2: Option<PathBuf>,
     /// auto | cpu | cuda:N | emulated:SIZE (a CPU-backed device with a hard capacity, e.g. emulated:256MiB).
     #[arg(long)]
     device: Option<String>,
@@ -55,10 +71,45 @@ struct RunArgs {
     json: bool,
 }
 
+/// The prompt, shared by generate and encode.
+#[derive(Args)]
+struct PromptArgs {
+    /// What to draw (encoded by the pipeline's text encoders).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// What not to draw (the unconditional half of classifier-free guidance).
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Layers to skip from the end of the text encoder (diffusers' clip_skip).
+    #[arg(long, default_value_t = 0)]
+    clip_skip: usize,
+}
+
+#[derive(Args)]
+struct EncodeArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
+    /// Image width and height in pixels (SDXL's size conditioning). Default: the UNet's sample_size × 8.
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Output safetensors: sampling.cond_embeddings, sampling.uncond_embeddings (and the _pooled pair and
+    /// sampling.time_ids where the family takes them), exactly as generate feeds them to the denoiser.
+    #[arg(long, value_name = "FILE.safetensors")]
+    out: PathBuf,
+}
+
 #[derive(Args)]
 struct GenerateArgs {
     #[command(flatten)]
     run: RunArgs,
+    #[command(flatten)]
+    prompt: PromptArgs,
     /// euler | euler_a | ddim | dpmpp_2m
     #[arg(long, default_value = "euler")]
     scheduler: String,
@@ -79,8 +130,9 @@ struct GenerateArgs {
     height: Option<usize>,
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// safetensors with sampling.init_noise [B,4,h,w], sampling.cond_embeddings and sampling.uncond_embeddings
-    /// [B,77,D], optionally sampling.step_noise [steps,B,4,h,w].
+    /// safetensors with any of sampling.init_noise [B,C,h,w], sampling.step_noise [steps,B,C,h,w], and the
+    /// conditioning (sampling.cond_embeddings / sampling.uncond_embeddings [B,S,D]; SDXL: sampling.cond_pooled /
+    /// sampling.uncond_pooled [B,P], sampling.time_ids [B,6]); given conditioning replaces the prompt's.
     #[arg(long, value_name = "FILE.safetensors")]
     inputs: Option<PathBuf>,
     /// Output PNG (a batch writes NAME-0.png, NAME-1.png, ...).
@@ -122,6 +174,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate(args),
         Command::Decode(args) => decode(args),
+        Command::Encode(args) => encode(args),
         Command::SystemStats { json } => {
             system_stats(json);
             Ok(())
@@ -157,6 +210,56 @@ fn pipeline_dir(run: &RunArgs) -> Result<PathBuf> {
     }
 }
 
+fn components(run: &RunArgs) -> ComponentPaths {
+    ComponentPaths {
+        vae: run.vae.clone(),
+        text_encoder: run.text_encoder.clone(),
+        text_encoder_2: run.text_encoder_2.clone(),
+    }
+}
+
+/// The image size: `--width`/`--height`, else the UNet's sample size.
+fn image_size(pipeline: &Pipeline, width: Option<usize>, height: Option<usize>) -> Result<(usize, usize)> {
+    let (unet, _) = pipeline.denoiser().as_unet()?;
+    let default_px = unet.config().sample_size.unwrap_or(64) * 8;
+    let (w, h) = (width.unwrap_or(default_px), height.unwrap_or(default_px));
+    if w % 8 != 0 || h % 8 != 0 || w == 0 || h == 0 {
+        return Err(Error::invalid(format!("--width {w} --height {h}: both must be positive multiples of 8")));
+    }
+    Ok((h, w))
+}
+
+/// The conditioning: the prompt's (when the pipeline has text encoders or a prompt is given), else zero text
+/// embeddings (a pipeline without text encoders and no prompt: the tiny model's old behaviour); tensors from
+/// `--inputs` replace what they name.
+fn conditioning(
+    ctx: &Context,
+    pipeline: &Pipeline,
+    prompt: &PromptArgs,
+    options: &PromptOptions,
+    inputs: &mut HashMap<String, Tensor>,
+) -> Result<Conditioning> {
+    let given: Vec<String> = inputs.keys().filter(|k| k.starts_with("sampling.")).cloned().collect();
+    let mut cond = if prompt.prompt.is_some() || pipeline.has_text_encoders() {
+        let text = prompt.prompt.as_deref().unwrap_or("");
+        pipeline.encode_prompt(ctx, text, prompt.negative_prompt.as_deref(), options)?
+    } else if given.iter().any(|k| k == COND_EMBEDDINGS) {
+        Conditioning::new()
+    } else {
+        let (unet, _) = pipeline.denoiser().as_unet()?;
+        let mut c = Conditioning::new();
+        let zeros = Tensor::zeros((options.batch, 77, unet.config().cross_attention_dim), DType::F32, &Device::Cpu)?;
+        c.insert(COND_EMBEDDINGS, zeros);
+        c
+    };
+    for name in given {
+        if let Some(t) = inputs.remove(&name) {
+            cond.insert(name, t);
+        }
+    }
+    Ok(cond)
+}
+
 fn generate(args: GenerateArgs) -> Result<()> {
     let scheduler = SchedulerKind::from_str(&args.scheduler)?;
     if args.batch == 0 {
@@ -164,10 +267,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     }
     let dir = pipeline_dir(&args.run)?;
     let ctx = context(&args.run)?;
-    let unet = ctx.load_model(&dir.join("unet"))?;
-    let vae = ctx.load_model(&dir.join("vae"))?;
-    let (unet_model, _) = unet.as_unet()?;
-    let cfg = unet_model.config();
+    let pipeline = Pipeline::load(&ctx, &dir, &components(&args.run))?;
 
     let mut inputs = match &args.inputs {
         Some(path) => read_tensors(path)?,
@@ -181,19 +281,16 @@ fn generate(args: GenerateArgs) -> Result<()> {
             (b, (h, w))
         }
         None => {
-            let default_px = cfg.sample_size.unwrap_or(64) * 8;
-            let (w, h) = (args.width.unwrap_or(default_px), args.height.unwrap_or(default_px));
-            if w % 8 != 0 || h % 8 != 0 || w == 0 || h == 0 {
-                return Err(Error::invalid(format!("--width {w} --height {h}: both must be positive multiples of 8")));
-            }
+            let (h, w) = image_size(&pipeline, args.width, args.height)?;
             (args.batch, (h / 8, w / 8))
         }
     };
-    let cond = match inputs.remove("sampling.cond_embeddings") {
-        Some(c) => c,
-        None => Tensor::zeros((batch, 77, cfg.cross_attention_dim), DType::F32, &Device::Cpu)?,
+    let prompt_options = PromptOptions {
+        batch,
+        image_size: (latent_size.0 * 8, latent_size.1 * 8),
+        clip_skip: args.prompt.clip_skip,
     };
-    let uncond = inputs.remove("sampling.uncond_embeddings");
+    let cond = conditioning(&ctx, &pipeline, &args.prompt, &prompt_options, &mut inputs)?;
     let options = DenoiseOptions {
         scheduler,
         karras: args.karras,
@@ -212,26 +309,48 @@ fn generate(args: GenerateArgs) -> Result<()> {
         }
         true
     };
-    let (latents, denoise_report) = ctx.denoise(
-        &unet,
-        &options,
-        &cond,
-        uncond.as_ref(),
-        init_noise.as_ref(),
-        step_noise.as_ref(),
-        &mut progress,
-    )?;
+    let (latents, denoise_report) =
+        pipeline.denoise(&ctx, &cond, &options, init_noise.as_ref(), step_noise.as_ref(), &mut progress)?;
     if let Some(path) = &args.latents_out {
         save(path, "latents", &latents)?;
     }
-    let (image, decode_report) = ctx.vae_decode(&vae, &latents, Tiling::Auto)?;
-    finish(&ctx, &[&unet, &vae], &image, &args.out, args.image_raw_out.as_deref(), args.run.json, Some(denoise_report), decode_report)
+    let (image, decode_report) = pipeline.decode(&ctx, &latents, Tiling::Auto)?;
+    let models = [pipeline.denoiser().as_ref(), pipeline.vae().as_ref()];
+    finish(&ctx, &models, &image, &args.out, args.image_raw_out.as_deref(), args.run.json, Some(denoise_report), decode_report)
+}
+
+fn encode(args: EncodeArgs) -> Result<()> {
+    let dir = pipeline_dir(&args.run)?;
+    let ctx = context(&args.run)?;
+    let pipeline = Pipeline::load(&ctx, &dir, &components(&args.run))?;
+    if !pipeline.has_text_encoders() {
+        return Err(Error::invalid(format!("{}: this pipeline has no text encoder: pass --text-encoder", dir.display())));
+    }
+    let options = PromptOptions {
+        batch: args.batch,
+        image_size: image_size(&pipeline, args.width, args.height)?,
+        clip_skip: args.prompt.clip_skip,
+    };
+    let cond = conditioning(&ctx, &pipeline, &args.prompt, &options, &mut HashMap::new())?;
+    let mut map = HashMap::new();
+    for (name, t) in cond.iter() {
+        map.insert(name.to_string(), t.to_dtype(DType::F32)?.contiguous()?);
+    }
+    candle_core::safetensors::save(&map, &args.out)
+        .map_err(|e| Error::io(&args.out, std::io::Error::other(e.to_string())))?;
+    if args.run.json {
+        let names: Vec<&String> = map.keys().collect();
+        println!("{}", json!({ "out": args.out, "tensors": names, "cache": ctx.stats() }));
+    } else {
+        eprintln!("lowvram: wrote {}", args.out.display());
+    }
+    Ok(())
 }
 
 fn decode(args: DecodeArgs) -> Result<()> {
     let dir = pipeline_dir(&args.run)?;
     let ctx = context(&args.run)?;
-    let vae = ctx.load_model(&dir.join("vae"))?;
+    let vae = ctx.load_model(&args.run.vae.clone().unwrap_or_else(|| dir.join("vae")))?;
     let mut tensors = read_tensors(&args.latents)?;
     let latents = tensors
         .remove("latents")

@@ -1,26 +1,43 @@
-//! The SD 1.x / 2.x UNet (`UNet2DConditionModel`), computing block by block from a [`WeightSource`].
+//! diffusers' `UNet2DConditionModel` for SD 1.x / 2.x and SDXL, computing block by block from a [`WeightSource`].
 //!
-//! Block keys follow the checkpoint: `time_embedding`, `conv_in`, `down_blocks.{i}.resnets.{j}`,
-//! `down_blocks.{i}.attentions.{j}`, `down_blocks.{i}.downsamplers.0`, `mid_block.resnets.{0,1}`,
-//! `mid_block.attentions.0`, `up_blocks.{i}.resnets.{j}`, `up_blocks.{i}.attentions.{j}`,
-//! `up_blocks.{i}.upsamplers.0`, `conv_norm_out`, `conv_out`. Each is fetched once per forward, in that execution
-//! order, and dropped before the next is fetched.
+//! The family's files: [`config`] (config.json), this model, [`blocks`] (the streaming unit of a checkpoint tensor,
+//! [`block_of`]) and `estimate` (working memory of a forward, [`UNet2DConditionModel::working_bytes`]).
+//!
+//! Blocks, in execution order: `time_embedding`, `add_embedding` (SDXL), `conv_in`, `down_blocks.{i}.resnets.{j}`,
+//! per attention `down_blocks.{i}.attentions.{j}` (norm, proj_in), `….transformer_blocks.{k}` (one per layer) and
+//! `….proj_out`, `down_blocks.{i}.downsamplers.0`, the mid block likewise, the up blocks likewise with
+//! `up_blocks.{i}.upsamplers.0`, then `conv_norm_out`, `conv_out`. Each is fetched once per forward and dropped
+//! before the next is fetched.
 
+pub mod blocks;
 mod config;
+mod estimate;
 
 use std::path::Path;
 
-pub use config::{BlockType, UNetConfig};
+pub use blocks::block_of;
+pub use config::{BlockType, TextTimeConfig, UNetConfig};
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
-use crate::ops::OpTarget;
 use crate::error::{Error, Result};
 use crate::models::blocks::{
-    act, conv_scratch, norm_silu_block, Bias, ConvSpec, DownsampleSpec, Peak, ResnetSpec, TransformerSpec, UpsampleSpec,
+    linear_from, norm_silu_block, Bias, ConvSpec, DownsampleSpec, ExpectedTensors, ResnetSpec, TransformerSpec,
+    UpsampleSpec,
 };
-use crate::ops::{self, linear, timestep_embedding};
+use crate::ops::timestep_embedding;
 use crate::weights::WeightSource;
+
+/// SDXL's added conditioning for one UNet call (rows pair with the sample's rows, e.g. `[uncond; cond]` under
+/// classifier-free guidance).
+#[derive(Debug, Clone)]
+pub struct AddedCond {
+    /// Pooled text embeddings `[B, P]` (`sampling.cond_pooled` / `sampling.uncond_pooled`; SDXL: P = 1280).
+    pub text_embeds: Tensor,
+    /// Micro-conditioning `[B, 6]`: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) in pixels
+    /// (`sampling.time_ids`).
+    pub time_ids: Tensor,
+}
 
 struct DownBlock {
     resnets: Vec<ResnetSpec>,
@@ -62,12 +79,12 @@ impl UNet2DConditionModel {
             eps: c.norm_eps,
             out_scale: scale,
         };
-        let transformer = |key: String, channels: usize, heads: usize| TransformerSpec {
+        let transformer = |key: String, channels: usize, heads: usize, depth: usize| TransformerSpec {
             key,
             channels,
             heads,
             cross_dim: c.cross_attention_dim,
-            depth: 1,
+            depth,
             linear_proj: c.use_linear_projection,
             upcast: c.upcast_attention,
             groups: c.norm_num_groups,
@@ -83,7 +100,12 @@ impl UNet2DConditionModel {
                 let rin = if j == 0 { cin } else { cout };
                 b.resnets.push(resnet(format!("down_blocks.{i}.resnets.{j}"), rin, cout, 1.0));
                 if c.down_block_types[i] == BlockType::CrossAttn {
-                    b.attentions.push(transformer(format!("down_blocks.{i}.attentions.{j}"), cout, c.attention_heads[i]));
+                    b.attentions.push(transformer(
+                        format!("down_blocks.{i}.attentions.{j}"),
+                        cout,
+                        c.attention_heads[i],
+                        c.transformer_layers[i],
+                    ));
                 }
                 skips.push(cout);
             }
@@ -99,20 +121,22 @@ impl UNet2DConditionModel {
         let ms = c.mid_block_scale_factor;
         let mid_resnets =
             [resnet("mid_block.resnets.0".into(), cm, cm, ms), resnet("mid_block.resnets.1".into(), cm, cm, ms)];
-        let mid_attention = transformer("mid_block.attentions.0".into(), cm, c.attention_heads[n - 1]);
+        let mid_attention =
+            transformer("mid_block.attentions.0".into(), cm, c.attention_heads[n - 1], c.transformer_layers[n - 1]);
         let mut up = Vec::with_capacity(n);
         let mut prev = cm;
         for i in 0..n {
             let cout = ch[n - 1 - i];
             let layers = c.layers_per_block[n - 1 - i] + 1;
             let heads = c.attention_heads[n - 1 - i];
+            let depth = c.transformer_layers[n - 1 - i];
             let mut b = UpBlock { resnets: vec![], attentions: vec![], upsample: None };
             for j in 0..layers {
                 let skip = skips.pop().ok_or_else(|| Error::format("unet config: more up resnets than skips"))?;
                 let rin = if j == 0 { prev } else { cout };
                 b.resnets.push(resnet(format!("up_blocks.{i}.resnets.{j}"), rin + skip, cout, 1.0));
                 if c.up_block_types[i] == BlockType::CrossAttn {
-                    b.attentions.push(transformer(format!("up_blocks.{i}.attentions.{j}"), cout, heads));
+                    b.attentions.push(transformer(format!("up_blocks.{i}.attentions.{j}"), cout, heads, depth));
                 }
             }
             if i + 1 < n {
@@ -146,10 +170,63 @@ impl UNet2DConditionModel {
         &self.config
     }
 
+    /// What the model needs besides the sample, timestep and text embeddings: `Some((P, 6))` for SDXL's
+    /// text_time conditioning (pooled text embeddings `[B, P]` and time ids `[B, 6]`), None for SD 1.x / 2.x.
+    pub fn needs_added_cond(&self) -> Option<(usize, usize)> {
+        self.config.text_time.map(|tt| (tt.pooled_dim(), TextTimeConfig::TIME_IDS))
+    }
+
+    /// Every tensor the forward reads, with its shape (checked against a checkpoint at load).
+    pub fn expected_tensors(&self) -> ExpectedTensors {
+        let mut t = ExpectedTensors::default();
+        let c0 = self.config.block_out_channels[0];
+        t.linear("time_embedding", "linear_1", c0, self.temb_dim, true);
+        t.linear("time_embedding", "linear_2", self.temb_dim, self.temb_dim, true);
+        if let Some(tt) = self.config.text_time {
+            t.linear("add_embedding", "linear_1", tt.projection_input_dim, self.temb_dim, true);
+            t.linear("add_embedding", "linear_2", self.temb_dim, self.temb_dim, true);
+        }
+        self.conv_in.expect(&mut t);
+        for blk in &self.down {
+            blk.resnets.iter().for_each(|r| r.expect(&mut t));
+            blk.attentions.iter().for_each(|a| a.expect(&mut t));
+            if let Some(d) = &blk.downsample {
+                d.expect(&mut t);
+            }
+        }
+        self.mid_resnets.iter().for_each(|r| r.expect(&mut t));
+        self.mid_attention.expect(&mut t);
+        for blk in &self.up {
+            blk.resnets.iter().for_each(|r| r.expect(&mut t));
+            blk.attentions.iter().for_each(|a| a.expect(&mut t));
+            if let Some(u) = &blk.upsample {
+                u.expect(&mut t);
+            }
+        }
+        t.add("conv_norm_out.weight", &[c0]);
+        t.add("conv_norm_out.bias", &[c0]);
+        self.conv_out.expect(&mut t);
+        t
+    }
+
     /// Predict the noise (or v) for `sample` `[B, in_channels, h, w]` at `timestep` given `encoder_hidden_states`
-    /// `[B, S, cross_attention_dim]`. Inputs are moved to `w`'s device and dtype; the result `[B, out_channels, h, w]`
-    /// is in the compute dtype `w.dtype()`.
+    /// `[B, S, cross_attention_dim]`, for models without added conditioning (SD 1.x / 2.x); see [`Self::forward_with`].
     pub fn forward(&self, w: &dyn WeightSource, sample: &Tensor, timestep: f64, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+        self.forward_with(w, sample, timestep, encoder_hidden_states, None)
+    }
+
+    /// [`Self::forward`] with SDXL's added conditioning, which is required exactly when [`Self::needs_added_cond`]
+    /// says so (missing, misshapen or unexpected conditioning is [`Error::InvalidArgument`] naming
+    /// `sampling.cond_pooled` / `sampling.time_ids` and the expected shape). Inputs are moved to `w`'s device and
+    /// dtype; the result `[B, out_channels, h, w]` is in the compute dtype `w.dtype()`.
+    pub fn forward_with(
+        &self,
+        w: &dyn WeightSource,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedCond>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (dt, dev) = (w.dtype(), w.device());
         let (b, cin, _, _) = sample.dims4()?;
@@ -164,6 +241,7 @@ impl UNet2DConditionModel {
                 c.cross_attention_dim
             )));
         }
+        self.check_added(b, added)?;
         let ctx = encoder_hidden_states.to_device(dev)?.to_dtype(dt)?;
         let mut x = sample.to_device(dev)?.to_dtype(dt)?;
 
@@ -171,11 +249,14 @@ impl UNet2DConditionModel {
         let temb_act = {
             let t = timestep_embedding(&vec![timestep; b], c0, c.flip_sin_to_cos, c.freq_shift, dev)?.to_dtype(dt)?;
             let bw = w.fetch("time_embedding")?;
-            let h = crate::models::blocks::linear_from(&bw, "linear_1", &t, c0, self.temb_dim, Bias::Required)?.silu()?;
-            let wt = bw.get_shaped("linear_2.weight", &[self.temb_dim, self.temb_dim])?;
-            let bt = bw.get_shaped("linear_2.bias", &[self.temb_dim])?;
+            let h = linear_from(&bw, "linear_1", &t, c0, self.temb_dim, Bias::Required)?.silu()?;
+            let mut emb = linear_from(&bw, "linear_2", &h, self.temb_dim, self.temb_dim, Bias::Required)?;
+            drop(bw);
+            if let (Some(tt), Some(a)) = (c.text_time, added) {
+                emb = (emb + self.text_time_embedding(w, tt, a, b)?)?;
+            }
             // Every resnet applies SiLU to the embedding before its projection: do it once here.
-            linear(&h, &wt, Some(&bt))?.silu()?
+            emb.silu()?
         };
 
         x = self.conv_in.forward(w, &x)?;
@@ -216,87 +297,49 @@ impl UNet2DConditionModel {
         self.conv_out.forward(w, &x)
     }
 
-    /// Peak bytes of activations one forward needs beyond the weights, for `batch` latents of `h`×`w` and a text
-    /// sequence of `seq_len` tokens in `dtype`.
-    ///
-    /// Derived by walking the forward's plan with the same structure as [`Self::forward`] and tracking live
-    /// tensors: inputs, the time embedding, the skip connections held for the up path (every resnet/attention output
-    /// and downsample of the down path), and the current activation; at each op the transient buffers are added on
-    /// top — for a resnet the GroupNorm f32 scratch (`3·4·elems`), the conv im2col (`B·h·w·Cin·9` elements) plus the
-    /// un-permuted GEMM result, the intermediate activations; for a transformer the token copies, q/k/v, and
-    /// [`ops::attention_scratch_bytes`] (chunked scores, ≤ 64 MiB per chunk), the GEGLU's 8·C-wide projection; for
-    /// each up resnet the concatenated input `[B, Cin+Cskip, h, w]`. The estimate is the maximum of live + transient
-    /// over the walk. Weights of the block in use are not included (the manager counts those).
-    pub fn working_bytes(&self, batch: usize, h: usize, w: usize, seq_len: usize, dtype: impl Into<OpTarget>) -> u64 {
-        let dtype: OpTarget = dtype.into();
+    /// Reject added conditioning that is missing, misshapen, or given to a model that takes none.
+    fn check_added(&self, b: usize, added: Option<&AddedCond>) -> Result<()> {
+        match (self.needs_added_cond(), added) {
+            (None, None) => Ok(()),
+            (None, Some(_)) => Err(Error::invalid(
+                "unet: this model takes no added conditioning (sampling.cond_pooled / sampling.time_ids are for SDXL-style models)",
+            )),
+            (Some((p, n)), None) => Err(Error::invalid(format!(
+                "unet: this model needs sampling.cond_pooled [{b}, {p}] and sampling.time_ids [{b}, {n}] (SDXL text_time conditioning)"
+            ))),
+            (Some((p, n)), Some(a)) => {
+                if a.text_embeds.dims() != [b, p] {
+                    return Err(Error::invalid(format!(
+                        "unet: sampling.cond_pooled has shape {:?}, expected [{b}, {p}]",
+                        a.text_embeds.dims()
+                    )));
+                }
+                if a.time_ids.dims() != [b, n] {
+                    return Err(Error::invalid(format!(
+                        "unet: sampling.time_ids has shape {:?}, expected [{b}, {n}]",
+                        a.time_ids.dims()
+                    )));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// `add_embedding(cat[text_embeds, sinusoidal(time_ids)])` (diffusers' `get_aug_embed`, "text_time"):
+    /// `[B, temb_dim]` in the compute dtype.
+    fn text_time_embedding(&self, w: &dyn WeightSource, tt: TextTimeConfig, a: &AddedCond, b: usize) -> Result<Tensor> {
         let c = &self.config;
-        let e = dtype.size_in_bytes() as u64;
-        let b = batch;
-        let mut p = Peak::default();
-        p.alloc(act(b, c.in_channels, h * w, dtype)); // sample
-        p.alloc((b * seq_len * c.cross_attention_dim) as u64 * e); // ctx
-        p.alloc(2 * (b * self.temb_dim) as u64 * e);
-        let c0 = c.block_out_channels[0];
-        let (mut hh, mut ww) = (h, w);
-        p.transient(conv_scratch(b, c.in_channels, c0, hh * ww, 3, dtype));
-        p.alloc(act(b, c0, hh * ww, dtype));
-        let mut skip_sizes = vec![(c0, hh, ww)]; // the conv_in output doubles as the first skip
-        let mut cur = act(b, c0, hh * ww, dtype);
-        for blk in &self.down {
-            for (j, r) in blk.resnets.iter().enumerate() {
-                r.mem(&mut p, b, hh * ww, dtype);
-                if let Some(a) = blk.attentions.get(j) {
-                    a.mem(&mut p, b, hh * ww, seq_len, dtype);
-                }
-                // The output stays as a skip; the new current activation is the same tensor.
-                skip_sizes.push((r.cout, hh, ww));
-                cur = act(b, r.cout, hh * ww, dtype);
-            }
-            if let Some(d) = &blk.downsample {
-                let (nh, nw) = d.out_size(hh, ww);
-                let y = act(b, d.c, nh * nw, dtype);
-                p.transient(ops::conv2d_scratch_bytes(b, d.c, d.c, nh, nw, 3, 2, 1, dtype) + y);
-                p.alloc(y);
-                (hh, ww) = (nh, nw);
-                skip_sizes.push((d.c, hh, ww));
-                cur = y;
-            }
+        let (dt, dev) = (w.dtype(), w.device());
+        let ids: Vec<f64> = a.time_ids.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        if let Some(v) = ids.iter().find(|v| !v.is_finite()) {
+            return Err(Error::invalid(format!("unet: sampling.time_ids holds {v}")));
         }
-        let _ = cur;
-        let hw = hh * ww;
-        self.mid_resnets[0].mem(&mut p, b, hw, dtype);
-        self.mid_attention.mem(&mut p, b, hw, seq_len, dtype);
-        self.mid_resnets[1].mem(&mut p, b, hw, dtype);
-        p.free(act(b, self.mid_resnets[1].cin, hw, dtype)); // the attention output it consumed
-        // After the down path every skip is live; the resnet walks above left their outputs allocated, and the
-        // mid block's output is the current activation.
-        for blk in &self.up {
-            for (j, r) in blk.resnets.iter().enumerate() {
-                let (sc, sh, sw) = skip_sizes.pop().unwrap_or((0, hh, ww));
-                let cat = act(b, r.cin, sh * sw, dtype);
-                let prev = act(b, r.cin - sc, sh * sw, dtype);
-                p.alloc(cat);
-                p.free(prev + act(b, sc, sh * sw, dtype));
-                r.mem(&mut p, b, sh * sw, dtype);
-                p.free(cat);
-                if let Some(a) = blk.attentions.get(j) {
-                    a.mem(&mut p, b, sh * sw, seq_len, dtype);
-                }
-                (hh, ww) = (sh, sw);
-            }
-            if let Some(u) = &blk.upsample {
-                let &(_, nh, nw) = skip_sizes.last().unwrap_or(&(0, 2 * hh, 2 * ww));
-                let x = act(b, u.c, hh * ww, dtype);
-                let up = act(b, u.c, nh * nw, dtype);
-                p.transient(up + conv_scratch(b, u.c, u.c, nh * nw, 3, dtype) + up);
-                p.alloc(up);
-                p.free(x);
-                (hh, ww) = (nh, nw);
-            }
-        }
-        let x = act(b, c0, hh * ww, dtype);
-        p.transient(ops::group_norm_scratch_bytes(b * c0 * hh * ww, dtype) + x);
-        p.transient(x + conv_scratch(b, c0, c.out_channels, hh * ww, 3, dtype) + act(b, c.out_channels, hh * ww, dtype));
-        p.peak
+        let time = timestep_embedding(&ids, tt.time_embed_dim, c.flip_sin_to_cos, c.freq_shift, dev)?
+            .reshape((b, TextTimeConfig::TIME_IDS * tt.time_embed_dim))?;
+        let text = a.text_embeds.to_device(dev)?.to_dtype(DType::F32)?;
+        let input = Tensor::cat(&[&text, &time], 1)?.to_dtype(dt)?;
+        let bw = w.fetch("add_embedding")?;
+        let h = linear_from(&bw, "linear_1", &input, tt.projection_input_dim, self.temb_dim, Bias::Required)?.silu()?;
+        linear_from(&bw, "linear_2", &h, self.temb_dim, self.temb_dim, Bias::Required)
     }
 }

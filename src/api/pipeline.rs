@@ -1,0 +1,263 @@
+//! A pipeline: the components of one family (denoiser, VAE, text encoders with their tokenizers) loaded through
+//! the context's cache, and the three steps every family shares — prompt → [`Conditioning`], conditioning →
+//! latents, latents → image. FLUX adds a family, not an entry point.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use crate::api::run::{Cancellable, Meter};
+use crate::api::{CancelToken, Context, DenoiseOptions, Model, RunReport, Tiling};
+use crate::error::{Error, Result};
+use crate::models::conditioning::{COND_EMBEDDINGS, COND_POOLED, TIME_IDS, UNCOND_EMBEDDINGS, UNCOND_POOLED};
+use crate::models::text_encoder::{HiddenLayer, TextEncoding};
+use crate::models::{Conditioning, Family};
+use crate::ops::OpTarget;
+use crate::weights::WeightSource;
+
+/// Component paths that override (or complete) what a pipeline folder holds: each a diffusers component folder.
+#[derive(Debug, Clone, Default)]
+pub struct ComponentPaths {
+    pub vae: Option<PathBuf>,
+    pub text_encoder: Option<PathBuf>,
+    pub text_encoder_2: Option<PathBuf>,
+}
+
+/// How a prompt is encoded.
+#[derive(Debug, Clone)]
+pub struct PromptOptions {
+    /// Images per prompt (the batch).
+    pub batch: usize,
+    /// Image size in pixels (height, width): SDXL's micro-conditioning.
+    pub image_size: (usize, usize),
+    /// Layers to skip from the end of the text encoder (diffusers' `clip_skip`); 0 = the family's default.
+    pub clip_skip: usize,
+}
+
+impl Default for PromptOptions {
+    fn default() -> Self {
+        Self { batch: 1, image_size: (512, 512), clip_skip: 0 }
+    }
+}
+
+/// The components of one family, shared with the cache (dropping the pipeline drops the host's references only).
+pub struct Pipeline {
+    family: Family,
+    denoiser: Arc<Model>,
+    vae: Arc<Model>,
+    /// In the family's order (`text_encoder`, `text_encoder_2`); `None` where the pipeline has none.
+    text_encoders: Vec<Option<Arc<Model>>>,
+    /// SDXL: an empty negative prompt is zeros, not the encoding of "" (`force_zeros_for_empty_prompt`).
+    zeros_for_empty_negative: bool,
+}
+
+impl Pipeline {
+    /// Load the pipeline in `path` (a diffusers folder) with `components` overriding its parts. The family comes
+    /// from `model_index.json` (or the UNet's config); text encoders are optional (without them only host-given
+    /// conditioning works, and [`Self::encode_prompt`] says which flag to pass).
+    pub fn load(ctx: &Context, path: &Path, components: &ComponentPaths) -> Result<Self> {
+        if !path.is_dir() {
+            return Err(Error::unsupported(format!(
+                "{}: a pipeline is a diffusers folder (model_index.json, unet/, vae/, ...)",
+                path.display()
+            )));
+        }
+        let family = Family::of_pipeline_dir(path)?;
+        let denoiser = ctx.load_model(&path.join("unet"))?;
+        let vae_dir = components.vae.clone().unwrap_or_else(|| path.join("vae"));
+        if !vae_dir.exists() {
+            return Err(Error::invalid(format!("{}: no vae/ in this pipeline: pass --vae", path.display())));
+        }
+        let vae = ctx.load_model(&vae_dir)?;
+        vae.as_vae()?;
+        let overrides = [&components.text_encoder, &components.text_encoder_2];
+        let mut text_encoders = Vec::new();
+        for (i, (name, _)) in family.text_encoders().iter().enumerate() {
+            let dir = overrides[i].clone().or_else(|| Some(path.join(name)).filter(|d| d.join("config.json").exists()));
+            let model = match dir {
+                Some(dir) => {
+                    let m = ctx.load_model(&dir)?;
+                    m.as_text_encoder()?;
+                    Some(m)
+                }
+                None => None,
+            };
+            text_encoders.push(model);
+        }
+        let index = read_json_opt(&path.join("model_index.json"))?;
+        let zeros_for_empty_negative = index
+            .as_ref()
+            .and_then(|j| j.get("force_zeros_for_empty_prompt"))
+            .and_then(Value::as_bool)
+            .unwrap_or(family == Family::Sdxl);
+        Ok(Self { family, denoiser, vae, text_encoders, zeros_for_empty_negative })
+    }
+
+    /// Whether at least one of the family's text encoders is loaded.
+    pub fn has_text_encoders(&self) -> bool {
+        self.text_encoders.iter().any(Option::is_some)
+    }
+
+    /// The family.
+    pub fn family(&self) -> Family {
+        self.family
+    }
+
+    /// The denoising model (UNet).
+    pub fn denoiser(&self) -> &Arc<Model> {
+        &self.denoiser
+    }
+
+    /// The VAE.
+    pub fn vae(&self) -> &Arc<Model> {
+        &self.vae
+    }
+
+    /// Encode `prompt` and `negative` into the conditioning the family's denoiser takes (each text encoder runs
+    /// under the cache's lock like any model: loaded, streamed, evicted).
+    pub fn encode_prompt(
+        &self,
+        ctx: &Context,
+        prompt: &str,
+        negative: Option<&str>,
+        options: &PromptOptions,
+    ) -> Result<Conditioning> {
+        let b = options.batch;
+        if b == 0 {
+            return Err(Error::invalid("batch must be at least 1"));
+        }
+        let mut cond = Conditioning::new();
+        let negative_is_zeros = self.zeros_for_empty_negative && negative.is_none_or(str::is_empty);
+        match self.family {
+            Family::Sd1 | Family::Sd2 => {
+                let layer = if options.clip_skip == 0 { HiddenLayer::Last } else { HiddenLayer::SkipNormed(options.clip_skip) };
+                let enc = self.encoder(0)?;
+                let pos = ctx.encode_text(enc, prompt, layer)?;
+                cond.insert(COND_EMBEDDINGS, repeat(&pos.hidden, b)?);
+                let neg = ctx.encode_text(enc, negative.unwrap_or(""), layer)?;
+                cond.insert(UNCOND_EMBEDDINGS, repeat(&neg.hidden, b)?);
+            }
+            Family::Sdxl => {
+                // Both encoders' penultimate layers (SDXL's default; clip_skip moves further back), concatenated
+                // along the width; the pooled vector is the second encoder's projected one.
+                let layer = HiddenLayer::Skip(1 + options.clip_skip);
+                let (e1, e2) = (self.encoder(0)?, self.encoder(1)?);
+                let encode = |text: &str| -> Result<(Tensor, Tensor)> {
+                    let a = ctx.encode_text(e1, text, layer)?;
+                    let c = ctx.encode_text(e2, text, layer)?;
+                    let pooled = c.pooled.ok_or_else(|| {
+                        Error::format(format!("{}: text_encoder_2 gives no pooled output", e2.dir().display()))
+                    })?;
+                    Ok((Tensor::cat(&[&a.hidden, &c.hidden], 2)?, pooled))
+                };
+                let (hidden, pooled) = encode(prompt)?;
+                let (neg_hidden, neg_pooled) = if negative_is_zeros {
+                    (hidden.zeros_like()?, pooled.zeros_like()?)
+                } else {
+                    encode(negative.unwrap_or(""))?
+                };
+                cond.insert(COND_EMBEDDINGS, repeat(&hidden, b)?);
+                cond.insert(UNCOND_EMBEDDINGS, repeat(&neg_hidden, b)?);
+                cond.insert(COND_POOLED, repeat(&pooled, b)?);
+                cond.insert(UNCOND_POOLED, repeat(&neg_pooled, b)?);
+                let (h, w) = options.image_size;
+                let ids = [h as f32, w as f32, 0.0, 0.0, h as f32, w as f32];
+                cond.insert(TIME_IDS, repeat(&Tensor::from_slice(&ids, (1, 6), &Device::Cpu)?, b)?);
+            }
+        }
+        Ok(cond)
+    }
+
+    /// Denoise from `cond` (see [`Context::denoise_conditioned`]).
+    pub fn denoise(
+        &self,
+        ctx: &Context,
+        cond: &Conditioning,
+        options: &DenoiseOptions,
+        init_noise: Option<&Tensor>,
+        step_noise: Option<&Tensor>,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<(Tensor, RunReport)> {
+        ctx.denoise_conditioned(&self.denoiser, options, cond, init_noise, step_noise, progress)
+    }
+
+    /// Decode latents as [`Self::denoise`] returns them into the raw image `[B, 3, H, W]` (≈ [-1, 1]).
+    pub fn decode(&self, ctx: &Context, latents: &Tensor, tiling: Tiling) -> Result<(Tensor, RunReport)> {
+        ctx.vae_decode(&self.vae, latents, tiling)
+    }
+
+    fn encoder(&self, i: usize) -> Result<&Model> {
+        let (name, _) = self.family.text_encoders()[i];
+        let flag = name.replace('_', "-");
+        self.text_encoders.get(i).and_then(|m| m.as_deref()).ok_or_else(|| {
+            Error::invalid(format!(
+                "this {} pipeline has no {name}: pass --{flag} (or give sampling.cond_embeddings)",
+                self.family.name()
+            ))
+        })
+    }
+}
+
+impl Context {
+    /// Tokenize `prompt` with the encoder's own tokenizer and encode it under the cache's lock; returns f32
+    /// tensors on the CPU (`hidden` `[1, S, D]`, `pooled` `[1, P]`).
+    pub fn encode_text(&self, encoder: &Model, prompt: &str, layer: HiddenLayer) -> Result<TextEncoding> {
+        let (_, tokenizer) = encoder.as_text_encoder()?;
+        let tokenizer = tokenizer.ok_or_else(|| {
+            Error::invalid(format!("{}: no tokenizer beside this text encoder", encoder.dir().display()))
+        })?;
+        let ids = tokenizer.tokenize(prompt)?;
+        self.encode_ids(encoder, &ids, layer, None, &mut RunReport::default())
+    }
+
+    /// Encode token ids `[1, S]` with a text encoder under the cache's lock, with a report (filled on failure too).
+    pub fn encode_ids(
+        &self,
+        encoder: &Model,
+        ids: &[u32],
+        layer: HiddenLayer,
+        token: Option<&CancelToken>,
+        report: &mut RunReport,
+    ) -> Result<TextEncoding> {
+        let call = self.begin_call(token)?;
+        let mut meter = Meter::new(self);
+        let result = (|| {
+            self.check_owns(encoder)?;
+            let (model, _) = encoder.as_text_encoder()?;
+            if ids.is_empty() {
+                return Err(Error::invalid("no token ids to encode"));
+            }
+            let target = OpTarget::new(self.cache().device(), self.cache().compute_dtype());
+            meter.estimate = model.working_bytes(1, ids.len(), target);
+            call.check()?;
+            let lock = self.cache().lock(encoder.weights(), meter.estimate)?;
+            meter.took(&lock);
+            let source = Cancellable { inner: &lock, cancel: &call, on_block: None };
+            let ids = Tensor::from_slice(ids, (1, ids.len()), source.device())?;
+            let enc = model.encode(&source, &ids, layer);
+            meter.took(&lock);
+            let enc = enc?;
+            let to_host = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+            Ok(TextEncoding { hidden: to_host(&enc.hidden)?, pooled: enc.pooled.as_ref().map(to_host).transpose()? })
+        })();
+        *report = meter.report(self, encoder);
+        result
+    }
+}
+
+/// `t` `[1, ...]` repeated to `[b, ...]`.
+fn repeat(t: &Tensor, b: usize) -> Result<Tensor> {
+    let mut dims = vec![1usize; t.rank()];
+    dims[0] = b;
+    Ok(t.repeat(dims)?)
+}
+
+fn read_json_opt(path: &Path) -> Result<Option<Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map(Some).map_err(|e| Error::format(format!("{}: {e}", path.display())))
+}
