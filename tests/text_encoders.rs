@@ -569,3 +569,68 @@ fn traits_give_the_states_each_pipeline_uses() {
         assert_eq!(enc.hidden_size(), last.hidden.dim(2).unwrap());
     }
 }
+
+/// Through the public API: `Context::load_model` on a diffusers text-encoder folder finds its tokenizer beside it,
+/// and `Context::encode_text` (tokenize, lock in the cache, encode) gives transformers' states for each prompt, on
+/// the CPU and on an emulated device that streams. A folder with no tokenizer beside it loads, and encoding a
+/// prompt then fails naming it.
+#[test]
+fn context_encodes_prompts_like_transformers() {
+    use lowvram::api::{Context, ContextOptions};
+    use lowvram::models::text_encoder::HiddenLayer;
+    let refs = references();
+    let prompts = encoder_prompts();
+    for (device, yaml) in [("cpu", ""), ("emulated:6MB", "device_working_mem_gb: 0\n")] {
+        let ctx = Context::new(ContextOptions {
+            device: Some(device.into()),
+            config_yaml: Some(yaml.into()),
+            ..Default::default()
+        })
+        .unwrap();
+        for (tag, enc_dir, _) in MODELS {
+            let model = ctx.load_model(&fixtures().join(enc_dir)).unwrap();
+            for (r, prompt) in prompts.iter().enumerate() {
+                let row = |name: &str| refs[&format!("{tag}.{name}")].narrow(0, r, 1).unwrap();
+                let last = ctx.encode_text(&model, prompt, HiddenLayer::Last).unwrap();
+                assert_close(
+                    &format!("{device} {tag} prompt {r} last"),
+                    &last.hidden,
+                    &row("last_hidden_state"),
+                );
+                let pooled = if refs.contains_key(&format!("{tag}.text_embeds")) {
+                    "text_embeds"
+                } else {
+                    "pooled"
+                };
+                assert_close(
+                    &format!("{device} {tag} prompt {r} {pooled}"),
+                    last.pooled.as_ref().unwrap(),
+                    &row(pooled),
+                );
+                let pen = ctx.encode_text(&model, prompt, HiddenLayer::Skip(1)).unwrap();
+                assert_close(
+                    &format!("{device} {tag} prompt {r} Skip(1)"),
+                    &pen.hidden,
+                    &row("penultimate"),
+                );
+            }
+        }
+    }
+    let dir = memory_support::TempDir::new("clip-no-tokenizer");
+    let lone = dir.path().join("text_encoder");
+    std::fs::create_dir_all(&lone).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixtures().join("sd1/text_encoder").join(f), lone.join(f)).unwrap();
+    }
+    let ctx = Context::new(ContextOptions {
+        device: Some("cpu".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let model = ctx.load_model(&lone).unwrap();
+    let err = ctx
+        .encode_text(&model, "a cat", HiddenLayer::Last)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no tokenizer"), "{err}");
+}

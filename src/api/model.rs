@@ -8,7 +8,9 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::memory::{ManagedModel, ModelCache};
+use crate::models::clip::ClipTextEncoder;
 use crate::models::text_encoder::{PromptTokenizer, TextEncoder};
+use crate::text::ClipTokenizer;
 use crate::models::{AutoencoderKL, ExpectedTensors, UNet2DConditionModel, UNetConfig, VaeConfig};
 use crate::sampling::SchedulerConfig;
 
@@ -42,6 +44,8 @@ pub struct Model {
 
 /// Weight files a component folder may hold, in order of preference.
 const WEIGHT_FILES: [&str; 2] = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"];
+/// The same for a transformers text encoder folder.
+const TEXT_ENCODER_WEIGHT_FILES: [&str; 2] = ["model.safetensors", "model.fp16.safetensors"];
 
 impl Model {
     /// Load the component in `dir` (config.json + safetensors) into `cache`, the cache of context `context_id`. The
@@ -66,6 +70,11 @@ impl Model {
                 Architecture::Unet { model, scheduler: scheduler_beside(dir)? }
             }
             "AutoencoderKL" => Architecture::Vae(AutoencoderKL::new(VaeConfig::from_json(&text)?)?),
+            // transformers configs name no `_class_name`: a CLIP text encoder says so in `architectures`/`model_type`.
+            "" if is_clip_text_config(&json) => Architecture::TextEncoder {
+                model: Box::new(ClipTextEncoder::load_config(dir)?),
+                tokenizer: tokenizer_beside(dir)?.map(|t| Box::new(t) as Box<dyn PromptTokenizer>),
+            },
             other => {
                 return Err(Error::unsupported(format!(
                     "{}: _class_name \"{other}\" (supported: UNet2DConditionModel, AutoencoderKL)",
@@ -74,12 +83,16 @@ impl Model {
             }
         };
         step(1, LOAD_PHASES)?;
-        let file = WEIGHT_FILES.iter().map(|f| dir.join(f)).find(|p| p.exists()).ok_or_else(|| {
+        let weight_files = match arch {
+            Architecture::TextEncoder { .. } => TEXT_ENCODER_WEIGHT_FILES,
+            _ => WEIGHT_FILES,
+        };
+        let file = weight_files.iter().map(|f| dir.join(f)).find(|p| p.exists()).ok_or_else(|| {
             Error::io(
                 dir,
                 std::io::Error::new(
                     std::io::ErrorKind::NotFound,
-                    format!("no weights: expected {} or {}", WEIGHT_FILES[0], WEIGHT_FILES[1]),
+                    format!("no weights: expected {} or {}", weight_files[0], weight_files[1]),
                 ),
             )
         })?;
@@ -177,6 +190,27 @@ fn check_tensors(file: &Path, expected: &ExpectedTensors, weights: &ManagedModel
             file.display(),
             if problems.len() > 1 { format!(" (and {} more problems)", problems.len() - 1) } else { String::new() }
         ))),
+    }
+}
+
+/// Whether a config.json without `_class_name` is a `CLIPTextConfig` (`CLIPTextModel[WithProjection]`).
+fn is_clip_text_config(json: &Value) -> bool {
+    let arch = json.get("architectures").and_then(Value::as_array).and_then(|a| a.first()).and_then(Value::as_str);
+    matches!(arch, Some("CLIPTextModel" | "CLIPTextModelWithProjection"))
+        || json.get("model_type").and_then(Value::as_str) == Some("clip_text_model")
+}
+
+/// The tokenizer of a text-encoder folder: its own `tokenizer/` subfolder, else the pipeline's sibling folder
+/// (`text_encoder` → `tokenizer`, `text_encoder_2` → `tokenizer_2`); None when neither exists (encoding a prompt
+/// then fails naming the folder). A tokenizer folder that exists but cannot be read is an error here.
+fn tokenizer_beside(dir: &Path) -> Result<Option<ClipTokenizer>> {
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let sibling = name
+        .strip_prefix("text_encoder")
+        .and_then(|suffix| dir.parent().map(|p| p.join(format!("tokenizer{suffix}"))));
+    match [Some(dir.join("tokenizer")), sibling].into_iter().flatten().find(|d| d.is_dir()) {
+        Some(d) => Ok(Some(ClipTokenizer::from_dir(&d)?)),
+        None => Ok(None),
     }
 }
 
