@@ -634,3 +634,46 @@ fn context_encodes_prompts_like_transformers() {
         .to_string();
     assert!(err.contains("no tokenizer"), "{err}");
 }
+
+/// Older exports carry `text_model.embeddings.position_ids` (an i64 buffer, e.g. SD 1.5's text encoder): it is
+/// not read, and loading and encoding through the API and the cache work as without it.
+#[test]
+fn position_ids_buffer_is_tolerated() {
+    use lowvram::api::{Context, ContextOptions};
+    use lowvram::models::text_encoder::HiddenLayer;
+    let dir = memory_support::TempDir::new("clip-position-ids");
+    let (enc_dir, tok_dir) = (dir.path().join("text_encoder"), dir.path().join("tokenizer"));
+    std::fs::create_dir_all(&enc_dir).unwrap();
+    std::fs::create_dir_all(&tok_dir).unwrap();
+    let src = fixtures().join("sd1");
+    let mut tensors = candle_core::safetensors::load(src.join("text_encoder/model.safetensors"), &Device::Cpu).unwrap();
+    let pos = Tensor::arange(0i64, 77, &Device::Cpu)
+        .unwrap()
+        .reshape((1, 77))
+        .unwrap();
+    tensors.insert("text_model.embeddings.position_ids".into(), pos);
+    candle_core::safetensors::save(&tensors, enc_dir.join("model.safetensors")).unwrap();
+    std::fs::copy(src.join("text_encoder/config.json"), enc_dir.join("config.json")).unwrap();
+    for f in [
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        std::fs::copy(src.join("tokenizer").join(f), tok_dir.join(f)).unwrap();
+    }
+    let refs = references();
+    for (device, yaml) in [("cpu", ""), ("emulated:6MB", "device_working_mem_gb: 0\n")] {
+        let ctx = Context::new(ContextOptions {
+            device: Some(device.into()),
+            config_yaml: Some(yaml.into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let model = ctx.load_model(&enc_dir).unwrap();
+        let prompt = &encoder_prompts()[0];
+        let out = ctx.encode_text(&model, prompt, HiddenLayer::Last).unwrap();
+        let want = refs["sd1.last_hidden_state"].narrow(0, 0, 1).unwrap();
+        assert_close(&format!("{device} with position_ids"), &out.hidden, &want);
+    }
+}

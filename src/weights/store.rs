@@ -167,6 +167,12 @@ pub struct WeightStore {
     pinned: Mutex<Option<PinnedHost>>,
 }
 
+/// A known extra that is not a weight: the integer `position_ids` buffer older transformers exports of CLIP text
+/// encoders carry (`text_model.embeddings.position_ids`, SD 1.5's among them). Skipped (DECISIONS: known extras).
+fn is_index_buffer(name: &str, d: safetensors::Dtype) -> bool {
+    name.ends_with("embeddings.position_ids") && matches!(d, safetensors::Dtype::I64 | safetensors::Dtype::I32)
+}
+
 fn dtype_of(d: safetensors::Dtype, name: &str) -> Result<DType> {
     match d {
         safetensors::Dtype::F32 => Ok(DType::F32),
@@ -280,6 +286,9 @@ impl WeightStore {
         let base = mmap.as_ptr() as usize;
         let mut raw: Vec<(String, DType, Vec<usize>, usize, usize)> = Vec::new();
         for (name, view) in st.tensors() {
+            if is_index_buffer(&name, view.dtype()) {
+                continue;
+            }
             let dt = dtype_of(view.dtype(), &name)?;
             let data = view.data();
             let expect = view.shape().iter().product::<usize>() * dt.size_in_bytes();
