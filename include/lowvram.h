@@ -815,8 +815,9 @@ void lowvram_string_free(char *s);
 lowvram_status lowvram_context_free_memory(const struct lowvram_context *ctx, uint64_t bytes, uint64_t *out_freed);
 
 /**
- * Unload every model not in use from the device and the RAM cache (their handles stay valid and reload on next
- * use); `*out_freed` (may be NULL) receives the bytes freed. Thread-safe.
+ * Unload every model not in use from the device and the RAM cache: models whose handles are still held stay valid
+ * and reload from their files on next use; the others are forgotten (their files unmapped). `*out_freed` (may be
+ * NULL) receives the device bytes freed. Thread-safe.
  */
 lowvram_status lowvram_context_unload_all(const struct lowvram_context *ctx, uint64_t *out_freed);
 

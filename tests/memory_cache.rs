@@ -223,7 +223,9 @@ fn oom_evicts_and_retries() {
     );
 }
 
-/// An OOM that eviction cannot cure returns OutOfDeviceMemory; the cache stays consistent and usable.
+/// An OOM that eviction cannot cure (another program takes device memory after the lock was planned) returns
+/// OutOfDeviceMemory; the cache stays consistent and usable. A model that cannot fit the device alone fails at
+/// lock time with BudgetTooSmall quoting the device's bytes, even under a larger cache cap.
 #[test]
 fn unrecoverable_oom_leaves_cache_consistent() {
     let dir = TempDir::new("oom2");
@@ -234,7 +236,27 @@ fn unrecoverable_oom_leaves_cache_consistent() {
     cfg.set("max_cache_vram_gb", "1").unwrap();
     let cache = ModelCache::new(cfg).unwrap();
     let mbig = cache.load_model(&big.path, "big").unwrap();
+    match cache.lock(&mbig, 0).map(|_| ()).unwrap_err() {
+        Error::BudgetTooSmall {
+            needed_bytes,
+            available_bytes,
+            ..
+        } => {
+            assert_eq!(
+                (needed_bytes, available_bytes),
+                (WORK + big.max_block(), cap)
+            );
+        }
+        e => panic!("expected BudgetTooSmall, got {e}"),
+    }
+    let cap = WORK + big.max_block() + 4096;
+    let mut cfg = config(&format!("emulated:{cap}"), WORK);
+    cfg.set("max_cache_vram_gb", "1").unwrap();
+    let cache = ModelCache::new(cfg).unwrap();
+    let mbig = cache.load_model(&big.path, "big").unwrap();
     let lock = cache.lock(&mbig, 0).unwrap();
+    let taken = cache.allocator().free().unwrap();
+    let external = cache.allocator().reserve_external(taken).unwrap();
     let err = forward(&lock, &big).unwrap_err();
     match err {
         Error::OutOfDeviceMemory {
@@ -247,8 +269,12 @@ fn unrecoverable_oom_leaves_cache_consistent() {
         }
         e => panic!("expected OOM, got {e}"),
     }
-    assert_eq!(cache.allocator().current(), WORK + mbig.resident_bytes());
+    assert_eq!(
+        cache.allocator().current(),
+        WORK + mbig.resident_bytes() + taken
+    );
     drop(lock);
+    drop(external);
     assert_eq!(cache.allocator().current(), mbig.resident_bytes());
     let ms = cache.load_model(&small.path, "small").unwrap();
     let l2 = cache.lock(&ms, 0).unwrap();

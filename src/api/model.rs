@@ -44,8 +44,6 @@ pub struct Model {
 
 /// Weight files a component folder may hold, in order of preference.
 const WEIGHT_FILES: [&str; 2] = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"];
-/// The same for a transformers text encoder folder.
-const TEXT_ENCODER_WEIGHT_FILES: [&str; 2] = ["model.safetensors", "model.fp16.safetensors"];
 
 impl Model {
     /// Load the component in `dir` (config.json + safetensors) into `cache`, the cache of context `context_id`. The
@@ -63,36 +61,41 @@ impl Model {
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let json: Value = serde_json::from_str(&text)
             .map_err(|e| Error::format(format!("{}: {e}", config_path.display())))?;
-        let class = json.get("_class_name").and_then(Value::as_str).unwrap_or("");
+        // diffusers names the class in `_class_name`; transformers (text encoders) in `architectures`.
+        let class = json
+            .get("_class_name")
+            .and_then(Value::as_str)
+            .or_else(|| json.get("architectures").and_then(Value::as_array).and_then(|a| a.first()).and_then(Value::as_str))
+            .unwrap_or("");
         let arch = match class {
             "UNet2DConditionModel" => {
                 let model = UNet2DConditionModel::new(UNetConfig::from_json(&text)?)?;
                 Architecture::Unet { model, scheduler: scheduler_beside(dir)? }
             }
             "AutoencoderKL" => Architecture::Vae(AutoencoderKL::new(VaeConfig::from_json(&text)?)?),
-            // transformers configs name no `_class_name`: a CLIP text encoder says so in `architectures`/`model_type`.
-            "" if is_clip_text_config(&json) => Architecture::TextEncoder {
+            "CLIPTextModel" | "CLIPTextModelWithProjection" => Architecture::TextEncoder {
                 model: Box::new(ClipTextEncoder::load_config(dir)?),
-                tokenizer: tokenizer_beside(dir)?.map(|t| Box::new(t) as Box<dyn PromptTokenizer>),
+                tokenizer: tokenizer_beside(dir)?,
             },
             other => {
                 return Err(Error::unsupported(format!(
-                    "{}: _class_name \"{other}\" (supported: UNet2DConditionModel, AutoencoderKL)",
+                    "{}: _class_name \"{other}\" (supported: UNet2DConditionModel, AutoencoderKL, CLIPTextModel, \
+                     CLIPTextModelWithProjection)",
                     config_path.display()
                 )))
             }
         };
         step(1, LOAD_PHASES)?;
-        let weight_files = match arch {
-            Architecture::TextEncoder { .. } => TEXT_ENCODER_WEIGHT_FILES,
-            _ => WEIGHT_FILES,
+        let file = match &arch {
+            Architecture::TextEncoder { .. } => Some(ClipTextEncoder::weights_file(dir)?),
+            _ => WEIGHT_FILES.iter().map(|f| dir.join(f)).find(|p| p.exists()),
         };
-        let file = weight_files.iter().map(|f| dir.join(f)).find(|p| p.exists()).ok_or_else(|| {
+        let file = file.ok_or_else(|| {
             Error::io(
                 dir,
                 std::io::Error::new(
                     std::io::ErrorKind::NotFound,
-                    format!("no weights: expected {} or {}", weight_files[0], weight_files[1]),
+                    format!("no weights: expected {} or {}", WEIGHT_FILES[0], WEIGHT_FILES[1]),
                 ),
             )
         })?;
@@ -193,25 +196,22 @@ fn check_tensors(file: &Path, expected: &ExpectedTensors, weights: &ManagedModel
     }
 }
 
-/// Whether a config.json without `_class_name` is a `CLIPTextConfig` (`CLIPTextModel[WithProjection]`).
-fn is_clip_text_config(json: &Value) -> bool {
-    let arch = json.get("architectures").and_then(Value::as_array).and_then(|a| a.first()).and_then(Value::as_str);
-    matches!(arch, Some("CLIPTextModel" | "CLIPTextModelWithProjection"))
-        || json.get("model_type").and_then(Value::as_str) == Some("clip_text_model")
-}
-
-/// The tokenizer of a text-encoder folder: its own `tokenizer/` subfolder, else the pipeline's sibling folder
-/// (`text_encoder` → `tokenizer`, `text_encoder_2` → `tokenizer_2`); None when neither exists (encoding a prompt
-/// then fails naming the folder). A tokenizer folder that exists but cannot be read is an error here.
-fn tokenizer_beside(dir: &Path) -> Result<Option<ClipTokenizer>> {
-    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    let sibling = name
-        .strip_prefix("text_encoder")
-        .and_then(|suffix| dir.parent().map(|p| p.join(format!("tokenizer{suffix}"))));
-    match [Some(dir.join("tokenizer")), sibling].into_iter().flatten().find(|d| d.is_dir()) {
-        Some(d) => Ok(Some(ClipTokenizer::from_dir(&d)?)),
-        None => Ok(None),
+/// The tokenizer folder beside a text encoder (`text_encoder` → `../tokenizer`, `text_encoder_2` →
+/// `../tokenizer_2`; any other name `N` → `../tokenizer` then `N/tokenizer`), if there is one. A folder without one
+/// still loads (host-given ids work); encoding a prompt then names what is missing.
+fn tokenizer_beside(encoder_dir: &Path) -> Result<Option<Box<dyn PromptTokenizer>>> {
+    let name = encoder_dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let suffix = name.strip_prefix("text_encoder").filter(|s| s.is_empty() || s.starts_with('_')).unwrap_or("");
+    let candidates = [
+        encoder_dir.parent().map(|p| p.join(format!("tokenizer{suffix}"))),
+        Some(encoder_dir.join("tokenizer")),
+    ];
+    for dir in candidates.into_iter().flatten() {
+        if dir.is_dir() {
+            return Ok(Some(Box::new(ClipTokenizer::from_dir(&dir)?)));
+        }
     }
+    Ok(None)
 }
 
 /// `../scheduler/scheduler_config.json` of a pipeline's `unet/` folder, else SD 1.5's configuration.

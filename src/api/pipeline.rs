@@ -232,7 +232,7 @@ impl Context {
             let target = OpTarget::new(self.cache().device(), self.cache().compute_dtype());
             meter.estimate = model.working_bytes(1, ids.len(), target);
             call.check()?;
-            let lock = self.cache().lock(encoder.weights(), meter.estimate)?;
+            let lock = self.cache().lock_cancellable(encoder.weights(), meter.estimate, Some(&|| call.is_cancelled()))?;
             meter.took(&lock);
             let source = Cancellable { inner: &lock, cancel: &call, on_block: None };
             let ids = Tensor::from_slice(ids, (1, ids.len()), source.device())?;

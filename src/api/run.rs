@@ -334,7 +334,7 @@ impl Context {
         check_host_bytes("the denoise", latent_bytes.saturating_mul(4).saturating_add(on_host))?;
         call.check()?;
 
-        let lock = self.cache().lock(model.weights(), meter.estimate)?;
+        let lock = self.cache().lock_cancellable(model.weights(), meter.estimate, Some(&|| call.is_cancelled()))?;
         meter.took(&lock);
         let noise = match init_noise {
             Some(n) => n.to_dtype(DType::F32)?,
@@ -451,7 +451,7 @@ impl Context {
         if matches!(tiling, Tiling::Auto | Tiling::Never) {
             let estimate = model.decode_working_bytes(z.dims(), target);
             meter.estimate = estimate;
-            match self.cache().lock(vae.weights(), estimate) {
+            match self.cache().lock_cancellable(vae.weights(), estimate, Some(&|| call.is_cancelled())) {
                 Ok(lock) => {
                     meter.took(&lock);
                     let source = Cancellable { inner: &lock, cancel: call, on_block: Some(&on_block) };
@@ -481,7 +481,7 @@ impl Context {
             let estimate = model.decode_tiled_working_bytes(z.dims(), tile, target);
             meter.estimate = estimate;
             meter.tile_latent = Some(tile);
-            let lock = match self.cache().lock(vae.weights(), estimate) {
+            let lock = match self.cache().lock_cancellable(vae.weights(), estimate, Some(&|| call.is_cancelled())) {
                 Ok(lock) => lock,
                 Err(e @ Error::BudgetTooSmall { .. }) => {
                     last_err = Some(e);

@@ -327,8 +327,9 @@ pub unsafe extern "C" fn lowvram_context_free_memory(
     })
 }
 
-/// Unload every model not in use from the device and the RAM cache (their handles stay valid and reload on next
-/// use); `*out_freed` (may be NULL) receives the bytes freed. Thread-safe.
+/// Unload every model not in use from the device and the RAM cache: models whose handles are still held stay valid
+/// and reload from their files on next use; the others are forgotten (their files unmapped). `*out_freed` (may be
+/// NULL) receives the device bytes freed. Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_context_unload_all(ctx: *const lowvram_context, out_freed: *mut u64) -> lowvram_status {
     guard_ctx(ctx, |ctx| {

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
@@ -18,7 +18,7 @@ use crate::device::{AllocKind, Allocation, BlockBuffer, DeviceAllocator, DeviceS
 use crate::error::{Error, Result};
 use crate::memory::plan::{self, BlockCost, ResidencyPlan};
 use crate::memory::sizing::{self, Sizing};
-use crate::memory::stats::{CacheStats, DeviceStats, ModelStats, PlanStats, RamStats};
+use crate::memory::stats::{CacheStats, DeviceStats, ModelStats, PlanStats, RamStats, TierStats};
 use crate::weights::{
     BlockInfo, BlockWeights, StagingRing, TensorLocation, WeightSource, WeightStore,
 };
@@ -27,6 +27,22 @@ use crate::weights::{
 const STAGING_SLOTS: usize = 2;
 /// How long a lock or a fetch waits for bytes held by a running block before treating the shortage as an OOM.
 const WAIT_LIMIT: Duration = Duration::from_secs(5);
+/// How long a lock waits for other calls' locks (their working memory and plans) to make room before it fails.
+pub const LOCK_WAIT_LIMIT: Duration = Duration::from_secs(60);
+
+/// The outcome of one attempt to lock a model.
+enum Attempt {
+    Locked(ModelLock),
+    /// Cannot succeed by waiting (the model does not fit alone, or an I/O error).
+    Failed(Error),
+    /// Does not fit beside the locks held now; the error to report if waiting does not help.
+    Contended(Error),
+}
+
+/// A sum of byte counts that saturates instead of wrapping.
+fn sat_sum(v: impl IntoIterator<Item = u64>) -> u64 {
+    v.into_iter().fold(0, u64::saturating_add)
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -47,6 +63,44 @@ struct Shared {
     loaded: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
+    tiers: TierCounters,
+    /// File bytes read by models the cache has forgotten (the live ones count their own).
+    files_read: AtomicU64,
+}
+
+/// Hits, misses and evictions of the two tiers (see [`TierStats`]).
+#[derive(Default)]
+struct TierCounters {
+    load_hits: AtomicU64,
+    load_misses: AtomicU64,
+    ram_hits: AtomicU64,
+    ram_misses: AtomicU64,
+    ram_evictions: AtomicU64,
+    ram_evicted_bytes: AtomicU64,
+    device_hits: AtomicU64,
+    device_misses: AtomicU64,
+    device_evictions: AtomicU64,
+    device_evicted_bytes: AtomicU64,
+    forgotten: AtomicU64,
+}
+
+impl TierCounters {
+    fn snapshot(&self) -> TierStats {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        TierStats {
+            load_hits: g(&self.load_hits),
+            load_misses: g(&self.load_misses),
+            ram_hits: g(&self.ram_hits),
+            ram_misses: g(&self.ram_misses),
+            ram_evictions: g(&self.ram_evictions),
+            ram_evicted_bytes: g(&self.ram_evicted_bytes),
+            device_hits: g(&self.device_hits),
+            device_misses: g(&self.device_misses),
+            device_evictions: g(&self.device_evictions),
+            device_evicted_bytes: g(&self.device_evicted_bytes),
+            models_forgotten: g(&self.forgotten),
+        }
+    }
 }
 
 struct LockRec {
@@ -58,7 +112,9 @@ struct LockRec {
 struct Inner {
     config: Config,
     sizing: Sizing,
-    models: Vec<Weak<ManagedModel>>,
+    /// Every model the cache keeps (strongly: a model outlives its host handles until the budgets evict it or
+    /// `unload_all` forgets it).
+    models: Vec<Arc<ManagedModel>>,
     locks: Vec<LockRec>,
     reservations: Vec<(u64, u64)>,
     next_id: u64,
@@ -67,13 +123,18 @@ struct Inner {
 }
 
 impl Inner {
+    /// Bytes of host reservations (saturating: a host may ask for any u64).
+    fn reserved(&self) -> u64 {
+        self.reservations
+            .iter()
+            .fold(0u64, |a, r| a.saturating_add(r.1))
+    }
     fn id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
     }
     fn live_models(&mut self) -> Vec<Arc<ManagedModel>> {
-        self.models.retain(|w| w.strong_count() > 0);
-        self.models.iter().filter_map(|w| w.upgrade()).collect()
+        self.models.clone()
     }
 }
 
@@ -83,11 +144,34 @@ struct Infeasible {
     available: u64,
 }
 
+/// Size and modification time of a weight file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileKey {
+    size: u64,
+    mtime: Option<std::time::SystemTime>,
+}
+
+impl FileKey {
+    fn of(path: &Path) -> Result<Self> {
+        let md = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        Ok(Self {
+            size: md.len(),
+            mtime: md.modified().ok(),
+        })
+    }
+}
+
 /// A model registered with the cache: its mapped weights and where each block is now. Shared (`Arc`) between
-/// the host, the cache (weakly) and running locks; dropping the last `Arc` frees its RAM and device bytes.
+/// the host, the cache and running locks. The cache keeps it after the host's handles are gone, until its RAM copy
+/// and device residency are evicted by the budgets (then it is forgotten and its file unmapped) or `unload_all`.
 pub struct ManagedModel {
     id: u64,
     name: String,
+    /// The file's size and modification time when it was mapped: a later load of the same path is a cache hit only
+    /// while they are unchanged.
+    file_key: FileKey,
+    /// The `storage_dtype` it was loaded with (a load under another one is a different model).
+    storage: Option<DType>,
     store: WeightStore,
     costs: Vec<BlockCost>,
     state: Mutex<ModelState>,
@@ -358,6 +442,18 @@ fn block_costs(store: &WeightStore, cuda: bool) -> Vec<BlockCost> {
         .collect()
 }
 
+/// The least a model needs on the device to run at all: fully streamed with one block in flight, or whole when
+/// the configuration does not split models.
+fn min_need(cfg: &Config, costs: &[BlockCost]) -> u64 {
+    let partial_ok =
+        cfg.enable_partial_loading || matches!(cfg.vram_state, VramState::Low | VramState::None);
+    if partial_ok {
+        plan::min_need(costs, 1)
+    } else {
+        plan::whole_need(costs)
+    }
+}
+
 fn resolve_compute(config: &Config, alloc: &DeviceAllocator) -> DType {
     config.compute_dtype.dtype().unwrap_or(if alloc.is_cuda() {
         DType::F16
@@ -387,8 +483,31 @@ impl Shared {
         } else {
             self.alloc.used(AllocKind::External)
         };
-        let reserved: u64 = inner.reservations.iter().map(|r| r.1).sum();
-        Some(cap.saturating_sub(external + inner.config.reserve_vram_bytes() + reserved))
+        let held = external
+            .saturating_add(inner.config.reserve_vram_bytes())
+            .saturating_add(inner.reserved());
+        Some(cap.saturating_sub(held))
+    }
+
+    /// Whether `m` with `working` bytes of working memory could run if it were the only lock: None when it can,
+    /// else what it needs and what the device (or the cap) really has for it.
+    fn fits_alone(&self, inner: &Inner, m: &ManagedModel, working: u64) -> Option<Infeasible> {
+        let min = min_need(&inner.config, &m.costs);
+        let phys = self.avail_phys(inner);
+        if let Some(c) = inner.config.max_cache_vram_bytes() {
+            if min > c {
+                return Some(Infeasible {
+                    needed: min,
+                    available: phys.map_or(c, |p| p.min(c)),
+                });
+            }
+        }
+        let p = phys?;
+        let need = min.saturating_add(working);
+        (need > p).then_some(Infeasible {
+            needed: need,
+            available: p,
+        })
     }
 
     /// Recompute every locked model's plan for the current budget, release residency above it (now, or at the
@@ -406,13 +525,7 @@ impl Shared {
         } else {
             1
         };
-        let min_of = |m: &Arc<ManagedModel>| {
-            if partial_ok {
-                plan::min_need(&m.costs, 1)
-            } else {
-                plan::whole_need(&m.costs)
-            }
-        };
+        let min_of = |m: &Arc<ManagedModel>| min_need(&cfg, &m.costs);
         // One entry per locked model (a model locked twice is planned once; its working memories add up).
         let mut order: Vec<(Arc<ManagedModel>, u64)> = Vec::new();
         for l in &inner.locks {
@@ -425,7 +538,7 @@ impl Shared {
         let works: Vec<u64> = order.iter().map(|(_, w)| *w).collect();
         match (cap, phys) {
             (None, Some(p)) => {
-                let need: u64 = mins.iter().sum::<u64>() + works.iter().sum::<u64>();
+                let need = sat_sum(mins.iter().chain(&works).copied());
                 if need > p {
                     return Err(Infeasible {
                         needed: need,
@@ -433,12 +546,12 @@ impl Shared {
                     });
                 }
             }
-            (Some(c), _) => {
-                let need: u64 = mins.iter().sum();
+            (Some(c), p) => {
+                let need = sat_sum(mins.iter().copied());
                 if need > c {
                     return Err(Infeasible {
                         needed: need,
-                        available: c,
+                        available: p.map_or(c, |p| p.min(c)),
                     });
                 }
             }
@@ -447,18 +560,20 @@ impl Shared {
         let mut plans = Vec::with_capacity(order.len());
         let (mut used_w, mut used_work) = (0u64, 0u64);
         for (k, (m, work)) in order.iter().enumerate() {
-            let later_min: u64 = mins[k + 1..].iter().sum();
-            let later_work: u64 = works[k + 1..].iter().sum();
+            let later_min = sat_sum(mins[k + 1..].iter().copied());
+            let later_work = sat_sum(works[k + 1..].iter().copied());
             let budget = match (cap, phys) {
                 (None, None) => u64::MAX,
                 (None, Some(p)) => {
-                    p.saturating_sub(used_w + used_work + later_min + later_work + work)
+                    p.saturating_sub(sat_sum([used_w, used_work, later_min, later_work, *work]))
                 }
                 // The cap takes precedence over working memory: plan up to it, bounded only by what the device
                 // holds besides the other locks; the working memory then comes out of residency on refusal.
                 (Some(c), p) => {
-                    let b = c.saturating_sub(used_w + later_min);
-                    p.map_or(b, |p| b.min(p.saturating_sub(used_w + later_min)))
+                    let b = c.saturating_sub(used_w.saturating_add(later_min));
+                    p.map_or(b, |p| {
+                        b.min(p.saturating_sub(used_w.saturating_add(later_min)))
+                    })
                 }
             };
             let costs = &m.costs;
@@ -483,14 +598,14 @@ impl Shared {
                 _ => (plan::whole_need(costs) <= budget).then(|| plan::whole(costs, budget)),
             };
             let Some(p) = p else {
-                let own = min_of(m) + work;
+                let own = min_of(m).saturating_add(*work);
                 return Err(Infeasible {
                     needed: own,
-                    available: budget + work,
+                    available: budget.saturating_add(*work),
                 });
             };
-            used_w += p.resident_bytes + p.slot_bytes;
-            used_work += work;
+            used_w = sat_sum([used_w, p.resident_bytes, p.slot_bytes]);
+            used_work = used_work.saturating_add(*work);
             plans.push(p);
         }
         // Apply the plans to the locked models.
@@ -503,7 +618,7 @@ impl Shared {
         // Unlocked residency must fit what is left; evict least recently used first.
         let room = match (cap, phys) {
             (None, None) => u64::MAX,
-            (None, Some(p)) => p.saturating_sub(used_w + used_work),
+            (None, Some(p)) => p.saturating_sub(used_w.saturating_add(used_work)),
             (Some(c), p) => {
                 let b = c.saturating_sub(used_w);
                 p.map_or(b, |p| b.min(p.saturating_sub(used_w)))
@@ -528,13 +643,13 @@ impl Shared {
                 break;
             }
             let mut st = m.state();
-            let (_, released) = m.evict(&mut st, total - room, whole);
+            let (_, released) = self.evict(m, &mut st, total - room, whole);
             total -= released;
         }
+        self.forget_unused(inner);
         // The predicted device peak with these plans.
-        let reserved: u64 = inner.reservations.iter().map(|r| r.1).sum();
         let external = self.alloc.used(AllocKind::External);
-        let peak = used_w + used_work + total + reserved + external;
+        let peak = sat_sum([used_w, used_work, total, inner.reserved(), external]);
         inner.plan = order
             .last()
             .zip(plans.last())
@@ -572,7 +687,7 @@ impl Shared {
             if now >= want {
                 break;
             }
-            let (n, t) = m.evict(&mut m.state(), want - now, whole);
+            let (n, t) = self.evict(m, &mut m.state(), want - now, whole);
             now += n;
             total += t;
         }
@@ -662,7 +777,7 @@ impl Shared {
     }
 
     /// Keep the RAM tier within its limit: drop RAM copies of unlocked models, least recently used first, never
-    /// `keep`'s. Returns log lines.
+    /// `keep`'s; then forget models that hold nothing any more.
     fn enforce_ram(&self, inner: &mut Inner, keep: Option<u64>) {
         let limit = inner.sizing.ram_limit_bytes;
         let mut models = inner.live_models();
@@ -673,19 +788,73 @@ impl Shared {
                 break;
             }
             if Some(m.id) != keep && m.state().locks == 0 {
-                used -= m.store.drop_ram_copy();
+                used -= self.drop_ram(m);
             }
         }
+        drop(models);
+        self.forget_unused(inner);
+    }
+
+    /// Drop `m`'s RAM copy (an eviction from the RAM tier); returns the bytes released.
+    fn drop_ram(&self, m: &ManagedModel) -> u64 {
+        let bytes = m.store.drop_ram_copy();
+        if bytes > 0 {
+            self.tiers.ram_evictions.fetch_add(1, Ordering::Relaxed);
+            self.tiers
+                .ram_evicted_bytes
+                .fetch_add(bytes, Ordering::Relaxed);
+        }
+        bytes
+    }
+
+    /// [`ManagedModel::evict`], counted as an eviction from the device tier when it releases anything.
+    fn evict(&self, m: &ManagedModel, st: &mut ModelState, want: u64, whole: bool) -> (u64, u64) {
+        let (now, total) = m.evict(st, want, whole);
+        if total > 0 {
+            self.tiers.device_evictions.fetch_add(1, Ordering::Relaxed);
+            self.tiers
+                .device_evicted_bytes
+                .fetch_add(total, Ordering::Relaxed);
+        }
+        (now, total)
+    }
+
+    /// Forget models that no handle, lock or prefetch holds and that cache nothing any more (no RAM copy, no device
+    /// residency): their files are unmapped. Only the registry's reference is left when the strong count is 1.
+    fn forget_unused(&self, inner: &mut Inner) {
+        self.forget(inner, |m| {
+            Arc::strong_count(m) == 1 && !m.store.has_ram_copy() && m.state().resident.is_empty()
+        });
+    }
+
+    /// Drop the registry's reference to every model `gone` selects (counted; their file reads stay in the total).
+    fn forget(&self, inner: &mut Inner, gone: impl Fn(&Arc<ManagedModel>) -> bool) {
+        let before = inner.models.len();
+        inner.models.retain(|m| {
+            if gone(m) {
+                self.files_read
+                    .fetch_add(m.store.file_bytes_read(), Ordering::Relaxed);
+                return false;
+            }
+            true
+        });
+        let n = (before - inner.models.len()) as u64;
+        self.tiers.forgotten.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Make sure a model that should have a RAM copy has one. Returns whether it was already there (a hit).
     fn ensure_ram(&self, inner: &mut Inner, m: &ManagedModel) -> Result<bool> {
-        if !inner.config.keep_ram_copy_of_weights || m.store.has_ram_copy() {
+        if !inner.config.keep_ram_copy_of_weights {
+            return Ok(true);
+        }
+        if m.store.has_ram_copy() {
+            self.tiers.ram_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(true);
         }
         if m.store.total_bytes() > inner.sizing.ram_limit_bytes {
             return Ok(false);
         }
+        self.tiers.ram_misses.fetch_add(1, Ordering::Relaxed);
         m.store.load_ram_copy()?;
         if inner.config.pin_memory {
             m.store.pin_ram_copy(&self.alloc)?;
@@ -787,6 +956,8 @@ impl ModelCache {
                 loaded: AtomicU64::new(0),
                 hits: AtomicU64::new(0),
                 misses: AtomicU64::new(0),
+                tiers: TierCounters::default(),
+                files_read: AtomicU64::new(0),
             }),
         })
     }
@@ -860,7 +1031,7 @@ impl ModelCache {
         if !inner.config.keep_ram_copy_of_weights {
             for m in inner.live_models() {
                 if m.state().locks == 0 {
-                    m.store.drop_ram_copy();
+                    sh.drop_ram(&m);
                 }
             }
         }
@@ -872,28 +1043,52 @@ impl ModelCache {
     }
 
     /// Map the safetensors file `path` and register it as `name` (no device bytes yet; a RAM copy when
-    /// `keep_ram_copy_of_weights`). Loading the same name and path again returns the same model (a cache hit).
+    /// `keep_ram_copy_of_weights` and it fits the RAM tier). Loading the same file again — same path, size and
+    /// modification time, same storage dtype — returns the model the cache keeps, with whatever RAM copy and device
+    /// residency it still has, without reading the file (a hit), even after every earlier handle was freed. The
+    /// file is mapped and read without holding the cache's lock, so other threads' calls proceed meanwhile.
     pub fn load_model(&self, path: &Path, name: &str) -> Result<Arc<ManagedModel>> {
         let sh = &self.shared;
-        let mut inner = sh.inner();
         let canon = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
-        if let Some(m) = inner
-            .live_models()
-            .into_iter()
-            .find(|m| m.name == name && m.store.path() == canon.as_path())
-        {
-            sh.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(m);
-        }
-        let storage = inner.config.storage_dtype.dtype();
-        let compute = resolve_compute(&inner.config, &sh.alloc);
+        let key = FileKey::of(&canon)?;
+        let (storage, compute, keep_ram, ram_limit, pin) = {
+            let mut inner = sh.inner();
+            let storage = inner.config.storage_dtype.dtype();
+            let compute = resolve_compute(&inner.config, &sh.alloc);
+            if let Some(m) = self.cached(&mut inner, &canon, key, storage, compute) {
+                return Ok(m);
+            }
+            let c = &inner.config;
+            (
+                storage,
+                compute,
+                c.keep_ram_copy_of_weights,
+                inner.sizing.ram_limit_bytes,
+                c.pin_memory,
+            )
+        };
+        // The slow part, outside the cache's lock: map and validate the file, read the RAM copy, pin it.
         let store = WeightStore::open(&canon, storage, compute)?;
         let costs = block_costs(&store, sh.alloc.is_cuda());
+        let ram = keep_ram && store.total_bytes() <= ram_limit;
+        if ram {
+            store.load_ram_copy()?;
+            if pin {
+                store.pin_ram_copy(&sh.alloc)?;
+            }
+        }
+        let mut inner = sh.inner();
+        // Another thread may have loaded the same file meanwhile: use its model (ours is dropped).
+        if let Some(m) = self.cached(&mut inner, &canon, key, storage, compute) {
+            return Ok(m);
+        }
         let id = inner.id();
         inner.clock += 1;
         let m = Arc::new(ManagedModel {
             id,
             name: name.to_string(),
+            file_key: key,
+            storage,
             store,
             costs,
             next_fetch: Mutex::new(HashMap::new()),
@@ -903,20 +1098,97 @@ impl ModelCache {
             }),
         });
         sh.misses.fetch_add(1, Ordering::Relaxed);
-        sh.ensure_ram(&mut inner, &m)?;
-        inner.models.push(Arc::downgrade(&m));
+        sh.tiers.load_misses.fetch_add(1, Ordering::Relaxed);
+        if ram {
+            sh.tiers.ram_misses.fetch_add(1, Ordering::Relaxed);
+        }
+        inner.models.push(m.clone());
+        sh.enforce_ram(&mut inner, Some(m.id));
         Ok(m)
+    }
+
+    /// The model the cache keeps for this file, if its size and modification time are unchanged (a hit: it is
+    /// marked used now). Entries for an older version of the file are forgotten when nothing holds them.
+    fn cached(
+        &self,
+        inner: &mut Inner,
+        path: &Path,
+        key: FileKey,
+        storage: Option<DType>,
+        compute: DType,
+    ) -> Option<Arc<ManagedModel>> {
+        let sh = &self.shared;
+        sh.forget(inner, |m| {
+            m.store.path() == path
+                && m.file_key != key
+                && Arc::strong_count(m) == 1
+                && m.state().locks == 0
+        });
+        let m = inner.models.iter().find(|m| {
+            m.store.path() == path
+                && m.file_key == key
+                && m.storage == storage
+                && m.store.compute_dtype() == compute
+        })?;
+        let m = m.clone();
+        inner.clock += 1;
+        m.state().last_used = inner.clock;
+        sh.hits.fetch_add(1, Ordering::Relaxed);
+        sh.tiers.load_hits.fetch_add(1, Ordering::Relaxed);
+        Some(m)
     }
 
     /// Lock `model` for an operation needing `working_mem_bytes` of working memory (the lock gets
     /// max(`device_working_mem_gb`, that)). Plans residency for the current budget (evicting unlocked models,
     /// shrinking other plans to their minimum if needed), reserves the working memory and loads the planned blocks.
-    /// `BudgetTooSmall` when the model cannot run even fully streamed beside what is already locked and reserved.
+    /// When the model fits the device alone but not beside the locks held now (another call's working memory), it
+    /// waits for them (up to [`LOCK_WAIT_LIMIT`]) instead of failing. `BudgetTooSmall` when the model cannot run
+    /// even fully streamed and alone beside host reservations and other programs' use.
     pub fn lock(&self, model: &Arc<ManagedModel>, working_mem_bytes: u64) -> Result<ModelLock> {
+        self.lock_cancellable(model, working_mem_bytes, None)
+    }
+
+    /// [`lock`](Self::lock) whose wait for other calls' memory ends with `Cancelled` as soon as `cancelled()`
+    /// returns true (a call's cancel token, the context's cancel).
+    pub fn lock_cancellable(
+        &self,
+        model: &Arc<ManagedModel>,
+        working_mem_bytes: u64,
+        cancelled: Option<&dyn Fn() -> bool>,
+    ) -> Result<ModelLock> {
+        let sh = &self.shared;
+        let start = Instant::now();
+        loop {
+            match self.try_lock(model, working_mem_bytes) {
+                Attempt::Locked(l) => return Ok(l),
+                Attempt::Failed(e) => return Err(e),
+                Attempt::Contended(e) => {
+                    if cancelled.is_some_and(|c| c()) {
+                        return Err(Error::Cancelled);
+                    }
+                    if start.elapsed() >= LOCK_WAIT_LIMIT {
+                        return Err(e);
+                    }
+                    // Woken by every release (allocations, locks, reservations); the timeout bounds a missed one.
+                    sh.alloc.wait_for_free(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    /// One attempt at [`lock`](Self::lock): locked, failed for good, or failed only because of other locks.
+    fn try_lock(&self, model: &Arc<ManagedModel>, working_mem_bytes: u64) -> Attempt {
         let sh = &self.shared;
         let (id, working) = {
             let mut inner = sh.inner();
             let working = inner.config.working_mem_bytes().max(working_mem_bytes);
+            if let Some(e) = sh.fits_alone(&inner, model, working) {
+                return Attempt::Failed(Error::BudgetTooSmall {
+                    what: format!("model `{}` (working memory {working} bytes)", model.name),
+                    needed_bytes: e.needed,
+                    available_bytes: e.available,
+                });
+            }
             let id = inner.id();
             inner.clock += 1;
             let clock = inner.clock;
@@ -932,20 +1204,15 @@ impl ModelCache {
                 working,
             });
             let failure: Option<Error> = match sh.rebalance(&mut inner) {
-                Err(e) => {
-                    let own = working
-                        + if inner.config.enable_partial_loading {
-                            plan::min_need(&model.costs, 1)
-                        } else {
-                            plan::whole_need(&model.costs)
-                        };
-                    let own = own.min(e.needed);
-                    Some(Error::BudgetTooSmall {
-                        what: format!("model `{}` (working memory {working} bytes)", model.name),
-                        needed_bytes: own,
-                        available_bytes: e.available.saturating_sub(e.needed - own),
-                    })
-                }
+                Err(e) => Some(Error::BudgetTooSmall {
+                    what: format!(
+                        "model `{}` (working memory {working} bytes) beside the {} other lock(s) held now",
+                        model.name,
+                        inner.locks.len() - 1
+                    ),
+                    needed_bytes: e.needed,
+                    available_bytes: e.available,
+                }),
                 Ok(()) => match sh.ensure_ram(&mut inner, model) {
                     Ok(ram_hit) => {
                         let c = if ram_hit || was_resident {
@@ -969,7 +1236,14 @@ impl ModelCache {
                     }
                 }
                 let _ = sh.rebalance(&mut inner);
-                return Err(err);
+                // It fits alone (checked above): a plan that fails now fails because of the other locks.
+                let contended =
+                    matches!(err, Error::BudgetTooSmall { .. }) && !inner.locks.is_empty();
+                return if contended {
+                    Attempt::Contended(err)
+                } else {
+                    Attempt::Failed(err)
+                };
             }
             (id, working)
         };
@@ -988,15 +1262,46 @@ impl ModelCache {
             pending: Mutex::new(None),
         };
         // Dropping `lk` on an error below unregisters the lock.
-        lk.working = Some(sh.alloc_for(
+        match sh.alloc_for(
             working,
             AllocKind::Working,
             Some(model.as_ref()),
             Some(WAIT_LIMIT),
             0,
-        )?);
-        sh.fill_target(model, &lk.loaded)?;
-        Ok(lk)
+        ) {
+            Ok(a) => lk.working = Some(a),
+            Err(e @ Error::OutOfDeviceMemory { .. }) => {
+                drop(lk);
+                // Other locks' working memory or streamed blocks hold the bytes: wait for them.
+                let others = !sh.inner().locks.is_empty();
+                return if others {
+                    Attempt::Contended(e)
+                } else {
+                    Attempt::Failed(e)
+                };
+            }
+            Err(e) => return Attempt::Failed(e),
+        }
+        let planned = model
+            .state()
+            .target
+            .as_ref()
+            .is_some_and(|t| t.iter().any(|r| *r));
+        match sh.fill_target(model, &lk.loaded) {
+            Ok(()) => {
+                // The device tier: a hit when the plan's resident blocks were all there already.
+                let c = match lk.loaded.load(Ordering::Relaxed) {
+                    0 if planned => Some(&sh.tiers.device_hits),
+                    0 => None,
+                    _ => Some(&sh.tiers.device_misses),
+                };
+                if let Some(c) = c {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+                Attempt::Locked(lk)
+            }
+            Err(e) => Attempt::Failed(e),
+        }
     }
 
     /// Explicit partial load (like `lowvram_model_load_to_device`): make up to `max_bytes` of `model` resident now,
@@ -1045,7 +1350,7 @@ impl ModelCache {
                     break;
                 }
                 let want = other_bytes + keep_bytes - room;
-                other_bytes -= o.evict(&mut o.state(), want, false).1;
+                other_bytes -= sh.evict(o, &mut o.state(), want, false).1;
             }
             let mut st = model.state();
             st.last_used = clock;
@@ -1075,13 +1380,22 @@ impl ModelCache {
             let mut inner = sh.inner();
             let id = inner.id();
             inner.reservations.push((id, bytes));
-            if let Err(e) = sh.rebalance(&mut inner) {
+            if sh.rebalance(&mut inner).is_err() {
                 inner.reservations.retain(|r| r.0 != id);
                 let _ = sh.rebalance(&mut inner);
+                // What the device has beside other reservations, minus what locked models need to run at all.
+                let locked =
+                    sat_sum(inner.locks.iter().map(|l| {
+                        min_need(&inner.config, &l.model.costs).saturating_add(l.working)
+                    }));
+                let available = sh
+                    .avail_phys(&inner)
+                    .unwrap_or(u64::MAX)
+                    .saturating_sub(locked);
                 return Err(Error::BudgetTooSmall {
                     what: "reservation".into(),
                     needed_bytes: bytes,
-                    available_bytes: (e.available + bytes).saturating_sub(e.needed),
+                    available_bytes: available,
                 });
             }
             id
@@ -1124,26 +1438,32 @@ impl ModelCache {
             if released >= bytes {
                 break;
             }
-            released += m.evict(&mut m.state(), bytes - released, false).1;
+            released += self
+                .shared
+                .evict(&m, &mut m.state(), bytes - released, false)
+                .1;
         }
+        self.shared.forget_unused(&mut inner);
         drop(inner);
         self.shared.alloc.notify();
         released
     }
 
-    /// Unload every unlocked model: device residency and RAM copies (they stay registered and reload from their
-    /// files on next use). Returns the device bytes released.
+    /// Unload every unlocked model: device residency and RAM copies. Models a host still holds stay registered
+    /// and reload from their files on next use; the others are forgotten (files unmapped). Returns the device bytes
+    /// released.
     pub fn unload_all(&self) -> u64 {
         let mut inner = self.shared.inner();
         let mut released = 0;
         for m in inner.live_models() {
             let mut st = m.state();
             if st.locks == 0 {
-                released += m.evict(&mut st, u64::MAX, true).1;
+                released += self.shared.evict(&m, &mut st, u64::MAX, true).1;
                 drop(st);
-                m.store.drop_ram_copy();
+                self.shared.drop_ram(&m);
             }
         }
+        self.shared.forget_unused(&mut inner);
         drop(inner);
         self.shared.alloc.notify();
         released
@@ -1175,7 +1495,10 @@ impl ModelCache {
             .collect();
         CacheStats {
             device: DeviceStats {
-                free_bytes: sh.alloc.free(),
+                // From the same snapshot as `usage`, so free + used never exceeds the capacity.
+                free_bytes: usage
+                    .capacity_bytes
+                    .map(|c| c.saturating_sub(usage.current_bytes)),
                 used_by_cache_bytes: usage.weights_bytes,
                 usage,
             },
@@ -1195,6 +1518,12 @@ impl ModelCache {
             bytes_loaded_total: sh.loaded.load(Ordering::Relaxed),
             cache_hits: sh.hits.load(Ordering::Relaxed),
             cache_misses: sh.misses.load(Ordering::Relaxed),
+            tiers: sh.tiers.snapshot(),
+            bytes_read_from_files_total: sh.files_read.load(Ordering::Relaxed)
+                + models
+                    .iter()
+                    .map(|m| m.store.file_bytes_read())
+                    .sum::<u64>(),
             plan: inner.plan.clone(),
             sizing: inner.sizing.clone(),
         }
@@ -1445,7 +1774,7 @@ impl Drop for ModelLock {
             if st.locks == 0 {
                 st.target = None;
                 if unload {
-                    self.model.evict(&mut st, u64::MAX, true);
+                    sh.evict(&self.model, &mut st, u64::MAX, true);
                 }
             }
         }

@@ -3,10 +3,10 @@
 //!
 //! - [`unet`]: the SD 1.x / 2.x / SDXL `UNet2DConditionModel`.
 //! - [`vae`]: `AutoencoderKL` (decoder, encoder, tiled decode).
-//! - [`clip`]: the CLIP text encoders (`CLIPTextModel`, `CLIPTextModelWithProjection`).
 //! - [`family`]: which architectures a pipeline combines and how its family is detected.
 //! - [`denoiser`]: the interface the sampler calls on any denoising model; [`conditioning`]: the named tensors it
 //!   takes.
+//! - [`clip`]: the CLIP text encoders (`CLIPTextModel`, `CLIPTextModelWithProjection`).
 
 pub(crate) mod blocks;
 pub mod clip;

@@ -32,7 +32,6 @@ use tokenizers::{
 };
 
 use crate::error::{Error, Result};
-use crate::models::text_encoder::PromptTokenizer;
 
 /// Tokens per prompt window: CLIP's 77 learned positions.
 pub const MAX_TOKENS: usize = 77;
@@ -243,12 +242,6 @@ impl ClipTokenizer {
     /// The id of `token` (a vocabulary entry such as `"a</w>"`), if any.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
-    }
-}
-
-impl PromptTokenizer for ClipTokenizer {
-    fn tokenize(&self, prompt: &str) -> Result<Vec<u32>> {
-        self.encode(prompt)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Weights: where every tensor of a checkpoint lives, and the interface models fetch them through.
 
 mod resident;
+pub mod single_file;
 mod source;
 mod store;
 

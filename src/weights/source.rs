@@ -114,7 +114,8 @@ const BLOCK_LISTS: &[&str] = &[
 /// (`down_blocks.0.resnets.1.conv1.weight` → `down_blocks.0.resnets.1`;
 /// `….attentions.0.transformer_blocks.3.attn1.to_q.weight` → `….attentions.0.transformer_blocks.3`), with an
 /// attention's `proj_out` a block of its own (`….attentions.0.proj_out`), else its top-level module
-/// (`time_embedding.linear_1.weight` → `time_embedding`; under `encoder.`/`decoder.`/`text_model.` one level deeper).
+/// (`time_embedding.linear_1.weight` → `time_embedding`; under `encoder.`/`decoder.`/`text_model.` one level
+/// deeper).
 ///
 /// Blocks are the unit of residency and of transfer: big enough for efficient copies, small enough to plan finely.
 /// This is the UNet family's rule (`crate::models::unet::block_of`, which documents why), applied to every file

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use candle_core::{DType, Device, Tensor};
@@ -165,6 +166,8 @@ pub struct WeightStore {
     ram: Mutex<Option<Arc<Vec<HashMap<String, Tensor>>>>>,
     /// The RAM copy's registration as pinned memory (CUDA, `pin_memory`); dropped before the copy.
     pinned: Mutex<Option<PinnedHost>>,
+    /// Bytes read from the mapping so far (RAM copies and streams without one).
+    read: AtomicU64,
 }
 
 /// A known extra that is not a weight: the integer `position_ids` buffer older transformers exports of CLIP text
@@ -354,6 +357,7 @@ impl WeightStore {
             compute_dtype: compute,
             ram: Mutex::new(None),
             pinned: Mutex::new(None),
+            read: AtomicU64::new(0),
         })
     }
 
@@ -385,6 +389,15 @@ impl WeightStore {
     pub fn mapped_bytes(&self) -> u64 {
         self.mmap.len() as u64
     }
+    /// Bytes read from the file (through the mapping) since it was opened: RAM copies and streams without one.
+    pub fn file_bytes_read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+    /// The mapped bytes of tensor `t`, counted as read.
+    fn file_bytes(&self, t: &TensorInfo) -> &[u8] {
+        self.read.fetch_add(t.len as u64, Ordering::Relaxed);
+        &self.mmap[t.offset..t.offset + t.len]
+    }
 
     /// Whether a RAM copy is held.
     pub fn has_ram_copy(&self) -> bool {
@@ -411,12 +424,7 @@ impl WeightStore {
             for &ti in &b.tensors {
                 let t = &self.tensors[ti];
                 buf.resize(t.storage_bytes() as usize, 0);
-                convert_into(
-                    &self.mmap[t.offset..t.offset + t.len],
-                    t.file_dtype,
-                    t.storage_dtype,
-                    &mut buf,
-                );
+                convert_into(self.file_bytes(t), t.file_dtype, t.storage_dtype, &mut buf);
                 m.insert(
                     t.rel_name.clone(),
                     Tensor::from_raw_buffer(&buf, t.storage_dtype, &t.shape, &Device::Cpu)?,
@@ -503,7 +511,7 @@ impl WeightStore {
                     }
                 }
                 None => {
-                    let src = &self.mmap[t.offset..t.offset + t.len];
+                    let src = self.file_bytes(t);
                     buf.write(at, n, |dst| {
                         convert_par(src, t.file_dtype, dtype, dst, parallel)
                     })?;
@@ -556,7 +564,7 @@ impl WeightStore {
             let t = &self.tensors[ti];
             let n = t.elem_count() * dtype.size_in_bytes();
             convert_par(
-                &self.mmap[t.offset..t.offset + t.len],
+                self.file_bytes(t),
                 t.file_dtype,
                 dtype,
                 &mut buf[at..at + n],

@@ -35,6 +35,7 @@ impl Drop for TempDir {
 }
 
 /// A chain model: block i maps dims[i] → dims[i+1] with `weight` [dims[i], dims[i+1]] and `bias` [dims[i+1]].
+#[derive(Clone)]
 pub struct TestModel {
     pub path: PathBuf,
     pub dims: Vec<usize>,

@@ -26,8 +26,6 @@ pub use config::{Activation, ClipKind, ClipTextConfig};
 pub use model::ClipOutput;
 
 use crate::error::{Error, Result};
-use crate::models::text_encoder::{HiddenLayer, TextEncoder, TextEncoding};
-use crate::models::ExpectedTensors;
 use crate::ops::OpTarget;
 use crate::weights::WeightSource;
 
@@ -195,49 +193,6 @@ impl ClipTextEncoder {
             keys.push("text_projection".into());
         }
         keys
-    }
-}
-
-/// The encoder as the API's pipelines call it: `HiddenLayer::Last` = `last_hidden_state`, `Skip(n)` =
-/// `hidden_states[-(n + 1)]` (SDXL: `Skip(1)`), `SkipNormed(n)` = `final_layer_norm(hidden_states[-(n + 1)])`
-/// (diffusers' SD `clip_skip = n`); n ≤ `num_hidden_layers`. The pooled output is `text_embeds` for
-/// `CLIPTextModelWithProjection`, the final-LN EOS state otherwise.
-impl TextEncoder for ClipTextEncoder {
-    fn name(&self) -> &'static str {
-        match self.config.kind {
-            ClipKind::TextModel => "CLIPTextModel",
-            ClipKind::WithProjection => "CLIPTextModelWithProjection",
-        }
-    }
-
-    fn hidden_size(&self) -> usize {
-        self.config.hidden_size
-    }
-
-    fn encode(&self, w: &dyn WeightSource, ids: &Tensor, layer: HiddenLayer) -> Result<TextEncoding> {
-        let (raw, normed) = match layer {
-            HiddenLayer::Last => (0, 0),
-            HiddenLayer::Skip(n) => (n, 0),
-            HiddenLayer::SkipNormed(n) => (0, n),
-        };
-        let out = model::forward(&self.config, self.layout.prefix(), w, ids, raw, normed)?;
-        let hidden = match layer {
-            HiddenLayer::Last => out.last_hidden_state,
-            HiddenLayer::Skip(_) => out.penultimate,
-            HiddenLayer::SkipNormed(_) => out.clip_skipped,
-        };
-        Ok(TextEncoding {
-            hidden,
-            pooled: Some(out.text_embeds.unwrap_or(out.pooled)),
-        })
-    }
-
-    fn working_bytes(&self, batch: usize, seq: usize, target: OpTarget) -> u64 {
-        ClipTextEncoder::working_bytes(self, batch, seq, target)
-    }
-
-    fn expected_tensors(&self) -> ExpectedTensors {
-        ExpectedTensors(ClipTextEncoder::expected_tensors(self))
     }
 }
 

@@ -303,7 +303,7 @@ fn check_bounds(m: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]

@@ -1,7 +1,9 @@
 //! diffusers' `UNet2DConditionModel` for SD 1.x / 2.x and SDXL, computing block by block from a [`WeightSource`].
 //!
-//! The family's files: [`config`] (config.json), this model, [`blocks`] (the streaming unit of a checkpoint tensor,
-//! [`block_of`]) and `estimate` (working memory of a forward, [`UNet2DConditionModel::working_bytes`]).
+//! The family's files: `config.rs` ([`UNetConfig`], config.json), this model, `blocks.rs` (the streaming unit of a
+//! checkpoint tensor, [`block_of`]), `estimate.rs` (working memory of a forward,
+//! [`UNet2DConditionModel::working_bytes`]) and `shapes.rs` (the checkpoint a config expects,
+//! [`UNet2DConditionModel::tensor_shapes`]).
 //!
 //! Blocks, in execution order: `time_embedding`, `add_embedding` (SDXL), `conv_in`, `down_blocks.{i}.resnets.{j}`,
 //! per attention `down_blocks.{i}.attentions.{j}` (norm, proj_in), `….transformer_blocks.{k}` (one per layer) and
@@ -12,6 +14,7 @@
 pub mod blocks;
 mod config;
 mod estimate;
+mod shapes;
 
 use std::path::Path;
 
