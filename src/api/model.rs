@@ -62,11 +62,8 @@ impl Model {
         let json: Value = serde_json::from_str(&text)
             .map_err(|e| Error::format(format!("{}: {e}", config_path.display())))?;
         // diffusers names the class in `_class_name`; transformers (text encoders) in `architectures`.
-        let class = json
-            .get("_class_name")
-            .and_then(Value::as_str)
-            .or_else(|| json.get("architectures").and_then(Value::as_array).and_then(|a| a.first()).and_then(Value::as_str))
-            .unwrap_or("");
+        let architecture = json.get("architectures").and_then(Value::as_array).and_then(|a| a.first());
+        let class = json.get("_class_name").or(architecture).and_then(Value::as_str).unwrap_or("");
         let arch = match class {
             "UNet2DConditionModel" => {
                 let model = UNet2DConditionModel::new(UNetConfig::from_json(&text)?)?;
