@@ -348,10 +348,12 @@ fn parse_merges(text: &str) -> std::result::Result<Vec<(String, String)>, String
     Ok(out)
 }
 
+type VocabAndMerges = (Vocab, Vec<(String, String)>);
+
 /// The standard vocabulary and merges, built once from the embedded gz as OpenAI's `SimpleTokenizer` builds them:
 /// the 256 byte characters (GPT-2's byte → unicode table, in its order), the same with `</w>`, each merge's
 /// concatenation, then `<|startoftext|>` and `<|endoftext|>`.
-static EMBEDDED: Lazy<std::result::Result<(Vocab, Vec<(String, String)>), String>> = Lazy::new(|| {
+static EMBEDDED: Lazy<std::result::Result<VocabAndMerges, String>> = Lazy::new(|| {
     let mut text = String::new();
     flate2::read::GzDecoder::new(EMBEDDED_BPE_GZ)
         .read_to_string(&mut text)

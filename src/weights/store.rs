@@ -180,6 +180,12 @@ fn dtype_of_candle(d: DType, name: &str) -> Result<DType> {
     }
 }
 
+/// A known extra that is not a weight: the integer `position_ids` buffer older transformers exports of CLIP text
+/// encoders carry (`text_model.embeddings.position_ids`, SD 1.5's among them). Skipped (DECISIONS: known extras).
+fn is_index_buffer(name: &str, d: safetensors::Dtype) -> bool {
+    name.ends_with("embeddings.position_ids") && matches!(d, safetensors::Dtype::I64 | safetensors::Dtype::I32)
+}
+
 fn dtype_of(d: safetensors::Dtype, name: &str) -> Result<DType> {
     match d {
         safetensors::Dtype::F32 => Ok(DType::F32),
@@ -316,6 +322,9 @@ impl WeightStore {
             }
         } else {
             for (name, view) in st.tensors() {
+                if is_index_buffer(&name, view.dtype()) {
+                    continue;
+                }
                 let dt = dtype_of(view.dtype(), &name)?;
                 let data = view.data();
                 let expect = view.shape().iter().product::<usize>() * dt.size_in_bytes();

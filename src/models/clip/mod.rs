@@ -133,7 +133,13 @@ impl ClipTextEncoder {
 
     /// [`Self::encode`] with diffusers' `clip_skip` (0 = none, 1 = penultimate layer, …; < `num_hidden_layers`).
     pub fn encode_with_clip_skip(&self, w: &dyn WeightSource, ids: &Tensor, clip_skip: usize) -> Result<ClipOutput> {
-        model::forward(&self.config, self.layout.prefix(), w, ids, clip_skip)
+        if clip_skip >= self.config.num_hidden_layers {
+            return Err(Error::invalid(format!(
+                "text encoder: clip_skip {clip_skip} needs more than {} layers",
+                self.config.num_hidden_layers
+            )));
+        }
+        model::forward(&self.config, self.layout.prefix(), w, ids, clip_skip + 1, clip_skip)
     }
 
     /// Peak bytes of activations of one [`Self::encode`] (any clip-skip) for `batch` prompts of `seq` tokens on

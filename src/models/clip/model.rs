@@ -19,7 +19,10 @@ pub struct ClipOutput {
     /// `final_layer_norm(hidden_states[-1])` `[B, S, C]`: transformers' `last_hidden_state` (SD 1.x, FLUX).
     pub last_hidden_state: Tensor,
     /// `hidden_states[-(clip_skip + 2)]` without the final norm `[B, S, C]`: what diffusers' SDXL pipeline feeds the
-    /// UNet from both encoders (`hidden_states[-2]` when `clip_skip` is 0).
+    /// UNet from both encoders (`hidden_states[-2]` when `clip_skip` is 0). (Through the [`TextEncoder`] trait:
+    /// the raw state `HiddenLayer::Skip(n)` asks for.)
+    ///
+    /// [`TextEncoder`]: crate::models::text_encoder::TextEncoder
     pub penultimate: Tensor,
     /// `final_layer_norm(hidden_states[-(clip_skip + 1)])` `[B, S, C]`: diffusers' `StableDiffusionPipeline`
     /// `encode_prompt` with `clip_skip` (equal to `last_hidden_state` when `clip_skip` is 0).
@@ -31,14 +34,16 @@ pub struct ClipOutput {
 }
 
 /// Run the encoder on `ids` `[B, S]` (u32 or i64 token ids, S ≤ `max_position_embeddings`). `prefix` is the key
-/// prefix of the text model's tensors (`text_model.` or empty); `clip_skip` < `num_hidden_layers` selects the
-/// hidden states of [`ClipOutput::penultimate`] and [`ClipOutput::clip_skipped`].
+/// prefix of the text model's tensors (`text_model.` or empty). [`ClipOutput::penultimate`] is
+/// `hidden_states[-(raw + 1)]` and [`ClipOutput::clip_skipped`] `final_layer_norm(hidden_states[-(normed + 1)])`
+/// (both ≤ `num_hidden_layers`; diffusers' `clip_skip = k` is `raw = k + 1, normed = k`).
 pub(crate) fn forward(
     c: &ClipTextConfig,
     prefix: &str,
     w: &dyn WeightSource,
     ids: &Tensor,
-    clip_skip: usize,
+    raw: usize,
+    normed: usize,
 ) -> Result<ClipOutput> {
     let dev = w.device();
     let (b, s) = ids
@@ -52,17 +57,17 @@ pub(crate) fn forward(
         )));
     }
     let layers = c.num_hidden_layers;
-    if clip_skip >= layers {
+    if raw > layers || normed > layers {
         return Err(Error::invalid(format!(
-            "text encoder: clip_skip {clip_skip} needs more than {layers} layers"
+            "text encoder: hidden states {raw} and {normed} layers from the end, the model has {layers} layers"
         )));
     }
     let host_ids = token_ids(ids, c.vocab_size)?;
     let ids_dev = Tensor::from_vec(host_ids.clone(), b * s, dev)?;
     let ch = c.hidden_size;
 
-    // hidden_states[i]: 0 = embeddings, i = output of layer i. Keep the two that clip-skip selects.
-    let (skip_index, pen_index) = (layers - clip_skip, layers - clip_skip - 1);
+    // hidden_states[i]: 0 = embeddings, i = output of layer i. Keep the two that are asked for.
+    let (raw_index, normed_index) = (layers - raw, layers - normed);
     let mut x = {
         let bw = w.fetch(&format!("{prefix}embeddings"))?;
         let tok = bw.get_shaped("token_embedding.weight", &[c.vocab_size, ch])?;
@@ -71,17 +76,17 @@ pub(crate) fn forward(
         e.broadcast_add(&pos.narrow(0, 0, s)?)?
     };
     drop(ids_dev);
-    let mut penultimate = (pen_index == 0).then(|| x.clone());
-    let mut skipped = None;
+    let mut penultimate = (raw_index == 0).then(|| x.clone());
+    let mut skipped = (normed_index == 0).then(|| x.clone());
     let mask = causal_mask(s, dev)?;
     for i in 0..layers {
         let bw = w.fetch(&format!("{prefix}encoder.layers.{i}"))?;
         x = encoder_layer(c, &bw, &x, &mask)?;
         drop(bw);
-        if i + 1 == pen_index {
+        if i + 1 == raw_index {
             penultimate = Some(x.clone());
         }
-        if i + 1 == skip_index && skip_index != layers {
+        if i + 1 == normed_index && normed_index != layers {
             skipped = Some(x.clone());
         }
     }
