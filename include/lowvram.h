@@ -52,7 +52,7 @@
 /**
  * Minor version of this header.
  */
-#define LOWVRAM_VERSION_MINOR 1
+#define LOWVRAM_VERSION_MINOR 2
 
 /**
  * Patch version of this header.
@@ -78,6 +78,31 @@
  * Largest `num_train_timesteps` accepted (diffusers' models use 1000).
  */
 #define MAX_TRAIN_TIMESTEPS 100000
+
+/**
+ * Tokens per prompt window: CLIP's 77 learned positions.
+ */
+#define MAX_TOKENS 77
+
+/**
+ * The standard CLIP start-of-text id.
+ */
+#define BOS_ID 49406
+
+/**
+ * The standard CLIP end-of-text id (also SD 1.x's pad).
+ */
+#define EOS_ID 49407
+
+/**
+ * Entries of the standard CLIP vocabulary: 256 byte tokens, the same with `</w>`, 48894 merges, 2 specials.
+ */
+#define VOCAB_SIZE 49408
+
+/**
+ * Prompts longer than this (bytes) are rejected before tokenising: only 75 tokens are kept anyway.
+ */
+#define MAX_PROMPT_BYTES (1 << 20)
 
 /**
  * Element type of a tensor (stable numbers).

@@ -9,7 +9,7 @@ use crate::system::system_stats;
 /// Major version of this header; `lowvram_version()` gives the library's at run time.
 pub const LOWVRAM_VERSION_MAJOR: u32 = 0;
 /// Minor version of this header.
-pub const LOWVRAM_VERSION_MINOR: u32 = 1;
+pub const LOWVRAM_VERSION_MINOR: u32 = 2;
 /// Patch version of this header.
 pub const LOWVRAM_VERSION_PATCH: u32 = 0;
 
