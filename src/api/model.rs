@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::memory::{ManagedModel, ModelCache};
-use crate::models::clip::{ClipTextConfig, ClipTextEncoder, KeyLayout};
+use crate::models::clip::{ClipKind, ClipTextConfig, ClipTextEncoder, KeyLayout};
 use crate::models::Family;
 use crate::text::PadToken;
 use crate::weights::single_file::{Component, SingleFile};
@@ -86,11 +86,13 @@ impl Model {
         let json: Value = serde_json::from_str(&text)
             .map_err(|e| Error::format(format!("{}: {e}", config_path.display())))?;
         // diffusers components name their class in `_class_name`; transformers folders (the text encoders, as the
-        // hub ships them) in `architectures`.
+        // hub ships them) in `architectures`; a config saved alone only says `model_type` (the weights then tell
+        // whether a projection exists).
         let class = json
             .get("_class_name")
             .or_else(|| json.get("architectures").and_then(|a| a.get(0)))
             .and_then(Value::as_str)
+            .or_else(|| (json.get("model_type").and_then(Value::as_str) == Some("clip_text_model")).then_some("CLIPTextModel"))
             .unwrap_or("");
         let arch = match class {
             "UNet2DConditionModel" => {
@@ -155,8 +157,13 @@ impl Model {
                     (Family::Sd1, _) | (Family::Sdxl, Component::TextEncoder) => PadToken::Eos,
                     _ => PadToken::Exclamation,
                 };
+                let mut clip = ClipTextConfig::from_json(&config)?;
+                // A config alone may not name the class: the mapped weights say whether there is a projection.
+                if map.get("text_projection.weight").is_some() {
+                    clip.kind = ClipKind::WithProjection;
+                }
                 Architecture::TextEncoder {
-                    model: Box::new(ClipTextEncoder::new(ClipTextConfig::from_json(&config)?, KeyLayout::Prefixed)),
+                    model: Box::new(ClipTextEncoder::new(clip, KeyLayout::Prefixed)),
                     tokenizer: Some(Box::new(ClipTokenizer::embedded(pad)?)),
                 }
             }

@@ -106,8 +106,13 @@ impl Pipeline {
     /// components come from its keys, each component is read in place under diffusers' names. Components the file
     /// lacks come from `components` (diffusers component folders); one that is neither is an error naming the flag
     /// ("no VAE in this file: pass --vae").
+    ///
+    /// Configs come from the file's shapes (the standard SD 1.5 / 2.1 / SDXL configs when they match), refined by
+    /// an LDM `NAME.yaml` beside the file; a diffusers config folder `NAME/` beside `NAME.safetensors` (diffusers'
+    /// `config=`) gives them exactly.
     fn load_single_file(ctx: &Context, path: &Path, components: &ComponentPaths) -> Result<Self> {
-        let file = SingleFile::open(path)?;
+        let config_dir = path.with_extension("");
+        let file = SingleFile::open_with_config(path, Some(config_dir.as_path()).filter(|d| d.is_dir()))?;
         let family = file.family();
         let load = |c: Component, over: &Option<PathBuf>| -> Result<Option<Arc<Model>>> {
             match over {

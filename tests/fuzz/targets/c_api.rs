@@ -616,15 +616,17 @@ impl Session {
         let g = Guarded::filled((size as usize).clamp(4, 1 << 20), 0xCD);
         g.bytes()[..4].copy_from_slice(&size.to_ne_bytes());
         let s = lowvram_model_get_info(m, if r.below(16) == 0 { null_mut() } else { g.as_ptr() });
-        if self.check("lowvram_model_get_info", s) {
+        // Smaller (older) structs are accepted and get the fields they cover: read the whole struct only when the
+        // buffer holds it.
+        if self.check("lowvram_model_get_info", s) && size as usize >= size_of::<lowvram_model_info>() {
             let info = &*g.as_ptr::<lowvram_model_info>();
-            if info.kind > 1 || info.resident_block_count > info.block_count || info.resident_bytes > info.total_bytes {
+            if info.kind > 2 || info.resident_block_count > info.block_count || info.resident_bytes > info.total_bytes {
                 self.findings.push(format!(
                     "lowvram_model_get_info: inconsistent kind {} blocks {}/{} bytes {}/{}",
                     info.kind, info.resident_block_count, info.block_count, info.resident_bytes, info.total_bytes
                 ));
             }
-        } else if g.bytes()[4..].iter().any(|&b| b != 0xCD) {
+        } else if s != lowvram_status::Ok && g.bytes()[4..].iter().any(|&b| b != 0xCD) {
             self.findings.push(format!(
                 "lowvram_model_get_info wrote *out on failure (struct_size {size})"
             ));
@@ -1046,10 +1048,9 @@ impl Session {
             self.findings.push(format!("{call} wrote its output on failure"));
         }
         if let Some(g) = report {
-            if !ok
-                && g.bytes()[4..].iter().any(|&b| b != 0xCD)
-                && (report_size as usize) < size_of::<lowvram_run_report>()
-            {
+            // Reports of any struct_size ≥ 4 are accepted (older hosts' smaller structs) and written on failure
+            // too; only a struct_size below 4 is rejected, and then nothing may be written.
+            if !ok && g.bytes()[4..].iter().any(|&b| b != 0xCD) && report_size < 4 {
                 self.findings
                     .push(format!("{call} wrote a report it rejected (struct_size {report_size})"));
             }

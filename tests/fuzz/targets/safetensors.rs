@@ -172,14 +172,14 @@ impl Target for Safetensors {
             Ok(store) => {
                 let mut s = String::from("open:ok");
                 for b in 0..store.blocks().len() {
-                    if let Err(e) = store.block_to_device(b, &self.alloc, &self.ring) {
+                    if let Err(e) = store.block_to_device(b, &self.alloc, &self.ring, compute) {
                         s.push_str(&feature("|fetch", &e.to_string()));
                     }
                 }
                 match store.load_ram_copy() {
                     Ok(_) => {
                         for b in 0..store.blocks().len() {
-                            if let Err(e) = store.block_to_device(b, &self.alloc, &self.ring) {
+                            if let Err(e) = store.block_to_device(b, &self.alloc, &self.ring, compute) {
                                 s.push_str(&feature("|fetch-ram", &e.to_string()));
                             }
                         }
