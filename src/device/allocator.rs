@@ -64,6 +64,9 @@ pub struct DeviceUsage {
     pub external_bytes: u64,
     /// Bytes released by the cache but still held by a running block (freed at its block boundary).
     pub retiring_bytes: u64,
+    /// Allocations freed on a thread other than the ones computing with them while they ran: on CUDA such a free
+    /// is not ordered after the kernels still queued on the compute stream (a use-after-free). Always 0.
+    pub off_thread_frees: u64,
 }
 
 #[derive(Default)]
@@ -73,6 +76,37 @@ struct State {
     refused: u64,
     by_kind: [u64; KINDS],
     retiring: u64,
+    off_thread_frees: u64,
+}
+
+/// The threads computing with a set of allocations now (a locked model's compute threads): freeing one of them on
+/// any other thread while the set is not empty breaks stream order, and is counted in
+/// [`DeviceUsage::off_thread_frees`].
+#[derive(Debug, Default)]
+pub struct ComputeThreads(Mutex<Vec<std::thread::ThreadId>>);
+
+impl ComputeThreads {
+    /// The calling thread starts computing with the allocations; returns it, for [`leave`](Self::leave).
+    pub fn enter(&self) -> std::thread::ThreadId {
+        let me = std::thread::current().id();
+        lock(&self.0).push(me);
+        me
+    }
+    /// Thread `t` stops (once per [`enter`](Self::enter)).
+    pub fn leave(&self, t: std::thread::ThreadId) {
+        let mut v = lock(&self.0);
+        if let Some(i) = v.iter().position(|x| *x == t) {
+            v.swap_remove(i);
+        }
+    }
+    /// Whether some thread computes with the allocations now.
+    pub fn running(&self) -> bool {
+        !lock(&self.0).is_empty()
+    }
+    /// Whether the calling thread is one of those computing with the allocations.
+    pub fn is_current(&self) -> bool {
+        lock(&self.0).contains(&std::thread::current().id())
+    }
 }
 
 struct Inner {
@@ -97,6 +131,7 @@ pub struct Allocation {
     bytes: u64,
     kind: AllocKind,
     retiring: AtomicBool,
+    users: Option<Arc<ComputeThreads>>,
 }
 
 impl std::fmt::Debug for Allocation {
@@ -114,6 +149,11 @@ impl Allocation {
     pub fn kind(&self) -> AllocKind {
         self.kind
     }
+    /// Tie the allocation to the threads that compute with it (checked when it is freed).
+    pub fn used_by(mut self, users: Arc<ComputeThreads>) -> Self {
+        self.users = Some(users);
+        self
+    }
     /// Mark the bytes as released by their owner but still in use until the last holder drops (a block being
     /// computed on): they show as `retiring_bytes` until then.
     pub fn mark_retiring(&self) {
@@ -125,8 +165,13 @@ impl Allocation {
 
 impl Drop for Allocation {
     fn drop(&mut self) {
+        let off_thread = self
+            .users
+            .as_ref()
+            .is_some_and(|u| u.running() && !u.is_current());
         {
             let mut s = lock(&self.inner.state);
+            s.off_thread_frees += off_thread as u64;
             s.current -= self.bytes;
             s.by_kind[kind_index(self.kind)] -= self.bytes;
             if self.retiring.load(Ordering::SeqCst) {
@@ -292,6 +337,7 @@ impl DeviceAllocator {
             reservation_bytes: s.by_kind[3],
             external_bytes: s.by_kind[4],
             retiring_bytes: s.retiring,
+            off_thread_frees: s.off_thread_frees,
         }
     }
 
@@ -318,6 +364,7 @@ impl DeviceAllocator {
             bytes,
             kind,
             retiring: AtomicBool::new(false),
+            users: None,
         })
     }
 

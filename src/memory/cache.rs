@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Config, CudaAllocator, VramState};
-use crate::device::{AllocKind, Allocation, BlockBuffer, DeviceAllocator, DeviceSpec};
+use crate::device::{
+    AllocKind, Allocation, BlockBuffer, ComputeThreads, DeviceAllocator, DeviceSpec,
+};
 use crate::error::{Error, Result};
 use crate::memory::plan::{self, BlockCost, ResidencyPlan};
 use crate::memory::sizing::{self, Sizing};
@@ -175,6 +177,8 @@ pub struct ManagedModel {
     store: WeightStore,
     costs: Vec<BlockCost>,
     state: Mutex<ModelState>,
+    /// The threads running a forward of it now (its locks' threads): its device memory is freed only on them.
+    compute: Arc<ComputeThreads>,
     /// The block fetched after each block in the last forward (learned: a model fetches its blocks in the same
     /// order every call), which is what a prefetch copies next.
     next_fetch: Mutex<HashMap<usize, usize>>,
@@ -190,6 +194,9 @@ struct ModelState {
     last_used: u64,
     streamed: u64,
     loaded: u64,
+    /// Resident blocks released by another thread while a forward runs: freed by a compute thread at its next block
+    /// boundary (its next fetch), so the free is ordered after the work it queued (stream order on CUDA).
+    deferred: Vec<ResidentBlock>,
 }
 
 struct ResidentBlock {
@@ -291,8 +298,29 @@ impl ManagedModel {
         self.state().streamed
     }
 
+    /// Give a resident block back; returns the bytes freed now. While a forward runs on other threads the block is
+    /// handed to them (retiring): a compute thread frees it at its next block boundary.
+    fn release_block(&self, st: &mut ModelState, rb: ResidentBlock) -> u64 {
+        if self.compute.running() && !self.compute.is_current() {
+            rb.alloc.mark_retiring();
+            st.deferred.push(rb);
+            0
+        } else {
+            rb.release()
+        }
+    }
+
+    /// At a block boundary on a compute thread: free the blocks other threads released meanwhile that no fetch
+    /// holds any more. Returns whether anything was freed.
+    fn free_deferred(&self) -> bool {
+        let mut st = self.state();
+        let before = st.deferred.len();
+        st.deferred.retain(|rb| Arc::strong_count(&rb.alloc) > 1);
+        st.deferred.len() != before
+    }
+
     /// Release resident blocks the target no longer holds; returns bytes freed immediately.
-    fn release_outside_target(st: &mut ModelState) -> u64 {
+    fn release_outside_target(&self, st: &mut ModelState) -> u64 {
         let Some(target) = st.target.clone() else {
             return 0;
         };
@@ -302,10 +330,13 @@ impl ManagedModel {
             .copied()
             .filter(|&b| !target[b])
             .collect();
-        drop.into_iter()
-            .filter_map(|b| st.resident.remove(&b))
-            .map(ResidentBlock::release)
-            .sum()
+        let mut freed = 0;
+        for b in drop {
+            if let Some(rb) = st.resident.remove(&b) {
+                freed += self.release_block(st, rb);
+            }
+        }
+        freed
     }
 
     /// Release resident blocks, lowest rank first (smallest blocks first), until `want` bytes are released or
@@ -318,7 +349,7 @@ impl ManagedModel {
             }
             if let Some(rb) = st.resident.remove(&b) {
                 total += rb.alloc.bytes();
-                now += rb.release();
+                now += self.release_block(st, rb);
                 if let Some(t) = st.target.as_mut() {
                     t[b] = false;
                 }
@@ -345,6 +376,8 @@ pub struct ModelLock {
     /// The block fetched last (to learn the order) and the prefetch in flight.
     last_fetch: Mutex<Option<usize>>,
     pending: Mutex<Option<Prefetch>>,
+    /// The thread that took the lock: the model's device memory is freed on it while the lock is held.
+    thread: Option<std::thread::ThreadId>,
 }
 
 /// A streamed block's device tensors in the storage dtype, and the pooled buffer they view (emulated device).
@@ -613,7 +646,7 @@ impl Shared {
             let mut st = m.state();
             st.target = Some(p.resident.clone());
             st.plan = Some(p.clone());
-            ManagedModel::release_outside_target(&mut st);
+            m.release_outside_target(&mut st);
         }
         // Unlocked residency must fit what is left; evict least recently used first.
         let room = match (cap, phys) {
@@ -706,7 +739,7 @@ impl Shared {
                     if free_now {
                         let rb = st.resident.remove(&b).expect("present");
                         total += rb.alloc.bytes();
-                        now += rb.release();
+                        now += m.release_block(&mut st, rb);
                         if let Some(t) = st.target.as_mut() {
                             t[b] = false;
                         }
@@ -910,7 +943,7 @@ impl Shared {
                         b,
                         ResidentBlock {
                             tensors,
-                            alloc: Arc::new(a),
+                            alloc: Arc::new(a.used_by(m.compute.clone())),
                         },
                     );
                     st.loaded += bytes;
@@ -1092,6 +1125,7 @@ impl ModelCache {
             store,
             costs,
             next_fetch: Mutex::new(HashMap::new()),
+            compute: Arc::default(),
             state: Mutex::new(ModelState {
                 last_used: inner.clock,
                 ..Default::default()
@@ -1259,6 +1293,7 @@ impl ModelCache {
             loaded: AtomicU64::new(0),
             last_fetch: Mutex::new(None),
             pending: Mutex::new(None),
+            thread: None,
         };
         // Dropping `lk` on an error below unregisters the lock.
         match sh.alloc_for(
@@ -1297,6 +1332,7 @@ impl ModelCache {
                 if let Some(c) = c {
                     c.fetch_add(1, Ordering::Relaxed);
                 }
+                lk.thread = Some(model.compute.enter());
                 Attempt::Locked(lk)
             }
             Err(e) => Attempt::Failed(e),
@@ -1356,7 +1392,7 @@ impl ModelCache {
             for b in 0..keep.len() {
                 if !keep[b] {
                     if let Some(rb) = st.resident.remove(&b) {
-                        rb.release();
+                        model.release_block(&mut st, rb);
                     }
                 }
             }
@@ -1582,6 +1618,10 @@ impl WeightSource for ModelLock {
     /// a separate thread while the caller computes, and handed over by the next fetch.
     fn fetch(&self, block: &str) -> Result<BlockWeights> {
         let m = &self.model;
+        // A block boundary: free what other threads released meanwhile (in order with the work queued so far).
+        if m.free_deferred() {
+            self.shared.alloc.notify();
+        }
         let Some(b) = m.store.block_index(block) else {
             return Ok(BlockWeights::new(block, HashMap::new(), None));
         };
@@ -1701,6 +1741,7 @@ impl ModelLock {
                 .is_none_or(|f| f >= cost.resident + cost.place)
         {
             if let Ok(a) = sh.alloc.allocate(cost.resident, AllocKind::Weights) {
+                let a = a.used_by(m.compute.clone());
                 let transient = match cost.place {
                     0 => None,
                     n => Some(self.stream_alloc(n)?),
@@ -1772,10 +1813,15 @@ impl Drop for ModelLock {
             st.locks -= 1;
             if st.locks == 0 {
                 st.target = None;
+                // The forward is over: what other threads released while it ran is freed here, on its thread.
+                st.deferred.clear();
                 if unload {
                     sh.evict(&self.model, &mut st, u64::MAX, true);
                 }
             }
+        }
+        if let Some(t) = self.thread.take() {
+            self.model.compute.leave(t);
         }
         let _ = sh.rebalance(&mut inner);
         drop(inner);
