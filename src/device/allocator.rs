@@ -77,6 +77,25 @@ struct State {
     by_kind: [u64; KINDS],
     retiring: u64,
     off_thread_frees: u64,
+    faults: FaultInjection,
+    /// Allocation attempts since the faults were set, the generator's state, and the refusals injected.
+    attempts: u64,
+    rng: u64,
+    injected: u64,
+}
+
+/// Allocations to refuse on purpose, as if the device were out of memory: every allocation point (weights,
+/// streamed blocks, working memory, reservations; emulated and CUDA alike, since all go through
+/// [`DeviceAllocator::allocate`]) must then either recover or fail cleanly with its accounting intact.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum FaultInjection {
+    /// No injected failures.
+    #[default]
+    Off,
+    /// Refuse the Nth allocation attempt after this is set (1-based), once.
+    Nth(u64),
+    /// Refuse each attempt with this probability, drawn from a generator seeded with `seed` (reproducible).
+    Rate { probability: f64, seed: u64 },
 }
 
 /// The threads computing with a set of allocations now (a locked model's compute threads): freeing one of them on
@@ -341,19 +360,63 @@ impl DeviceAllocator {
         }
     }
 
+    /// Refuse allocations on purpose from now on (tests and CI; see [`FaultInjection`]). Resets both counts of
+    /// [`fault_counts`](Self::fault_counts).
+    pub fn set_faults(&self, faults: FaultInjection) {
+        let mut s = lock(&self.inner.state);
+        s.faults = faults;
+        s.attempts = 0;
+        s.injected = 0;
+        s.rng = match faults {
+            FaultInjection::Rate { seed, .. } => seed,
+            _ => 0,
+        };
+    }
+
+    /// Allocation attempts since [`set_faults`](Self::set_faults) (or creation), and the refusals it injected.
+    pub fn fault_counts(&self) -> (u64, u64) {
+        let s = lock(&self.inner.state);
+        (s.attempts, s.injected)
+    }
+
     /// Count `bytes` of `kind` on the device, or refuse with `OutOfDeviceMemory { needed, available }` (and count
-    /// the refusal) when they exceed the capacity.
+    /// the refusal) when they exceed the capacity or an injected fault says so.
     pub fn allocate(&self, bytes: u64, kind: AllocKind) -> Result<Allocation> {
         let mut s = lock(&self.inner.state);
-        if let Some(cap) = self.inner.capacity {
-            if s.current + bytes > cap {
-                s.refused += 1;
-                return Err(Error::OutOfDeviceMemory {
-                    device: self.inner.spec.to_string(),
-                    needed_bytes: bytes,
-                    available_bytes: cap - s.current,
-                });
+        s.attempts += 1;
+        let inject = match s.faults {
+            FaultInjection::Off => false,
+            FaultInjection::Nth(n) => s.attempts == n,
+            FaultInjection::Rate { probability, .. } => {
+                // splitmix64: a uniform draw in [0, 1).
+                s.rng = s.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = s.rng;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                (((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64) < probability
             }
+        };
+        if inject {
+            s.refused += 1;
+            s.injected += 1;
+            return Err(Error::OutOfDeviceMemory {
+                device: self.inner.spec.to_string(),
+                needed_bytes: bytes,
+                available_bytes: self
+                    .inner
+                    .capacity
+                    .map_or(0, |c| c.saturating_sub(s.current)),
+            });
+        }
+        // Past the capacity, or past what the counters can hold (a host asking for u64::MAX on the CPU).
+        let cap = self.inner.capacity.unwrap_or(u64::MAX);
+        if s.current.checked_add(bytes).is_none_or(|after| after > cap) {
+            s.refused += 1;
+            return Err(Error::OutOfDeviceMemory {
+                device: self.inner.spec.to_string(),
+                needed_bytes: bytes,
+                available_bytes: cap.saturating_sub(s.current),
+            });
         }
         s.current += bytes;
         s.by_kind[kind_index(kind)] += bytes;

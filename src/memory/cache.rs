@@ -778,7 +778,9 @@ impl Shared {
                         if let Ok(a) = self.alloc.allocate(bytes, kind) {
                             return Ok(a);
                         }
-                        continue;
+                        // Refused although the counters show room (another thread took it, or the device itself is
+                        // out of memory): evict and retry below, which ends when nothing more can be evicted.
+                        break;
                     }
                     let pending = self.alloc.retiring()
                         + self
