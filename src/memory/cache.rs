@@ -32,6 +32,17 @@ const WAIT_LIMIT: Duration = Duration::from_secs(5);
 /// How long a lock waits for other calls' locks (their working memory and plans) to make room before it fails.
 pub const LOCK_WAIT_LIMIT: Duration = Duration::from_secs(60);
 
+/// What a lock needs done about its model's RAM copy.
+#[derive(Clone, Copy, PartialEq)]
+enum RamNeed {
+    /// Held already, or not wanted (`keep_ram_copy_of_weights: false`).
+    Held,
+    /// Larger than the RAM tier: streamed from the file.
+    TooLarge,
+    /// To be read from the file (and pinned).
+    Read { pin: bool },
+}
+
 /// The outcome of one attempt to lock a model.
 enum Attempt {
     Locked(ModelLock),
@@ -877,25 +888,34 @@ impl Shared {
         self.tiers.forgotten.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Make sure a model that should have a RAM copy has one. Returns whether it was already there (a hit).
-    fn ensure_ram(&self, inner: &mut Inner, m: &ManagedModel) -> Result<bool> {
+    /// Whether `m` should get a RAM copy it lacks (read outside the cache's lock by the caller, see
+    /// [`Shared::read_ram`]), counting the RAM tier's hit.
+    fn ram_need(&self, inner: &Inner, m: &ManagedModel) -> RamNeed {
         if !inner.config.keep_ram_copy_of_weights {
-            return Ok(true);
+            return RamNeed::Held;
         }
         if m.store.has_ram_copy() {
             self.tiers.ram_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(true);
+            return RamNeed::Held;
         }
         if m.store.total_bytes() > inner.sizing.ram_limit_bytes {
-            return Ok(false);
+            return RamNeed::TooLarge;
         }
+        RamNeed::Read {
+            pin: inner.config.pin_memory,
+        }
+    }
+
+    /// Read (and pin) `m`'s RAM copy — without the cache's lock: this is a whole-file read — then trim the RAM tier
+    /// (never `m`'s copy).
+    fn read_ram(&self, m: &ManagedModel, pin: bool) -> Result<()> {
         self.tiers.ram_misses.fetch_add(1, Ordering::Relaxed);
         m.store.load_ram_copy()?;
-        if inner.config.pin_memory {
+        if pin {
             m.store.pin_ram_copy(&self.alloc)?;
         }
-        self.enforce_ram(inner, Some(m.id));
-        Ok(false)
+        self.enforce_ram(&mut self.inner(), Some(m.id));
+        Ok(())
     }
 
     /// Load the blocks of `m`'s plan that are not resident yet (eviction-and-retry on refusal; a block that still
@@ -1214,6 +1234,7 @@ impl ModelCache {
     /// One attempt at [`lock`](Self::lock): locked, failed for good, or failed only because of other locks.
     fn try_lock(&self, model: &Arc<ManagedModel>, working_mem_bytes: u64) -> Attempt {
         let sh = &self.shared;
+        let mut ram = RamNeed::Held;
         let (id, working) = {
             let mut inner = sh.inner();
             let working = inner.config.working_mem_bytes().max(working_mem_bytes);
@@ -1248,18 +1269,13 @@ impl ModelCache {
                     needed_bytes: e.needed,
                     available_bytes: e.available,
                 }),
-                Ok(()) => match sh.ensure_ram(&mut inner, model) {
-                    Ok(ram_hit) => {
-                        let c = if ram_hit || was_resident {
-                            &sh.hits
-                        } else {
-                            &sh.misses
-                        };
-                        c.fetch_add(1, Ordering::Relaxed);
-                        None
-                    }
-                    Err(e) => Some(e),
-                },
+                Ok(()) => {
+                    ram = sh.ram_need(&inner, model);
+                    let hit = ram == RamNeed::Held || (ram == RamNeed::TooLarge && was_resident);
+                    let c = if hit { &sh.hits } else { &sh.misses };
+                    c.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
             };
             if let Some(err) = failure {
                 inner.locks.retain(|l| l.id != id);
@@ -1297,7 +1313,13 @@ impl ModelCache {
             pending: Mutex::new(None),
             thread: None,
         };
-        // Dropping `lk` on an error below unregisters the lock.
+        // Dropping `lk` on an error below unregisters the lock. The lock protects the RAM copy being read from
+        // eviction; the read runs without the cache's lock.
+        if let RamNeed::Read { pin } = ram {
+            if let Err(e) = sh.read_ram(model, pin) {
+                return Attempt::Failed(e);
+            }
+        }
         match sh.alloc_for(
             working,
             AllocKind::Working,
