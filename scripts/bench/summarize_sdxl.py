@@ -56,20 +56,22 @@ def main():
     rows, out = [], {}
     lines = [f"Result folder `{d}`.", "", "```", (d / "machine.txt").read_text().strip(), "```", ""]
 
-    # Text encoding.
-    le, te = load(d, "lowvram_encode"), load(d, "torch_encode")
-    lw, lr = time_v(d, "lowvram_encode")
+    # Text encoding: lowvram_encode (writes the conditioning, first) and, when present, lowvram_encode2 (a rerun
+    # after the transformers process, both with the files in the page cache).
+    te = load(d, "torch_encode")
     tw, tr = time_v(d, "torch_encode")
-    if le or te:
-        t_call = te and te["encode"]["median_ms"]
-        t_load = te and te["load_ms"]["encode"]
-        lines += ["| text encoding (CLIP-L + bigG, one prompt; negative = zeros) | lowvram CLI `encode` | transformers | lowvram / transformers |",
+    if te:
+        t_call, t_load = te["encode"]["median_ms"], te["load_ms"]["encode"]
+        lines += ["| text encoding (CLIP-L + bigG, one prompt; negative = zeros) | process wall s | transformers: from_pretrained + first call s | peak RSS MiB |",
                   "|---|---|---|---|",
-                  f"| process wall s (start → result) | {fmt(lw)} | {fmt(tw)} | {fmt(lw / tw if lw and tw else None, 2)}× |",
-                  f"| load + encode s (transformers: from_pretrained + first call) | ≤ {fmt(lw)} | {fmt((t_load + t_call) / 1000 if te else None)} | ≤ {fmt(lw * 1000 / (t_load + t_call) if te and lw else None, 2)}× |",
-                  f"| peak RSS MiB | {fmt(lr and lr / MIB, 0)} | {fmt(tr and tr / MIB, 0)} | {fmt(lr / tr if lr and tr else None, 2)}× |", ""]
-        out["encode"] = {"lowvram_wall_s": lw, "torch_wall_s": tw, "lowvram_rss": lr, "torch_rss": tr,
-                         "torch_load_ms": t_load, "torch_call_ms": t_call}
+                  f"| transformers | {fmt(tw)} | {fmt((t_load + t_call) / 1000)} ({fmt(t_load / 1000)} + {fmt(t_call / 1000)}) | {fmt(tr and tr / MIB, 0)} |"]
+        out["encode"] = {"torch_wall_s": tw, "torch_rss": tr, "torch_load_ms": t_load, "torch_call_ms": t_call}
+        for name in ("lowvram_encode", "lowvram_encode2"):
+            lw, lr = time_v(d, name)
+            if lw:
+                lines.append(f"| lowvram CLI `encode` ({name}) | {fmt(lw)} ({fmt(lw / tw, 2)}×) | ≤ {fmt(lw)} (≤ {fmt(lw * 1000 / (t_load + t_call), 2)}×) | {fmt(lr / MIB, 0)} ({fmt(lr / tr, 2)}×) |")
+                out["encode"][name] = {"wall_s": lw, "rss": lr}
+        lines.append("")
 
     # UNet step + VAE decode, default configuration.
     lu, tu, tv = load(d, "lowvram_unet_cpu"), load(d, "torch_unet"), load(d, "torch_vae")
@@ -95,14 +97,16 @@ def main():
     sweep = sorted((p for p in d.glob("lowvram_unet_b*.json")), key=lambda p: -int(p.stem.split("_b")[1]))
     if sweep:
         base = None
-        lines += ["| budget (% of UNet f32) | max_cache_vram | resident MiB | streamed/step MiB | peak device MiB (denoise) | refused | step ms | vs 100 % | latents = cpu run | process peak RSS MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        unet_f32 = next((int(line.split()[1]) for line in (d / "machine.txt").read_text().splitlines()
+                         if line.startswith("unet_f32_bytes:")), None)
+        lines += ["| budget (% of UNet f32) | max_cache_vram | resident MiB | streamed/step MiB (fp16 file bytes) | = (UNet f32 − resident) / 2 | peak device MiB (denoise) | refused | step ms | vs 100 % | latents = cpu run | process peak RSS MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for p in sweep:
             pct = int(p.stem.split("_b")[1])
             j = load(d, p.stem)
             _, rss = time_v(d, p.stem)
             if not j:
-                lines.append(f"| {pct} % | FAILED: see {p.stem}.err | | | | | | | | |")
+                lines.append(f"| {pct} % | FAILED: see {p.stem}.err | | | | | | | | | |")
                 continue
             dn = j["denoise"]
             step = dn["step_ms"][0]
@@ -110,9 +114,9 @@ def main():
                 base = step
             same = latents_bytes(d / f"latents_b{pct}.safetensors")
             ident = None if ref is None or same is None else same == ref
-            budget = j["cache"].get("config", {}).get("max_cache_vram_gb") if isinstance(j.get("cache"), dict) else None
+            budget = unet_f32 and (unet_f32 + 64 * MIB if pct >= 100 else unet_f32 * pct // 100) / (1 << 30)
             lines.append(f"| {pct} % | {fmt(budget, 2) + ' GiB' if budget else '—'} | {fmt(dn['resident_bytes'] / MIB, 0)} | "
-                         f"{fmt(dn['bytes_streamed'] / MIB, 0)} | {fmt(dn['peak_device_bytes'] / MIB, 0)} | {dn['refused_allocations']} | "
+                         f"{fmt(dn['bytes_streamed'] / MIB, 0)} | {'yes' if unet_f32 and 2 * dn['bytes_streamed'] == unet_f32 - dn['resident_bytes'] else 'NO'} | {fmt(dn['peak_device_bytes'] / MIB, 0)} | {dn['refused_allocations']} | "
                          f"{fmt(step)} | {fmt(step / base if base else None, 2)}× | {'yes' if ident else ('NO' if ident is False else '—')} | "
                          f"{fmt(rss and rss / MIB, 0)} |")
             out[f"sweep_{pct}"] = {"step_ms": step, "denoise": dn, "latents_identical": ident, "rss": rss}
