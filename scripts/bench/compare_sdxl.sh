@@ -17,7 +17,8 @@
 #   vae     diffusers VAE decode at --size*8 px (lowvram's figure is the decode of the unet step's run)
 #   sweep   the unet run on emulated:64GiB with --vram-budget = P % of the UNet's f32 bytes, P in --budgets;
 #           latents compared bit for bit with the resident (cpu) run
-#   small   the whole pipeline (prompt -> encoders -> UNet -> VAE, 1 step) on emulated:2GiB
+#   small   the whole pipeline (prompt -> encoders -> UNet -> VAE, 1 step) on emulated:2GiB, with the default
+#           device_working_mem_gb and then with 1 GiB
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -95,7 +96,12 @@ if has sweep; then
   done
 fi
 if has small; then
-  timed lowvram_pipeline_2gib "$LV" generate --model "$MODEL" --config "$OUT/lowvram.yaml" --prompt "$PROMPT" \
+  # First with the configuration as is (the default device_working_mem_gb, 3 GiB, exceeds a 2 GiB device), then
+  # with 1 GiB of working memory.
+  timed lowvram_pipeline_2gib_default "$LV" generate --model "$MODEL" --config "$OUT/lowvram.yaml" --prompt "$PROMPT" \
+    --device emulated:2GiB --steps 1 --width "$PX" --height "$PX" --out "$OUT/pipeline_2gib_default.png" --json
+  printf 'keep_ram_copy_of_weights: false\ndevice_working_mem_gb: 1\n' > "$OUT/lowvram_2gib.yaml"
+  timed lowvram_pipeline_2gib "$LV" generate --model "$MODEL" --config "$OUT/lowvram_2gib.yaml" --prompt "$PROMPT" \
     --device emulated:2GiB --steps 1 --width "$PX" --height "$PX" --out "$OUT/pipeline_2gib.png" \
     --latents-out "$OUT/latents_2gib.safetensors" --json
 fi

@@ -123,6 +123,10 @@ def main():
         lines.append("")
 
     # Whole pipeline on emulated:2GiB.
+    if (d / "lowvram_pipeline_2gib_default.err").exists():
+        j = load(d, "lowvram_pipeline_2gib_default")
+        err = (d / "lowvram_pipeline_2gib_default.err").read_text().strip().splitlines()[-1:]
+        lines += [f"Whole pipeline on `emulated:2GiB`, configuration as is: {'ran' if j else f'FAILED: {err}'}.", ""]
     ls = load(d, "lowvram_pipeline_2gib")
     if (d / "lowvram_pipeline_2gib.time").exists():
         w, rss = time_v(d, "lowvram_pipeline_2gib")
