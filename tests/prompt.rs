@@ -43,6 +43,11 @@ fn sd1_model() -> PathBuf {
         .expect("the tiny SD 1.x pipeline folder")
 }
 
+/// An SD-family pipeline folder without text encoders (the shipped tiny model now carries one).
+fn model_without_text_encoder() -> PathBuf {
+    repo().join("tests/fixtures/tiny-sd2/model")
+}
+
 fn sdxl_model() -> PathBuf {
     repo().join(meta()["sdxl_model"].as_str().unwrap())
 }
@@ -373,8 +378,8 @@ fn text_encoders_stream_under_the_tight_budget() {
 #[test]
 fn missing_text_encoder_is_a_clear_error() {
     let ctx = context_with("cpu", "");
-    // SD 1.x without --text-encoder: encoding names the flag.
-    let pipeline = Pipeline::load(&ctx, &sd1_model(), &ComponentPaths::default()).unwrap();
+    // An SD pipeline without a text encoder and no --text-encoder: encoding names the flag.
+    let pipeline = Pipeline::load(&ctx, &model_without_text_encoder(), &ComponentPaths::default()).unwrap();
     assert!(!pipeline.has_text_encoders());
     let e = pipeline.encode_prompt(&ctx, "a cat", None, &PromptOptions::default()).unwrap_err().to_string();
     assert!(e.contains("no text_encoder: pass --text-encoder"), "{e}");
@@ -460,11 +465,11 @@ fn cli_generate_prompt_matches_diffusers_and_encode_equals_encode_prompt() {
         assert_eq!(bits(t), bits(&written[name]), "encode's {name} differs from encode_prompt's");
     }
 
-    // Without --text-encoder a prompt is a clear error naming the flag.
+    // Without a text encoder a prompt is a clear error naming the flag.
     let out = lowvram()
         .arg("encode")
         .arg("--model")
-        .arg(sd1_model())
+        .arg(model_without_text_encoder())
         .args(["--prompt", "a cat", "--out"])
         .arg(dir.join("x.safetensors"))
         .output()

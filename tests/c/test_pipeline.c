@@ -397,8 +397,15 @@ static void test_errors(void) {
     CHECK_MSG("no_such_encoder");
     CHECK(pipeline == pipe_sentinel);
 
-    /* Without a text encoder: loads (host conditioning only); encoding a prompt names the component. */
-    lowvram_pipeline *bare = load(ctx, NULL);
+    /* Without a text encoder (the SD 2.x-style tiny pipeline has none; the shipped tiny model now carries one):
+       loads (host conditioning only); encoding a prompt names the component. */
+    char bare_dir[1300];
+    snprintf(bare_dir, sizeof bare_dir, "%s/tests/fixtures/tiny-sd2/model", repo);
+    lowvram_pipeline_params bp;
+    CHECK_OK(lowvram_pipeline_params_init(&bp, sizeof bp));
+    bp.path = bare_dir;
+    lowvram_pipeline *bare = NULL;
+    CHECK_OK(lowvram_pipeline_load(ctx, &bp, &bare));
     lowvram_conditioning *cond = cond_sentinel;
     CHECK(lowvram_pipeline_encode_prompt(ctx, bare, PROMPT, NULL, &cond) == LOWVRAM_STATUS_INVALID_ARGUMENT);
     CHECK_MSG("text_encoder");
