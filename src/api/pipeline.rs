@@ -76,7 +76,7 @@ impl Pipeline {
         vae.as_vae()?;
         let overrides = [&components.text_encoder, &components.text_encoder_2];
         let mut text_encoders = Vec::new();
-        for (i, (name, _)) in family.text_encoders().iter().enumerate() {
+        for (i, name) in family.text_encoders().iter().enumerate() {
             let dir = overrides[i].clone().or_else(|| Some(path.join(name)).filter(|d| d.join("config.json").exists()));
             let model = match dir {
                 Some(dir) => {
@@ -232,7 +232,7 @@ impl Pipeline {
     }
 
     fn encoder(&self, i: usize) -> Result<&Model> {
-        let (name, _) = self.family.text_encoders()[i];
+        let name = self.family.text_encoders()[i];
         let flag = name.replace('_', "-");
         self.text_encoders.get(i).and_then(|m| m.as_deref()).ok_or_else(|| {
             Error::invalid(format!(

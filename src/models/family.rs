@@ -17,11 +17,11 @@ use crate::error::{Error, Result};
 pub use crate::weights::single_file::Family;
 
 impl Family {
-    /// Text encoder component names (with their tokenizer folders `tokenizer`, `tokenizer_2`).
-    pub fn text_encoders(self) -> &'static [(&'static str, &'static str)] {
+    /// Text encoder component names (their tokenizer folders are found beside them: `tokenizer`, `tokenizer_2`).
+    pub fn text_encoders(self) -> &'static [&'static str] {
         match self {
-            Self::Sd1 | Self::Sd2 => &[("text_encoder", "tokenizer")],
-            Self::Sdxl => &[("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")],
+            Self::Sd1 | Self::Sd2 => &["text_encoder"],
+            Self::Sdxl => &["text_encoder", "text_encoder_2"],
         }
     }
 
