@@ -486,7 +486,8 @@ typedef struct lowvram_model_info {
      */
     uint64_t total_bytes;
     /**
-     * Bytes resident on the device now.
+     * Device bytes resident now, in the compute dtype: weights are converted once when placed, so an fp16 file
+     * computed in f32 takes twice its storage bytes and this may exceed `total_bytes`.
      */
     uint64_t resident_bytes;
     /**
@@ -630,7 +631,8 @@ typedef struct lowvram_run_report {
      */
     uint64_t bytes_streamed;
     /**
-     * Bytes of the model resident when the run ended, and of all its weights.
+     * Device bytes of the model resident when the run ended (compute dtype), and bytes of all its weights
+     * (storage dtype): with an fp16 file computed in f32 the first may exceed the second.
      */
     uint64_t resident_bytes;
     uint64_t model_bytes;

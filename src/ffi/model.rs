@@ -50,7 +50,8 @@ pub struct lowvram_model_info {
     pub kind: u32,
     /// Bytes of all weights, in their storage dtype.
     pub total_bytes: u64,
-    /// Bytes resident on the device now.
+    /// Device bytes resident now, in the compute dtype: weights are converted once when placed, so an fp16 file
+    /// computed in f32 takes twice its storage bytes and this may exceed `total_bytes`.
     pub resident_bytes: u64,
     /// Number of blocks (the unit of residency and streaming).
     pub block_count: u32,

@@ -110,7 +110,8 @@ pub struct lowvram_run_report {
     pub peak_device_bytes: u64,
     /// Bytes copied to the device for non-resident blocks during the run.
     pub bytes_streamed: u64,
-    /// Bytes of the model resident when the run ended, and of all its weights.
+    /// Device bytes of the model resident when the run ended (compute dtype), and bytes of all its weights
+    /// (storage dtype): with an fp16 file computed in f32 the first may exceed the second.
     pub resident_bytes: u64,
     pub model_bytes: u64,
     /// Working memory reserved for the run (max of `device_working_mem_gb` and the op's estimate).

@@ -337,7 +337,7 @@ pub trait Target {
     fn name(&self) -> &'static str;
     fn seeds(&mut self) -> Vec<Vec<u8>>;
     fn mutate(&mut self, input: &mut Vec<u8>, corpus: &[Vec<u8>], rng: &mut Rng);
-    /// Run one input. `avoid_known`: stay clear of the open findings listed in `known.rs`.
+    /// Run one input. `avoid_known`: stay clear of the findings listed in `known.rs`.
     fn run(&mut self, input: &[u8], avoid_known: bool) -> Outcome;
 }
 
@@ -671,11 +671,7 @@ pub fn supervise(target: &str, a: &SupervisorArgs) -> Summary {
             .args(["--mem-mb", &a.mem_mb.to_string()])
             .args(["--out", &a.out_dir.display().to_string()])
             .args(["--leak-rounds", &a.leak_rounds.to_string()])
-            .args(if a.avoid_known {
-                &[][..]
-            } else {
-                &["--include-known"][..]
-            })
+            .args(if a.avoid_known { &["--avoid-known"][..] } else { &[][..] })
             .env("RAYON_NUM_THREADS", "1")
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())

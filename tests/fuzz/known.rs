@@ -1,9 +1,6 @@
-//! Open findings: inputs that crash, hang or break the contract today, reported to the lead with a regression
-//! test each in tests/fuzz_regressions.rs (`#[ignore]`d until the fix lands). By default the targets steer clear
-//! of them, so a run measures everything else and the CI smoke run stays meaningful; `--include-known` (what
-//! scripts/fuzz.sh --include-known passes) generates them too, to confirm they are still found.
-//!
-//! When a fix lands: un-ignore its regression test and delete its predicate here.
+//! Generators of the inputs behind the harness's findings (each has a regression test in
+//! tests/fuzz_regressions.rs). All of them are fixed, so by default the targets generate these hostile inputs too;
+//! while a finding is open, `--avoid-known` steers clear of its predicate so a run measures everything else.
 
 use lowvram::models::{UNetConfig, VaeConfig};
 use lowvram::sampling::SchedulerConfig;

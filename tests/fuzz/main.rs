@@ -9,7 +9,7 @@
 //!   --target NAME[,NAME]   targets to run (default: all)
 //!   --seconds S            seconds per target (default: the smoke run's LOWVRAM_FUZZ_SMOKE_SECONDS or 2)
 //!   --execs N              stop a target after N executions
-//!   --seed N               first seed (a restarted worker takes the next)   --include-known   see known.rs
+//!   --seed N               first seed (a restarted worker takes the next)   --avoid-known   see known.rs
 //!   --out DIR              crash and finding inputs, worker logs (default target/fuzz)
 //!   --hang-ms MS --mem-mb MB --max-restarts N   hang limit per input, address-space cap per worker, restarts
 //!   --leak-rounds N        after the budget, replay up to 256 corpus inputs N times: RSS must stay flat
@@ -71,7 +71,9 @@ fn main() {
     );
     let max_execs = num("--execs", u64::MAX as f64) as u64;
     let seed = num("--seed", 1.0) as u64;
-    let avoid_known = !args.iter().any(|a| a == "--include-known");
+    // Every finding in known.rs is fixed, so runs generate those inputs too; `--avoid-known` steers clear of the
+    // open ones when there are some (`--include-known` is still accepted and is the default).
+    let avoid_known = args.iter().any(|a| a == "--avoid-known");
     let out_dir =
         PathBuf::from(value("--out").unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/target/fuzz").into()));
     std::fs::create_dir_all(&out_dir).expect("output folder");
