@@ -1,10 +1,13 @@
 //! Weights: where every tensor of a checkpoint lives, and the interface models fetch them through.
 
+mod format;
+pub mod gguf;
 mod resident;
 pub mod single_file;
 mod source;
 mod store;
 
+pub use format::{QuantType, StoredFormat};
 pub use resident::ResidentWeights;
 pub use source::{block_key, BlockRule, BlockWeights, TensorSpan, WeightLayout, WeightSource};
 pub use store::{BlockInfo, StagingRing, TensorInfo, TensorLocation, WeightStore};

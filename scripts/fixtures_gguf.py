@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Writes tests/fixtures/gguf/: small GGUF and fp8 safetensors files with their f32 references.
+
+- types.gguf: one tensor of every supported GGML type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 quantised by
+  gguf-py; Q2_K..Q6_K as valid random blocks with finite fp16 scales, which gguf-py cannot quantise), each in its own
+  block `transformer_blocks.N` beside an F32 bias, under City96's `model.diffusion_model.` prefix, with
+  `general.architecture = flux`. Row counts are odd, some tensors span several rows of blocks, two are large enough
+  (> 64 Ki elements) to be split over threads.
+- types_ref.safetensors: gguf-py 0.19.0's `gguf.quants.dequantize` of every tensor, f32, under the stripped names.
+- unsupported.gguf: an IQ4_XS tensor (must be refused by name).
+- fp8.safetensors / fp8_ref.safetensors: every byte value as F8_E4M3 and F8_E5M2 tensors, and their torch f32 casts.
+
+Deterministic (seeded); no downloads. Environment: scripts/requirements-fixtures.txt (gguf==0.19.0).
+"""
+import os
+
+import numpy as np
+import torch
+import gguf
+from gguf import GGMLQuantizationType as T
+from gguf.quants import quantize, dequantize
+from safetensors.numpy import save_file as save_np
+from safetensors.torch import save_file as save_torch
+
+OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "gguf")
+rng = np.random.default_rng(16)
+
+# (type, shape row-major) - rows are multiples of the block size; odd row counts.
+CASES = [
+    (T.F32, (3, 40)),
+    (T.F16, (5, 24)),
+    (T.BF16, (7, 16)),
+    (T.Q8_0, (70, 1024)),  # > 64 Ki elements: the parallel path
+    (T.Q4_0, (5, 96)),
+    (T.Q4_1, (3, 64)),
+    (T.Q5_0, (7, 32)),
+    (T.Q5_1, (5, 160)),
+    (T.Q2_K, (3, 512)),
+    (T.Q3_K, (5, 256)),
+    (T.Q4_K, (33, 2048)),  # > 64 Ki elements
+    (T.Q5_K, (3, 768)),
+    (T.Q6_K, (5, 256)),
+]
+
+
+def random_f16_scales(n):
+    # finite, moderate fp16 scales (both signs for d-type fields would be legal; keep positive like real files)
+    return rng.uniform(1e-3, 5e-2, size=n).astype(np.float16).view(np.uint8).reshape(n, 2)
+
+
+def k_blocks(qtype, n):
+    """n random but valid blocks of a K type, laid out as ggml-common.h does."""
+    r = lambda k: rng.integers(0, 256, size=(n, k), dtype=np.uint8)
+    if qtype == T.Q2_K:  # scales[16], qs[64], d, dmin
+        return np.concatenate([r(16), r(64), random_f16_scales(n), random_f16_scales(n)], axis=1)
+    if qtype == T.Q3_K:  # hmask[32], qs[64], scales[12], d
+        return np.concatenate([r(32), r(64), r(12), random_f16_scales(n)], axis=1)
+    if qtype == T.Q4_K:  # d, dmin, scales[12], qs[128]
+        return np.concatenate([random_f16_scales(n), random_f16_scales(n), r(12), r(128)], axis=1)
+    if qtype == T.Q5_K:  # d, dmin, scales[12], qh[32], qs[128]
+        return np.concatenate([random_f16_scales(n), random_f16_scales(n), r(12), r(32), r(128)], axis=1)
+    if qtype == T.Q6_K:  # ql[128], qh[64], scales[16] (int8), d
+        return np.concatenate([r(128), r(64), r(16), random_f16_scales(n)], axis=1)
+    raise ValueError(qtype)
+
+
+def stored(qtype, shape):
+    """(raw array to write, f32 reference) for one case."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    if qtype == T.F32:
+        return x, x
+    if qtype == T.F16:
+        h = x.astype(np.float16)
+        return h, dequantize(h, T.F16)
+    if qtype in (T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1):
+        q = quantize(x, qtype)
+        return q, dequantize(q, qtype).reshape(shape)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = shape
+    q = k_blocks(qtype, rows * cols // block).reshape(rows, cols // block * size)
+    return q, dequantize(q, qtype).reshape(shape)
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    w = gguf.GGUFWriter(os.path.join(OUT, "types.gguf"), "flux")
+    w.add_string("comfy.note", "lowvram GGUF type fixture")
+    refs = {}
+    for i, (qtype, shape) in enumerate(CASES):
+        raw, ref = stored(qtype, shape)
+        name = f"transformer_blocks.{i}.{qtype.name.lower()}.weight"
+        bias = f"transformer_blocks.{i}.{qtype.name.lower()}.bias"
+        w.add_tensor("model.diffusion_model." + name, raw, raw_dtype=qtype)
+        b = rng.standard_normal(shape[0]).astype(np.float32)
+        w.add_tensor("model.diffusion_model." + bias, b)
+        refs[name] = np.ascontiguousarray(ref.astype(np.float32))
+        refs[bias] = b
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    save_np(refs, os.path.join(OUT, "types_ref.safetensors"))
+
+    u = gguf.GGUFWriter(os.path.join(OUT, "unsupported.gguf"), "flux")
+    block, size = gguf.GGML_QUANT_SIZES[T.IQ4_XS]
+    u.add_tensor("blocks.0.iq.weight", rng.integers(0, 256, size=(2, size), dtype=np.uint8), raw_dtype=T.IQ4_XS)
+    u.add_tensor("blocks.0.ok.weight", rng.standard_normal((2, 8)).astype(np.float32))
+    u.write_header_to_file()
+    u.write_kv_data_to_file()
+    u.write_tensors_to_file()
+    u.close()
+
+    every = torch.arange(256, dtype=torch.uint8).reshape(8, 32)
+    fp8 = {
+        "transformer_blocks.0.e4m3.weight": every.clone().view(torch.float8_e4m3fn),
+        "transformer_blocks.0.e4m3.bias": torch.linspace(-1, 1, 8, dtype=torch.float32),
+        "transformer_blocks.1.e5m2.weight": every.clone().view(torch.float8_e5m2),
+        "transformer_blocks.1.e5m2.bias": torch.linspace(-2, 2, 8, dtype=torch.float32),
+    }
+    save_torch(fp8, os.path.join(OUT, "fp8.safetensors"))
+    save_torch({k: v.to(torch.float32).contiguous() for k, v in fp8.items()}, os.path.join(OUT, "fp8_ref.safetensors"))
+
+
+if __name__ == "__main__":
+    main()
