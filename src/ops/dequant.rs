@@ -38,6 +38,8 @@ pub fn dequantize(bytes: &Tensor, format: StoredFormat, shape: &[usize], dtype: 
         )));
     }
     match bytes.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => crate::ops::cuda::dequant::dequantize(bytes, format, shape, dtype),
         Device::Cpu => {
             let bytes = bytes.contiguous()?;
             let (storage, layout) = bytes.storage_and_layout();
