@@ -178,3 +178,213 @@ fn corrupt_or_truncated_gguf_headers_give_errors_never_panics() {
         check(&f);
     }
 }
+
+mod memory_support;
+
+use lowvram::memory::ModelCache;
+use lowvram::weights::{WeightSource, WeightStore};
+
+/// Every tensor of every block of `src` (fetched in file order, each dequantised by `get`), as f32 bits.
+fn fetch_all(src: &dyn WeightSource, store: &WeightStore) -> HashMap<String, Vec<u32>> {
+    let mut out = HashMap::new();
+    for b in store.blocks() {
+        let w = src.fetch(&b.key).unwrap();
+        for &ti in &b.tensors {
+            let t = &store.tensors()[ti];
+            let got = w.get(&t.rel_name).unwrap();
+            assert_eq!(got.dims(), t.shape.as_slice(), "{}", t.name);
+            assert_eq!(got.dtype(), src.dtype(), "{}: compute dtype", t.name);
+            out.insert(t.name.clone(), bits(&got));
+        }
+        drop(w);
+    }
+    out
+}
+
+fn cache_config(device: &str, keep_ram_copy: bool, compute: &str) -> lowvram::config::Config {
+    let mut c = memory_support::config(device, 64 << 10);
+    c.set("keep_ram_copy_of_weights", if keep_ram_copy { "true" } else { "false" }).unwrap();
+    c.set("compute_dtype", compute).unwrap();
+    c
+}
+
+/// The store keeps GGUF quantised tensors in their stored form: a block's storage and device bytes are the file's
+/// bytes, never the dequantised size; dense tensors (the F32 biases, the F32/F16/BF16 weights) convert as usual.
+#[test]
+fn a_gguf_store_counts_stored_bytes() {
+    let path = fixture("types.gguf");
+    let file = std::fs::read(&path).unwrap();
+    let h = GgufHeader::parse(&file).unwrap();
+    let store = WeightStore::open(&path, None, DType::F32).unwrap();
+    assert_eq!(store.tensors().len(), h.tensors.len());
+    let file_bytes: u64 = h.tensors.iter().map(|t| t.bytes.len() as u64).sum();
+    assert_eq!(store.total_bytes(), file_bytes, "storage = the file's tensor bytes");
+    for b in store.blocks() {
+        let stored: u64 = b.tensors.iter().map(|&t| store.tensors()[t].storage_bytes()).sum();
+        assert_eq!(b.storage_bytes, stored);
+        let mut compute = 0u64;
+        for &ti in &b.tensors {
+            let t = &store.tensors()[ti];
+            let g = h.tensors.iter().find(|g| g.name == t.name).unwrap();
+            assert_eq!(t.storage_bytes(), g.bytes.len() as u64, "{}", t.name);
+            compute += match g.kind {
+                GgufKind::Stored(f) => {
+                    assert_eq!(t.stored_format(), Some(f));
+                    g.bytes.len() as u64
+                }
+                GgufKind::Dense(_) => (t.elem_count() * 4) as u64,
+            };
+        }
+        assert_eq!(b.compute_bytes, compute, "{}: quantised tensors stay stored on the device", b.key);
+    }
+}
+
+/// A quantised GGUF streamed on a tight `emulated:` device, with and without the RAM copy: bytes streamed per forward
+/// = stored bytes − resident, and every fetched (dequantised) tensor is bit-identical to an unbudgeted run, which is
+/// itself bit-identical to gguf-py's dequantisation.
+#[test]
+fn a_quantised_gguf_streams_its_stored_bytes_and_fetches_identical_tensors() {
+    let path = fixture("types.gguf");
+    let refs = refs("types_ref.safetensors");
+    let store = WeightStore::open(&path, None, DType::F32).unwrap();
+    let total = store.total_bytes();
+    let max_block = store.blocks().iter().map(|b| b.storage_bytes).max().unwrap();
+
+    let big = ModelCache::new(cache_config(&format!("emulated:{}", (64 << 10) + 4 * total), true, "fp32")).unwrap();
+    let m = big.load_model(&path, "types").unwrap();
+    let l = big.lock(&m, 0).unwrap();
+    let reference = fetch_all(&l, &store);
+    assert_eq!(l.bytes_streamed(), 0, "everything resident");
+    for (name, v) in &reference {
+        assert_eq!(v, &bits(&refs[name]), "{name}: unbudgeted fetch vs gguf-py");
+    }
+    drop((l, m, big));
+
+    for keep_ram_copy in [true, false] {
+        let budget = (64 << 10) + max_block + total / 5;
+        let cache = ModelCache::new(cache_config(&format!("emulated:{budget}"), keep_ram_copy, "fp32")).unwrap();
+        let m = cache.load_model(&path, "types").unwrap();
+        let l = cache.lock(&m, 0).unwrap();
+        let got = fetch_all(&l, &store);
+        assert_eq!(got, reference, "streamed fetches (ram copy {keep_ram_copy})");
+        let resident: u64 = m
+            .resident_blocks()
+            .iter()
+            .map(|k| store.blocks()[store.block_index(k).unwrap()].storage_bytes)
+            .sum();
+        assert!(resident > 0 && resident < total, "a partial plan ({resident} of {total} resident)");
+        assert_eq!(l.bytes_streamed(), total - resident, "bytes streamed = stored bytes − resident");
+        assert_eq!(m.streamed_bytes_per_forward(), total - resident);
+    }
+}
+
+/// In f16 and bf16 compute the fetched tensors are gguf-py's values rounded to nearest even.
+#[test]
+fn quantised_tensors_dequantise_into_the_compute_dtype() {
+    let path = fixture("types.gguf");
+    let refs = refs("types_ref.safetensors");
+    for (dtype, name) in [(DType::F16, "fp16"), (DType::BF16, "bf16")] {
+        let store = WeightStore::open(&path, None, dtype).unwrap();
+        let cache = ModelCache::new(cache_config("emulated:1GiB", true, name)).unwrap();
+        let m = cache.load_model(&path, "types").unwrap();
+        let l = cache.lock(&m, 0).unwrap();
+        for (n, v) in fetch_all(&l, &store) {
+            assert_eq!(v, bits(&refs[&n].to_dtype(dtype).unwrap()), "{n} as {dtype:?}");
+        }
+    }
+}
+
+/// fp8 safetensors (E4M3 and E5M2) are held as bytes and dequantised on fetch, exactly as torch casts them.
+#[test]
+fn fp8_safetensors_are_held_as_bytes_and_fetched_exactly() {
+    let path = fixture("fp8.safetensors");
+    let refs = refs("fp8_ref.safetensors");
+    let store = WeightStore::open(&path, None, DType::F32).unwrap();
+    let weights: u64 = 2 * 256;
+    let biases: u64 = 2 * 8 * 4;
+    assert_eq!(store.total_bytes(), weights + biases, "one byte per fp8 weight");
+    for keep_ram_copy in [true, false] {
+        let cache = ModelCache::new(cache_config(&format!("emulated:{}", (64 << 10) + 300), keep_ram_copy, "fp32")).unwrap();
+        let m = cache.load_model(&path, "fp8").unwrap();
+        let l = cache.lock(&m, 0).unwrap();
+        for (n, v) in fetch_all(&l, &store) {
+            let want = bits(&refs[&n]);
+            for (i, (a, b)) in v.iter().zip(&want).enumerate() {
+                let nan = f32::from_bits(*a).is_nan() && f32::from_bits(*b).is_nan();
+                assert!(a == b || nan, "{n}[{i}]");
+            }
+        }
+        assert!(l.bytes_streamed() > 0, "the tight budget streams");
+    }
+}
+
+/// Spans over a GGUF file (how llama.cpp-style T5 names and fused FLUX rows are mapped): a quantised tensor renamed,
+/// and one made of row ranges of a quantised tensor concatenated in another order (rows of quantised blocks
+/// concatenate as bytes), both fetched dequantised and equal to the reference rows.
+#[test]
+fn spans_over_a_gguf_rename_and_concatenate_quantised_rows() {
+    use lowvram::weights::{FilePart, TensorSpan, WeightLayout};
+    let path = fixture("types.gguf");
+    let file = std::fs::read(&path).unwrap();
+    let h = GgufHeader::parse(&file).unwrap();
+    let refs = refs("types_ref.safetensors");
+    let q4k = h.tensors.iter().find(|t| t.name.ends_with("q4_k.weight")).unwrap();
+    let q40 = h.tensors.iter().find(|t| t.name.ends_with("q4_0.weight")).unwrap();
+    let bias = h.tensors.iter().find(|t| t.name.ends_with("q4_0.bias")).unwrap();
+    let row = q40.bytes.len() / q40.shape[0]; // 5 rows of 96 elements: 3 Q4_0 blocks each
+    let swapped = vec![
+        FilePart::of(q40.bytes.start + 3 * row..q40.bytes.end),
+        FilePart::of(q40.bytes.start..q40.bytes.start + 3 * row),
+    ];
+    let span = |name: &str, dtype: DType, shape: &[usize], parts: Vec<FilePart>| TensorSpan {
+        name: name.to_string(),
+        dtype,
+        shape: shape.to_vec(),
+        parts,
+        transposed: false,
+    };
+    let spans = vec![
+        span("enc.0.ffn.weight", DType::U8, &q4k.shape, vec![FilePart::of(q4k.bytes.clone())]),
+        span("enc.1.swapped.weight", DType::U8, &q40.shape, swapped),
+        span("enc.1.swapped.bias", DType::F32, &bias.shape, vec![FilePart::of(bias.bytes.clone())]),
+    ];
+    fn rule(name: &str) -> &str {
+        let end = name.match_indices('.').nth(1).map_or(name.len(), |(i, _)| i);
+        &name[..end]
+    }
+    let layout = WeightLayout { view: "renamed".into(), rule, spans: Some(std::sync::Arc::new(spans)) };
+    let store = WeightStore::open_with(&path, &layout, None, DType::F32).unwrap();
+    assert_eq!(store.total_bytes(), (q4k.bytes.len() + q40.bytes.len() + bias.bytes.len()) as u64);
+    let cache = ModelCache::new(cache_config("emulated:1GiB", false, "fp32")).unwrap();
+    let m = cache.load_model_as(&path, "renamed", &layout).unwrap();
+    let l = cache.lock(&m, 0).unwrap();
+    let got = fetch_all(&l, &store);
+    assert_eq!(got["enc.0.ffn.weight"], bits(&refs[&q4k.name]));
+    let r = &refs[&q40.name];
+    let want = Tensor::cat(&[r.narrow(0, 3, 2).unwrap(), r.narrow(0, 0, 3).unwrap()], 0).unwrap();
+    assert_eq!(got["enc.1.swapped.weight"], bits(&want));
+    assert_eq!(got["enc.1.swapped.bias"], bits(&refs[&bias.name]));
+
+    // A span whose bytes do not hold whole blocks of its shape is a format error.
+    let bad = vec![span("x.y.weight", DType::U8, &[5, 95], vec![FilePart::of(q40.bytes.clone())])];
+    let layout = WeightLayout { view: "bad".into(), rule, spans: Some(std::sync::Arc::new(bad)) };
+    assert!(WeightStore::open_with(&path, &layout, None, DType::F32).is_err());
+}
+
+#[test]
+fn stores_refuse_unsupported_gguf_types_and_scaled_fp8_by_name() {
+    let err = WeightStore::open(&fixture("unsupported.gguf"), None, DType::F32).err().unwrap().to_string();
+    assert!(err.contains("unsupported.gguf") && err.contains("IQ4_XS") && err.contains("blocks.0.iq.weight"), "{err}");
+
+    let dir = memory_support::TempDir::new("scaled-fp8");
+    let path = dir.path().join("scaled.safetensors");
+    let w = [0x38u8; 64];
+    let s = 0.5f32.to_le_bytes();
+    let views = vec![
+        ("blocks.0.w.weight", safetensors::tensor::TensorView::new(safetensors::Dtype::F8_E4M3, vec![8, 8], &w).unwrap()),
+        ("blocks.0.w.scale_weight", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &s).unwrap()),
+    ];
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    let err = WeightStore::open(&path, None, DType::F32).err().unwrap().to_string();
+    assert!(err.contains("scale_weight") && err.contains("scaled fp8"), "{err}");
+}

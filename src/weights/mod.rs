@@ -10,6 +10,6 @@ mod store;
 
 pub use format::{QuantType, StoredFormat};
 pub use resident::ResidentWeights;
-pub use source::{block_key, BlockRule, BlockWeights, FilePart, TensorSpan, WeightLayout, WeightSource};
+pub use source::{block_key, BlockRule, BlockWeights, FilePart, StoredTensors, TensorSpan, WeightLayout, WeightSource};
 pub use shards::{find_weights, is_index, shard_files};
 pub use store::{BlockInfo, StagingRing, TensorInfo, TensorLocation, WeightStore};

@@ -13,10 +13,11 @@ pub(super) fn block_costs(store: &WeightStore, cuda: bool) -> Vec<BlockCost> {
         .blocks()
         .iter()
         .map(|b| {
-            let converts = b
-                .tensors
-                .iter()
-                .any(|&t| store.tensors()[t].storage_dtype != compute);
+            // Tensors in a stored format (GGUF quantised, fp8) are not converted: they stay stored on the device.
+            let converts = b.tensors.iter().any(|&t| {
+                let t = &store.tensors()[t];
+                t.stored_format().is_none() && t.storage_dtype != compute
+            });
             match (converts, cuda) {
                 (false, _) => BlockCost::same_dtype(b.storage_bytes),
                 (true, false) => BlockCost {
