@@ -203,7 +203,8 @@ fn fetch_all(src: &dyn WeightSource, store: &WeightStore) -> HashMap<String, Vec
 
 fn cache_config(device: &str, keep_ram_copy: bool, compute: &str) -> lowvram::config::Config {
     let mut c = memory_support::config(device, 64 << 10);
-    c.set("keep_ram_copy_of_weights", if keep_ram_copy { "true" } else { "false" }).unwrap();
+    c.set("keep_ram_copy_of_weights", if keep_ram_copy { "true" } else { "false" })
+        .unwrap();
     c.set("compute_dtype", compute).unwrap();
     c
 }
@@ -216,6 +217,8 @@ fn a_gguf_store_counts_stored_bytes() {
     let file = std::fs::read(&path).unwrap();
     let h = GgufHeader::parse(&file).unwrap();
     let store = WeightStore::open(&path, None, DType::F32).unwrap();
+    assert!(lowvram::weights::gguf::is_gguf_file(&path));
+    assert_eq!(store.gguf_architecture(), Some("flux"));
     assert_eq!(store.tensors().len(), h.tensors.len());
     let file_bytes: u64 = h.tensors.iter().map(|t| t.bytes.len() as u64).sum();
     assert_eq!(store.total_bytes(), file_bytes, "storage = the file's tensor bytes");
@@ -235,7 +238,11 @@ fn a_gguf_store_counts_stored_bytes() {
                 GgufKind::Dense(_) => (t.elem_count() * 4) as u64,
             };
         }
-        assert_eq!(b.compute_bytes, compute, "{}: quantised tensors stay stored on the device", b.key);
+        assert_eq!(
+            b.compute_bytes, compute,
+            "{}: quantised tensors stay stored on the device",
+            b.key
+        );
     }
 }
 
@@ -250,7 +257,12 @@ fn a_quantised_gguf_streams_its_stored_bytes_and_fetches_identical_tensors() {
     let total = store.total_bytes();
     let max_block = store.blocks().iter().map(|b| b.storage_bytes).max().unwrap();
 
-    let big = ModelCache::new(cache_config(&format!("emulated:{}", (64 << 10) + 4 * total), true, "fp32")).unwrap();
+    let big = ModelCache::new(cache_config(
+        &format!("emulated:{}", (64 << 10) + 4 * total),
+        true,
+        "fp32",
+    ))
+    .unwrap();
     let m = big.load_model(&path, "types").unwrap();
     let l = big.lock(&m, 0).unwrap();
     let reference = fetch_all(&l, &store);
@@ -272,8 +284,15 @@ fn a_quantised_gguf_streams_its_stored_bytes_and_fetches_identical_tensors() {
             .iter()
             .map(|k| store.blocks()[store.block_index(k).unwrap()].storage_bytes)
             .sum();
-        assert!(resident > 0 && resident < total, "a partial plan ({resident} of {total} resident)");
-        assert_eq!(l.bytes_streamed(), total - resident, "bytes streamed = stored bytes − resident");
+        assert!(
+            resident > 0 && resident < total,
+            "a partial plan ({resident} of {total} resident)"
+        );
+        assert_eq!(
+            l.bytes_streamed(),
+            total - resident,
+            "bytes streamed = stored bytes − resident"
+        );
         assert_eq!(m.streamed_bytes_per_forward(), total - resident);
     }
 }
@@ -304,7 +323,12 @@ fn fp8_safetensors_are_held_as_bytes_and_fetched_exactly() {
     let biases: u64 = 2 * 8 * 4;
     assert_eq!(store.total_bytes(), weights + biases, "one byte per fp8 weight");
     for keep_ram_copy in [true, false] {
-        let cache = ModelCache::new(cache_config(&format!("emulated:{}", (64 << 10) + 300), keep_ram_copy, "fp32")).unwrap();
+        let cache = ModelCache::new(cache_config(
+            &format!("emulated:{}", (64 << 10) + 300),
+            keep_ram_copy,
+            "fp32",
+        ))
+        .unwrap();
         let m = cache.load_model(&path, "fp8").unwrap();
         let l = cache.lock(&m, 0).unwrap();
         for (n, v) in fetch_all(&l, &store) {
@@ -344,17 +368,34 @@ fn spans_over_a_gguf_rename_and_concatenate_quantised_rows() {
         transposed: false,
     };
     let spans = vec![
-        span("enc.0.ffn.weight", DType::U8, &q4k.shape, vec![FilePart::of(q4k.bytes.clone())]),
+        span(
+            "enc.0.ffn.weight",
+            DType::U8,
+            &q4k.shape,
+            vec![FilePart::of(q4k.bytes.clone())],
+        ),
         span("enc.1.swapped.weight", DType::U8, &q40.shape, swapped),
-        span("enc.1.swapped.bias", DType::F32, &bias.shape, vec![FilePart::of(bias.bytes.clone())]),
+        span(
+            "enc.1.swapped.bias",
+            DType::F32,
+            &bias.shape,
+            vec![FilePart::of(bias.bytes.clone())],
+        ),
     ];
     fn rule(name: &str) -> &str {
         let end = name.match_indices('.').nth(1).map_or(name.len(), |(i, _)| i);
         &name[..end]
     }
-    let layout = WeightLayout { view: "renamed".into(), rule, spans: Some(std::sync::Arc::new(spans)) };
+    let layout = WeightLayout {
+        view: "renamed".into(),
+        rule,
+        spans: Some(std::sync::Arc::new(spans)),
+    };
     let store = WeightStore::open_with(&path, &layout, None, DType::F32).unwrap();
-    assert_eq!(store.total_bytes(), (q4k.bytes.len() + q40.bytes.len() + bias.bytes.len()) as u64);
+    assert_eq!(
+        store.total_bytes(),
+        (q4k.bytes.len() + q40.bytes.len() + bias.bytes.len()) as u64
+    );
     let cache = ModelCache::new(cache_config("emulated:1GiB", false, "fp32")).unwrap();
     let m = cache.load_model_as(&path, "renamed", &layout).unwrap();
     let l = cache.lock(&m, 0).unwrap();
@@ -366,25 +407,72 @@ fn spans_over_a_gguf_rename_and_concatenate_quantised_rows() {
     assert_eq!(got["enc.1.swapped.bias"], bits(&refs[&bias.name]));
 
     // A span whose bytes do not hold whole blocks of its shape is a format error.
-    let bad = vec![span("x.y.weight", DType::U8, &[5, 95], vec![FilePart::of(q40.bytes.clone())])];
-    let layout = WeightLayout { view: "bad".into(), rule, spans: Some(std::sync::Arc::new(bad)) };
+    let bad = vec![span(
+        "x.y.weight",
+        DType::U8,
+        &[5, 95],
+        vec![FilePart::of(q40.bytes.clone())],
+    )];
+    let layout = WeightLayout {
+        view: "bad".into(),
+        rule,
+        spans: Some(std::sync::Arc::new(bad)),
+    };
     assert!(WeightStore::open_with(&path, &layout, None, DType::F32).is_err());
 }
 
 #[test]
 fn stores_refuse_unsupported_gguf_types_and_scaled_fp8_by_name() {
-    let err = WeightStore::open(&fixture("unsupported.gguf"), None, DType::F32).err().unwrap().to_string();
-    assert!(err.contains("unsupported.gguf") && err.contains("IQ4_XS") && err.contains("blocks.0.iq.weight"), "{err}");
+    let err = WeightStore::open(&fixture("unsupported.gguf"), None, DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("unsupported.gguf") && err.contains("IQ4_XS") && err.contains("blocks.0.iq.weight"),
+        "{err}"
+    );
 
     let dir = memory_support::TempDir::new("scaled-fp8");
     let path = dir.path().join("scaled.safetensors");
     let w = [0x38u8; 64];
     let s = 0.5f32.to_le_bytes();
     let views = vec![
-        ("blocks.0.w.weight", safetensors::tensor::TensorView::new(safetensors::Dtype::F8_E4M3, vec![8, 8], &w).unwrap()),
-        ("blocks.0.w.scale_weight", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &s).unwrap()),
+        (
+            "blocks.0.w.weight",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F8_E4M3, vec![8, 8], &w).unwrap(),
+        ),
+        (
+            "blocks.0.w.scale_weight",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &s).unwrap(),
+        ),
     ];
     safetensors::serialize_to_file(views, None, &path).unwrap();
     let err = WeightStore::open(&path, None, DType::F32).err().unwrap().to_string();
     assert!(err.contains("scale_weight") && err.contains("scaled fp8"), "{err}");
+}
+
+/// Truncated GGUF files (cut in the header and in the tensor data) opened as stores give format errors, never panics.
+#[test]
+fn truncated_gguf_files_give_format_errors_when_opened() {
+    let file = std::fs::read(fixture("types.gguf")).unwrap();
+    let data_end = GgufHeader::parse(&file)
+        .unwrap()
+        .tensors
+        .iter()
+        .map(|t| t.bytes.end)
+        .max()
+        .unwrap();
+    let dir = memory_support::TempDir::new("gguf-cut");
+    for (i, cut) in [0, 3, 4, 8, 23, 100, 1000, 2463, 2464, 5000, 80000, data_end - 1]
+        .into_iter()
+        .enumerate()
+    {
+        let path = dir.path().join(format!("cut{i}.gguf"));
+        std::fs::write(&path, &file[..cut]).unwrap();
+        match WeightStore::open(&path, None, DType::F32) {
+            Err(lowvram::Error::Format(_)) => {}
+            Err(e) => panic!("cut at {cut}: {e} is not a format error"),
+            Ok(_) => panic!("cut at {cut} opened"),
+        }
+    }
 }

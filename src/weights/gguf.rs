@@ -232,6 +232,16 @@ pub fn is_gguf(bytes: &[u8]) -> bool {
     bytes.len() >= 4 && &bytes[..4] == GGUF_MAGIC
 }
 
+/// Whether the file at `path` starts like a GGUF file (false when it cannot be read).
+pub fn is_gguf_file(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && is_gguf(&magic)
+}
+
 impl GgufHeader {
     /// Parse the header of the GGUF file whose bytes are `file` (the whole mapping: tensor ranges are checked against
     /// its length). Corrupt or truncated files give [`Error::Format`]; tensors of types without a decoder give

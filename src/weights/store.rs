@@ -217,6 +217,8 @@ pub struct WeightStore {
     index: HashMap<String, usize>,
     /// Per block, its tensors in a stored format (what `BlockWeights::get` dequantises), None when it has none.
     stored: Vec<Option<Arc<StoredTensors>>>,
+    /// A GGUF file's `general.architecture` (`flux`, `sd1`, `t5encoder`, ...).
+    architecture: Option<String>,
     compute_dtype: DType,
     ram: Mutex<Option<Arc<Vec<HashMap<String, Tensor>>>>>,
     /// The RAM copy's registration as pinned memory (CUDA, `pin_memory`); dropped before the copy.
@@ -540,6 +542,7 @@ impl WeightStore {
             blocks,
             index,
             stored,
+            architecture: gguf.as_ref().and_then(|h| h.architecture()).map(str::to_string),
             compute_dtype: compute,
             ram: Mutex::new(None),
             pinned: Mutex::new(None),
@@ -570,6 +573,11 @@ impl WeightStore {
     /// The dtype fetches return.
     pub fn compute_dtype(&self) -> DType {
         self.compute_dtype
+    }
+    /// A GGUF file's `general.architecture` (`flux`, `sd1`, `t5encoder`, ...); None for safetensors and for GGUF
+    /// files without one (stable-diffusion.cpp conversions).
+    pub fn gguf_architecture(&self) -> Option<&str> {
+        self.architecture.as_deref()
     }
     /// Block `b`'s tensors in a stored format (GGUF quantised, fp8), which its fetched `BlockWeights` dequantise on
     /// `get` ([`crate::weights::BlockWeights::with_stored`]); None when it has none.
