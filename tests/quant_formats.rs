@@ -360,6 +360,10 @@ fn spans_over_a_gguf_rename_and_concatenate_quantised_rows() {
         FilePart::of(q40.bytes.start + 3 * row..q40.bytes.end),
         FilePart::of(q40.bytes.start..q40.bytes.start + 3 * row),
     ];
+    // GgufTensor's span helpers build the same spans.
+    let mut by_helper = q40.rows_span("enc.1.swapped.weight", 3..5);
+    by_helper.parts.extend(q40.rows_span("", 0..3).parts);
+    by_helper.shape = q40.shape.clone();
     let span = |name: &str, dtype: DType, shape: &[usize], parts: Vec<FilePart>| TensorSpan {
         name: name.to_string(),
         dtype,
@@ -382,6 +386,10 @@ fn spans_over_a_gguf_rename_and_concatenate_quantised_rows() {
             vec![FilePart::of(bias.bytes.clone())],
         ),
     ];
+    assert_eq!(spans[0], q4k.span("enc.0.ffn.weight"));
+    assert_eq!(spans[1], by_helper);
+    assert_eq!(spans[2], bias.span("enc.1.swapped.bias"));
+    assert_eq!(GgufHeader::read_file(&path).unwrap().tensors.len(), h.tensors.len());
     fn rule(name: &str) -> &str {
         let end = name.match_indices('.').nth(1).map_or(name.len(), |(i, _)| i);
         &name[..end]

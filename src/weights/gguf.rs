@@ -16,6 +16,7 @@ use candle_core::DType;
 
 use crate::error::{Error, Result};
 use crate::weights::format::{QuantType, StoredFormat};
+use crate::weights::source::{FilePart, TensorSpan};
 
 /// The four bytes a GGUF file starts with.
 pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
@@ -48,6 +49,37 @@ pub struct GgufTensor {
     pub shape: Vec<usize>,
     /// Absolute byte range in the file.
     pub bytes: Range<usize>,
+}
+
+impl GgufTensor {
+    /// This tensor read as `name` (a family's mapping of llama.cpp-style names, e.g. T5's `enc.blk.0.attn_q.weight`
+    /// → `encoder.block.0.layer.0.SelfAttention.q.weight`): a span over its bytes, `U8` for a quantised tensor (the
+    /// store reads the format from the file).
+    pub fn span(&self, name: impl Into<String>) -> TensorSpan {
+        self.rows_span(name, 0..self.shape[0])
+    }
+
+    /// Rows `rows` of this tensor (dimension 0 of its row-major shape) read as `name`: quantised rows are whole
+    /// blocks, so row ranges of several tensors can be concatenated into one span's parts.
+    pub fn rows_span(&self, name: impl Into<String>, rows: Range<usize>) -> TensorSpan {
+        let n = self.shape[0].max(1);
+        let row = self.bytes.len() / n;
+        let mut shape = self.shape.clone();
+        shape[0] = rows.len();
+        let dtype = match self.kind {
+            GgufKind::Dense(d) => d,
+            GgufKind::Stored(_) => DType::U8,
+        };
+        TensorSpan {
+            name: name.into(),
+            dtype,
+            shape,
+            parts: vec![FilePart::of(
+                self.bytes.start + rows.start * row..self.bytes.start + rows.end * row,
+            )],
+            transposed: false,
+        }
+    }
 }
 
 /// A metadata value.
@@ -363,6 +395,19 @@ impl GgufHeader {
             metadata,
             tensors,
             data_offset,
+        })
+    }
+
+    /// Map the file at `path` and parse its header (family detection, building spans); errors name the file.
+    pub fn read_file(path: &std::path::Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: read-only mapping, dropped before returning; like every mmap-based loader we rely on the file not
+        // being truncated meanwhile.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::parse(&mmap).map_err(|e| match e {
+            Error::Format(m) => Error::format(format!("{}: {m}", path.display())),
+            Error::Unsupported(m) => Error::unsupported(format!("{}: {m}", path.display())),
+            e => e,
         })
     }
 
