@@ -427,6 +427,27 @@ fn spans_over_a_gguf_rename_and_concatenate_quantised_rows() {
         spans: Some(std::sync::Arc::new(bad)),
     };
     assert!(WeightStore::open_with(&path, &layout, None, DType::F32).is_err());
+
+    // Parts that cut quantised blocks are a format error even when the total size matches.
+    let cut = vec![span(
+        "x.y.weight",
+        DType::U8,
+        &q40.shape,
+        vec![
+            FilePart::of(q40.bytes.start + 1..q40.bytes.end),
+            FilePart::of(q40.bytes.start..q40.bytes.start + 1),
+        ],
+    )];
+    let layout = WeightLayout {
+        view: "cut".into(),
+        rule,
+        spans: Some(std::sync::Arc::new(cut)),
+    };
+    let err = WeightStore::open_with(&path, &layout, None, DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("whole 18-byte Q4_0 blocks"), "{err}");
 }
 
 #[test]

@@ -279,17 +279,30 @@ fn in_file(path: &Path, e: Error) -> Error {
     }
 }
 
-/// The stored format of span `s`: that of the GGUF tensor(s) its parts lie in (all of one quantised type), or
-/// fp8 for an `F8E4M3` span of a safetensors file; None for a dense span (checked against its dtype as before).
+/// The stored format of span `s`: that of the GGUF tensor(s) its parts lie in (all of one quantised type, each part
+/// whole blocks of its tensor), or fp8 for an `F8E4M3` span of a safetensors file; None for a dense span (checked
+/// against its dtype as before).
 fn span_format(gguf: Option<&GgufHeader>, s: &TensorSpan) -> Result<Option<StoredFormat>> {
     let Some(h) = gguf else {
         return Ok((s.dtype == DType::F8E4M3).then_some(StoredFormat::F8E4M3));
     };
     let mut found: Option<Option<StoredFormat>> = None;
     for p in &s.parts {
-        let kind = h.tensors.iter().find(|t| t.bytes.start <= p.bytes.start && p.bytes.end <= t.bytes.end).map(|t| t.kind);
-        let f = match kind {
-            Some(GgufKind::Stored(f)) => Some(f),
+        let within = h.tensors.iter().find(|t| t.bytes.start <= p.bytes.start && p.bytes.end <= t.bytes.end);
+        let f = match within.map(|t| (t.kind, t.bytes.start)) {
+            Some((GgufKind::Stored(f), start)) => {
+                let bb = f.block_bytes();
+                if (p.bytes.start - start) % bb != 0 || p.bytes.len() % bb != 0 {
+                    return Err(Error::format(format!(
+                        "tensor {}: part {:?} does not hold whole {}-byte {} blocks",
+                        s.name,
+                        p.bytes,
+                        bb,
+                        f.name()
+                    )));
+                }
+                Some(f)
+            }
             _ => None,
         };
         if found.is_some_and(|g| g != f) {
