@@ -5,7 +5,8 @@
   gguf-py; Q2_K..Q6_K as valid random blocks with finite fp16 scales, which gguf-py cannot quantise), each in its own
   block `transformer_blocks.N` beside an F32 bias, under City96's `model.diffusion_model.` prefix, with
   `general.architecture = flux`. Row counts are odd, some tensors span several rows of blocks, two are large enough
-  (> 64 Ki elements) to be split over threads.
+  (> 64 Ki elements) to be split over threads. One more Q8_0 tensor is stored as (9, 32) with City96's
+  `comfy.gguf.orig_shape` metadata giving its [8, 4, 3, 3] shape.
 - types_ref.safetensors: gguf-py 0.19.0's `gguf.quants.dequantize` of every tensor, f32, under the stripped names.
 - unsupported.gguf: an IQ4_XS tensor (must be refused by name).
 - fp8.safetensors / fp8_ref.safetensors: every byte value as F8_E4M3 and F8_E5M2 tensors, and their torch f32 casts.
@@ -95,6 +96,14 @@ def main():
         w.add_tensor("model.diffusion_model." + bias, b)
         refs[name] = np.ascontiguousarray(ref.astype(np.float32))
         refs[bias] = b
+    # City96's SD-style reshape: a [8, 4, 3, 3] conv weight stored as 9 rows of one Q8_0 block each, its shape in
+    # `comfy.gguf.orig_shape.<stored name>`.
+    conv = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    q = quantize(conv.reshape(9, 32), T.Q8_0)
+    name = f"transformer_blocks.{len(CASES)}.conv.weight"
+    w.add_tensor("model.diffusion_model." + name, q, raw_dtype=T.Q8_0)
+    w.add_array("comfy.gguf.orig_shape.model.diffusion_model." + name, [8, 4, 3, 3])
+    refs[name] = np.ascontiguousarray(dequantize(q, T.Q8_0).reshape(8, 4, 3, 3))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -52,6 +52,16 @@ fn every_gguf_type_dequantises_bit_exact_against_gguf_py() {
     let file = std::fs::read(fixture("types.gguf")).unwrap();
     let h = GgufHeader::parse(&file).unwrap();
     assert_eq!(h.architecture(), Some("flux"));
+    let conv = h
+        .tensors
+        .iter()
+        .find(|t| t.name == "transformer_blocks.13.conv.weight")
+        .unwrap();
+    assert_eq!(
+        conv.shape,
+        [8, 4, 3, 3],
+        "comfy.gguf.orig_shape reshapes the stored (9, 32)"
+    );
     let refs = refs("types_ref.safetensors");
     let mut seen = Vec::new();
     for t in &h.tensors {
@@ -80,6 +90,7 @@ fn every_gguf_type_dequantises_bit_exact_against_gguf_py() {
         }
     }
     seen.sort();
+    seen.dedup();
     assert_eq!(
         seen,
         ["Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"]
