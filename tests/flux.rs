@@ -13,8 +13,8 @@ use candle_core::{DType, Device, Tensor};
 use lowvram::config::Config;
 use lowvram::memory::ModelCache;
 use lowvram::models::flux::{block_of, FluxConfig, FluxTransformer};
-use lowvram::weights::single_file::{Component, Family, SingleFile};
-use lowvram::weights::WeightLayout;
+use lowvram::weights::single_file::{flux as flux_map, Component, Family, SingleFile};
+use lowvram::weights::{FilePart, TensorSpan, WeightLayout};
 use lowvram::{BlockWeights, Error, ResidentWeights, WeightSource};
 
 fn root() -> PathBuf {
@@ -227,7 +227,8 @@ fn forward_fetches_every_unit_once_one_at_a_time() {
 
 /// Streamed through the memory manager under a budget that holds about a third of the model: zero refused
 /// allocations, bytes streamed per forward = model − resident, results bit-identical to resident weights; with
-/// and without prefetch, bare BFL file (whole-file layout) and Comfy-prefixed file (single-file spans).
+/// and without prefetch, bare BFL file (whole-file layout), Comfy-prefixed file (single-file spans) and the
+/// diffusers folder (fused multi-range spans).
 #[test]
 fn streamed_under_tight_budget_is_bit_identical_to_resident() {
     for variant in ["dev", "schnell"] {
@@ -236,20 +237,23 @@ fn streamed_under_tight_budget_is_bit_identical_to_resident() {
         let reference = run(&m, &resident_bfl(variant, DType::F32), &f).unwrap();
         let path = bfl_file(variant);
         let sf = SingleFile::open(&path).unwrap();
-        let layout = if sf.component(Component::Transformer).unwrap().prefix.is_empty() {
+        let bfl = if sf.component(Component::Transformer).unwrap().prefix.is_empty() {
             WeightLayout::whole(block_of)
         } else {
             flux_layout(&sf)
         };
+        let folder = folder_file(variant);
         let total: u64 = 4 * m.tensor_shapes().iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum::<u64>();
         let work: u64 = 1 << 20;
-        for prefetch in [false, true] {
+        let cases = [(false, &path, bfl.clone()), (true, &path, bfl), (false, &folder, folder_layout(&folder))];
+        for (prefetch, path, layout) in cases {
+            let source = if path == &folder { "folder" } else { "BFL file" };
             let mut cfg = Config::default();
             cfg.set("device", &format!("emulated:{}", work + total / 3)).unwrap();
             cfg.set("device_working_mem_gb", &format!("{}", work as f64 / (1u64 << 30) as f64)).unwrap();
             cfg.set("async_loading", if prefetch { "true" } else { "false" }).unwrap();
             let cache = ModelCache::new(cfg).unwrap();
-            let mm = cache.load_model_as(&path, "transformer", &layout).unwrap();
+            let mm = cache.load_model_as(path, "transformer", &layout).unwrap();
             let lock = cache.lock(&mm, 0).unwrap();
             let (resident, n) = (mm.resident_blocks().len(), mm.blocks().len());
             assert!(resident > 0 && resident < n, "partial residency expected: {resident} of {n} units");
@@ -260,7 +264,7 @@ fn streamed_under_tight_budget_is_bit_identical_to_resident() {
             }
             let largest = mm.blocks().iter().map(|b| b.storage_bytes).max().unwrap();
             println!(
-                "{variant} prefetch {prefetch}: {n} units ({resident} resident), largest {largest} B, {} B streamed of {} B \
+                "{variant} {source}, prefetch {prefetch}: {n} units ({resident} resident), largest {largest} B, {} B streamed of {} B \
                  stored, over 2 forwards",
                 lock.bytes_streamed(),
                 mm.total_bytes()
@@ -283,15 +287,106 @@ fn flux_layout(sf: &SingleFile) -> WeightLayout {
     let spans = map
         .entries
         .iter()
-        .map(|e| lowvram::weights::TensorSpan {
+        .map(|e| TensorSpan {
             name: e.internal_name.clone(),
             dtype: e.dtype,
             shape: e.shape.clone(),
-            bytes: e.bytes.clone(),
+            parts: vec![FilePart::of(e.bytes.clone())],
             transposed: false,
         })
         .collect();
     WeightLayout { view: "transformer".into(), rule: block_of, spans: Some(Arc::new(spans)) }
+}
+
+/// A diffusers `transformer/` checkpoint (file or shard index) under BFL names: fused q/k/v and linear1 read from
+/// several byte ranges, norm_out's halves swapped.
+fn folder_layout(path: &Path) -> WeightLayout {
+    let spans = flux_map::diffusers_spans(path).unwrap();
+    WeightLayout { view: "transformer".into(), rule: block_of, spans: Some(Arc::new(spans)) }
+}
+
+fn folder_file(variant: &str) -> PathBuf {
+    root().join(variant).join("transformer/diffusion_pytorch_model.safetensors")
+}
+
+fn cpu_cache() -> ModelCache {
+    let mut c = Config::default();
+    c.set("device", "cpu").unwrap();
+    ModelCache::new(c).unwrap()
+}
+
+/// Split a safetensors file into `n` shards beside an index, as `save_pretrained(max_shard_size=...)` does.
+fn shard(src: &Path, dir: &Path, n: usize) -> PathBuf {
+    let bytes = std::fs::read(src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut all = st.tensors();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    let per = all.len().div_ceil(n);
+    let mut map = serde_json::Map::new();
+    for (i, chunk) in all.chunks(per).enumerate() {
+        let file = format!("diffusion_pytorch_model-{:05}-of-{n:05}.safetensors", i + 1);
+        for (name, _) in chunk {
+            map.insert(name.clone(), file.clone().into());
+        }
+        safetensors::tensor::serialize_to_file(chunk.to_vec(), None, &dir.join(&file)).unwrap();
+    }
+    let index = dir.join("diffusion_pytorch_model.safetensors.index.json");
+    std::fs::write(&index, serde_json::json!({"metadata": {}, "weight_map": map}).to_string()).unwrap();
+    index
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lowvram-flux-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The diffusers folders, mapped to BFL names at load (fused q/k/v rows, swapped halves read in place), match
+/// diffusers; so does the same folder split into shards, bit-identical to the unsharded one.
+#[test]
+fn forward_from_diffusers_folder_matches_diffusers() {
+    let dir = temp_dir("shards");
+    for variant in ["dev", "schnell"] {
+        let f = fixture(variant);
+        let m = model(variant);
+        let cache = cpu_cache();
+        let path = folder_file(variant);
+        let mm = cache.load_model_as(&path, "transformer", &folder_layout(&path)).unwrap();
+        let lock = cache.lock(&mm, 0).unwrap();
+        let out = run(&m, &lock, &f).unwrap();
+        check_parity(&format!("{variant} diffusers folder"), &out, &f["out"]);
+        // Fused spans give the BFL file's tensors exactly.
+        let bfl = run(&m, &resident_bfl(variant, DType::F32), &f).unwrap();
+        assert_eq!(bits(&out), bits(&bfl), "{variant}: folder and BFL file differ");
+        drop(lock);
+        let vdir = dir.join(variant);
+        std::fs::create_dir_all(&vdir).unwrap();
+        let index = shard(&path, &vdir, 3);
+        let mm = cache.load_model_as(&index, "transformer-sharded", &folder_layout(&index)).unwrap();
+        let lock = cache.lock(&mm, 0).unwrap();
+        assert_eq!(bits(&run(&m, &lock, &f).unwrap()), bits(&out), "{variant}: sharded folder differs");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A diffusers checkpoint with a key no rule maps, or a fused tensor with a part missing, fails naming it.
+#[test]
+fn diffusers_folder_key_errors_name_the_keys() {
+    let dir = temp_dir("keys");
+    let mut tensors = candle_core::safetensors::load(folder_file("schnell"), &Device::Cpu).unwrap();
+    let p = dir.join("diffusion_pytorch_model.safetensors");
+    tensors
+        .insert("transformer_blocks.0.attn.to_qq.weight".into(), Tensor::zeros(2, DType::BF16, &Device::Cpu).unwrap());
+    write(&p, &tensors);
+    let e = flux_map::diffusers_spans(&p).unwrap_err().to_string();
+    assert!(e.contains("transformer_blocks.0.attn.to_qq.weight"), "{e}");
+    tensors.remove("transformer_blocks.0.attn.to_qq.weight");
+    tensors.remove("single_transformer_blocks.1.proj_mlp.bias");
+    write(&p, &tensors);
+    let e = flux_map::diffusers_spans(&p).unwrap_err().to_string();
+    assert!(e.contains("single_blocks.1.linear1.bias"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// The config a BFL file's shapes give equals the diffusers folder's (the rotary axes given, as shapes cannot

@@ -48,7 +48,7 @@ use crate::models::conditioning::{
 };
 use crate::models::Denoiser;
 use crate::ops::OpTarget;
-use crate::ops::{attention, layer_norm, timestep_embedding, RopeTable};
+use crate::ops::{attention, layer_norm, rms_norm, timestep_embedding, RopeTable};
 use crate::weights::{BlockWeights, WeightSource};
 
 /// Width of the sinusoidal time and guidance embeddings (BFL `timestep_embedding(t, 256)`).
@@ -478,14 +478,4 @@ fn chunk(m: &Tensor, i: usize, d: usize) -> Result<Tensor> {
 fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, s: &Shared) -> Result<Tensor> {
     let n = layer_norm(x, &s.ones, &s.zeros, EPS)?;
     Ok(n.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?)
-}
-
-/// RMS norm over the last dim in f32 (`x / sqrt(mean(x²) + eps) · weight`), until `crate::ops::rms_norm` lands.
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    use candle_core::D;
-    let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
-    let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = xf.broadcast_div(&(ms + eps)?.sqrt()?)?;
-    Ok(normed.broadcast_mul(&weight.to_dtype(DType::F32)?)?.to_dtype(dtype)?)
 }

@@ -13,12 +13,13 @@
 //!   Keys no rule maps, and fused tensors with a part missing, are errors naming them.
 
 use std::collections::BTreeMap;
-use std::ops::Range;
+use std::path::Path;
 
 use candle_core::DType;
 
-use super::StoredTensor;
+use super::{read_header, StoredTensor};
 use crate::error::{Error, Result};
+use crate::weights::{shard_files, FilePart, TensorSpan};
 
 /// The prefix of the transformer in BFL/Comfy single files.
 pub const BFL_PREFIX: &str = "model.diffusion_model.";
@@ -29,20 +30,13 @@ pub const OTHER_COMPONENTS: [&str; 3] = ["vae.", "text_encoders.clip_l.", "text_
 /// The key that tells a FLUX transformer (diffusers' `CHECKPOINT_KEY_NAMES["flux"]`), without its prefix.
 pub const DETECT_KEY: &str = "double_blocks.0.img_attn.norm.key_norm.scale";
 
-/// A byte range of one of the files a checkpoint is spread over (0 for a single file).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Part {
-    pub file: usize,
-    pub bytes: Range<usize>,
-}
-
 /// One transformer tensor under its BFL name and where its bytes are, concatenated in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FluxTensor {
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<usize>,
-    pub parts: Vec<Part>,
+    pub parts: Vec<FilePart>,
 }
 
 /// The mapping of a BFL-layout file.
@@ -125,7 +119,7 @@ pub fn map_bfl(source: &str, stored: &[StoredTensor]) -> Result<BflMap> {
                 name: rel.to_string(),
                 dtype: dtype_of(t)?,
                 shape: t.shape.clone(),
-                parts: vec![Part { file: 0, bytes: t.bytes.clone() }],
+                parts: vec![FilePart { file: 0, bytes: t.bytes.clone() }],
             }),
             None => unknown.push(t.name.clone()),
         }
@@ -247,11 +241,43 @@ fn parts_of(target: &str) -> usize {
     }
 }
 
+impl FluxTensor {
+    /// The span the weight store reads.
+    pub fn span(&self) -> TensorSpan {
+        TensorSpan {
+            name: self.name.clone(),
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            parts: self.parts.clone(),
+            transposed: false,
+        }
+    }
+}
+
+/// The spans of a diffusers `transformer/` checkpoint under BFL names: `path` is its
+/// `diffusion_pytorch_model.safetensors` or the shard index beside it (`….safetensors.index.json`, as FLUX.1's
+/// 23.8 GB transformer ships). Open the store with the same path, these spans and [`crate::models::flux::block_of`]
+/// (`ModelCache::load_model_as`, `WeightStore::open_with`).
+pub fn diffusers_spans(path: &Path) -> Result<Vec<TensorSpan>> {
+    let mut stored = Vec::new();
+    for (i, file) in shard_files(path)?.iter().enumerate() {
+        let (_, tensors) = read_header(file)?;
+        stored.extend(tensors.into_iter().map(|t| (i, t)));
+    }
+    Ok(map_diffusers(&path.display().to_string(), &stored)?.iter().map(FluxTensor::span).collect())
+}
+
+/// The spans of a BFL single file's transformer (see [`map_bfl`]).
+pub fn bfl_spans(path: &Path) -> Result<Vec<TensorSpan>> {
+    let (_, tensors) = read_header(path)?;
+    Ok(map_bfl(&path.display().to_string(), &tensors)?.tensors.iter().map(FluxTensor::span).collect())
+}
+
 /// Map a diffusers `FluxTransformer2DModel` checkpoint (`stored[i].0` = index of the shard the tensor is in) to BFL
 /// names (see the module doc). `source` names the checkpoint in errors.
 pub fn map_diffusers(source: &str, stored: &[(usize, StoredTensor)]) -> Result<Vec<FluxTensor>> {
     // target → (order → (dtype, shape of the part, part))
-    let mut groups: BTreeMap<String, BTreeMap<usize, (DType, Vec<usize>, Part, String)>> = BTreeMap::new();
+    let mut groups: BTreeMap<String, BTreeMap<usize, (DType, Vec<usize>, FilePart, String)>> = BTreeMap::new();
     let mut unknown = Vec::new();
     for (file, t) in stored {
         let Some(slots) = diffusers_slots(&t.name) else {
@@ -277,7 +303,7 @@ pub fn map_diffusers(source: &str, stored: &[(usize, StoredTensor)]) -> Result<V
                 }
             };
             let entry = groups.entry(s.target).or_default();
-            if let Some(prev) = entry.insert(s.order, (dtype, shape, Part { file: *file, bytes }, t.name.clone())) {
+            if let Some(prev) = entry.insert(s.order, (dtype, shape, FilePart { file: *file, bytes }, t.name.clone())) {
                 return Err(Error::format(format!("{source}: {} and {} map to the same tensor", prev.3, t.name)));
             }
         }
@@ -359,10 +385,14 @@ mod tests {
         assert_eq!(qkv.shape, vec![12, 4]);
         assert_eq!(
             qkv.parts,
-            vec![Part { file: 0, bytes: 0..32 }, Part { file: 1, bytes: 32..64 }, Part { file: 0, bytes: 64..96 }]
+            vec![
+                FilePart { file: 0, bytes: 0..32 },
+                FilePart { file: 1, bytes: 32..64 },
+                FilePart { file: 0, bytes: 64..96 }
+            ]
         );
         let ada = m.iter().find(|t| t.name == "final_layer.adaLN_modulation.1.bias").unwrap();
-        assert_eq!(ada.parts, vec![Part { file: 0, bytes: 208..216 }, Part { file: 0, bytes: 200..208 }]);
+        assert_eq!(ada.parts, vec![FilePart { file: 0, bytes: 208..216 }, FilePart { file: 0, bytes: 200..208 }]);
         // A missing part and an unknown key are named.
         let e = map_diffusers("t", &stored[..2]).unwrap_err().to_string();
         assert!(e.contains("double_blocks.0.img_attn.qkv.weight") && e.contains("to_v"), "{e}");

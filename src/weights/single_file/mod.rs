@@ -467,7 +467,7 @@ fn map_flux(source: &str, stored: &BTreeMap<String, StoredTensor>) -> Result<(BT
             rows: None,
             transpose: false,
             reshape: false,
-            bytes: t.parts[0].bytes.clone(),
+            bytes: t.parts[0].bytes.clone(), // one part: a BFL tensor is stored whole
         })
         .collect();
     entries.sort_by(|a, b| a.internal_name.cmp(&b.internal_name));
