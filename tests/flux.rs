@@ -110,6 +110,44 @@ fn forward_from_bfl_file_matches_diffusers() {
     assert!(max_abs(&other, &f["out"]) > 1e-3);
 }
 
+/// Through the `Denoiser` interface the sampler and the API call: named conditioning checked against the model's
+/// specs (dev needs `sampling.guidance`, schnell refuses it), one forward per step (no classifier-free guidance),
+/// the same result as the direct call.
+#[test]
+fn denoiser_interface_takes_named_conditioning() {
+    use lowvram::models::conditioning::{COND_EMBEDDINGS, COND_POOLED, GUIDANCE};
+    use lowvram::models::{Conditioning, Denoiser};
+    use lowvram::ops::OpTarget;
+    for variant in ["dev", "schnell"] {
+        let f = fixture(variant);
+        let m = model(variant);
+        let d: &dyn Denoiser = &m;
+        assert!(!d.classifier_free_guidance());
+        assert_eq!(d.latent_channels(), 16);
+        let mut cond = Conditioning::new();
+        cond.insert(COND_EMBEDDINGS, f["encoder_hidden_states"].clone());
+        cond.insert(COND_POOLED, f["pooled_projections"].clone());
+        let specs = d.conditioning();
+        if variant == "dev" {
+            let e = cond.check(&specs, d.name()).unwrap_err().to_string();
+            assert!(e.contains("sampling.guidance [B]"), "{e}");
+            cond.insert(GUIDANCE, f["guidance"].clone());
+        } else {
+            let mut with = cond.clone();
+            with.insert(GUIDANCE, Tensor::new(&[3.5f32, 3.5], &Device::Cpu).unwrap());
+            let e = with.check(&specs, d.name()).unwrap_err().to_string();
+            assert!(e.contains("sampling.guidance"), "{e}");
+        }
+        assert_eq!(cond.check(&specs, d.name()).unwrap(), 2);
+        let batched = cond.batched(false, &Device::Cpu, DType::F32).unwrap();
+        let w = resident_bfl(variant, DType::F32);
+        let out = d.forward(&w, &f["latents"], timestep(&f), &batched).unwrap();
+        assert_eq!(bits(&out), bits(&run(&m, &w, &f).unwrap()), "{variant}");
+        let t = OpTarget::new(&Device::Cpu, DType::F32);
+        assert_eq!(d.working_bytes(2, 12, 8, &cond, t), m.working_bytes(2, 12, 8, 7, t));
+    }
+}
+
 /// bf16 compute (the dtype FLUX ships in) stays close to the f32 reference.
 #[test]
 fn bf16_compute_is_close_to_f32() {
