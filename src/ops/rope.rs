@@ -164,6 +164,19 @@ mod tests {
         assert_eq!(a[at - 4..at - 2], xs[at - 4..at - 2]);
     }
 
+    /// Other dtypes take the composition in f32 and round once: bf16 in, bf16 out, within one bf16 rounding.
+    #[test]
+    fn bf16_rotates_in_f32() {
+        let ids: Vec<Vec<f64>> = (0..7).map(|t| vec![0.0, t as f64, (t * 3) as f64]).collect();
+        let table = RopeTable::new(&ids, &[2, 2, 4], 10000.0).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 7, 16), &Device::Cpu).unwrap();
+        let want = table.apply(&x).unwrap();
+        let got = table.apply(&x.to_dtype(DType::BF16).unwrap()).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        let err = (got.to_dtype(DType::F32).unwrap() - &want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(err.to_scalar::<f32>().unwrap() < 3e-2, "{err}");
+    }
+
     #[test]
     fn bad_shapes_are_invalid() {
         assert!(RopeTable::new(&[vec![0.0]], &[3], 10000.0).is_err());

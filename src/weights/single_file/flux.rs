@@ -273,11 +273,13 @@ pub fn bfl_spans(path: &Path) -> Result<Vec<TensorSpan>> {
     Ok(map_bfl(&path.display().to_string(), &tensors)?.tensors.iter().map(FluxTensor::span).collect())
 }
 
+/// The parts of one fused target by position: dtype, shape, bytes, and the diffusers name they come from.
+type Parts = BTreeMap<usize, (DType, Vec<usize>, FilePart, String)>;
+
 /// Map a diffusers `FluxTransformer2DModel` checkpoint (`stored[i].0` = index of the shard the tensor is in) to BFL
 /// names (see the module doc). `source` names the checkpoint in errors.
 pub fn map_diffusers(source: &str, stored: &[(usize, StoredTensor)]) -> Result<Vec<FluxTensor>> {
-    // target → (order → (dtype, shape of the part, part))
-    let mut groups: BTreeMap<String, BTreeMap<usize, (DType, Vec<usize>, FilePart, String)>> = BTreeMap::new();
+    let mut groups: BTreeMap<String, Parts> = BTreeMap::new();
     let mut unknown = Vec::new();
     for (file, t) in stored {
         let Some(slots) = diffusers_slots(&t.name) else {
