@@ -478,3 +478,41 @@ fn comfy_all_in_one_is_flux_and_unknown_keys_are_named() {
     assert!(e.contains("model.diffusion_model.double_blocks.0.img_attn.bogus.weight"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// FLUX.1 dev and schnell at their real size, from a header alone (names, bf16 dtypes, shapes, byte ranges; no
+/// 24 GB file): detected as FLUX under Comfy's prefix, the transformer mapped, its config derived from the shapes
+/// (FLUX.1's rotary axes for 128-wide heads) equal to diffusers' defaults, dev told by `guidance_in`, and the
+/// family's scheduler the flow-matching one.
+#[test]
+fn real_size_header_gives_flux1_configs() {
+    use lowvram::weights::single_file::{SingleFileMap, StoredTensor};
+    for (cfg, name) in [(FluxConfig::dev(), "dev"), (FluxConfig::schnell(), "schnell")] {
+        let m = FluxTransformer::new(cfg.clone()).unwrap();
+        let mut at = 0usize;
+        let tensors: Vec<StoredTensor> = m
+            .tensor_shapes()
+            .into_iter()
+            .map(|(n, shape)| {
+                let len = 2 * shape.iter().product::<usize>();
+                at += len;
+                StoredTensor {
+                    name: format!("model.diffusion_model.{n}"),
+                    dtype: Some(DType::BF16),
+                    shape,
+                    bytes: at - len..at,
+                }
+            })
+            .collect();
+        // dev: 11,901,408,320 parameters (diffusers' count); schnell lacks guidance_in (256→3072→3072 with biases).
+        let guidance_in = 256 * 3072 + 3072 + 3072 * 3072 + 3072;
+        let params = if name == "dev" { 11_901_408_320 } else { 11_901_408_320 - guidance_in };
+        assert_eq!(at, 2 * params);
+        let map = SingleFileMap::new(name, tensors, None, None).unwrap();
+        assert_eq!(map.family(), Family::Flux);
+        assert_eq!(map.components(), vec![Component::Transformer]);
+        let json = map.config(Component::Transformer).unwrap();
+        assert_eq!(FluxConfig::from_json(&json.to_string()).unwrap(), cfg, "{name}");
+        let sched = map.scheduler_config().unwrap();
+        assert_eq!(sched["_class_name"], "FlowMatchEulerDiscreteScheduler");
+    }
+}
