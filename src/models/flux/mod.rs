@@ -30,7 +30,7 @@
 //! as the UNet takes its timesteps); like diffusers' pipeline it hands the model `t/1000` in f32, which the model
 //! multiplies by 1000 before the sinusoidal embedding. The distilled guidance of dev is a per-row vector `[B]` (the
 //! pipeline's `--guidance`, e.g. 3.5), also multiplied by 1000 (BFL `timestep_embedding(guidance, 256)`); through
-//! [`Denoiser`](crate::models::Denoiser) it is the conditioning tensor `sampling.guidance` `[B]`.
+//! [`crate::models::Denoiser`] it is the conditioning tensor `sampling.guidance` `[B]`.
 
 mod blocks;
 mod config;
