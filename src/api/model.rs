@@ -151,6 +151,13 @@ impl Model {
                 Architecture::Unet { model: UNet2DConditionModel::new(UNetConfig::from_json(&config)?)?, scheduler }
             }
             Component::Vae => Architecture::Vae(AutoencoderKL::new(VaeConfig::from_json(&config)?)?),
+            Component::Transformer => {
+                return Err(Error::unsupported(format!(
+                    "{}: a FLUX transformer as a pipeline component (models::flux::FluxTransformer runs it through \
+                     the Rust API; the FLUX pipeline needs the flow-matching scheduler and the T5 encoder)",
+                    file.path().display()
+                )))
+            }
             Component::TextEncoder | Component::TextEncoder2 => {
                 // SD 1.x and SDXL's first encoder pad with EOS; OpenCLIP (SD 2.x, SDXL's bigG) with "!".
                 let pad = match (file.family(), component) {

@@ -11,7 +11,7 @@ use crate::api::context::{CallCancel, CancelToken};
 use crate::api::{Context, Model};
 use crate::error::{Error, Result};
 use crate::memory::ModelLock;
-use crate::models::conditioning::{COND_EMBEDDINGS, UNCOND_EMBEDDINGS};
+use crate::models::conditioning::{COND_EMBEDDINGS, GUIDANCE, UNCOND_EMBEDDINGS};
 use crate::models::Conditioning;
 use crate::ops::OpTarget;
 use crate::sampling::{self, DenoiseParams, SchedulerKind};
@@ -302,6 +302,19 @@ impl Context {
     ) -> Result<Tensor> {
         self.check_owns(model)?;
         let (denoiser, scheduler_config) = model.as_denoiser()?;
+        // A guidance-distilled model (FLUX.1 dev) takes the guidance scale as the input `sampling.guidance`: filled
+        // from the options, one value per row, unless the caller gave it.
+        let with_guidance;
+        let cond = if denoiser.conditioning().iter().any(|s| s.name == GUIDANCE) && cond.get(GUIDANCE).is_none() {
+            let mut c = cond.clone();
+            if let Some(rows) = cond.get(COND_EMBEDDINGS).and_then(|t| t.dims().first().copied()) {
+                c.insert(GUIDANCE, Tensor::full(options.guidance as f32, rows, &Device::Cpu)?);
+            }
+            with_guidance = c;
+            &with_guidance
+        } else {
+            cond
+        };
         let batch = cond.check(&denoiser.conditioning(), denoiser.name())?;
         let channels = denoiser.latent_channels();
         // Bounds first: nothing below may allocate a buffer sized by an unchecked number.
@@ -334,7 +347,8 @@ impl Context {
         if h == 0 || w == 0 {
             return Err(Error::invalid("latent size must be positive"));
         }
-        let guided = options.guidance > 1.0;
+        // Classifier-free guidance only for models that use it: FLUX runs one forward per step.
+        let guided = denoiser.classifier_free_guidance() && options.guidance > 1.0;
         let model_batch = if guided { 2 * batch } else { batch };
         let latent_bytes = f32_bytes("the latents", &[model_batch, channels, h, w])?;
         // The estimates multiply the widest activation by small factors: refuse what cannot be addressed first.
@@ -360,7 +374,7 @@ impl Context {
             kind: options.scheduler,
             karras: options.karras,
             steps: options.steps,
-            guidance: options.guidance,
+            guidance: if guided { options.guidance } else { 1.0 },
             seed: options.seed,
             scheduler_config: scheduler_config.clone(),
         };

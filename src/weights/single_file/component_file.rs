@@ -22,8 +22,8 @@ fn map_component_file(
     tensors: &[StoredTensor],
 ) -> std::result::Result<(ComponentMap, Vec<String>), String> {
     let prefixes: &[&'static str] = match component {
-        Component::Unet => {
-            return Err("a UNet alone is read as a checkpoint (model.diffusion_model.*): open it as the model".into())
+        Component::Unet | Component::Transformer => {
+            return Err(format!("a {component} alone is read as a checkpoint: open it as the model"))
         }
         Component::Vae => &["first_stage_model.", "vae.", ""],
         Component::TextEncoder | Component::TextEncoder2 => &[

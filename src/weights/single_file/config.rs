@@ -102,6 +102,19 @@ pub fn standard_scheduler(family: Family) -> Value {
             cfg["_class_name"] = json!("DDIMScheduler");
             cfg["prediction_type"] = json!("v_prediction");
         }
+        // FLUX.1 dev's FlowMatchEulerDiscreteScheduler (MODELS.md §1.4): dynamic shifting from the image length.
+        Family::Flux => {
+            return json!({
+                "_class_name": "FlowMatchEulerDiscreteScheduler",
+                "num_train_timesteps": 1000,
+                "shift": 3.0,
+                "use_dynamic_shifting": true,
+                "base_shift": 0.5,
+                "max_shift": 1.15,
+                "base_image_seq_len": 256,
+                "max_image_seq_len": 4096,
+            })
+        }
         Family::Sdxl => {
             cfg["_class_name"] = json!("EulerDiscreteScheduler");
             cfg["prediction_type"] = json!("epsilon");
@@ -125,7 +138,27 @@ pub(crate) fn component_config(sf: &SingleFileMap, map: &ComponentMap) -> Result
         Component::Unet => unet_config(sf, map).map_err(what),
         Component::Vae => Ok(vae_config(sf, map)),
         Component::TextEncoder | Component::TextEncoder2 => text_encoder_config(sf, map).map_err(what),
+        Component::Transformer => flux_config(map).map_err(|e| what(e.to_string())),
     }
+}
+
+/// A FLUX transformer's diffusers config from its shapes ([`FluxConfig::from_bfl_shapes`]: FLUX.1's rotary axes).
+fn flux_config(map: &ComponentMap) -> Result<Value> {
+    let shapes = map.entries.iter().map(|e| (e.internal_name.clone(), e.shape.clone())).collect();
+    let c = crate::models::flux::FluxConfig::from_bfl_shapes(&shapes, None)?;
+    Ok(json!({
+        "_class_name": "FluxTransformer2DModel",
+        "patch_size": 1,
+        "in_channels": c.in_channels,
+        "num_layers": c.num_layers,
+        "num_single_layers": c.num_single_layers,
+        "attention_head_dim": c.attention_head_dim,
+        "num_attention_heads": c.num_attention_heads,
+        "joint_attention_dim": c.joint_attention_dim,
+        "pooled_projection_dim": c.pooled_projection_dim,
+        "guidance_embeds": c.guidance_embeds,
+        "axes_dims_rope": c.axes_dims_rope,
+    }))
 }
 
 fn shape<'a>(map: &'a ComponentMap, name: &str) -> Option<&'a [usize]> {
@@ -193,7 +226,7 @@ fn unet_config(sf: &SingleFileMap, map: &ComponentMap) -> std::result::Result<Va
         "transformer_layers_per_block": int_or_list(&depth),
         "upcast_attention": family == Family::Sd2,
         "norm_num_groups": 32,
-        "sample_size": match family { Family::Sd1 => 64, Family::Sd2 => 96, Family::Sdxl => 128 },
+        "sample_size": match family { Family::Sd1 => 64, Family::Sd2 => 96, Family::Sdxl | Family::Flux => 128 },
     });
     if let Some(adm) = shape(map, "add_embedding.linear_1.weight").map(|s| s[1]) {
         // adm = pooled text embedding + 6 time ids × addition_time_embed_dim (SDXL: 1280 + 6 × 256).
@@ -249,7 +282,7 @@ fn heads(sf: &SingleFileMap, channels: &[usize]) -> std::result::Result<Value, S
     }
     match sf.family() {
         Family::Sd1 => Ok(json!(8)),
-        Family::Sd2 | Family::Sdxl => per_channels(64),
+        Family::Sd2 | Family::Sdxl | Family::Flux => per_channels(64),
     }
 }
 
@@ -282,7 +315,7 @@ fn vae_config(sf: &SingleFileMap, map: &ComponentMap) -> Value {
         "layers_per_block": count(map, "encoder.down_blocks.0.resnets."),
         "latent_channels": shape(map, "decoder.conv_in.weight").map_or(4, |s| s[1]),
         "norm_num_groups": 32,
-        "sample_size": match family { Family::Sd1 => 512, Family::Sd2 => 768, Family::Sdxl => 1024 },
+        "sample_size": match family { Family::Sd1 => 512, Family::Sd2 => 768, Family::Sdxl | Family::Flux => 1024 },
         "scaling_factor": scale,
         "force_upcast": true,
         "use_quant_conv": has_prefix(map, "quant_conv."),
@@ -359,6 +392,7 @@ pub fn standard_unet(family: Family) -> Option<Value> {
         })
     };
     Some(match family {
+        Family::Flux => return None,
         Family::Sd1 => sd(json!(8), 768, false, false, 64),
         Family::Sd2 => sd(json!([5, 10, 20, 20]), 1024, true, true, 96),
         Family::Sdxl => json!({
@@ -396,7 +430,7 @@ pub fn standard_vae(family: Family) -> Value {
         "layers_per_block": 2,
         "latent_channels": 4,
         "norm_num_groups": 32,
-        "sample_size": match family { Family::Sd1 => 512, Family::Sd2 => 768, Family::Sdxl => 1024 },
+        "sample_size": match family { Family::Sd1 => 512, Family::Sd2 => 768, Family::Sdxl | Family::Flux => 1024 },
         "scaling_factor": if family == Family::Sdxl { 0.13025 } else { 0.18215 },
         "force_upcast": true,
         "use_quant_conv": true,
