@@ -207,6 +207,10 @@ enum lowvram_scheduler
      * DPMSolverMultistepScheduler (dpmsolver++, order 2).
      */
     LOWVRAM_SCHEDULER_DPMPP2M = 3,
+    /**
+     * FlowMatchEulerDiscreteScheduler as FluxPipeline runs it (flow models; no classifier-free guidance).
+     */
+    LOWVRAM_SCHEDULER_FLOW_EULER = 4,
 };
 #ifndef __cplusplus
 typedef uint32_t lowvram_scheduler;

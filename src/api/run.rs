@@ -49,7 +49,9 @@ pub struct DenoiseOptions {
     pub scheduler: SchedulerKind,
     pub karras: bool,
     pub steps: usize,
-    /// Classifier-free guidance scale; ≤ 1 runs the conditional batch only.
+    /// Classifier-free guidance scale; ≤ 1 runs the conditional batch only. `flow_euler` never runs
+    /// classifier-free guidance (one forward per step): a guidance-distilled model (FLUX.1 dev) takes the scale
+    /// from its conditioning instead.
     pub guidance: f64,
     /// Seeds the initial noise (when none is given) and Euler ancestral's step noise (when none is given).
     pub seed: u64,
@@ -334,7 +336,8 @@ impl Context {
         if h == 0 || w == 0 {
             return Err(Error::invalid("latent size must be positive"));
         }
-        let guided = options.guidance > 1.0;
+        // Flow matching runs one forward per step (FLUX's guidance is distilled: see `sampling::denoise`).
+        let guided = options.guidance > 1.0 && options.scheduler.classifier_free_guidance();
         let model_batch = if guided { 2 * batch } else { batch };
         let latent_bytes = f32_bytes("the latents", &[model_batch, channels, h, w])?;
         // The estimates multiply the widest activation by small factors: refuse what cannot be addressed first.
