@@ -10,14 +10,17 @@
 //!   the BFL `ae.safetensors` layout through `Context::vae_decode`.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
-use candle_core::{Device, Tensor};
-use lowvram::api::{Context, ContextOptions, DenoiseOptions};
+use candle_core::{DType, Device, Tensor};
+use lowvram::api::{Context, ContextOptions, DenoiseOptions, Tiling};
 use lowvram::models::conditioning::COND_EMBEDDINGS;
 use lowvram::models::Conditioning;
+use lowvram::models::{AutoencoderKL, VaeConfig};
 use lowvram::sampling::{denoise, make_scheduler_for, DenoiseParams, SchedulerConfig, SchedulerKind};
+use lowvram::weights::single_file::{Component, ComponentFile, SingleFile};
+use lowvram::ResidentWeights;
 use serde_json::Value;
 
 fn repo() -> PathBuf {
@@ -209,7 +212,82 @@ fn denoise_conditioned_runs_flow_euler_like_diffusers() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
-#[allow(dead_code)]
-fn exists(p: &Path) -> bool {
-    p.exists()
+fn vae_folder() -> PathBuf {
+    dir().join("vae")
+}
+
+fn bfl_file() -> PathBuf {
+    dir().join("ae.safetensors")
+}
+
+/// Decode through the context (scaling and shift applied there) from the folder and from BFL's `ae.safetensors`
+/// layout: diffusers' `vae.decode(latents / 0.3611 + 0.1159)` within 3e-3; the file and the folder agree exactly,
+/// also streamed.
+#[test]
+fn flux_vae_decodes_like_diffusers_from_folder_and_bfl_file() {
+    let r = tensors("vae_ref.safetensors");
+    let want = &r["image"];
+    let mut images = Vec::new();
+    for (device, yaml) in [("cpu", ""), ("emulated:64MiB", "device_working_mem_gb: 0.01\nmax_cache_vram_gb: 0.0001\n")]
+    {
+        let ctx = context(device, yaml);
+        let folder = ctx.load_model(&vae_folder()).unwrap();
+        let file = ctx.load_vae_file(&bfl_file(), None).unwrap();
+        for (what, vae) in [("folder", &folder), ("ae.safetensors", &file)] {
+            let c = vae.as_vae().unwrap().config();
+            assert_eq!((c.latent_channels, c.scaling_factor, c.shift_factor), (16, 0.3611, Some(0.1159)), "{what}");
+            assert!(!c.use_quant_conv && !c.use_post_quant_conv, "{what}");
+            let (image, report) = ctx.vae_decode(vae, &r["latents"], Tiling::Never).unwrap();
+            let err = max_abs(&image, want);
+            println!("{device} {what}: image max abs err {err:.3e}, streamed {}", report.bytes_streamed);
+            assert!(err <= 3e-3, "{device} {what}: image differs from diffusers by {err:e}");
+            if device != "cpu" {
+                assert!(report.bytes_streamed > 0, "the capped run streamed nothing");
+            }
+            images.push(image);
+        }
+    }
+    for i in &images[1..] {
+        assert_eq!(max_abs(i, &images[0]), 0.0, "folder, file and streamed decodes differ");
+    }
+}
+
+/// The encoder and `latents_from_z`: `(mean − 0.1159) · 0.3611` as FLUX's img2img pipeline scales it, from both
+/// layouts.
+#[test]
+fn flux_vae_encodes_like_diffusers() {
+    let r = tensors("vae_ref.safetensors");
+    let folder =
+        candle_core::safetensors::load(vae_folder().join("diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
+    let file = ComponentFile::open(&bfl_file(), Component::Vae).unwrap();
+    let cfg = VaeConfig::from_json(&file.vae_config(None).unwrap().to_string()).unwrap();
+    let folder_cfg = VaeConfig::from_file(&vae_folder().join("config.json")).unwrap();
+    assert_eq!(
+        format!("{cfg:?}").replace("sample_size: Some(Number(1024))", ""),
+        format!("{folder_cfg:?}").replace("sample_size: Some(Number(32))", "")
+    );
+    let vae = AutoencoderKL::new(cfg).unwrap();
+    for (what, tensors) in [("folder", folder), ("ae.safetensors", file.read_all().unwrap())] {
+        let w = ResidentWeights::from_tensors(tensors, &Device::Cpu, DType::F32).unwrap();
+        let (mean, _) = vae.encode(&w, &r["pixels"]).unwrap();
+        let latents = vae.config().latents_from_z(&mean).unwrap();
+        let err = max_abs(&latents, &r["encoded"]);
+        println!("{what}: encoded latents max abs err {err:.3e}");
+        assert!(err <= 1e-3 * max_of(&r["encoded"]).max(1.0), "{what}: {err:e}");
+    }
+}
+
+/// What the shapes of an SD VAE file give is unchanged (4 channels, quant convs, SD scaling, no shift).
+#[test]
+fn sd_vae_file_config_has_no_shift() {
+    let sd1 = repo().join("tests/fixtures/single-file/sd1.safetensors");
+    let c = SingleFile::open(&sd1).unwrap().config(Component::Vae).unwrap();
+    assert_eq!(
+        (&c["latent_channels"], &c["use_quant_conv"], &c["scaling_factor"]),
+        (&4.into(), &true.into(), &0.18215.into())
+    );
+    assert!(c.get("shift_factor").is_none(), "{c}");
+    // A BFL file opened as something else is refused by name.
+    let e = ComponentFile::open(&bfl_file(), Component::TextEncoder).err().unwrap().to_string();
+    assert!(e.contains("decoder.conv_in.weight"), "{e}");
 }

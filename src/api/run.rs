@@ -390,7 +390,8 @@ impl Context {
         Ok(latents)
     }
 
-    /// Decode latents as `denoise` returns them (`[B, 4, h, w]`, before dividing by the VAE's scaling factor) into
+    /// Decode latents as `denoise` returns them (`[B, C, h, w]` with the VAE's latent channels: 4 for SD, 16 for
+    /// FLUX; before the VAE's scaling and shift, which are applied here) into
     /// the raw decoder output `[B, 3, 8h, 8w]` (≈ [-1, 1], unclamped, f32). With [`Tiling::Auto`] it tiles when
     /// the untiled working memory cannot fit, and retries tiled after a device OOM.
     pub fn vae_decode(&self, vae: &Model, latents: &Tensor, tiling: Tiling) -> Result<(Tensor, RunReport)> {
@@ -454,10 +455,8 @@ impl Context {
         check_host_bytes("the decode", host_needed.saturating_add(if tiling == Tiling::Never { on_host } else { 0 }))?;
         call.check()?;
 
-        let mut z = (latents.to_dtype(DType::F32)? / config.scaling_factor)?;
-        if let Some(shift) = config.shift_factor {
-            z = (z + shift)?;
-        }
+        // latents / scaling_factor (+ shift_factor: FLUX).
+        let z = config.z_from_latents(latents)?;
         // Progress counts the decoder's blocks as they are fetched (each once per pass, tiled or not).
         let total = vae
             .weights()

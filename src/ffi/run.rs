@@ -360,7 +360,8 @@ pub(crate) unsafe fn run_denoise(
     result
 }
 
-/// Decode `latents` (`[B, 4, h, w]` as `lowvram_denoise` returns them; the VAE's scaling factor is applied here)
+/// Decode `latents` (`[B, C, h, w]` as `lowvram_denoise` returns them; the VAE's scaling factor, and the shift
+/// factor where it has one (FLUX), are applied here)
 /// with `vae` (a VAE model loaded in `ctx`) into the raw decoder output `[B, 3, 8h, 8w]` f32 (≈ [-1, 1],
 /// unclamped). `params` NULL = defaults (automatic tiling). The call reserves the decode's working-memory
 /// estimate; when that cannot fit it decodes in tiles, and after a device OOM it retries in tiles. On success
