@@ -16,9 +16,11 @@ to 256 tokens of 64, 512 T5 tokens (dev's max_sequence_length; `--txt-len`), poo
 (dev). Inputs are seeded random: the weights are random too. `--steps` forwards are timed separately (the first one
 includes one-off costs).
 
-T5: transformers `T5EncoderModel.from_pretrained(dir, gguf_file=name, torch_dtype=...)` — transformers' GGUF loader
-**dequantises every tensor at load** (there is no quantised compute path for T5 in transformers 5.23), so the
-encoder is held in `--dtype`: ~9.5 GB bf16 / ~19 GB f32 for the real T5-XXL (4.76 B parameters; 24 GiB machine: use
+T5: transformers `T5EncoderModel.from_pretrained(dir, gguf_file=name, dtype=...)` — transformers 5.23 keeps GGUF
+blocks packed only for the architectures of its new loader (`integrations/gguf`: qwen35, lfm2, ... — not
+`t5encoder`, and only with the `kernels` package); T5 goes through the legacy loader, which **dequantises every
+tensor at load** (its log warns about packed weights, but the T5 weights end up dense), so the encoder is held in
+`--dtype`: ~9.5 GB bf16 / ~19 GB f32 for the real T5-XXL (4.76 B parameters; 24 GiB machine: use
 bf16). The prompt is tokenised with the `tokenizer.json` beside the GGUF (`--tokenizer`) and padded to 512 (dev).
 
 Requires accelerate (diffusers' quantised loading needs low_cpu_mem_usage); psutil is not needed.
