@@ -153,8 +153,9 @@ pub fn make_scheduler_for(
         return Err(Error::invalid("steps must be at least 1"));
     }
     if karras && !kind.supports_karras() {
+        let why = if kind == SchedulerKind::FlowEuler { "not implemented for" } else { "no use_karras_sigmas in" };
         return Err(Error::unsupported(format!(
-            "Karras sigmas with {kind} ({} has no use_karras_sigmas); they are available for euler and dpmpp_2m",
+            "Karras sigmas with {kind} ({why} {}); they are available for euler and dpmpp_2m",
             kind.diffusers_class()
         )));
     }
