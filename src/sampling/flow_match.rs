@@ -92,7 +92,8 @@ impl FlowMatchConfig {
             max_image_seq_len: num(c, "max_image_seq_len", 4096.0)?,
             time_shift,
         };
-        if !(cfg.shift > 0.0) {
+        // Finite (checked by `num`), so this also refuses nothing it should accept.
+        if cfg.shift <= 0.0 {
             return Err(Error::invalid(format!("scheduler_config: shift = {} (needs > 0)", cfg.shift)));
         }
         if cfg.use_dynamic_shifting && cfg.max_image_seq_len == cfg.base_image_seq_len {
