@@ -92,7 +92,7 @@ impl FlowMatchConfig {
             max_image_seq_len: num(c, "max_image_seq_len", 4096.0)?,
             time_shift,
         };
-        // Finite (checked by `num`), so this also refuses nothing it should accept.
+        // Finite here (checked by `num`).
         if cfg.shift <= 0.0 {
             return Err(Error::invalid(format!("scheduler_config: shift = {} (needs > 0)", cfg.shift)));
         }
