@@ -12,7 +12,7 @@ use crate::models::clip::{ClipKind, ClipTextConfig, ClipTextEncoder, KeyLayout};
 use crate::models::Family;
 use crate::text::PadToken;
 use crate::weights::single_file::{Component, ComponentFile, ComponentMap, SingleFile};
-use crate::weights::{BlockRule, TensorSpan, WeightLayout};
+use crate::weights::{BlockRule, FilePart, TensorSpan, WeightLayout};
 use crate::models::text_encoder::{PromptTokenizer, TextEncoder};
 use crate::text::ClipTokenizer;
 use crate::models::{AutoencoderKL, ExpectedTensors, UNet2DConditionModel, UNetConfig, VaeConfig};
@@ -81,7 +81,7 @@ fn mapped_weights(
             name: e.internal_name.clone(),
             dtype: e.dtype,
             shape: e.shape.clone(),
-            bytes: e.bytes.clone(),
+            parts: vec![FilePart::of(e.bytes.clone())],
             transposed: e.transpose,
         })
         .collect();
@@ -138,14 +138,14 @@ impl Model {
         step(1, LOAD_PHASES)?;
         let file = match &arch {
             Architecture::TextEncoder { .. } => Some(ClipTextEncoder::weights_file(dir)?),
-            _ => WEIGHT_FILES.iter().map(|f| dir.join(f)).find(|p| p.exists()),
+            _ => crate::weights::find_weights(dir, &WEIGHT_FILES),
         };
         let file = file.ok_or_else(|| {
             Error::io(
                 dir,
                 std::io::Error::new(
                     std::io::ErrorKind::NotFound,
-                    format!("no weights: expected {} or {}", WEIGHT_FILES[0], WEIGHT_FILES[1]),
+                    format!("no weights: expected {} or {} (or its .index.json)", WEIGHT_FILES[0], WEIGHT_FILES[1]),
                 ),
             )
         })?;

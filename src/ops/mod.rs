@@ -16,10 +16,12 @@ pub mod geglu;
 pub mod group_norm;
 pub mod layer_norm;
 pub mod linear;
+pub mod rms_norm;
 pub mod timestep;
 
 pub use attention::{attention, attention_chunk_rows, attention_scratch_bytes, attention_with_budget, ATTENTION_SCRATCH_BYTES};
 pub use conv2d::{conv2d, conv2d_scratch_bytes};
+pub use rms_norm::rms_norm;
 pub use cpu::elementwise::{silu_tensor as silu, upsample_nearest2d};
 pub use geglu::geglu;
 pub use group_norm::{group_norm, group_norm_scratch_bytes};

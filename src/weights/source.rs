@@ -123,7 +123,8 @@ impl WeightLayout {
     }
 }
 
-/// One tensor of a component as it lies in a file: a contiguous byte range read in place (never rewritten).
+/// One tensor of a component as it lies in its file(s): byte ranges read in place (never rewritten) and
+/// concatenated in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorSpan {
     /// The name the model reads (`down_blocks.0.resnets.1.conv1.weight`).
@@ -132,10 +133,31 @@ pub struct TensorSpan {
     pub dtype: DType,
     /// The shape the model reads.
     pub shape: Vec<usize>,
-    /// Byte range in the file.
-    pub bytes: std::ops::Range<usize>,
-    /// The stored 2-D tensor is the transpose of `shape` (OpenCLIP's `text_projection`): transposed when read.
+    /// Where its bytes are, concatenated in this order: one part for a tensor stored whole or as a row slice; several
+    /// for a tensor made of rows of others (diffusers' `to_q`/`to_k`/`to_v` read as FLUX's fused `qkv`; halves of one
+    /// tensor swapped). Concatenation along dim 0 of row-major tensors is concatenation of their bytes, whatever the
+    /// element format, as long as each part holds whole rows.
+    pub parts: Vec<FilePart>,
+    /// The stored 2-D tensor is the transpose of `shape` (OpenCLIP's `text_projection`): transposed when read. Only
+    /// with a single part.
     pub transposed: bool,
+}
+
+/// A byte range of one of the files a store maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilePart {
+    /// Index into the store's files ([`crate::weights::shard_files`] of the path it was opened with; 0 for a
+    /// single file).
+    pub file: usize,
+    /// Byte range in that file.
+    pub bytes: std::ops::Range<usize>,
+}
+
+impl FilePart {
+    /// A range of the first (or only) file.
+    pub fn of(bytes: std::ops::Range<usize>) -> Self {
+        Self { file: 0, bytes }
+    }
 }
 
 /// Containers whose numbered children are separate blocks (each streamed or kept resident as a unit).

@@ -43,8 +43,8 @@ pub struct TensorInfo {
     pub storage_dtype: DType,
     /// Shape.
     pub shape: Vec<usize>,
-    offset: usize,
-    len: usize,
+    /// (file index, byte offset, byte length) of its parts, concatenated in order.
+    parts: Vec<(usize, usize, usize)>,
     /// Stored as the transpose of `shape` (2-D): transposed as it is read.
     transposed: bool,
 }
@@ -160,7 +160,8 @@ impl Drop for StagingSlot {
 /// A memory-mapped safetensors file, its tensors grouped into blocks, and an optional RAM copy.
 pub struct WeightStore {
     path: PathBuf,
-    mmap: Mmap,
+    /// The mapped files: the path itself, or the shards its index lists.
+    mmaps: Vec<Mmap>,
     tensors: Vec<TensorInfo>,
     blocks: Vec<BlockInfo>,
     index: HashMap<String, usize>,
@@ -279,6 +280,18 @@ fn convert_par(src: &[u8], from: DType, to: DType, dst: &mut [u8], parallel: boo
         .for_each(|(s, d)| convert_into(s, from, to, d));
 }
 
+/// Map one safetensors file, checking it is long enough for a header (the header itself is validated by its reader).
+fn map_safetensors(path: &Path) -> Result<Mmap> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len < 8 {
+        return Err(Error::format(format!("{}: {len} bytes, too small for a safetensors header", path.display())));
+    }
+    // SAFETY: the file is opened read-only; like every mmap-based loader we rely on it not being truncated while
+    // mapped (documented for hosts).
+    unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
 impl WeightStore {
     /// Map `path` and validate its header, every tensor under its stored name in the generic block partition
     /// ([`block_key`]). `storage` = the dtype kept in RAM and on the device (None = the file's); `compute` = the
@@ -290,60 +303,65 @@ impl WeightStore {
     /// [`Self::open`] with a family's block rule and, for a component of a single-file checkpoint, the spans of
     /// its tensors in the file (checked against the file's bounds and dtypes).
     pub fn open_with(path: &Path, layout: &WeightLayout, storage: Option<DType>, compute: DType) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        if len < 8 {
-            return Err(Error::format(format!(
-                "{}: {len} bytes, too small for a safetensors header",
-                path.display()
-            )));
+        let files = crate::weights::shard_files(path)?;
+        let mut mmaps = Vec::with_capacity(files.len());
+        for f in &files {
+            mmaps.push(map_safetensors(f)?);
         }
-        // SAFETY: the file is opened read-only; like every mmap-based loader we rely on it not being truncated
-        // while mapped (documented for hosts).
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let st = safetensors::SafeTensors::deserialize(&mmap)
-            .map_err(|e| Error::format(format!("{}: invalid safetensors: {e}", path.display())))?;
-        let base = mmap.as_ptr() as usize;
-        let mut raw: Vec<(String, DType, Vec<usize>, usize, usize, bool)> = Vec::new();
+        type Raw = (String, DType, Vec<usize>, Vec<(usize, usize, usize)>, bool);
+        let mut raw: Vec<Raw> = Vec::new();
         if let Some(spans) = &layout.spans {
             for s in spans.iter() {
                 dtype_of_candle(s.dtype, &s.name)?;
                 let expect = s.shape.iter().product::<usize>() * s.dtype.size_in_bytes();
-                if s.bytes.end > mmap.len() || s.bytes.len() != expect || (s.transposed && s.shape.len() != 2) {
+                let total: usize = s.parts.iter().map(|p| p.bytes.len()).sum();
+                let in_bounds = s.parts.iter().all(|p| {
+                    p.bytes.start <= p.bytes.end && mmaps.get(p.file).is_some_and(|m| p.bytes.end <= m.len())
+                });
+                if s.parts.is_empty() || !in_bounds || total != expect || (s.transposed && (s.shape.len() != 2 || s.parts.len() != 1)) {
                     return Err(Error::format(format!(
-                        "{}: tensor {} spans bytes {:?}, expected {expect} bytes within the file's {}",
+                        "{}: tensor {} spans {:?} ({total} bytes), expected {expect} bytes within the mapped files",
                         path.display(),
                         s.name,
-                        s.bytes,
-                        mmap.len()
+                        s.parts,
                     )));
                 }
-                raw.push((s.name.clone(), s.dtype, s.shape.clone(), s.bytes.start, s.bytes.len(), s.transposed));
+                let parts = s.parts.iter().map(|p| (p.file, p.bytes.start, p.bytes.len())).collect();
+                raw.push((s.name.clone(), s.dtype, s.shape.clone(), parts, s.transposed));
             }
         } else {
-            for (name, view) in st.tensors() {
-                if is_index_buffer(&name, view.dtype()) {
-                    continue;
+            let mut seen = std::collections::HashSet::new();
+            for (fi, (mmap, f)) in mmaps.iter().zip(&files).enumerate() {
+                let st = safetensors::SafeTensors::deserialize(mmap)
+                    .map_err(|e| Error::format(format!("{}: invalid safetensors: {e}", f.display())))?;
+                let base = mmap.as_ptr() as usize;
+                for (name, view) in st.tensors() {
+                    if is_index_buffer(&name, view.dtype()) {
+                        continue;
+                    }
+                    let dt = dtype_of(view.dtype(), &name)?;
+                    let data = view.data();
+                    let expect = view.shape().iter().product::<usize>() * dt.size_in_bytes();
+                    if data.len() != expect {
+                        return Err(Error::format(format!(
+                            "{}: tensor {name} has {} bytes, expected {expect}",
+                            f.display(),
+                            data.len()
+                        )));
+                    }
+                    if !seen.insert(name.clone()) {
+                        return Err(Error::format(format!("{}: tensor {name} is in two shards", path.display())));
+                    }
+                    let part = (fi, data.as_ptr() as usize - base, data.len());
+                    raw.push((name, dt, view.shape().to_vec(), vec![part], false));
                 }
-                let dt = dtype_of(view.dtype(), &name)?;
-                let data = view.data();
-                let expect = view.shape().iter().product::<usize>() * dt.size_in_bytes();
-                if data.len() != expect {
-                    return Err(Error::format(format!(
-                        "{}: tensor {name} has {} bytes, expected {expect}",
-                        path.display(),
-                        data.len()
-                    )));
-                }
-                raw.push((name, dt, view.shape().to_vec(), data.as_ptr() as usize - base, data.len(), false));
             }
         }
-        drop(st);
-        raw.sort_by_key(|r| r.3);
+        raw.sort_by_key(|r| (r.3[0].0, r.3[0].1));
         let mut tensors = Vec::with_capacity(raw.len());
         let mut blocks: Vec<BlockInfo> = Vec::new();
         let mut index = HashMap::new();
-        for (name, file_dtype, shape, offset, len, transposed) in raw {
+        for (name, file_dtype, shape, parts, transposed) in raw {
             let key = (layout.rule)(&name).to_string();
             let rel_name = name
                 .strip_prefix(&key)
@@ -367,8 +385,7 @@ impl WeightStore {
                 file_dtype,
                 storage_dtype,
                 shape,
-                offset,
-                len,
+                parts,
                 transposed,
             };
             let b = &mut blocks[block];
@@ -379,7 +396,7 @@ impl WeightStore {
         }
         Ok(Self {
             path: path.to_path_buf(),
-            mmap,
+            mmaps,
             tensors,
             blocks,
             index,
@@ -414,19 +431,24 @@ impl WeightStore {
     pub fn compute_dtype(&self) -> DType {
         self.compute_dtype
     }
-    /// Bytes of the mapping (the file size).
+    /// Bytes of the mappings (the file sizes).
     pub fn mapped_bytes(&self) -> u64 {
-        self.mmap.len() as u64
+        self.mmaps.iter().map(|m| m.len() as u64).sum()
     }
     /// Bytes read from the file (through the mapping) since it was opened: RAM copies and streams without one.
     pub fn file_bytes_read(&self) -> u64 {
         self.read.load(Ordering::Relaxed)
     }
     /// The mapped bytes of tensor `t` in its shape's row-major order, counted as read (a copy only for a tensor
-    /// stored transposed).
+    /// stored transposed or made of several parts).
     fn file_bytes(&self, t: &TensorInfo) -> std::borrow::Cow<'_, [u8]> {
-        self.read.fetch_add(t.len as u64, Ordering::Relaxed);
-        let bytes = &self.mmap[t.offset..t.offset + t.len];
+        let part = |&(f, off, len): &(usize, usize, usize)| &self.mmaps[f][off..off + len];
+        let len: usize = t.parts.iter().map(|p| p.2).sum();
+        self.read.fetch_add(len as u64, Ordering::Relaxed);
+        if t.parts.len() > 1 {
+            return std::borrow::Cow::Owned(t.parts.iter().flat_map(|p| part(p).iter().copied()).collect());
+        }
+        let bytes = part(&t.parts[0]);
         if !t.transposed {
             return std::borrow::Cow::Borrowed(bytes);
         }

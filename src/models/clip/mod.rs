@@ -100,18 +100,15 @@ impl ClipTextEncoder {
         Ok(Self { config, layout })
     }
 
-    /// The weights file of a text-encoder folder: `model.safetensors`, else `model.fp16.safetensors`.
+    /// The weights file of a text-encoder folder: `model.safetensors`, else `model.fp16.safetensors`, else the
+    /// shard index of either (`model.safetensors.index.json`).
     pub fn weights_file(dir: &Path) -> Result<PathBuf> {
-        ["model.safetensors", "model.fp16.safetensors"]
-            .iter()
-            .map(|n| dir.join(n))
-            .find(|p| p.is_file())
-            .ok_or_else(|| {
-                Error::format(format!(
-                    "{}: no model.safetensors or model.fp16.safetensors",
-                    dir.display()
-                ))
-            })
+        crate::weights::find_weights(dir, &["model.safetensors", "model.fp16.safetensors"]).ok_or_else(|| {
+            Error::format(format!(
+                "{}: no model.safetensors or model.fp16.safetensors (or their .index.json)",
+                dir.display()
+            ))
+        })
     }
 
     /// The configuration.
@@ -198,6 +195,13 @@ impl ClipTextEncoder {
 
 /// The tensor names in a safetensors file's header (the data is not read). The header is bounded at 100 MiB.
 fn safetensors_names(path: &Path) -> Result<Vec<String>> {
+    if crate::weights::is_index(path) {
+        let mut names = Vec::new();
+        for shard in crate::weights::shard_files(path)? {
+            names.extend(safetensors_names(&shard)?);
+        }
+        return Ok(names);
+    }
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut len = [0u8; 8];
     f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
