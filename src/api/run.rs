@@ -49,7 +49,9 @@ pub struct DenoiseOptions {
     pub scheduler: SchedulerKind,
     pub karras: bool,
     pub steps: usize,
-    /// Classifier-free guidance scale; ≤ 1 runs the conditional batch only.
+    /// Classifier-free guidance scale; ≤ 1 runs the conditional batch only. `flow_euler` never runs
+    /// classifier-free guidance (one forward per step): a guidance-distilled model (FLUX.1 dev) takes the scale
+    /// from its conditioning instead.
     pub guidance: f64,
     /// Seeds the initial noise (when none is given) and Euler ancestral's step noise (when none is given).
     pub seed: u64,
@@ -347,8 +349,10 @@ impl Context {
         if h == 0 || w == 0 {
             return Err(Error::invalid("latent size must be positive"));
         }
-        // Classifier-free guidance only for models that use it: FLUX runs one forward per step.
-        let guided = denoiser.classifier_free_guidance() && options.guidance > 1.0;
+        // Classifier-free guidance only for models that use it and schedulers that take it: FLUX's guidance is
+        // distilled (one forward per step), and flow matching never batches an unconditional row (`sampling::denoise`).
+        let guided =
+            denoiser.classifier_free_guidance() && options.scheduler.classifier_free_guidance() && options.guidance > 1.0;
         let model_batch = if guided { 2 * batch } else { batch };
         let latent_bytes = f32_bytes("the latents", &[model_batch, channels, h, w])?;
         // The estimates multiply the widest activation by small factors: refuse what cannot be addressed first.
@@ -401,7 +405,8 @@ impl Context {
         Ok(latents)
     }
 
-    /// Decode latents as `denoise` returns them (`[B, 4, h, w]`, before dividing by the VAE's scaling factor) into
+    /// Decode latents as `denoise` returns them (`[B, C, h, w]` with the VAE's latent channels: 4 for SD, 16 for
+    /// FLUX; before the VAE's scaling and shift, which are applied here) into
     /// the raw decoder output `[B, 3, 8h, 8w]` (≈ [-1, 1], unclamped, f32). With [`Tiling::Auto`] it tiles when
     /// the untiled working memory cannot fit, and retries tiled after a device OOM.
     pub fn vae_decode(&self, vae: &Model, latents: &Tensor, tiling: Tiling) -> Result<(Tensor, RunReport)> {
@@ -465,10 +470,8 @@ impl Context {
         check_host_bytes("the decode", host_needed.saturating_add(if tiling == Tiling::Never { on_host } else { 0 }))?;
         call.check()?;
 
-        let mut z = (latents.to_dtype(DType::F32)? / config.scaling_factor)?;
-        if let Some(shift) = config.shift_factor {
-            z = (z + shift)?;
-        }
+        // latents / scaling_factor (+ shift_factor: FLUX).
+        let z = config.z_from_latents(latents)?;
         // Progress counts the decoder's blocks as they are fetched (each once per pass, tiled or not).
         let total = vae
             .weights()

@@ -122,6 +122,16 @@ impl ComponentFile {
         &self.map
     }
 
+    /// The diffusers `AutoencoderKL` config of a VAE file, from its shapes (see [`super::config::vae_file_config`]:
+    /// FLUX.1's autoencoder is told by its 16 latent channels without quant convs; an SD VAE takes `family`'s
+    /// scaling). INVALID_ARGUMENT for another component.
+    pub fn vae_config(&self, family: Option<super::Family>) -> Result<serde_json::Value> {
+        if self.map.component != Component::Vae {
+            return Err(Error::invalid(format!("{}: holds a {}, not a VAE", self.path.display(), self.map.component)));
+        }
+        Ok(super::config::vae_file_config(&self.map, family))
+    }
+
     /// Stored names skipped as known extras (position ids, `logit_scale`, EMA copies).
     pub fn skipped(&self) -> &[String] {
         &self.skipped

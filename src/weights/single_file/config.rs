@@ -297,15 +297,40 @@ fn agrees(cfg: &Value, std: &Value, ignore: &[&str]) -> bool {
 
 fn vae_config(sf: &SingleFileMap, map: &ComponentMap) -> Value {
     let family = sf.family();
+    let scale = model_params(sf.sidecar()).and_then(|p| p.get("scale_factor")).and_then(Value::as_f64);
+    let cfg = vae_config_from_shapes(map, Some(family), scale);
+    if is_flux_vae(&cfg) {
+        return cfg;
+    }
+    let std = standard_vae(family);
+    if agrees(&cfg, &std, &["sample_size", "scaling_factor"]) && model_params(sf.sidecar()).is_none() {
+        return std;
+    }
+    cfg
+}
+
+/// FLUX.1's autoencoder (BFL `ae.safetensors`): 16 latent channels and no quant convs (SD's VAEs have 4 and both).
+/// Its latents are scaled by 0.3611 and shifted by 0.1159 (BFL `AutoEncoderParams`; diffusers' FLUX `vae/config.json`).
+pub const FLUX_VAE_SCALING: f64 = 0.3611;
+/// See [`FLUX_VAE_SCALING`].
+pub const FLUX_VAE_SHIFT: f64 = 0.1159;
+
+fn is_flux_vae(cfg: &Value) -> bool {
+    cfg["latent_channels"] == json!(16)
+        && cfg["use_quant_conv"] == json!(false)
+        && cfg["use_post_quant_conv"] == json!(false)
+}
+
+/// The AutoencoderKL config a VAE's mapped shapes give. `scale` is an LDM sidecar's `scale_factor`; without it the
+/// scaling is FLUX's for a FLUX autoencoder (with its shift), else the family's (SDXL 0.13025, SD 1.x/2.x 0.18215;
+/// SD 1.x's when the family is unknown).
+fn vae_config_from_shapes(map: &ComponentMap, family: Option<Family>, scale: Option<f64>) -> Value {
     let levels = count(map, "encoder.down_blocks.");
     let channels: Vec<usize> = (0..levels)
         .filter_map(|b| shape(map, &format!("encoder.down_blocks.{b}.resnets.0.conv2.weight")).map(|s| s[0]))
         .collect();
-    let scale = model_params(sf.sidecar())
-        .and_then(|p| p.get("scale_factor"))
-        .and_then(Value::as_f64)
-        .unwrap_or(if family == Family::Sdxl { 0.13025 } else { 0.18215 });
-    let cfg = json!({
+    let sdxl = family == Some(Family::Sdxl);
+    let mut cfg = json!({
         "_class_name": "AutoencoderKL",
         "in_channels": shape(map, "encoder.conv_in.weight").map_or(3, |s| s[1]),
         "out_channels": shape(map, "decoder.conv_out.weight").map_or(3, |s| s[0]),
@@ -315,18 +340,32 @@ fn vae_config(sf: &SingleFileMap, map: &ComponentMap) -> Value {
         "layers_per_block": count(map, "encoder.down_blocks.0.resnets."),
         "latent_channels": shape(map, "decoder.conv_in.weight").map_or(4, |s| s[1]),
         "norm_num_groups": 32,
-        "sample_size": match family { Family::Sd1 => 512, Family::Sd2 => 768, Family::Sdxl | Family::Flux => 1024 },
-        "scaling_factor": scale,
+        "sample_size": if family == Some(Family::Sd1) || family.is_none() {
+            512
+        } else if family == Some(Family::Sd2) {
+            768
+        } else {
+            1024
+        },
+        "scaling_factor": scale.unwrap_or(if sdxl { 0.13025 } else { 0.18215 }),
         "force_upcast": true,
         "use_quant_conv": has_prefix(map, "quant_conv."),
         "use_post_quant_conv": has_prefix(map, "post_quant_conv."),
         "mid_block_add_attention": has_prefix(map, "encoder.mid_block.attentions."),
     });
-    let std = standard_vae(family);
-    if agrees(&cfg, &std, &["sample_size", "scaling_factor"]) && model_params(sf.sidecar()).is_none() {
-        return std;
+    if is_flux_vae(&cfg) {
+        cfg["scaling_factor"] = json!(scale.unwrap_or(FLUX_VAE_SCALING));
+        cfg["shift_factor"] = json!(FLUX_VAE_SHIFT);
+        cfg["sample_size"] = json!(1024);
     }
     cfg
+}
+
+/// The config of a VAE stored alone in a file (`--vae FILE`: BFL's `ae.safetensors`, an LDM VAE such as
+/// `vae-ft-mse-840000`), from its mapped shapes: FLUX.1's autoencoder is recognised by its 16 latent channels
+/// without quant convs; an SD VAE takes `family`'s scaling (SD 1.x's when `None`; the shapes cannot tell SDXL's).
+pub fn vae_file_config(map: &ComponentMap, family: Option<Family>) -> Value {
+    vae_config_from_shapes(map, family, None)
 }
 
 fn text_encoder_config(sf: &SingleFileMap, map: &ComponentMap) -> std::result::Result<Value, String> {
