@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::weights::source::{block_key, BlockWeights, WeightSource};
+use crate::weights::source::{block_key, BlockRule, BlockWeights, WeightSource};
 
 /// All tensors of a checkpoint, loaded once onto `device` in `dtype`, grouped by [`block_key`].
 pub struct ResidentWeights {
@@ -19,9 +19,19 @@ pub struct ResidentWeights {
 impl ResidentWeights {
     /// Group `tensors` (full checkpoint names) into blocks, converted to `dtype` on `device`.
     pub fn from_tensors(tensors: HashMap<String, Tensor>, device: &Device, dtype: DType) -> Result<Self> {
+        Self::from_tensors_with(tensors, block_key, device, dtype)
+    }
+
+    /// [`Self::from_tensors`] grouped by a family's block rule (e.g. `crate::models::flux::block_of`).
+    pub fn from_tensors_with(
+        tensors: HashMap<String, Tensor>,
+        rule: BlockRule,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let mut blocks: HashMap<String, HashMap<String, Tensor>> = HashMap::new();
         for (name, t) in tensors {
-            let key = block_key(&name).to_string();
+            let key = rule(&name).to_string();
             let rel = name.strip_prefix(&key).map(|r| r.trim_start_matches('.')).unwrap_or(&name).to_string();
             let t = t.to_device(device)?.to_dtype(dtype)?;
             blocks.entry(key).or_default().insert(rel, t);
