@@ -10,6 +10,7 @@
 - types_ref.safetensors: gguf-py 0.19.0's `gguf.quants.dequantize` of every tensor, f32, under the stripped names.
 - unsupported.gguf: an IQ4_XS tensor (must be refused by name).
 - fp8.safetensors / fp8_ref.safetensors: every byte value as F8_E4M3 and F8_E5M2 tensors, and their torch f32 casts.
+- flux1-dev-tiny-{Q8_0,Q4_0,Q4_K}.gguf: the tiny FLUX.1-dev BFL file of tests/fixtures/tiny-flux as City96-style GGUFs.
 
 Deterministic (seeded); no downloads. Environment: scripts/requirements-fixtures.txt (gguf==0.19.0).
 """
@@ -130,5 +131,66 @@ def main():
     save_torch({k: v.to(torch.float32).contiguous() for k, v in fp8.items()}, os.path.join(OUT, "fp8_ref.safetensors"))
 
 
+def flux_conversions():
+    """The tiny FLUX.1-dev BFL file (tests/fixtures/tiny-flux, written by scripts/fixtures_flux.py) as City96-style
+    GGUF files: Q8_0, Q4_0 and Q4_K. City96's rules (tools/convert.py + lcpp.patch): 1-D tensors and tensors of at
+    most 1024 elements F32; others in the type, falling back to F16 where a row is not whole blocks (K types on rows
+    that are not a multiple of 256, as FLUX's img_in). The Q4_0 file keeps Comfy's `model.diffusion_model.` prefix."""
+    from safetensors.torch import load_file
+
+    src = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "tiny-flux", "dev", "flux1-dev-tiny.safetensors")
+    weights = {k: v.to(torch.float32).numpy() for k, v in sorted(load_file(src).items())}
+    for qtype, prefix in [(T.Q8_0, ""), (T.Q4_0, "model.diffusion_model."), (T.Q4_K, "")]:
+        w = gguf.GGUFWriter(os.path.join(OUT, f"flux1-dev-tiny-{qtype.name}.gguf"), "flux")
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        block = gguf.GGML_QUANT_SIZES[qtype][0]
+        for name, x in weights.items():
+            if x.ndim == 1 or x.size <= 1024:
+                w.add_tensor(prefix + name, x.astype(np.float32))
+            elif x.shape[-1] % block == 0:
+                w.add_tensor(prefix + name, quantize(x, qtype) if qtype != T.Q4_K else k_quantize(x), raw_dtype=qtype)
+            else:
+                w.add_tensor(prefix + name, x.astype(np.float16))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+
+def k_quantize(x):
+    """Q4_K blocks for x (gguf-py cannot quantise K types): per 32-element sub-block a 6-bit scale and min against
+    fp16 super-block factors, rounded to nearest - a valid encoding close to x (the tests compare against the
+    dequantised values, not against x)."""
+    rows = x.reshape(-1, 256).astype(np.float64)
+    n = rows.shape[0]
+    sub = rows.reshape(n, 8, 32)
+    lo = np.minimum(sub.min(axis=-1), 0.0)
+    hi = sub.max(axis=-1)
+    scale = (hi - lo) / 15.0
+    dmax = scale.max(axis=-1, keepdims=True) / 63.0
+    mmax = (-lo).max(axis=-1, keepdims=True) / 63.0
+    d = np.where(dmax == 0, 1.0, dmax).astype(np.float16)
+    dmin = np.where(mmax == 0, 1.0, mmax).astype(np.float16)
+    sc = np.clip(np.rint(scale / d.astype(np.float64)), 0, 63).astype(np.uint8)
+    mn = np.clip(np.rint(-lo / dmin.astype(np.float64)), 0, 63).astype(np.uint8)
+    eff_d = d.astype(np.float64) * sc
+    eff_m = dmin.astype(np.float64) * mn
+    q = np.clip(np.rint((sub + eff_m[..., None]) / np.where(eff_d == 0, 1.0, eff_d)[..., None]), 0, 15).astype(np.uint8)
+    packed = np.zeros((n, 12), dtype=np.uint8)
+    packed[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
+    packed[:, 4:8] = mn[:, 0:4] | ((mn[:, 4:8] >> 4) << 6)
+    packed[:, 8:12] = (sc[:, 4:8] & 0xF) | ((mn[:, 4:8] & 0xF) << 4)
+    qs = np.zeros((n, 4, 32), dtype=np.uint8)
+    for j in range(4):
+        qs[:, j] = q[:, 2 * j] | (q[:, 2 * j + 1] << 4)
+    blocks = np.concatenate([d.view(np.uint8).reshape(n, 2), dmin.view(np.uint8).reshape(n, 2), packed, qs.reshape(n, 128)], axis=1)
+    out = blocks.reshape(*x.shape[:-1], x.shape[-1] // 256 * 144)
+    # the encoding must decode (gguf-py) to values near x
+    back = dequantize(out, T.Q4_K).reshape(x.shape)
+    assert np.abs(back - x).max() <= 0.5 * np.abs(x).max(), "Q4_K packing"
+    return out
+
+
 if __name__ == "__main__":
     main()
+    flux_conversions()
