@@ -11,6 +11,7 @@
 - unsupported.gguf: an IQ4_XS tensor (must be refused by name).
 - fp8.safetensors / fp8_ref.safetensors: every byte value as F8_E4M3 and F8_E5M2 tensors, and their torch f32 casts.
 - flux1-dev-tiny-{Q8_0,Q4_0,Q4_K}.gguf: the tiny FLUX.1-dev BFL file of tests/fixtures/tiny-flux as City96-style GGUFs.
+- flux1-dev-tiny-fp8_{e4m3fn,e5m2}.safetensors: the same with its 2-D weights cast to fp8 (1-D tensors bf16).
 
 Deterministic (seeded); no downloads. Environment: scripts/requirements-fixtures.txt (gguf==0.19.0).
 """
@@ -155,6 +156,12 @@ def flux_conversions():
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+    # fp8 single files as ComfyUI/Forge users download them: 2-D weights in fp8, 1-D tensors (norms, biases) bf16.
+    # e4m3fn under Comfy's prefix (read through the single-file mapping), e5m2 bare (read whole).
+    raw = load_file(src)
+    for dtype, tag, prefix in [(torch.float8_e4m3fn, "fp8_e4m3fn", "model.diffusion_model."), (torch.float8_e5m2, "fp8_e5m2", "")]:
+        out = {prefix + k: (v.to(dtype) if v.dim() == 2 else v).contiguous() for k, v in sorted(raw.items())}
+        save_torch(out, os.path.join(OUT, f"flux1-dev-tiny-{tag}.safetensors"))
 
 
 def k_quantize(x):
