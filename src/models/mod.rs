@@ -7,6 +7,7 @@
 //! - [`denoiser`]: the interface the sampler calls on any denoising model; [`conditioning`]: the named tensors it
 //!   takes.
 //! - [`clip`]: the CLIP text encoders (`CLIPTextModel`, `CLIPTextModelWithProjection`).
+//! - [`t5`]: the T5 encoder (`T5EncoderModel`: FLUX's T5-XXL).
 
 pub(crate) mod blocks;
 pub mod clip;
@@ -14,6 +15,7 @@ pub mod conditioning;
 mod config_util;
 pub mod denoiser;
 pub mod family;
+pub mod t5;
 pub mod text_encoder;
 pub mod unet;
 pub mod vae;

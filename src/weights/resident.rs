@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::weights::source::{block_key, BlockWeights, WeightSource};
+use crate::weights::source::{block_key, BlockRule, BlockWeights, WeightSource};
 
 /// All tensors of a checkpoint, loaded once onto `device` in `dtype`, grouped by [`block_key`].
 pub struct ResidentWeights {
@@ -19,9 +19,19 @@ pub struct ResidentWeights {
 impl ResidentWeights {
     /// Group `tensors` (full checkpoint names) into blocks, converted to `dtype` on `device`.
     pub fn from_tensors(tensors: HashMap<String, Tensor>, device: &Device, dtype: DType) -> Result<Self> {
+        Self::from_tensors_with(tensors, device, dtype, block_key)
+    }
+
+    /// [`Self::from_tensors`] with a family's block rule (`models::t5::block_of`, ...) instead of [`block_key`].
+    pub fn from_tensors_with(
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+        dtype: DType,
+        rule: BlockRule,
+    ) -> Result<Self> {
         let mut blocks: HashMap<String, HashMap<String, Tensor>> = HashMap::new();
         for (name, t) in tensors {
-            let key = block_key(&name).to_string();
+            let key = rule(&name).to_string();
             let rel = name.strip_prefix(&key).map(|r| r.trim_start_matches('.')).unwrap_or(&name).to_string();
             let t = t.to_device(device)?.to_dtype(dtype)?;
             blocks.entry(key).or_default().insert(rel, t);
@@ -31,12 +41,17 @@ impl ResidentWeights {
 
     /// Load a safetensors file completely.
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with(path, device, dtype, block_key)
+    }
+
+    /// [`Self::load`] with a family's block rule.
+    pub fn load_with(path: &Path, device: &Device, dtype: DType, rule: BlockRule) -> Result<Self> {
         if !path.exists() {
             return Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)));
         }
         let tensors = candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
-        Self::from_tensors(tensors, device, dtype)
+        Self::from_tensors_with(tensors, device, dtype, rule)
     }
 
     /// Names of all blocks.
