@@ -29,7 +29,7 @@ pub(crate) fn working_bytes(c: &T5EncoderConfig, batch: usize, seq: usize, targe
     // rms_norm beside its output: the normalised values (and in f32 compute nothing else: the f32 "copy" is x), or
     // the f32 copy, the normalised values and their f32 product before the cast.
     let rms = if f32_act { x32 } else { 3 * x32 };
-    let w = inner.max(ff) * d * e;
+    let w = weight_copy_bytes(c, target) + gemm_pack_bytes(c, target);
 
     // One attention chunk: its gathered bias and score buffers (bounded by the chunking), the f32 copies of its q
     // rows and k heads (k also transposed; one copy each in f32 compute), its v heads, the bucket indices (host and
@@ -88,8 +88,30 @@ pub(crate) fn working_bytes(c: &T5EncoderConfig, batch: usize, seq: usize, targe
     p.peak
 }
 
-/// Of [`working_bytes`], the working copy of the largest block weight (`get` makes one when it dequantises or widens).
+/// Of [`working_bytes`], the working copy of the largest block weight that `get` makes: with an f16 compute dtype
+/// every weight is widened to f32 just before its matmul. (A GGUF/fp8 weight dequantised on get makes one too: the
+/// quantised-weights loader adds that figure, [`largest_weight_bytes`] in the activation dtype.)
 pub(crate) fn weight_copy_bytes(c: &T5EncoderConfig, target: OpTarget) -> u64 {
+    if target.dtype == DType::F16 {
+        largest_weight_bytes(c, target)
+    } else {
+        0
+    }
+}
+
+/// Elements of the largest block weight (`wi_0`/`wi_1`/`wo`, or q/k/v/o when wider) times the activation dtype's size.
+pub(crate) fn largest_weight_bytes(c: &T5EncoderConfig, target: OpTarget) -> u64 {
     let e = activation_dtype(target.dtype).size_in_bytes() as u64;
     c.inner_dim().max(c.d_ff) as u64 * c.d_model as u64 * e
+}
+
+/// The f32 CPU kernel's GEMM (the `gemm` crate) may pack its weight operand: up to the whole weight in f32, measured
+/// for T5's shapes (e.g. `[1024, 256]` at 77 rows: all of it; `[1280, 512]`: nothing). Counted on the paths that run
+/// the f32 CPU linear: f32 on the CPU, and f16 compute, which runs T5 in f32. cuBLAS packs nothing of ours.
+fn gemm_pack_bytes(c: &T5EncoderConfig, target: OpTarget) -> u64 {
+    if target.cpu_kernels || (target.dtype == DType::F16 && !target.cuda_kernels) {
+        c.inner_dim().max(c.d_ff) as u64 * c.d_model as u64 * 4
+    } else {
+        0
+    }
 }

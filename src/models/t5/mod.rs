@@ -106,11 +106,11 @@ impl T5Encoder {
         estimate::working_bytes(&self.config, batch, seq, target.into())
     }
 
-    /// Of [`Self::working_bytes`], the working copy of the largest block weight in the activation dtype: what
-    /// `BlockWeights::get` makes when it dequantises (GGUF, fp8) or widens (f16 compute runs T5 in f32) a weight
-    /// just before its matmul. Plain weights already in the compute dtype need no copy.
-    pub fn weight_copy_bytes(&self, target: impl Into<OpTarget>) -> u64 {
-        estimate::weight_copy_bytes(&self.config, target.into())
+    /// Bytes of the largest block weight in the activation dtype: the working copy `BlockWeights::get` makes when it
+    /// dequantises a GGUF/fp8 weight just before its matmul. [`Self::working_bytes`] counts such a copy only where it
+    /// exists today (f16 compute widens every weight to f32); a quantised model's estimate adds this.
+    pub fn largest_weight_bytes(&self, target: impl Into<OpTarget>) -> u64 {
+        estimate::largest_weight_bytes(&self.config, target.into())
     }
 
     /// Every tensor the forward reads, with its shape.
