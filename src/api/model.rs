@@ -310,7 +310,7 @@ fn t5_tokenizer_beside(encoder_dir: &Path) -> Result<Option<Box<dyn PromptTokeni
 }
 
 /// The T5 sequence length when a tokenizer folder states none: FLUX-dev's (BFL runs dev at 512, schnell at 256).
-pub const T5_DEFAULT_MAX_LENGTH: usize = 512;
+pub(crate) const T5_DEFAULT_MAX_LENGTH: usize = 512;
 
 /// `../scheduler/scheduler_config.json` of a pipeline's `unet/` folder, else SD 1.5's configuration.
 fn scheduler_beside(unet_dir: &Path) -> Result<SchedulerConfig> {

@@ -23,8 +23,8 @@ use crate::error::{Error, Result};
 use crate::text::tokenizer::MAX_PROMPT_BYTES;
 
 /// The largest `model_max_length` taken from a folder (T5's relative positions have no fixed limit; the encoder
-/// accepts up to `models::t5::MAX_SEQUENCE`). transformers writes 1e30 when a tokenizer states none.
-pub const MAX_SANE_LENGTH: usize = 4096;
+/// accepts up to 4096 tokens). transformers writes 1e30 when a tokenizer states none.
+pub(crate) const MAX_SANE_LENGTH: usize = 4096;
 
 /// A tokenised T5 prompt window.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,7 +20,7 @@ use candle_core::Tensor;
 
 pub use blocks::block_of;
 pub use config::{FfActivation, T5EncoderConfig};
-pub use model::{relative_position_bucket, MAX_SEQUENCE};
+pub use model::relative_position_bucket;
 
 use crate::error::{Error, Result};
 use crate::models::text_encoder::{HiddenLayer, TextEncoder, TextEncoding};
@@ -86,7 +86,7 @@ impl T5Encoder {
         &self.config
     }
 
-    /// Encode token ids `[B, S]` (u32 or i64, S ≤ [`MAX_SEQUENCE`]) as FLUX does: no attention mask, pads take
+    /// Encode token ids `[B, S]` (u32 or i64, S ≤ 4096) as FLUX does: no attention mask, pads take
     /// part. Returns `last_hidden_state` `[B, S, d_model]` (after the final norm) on `w`'s device, in its compute
     /// dtype — f32 when that is f16 (T5 overflows f16). Errors: `InvalidArgument` for bad ids, `Format` for missing
     /// or misshapen weights (naming the tensor).

@@ -21,7 +21,7 @@ use crate::ops::ATTENTION_SCRATCH_BYTES;
 use crate::weights::{BlockWeights, WeightSource};
 
 /// Longest sequence accepted (BFL runs 256 / 512; the bucket rule is defined for any length).
-pub const MAX_SEQUENCE: usize = 4096;
+pub(crate) const MAX_SEQUENCE: usize = 4096;
 
 /// The dtype activations run in for a compute dtype: f16 is widened to f32 (see the module doc).
 pub(crate) fn activation_dtype(compute: DType) -> DType {
