@@ -182,3 +182,46 @@ impl TextEncoder for T5Encoder {
         block_of
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::DType;
+
+    use super::*;
+
+    /// T5-XXL (FLUX's `text_encoder_2`): 4.762 B parameters, one block 192.9 M = 368 MiB bf16, under the 512 MiB
+    /// streaming-unit bound; the token table is its own 251 MiB unit.
+    #[test]
+    fn xxl_streams_in_units_under_the_bound() {
+        let c = T5EncoderConfig::from_json(
+            r#"{"d_model": 4096, "d_kv": 64, "num_heads": 64, "d_ff": 10240, "num_layers": 24, "vocab_size": 32128,
+                "feed_forward_proj": "gated-gelu"}"#,
+        )
+        .unwrap();
+        let enc = T5Encoder::new(c, "shared");
+        let mut units: HashMap<String, u64> = HashMap::new();
+        for (name, shape) in enc.expected_tensors() {
+            *units.entry(block_of(&name).to_string()).or_default() += shape.iter().product::<usize>() as u64;
+        }
+        let mut keys: Vec<&String> = units.keys().collect();
+        keys.sort();
+        let mut want = enc.block_keys();
+        want.sort();
+        assert_eq!(keys, want.iter().collect::<Vec<_>>());
+        assert_eq!(units.values().sum::<u64>(), 4_762_310_656);
+        assert_eq!(units["encoder.block.1"], 192_946_176);
+        assert_eq!(units["encoder.block.0"], 192_946_176 + 32 * 64);
+        let largest = units.values().map(|p| p * 2).max().unwrap();
+        assert_eq!(largest, units["encoder.block.0"] * 2);
+        assert!(largest <= 512 << 20 && largest >> 20 == 368, "{largest}");
+        assert_eq!(units["shared"] * 2 >> 20, 251);
+        // Activations of one 512-token prompt in bf16 (candle's compositions, no kernels), and the working copy of
+        // the largest weight (wi_0) a quantised file adds.
+        let work = enc.working_bytes(1, 512, DType::BF16);
+        eprintln!("T5-XXL, one 512-token prompt, bf16: working memory estimate {} MiB", work >> 20);
+        assert!(work < 160 << 20, "{work}");
+        assert_eq!(enc.largest_weight_bytes(DType::BF16), 10240 * 4096 * 2);
+    }
+}
