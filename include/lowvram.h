@@ -105,6 +105,17 @@
 #define MAX_PROMPT_BYTES (1 << 20)
 
 /**
+ * FLUX.1's autoencoder (BFL `ae.safetensors`): 16 latent channels and no quant convs (SD's VAEs have 4 and both).
+ * Its latents are scaled by 0.3611 and shifted by 0.1159 (BFL `AutoEncoderParams`; diffusers' FLUX `vae/config.json`).
+ */
+#define FLUX_VAE_SCALING 0.3611
+
+/**
+ * See [`FLUX_VAE_SCALING`].
+ */
+#define FLUX_VAE_SHIFT 0.1159
+
+/**
  * Element type of a tensor (stable numbers).
  */
 enum lowvram_dtype
@@ -208,6 +219,10 @@ enum lowvram_scheduler
      * DPMSolverMultistepScheduler (dpmsolver++, order 2).
      */
     LOWVRAM_SCHEDULER_DPMPP2M = 3,
+    /**
+     * FlowMatchEulerDiscreteScheduler as FluxPipeline runs it (flow models; no classifier-free guidance).
+     */
+    LOWVRAM_SCHEDULER_FLOW_EULER = 4,
 };
 #ifndef __cplusplus
 typedef uint32_t lowvram_scheduler;
@@ -1005,8 +1020,8 @@ lowvram_status lowvram_pipeline_denoise(const struct lowvram_context *ctx,
                                         struct lowvram_tensor **out_latents);
 
 /**
- * Decode `latents` with the pipeline's VAE (as `lowvram_vae_decode`: scaling applied here, automatic tiling by
- * default). On success `*out_image` `[B, 3, H, W]` f32 is owned by the caller. Thread-safe.
+ * Decode `latents` with the pipeline's VAE (as `lowvram_vae_decode`: scaling and shift applied here, automatic
+ * tiling by default). On success `*out_image` `[B, 3, H, W]` f32 is owned by the caller. Thread-safe.
  */
 lowvram_status lowvram_pipeline_decode(const struct lowvram_context *ctx,
                                        const struct lowvram_pipeline *pipeline,
@@ -1098,7 +1113,8 @@ lowvram_status lowvram_denoise(const struct lowvram_context *ctx,
                                struct lowvram_tensor **out_latents);
 
 /**
- * Decode `latents` (`[B, 4, h, w]` as `lowvram_denoise` returns them; the VAE's scaling factor is applied here)
+ * Decode `latents` (`[B, C, h, w]` as `lowvram_denoise` returns them; the VAE's scaling factor, and the shift
+ * factor where it has one (FLUX), are applied here)
  * with `vae` (a VAE model loaded in `ctx`) into the raw decoder output `[B, 3, 8h, 8w]` f32 (≈ [-1, 1],
  * unclamped). `params` NULL = defaults (automatic tiling). The call reserves the decode's working-memory
  * estimate; when that cannot fit it decodes in tiles, and after a device OOM it retries in tiles. On success

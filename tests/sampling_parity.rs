@@ -269,7 +269,7 @@ fn euler_a_seeded_noise() {
 fn bad_inputs_are_reported() {
     let e = "heun".parse::<SchedulerKind>().unwrap_err();
     assert!(matches!(e, Error::InvalidArgument(_)));
-    assert_eq!(e.to_string(), "invalid argument: unknown scheduler \"heun\" (accepted: euler, euler_a, ddim, dpmpp_2m)");
+    assert_eq!(e.to_string(), "invalid argument: unknown scheduler \"heun\" (accepted: euler, euler_a, ddim, dpmpp_2m, flow_euler)");
 
     let cfg = SchedulerConfig::from_json_str(r#"{"beta_schedule": "scaled_linear", "timestep_spacing": "leading",
         "rescale_betas_zero_snr": true}"#)

@@ -55,7 +55,7 @@ fn encoder_dir() -> PathBuf {
 
 fn resident(dtype: DType) -> ResidentWeights {
     let file = T5Encoder::weights_file(&encoder_dir()).unwrap();
-    ResidentWeights::load_with(&file, &Device::Cpu, dtype, lowvram::models::t5::block_of).unwrap()
+    ResidentWeights::load_with(&file, lowvram::models::t5::block_of, &Device::Cpu, dtype).unwrap()
 }
 
 fn flat(t: &Tensor) -> Vec<f32> {
@@ -219,7 +219,7 @@ fn v1_0_relu_encoder_matches_transformers() {
     let enc = T5Encoder::load_config(&dir).unwrap();
     assert_eq!((enc.config().gated, enc.config().activation), (false, lowvram::models::t5::FfActivation::Relu));
     let file = T5Encoder::weights_file(&dir).unwrap();
-    let w = ResidentWeights::load_with(&file, &Device::Cpu, DType::F32, block_of).unwrap();
+    let w = ResidentWeights::load_with(&file, block_of, &Device::Cpu, DType::F32).unwrap();
     let out = enc.encode(&w, &prompt_ids(20)).unwrap();
     assert_close("v1.0 last_hidden_state, length 20", &out, &r["hidden_v1_0_20"], 1e-4);
     let mut expected = enc.expected_tensors();
@@ -277,13 +277,13 @@ fn encoder_fetches_each_block_once_and_names_bad_tensors() {
     ] {
         let mut missing = tensors.clone();
         missing.remove(victim);
-        let r = ResidentWeights::from_tensors_with(missing, &Device::Cpu, DType::F32, block_of).unwrap();
+        let r = ResidentWeights::from_tensors_with(missing, block_of, &Device::Cpu, DType::F32).unwrap();
         let err = enc.encode(&r, &ids).unwrap_err().to_string();
         assert!(err.contains(victim), "{err}");
         let mut bad = tensors.clone();
         let n = bad[victim].elem_count();
         bad.insert(victim.to_string(), Tensor::zeros(n + 1, DType::F32, &Device::Cpu).unwrap());
-        let r = ResidentWeights::from_tensors_with(bad, &Device::Cpu, DType::F32, block_of).unwrap();
+        let r = ResidentWeights::from_tensors_with(bad, block_of, &Device::Cpu, DType::F32).unwrap();
         let err = enc.encode(&r, &ids).unwrap_err().to_string();
         assert!(err.contains(victim) && err.contains("shape"), "{err}");
     }

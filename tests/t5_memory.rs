@@ -28,7 +28,7 @@ fn weights(enc: &T5Encoder, dtype: DType) -> ResidentWeights {
             (name, t)
         })
         .collect();
-    ResidentWeights::from_tensors_with(tensors, &Device::Cpu, dtype, block_of).unwrap()
+    ResidentWeights::from_tensors_with(tensors, block_of, &Device::Cpu, dtype).unwrap()
 }
 
 /// T5 widths scaled down from XXL (head size 64 kept; inner = d_model as in XXL, or not as in v1.1 small).

@@ -39,7 +39,7 @@ namespace LowVram
     public enum ModelKind : uint { Unet = 0, Vae = 1 }
 
     /// <summary>Samplers (lowvram_scheduler).</summary>
-    public enum Scheduler : uint { Euler = 0, EulerA = 1, Ddim = 2, Dpmpp2m = 3 }
+    public enum Scheduler : uint { Euler = 0, EulerA = 1, Ddim = 2, Dpmpp2m = 3, FlowEuler = 4 }
 
     /// <summary>A failed lowvram call: its status and the library's message.</summary>
     public sealed class LowVramException : Exception

@@ -217,6 +217,20 @@ impl Context {
         Ok(Arc::new(model))
     }
 
+    /// Load a VAE stored alone in a file (`--vae FILE`: BFL's FLUX.1 `ae.safetensors`, an LDM or diffusers-layout
+    /// VAE) into the cache (see [`Model::load_vae_file`]); `family` sets an SD VAE's scaling factor (FLUX's
+    /// autoencoder is recognised by its shapes).
+    pub fn load_vae_file(
+        &self,
+        path: &Path,
+        family: Option<crate::weights::single_file::Family>,
+    ) -> Result<Arc<Model>> {
+        let model = Model::load_vae_file(&self.cache, path, family, self.id)?;
+        let bytes = model.weights().total_bytes();
+        self.logger.info(&format!("loaded VAE {} ({bytes} bytes of weights)", path.display()));
+        Ok(Arc::new(model))
+    }
+
     /// Place up to `max_bytes` of `model`'s weights on the device now (explicit partial load); returns the bytes
     /// resident afterwards.
     pub fn load_to_device(&self, model: &Model, max_bytes: u64) -> Result<u64> {

@@ -11,7 +11,7 @@ use crate::memory::{ManagedModel, ModelCache};
 use crate::models::clip::{ClipKind, ClipTextConfig, ClipTextEncoder, KeyLayout};
 use crate::models::Family;
 use crate::text::PadToken;
-use crate::weights::single_file::{Component, SingleFile};
+use crate::weights::single_file::{Component, ComponentFile, ComponentMap, SingleFile};
 use crate::weights::{BlockRule, FilePart, TensorSpan, WeightLayout};
 use crate::models::text_encoder::{PromptTokenizer, TextEncoder};
 use crate::models::t5::T5Encoder;
@@ -65,6 +65,29 @@ impl Architecture {
             Architecture::TextEncoder { model, .. } => model.expected_tensors(),
         }
     }
+}
+
+/// Register `map`'s tensors of the file at `path` with `cache`, read in place under the model's names.
+fn mapped_weights(
+    cache: &ModelCache,
+    path: &Path,
+    map: &ComponentMap,
+    component: Component,
+    rule: BlockRule,
+) -> Result<Arc<ManagedModel>> {
+    let spans = map
+        .entries
+        .iter()
+        .map(|e| TensorSpan {
+            name: e.internal_name.clone(),
+            dtype: e.dtype,
+            shape: e.shape.clone(),
+            parts: vec![FilePart::of(e.bytes.clone())],
+            transposed: e.transpose,
+        })
+        .collect();
+    let layout = WeightLayout { view: component.name().to_string(), rule, spans: Some(Arc::new(spans)) };
+    cache.load_model_as(path, component.name(), &layout)
 }
 
 /// Weight files a component folder may hold, in order of preference.
@@ -156,6 +179,13 @@ impl Model {
                 Architecture::Unet { model: UNet2DConditionModel::new(UNetConfig::from_json(&config)?)?, scheduler }
             }
             Component::Vae => Architecture::Vae(AutoencoderKL::new(VaeConfig::from_json(&config)?)?),
+            Component::Transformer => {
+                return Err(Error::unsupported(format!(
+                    "{}: a FLUX transformer as a pipeline component (models::flux::FluxTransformer runs it through \
+                     the Rust API; the FLUX pipeline needs the flow-matching scheduler and the T5 encoder)",
+                    file.path().display()
+                )))
+            }
             Component::TextEncoder | Component::TextEncoder2 => {
                 // SD 1.x and SDXL's first encoder pad with EOS; OpenCLIP (SD 2.x, SDXL's bigG) with "!".
                 let pad = match (file.family(), component) {
@@ -173,25 +203,21 @@ impl Model {
                 }
             }
         };
-        let spans = map
-            .entries
-            .iter()
-            .map(|e| TensorSpan {
-                name: e.internal_name.clone(),
-                dtype: e.dtype,
-                shape: e.shape.clone(),
-                parts: vec![FilePart::of(e.bytes.clone())],
-                transposed: e.transpose,
-            })
-            .collect();
-        let layout = WeightLayout {
-            view: component.name().to_string(),
-            rule: arch.block_rule(),
-            spans: Some(Arc::new(spans)),
-        };
-        let weights = cache.load_model_as(file.path(), component.name(), &layout)?;
+        let weights = mapped_weights(cache, file.path(), map, component, arch.block_rule())?;
         check_tensors(file.path(), &arch.expected_tensors(), &weights)?;
         Ok(Self { context_id, dir: file.path().to_path_buf(), arch, weights })
+    }
+
+    /// Load a VAE stored alone in a file (BFL's FLUX.1 `ae.safetensors`, an LDM VAE such as `vae-ft-mse-840000`, or
+    /// one in diffusers layout) into `cache`: its tensors are read in place under diffusers' names, its config comes
+    /// from its shapes (see [`ComponentFile::vae_config`]; `family` sets an SD VAE's scaling factor).
+    pub fn load_vae_file(cache: &ModelCache, path: &Path, family: Option<Family>, context_id: u64) -> Result<Self> {
+        let file = ComponentFile::open(path, Component::Vae)?;
+        let config = file.vae_config(family)?.to_string();
+        let arch = Architecture::Vae(AutoencoderKL::new(VaeConfig::from_json(&config)?)?);
+        let weights = mapped_weights(cache, path, file.map(), Component::Vae, arch.block_rule())?;
+        check_tensors(path, &arch.expected_tensors(), &weights)?;
+        Ok(Self { context_id, dir: path.to_path_buf(), arch, weights })
     }
 
     /// The identity of the context the model was loaded in.

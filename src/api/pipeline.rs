@@ -182,6 +182,11 @@ impl Pipeline {
                 let neg = ctx.encode_text(enc, negative.unwrap_or(""), layer)?;
                 cond.insert(UNCOND_EMBEDDINGS, repeat(&neg.hidden, b)?);
             }
+            Family::Flux => {
+                return Err(Error::unsupported(
+                    "FLUX prompts (CLIP-L pooled + T5-XXL states): pass sampling.cond_embeddings and sampling.cond_pooled",
+                ))
+            }
             Family::Sdxl => {
                 // Both encoders' penultimate layers (SDXL's default; clip_skip moves further back), concatenated
                 // along the width; the pooled vector is the second encoder's projected one.

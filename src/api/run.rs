@@ -11,7 +11,7 @@ use crate::api::context::{CallCancel, CancelToken};
 use crate::api::{Context, Model};
 use crate::error::{Error, Result};
 use crate::memory::ModelLock;
-use crate::models::conditioning::{COND_EMBEDDINGS, UNCOND_EMBEDDINGS};
+use crate::models::conditioning::{COND_EMBEDDINGS, GUIDANCE, UNCOND_EMBEDDINGS};
 use crate::models::Conditioning;
 use crate::ops::OpTarget;
 use crate::sampling::{self, DenoiseParams, SchedulerKind};
@@ -49,7 +49,9 @@ pub struct DenoiseOptions {
     pub scheduler: SchedulerKind,
     pub karras: bool,
     pub steps: usize,
-    /// Classifier-free guidance scale; ≤ 1 runs the conditional batch only.
+    /// Classifier-free guidance scale; ≤ 1 runs the conditional batch only. `flow_euler` never runs
+    /// classifier-free guidance (one forward per step): a guidance-distilled model (FLUX.1 dev) takes the scale
+    /// from its conditioning instead.
     pub guidance: f64,
     /// Seeds the initial noise (when none is given) and Euler ancestral's step noise (when none is given).
     pub seed: u64,
@@ -302,6 +304,19 @@ impl Context {
     ) -> Result<Tensor> {
         self.check_owns(model)?;
         let (denoiser, scheduler_config) = model.as_denoiser()?;
+        // A guidance-distilled model (FLUX.1 dev) takes the guidance scale as the input `sampling.guidance`: filled
+        // from the options, one value per row, unless the caller gave it.
+        let with_guidance;
+        let cond = if denoiser.conditioning().iter().any(|s| s.name == GUIDANCE) && cond.get(GUIDANCE).is_none() {
+            let mut c = cond.clone();
+            if let Some(rows) = cond.get(COND_EMBEDDINGS).and_then(|t| t.dims().first().copied()) {
+                c.insert(GUIDANCE, Tensor::full(options.guidance as f32, rows, &Device::Cpu)?);
+            }
+            with_guidance = c;
+            &with_guidance
+        } else {
+            cond
+        };
         let batch = cond.check(&denoiser.conditioning(), denoiser.name())?;
         let channels = denoiser.latent_channels();
         // Bounds first: nothing below may allocate a buffer sized by an unchecked number.
@@ -334,7 +349,10 @@ impl Context {
         if h == 0 || w == 0 {
             return Err(Error::invalid("latent size must be positive"));
         }
-        let guided = options.guidance > 1.0;
+        // Classifier-free guidance only for models that use it and schedulers that take it: FLUX's guidance is
+        // distilled (one forward per step), and flow matching never batches an unconditional row (`sampling::denoise`).
+        let guided =
+            denoiser.classifier_free_guidance() && options.scheduler.classifier_free_guidance() && options.guidance > 1.0;
         let model_batch = if guided { 2 * batch } else { batch };
         let latent_bytes = f32_bytes("the latents", &[model_batch, channels, h, w])?;
         // The estimates multiply the widest activation by small factors: refuse what cannot be addressed first.
@@ -360,7 +378,7 @@ impl Context {
             kind: options.scheduler,
             karras: options.karras,
             steps: options.steps,
-            guidance: options.guidance,
+            guidance: if guided { options.guidance } else { 1.0 },
             seed: options.seed,
             scheduler_config: scheduler_config.clone(),
         };
@@ -387,7 +405,8 @@ impl Context {
         Ok(latents)
     }
 
-    /// Decode latents as `denoise` returns them (`[B, 4, h, w]`, before dividing by the VAE's scaling factor) into
+    /// Decode latents as `denoise` returns them (`[B, C, h, w]` with the VAE's latent channels: 4 for SD, 16 for
+    /// FLUX; before the VAE's scaling and shift, which are applied here) into
     /// the raw decoder output `[B, 3, 8h, 8w]` (≈ [-1, 1], unclamped, f32). With [`Tiling::Auto`] it tiles when
     /// the untiled working memory cannot fit, and retries tiled after a device OOM.
     pub fn vae_decode(&self, vae: &Model, latents: &Tensor, tiling: Tiling) -> Result<(Tensor, RunReport)> {
@@ -451,10 +470,8 @@ impl Context {
         check_host_bytes("the decode", host_needed.saturating_add(if tiling == Tiling::Never { on_host } else { 0 }))?;
         call.check()?;
 
-        let mut z = (latents.to_dtype(DType::F32)? / config.scaling_factor)?;
-        if let Some(shift) = config.shift_factor {
-            z = (z + shift)?;
-        }
+        // latents / scaling_factor (+ shift_factor: FLUX).
+        let z = config.z_from_latents(latents)?;
         // Progress counts the decoder's blocks as they are fetched (each once per pass, tiled or not).
         let total = vae
             .weights()

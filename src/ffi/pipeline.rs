@@ -245,8 +245,8 @@ pub unsafe extern "C" fn lowvram_pipeline_denoise(
     })
 }
 
-/// Decode `latents` with the pipeline's VAE (as `lowvram_vae_decode`: scaling applied here, automatic tiling by
-/// default). On success `*out_image` `[B, 3, H, W]` f32 is owned by the caller. Thread-safe.
+/// Decode `latents` with the pipeline's VAE (as `lowvram_vae_decode`: scaling and shift applied here, automatic
+/// tiling by default). On success `*out_image` `[B, 3, H, W]` f32 is owned by the caller. Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_pipeline_decode(
     ctx: *const lowvram_context,

@@ -30,6 +30,8 @@ pub enum lowvram_scheduler {
     Ddim = 2,
     /// DPMSolverMultistepScheduler (dpmsolver++, order 2).
     Dpmpp2m = 3,
+    /// FlowMatchEulerDiscreteScheduler as FluxPipeline runs it (flow models; no classifier-free guidance).
+    FlowEuler = 4,
 }
 
 /// Progress of a running call: `step` of `total` done. Return false to cancel (the call then returns CANCELLED).
@@ -254,9 +256,10 @@ fn scheduler_arg(n: u32) -> Result<SchedulerKind> {
         1 => Ok(SchedulerKind::EulerAncestral),
         2 => Ok(SchedulerKind::Ddim),
         3 => Ok(SchedulerKind::DpmPP2M),
-        n => {
-            Err(Error::invalid(format!("params->scheduler is {n} (accepted: 0 euler, 1 euler_a, 2 ddim, 3 dpmpp_2m)")))
-        }
+        4 => Ok(SchedulerKind::FlowEuler),
+        n => Err(Error::invalid(format!(
+            "params->scheduler is {n} (accepted: 0 euler, 1 euler_a, 2 ddim, 3 dpmpp_2m, 4 flow_euler)"
+        ))),
     }
 }
 
@@ -357,7 +360,8 @@ pub(crate) unsafe fn run_denoise(
     result
 }
 
-/// Decode `latents` (`[B, 4, h, w]` as `lowvram_denoise` returns them; the VAE's scaling factor is applied here)
+/// Decode `latents` (`[B, C, h, w]` as `lowvram_denoise` returns them; the VAE's scaling factor, and the shift
+/// factor where it has one (FLUX), are applied here)
 /// with `vae` (a VAE model loaded in `ctx`) into the raw decoder output `[B, 3, 8h, 8w]` f32 (≈ [-1, 1],
 /// unclamped). `params` NULL = defaults (automatic tiling). The call reserves the decode's working-memory
 /// estimate; when that cannot fit it decodes in tiles, and after a device OOM it retries in tiles. On success

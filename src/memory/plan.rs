@@ -107,7 +107,7 @@ pub fn streamed_bytes(blocks: &[BlockCost], resident: &[bool]) -> u64 {
         .sum()
 }
 
-fn finish(blocks: &[BlockCost], resident: Vec<bool>, budget: u64, slots: usize) -> ResidencyPlan {
+fn finish(blocks: &[BlockCost], resident: Vec<bool>, budget: u64, slots: usize, holders: usize) -> ResidencyPlan {
     let resident_bytes = resident_bytes(blocks, &resident);
     let slots = if resident.iter().all(|r| *r) {
         1
@@ -115,7 +115,7 @@ fn finish(blocks: &[BlockCost], resident: Vec<bool>, budget: u64, slots: usize) 
         slots.max(1)
     };
     ResidencyPlan {
-        slot_bytes: slot_of(blocks, &resident, slots),
+        slot_bytes: slot_of(blocks, &resident, slots).saturating_mul(holders.max(1) as u64),
         slots,
         streamed_bytes_per_forward: streamed_bytes(blocks, &resident),
         resident,
@@ -126,12 +126,17 @@ fn finish(blocks: &[BlockCost], resident: Vec<bool>, budget: u64, slots: usize) 
 
 /// Everything streamed (nothing resident), with `slots` blocks in flight.
 pub fn stream_all(blocks: &[BlockCost], budget: u64, slots: usize) -> ResidencyPlan {
-    finish(blocks, vec![false; blocks.len()], budget, slots)
+    stream_all_shared(blocks, budget, slots, 1)
+}
+
+/// [`stream_all`] for `holders` forwards of the model running at once (each with its own blocks in flight).
+pub fn stream_all_shared(blocks: &[BlockCost], budget: u64, slots: usize, holders: usize) -> ResidencyPlan {
+    finish(blocks, vec![false; blocks.len()], budget, slots, holders)
 }
 
 /// Everything resident.
 pub fn whole(blocks: &[BlockCost], budget: u64) -> ResidencyPlan {
-    finish(blocks, vec![true; blocks.len()], budget, 1)
+    finish(blocks, vec![true; blocks.len()], budget, 1, 1)
 }
 
 /// Bytes the model needs on the device when whole: all blocks resident plus the largest placement.
@@ -145,13 +150,26 @@ pub fn whole_need(blocks: &[BlockCost]) -> u64 {
 
 /// Bytes the model needs at least to run at all with `slots` blocks in flight (everything streamed).
 pub fn min_need(blocks: &[BlockCost], slots: usize) -> u64 {
-    slot_of(blocks, &vec![false; blocks.len()], slots)
+    min_need_shared(blocks, slots, 1)
+}
+
+/// [`min_need`] for `holders` forwards of the model running at once: each may hold the largest leases at the same
+/// moment (two locks of one model streaming the same block), so the room for blocks in flight is multiplied.
+pub fn min_need_shared(blocks: &[BlockCost], slots: usize, holders: usize) -> u64 {
+    slot_of(blocks, &vec![false; blocks.len()], slots).saturating_mul(holders.max(1) as u64)
 }
 
 /// The partial plan for `budget` bytes with `slots` blocks in flight (resident + slot ≤ budget), or None when not
 /// even streaming fits. Blocks are taken in [`rank`] order, each kept if it still fits beside the slot it leaves.
 pub fn partial(blocks: &[BlockCost], budget: u64, slots: usize) -> Option<ResidencyPlan> {
-    if min_need(blocks, slots) > budget {
+    partial_shared(blocks, budget, slots, 1)
+}
+
+/// [`partial`] for `holders` forwards of the model running at once: one resident set, and `holders` times the
+/// room for blocks in flight.
+pub fn partial_shared(blocks: &[BlockCost], budget: u64, slots: usize, holders: usize) -> Option<ResidencyPlan> {
+    let n = holders.max(1) as u64;
+    if min_need_shared(blocks, slots, holders) > budget {
         return None;
     }
     if whole_need(blocks) <= budget {
@@ -161,13 +179,13 @@ pub fn partial(blocks: &[BlockCost], budget: u64, slots: usize) -> Option<Reside
     let mut used = 0u64;
     for i in rank(blocks) {
         resident[i] = true;
-        if used + blocks[i].resident + slot_of(blocks, &resident, slots) <= budget {
+        if used + blocks[i].resident + slot_of(blocks, &resident, slots).saturating_mul(n) <= budget {
             used += blocks[i].resident;
         } else {
             resident[i] = false;
         }
     }
-    Some(finish(blocks, resident, budget, slots))
+    Some(finish(blocks, resident, budget, slots, holders))
 }
 
 /// Blocks to keep for an unlocked model given `budget` bytes of pure residency (no slot): the same rank, first-fit.
@@ -211,6 +229,22 @@ mod tests {
         let p = partial(&c, 100, 1).unwrap();
         assert_eq!((p.resident_bytes, p.slot_bytes), (100, 0));
         assert_eq!(partial(&c, 1000, 1).unwrap().slot_bytes, 0);
+    }
+
+    #[test]
+    fn concurrent_holders_multiply_the_room_in_flight() {
+        let c = costs(&[10, 40, 20, 30]);
+        assert_eq!(min_need_shared(&c, 1, 2), 80);
+        assert!(partial_shared(&c, 79, 1, 2).is_none());
+        let p = partial_shared(&c, 80, 1, 2).unwrap();
+        assert_eq!((p.resident_bytes, p.slot_bytes), (0, 80));
+        // 40 resident leaves two holders streaming 30 each: 100 (the whole model, 105, does not fit).
+        let c5 = costs(&[10, 40, 20, 30, 5]);
+        let p = partial_shared(&c5, 100, 1, 2).unwrap();
+        assert_eq!((p.resident, p.slot_bytes), (vec![false, true, false, false, false], 60));
+        // One holder would have kept more.
+        assert!(partial(&c5, 100, 1).unwrap().resident_bytes > 40);
+        assert_eq!(stream_all_shared(&c, 200, 2, 3).slot_bytes, 210);
     }
 
     #[test]

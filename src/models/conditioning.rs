@@ -19,6 +19,9 @@ pub const UNCOND_EMBEDDINGS: &str = "sampling.uncond_embeddings";
 pub const COND_POOLED: &str = "sampling.cond_pooled";
 /// Pooled text embedding of the negative prompt `[B, P]` (zeros when absent).
 pub const UNCOND_POOLED: &str = "sampling.uncond_pooled";
+/// Distilled guidance scale per row `[B]` (FLUX.1 dev: the pipeline's `--guidance`, e.g. 3.5), an input of the model
+/// rather than classifier-free guidance.
+pub const GUIDANCE: &str = "sampling.guidance";
 /// SDXL micro-conditioning `[B, 6]`: original (h, w), crop (top, left), target (h, w), in image pixels.
 pub const TIME_IDS: &str = "sampling.time_ids";
 

@@ -22,6 +22,12 @@ pub trait Denoiser: Send + Sync {
     fn widest_channels(&self) -> usize;
     /// The conditioning tensors it takes, with their shapes.
     fn conditioning(&self) -> Vec<CondSpec>;
+    /// Whether a guidance scale > 1 means classifier-free guidance (the sampler runs `[uncond; cond]`, twice the
+    /// batch). False for guidance-distilled models (FLUX.1 dev takes its guidance as the input `sampling.guidance`;
+    /// schnell takes none): one forward per step whatever the scale.
+    fn classifier_free_guidance(&self) -> bool {
+        true
+    }
     /// The prediction for `x` `[N, C, h, w]` at timestep `t`, given the conditioning of the same batch `N`.
     fn forward(&self, w: &dyn WeightSource, x: &Tensor, t: f64, cond: &BatchedConditioning) -> Result<Tensor>;
     /// Peak activation bytes of one forward on `batch` latents of `h`×`w` with `cond`'s shapes on `target`.

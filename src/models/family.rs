@@ -21,7 +21,7 @@ impl Family {
     pub fn text_encoders(self) -> &'static [&'static str] {
         match self {
             Self::Sd1 | Self::Sd2 => &["text_encoder"],
-            Self::Sdxl => &["text_encoder", "text_encoder_2"],
+            Self::Sdxl | Self::Flux => &["text_encoder", "text_encoder_2"],
         }
     }
 

@@ -6,6 +6,7 @@
 //! - [`family`]: which architectures a pipeline combines and how its family is detected.
 //! - [`denoiser`]: the interface the sampler calls on any denoising model; [`conditioning`]: the named tensors it
 //!   takes.
+//! - [`flux`]: the FLUX.1 transformer (dev, schnell) in BFL names.
 //! - [`clip`]: the CLIP text encoders (`CLIPTextModel`, `CLIPTextModelWithProjection`).
 //! - [`t5`]: the T5 encoder (`T5EncoderModel`: FLUX's T5-XXL).
 
@@ -13,6 +14,7 @@ pub(crate) mod blocks;
 pub mod clip;
 pub mod conditioning;
 mod config_util;
+pub mod flux;
 pub mod denoiser;
 pub mod family;
 pub mod t5;
@@ -24,5 +26,6 @@ pub use blocks::ExpectedTensors;
 pub use conditioning::{BatchedConditioning, CondSpec, Conditioning};
 pub use denoiser::Denoiser;
 pub use family::Family;
+pub use flux::{FluxConfig, FluxTransformer};
 pub use unet::{AddedCond, UNet2DConditionModel, UNetConfig};
 pub use vae::{AutoencoderKL, VaeConfig};

@@ -17,6 +17,7 @@ pub mod group_norm;
 pub mod layer_norm;
 pub mod linear;
 pub mod rms_norm;
+pub mod rope;
 pub mod timestep;
 
 pub use attention::{attention, attention_chunk_rows, attention_scratch_bytes, attention_with_budget, ATTENTION_SCRATCH_BYTES};
@@ -27,6 +28,7 @@ pub use geglu::geglu;
 pub use group_norm::{group_norm, group_norm_scratch_bytes};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
+pub use rope::{rope_scratch_bytes, RopeTable};
 pub use timestep::timestep_embedding;
 
 /// What a working-memory estimate needs to know about where an op runs: its compute dtype, and which kernels run it —

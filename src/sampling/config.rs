@@ -304,7 +304,28 @@ impl SchedulerConfig {
                 ("rescale_betas_zero_snr", Value::from(false)),
                 ("use_dynamic_shifting", Value::from(false)),
             ],
+            // FluxPipeline reads `use_flow_sigmas` (then passes no sigmas); the class does not take it.
+            SchedulerKind::FlowEuler => vec![
+                ("invert_sigmas", Value::from(false)),
+                ("use_exponential_sigmas", Value::from(false)),
+                ("use_beta_sigmas", Value::from(false)),
+                ("stochastic_sampling", Value::from(false)),
+                ("use_flow_sigmas", Value::from(false)),
+            ],
         };
+        if kind == SchedulerKind::FlowEuler {
+            // `if self.config.shift_terminal:` in diffusers: null and 0 are off.
+            if let Some(v) = self.other.get("shift_terminal").filter(|v| v.as_f64() != Some(0.0)) {
+                return Err(Error::unsupported(format!(
+                    "scheduler_config key `shift_terminal` = {v} ({class} is implemented without it)"
+                )));
+            }
+            if self.use_karras_sigmas == Some(true) {
+                return Err(Error::unsupported(format!(
+                    "scheduler_config key `use_karras_sigmas` = true ({class} is implemented with false only)"
+                )));
+            }
+        }
         for (key, default) in fixed {
             let Some(v) = self.other.get(*key) else { continue };
             let same = match (v, default) {

@@ -9,12 +9,18 @@
 //!     if guidance > 1: u, c = e.chunk(2); e = u + guidance * (c - u)
 //!     latents = scheduler.step(e, t, latents)
 //! ```
+//!
+//! Flow matching (`flow_euler`, FluxPipeline's loop) differs in three ways, all through the scheduler: the noise is
+//! not scaled (`init_noise_sigma` = 1), the input is not scaled, and there is no classifier-free guidance (one
+//! forward on B rows per step, whatever `guidance` is: FLUX.1 dev's guidance is an input of the model, handed to it
+//! by the caller's closure, and the prediction is a velocity the step applies as is). The scheduler's sigmas depend
+//! on the latent size (dynamic shifting), taken from `init_noise`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Tensor};
 
-use super::{make_scheduler, mul_s, noise, SchedulerConfig, SchedulerKind};
+use super::{make_scheduler_for, mul_s, noise, SchedulerConfig, SchedulerKind};
 use crate::{Error, Result};
 
 /// What [`denoise`] needs besides the model and the noise.
@@ -25,6 +31,7 @@ pub struct DenoiseParams {
     pub karras: bool,
     pub steps: usize,
     /// Classifier-free guidance scale; ≤ 1 runs the model on the conditional batch only (no concatenation).
+    /// Ignored by the loop for `flow_euler` (see the module doc).
     pub guidance: f64,
     /// Seeds Euler ancestral's per-step noise when no `step_noise` is given (stream `1 + step`).
     pub seed: u64,
@@ -51,13 +58,14 @@ pub fn denoise(
     progress: &mut dyn FnMut(usize, usize) -> bool,
     cancel: &AtomicBool,
 ) -> Result<Tensor> {
-    let mut sched = make_scheduler(params.kind, &params.scheduler_config, params.steps, params.karras)?;
-    sched.set_noise_seed(params.seed);
-    let total = sched.timesteps().len();
     let shape = init_noise.dims().to_vec();
     if shape.len() != 4 {
         return Err(Error::invalid(format!("init_noise must be [B, C, h, w], got {shape:?}")));
     }
+    let size = Some((shape[2], shape[3]));
+    let mut sched = make_scheduler_for(params.kind, &params.scheduler_config, params.steps, params.karras, size)?;
+    sched.set_noise_seed(params.seed);
+    let total = sched.timesteps().len();
     if let Some(sn) = step_noise {
         let d = sn.dims();
         if d.len() != 5 || d[1..] != shape[..] || d[0] < total {
@@ -70,7 +78,7 @@ pub fn denoise(
     if !params.guidance.is_finite() {
         return Err(Error::invalid(format!("guidance = {} is not finite", params.guidance)));
     }
-    let cfg = params.guidance > 1.0;
+    let cfg = params.guidance > 1.0 && params.kind.classifier_free_guidance();
     let g = params.guidance as f32;
     let mut latents = mul_s(&init_noise.to_dtype(DType::F32)?, sched.init_noise_sigma() as f32)?;
     for i in 0..total {

@@ -4,7 +4,8 @@
 //! * [`Scheduler`]: one sampler run (timesteps, sigmas, input scaling, step), built by [`make_scheduler`]
 //!   for a [`SchedulerKind`]: `euler` (EulerDiscreteScheduler), `euler_a` (EulerAncestralDiscreteScheduler),
 //!   `ddim` (DDIMScheduler, eta 0), `dpmpp_2m` (DPMSolverMultistepScheduler: dpmsolver++, order 2); Karras sigmas
-//!   for `euler` and `dpmpp_2m`.
+//!   for `euler` and `dpmpp_2m`; `flow_euler` ([`flow_match`]: FlowMatchEulerDiscreteScheduler as FluxPipeline
+//!   runs it, for velocity-predicting flow models such as FLUX.1).
 //! * [`noise`]: our counter-based seeded Gaussian generator.
 //! * [`denoise()`]: the loop StableDiffusionPipeline runs (classifier-free guidance included).
 //!
@@ -16,6 +17,7 @@ pub mod ddim;
 pub mod denoise;
 pub mod dpm;
 pub mod euler;
+pub mod flow_match;
 pub mod noise;
 pub mod schedule;
 
@@ -67,15 +69,18 @@ pub enum SchedulerKind {
     Ddim,
     /// `dpmpp_2m`: DPMSolverMultistepScheduler (dpmsolver++, solver_order 2, midpoint).
     DpmPP2M,
+    /// `flow_euler`: FlowMatchEulerDiscreteScheduler with FluxPipeline's sigmas (static or dynamic shift).
+    FlowEuler,
 }
 
 impl SchedulerKind {
     /// All kinds with their names.
-    pub const ALL: [(SchedulerKind, &'static str); 4] = [
+    pub const ALL: [(SchedulerKind, &'static str); 5] = [
         (SchedulerKind::Euler, "euler"),
         (SchedulerKind::EulerAncestral, "euler_a"),
         (SchedulerKind::Ddim, "ddim"),
         (SchedulerKind::DpmPP2M, "dpmpp_2m"),
+        (SchedulerKind::FlowEuler, "flow_euler"),
     ];
 
     /// The name `FromStr` accepts.
@@ -90,7 +95,15 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
             SchedulerKind::Ddim => "DDIMScheduler",
             SchedulerKind::DpmPP2M => "DPMSolverMultistepScheduler",
+            SchedulerKind::FlowEuler => "FlowMatchEulerDiscreteScheduler",
         }
+    }
+
+    /// Whether the loop runs classifier-free guidance (two batches per step when guidance > 1). Not for flow
+    /// matching: FLUX.1 dev's guidance is distilled into the model (an input of its forward) and schnell has none,
+    /// so `flow_euler` runs one forward per step whatever the guidance.
+    pub fn classifier_free_guidance(self) -> bool {
+        !matches!(self, SchedulerKind::FlowEuler)
     }
 
     /// Whether `karras = true` is available (diffusers' `use_karras_sigmas`).
@@ -116,19 +129,33 @@ impl FromStr for SchedulerKind {
 }
 
 /// Builds `kind` as diffusers' `Class.from_config(config)` would (with `use_karras_sigmas=True` when `karras`,
-/// or when the config itself sets it), and calls `set_timesteps(steps)`.
+/// or when the config itself sets it), and calls `set_timesteps(steps)`. A `flow_euler` config with dynamic
+/// shifting needs the latent size: use [`make_scheduler_for`].
 pub fn make_scheduler(
     kind: SchedulerKind,
     config: &SchedulerConfig,
     steps: usize,
     karras: bool,
 ) -> Result<Box<dyn Scheduler + Send>> {
+    make_scheduler_for(kind, config, steps, karras, None)
+}
+
+/// [`make_scheduler`] for latents of `latent_size` (h, w): `flow_euler` takes its dynamic shift from the image
+/// sequence length `(h/2)·(w/2)` as FluxPipeline does; the other samplers do not depend on the size.
+pub fn make_scheduler_for(
+    kind: SchedulerKind,
+    config: &SchedulerConfig,
+    steps: usize,
+    karras: bool,
+    latent_size: Option<(usize, usize)>,
+) -> Result<Box<dyn Scheduler + Send>> {
     if steps == 0 {
         return Err(Error::invalid("steps must be at least 1"));
     }
     if karras && !kind.supports_karras() {
+        let why = if kind == SchedulerKind::FlowEuler { "not implemented for" } else { "no use_karras_sigmas in" };
         return Err(Error::unsupported(format!(
-            "Karras sigmas with {kind} ({} has no use_karras_sigmas); they are available for euler and dpmpp_2m",
+            "Karras sigmas with {kind} ({why} {}); they are available for euler and dpmpp_2m",
             kind.diffusers_class()
         )));
     }
@@ -145,6 +172,11 @@ pub fn make_scheduler(
         SchedulerKind::EulerAncestral => Box::new(euler::EulerAncestral::new(&cfg, steps)?),
         SchedulerKind::Ddim => Box::new(ddim::Ddim::new(&cfg, steps)?),
         SchedulerKind::DpmPP2M => Box::new(dpm::DpmPP2M::new(&cfg, steps)?),
+        SchedulerKind::FlowEuler => Box::new(flow_match::FlowMatchEuler::new(
+            config,
+            steps,
+            latent_size.map(|(h, w)| flow_match::image_seq_len(h, w)),
+        )?),
     })
 }
 
@@ -177,7 +209,7 @@ mod tests {
             assert_eq!(k.to_string(), n);
         }
         let e = "dpm++".parse::<SchedulerKind>().unwrap_err().to_string();
-        assert!(e.contains("euler, euler_a, ddim, dpmpp_2m"), "{e}");
+        assert!(e.contains("euler, euler_a, ddim, dpmpp_2m, flow_euler"), "{e}");
     }
 
     #[test]
@@ -188,5 +220,6 @@ mod tests {
         make_scheduler(SchedulerKind::Euler, &c, 10, true).unwrap();
         make_scheduler(SchedulerKind::DpmPP2M, &c, 10, true).unwrap();
         assert!(matches!(make_scheduler(SchedulerKind::Euler, &c, 0, false), Err(Error::InvalidArgument(_))));
+        assert!(matches!(make_scheduler(SchedulerKind::FlowEuler, &c, 10, true), Err(Error::Unsupported(_))));
     }
 }

@@ -19,15 +19,15 @@ pub struct ResidentWeights {
 impl ResidentWeights {
     /// Group `tensors` (full checkpoint names) into blocks, converted to `dtype` on `device`.
     pub fn from_tensors(tensors: HashMap<String, Tensor>, device: &Device, dtype: DType) -> Result<Self> {
-        Self::from_tensors_with(tensors, device, dtype, block_key)
+        Self::from_tensors_with(tensors, block_key, device, dtype)
     }
 
-    /// [`Self::from_tensors`] with a family's block rule (`models::t5::block_of`, ...) instead of [`block_key`].
+    /// [`Self::from_tensors`] grouped by a family's block rule (e.g. `crate::models::flux::block_of`).
     pub fn from_tensors_with(
         tensors: HashMap<String, Tensor>,
+        rule: BlockRule,
         device: &Device,
         dtype: DType,
-        rule: BlockRule,
     ) -> Result<Self> {
         let mut blocks: HashMap<String, HashMap<String, Tensor>> = HashMap::new();
         for (name, t) in tensors {
@@ -41,17 +41,17 @@ impl ResidentWeights {
 
     /// Load a safetensors file completely.
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        Self::load_with(path, device, dtype, block_key)
+        Self::load_with(path, block_key, device, dtype)
     }
 
-    /// [`Self::load`] with a family's block rule.
-    pub fn load_with(path: &Path, device: &Device, dtype: DType, rule: BlockRule) -> Result<Self> {
+    /// [`Self::load`] grouped by a family's block rule (e.g. `crate::models::t5::block_of`).
+    pub fn load_with(path: &Path, rule: BlockRule, device: &Device, dtype: DType) -> Result<Self> {
         if !path.exists() {
             return Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)));
         }
         let tensors = candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
-        Self::from_tensors_with(tensors, device, dtype, rule)
+        Self::from_tensors_with(tensors, rule, device, dtype)
     }
 
     /// Names of all blocks.

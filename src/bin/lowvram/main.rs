@@ -110,7 +110,7 @@ struct GenerateArgs {
     run: RunArgs,
     #[command(flatten)]
     prompt: PromptArgs,
-    /// euler | euler_a | ddim | dpmpp_2m
+    /// euler | euler_a | ddim | dpmpp_2m | flow_euler
     #[arg(long, default_value = "euler")]
     scheduler: String,
     /// Karras sigma schedule (euler, dpmpp_2m).

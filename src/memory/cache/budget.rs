@@ -112,17 +112,28 @@ impl Shared {
         } else {
             1
         };
-        let min_of = |m: &Arc<ManagedModel>| min_need(&cfg, &m.costs);
-        // One entry per locked model (a model locked twice is planned once; its working memories add up).
-        let mut order: Vec<(Arc<ManagedModel>, u64)> = Vec::new();
+        // One entry per locked model (a model locked twice is planned once; its working memories add up, and so do
+        // its stream slots: each lock streams its own blocks, so a model locked n times keeps n times the room for
+        // blocks in flight, and a lock that would leave less waits for the others instead of failing mid-forward).
+        let mut order: Vec<(Arc<ManagedModel>, u64, usize)> = Vec::new();
         for l in &inner.locks {
-            match order.iter_mut().find(|(m, _)| m.id == l.model.id) {
-                Some(e) => e.1 += l.working,
-                None => order.push((l.model.clone(), l.working)),
+            match order.iter_mut().find(|(m, _, _)| m.id == l.model.id) {
+                Some(e) => {
+                    e.1 += l.working;
+                    e.2 += 1;
+                }
+                None => order.push((l.model.clone(), l.working, 1)),
             }
         }
-        let mins: Vec<u64> = order.iter().map(|(m, _)| min_of(m)).collect();
-        let works: Vec<u64> = order.iter().map(|(_, w)| *w).collect();
+        let min_of = |m: &Arc<ManagedModel>, locks: usize| {
+            if partial_ok {
+                plan::min_need_shared(&m.costs, 1, locks)
+            } else {
+                min_need(&cfg, &m.costs)
+            }
+        };
+        let mins: Vec<u64> = order.iter().map(|(m, _, n)| min_of(m, *n)).collect();
+        let works: Vec<u64> = order.iter().map(|(_, w, _)| *w).collect();
         match (cap, phys) {
             (None, Some(p)) => {
                 let need = sat_sum(mins.iter().chain(&works).copied());
@@ -146,7 +157,8 @@ impl Shared {
         }
         let mut plans = Vec::with_capacity(order.len());
         let (mut used_w, mut used_work) = (0u64, 0u64);
-        for (k, (m, work)) in order.iter().enumerate() {
+        for (k, (m, work, locks)) in order.iter().enumerate() {
+            let locks = *locks;
             let later_min = sat_sum(mins[k + 1..].iter().copied());
             let later_work = sat_sum(works[k + 1..].iter().copied());
             let budget = match (cap, phys) {
@@ -167,25 +179,26 @@ impl Shared {
             let p = match state {
                 VramState::None => [slots, 1]
                     .into_iter()
-                    .find(|&k| plan::min_need(costs, k) <= budget)
-                    .map(|k| plan::stream_all(costs, budget, k)),
+                    .find(|&k| plan::min_need_shared(costs, k, locks) <= budget)
+                    .map(|k| plan::stream_all_shared(costs, budget, k, locks)),
                 VramState::High | VramState::Normal => {
                     if plan::whole_need(costs) <= budget {
                         Some(plan::whole(costs, budget))
                     } else if partial_ok {
-                        plan::partial(costs, budget, slots)
-                            .or_else(|| plan::partial(costs, budget, 1))
+                        plan::partial_shared(costs, budget, slots, locks)
+                            .or_else(|| plan::partial_shared(costs, budget, 1, locks))
                     } else {
                         None
                     }
                 }
                 _ if partial_ok => {
-                    plan::partial(costs, budget, slots).or_else(|| plan::partial(costs, budget, 1))
+                    plan::partial_shared(costs, budget, slots, locks)
+                        .or_else(|| plan::partial_shared(costs, budget, 1, locks))
                 }
                 _ => (plan::whole_need(costs) <= budget).then(|| plan::whole(costs, budget)),
             };
             let Some(p) = p else {
-                let own = min_of(m).saturating_add(*work);
+                let own = min_of(m, locks).saturating_add(*work);
                 return Err(Infeasible {
                     needed: own,
                     available: budget.saturating_add(*work),
@@ -196,7 +209,7 @@ impl Shared {
             plans.push(p);
         }
         // Apply the plans to the locked models.
-        for ((m, _), p) in order.iter().zip(&plans) {
+        for ((m, _, _), p) in order.iter().zip(&plans) {
             let mut st = m.state();
             st.target = Some(p.resident.clone());
             st.plan = Some(p.clone());
@@ -240,7 +253,7 @@ impl Shared {
         inner.plan = order
             .last()
             .zip(plans.last())
-            .map(|((m, work), p)| PlanStats {
+            .map(|((m, work, _), p)| PlanStats {
                 model: m.name.clone(),
                 budget_bytes: p.budget_bytes,
                 resident_bytes: p.resident_bytes,

@@ -1,7 +1,9 @@
-//! `VaeConfig`: diffusers' `AutoencoderKL` config.json (SD 1.x / 2.x / SDXL-style VAEs).
+//! `VaeConfig`: diffusers' `AutoencoderKL` config.json (SD 1.x / 2.x / SDXL-style VAEs, and FLUX.1's 16-channel
+//! autoencoder: no quant convs, `scaling_factor` 0.3611 and `shift_factor` 0.1159).
 
 use std::path::Path;
 
+use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -112,6 +114,27 @@ impl VaeConfig {
         self.force_upcast
     }
 
+    /// The decoder's input for latents as a sampler returns them: `latents / scaling_factor + shift_factor`
+    /// (the shift only where the config has one: FLUX.1's `pipeline_flux.py`; SD's pipelines divide only). f32.
+    pub fn z_from_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let z = (latents.to_dtype(DType::F32)? / self.scaling_factor)?;
+        Ok(match self.shift_factor {
+            Some(shift) => (z + shift)?,
+            None => z,
+        })
+    }
+
+    /// The inverse, for an encoder's output (the latent mean or a sample): `(z − shift_factor) · scaling_factor`, as
+    /// the img2img pipelines scale what the encoder gives. f32.
+    pub fn latents_from_z(&self, z: &Tensor) -> Result<Tensor> {
+        let z = z.to_dtype(DType::F32)?;
+        let z = match self.shift_factor {
+            Some(shift) => (z - shift)?,
+            None => z,
+        };
+        Ok((z * self.scaling_factor)?)
+    }
+
     /// Pixels per latent along each side: `2^(blocks − 1)`.
     pub fn downscale(&self) -> usize {
         1 << (self.block_out_channels.len() - 1)
@@ -144,6 +167,32 @@ mod tests {
         // Absent, it defaults to true like diffusers' AutoencoderKL.
         let c = VaeConfig::from_json(&SDXL_VAE.replace("\"force_upcast\":true,", "")).unwrap();
         assert!(c.force_upcast());
+    }
+
+    /// FLUX.1's `vae/config.json` (the SD3 VAE config with FLUX's scaling and shift; diffusers
+    /// `scripts/convert_flux_to_diffusers.py`).
+    const FLUX_VAE: &str = r#"{"_class_name":"AutoencoderKL","act_fn":"silu","block_out_channels":[128,256,512,512],
+        "down_block_types":["DownEncoderBlock2D","DownEncoderBlock2D","DownEncoderBlock2D","DownEncoderBlock2D"],
+        "force_upcast":true,"in_channels":3,"latent_channels":16,"latents_mean":null,"latents_std":null,
+        "layers_per_block":2,"mid_block_add_attention":true,"norm_num_groups":32,"out_channels":3,"sample_size":1024,
+        "scaling_factor":0.3611,"shift_factor":0.1159,"up_block_types":["UpDecoderBlock2D","UpDecoderBlock2D",
+        "UpDecoderBlock2D","UpDecoderBlock2D"],"use_post_quant_conv":false,"use_quant_conv":false}"#;
+
+    #[test]
+    fn flux_vae_scales_and_shifts() {
+        let c = VaeConfig::from_json(FLUX_VAE).unwrap();
+        assert_eq!((c.latent_channels, c.use_quant_conv, c.use_post_quant_conv), (16, false, false));
+        let latents = Tensor::new(&[0.3611f32 * 2.0, 0.0, -0.3611], &candle_core::Device::Cpu).unwrap();
+        let z = c.z_from_latents(&latents).unwrap().to_vec1::<f32>().unwrap();
+        let want = [2.0 + 0.1159f32, 0.1159, -1.0 + 0.1159];
+        assert!(z.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{z:?}");
+        let back = c.latents_from_z(&Tensor::new(z.as_slice(), &candle_core::Device::Cpu).unwrap()).unwrap();
+        let back = back.to_vec1::<f32>().unwrap();
+        assert!(back.iter().zip(latents.to_vec1::<f32>().unwrap()).all(|(a, b)| (a - b).abs() < 1e-6), "{back:?}");
+        // SD: divided only.
+        let sd = VaeConfig::from_json(SDXL_VAE).unwrap();
+        let z = sd.z_from_latents(&Tensor::new(&[0.13025f32], &candle_core::Device::Cpu).unwrap()).unwrap();
+        assert!((z.to_vec1::<f32>().unwrap()[0] - 1.0).abs() < 1e-6);
     }
 
     #[test]

@@ -22,8 +22,8 @@ fn map_component_file(
     tensors: &[StoredTensor],
 ) -> std::result::Result<(ComponentMap, Vec<String>), String> {
     let prefixes: &[&'static str] = match component {
-        Component::Unet => {
-            return Err("a UNet alone is read as a checkpoint (model.diffusion_model.*): open it as the model".into())
+        Component::Unet | Component::Transformer => {
+            return Err(format!("a {component} alone is read as a checkpoint: open it as the model"))
         }
         Component::Vae => &["first_stage_model.", "vae.", ""],
         Component::TextEncoder | Component::TextEncoder2 => &[
@@ -120,6 +120,16 @@ impl ComponentFile {
     /// The mapping.
     pub fn map(&self) -> &ComponentMap {
         &self.map
+    }
+
+    /// The diffusers `AutoencoderKL` config of a VAE file, from its shapes (see [`super::config::vae_file_config`]:
+    /// FLUX.1's autoencoder is told by its 16 latent channels without quant convs; an SD VAE takes `family`'s
+    /// scaling). INVALID_ARGUMENT for another component.
+    pub fn vae_config(&self, family: Option<super::Family>) -> Result<serde_json::Value> {
+        if self.map.component != Component::Vae {
+            return Err(Error::invalid(format!("{}: holds a {}, not a VAE", self.path.display(), self.map.component)));
+        }
+        Ok(super::config::vae_file_config(&self.map, family))
     }
 
     /// Stored names skipped as known extras (position ids, `logit_scale`, EMA copies).

@@ -102,6 +102,19 @@ pub fn standard_scheduler(family: Family) -> Value {
             cfg["_class_name"] = json!("DDIMScheduler");
             cfg["prediction_type"] = json!("v_prediction");
         }
+        // FLUX.1 dev's FlowMatchEulerDiscreteScheduler (MODELS.md §1.4): dynamic shifting from the image length.
+        Family::Flux => {
+            return json!({
+                "_class_name": "FlowMatchEulerDiscreteScheduler",
+                "num_train_timesteps": 1000,
+                "shift": 3.0,
+                "use_dynamic_shifting": true,
+                "base_shift": 0.5,
+                "max_shift": 1.15,
+                "base_image_seq_len": 256,
+                "max_image_seq_len": 4096,
+            })
+        }
         Family::Sdxl => {
             cfg["_class_name"] = json!("EulerDiscreteScheduler");
             cfg["prediction_type"] = json!("epsilon");
@@ -125,7 +138,27 @@ pub(crate) fn component_config(sf: &SingleFileMap, map: &ComponentMap) -> Result
         Component::Unet => unet_config(sf, map).map_err(what),
         Component::Vae => Ok(vae_config(sf, map)),
         Component::TextEncoder | Component::TextEncoder2 => text_encoder_config(sf, map).map_err(what),
+        Component::Transformer => flux_config(map).map_err(|e| what(e.to_string())),
     }
+}
+
+/// A FLUX transformer's diffusers config from its shapes ([`FluxConfig::from_bfl_shapes`]: FLUX.1's rotary axes).
+fn flux_config(map: &ComponentMap) -> Result<Value> {
+    let shapes = map.entries.iter().map(|e| (e.internal_name.clone(), e.shape.clone())).collect();
+    let c = crate::models::flux::FluxConfig::from_bfl_shapes(&shapes, None)?;
+    Ok(json!({
+        "_class_name": "FluxTransformer2DModel",
+        "patch_size": 1,
+        "in_channels": c.in_channels,
+        "num_layers": c.num_layers,
+        "num_single_layers": c.num_single_layers,
+        "attention_head_dim": c.attention_head_dim,
+        "num_attention_heads": c.num_attention_heads,
+        "joint_attention_dim": c.joint_attention_dim,
+        "pooled_projection_dim": c.pooled_projection_dim,
+        "guidance_embeds": c.guidance_embeds,
+        "axes_dims_rope": c.axes_dims_rope,
+    }))
 }
 
 fn shape<'a>(map: &'a ComponentMap, name: &str) -> Option<&'a [usize]> {
@@ -193,7 +226,7 @@ fn unet_config(sf: &SingleFileMap, map: &ComponentMap) -> std::result::Result<Va
         "transformer_layers_per_block": int_or_list(&depth),
         "upcast_attention": family == Family::Sd2,
         "norm_num_groups": 32,
-        "sample_size": match family { Family::Sd1 => 64, Family::Sd2 => 96, Family::Sdxl => 128 },
+        "sample_size": match family { Family::Sd1 => 64, Family::Sd2 => 96, Family::Sdxl | Family::Flux => 128 },
     });
     if let Some(adm) = shape(map, "add_embedding.linear_1.weight").map(|s| s[1]) {
         // adm = pooled text embedding + 6 time ids × addition_time_embed_dim (SDXL: 1280 + 6 × 256).
@@ -249,7 +282,7 @@ fn heads(sf: &SingleFileMap, channels: &[usize]) -> std::result::Result<Value, S
     }
     match sf.family() {
         Family::Sd1 => Ok(json!(8)),
-        Family::Sd2 | Family::Sdxl => per_channels(64),
+        Family::Sd2 | Family::Sdxl | Family::Flux => per_channels(64),
     }
 }
 
@@ -264,15 +297,40 @@ fn agrees(cfg: &Value, std: &Value, ignore: &[&str]) -> bool {
 
 fn vae_config(sf: &SingleFileMap, map: &ComponentMap) -> Value {
     let family = sf.family();
+    let scale = model_params(sf.sidecar()).and_then(|p| p.get("scale_factor")).and_then(Value::as_f64);
+    let cfg = vae_config_from_shapes(map, Some(family), scale);
+    if is_flux_vae(&cfg) {
+        return cfg;
+    }
+    let std = standard_vae(family);
+    if agrees(&cfg, &std, &["sample_size", "scaling_factor"]) && model_params(sf.sidecar()).is_none() {
+        return std;
+    }
+    cfg
+}
+
+/// FLUX.1's autoencoder (BFL `ae.safetensors`): 16 latent channels and no quant convs (SD's VAEs have 4 and both).
+/// Its latents are scaled by 0.3611 and shifted by 0.1159 (BFL `AutoEncoderParams`; diffusers' FLUX `vae/config.json`).
+pub const FLUX_VAE_SCALING: f64 = 0.3611;
+/// See [`FLUX_VAE_SCALING`].
+pub const FLUX_VAE_SHIFT: f64 = 0.1159;
+
+fn is_flux_vae(cfg: &Value) -> bool {
+    cfg["latent_channels"] == json!(16)
+        && cfg["use_quant_conv"] == json!(false)
+        && cfg["use_post_quant_conv"] == json!(false)
+}
+
+/// The AutoencoderKL config a VAE's mapped shapes give. `scale` is an LDM sidecar's `scale_factor`; without it the
+/// scaling is FLUX's for a FLUX autoencoder (with its shift), else the family's (SDXL 0.13025, SD 1.x/2.x 0.18215;
+/// SD 1.x's when the family is unknown).
+fn vae_config_from_shapes(map: &ComponentMap, family: Option<Family>, scale: Option<f64>) -> Value {
     let levels = count(map, "encoder.down_blocks.");
     let channels: Vec<usize> = (0..levels)
         .filter_map(|b| shape(map, &format!("encoder.down_blocks.{b}.resnets.0.conv2.weight")).map(|s| s[0]))
         .collect();
-    let scale = model_params(sf.sidecar())
-        .and_then(|p| p.get("scale_factor"))
-        .and_then(Value::as_f64)
-        .unwrap_or(if family == Family::Sdxl { 0.13025 } else { 0.18215 });
-    let cfg = json!({
+    let sdxl = family == Some(Family::Sdxl);
+    let mut cfg = json!({
         "_class_name": "AutoencoderKL",
         "in_channels": shape(map, "encoder.conv_in.weight").map_or(3, |s| s[1]),
         "out_channels": shape(map, "decoder.conv_out.weight").map_or(3, |s| s[0]),
@@ -282,18 +340,32 @@ fn vae_config(sf: &SingleFileMap, map: &ComponentMap) -> Value {
         "layers_per_block": count(map, "encoder.down_blocks.0.resnets."),
         "latent_channels": shape(map, "decoder.conv_in.weight").map_or(4, |s| s[1]),
         "norm_num_groups": 32,
-        "sample_size": match family { Family::Sd1 => 512, Family::Sd2 => 768, Family::Sdxl => 1024 },
-        "scaling_factor": scale,
+        "sample_size": if family == Some(Family::Sd1) || family.is_none() {
+            512
+        } else if family == Some(Family::Sd2) {
+            768
+        } else {
+            1024
+        },
+        "scaling_factor": scale.unwrap_or(if sdxl { 0.13025 } else { 0.18215 }),
         "force_upcast": true,
         "use_quant_conv": has_prefix(map, "quant_conv."),
         "use_post_quant_conv": has_prefix(map, "post_quant_conv."),
         "mid_block_add_attention": has_prefix(map, "encoder.mid_block.attentions."),
     });
-    let std = standard_vae(family);
-    if agrees(&cfg, &std, &["sample_size", "scaling_factor"]) && model_params(sf.sidecar()).is_none() {
-        return std;
+    if is_flux_vae(&cfg) {
+        cfg["scaling_factor"] = json!(scale.unwrap_or(FLUX_VAE_SCALING));
+        cfg["shift_factor"] = json!(FLUX_VAE_SHIFT);
+        cfg["sample_size"] = json!(1024);
     }
     cfg
+}
+
+/// The config of a VAE stored alone in a file (`--vae FILE`: BFL's `ae.safetensors`, an LDM VAE such as
+/// `vae-ft-mse-840000`), from its mapped shapes: FLUX.1's autoencoder is recognised by its 16 latent channels
+/// without quant convs; an SD VAE takes `family`'s scaling (SD 1.x's when `None`; the shapes cannot tell SDXL's).
+pub fn vae_file_config(map: &ComponentMap, family: Option<Family>) -> Value {
+    vae_config_from_shapes(map, family, None)
 }
 
 fn text_encoder_config(sf: &SingleFileMap, map: &ComponentMap) -> std::result::Result<Value, String> {
@@ -359,6 +431,7 @@ pub fn standard_unet(family: Family) -> Option<Value> {
         })
     };
     Some(match family {
+        Family::Flux => return None,
         Family::Sd1 => sd(json!(8), 768, false, false, 64),
         Family::Sd2 => sd(json!([5, 10, 20, 20]), 1024, true, true, 96),
         Family::Sdxl => json!({
@@ -396,7 +469,7 @@ pub fn standard_vae(family: Family) -> Value {
         "layers_per_block": 2,
         "latent_channels": 4,
         "norm_num_groups": 32,
-        "sample_size": match family { Family::Sd1 => 512, Family::Sd2 => 768, Family::Sdxl => 1024 },
+        "sample_size": match family { Family::Sd1 => 512, Family::Sd2 => 768, Family::Sdxl | Family::Flux => 1024 },
         "scaling_factor": if family == Family::Sdxl { 0.13025 } else { 0.18215 },
         "force_upcast": true,
         "use_quant_conv": true,

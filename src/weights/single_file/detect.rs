@@ -3,7 +3,9 @@
 //! Family (diffusers' `infer_diffusers_model_type` uses the same evidence, `CHECKPOINT_KEY_NAMES`): SGM's
 //! `conditioner.embedders.*` → SDXL; OpenCLIP under `cond_stage_model.model.` → SD 2.x; CLIP under
 //! `cond_stage_model.transformer.` → SD 1.x. A file without text encoders is told by its UNet: the cross-attention
-//! width (`attn2.to_k.weight` [C, context]) 768 → SD 1.x, 1024 → SD 2.x, 2048 or a `label_emb` → SDXL.
+//! width (`attn2.to_k.weight` [C, context]) 768 → SD 1.x, 1024 → SD 2.x, 2048 or a `label_emb` → SDXL. A FLUX
+//! transformer is told by `double_blocks.0.img_attn.norm.key_norm.scale`, bare or under `model.diffusion_model.`
+//! (diffusers' `CHECKPOINT_KEY_NAMES["flux"]`), before anything else.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,6 +21,8 @@ pub enum Family {
     Sd2,
     /// Stable Diffusion XL base (CLIP-L + OpenCLIP bigG, 2048-wide context, `text_time` embedding).
     Sdxl,
+    /// FLUX.1 dev or schnell (a BFL-layout transformer, CLIP-L pooled + T5-XXL states, 16-channel VAE).
+    Flux,
 }
 
 impl Family {
@@ -28,6 +32,7 @@ impl Family {
             Family::Sd1 => "sd1",
             Family::Sd2 => "sd2",
             Family::Sdxl => "sdxl",
+            Family::Flux => "flux",
         }
     }
 
@@ -36,6 +41,7 @@ impl Family {
         match self {
             Family::Sd1 | Family::Sd2 => &[Component::Unet, Component::Vae, Component::TextEncoder],
             Family::Sdxl => &[Component::Unet, Component::Vae, Component::TextEncoder, Component::TextEncoder2],
+            Family::Flux => &[Component::Transformer, Component::Vae, Component::TextEncoder, Component::TextEncoder2],
         }
     }
 }
@@ -46,6 +52,7 @@ impl fmt::Display for Family {
             Family::Sd1 => "SD 1.x",
             Family::Sd2 => "SD 2.x",
             Family::Sdxl => "SDXL",
+            Family::Flux => "FLUX.1",
         })
     }
 }
@@ -151,6 +158,11 @@ pub(crate) fn context_dim(stored: &BTreeMap<String, StoredTensor>) -> Option<usi
 /// Detect the family (see the module doc); an error says what was seen.
 pub(crate) fn family(stored: &BTreeMap<String, StoredTensor>) -> Result<Family, String> {
     let has = |p: &str| stored.range(p.to_string()..).next().is_some_and(|(k, _)| k.starts_with(p));
+    // FLUX (BFL layout, bare or under model.diffusion_model.): diffusers' CHECKPOINT_KEY_NAMES["flux"].
+    let keys: Vec<&str> = stored.keys().map(String::as_str).collect();
+    if super::flux::is_flux(&keys) {
+        return Ok(Family::Flux);
+    }
     if has("conditioner.embedders.0.model.") {
         return Err("an SDXL refiner checkpoint (OpenCLIP as embedder 0): not supported".into());
     }

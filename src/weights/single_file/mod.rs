@@ -15,6 +15,7 @@ mod clip;
 mod component_file;
 pub mod config;
 pub mod detect;
+pub mod flux;
 mod unet;
 mod vae;
 
@@ -42,13 +43,16 @@ pub enum Component {
     Vae,
     /// The first (or only) text encoder: `CLIPTextModel`.
     TextEncoder,
-    /// SDXL's second text encoder: `CLIPTextModelWithProjection` (OpenCLIP bigG).
+    /// SDXL's second text encoder: `CLIPTextModelWithProjection` (OpenCLIP bigG); FLUX's T5 encoder.
     TextEncoder2,
+    /// FLUX's `FluxTransformer2DModel` (BFL names internally).
+    Transformer,
 }
 
 impl Component {
     /// Every component, in pipeline order.
-    pub const ALL: [Component; 4] = [Component::Unet, Component::Vae, Component::TextEncoder, Component::TextEncoder2];
+    pub const ALL: [Component; 5] =
+        [Component::Unet, Component::Transformer, Component::Vae, Component::TextEncoder, Component::TextEncoder2];
 
     /// The diffusers folder name (`unet`, `vae`, `text_encoder`, `text_encoder_2`).
     pub fn name(self) -> &'static str {
@@ -57,13 +61,14 @@ impl Component {
             Component::Vae => "vae",
             Component::TextEncoder => "text_encoder",
             Component::TextEncoder2 => "text_encoder_2",
+            Component::Transformer => "transformer",
         }
     }
 
     /// Parse a diffusers folder name.
     pub fn from_name(name: &str) -> Result<Self> {
         Component::ALL.into_iter().find(|c| c.name() == name).ok_or_else(|| {
-            Error::invalid(format!("unknown component '{name}' (unet, vae, text_encoder, text_encoder_2)"))
+            Error::invalid(format!("unknown component '{name}' (unet, transformer, vae, text_encoder, text_encoder_2)"))
         })
     }
 
@@ -74,6 +79,7 @@ impl Component {
             Component::Vae => "no VAE in this file: pass --vae",
             Component::TextEncoder => "no text encoder in this file: pass --text-encoder",
             Component::TextEncoder2 => "no second text encoder in this file: pass --text-encoder-2",
+            Component::Transformer => "no FLUX transformer in this file: pass a checkpoint that has one as --model",
         }
     }
 }
@@ -223,7 +229,11 @@ impl SingleFileMap {
     ) -> Result<Self> {
         let stored: BTreeMap<String, StoredTensor> = tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
         let family = detect::family(&stored).map_err(|e| Error::format(format!("{source}: {e}")))?;
-        let (maps, skipped) = map_all(&stored, family).map_err(|e| Error::format(format!("{source}: {e}")))?;
+        let (maps, skipped) = if family == Family::Flux {
+            map_flux(source, &stored)?
+        } else {
+            map_all(&stored, family).map_err(|e| Error::format(format!("{source}: {e}")))?
+        };
         Ok(SingleFileMap {
             source: source.to_string(),
             family,
@@ -436,6 +446,33 @@ fn map_all(
         return Err(format!("{} key(s) no {family} single-file rule maps: {}", unmapped.len(), list_keys(&unmapped)));
     }
     Ok((maps, skipped))
+}
+
+/// Map a FLUX single file: the transformer's BFL keys ([`flux::map_bfl`]). A Comfy all-in-one file's other
+/// components (`vae.`, `text_encoders.clip_l.`, `text_encoders.t5xxl.`) are listed with the skipped keys until
+/// their mappings exist (the FLUX VAE and T5 loaders); any other key is an error naming it.
+#[allow(clippy::type_complexity)]
+fn map_flux(source: &str, stored: &BTreeMap<String, StoredTensor>) -> Result<(BTreeMap<Component, ComponentMap>, Vec<String>)> {
+    let list: Vec<StoredTensor> = stored.values().cloned().collect();
+    let m = flux::map_bfl(source, &list)?;
+    let mut entries: Vec<MapEntry> = m
+        .tensors
+        .iter()
+        .map(|t| MapEntry {
+            internal_name: t.name.clone(),
+            stored_name: format!("{}{}", m.prefix, t.name),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            stored_shape: t.shape.clone(),
+            rows: None,
+            transpose: false,
+            reshape: false,
+            bytes: t.parts[0].bytes.clone(), // one part: a BFL tensor is stored whole
+        })
+        .collect();
+    entries.sort_by(|a, b| a.internal_name.cmp(&b.internal_name));
+    let map = ComponentMap { component: Component::Transformer, prefix: m.prefix, entries };
+    Ok((BTreeMap::from([(Component::Transformer, map)]), m.others))
 }
 
 /// Map one component's keys (all under `prefix`) with `rules`; keys no rule maps go to `unmapped`.
