@@ -103,6 +103,80 @@ fn tokenizer_ids_match_transformers_at_both_lengths() {
     assert_eq!(&tokenizer().encode("").unwrap()[..3], &[1, 0, 0]);
 }
 
+/// A T5 GGUF file carries its SentencePiece vocabulary (`tokenizer.ggml.*`): the tokenizer built from those lists
+/// (here the fixture's pieces, scores and NFKC charsmap, typed and padded to the embedding rows as llama.cpp writes
+/// them) gives transformers' ids.
+#[test]
+fn tokenizer_from_a_gguf_vocabulary_matches_transformers() {
+    use lowvram::text::{T5TokenType, T5Vocab};
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenizer_2/tokenizer.json")).unwrap()).unwrap();
+    let mut v = T5Vocab { unk_id: 2, pad_id: 0, eos_id: 1, ..Default::default() };
+    for entry in json["model"]["vocab"].as_array().unwrap() {
+        let piece = entry[0].as_str().unwrap().to_string();
+        v.types.push(match piece.as_str() {
+            "<unk>" => T5TokenType::Unknown,
+            "<pad>" | "</s>" => T5TokenType::Control,
+            p if p.starts_with("<extra_id_") => T5TokenType::Control,
+            _ => T5TokenType::Normal,
+        });
+        v.scores.push(entry[1].as_f64().unwrap() as f32);
+        v.tokens.push(piece);
+    }
+    assert_eq!(v.tokens.len(), 484);
+    while v.tokens.len() < 512 {
+        v.tokens.push(format!("[PAD{}]", v.tokens.len()));
+        v.scores.push(-1000.0);
+        v.types.push(T5TokenType::Unused);
+    }
+    v.precompiled_charsmap = Some(base64(json["normalizer"]["precompiled_charsmap"].as_str().unwrap()));
+    let r = refs();
+    for n in [48, 20] {
+        let tok = T5Tokenizer::from_vocab(&v, n).unwrap();
+        let want = rows_u32(&r[&format!("ids_{n}")]);
+        for (i, p) in prompts().iter().enumerate() {
+            assert_eq!(tok.encode(p).unwrap(), want[i], "length {n}: {p:?}");
+        }
+    }
+    // Unused pieces are never produced, even from their literal text.
+    let tok = T5Tokenizer::from_vocab(&v, 48).unwrap();
+    assert!(tok.encode("[PAD500] x [PAD484]").unwrap().iter().all(|&id| id < 484));
+    // Inconsistent lists and ids are format errors.
+    let mut bad = v.clone();
+    bad.scores.pop();
+    assert!(matches!(T5Tokenizer::from_vocab(&bad, 48), Err(lowvram::Error::Format(_))));
+    let mut bad = v.clone();
+    bad.eos_id = 512;
+    assert!(matches!(T5Tokenizer::from_vocab(&bad, 48), Err(lowvram::Error::Format(_))));
+    let mut bad = v.clone();
+    bad.precompiled_charsmap = Some(vec![1, 2, 3]);
+    assert!(matches!(T5Tokenizer::from_vocab(&bad, 48), Err(lowvram::Error::Format(_))));
+}
+
+/// Standard base64 (the charsmap as tokenizer.json stores it).
+fn base64(s: &str) -> Vec<u8> {
+    let val = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => (c - b'A') as u32,
+            b'a'..=b'z' => (c - b'a' + 26) as u32,
+            b'0'..=b'9' => (c - b'0' + 52) as u32,
+            b'+' => 62,
+            b'/' => 63,
+            _ => panic!("not base64: {c}"),
+        }
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|&c| c != b'=').collect();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut acc = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            acc |= val(c) << (18 - 6 * i);
+        }
+        out.extend(&acc.to_be_bytes()[1..chunk.len()]);
+    }
+    out
+}
+
 /// A folder that states no usable `model_max_length` (absent, or transformers' 1e30 "no limit") takes the caller's
 /// default; without tokenizer_config.json the special tokens take T5's defaults.
 #[test]

