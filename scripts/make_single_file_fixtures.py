@@ -84,7 +84,9 @@ SDXL_UNET = dict(
     sample_size=8, in_channels=4, out_channels=4,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8, cross_attention_dim=72,
+    # 8/16/16 channels (head dim 4; GroupNorm 8 groups, one channel each in the first block): the UNet is most of
+    # the file and of the folder, both kept under 0.6 MB.
+    block_out_channels=(8, 16, 16), layers_per_block=2, norm_num_groups=8, cross_attention_dim=72,
     transformer_layers_per_block=[1, 2, 2], attention_head_dim=[2, 4, 4], use_linear_projection=True,
     addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8,
 )
@@ -470,8 +472,8 @@ def sdxl():
     path = OUT / "sdxl.safetensors"
     save_single(path, single)
     write_yaml(OUT / "sdxl.yaml",
-               dict(in_channels=4, out_channels=4, model_channels=16, attention_resolutions=[2, 4], num_res_blocks=2,
-                    channel_mult=[1, 2, 2], num_head_channels=8, transformer_depth=[1, 2, 2], context_dim=72,
+               dict(in_channels=4, out_channels=4, model_channels=8, attention_resolutions=[2, 4], num_res_blocks=2,
+                    channel_mult=[1, 2, 2], num_head_channels=4, transformer_depth=[1, 2, 2], context_dim=72,
                     use_linear_in_transformer=True, num_classes="sequential", adm_in_channels=72),
                ddconfig_of(vae_cfg), 0.13025)
     ckpt = check_unet_vae("sdxl", path, folder / "unet", folder / "vae", unet_sd, vae_sd, unet_cfg, vae_cfg)
