@@ -116,6 +116,9 @@ SD1_UNET_CONFIG = dict(
 SD2_UNET_CONFIG = dict(
     SD1_UNET_CONFIG,
     cross_attention_dim=48,
+    # 16 channels in every block (head dims 8, 4 and 2 in the mid block): keeps this UNet and the single-file
+    # sd2.safetensors that embeds it small.
+    block_out_channels=(16, 16, 16),
     # One resnet per down block (two per up block) instead of SD's two: covers a second layer count and
     # keeps the committed files small.
     layers_per_block=1,

@@ -430,7 +430,7 @@ def sd2():
     save_single(path, single)
     write_yaml(OUT / "sd2.yaml",
                dict(in_channels=4, out_channels=4, model_channels=16, attention_resolutions=[1, 2], num_res_blocks=1,
-                    channel_mult=[1, 2, 2], num_heads=[2, 4, 8], transformer_depth=1, context_dim=48,
+                    channel_mult=[1, 1, 1], num_heads=[2, 4, 8], transformer_depth=1, context_dim=48,
                     use_linear_in_transformer=True),
                ddconfig_of(vae_cfg), 0.18215, extra=dict(parameterization="v"))
     ckpt = check_unet_vae("sd2", path, model / "unet", model / "vae", unet_sd, vae_sd, unet_cfg, vae_cfg)
