@@ -21,7 +21,7 @@ What it writes under tests/fixtures/single-file/ (see README.md there):
                       `conditioner.embedders.0.transformer.` and an OpenCLIP bigG-style tower with projection under
                       `conditioner.embedders.1.model.` (text_projection stored transposed)
     sdxl.yaml, sdxl/{unet,vae,text_encoder,text_encoder_2}/  the same components as diffusers folders (float16)
-    real-keys/{sd15,sd21,sdxl}.json  names, dtypes and shapes (no data) of real-size single files, from the
+    real-keys/{sd15,sd21,sdxl}.json.gz  names, dtypes and shapes (no data) of real-size single files, from the
                       standard architectures built on the meta device
 
 The single files are written with this script's own diffusers -> LDM mapping (`to_ldm_*` below). The independent
@@ -32,6 +32,7 @@ check is diffusers itself: `UNet2DConditionModel.from_single_file` / `Autoencode
 the folders' configs. The script stops with an error if any of that fails. Two runs write byte-identical files.
 """
 
+import gzip
 import json
 import math
 import os
@@ -589,8 +590,11 @@ def real_size_key_lists():
             "expected": {comp: {"tensors": len(sd), "elements": sum(math.prod(s) for s in sd.values())}
                          for comp, sd in expected.items()},
         }
-        path = out_dir / f"{name}.json"
-        path.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
+        # Gzip-compressed (0.42 MB -> 0.02 MB for the three), deterministic: no name, mtime 0, level 9.
+        path = out_dir / f"{name}.json.gz"
+        (out_dir / f"{name}.json").unlink(missing_ok=True)
+        with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz:
+            gz.write((json.dumps(doc, separators=(",", ":")) + "\n").encode())
         print(f"  wrote {path.relative_to(ROOT)}: {len(ckpt)} keys, {path.stat().st_size} bytes")
 
 

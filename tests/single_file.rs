@@ -273,8 +273,9 @@ fn a_config_folder_gives_the_components_configs() {
 /// A real-size key list (tests/fixtures/single-file/real-keys, written from the standard architectures and
 /// checked against diffusers' converters) as the header of a file: names, dtypes, shapes, consecutive byte ranges.
 fn real_size_map(name: &str) -> (SingleFileMap, Value) {
-    let path = fixture(&format!("real-keys/{name}.json"));
-    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    // Stored gzip-compressed (the script writes `NAME.json.gz`): decompressed here.
+    let path = fixture(&format!("real-keys/{name}.json.gz"));
+    let doc: Value = serde_json::from_reader(flate2::read::GzDecoder::new(std::fs::File::open(&path).unwrap())).unwrap();
     let mut offset = 0;
     let mut tensors = Vec::new();
     for t in doc["tensors"].as_array().unwrap() {
