@@ -115,7 +115,8 @@ SD1_UNET_CONFIG = dict(
 
 SD2_UNET_CONFIG = dict(
     SD1_UNET_CONFIG,
-    cross_attention_dim=48,
+    # 40 (tiny-sd: 32): a second context width; the SD 2 text encoder of the single-file fixture is this wide.
+    cross_attention_dim=40,
     # 16 channels in every block (head dims 8, 4 and 2 in the mid block): keeps this UNet and the single-file
     # sd2.safetensors that embeds it small.
     block_out_channels=(16, 16, 16),

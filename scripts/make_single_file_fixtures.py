@@ -74,8 +74,8 @@ SD1_CLIP = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden
 # SD 2.x: OpenCLIP-H has 24 resblocks and diffusers' text_encoder keeps 23 (SD 2 uses the penultimate layer;
 # diffusers drops `resblocks.23`, SD_2_TEXT_ENCODER_KEYS_TO_IGNORE). The tiny tower has 24 too, so the rule is
 # exercised; the folder's config has 23 layers as stabilityai/stable-diffusion-2-1's has.
-SD2_CLIP = dict(SD1_CLIP, hidden_size=48, intermediate_size=16, num_hidden_layers=23, hidden_act="gelu",
-                projection_dim=48)
+SD2_CLIP = dict(SD1_CLIP, hidden_size=40, intermediate_size=16, num_hidden_layers=23, hidden_act="gelu",
+                projection_dim=40)
 SDXL_CLIP_L = dict(SD1_CLIP, hidden_size=32, intermediate_size=64, num_hidden_layers=2, hidden_act="quick_gelu",
                    projection_dim=32)
 SDXL_CLIP_G = dict(SD1_CLIP, hidden_size=40, intermediate_size=80, num_hidden_layers=3, num_attention_heads=5,
@@ -421,7 +421,7 @@ def sd2():
                         if not k.startswith("text_model.encoder.layers.23.")})
     te_sd = write_clip_folder(OUT / "sd2" / "text_encoder", te)
     copy_configs(model, OUT / "sd2")
-    proj = torch.randn((48, 48), generator=gen(203)) / math.sqrt(48)
+    proj = torch.randn((40, 40), generator=gen(203)) / math.sqrt(40)
     single = {}
     single.update(to_ldm_unet(unet_sd, unet_cfg))
     single.update(to_ldm_vae(vae_sd, vae_cfg))
@@ -431,7 +431,7 @@ def sd2():
     save_single(path, single)
     write_yaml(OUT / "sd2.yaml",
                dict(in_channels=4, out_channels=4, model_channels=16, attention_resolutions=[1, 2], num_res_blocks=1,
-                    channel_mult=[1, 1, 1], num_heads=[2, 4, 8], transformer_depth=1, context_dim=48,
+                    channel_mult=[1, 1, 1], num_heads=[2, 4, 8], transformer_depth=1, context_dim=40,
                     use_linear_in_transformer=True),
                ddconfig_of(vae_cfg), 0.18215, extra=dict(parameterization="v"))
     ckpt = check_unet_vae("sd2", path, model / "unet", model / "vae", unet_sd, vae_sd, unet_cfg, vae_cfg)
