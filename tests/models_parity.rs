@@ -119,7 +119,7 @@ fn vae_decode_and_encode_match_diffusers() {
 }
 
 /// The exact tiled decode against the untiled one and diffusers' untiled reference, on both tiny VAEs' large
-/// latents (tiny-sd [1,4,32,32] → 256², tiny-sd2 [1,4,24,32] → 192×256), with tiles that divide the latent and
+/// latents (tiny-sd [1,4,24,24] → 192², tiny-sd2 [1,4,16,24] → 128×192), with tiles that divide the latent and
 /// tiles that do not.
 #[test]
 fn vae_tiled_decode_matches_untiled() {
