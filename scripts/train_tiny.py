@@ -1,0 +1,458 @@
+#!/usr/bin/env python3
+"""Train the tiny text-to-image model lowvram ships (models/tiny-sd), on CPU, from nothing downloaded.
+
+The data set is drawn procedurally: one flat-coloured shape (circle, square, triangle) on a flat background, captioned
+"a red circle on a blue background" with an optional position ("at the left", "in the center", ...). Some
+colour/shape/background triples are held out of training (HELD_OUT) so the judge can test combinations the model never
+saw. Three parts are trained in the diffusers layout of a StableDiffusionPipeline folder:
+
+1. an AutoencoderKL, 64x64 RGB -> 8x8x4 latents, as a plain autoencoder (posterior mean) with a small KL weight;
+2. a CLIP BPE tokenizer whose merges make every caption word one token (vocab.json + merges.txt, CLIPTokenizer format);
+3. a CLIPTextModel (hidden 32, 2 layers) and a UNet2DConditionModel (cross-attention to its states), trained jointly
+   on the frozen VAE's latents with the epsilon objective of SD's scaled_linear schedule, 10 % empty captions so
+   classifier-free guidance works, and an EMA of the weights (what gets saved).
+
+Training the text encoder jointly (instead of leaving it frozen-random) costs little at this size (77 x 32 states) and
+lets it learn which colour word belongs to the shape and which to the background, which a random encoder only gives
+through word position.
+
+Deterministic: fixed seeds, single-process data, torch.use_deterministic_algorithms. Run:
+    nice -n 5 /work/venv/bin/python scripts/train_tiny.py --out models/tiny-sd-trained
+Versions: scripts/requirements-fixtures.txt (torch 2.15.0, diffusers 0.42.1, transformers 5.23.0).
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SIZE = 64
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 215, 30),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+SHAPES = ["circle", "square", "triangle"]
+# Position word -> shape centre (x, y) in pixels; a caption without a position means the centre.
+POSITIONS = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48), "center": (32, 32)}
+# (shape colour, shape, background colour) never drawn in training; the judge prompts come from here.
+HELD_OUT = [
+    ("green", "square", "red"),
+    ("blue", "triangle", "yellow"),
+    ("yellow", "circle", "black"),
+    ("white", "triangle", "green"),
+    ("black", "square", "white"),
+    ("red", "triangle", "white"),
+    ("blue", "circle", "green"),
+    ("yellow", "square", "blue"),
+    ("green", "circle", "black"),
+    ("white", "square", "red"),
+]
+WORDS = ["a", "on", "background", "at", "the", "in"] + list(COLOURS) + SHAPES + list(POSITIONS)
+
+
+def caption(colour, shape, bg, pos):
+    text = f"a {colour} {shape} on a {bg} background"
+    if pos is None:
+        return text
+    return text + (" in the center" if pos == "center" else f" at the {pos}")
+
+
+def training_triples():
+    held = set(HELD_OUT)
+    return [(c, s, b) for c in COLOURS for s in SHAPES for b in COLOURS if b != c and (c, s, b) not in held]
+
+
+def render(colour, shape, bg, pos, radius, jitter):
+    """A 64x64 RGB image in [0, 255] (float32, HWC), drawn at 4x and averaged so edges are anti-aliased."""
+    ss = 4
+    cx, cy = POSITIONS[pos or "center"]
+    cx, cy = cx + jitter[0], cy + jitter[1]
+    g = (np.arange(SIZE * ss, dtype=np.float32) + 0.5) / ss
+    x, y = g[None, :], g[:, None]
+    if shape == "circle":
+        mask = (x - cx) ** 2 + (y - cy) ** 2 <= radius**2
+    elif shape == "square":
+        mask = (np.abs(x - cx) <= radius) & (np.abs(y - cy) <= radius)
+    else:  # upright isosceles triangle, base 2r, height 2r: fills half its bounding box
+        t = (y - (cy - radius)) / (2 * radius)
+        mask = (t >= 0) & (t <= 1) & (np.abs(x - cx) <= radius * t)
+    m = mask.astype(np.float32).reshape(SIZE, ss, SIZE, ss).mean(axis=(1, 3))[..., None]
+    return m * np.array(COLOURS[colour], np.float32) + (1 - m) * np.array(COLOURS[bg], np.float32)
+
+
+def make_dataset(n, rng):
+    triples = training_triples()
+    images = np.empty((n, 3, SIZE, SIZE), np.float32)
+    captions = []
+    for i in range(n):
+        c, s, b = triples[rng.randrange(len(triples))]
+        pos = rng.choice(list(POSITIONS)) if rng.random() < 0.6 else None
+        radius = rng.uniform(9.0, 13.0)
+        jitter = (rng.uniform(-2, 2), rng.uniform(-2, 2))
+        images[i] = render(c, s, b, pos, radius, jitter).transpose(2, 0, 1) / 127.5 - 1.0
+        captions.append(caption(c, s, b, pos))
+    return torch.from_numpy(images), captions
+
+
+# ---------------------------------------------------------------------------------------------------------------- BPE
+
+
+def bytes_to_unicode():
+    """CLIP's (and GPT-2's) reversible byte -> printable character map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def bpe_word(word, ranks):
+    """CLIP's reference BPE of one pre-tokenised word (openai/CLIP simple_tokenizer.py), as a list of tokens."""
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = [(parts[i], parts[i + 1]) for i in range(len(parts) - 1)]
+        best = min(pairs, key=lambda p: ranks.get(p, math.inf))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
+def build_bpe(words):
+    """vocab (CLIP order: bytes, bytes+</w>, merges, specials) and merges making every word in `words` one token."""
+    merges = []
+    ranks = {}
+    changed = True
+    while changed:  # adding a merge can change another word's split, so repeat until every word is one token
+        changed = False
+        for w in words:
+            parts = bpe_word(w, ranks)
+            while len(parts) > 1:
+                pair = (parts[0], parts[1])
+                ranks[pair] = len(merges)
+                merges.append(pair)
+                parts = bpe_word(w, ranks)
+                changed = True
+    byte_chars = list(bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(set(tokens)) == len(tokens)
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def save_tokenizer(out, words):
+    from transformers import CLIPTokenizer
+
+    vocab, merges = build_bpe(words)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    tok.save_pretrained(out)
+    # CLIPTokenizer in transformers 5 saves tokenizer.json; the slow-format files pipelines also ship are written here
+    # so a reader of vocab.json + merges.txt (lowvram, transformers 4's CLIPTokenizer) finds them.
+    with open(os.path.join(out, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(out, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return vocab, merges
+
+
+def check_tokenizer(out, vocab, merges, captions):
+    """The saved folder, reloaded, gives the reference BPE's ids, with one token per word."""
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    ranks = {m: i for i, m in enumerate(merges)}
+    loaded = [CLIPTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(out)]
+    from_files = CLIPTokenizer(vocab=os.path.join(out, "vocab.json"), merges=os.path.join(out, "merges.txt"))
+    loaded.append(from_files)
+    for text in captions + ["", "A Red  circle, on a BLUE background!"]:
+        ref = [vocab["<|startoftext|>"]]
+        for w in text.lower().replace(",", " ,").replace("!", " !").split():
+            ref += [vocab[t] for t in bpe_word(w, ranks)]
+        ref.append(vocab["<|endoftext|>"])
+        for t in loaded:
+            got = t(text).input_ids
+            assert got == ref, (type(t).__name__, text, got, ref)
+    for w in WORDS:
+        assert len(bpe_word(w, ranks)) == 1, w
+
+
+# -------------------------------------------------------------------------------------------------------------- models
+
+
+def vae_config():
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 16, 32, 32],
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=SIZE,
+    )
+
+
+def unet_config():
+    return dict(
+        sample_size=SIZE // 8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        block_out_channels=[32, 64],
+        layers_per_block=1,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+    )
+
+
+def text_config(vocab):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+        projection_dim=32,
+    )
+
+
+def lr_at(step, total, peak, warmup):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_vae(images, steps, batch, log):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(**vae_config())
+    opt = torch.optim.AdamW(vae.parameters(), lr=4e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    t0 = time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, 4e-3, 30)
+        # Random 32x32 crops (on the 8-pixel latent grid): the autoencoder is convolutional and the crops hold the same
+        # edges and flat colours as whole images, at a quarter of the cost.
+        idx = torch.randint(0, images.shape[0], (batch,), generator=g)
+        oy, ox = (int(v) * 8 for v in torch.randint(0, 5, (2,), generator=g))
+        x = images[idx, :, oy : oy + 32, ox : ox + 32]
+        post = vae.encode(x).latent_dist
+        # A plain autoencoder (the posterior mean): sampling with the initial unit variance drowns the small early
+        # means and stalls training; the small KL term only keeps the latents bounded.
+        rec = vae.decode(post.mean).sample
+        kl = post.kl().mean()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"vae {step:5d}/{steps} loss {loss.item():.4f} kl {kl.item():.1f} {time.time() - t0:.0f}s")
+    return vae.eval()
+
+
+def finetune_decoder(vae, latents, images, steps, batch, log):
+    """Train the decoder alone on the frozen encoder's latents (so the UNet's training data stay valid), on 4x4 latent
+    crops with a little latent noise, which makes it sharper and tolerant of a sampler's imperfect latents."""
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(4)
+    noise_std = 0.1 * latents.std().item()
+    t0 = time.time()
+    vae.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, 2e-3, 30)
+        idx = torch.randint(0, images.shape[0], (batch,), generator=g)
+        oy, ox = (int(v) for v in torch.randint(0, 5, (2,), generator=g))
+        z = latents[idx, :, oy : oy + 4, ox : ox + 4]
+        z = z + noise_std * torch.randn(z.shape, generator=g)
+        x = images[idx, :, 8 * oy : 8 * oy + 32, 8 * ox : 8 * ox + 32]
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"decoder {step:5d}/{steps} loss {loss.item():.4f} {time.time() - t0:.0f}s")
+    for p in vae.parameters():
+        p.requires_grad_(True)
+    vae.eval()
+    with torch.no_grad():
+        rec = vae.decode(latents[:256]).sample.clamp(-1, 1)
+    log(f"decoder reconstruction: mean abs error {127.5 * (rec - images[:256]).abs().mean():.1f} / 255 per channel")
+    return vae
+
+
+@torch.no_grad()
+def encode_all(vae, images, batch=256):
+    return torch.cat([vae.encode(images[i : i + batch]).latent_dist.mean for i in range(0, images.shape[0], batch)])
+
+
+def train_denoiser(latents, ids, uncond_ids, vocab, steps, batch, log, checkpoint):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(2)
+    unet = UNet2DConditionModel(**unet_config())
+    text = CLIPTextModel(text_config(vocab))
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
+    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    acp = sched.alphas_cumprod
+    g = torch.Generator().manual_seed(3)
+    t0 = time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, 1e-3, 100)
+        idx = torch.randint(0, latents.shape[0], (batch,), generator=g)
+        x0 = latents[idx]
+        tok = ids[idx].clone()
+        drop = torch.rand(batch, generator=g) < 0.1
+        tok[drop] = uncond_ids
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        states = text(tok).last_hidden_state
+        pred = unet(xt, t, encoder_hidden_states=states).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.998, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema_params, params):
+                e.lerp_(p, 1 - decay)
+        if step % 50 == 0 or step == steps - 1:
+            log(f"unet {step:5d}/{steps} loss {loss.item():.4f} {time.time() - t0:.0f}s")
+        if (step + 1) % 500 == 0 and step + 1 < steps:
+            checkpoint(ema_unet, ema_text)
+    return ema_unet, ema_text
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="models/tiny-sd-trained")
+    ap.add_argument("--images", type=int, default=8000)
+    ap.add_argument("--vae-steps", type=int, default=1000)
+    ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--decoder-steps", type=int, default=1500)
+    ap.add_argument("--unet-steps", type=int, default=1800)
+    ap.add_argument("--unet-batch", type=int, default=48)
+    # One thread: on a shared 2-core machine, two threads per process oversubscribe and run several times slower.
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    from transformers import CLIPTokenizer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(True)
+    t0 = time.time()
+
+    def log(msg):
+        print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
+
+    os.makedirs(args.out, exist_ok=True)
+    tok_dir = os.path.join(args.out, "tokenizer")
+    vocab, merges = save_tokenizer(tok_dir, WORDS)
+    rng = random.Random(0)
+    images, captions = make_dataset(args.images, rng)
+    check_tokenizer(tok_dir, vocab, merges, sorted(set(captions))[:50])
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    log(f"data: {len(captions)} images, {len(set(captions))} captions, vocab {len(vocab)}, {len(merges)} merges")
+
+    def token_ids(texts):
+        return tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+    vae = train_vae(images, args.vae_steps, args.vae_batch, log)
+    latents = encode_all(vae, images)
+    with torch.no_grad():
+        rec = vae.decode(latents[:256]).sample.clamp(-1, 1)
+    log(f"vae reconstruction: mean abs error {127.5 * (rec - images[:256]).abs().mean():.1f} / 255 per channel")
+    scale = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scale)
+    log(f"latents {tuple(latents.shape)} mean {latents.mean():.3f} std {latents.std():.3f} -> scaling_factor {scale:.4f}")
+    ids = token_ids(captions)
+    uncond = token_ids([""])[0]
+
+    def save(unet, text):
+        save_pipeline(args.out, vae, text, unet, tokenizer, vocab, merges)
+        log(f"saved {args.out}")
+
+    unet, text = train_denoiser(latents * scale, ids, uncond, vocab, args.unet_steps, args.unet_batch, log, save)
+    vae = finetune_decoder(vae, latents, images, args.decoder_steps, args.vae_batch, log)
+    save(unet, text)
+    check_tokenizer(tok_dir, vocab, merges, sorted(set(captions))[:50])
+
+
+def save_pipeline(out, vae, text, unet, tokenizer, vocab, merges):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    # SD's scheduler config (scaled_linear 0.00085-0.012, epsilon, leading spacing with offset 1), as Euler.
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+    # save_pretrained rewrites the tokenizer folder; put the slow-format files back beside tokenizer.json.
+    save_tokenizer(os.path.join(out, "tokenizer"), WORDS)
+
+
+if __name__ == "__main__":
+    main()
