@@ -16,8 +16,8 @@ Training the text encoder jointly (instead of leaving it frozen-random) costs li
 lets it learn which colour word belongs to the shape and which to the background, which a random encoder only gives
 through word position.
 
-Deterministic: fixed seeds, single-process data, one torch thread, torch.use_deterministic_algorithms. Run (about 20
-minutes on a 2-core machine shared with other jobs: 11 min autoencoder + encoding, 12 min UNet):
+Deterministic: fixed seeds, single-process data, one torch thread, torch.use_deterministic_algorithms. Run (22 minutes
+on a 2-core machine shared with other jobs: 7 min autoencoder + encoding, 15 min UNet):
     nice -n 5 /work/venv/bin/python scripts/train_tiny.py --out models/tiny-sd-trained
 Versions: scripts/requirements-fixtures.txt (torch 2.15.0, diffusers 0.42.1, transformers 5.23.0).
 """
