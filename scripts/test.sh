@@ -15,13 +15,15 @@ command -v mono >/dev/null || need_apt+=(mono-runtime)
 [ -e /usr/lib/mono/4.5/System.Core.dll ] || need_apt+=(libmono-system-core4.0-cil)
 command -v valgrind >/dev/null || need_apt+=(valgrind)
 command -v g++ >/dev/null || need_apt+=(g++)
+command -v cmake >/dev/null || need_apt+=(cmake)
+command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 if [ ${#need_apt[@]} -gt 0 ]; then
     step "installing ${need_apt[*]}"
     sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
     $sudo apt-get update -q || true
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${need_apt[@]}"
 fi
-for tool in mcs mono valgrind gcc g++; do
+for tool in mcs mono valgrind gcc g++ cmake pkg-config; do
     command -v "$tool" >/dev/null || { echo "FATAL: $tool is required and could not be installed" >&2; exit 1; }
 done
 
@@ -46,12 +48,59 @@ step "C host test under valgrind"
 valgrind --quiet --error-exitcode=3 --leak-check=full --errors-for-leak-kinds=definite,indirect \
     --show-leak-kinds=definite,indirect --suppressions=tests/c/valgrind.supp "$out/test_api_c"
 
+step "C pipeline host test: prompt -> image against diffusers, host conditioning, errors, free order"
+gcc -std=c11 -Wall -Wextra -Wpedantic -Werror -g -I include tests/c/test_pipeline.c -o "$out/test_pipeline_c" \
+    -L "$lib_dir" -llowvram -lm -Wl,-rpath,"$lib_dir"
+"$out/test_pipeline_c"
+step "C pipeline host test under valgrind"
+valgrind --quiet --error-exitcode=3 --leak-check=full --errors-for-leak-kinds=definite,indirect \
+    --show-leak-kinds=definite,indirect --suppressions=tests/c/valgrind.supp "$out/test_pipeline_c"
+
+step "C host contract test: ownership, per-call cancel from other threads, ABI growth, hostile inputs"
+gcc -std=c11 -Wall -Wextra -Wpedantic -Werror -g -pthread -I include tests/c/test_contract.c -o "$out/test_contract_c" \
+    -L "$lib_dir" -llowvram -lm -Wl,-rpath,"$lib_dir"
+"$out/test_contract_c"
+step "C host built against the frozen v0.1 header runs against this library"
+gcc -std=c11 -Wall -Wextra -Wpedantic -Werror -g -I tests/c tests/c/test_frozen_abi.c -o "$out/test_frozen_abi_c" \
+    -L "$lib_dir" -llowvram -Wl,-rpath,"$lib_dir"
+"$out/test_frozen_abi_c"
+step "C thread stress test (watchdog: alarm)"
+gcc -std=c11 -Wall -Wextra -Wpedantic -Werror -g -pthread -I include tests/c/test_stress.c -o "$out/test_stress_c" \
+    -L "$lib_dir" -llowvram -Wl,-rpath,"$lib_dir"
+"$out/test_stress_c"
+step "the v0.1 host under valgrind"
+valgrind --quiet --error-exitcode=3 --leak-check=full --errors-for-leak-kinds=definite,indirect \
+    --show-leak-kinds=definite,indirect --suppressions=tests/c/valgrind.supp "$out/test_frozen_abi_c"
+
 step "C example: examples/generate.c end to end on the shipped model"
 gcc -std=c11 -Wall -Wextra -Wpedantic -Werror -I include examples/generate.c -o "$out/generate_example" \
     -L "$lib_dir" -llowvram -Wl,-rpath,"$lib_dir"
 rm -f "$out/example.png"
 "$out/generate_example" models/tiny-sd "$out/example.png"
 head -c 8 "$out/example.png" | od -An -tx1 | grep -q "89 50 4e 47 0d 0a 1a 0a" || { echo "FATAL: the example wrote no PNG" >&2; exit 1; }
+
+step "install to a temporary prefix; examples/generate.c via CMake find_package(lowvram) and via pkg-config"
+prefix="$out/prefix"
+rm -rf "$prefix" "$out/cmake-example"
+scripts/install.sh --prefix "$prefix" --no-build
+cmake -S examples -B "$out/cmake-example" -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build "$out/cmake-example"
+export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
+# shellcheck disable=SC2046  # pkg-config's output is a list of flags
+gcc -std=c11 -Wall -Wextra -Wpedantic -Werror examples/generate.c -o "$out/generate_pkgconfig" \
+    $(pkg-config --cflags --libs lowvram) -Wl,-rpath,"$(pkg-config --variable=libdir lowvram)"
+# shellcheck disable=SC2046
+echo '#include <lowvram.hpp>' | g++ -std=c++17 -Wall -Wextra -Wpedantic -Werror -fsyntax-only -x c++ - \
+    $(pkg-config --cflags lowvram)
+unset PKG_CONFIG_PATH
+for exe in "$out/cmake-example/generate" "$out/generate_pkgconfig"; do
+    # each must load the installed library, not the build tree's
+    [[ "$(ldd "$exe")" == *"$prefix/lib/liblowvram.so"* ]] || { echo "FATAL: $exe does not load $prefix/lib" >&2; exit 1; }
+    rm -f "$out/installed.png"
+    "$exe" models/tiny-sd "$out/installed.png" >/dev/null
+    head -c 8 "$out/installed.png" | od -An -tx1 | grep -q "89 50 4e 47 0d 0a 1a 0a" \
+        || { echo "FATAL: $exe wrote no PNG" >&2; exit 1; }
+done
 
 # --- C++ -----------------------------------------------------------------------------------------------------------
 step "C++ host test (g++ -std=c++17 -Wall -Wextra -Wpedantic -Werror)"

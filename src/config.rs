@@ -17,23 +17,39 @@ use crate::error::{Error, Result};
 /// One GiB, the unit of every `*_gb` key.
 pub const GIB: u64 = 1 << 30;
 
+/// The largest value a `*_gb` key takes: 2^20 GiB (1 PiB), far above any device or RAM, and small enough that sums
+/// of every budget stay far below `u64::MAX` bytes.
+pub(crate) const MAX_GB: f64 = (1u64 << 20) as f64;
+
 /// Every key [`Config::set`] and the YAML readers accept, with what each takes (used in error messages too).
 pub const KEYS: &[(&str, &str)] = &[
     ("enable_partial_loading", "true|false"),
-    ("max_cache_ram_gb", "a number of GiB >= 0, or auto|null"),
-    ("max_cache_vram_gb", "a number of GiB >= 0, or auto|null"),
-    ("device_working_mem_gb", "a number of GiB >= 0"),
+    (
+        "max_cache_ram_gb",
+        "a number of GiB >= 0 and <= 1048576, or auto|null",
+    ),
+    (
+        "max_cache_vram_gb",
+        "a number of GiB >= 0 and <= 1048576, or auto|null",
+    ),
+    (
+        "device_working_mem_gb",
+        "a number of GiB >= 0 and <= 1048576",
+    ),
     ("keep_ram_copy_of_weights", "true|false"),
     ("cuda_allocator", "pool|pool_keep"),
     ("pytorch_cuda_alloc_conf", "backend:cudaMallocAsync"),
     ("vram_state", "auto|high|normal|low|none|cpu"),
-    ("reserve_vram_gb", "a number of GiB >= 0"),
+    ("reserve_vram_gb", "a number of GiB >= 0 and <= 1048576"),
     ("smart_memory", "true|false"),
     ("pin_memory", "true|false"),
     ("forge_pin_shared_memory", "Shared|CPU"),
     ("async_loading", "true|false"),
     ("forge_async_loading", "Async|Queue"),
-    ("forge_inference_memory", "a number of MiB >= 0"),
+    (
+        "forge_inference_memory",
+        "a number of MiB >= 0 and <= 1073741824",
+    ),
     ("storage_dtype", "auto|fp32|fp16|bf16"),
     ("compute_dtype", "auto|fp32|fp16|bf16"),
     ("device", "auto|cpu|cuda|cuda:N|emulated:SIZE"),
@@ -210,11 +226,16 @@ fn parse_bool(key: &str, v: &str) -> Result<bool> {
     }
 }
 
-fn parse_gb(key: &str, v: &str) -> Result<f64> {
+/// A number from 0 to `max` (finite): `*_gb` keys take up to [`MAX_GB`].
+fn parse_bounded(key: &str, v: &str, max: f64) -> Result<f64> {
     match v.trim().parse::<f64>() {
-        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        Ok(x) if x.is_finite() && (0.0..=max).contains(&x) => Ok(x),
         _ => Err(bad(key, v)),
     }
+}
+
+fn parse_gb(key: &str, v: &str) -> Result<f64> {
+    parse_bounded(key, v, MAX_GB)
 }
 
 fn parse_opt_gb(key: &str, v: Option<&str>) -> Result<Option<f64>> {
@@ -276,7 +297,9 @@ impl Config {
             "max_cache_ram_gb" => self.max_cache_ram_gb = parse_opt_gb(key, value)?,
             "max_cache_vram_gb" => self.max_cache_vram_gb = parse_opt_gb(key, value)?,
             "device_working_mem_gb" => self.device_working_mem_gb = parse_gb(key, v)?,
-            "forge_inference_memory" => self.device_working_mem_gb = parse_gb(key, v)? / 1024.0,
+            "forge_inference_memory" => {
+                self.device_working_mem_gb = parse_bounded(key, v, MAX_GB * 1024.0)? / 1024.0
+            }
             "keep_ram_copy_of_weights" => self.keep_ram_copy_of_weights = parse_bool(key, v)?,
             "cuda_allocator" => {
                 self.cuda_allocator = match v.trim() {
@@ -368,9 +391,9 @@ impl Config {
     }
 }
 
-/// GiB (fractional) to bytes, rounded down.
+/// GiB (fractional) to bytes, rounded down; saturates (values come bounded by [`MAX_GB`] from the parsers).
 pub fn gib_to_bytes(gib: f64) -> u64 {
-    (gib * GIB as f64) as u64
+    (gib.clamp(0.0, MAX_GB) * GIB as f64) as u64
 }
 
 /// Parse a SIZE: plain bytes (`1048576`), KB/MB/GB/TB (powers of 10) or KiB/MiB/GiB/TiB (powers of 2), with an

@@ -47,6 +47,9 @@ pub enum Error {
     /// A feature, configuration or model variant this build does not support.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// A call on this context panicked earlier; its state may be half-updated, so it refuses every call.
+    #[error("context unusable: an earlier call on it panicked ({0}); free it and create a new one")]
+    ContextFailed(String),
     /// An error from the tensor library.
     #[error("tensor error: {0}")]
     Tensor(#[from] candle_core::Error),

@@ -16,6 +16,7 @@ pub mod models;
 pub mod ops;
 pub mod sampling;
 pub mod system;
+pub mod text;
 pub mod weights;
 
 pub use error::{Error, Result};

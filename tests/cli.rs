@@ -109,3 +109,25 @@ fn system_stats_json_has_the_documented_shape() {
         assert_eq!(v["devices"].as_array().unwrap().len(), 0);
     }
 }
+
+/// Progress on a non-terminal stderr (a log file, CI): one complete line per step, never `\r`-joined.
+#[test]
+fn progress_is_one_line_per_step_when_stderr_is_not_a_terminal() {
+    let dir = out_dir("progress");
+    let out = lowvram()
+        .args(["generate", "--steps", "5", "--device", "cpu", "--width", "64", "--height", "64"])
+        .arg("--model")
+        .arg(repo().join("models/tiny-sd"))
+        .arg("--out")
+        .arg(dir.join("img.png"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains('\r'), "{stderr:?}");
+    let steps: Vec<&str> = stderr.lines().filter(|l| l.starts_with("lowvram: step ")).collect();
+    assert_eq!(steps.len(), 5, "{stderr}");
+    for (i, line) in steps.iter().enumerate() {
+        assert!(line.starts_with(&format!("lowvram: step {}/5 (", i + 1)) && line.contains("it/s, ETA"), "{line}");
+    }
+}

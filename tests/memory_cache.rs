@@ -223,7 +223,9 @@ fn oom_evicts_and_retries() {
     );
 }
 
-/// An OOM that eviction cannot cure returns OutOfDeviceMemory; the cache stays consistent and usable.
+/// An OOM that eviction cannot cure (another program takes device memory after the lock was planned) returns
+/// OutOfDeviceMemory; the cache stays consistent and usable. A model that cannot fit the device alone fails at
+/// lock time with BudgetTooSmall quoting the device's bytes, even under a larger cache cap.
 #[test]
 fn unrecoverable_oom_leaves_cache_consistent() {
     let dir = TempDir::new("oom2");
@@ -234,7 +236,27 @@ fn unrecoverable_oom_leaves_cache_consistent() {
     cfg.set("max_cache_vram_gb", "1").unwrap();
     let cache = ModelCache::new(cfg).unwrap();
     let mbig = cache.load_model(&big.path, "big").unwrap();
+    match cache.lock(&mbig, 0).map(|_| ()).unwrap_err() {
+        Error::BudgetTooSmall {
+            needed_bytes,
+            available_bytes,
+            ..
+        } => {
+            assert_eq!(
+                (needed_bytes, available_bytes),
+                (WORK + big.max_block(), cap)
+            );
+        }
+        e => panic!("expected BudgetTooSmall, got {e}"),
+    }
+    let cap = WORK + big.max_block() + 4096;
+    let mut cfg = config(&format!("emulated:{cap}"), WORK);
+    cfg.set("max_cache_vram_gb", "1").unwrap();
+    let cache = ModelCache::new(cfg).unwrap();
+    let mbig = cache.load_model(&big.path, "big").unwrap();
     let lock = cache.lock(&mbig, 0).unwrap();
+    let taken = cache.allocator().free().unwrap();
+    let external = cache.allocator().reserve_external(taken).unwrap();
     let err = forward(&lock, &big).unwrap_err();
     match err {
         Error::OutOfDeviceMemory {
@@ -247,8 +269,12 @@ fn unrecoverable_oom_leaves_cache_consistent() {
         }
         e => panic!("expected OOM, got {e}"),
     }
-    assert_eq!(cache.allocator().current(), WORK + mbig.resident_bytes());
+    assert_eq!(
+        cache.allocator().current(),
+        WORK + mbig.resident_bytes() + taken
+    );
     drop(lock);
+    drop(external);
     assert_eq!(cache.allocator().current(), mbig.resident_bytes());
     let ms = cache.load_model(&small.path, "small").unwrap();
     let l2 = cache.lock(&ms, 0).unwrap();
@@ -323,18 +349,35 @@ fn reservation_mid_forward_shrinks_at_next_block() {
     let mut seen = Vec::new();
     let out = forward_with(&lock, &a, |i| {
         if i == 0 {
-            // Holding block 0 (resident, the largest) while the reservation is taken on the other thread.
+            // Holding block 0 (resident, the largest) while the reservation is taken on the other thread: the plan
+            // shrinks at once, but every block stays allocated (retiring) until this thread's next block boundary,
+            // so the reservation has not returned yet.
             tx.send(()).unwrap();
+            let t = std::time::Instant::now();
+            while m.resident_bytes() > 0 {
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "the reservation never shrank the plan"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(
+                cache.allocator().retiring(),
+                a.total(),
+                "released blocks wait for the compute thread"
+            );
+            assert!(
+                done_rx.try_recv().is_err(),
+                "returned before its bytes were free"
+            );
+        }
+        if i == 1 {
+            // The fetch of block 1 freed them here; the reservation returns.
             let got = done_rx
                 .recv_timeout(Duration::from_secs(10))
                 .expect("reservation returned");
             assert_eq!(got, want);
-            assert_eq!(m.resident_bytes(), 0, "residency shrank at once");
-            assert_eq!(
-                cache.allocator().retiring(),
-                a.block_bytes[0],
-                "block in use is freed at its boundary"
-            );
         }
         seen.push((m.resident_bytes(), cache.allocator().retiring()));
     })
@@ -352,6 +395,66 @@ fn reservation_mid_forward_shrinks_at_next_block() {
     assert_eq!(bits(&forward(&lock, &a).unwrap()), r);
     assert_eq!(m.resident_bytes(), a.total());
     assert_eq!(lock.bytes_streamed(), expect_streamed);
+    assert_eq!(
+        cache.allocator().usage().off_thread_frees,
+        0,
+        "a running model's memory freed off its thread"
+    );
+}
+
+/// Stream order, on the CPU: while a forward runs, its device memory is freed only on its compute thread (at its
+/// next block boundary), whoever shrinks the plan — a configure or a reservation from another thread, here at
+/// every block boundary. The emulated device counts frees off the compute thread.
+#[test]
+fn running_models_memory_is_freed_only_on_its_compute_thread() {
+    let dir = TempDir::new("streamorder");
+    let a = write_model(dir.path(), "a", &[64, 256, 64, 128, 64, 64], 10);
+    let cap = WORK + a.total() + 16 * KIB;
+    let cache = Arc::new(ModelCache::new(config(&format!("emulated:{cap}"), WORK)).unwrap());
+    let m = cache.load_model(&a.path, "a").unwrap();
+    let r = reference(&a);
+    let lock = cache.lock(&m, 0).unwrap();
+    let (tx, rx) = mpsc::channel::<usize>();
+    let (ack_tx, ack_rx) = mpsc::channel::<()>();
+    let c2 = cache.clone();
+    let total = a.total();
+    let other = std::thread::spawn(move || {
+        let mut held = None;
+        while let Ok(i) = rx.recv() {
+            // Alternate: shrink the cache cap, restore it; take a reservation, give it back.
+            match i % 4 {
+                0 => drop(c2.configure(&format!(
+                    "max_cache_vram_gb: {}\n",
+                    (total / 3) as f64 / (1u64 << 30) as f64
+                ))),
+                1 => drop(c2.configure("max_cache_vram_gb: null\n")),
+                2 => held = c2.reserve(total / 2).ok(),
+                _ => drop(held.take()),
+            }
+            ack_tx.send(()).unwrap();
+        }
+    });
+    for round in 0..3 {
+        let out = forward_with(&lock, &a, |i| {
+            tx.send(round * 8 + i).unwrap();
+            // The reservation may wait for this thread's next boundary: do not wait for it beyond a moment.
+            let _ = ack_rx.recv_timeout(Duration::from_millis(100));
+        })
+        .unwrap();
+        assert_eq!(bits(&out), r, "round {round}");
+    }
+    drop(tx);
+    other.join().unwrap();
+    drop(lock);
+    let u = cache.allocator().usage();
+    assert_eq!(
+        u.off_thread_frees, 0,
+        "a running model's memory was freed off its compute thread"
+    );
+    assert_eq!(
+        (u.retiring_bytes, u.streaming_bytes, u.working_bytes),
+        (0, 0, 0)
+    );
 }
 
 /// LRU between models; a locked model is never evicted; free_memory and unload_all.

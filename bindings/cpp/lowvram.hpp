@@ -213,6 +213,28 @@ private:
 /// Progress of a run: `step` of `total` done; return false to cancel (the call then throws Error CANCELLED).
 using ProgressFn = std::function<bool(std::uint32_t step, std::uint32_t total)>;
 
+/// A cancel request for the calls it is given to (`DenoiseOptions::cancel`, `DecodeOptions::cancel`,
+/// `Context::load_model`): sticky, so cancelling before a call starts still stops it, and it never stops another
+/// call. Shared in C (each call holds its own reference); move-only here. Thread-safe: `cancel()` from any thread.
+class CancelToken {
+public:
+    CancelToken() {
+        lowvram_cancel_token *raw = nullptr;
+        check(lowvram_cancel_token_new(&raw));
+        handle_.reset(raw);
+    }
+    void cancel() const { check(lowvram_cancel_token_cancel(handle_.get())); }
+    bool cancelled() const {
+        bool c = false;
+        check(lowvram_cancel_token_is_cancelled(handle_.get(), &c));
+        return c;
+    }
+    lowvram_cancel_token *capi() const noexcept { return handle_.get(); }
+
+private:
+    detail::Owner<lowvram_cancel_token, lowvram_cancel_token_free> handle_;
+};
+
 /// Options of `Context::denoise`; the defaults are the library's (`lowvram_denoise_params_init`).
 struct DenoiseOptions {
     lowvram_scheduler scheduler = LOWVRAM_SCHEDULER_EULER;
@@ -224,6 +246,7 @@ struct DenoiseOptions {
     std::uint32_t latent_height = 64;
     const Tensor *step_noise = nullptr; ///< [steps, B, 4, h, w] for Euler ancestral; borrowed for the call
     ProgressFn progress;                ///< called after each step on the calling thread; empty = none
+    const CancelToken *cancel = nullptr; ///< cancels this call only (also before it starts); borrowed
 };
 
 /// Options of `Context::vae_decode`; the defaults are the library's.
@@ -231,6 +254,8 @@ struct DecodeOptions {
     std::uint32_t tile_latent = 0;    ///< 0 = automatic; > 0 = always tile with this edge (latent pixels)
     std::uint32_t overlap_latent = 0; ///< ignored: tiled decoding is exact and needs no overlap
     bool never_tile = false;          ///< BUDGET_TOO_SMALL rather than tiling
+    ProgressFn progress;              ///< (blocks done, blocks) as each decoder block starts; empty = none
+    const CancelToken *cancel = nullptr; ///< cancels this call only (also before it starts); borrowed
 };
 
 /// Log callback as a C++ function; it runs on the thread making the lowvram call.
@@ -248,16 +273,17 @@ struct ContextOptions {
 /// A model cache with its budgets. Move-only; thread-safe like the C context.
 class Context {
 public:
-    explicit Context(const ContextOptions &options = {}, LogFn log = nullptr)
-        : log_(log ? std::make_unique<LogFn>(std::move(log)) : nullptr) {
+    explicit Context(const ContextOptions &options = {}, LogFn log = nullptr) {
         lowvram_context_params p;
         check(lowvram_context_params_init(&p, sizeof p));
         if (!options.device.empty()) p.device = options.device.c_str();
         if (!options.config_yaml.empty()) p.config_yaml = options.config_yaml.c_str();
         if (!options.config_path.empty()) p.config_path = options.config_path.c_str();
-        if (log_) {
+        if (log) {
+            // The library owns the callback from here and deletes it when it will never call it again.
             p.log_callback = &Context::log_trampoline;
-            p.log_user_data = log_.get();
+            p.log_user_data = new LogFn(std::move(log));
+            p.log_user_data_release = &Context::log_release;
         }
         lowvram_context *raw = nullptr;
         check(lowvram_context_new(&p, &raw));
@@ -297,14 +323,38 @@ public:
         return freed;
     }
 
-    /// Stop the call running on this context at its next step (call from another thread or a callback).
+    /// Stop every call running on this context now, at its next step or block (from another thread or a
+    /// callback). Calls starting later are not affected: use a `CancelToken` to cancel one call.
     void cancel() const { check(lowvram_context_cancel(handle_.get())); }
 
-    /// Load a component folder (".../unet" or ".../vae") into the cache.
-    Model load_model(const std::string &path) const {
+    /// Replace the log callback (empty = the process-wide one); the old one is deleted once the library will never
+    /// call it again.
+    void set_log(LogFn log) const {
+        if (!log) {
+            check(lowvram_context_set_log_callback_ex(handle_.get(), nullptr, nullptr, nullptr));
+            return;
+        }
+        check(lowvram_context_set_log_callback_ex(handle_.get(), &Context::log_trampoline, new LogFn(std::move(log)),
+                                                  &Context::log_release));
+    }
+
+    /// Load a component folder (".../unet" or ".../vae") into the cache; `progress` (phases done, phases) and
+    /// `cancel` may stop it (Error CANCELLED).
+    Model load_model(const std::string &path, ProgressFn progress = nullptr, const CancelToken *cancel = nullptr) const {
+        lowvram_model_load_params p;
+        check(lowvram_model_load_params_init(&p, sizeof p));
+        ProgressState state{&progress, nullptr};
+        if (progress) {
+            p.progress = &Context::progress_trampoline;
+            p.progress_user_data = &state;
+        }
+        p.cancel_token = cancel ? cancel->capi() : nullptr;
         lowvram_model *raw = nullptr;
-        check(lowvram_model_load(handle_.get(), path.c_str(), &raw));
-        return Model(raw);
+        lowvram_status status = lowvram_model_load_ex(handle_.get(), path.c_str(), &p, &raw);
+        Model out(raw);
+        if (state.error) std::rethrow_exception(state.error);
+        check(status);
+        return out;
     }
 
     /// Place up to `max_bytes` of `model` on the device now; returns the bytes resident afterwards.
@@ -322,8 +372,9 @@ public:
     }
 
     /// Run the sampler: `cond` [B, S, D]; `uncond` the same shape or nullptr (zeros); `init_noise` [B, 4, h, w] or
-    /// nullptr (seeded). Returns the final latents [B, 4, h, w] f32; `report` (optional) receives the measurements.
-    /// Throws Error (CANCELLED when the progress callback returned false); rethrows the callback's own exception.
+    /// nullptr (seeded). Returns the final latents [B, 4, h, w] f32; `report` (optional) receives the measurements,
+    /// also when the run fails after it started. Throws Error (CANCELLED when the progress callback returned false
+    /// or `options.cancel` was cancelled); rethrows the callback's own exception.
     Tensor denoise(const Model &unet, const DenoiseOptions &options, const Tensor &cond,
                    const Tensor *uncond = nullptr, const Tensor *init_noise = nullptr,
                    lowvram_run_report *report = nullptr) const {
@@ -337,6 +388,7 @@ public:
         p.latent_width = options.latent_width;
         p.latent_height = options.latent_height;
         p.step_noise = options.step_noise ? options.step_noise->capi() : nullptr;
+        p.cancel_token = options.cancel ? options.cancel->capi() : nullptr;
         ProgressState state{&options.progress, nullptr};
         if (options.progress) {
             p.progress = &Context::progress_trampoline;
@@ -364,13 +416,22 @@ public:
         p.tile_latent = options.tile_latent;
         p.overlap_latent = options.overlap_latent;
         p.never_tile = options.never_tile;
+        p.cancel_token = options.cancel ? options.cancel->capi() : nullptr;
+        ProgressState state{&options.progress, nullptr};
+        if (options.progress) {
+            p.progress = &Context::progress_trampoline;
+            p.progress_user_data = &state;
+        }
         if (report) {
             *report = lowvram_run_report{};
             report->struct_size = sizeof *report;
         }
         lowvram_tensor *raw = nullptr;
-        check(lowvram_vae_decode(handle_.get(), vae.capi(), &p, latents.capi(), report, &raw));
-        return Tensor(raw);
+        lowvram_status status = lowvram_vae_decode(handle_.get(), vae.capi(), &p, latents.capi(), report, &raw);
+        Tensor out(raw);
+        if (state.error) std::rethrow_exception(state.error);
+        check(status);
+        return out;
     }
 
     lowvram_context *capi() const noexcept { return handle_.get(); }
@@ -401,8 +462,8 @@ private:
         }
     }
 
-    // Declared before handle_ so it outlives the context that calls it.
-    std::unique_ptr<LogFn> log_;
+    static void log_release(void *user_data) noexcept { delete static_cast<LogFn *>(user_data); }
+
     detail::Owner<lowvram_context, lowvram_context_free> handle_;
 };
 

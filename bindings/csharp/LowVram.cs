@@ -125,6 +125,9 @@ namespace LowVram
         [return: MarshalAs(UnmanagedType.U1)]
         public delegate bool ProgressCallback(uint step, uint total, IntPtr userData);
 
+        [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
+        public delegate void ReleaseCallback(IntPtr userData);
+
         [StructLayout(LayoutKind.Sequential)]
         public struct ContextParams
         {
@@ -134,6 +137,7 @@ namespace LowVram
             public IntPtr ConfigPath;
             public IntPtr LogCallback;
             public IntPtr LogUserData;
+            public IntPtr LogUserDataRelease;
         }
 
         [StructLayout(LayoutKind.Sequential)]
@@ -150,6 +154,8 @@ namespace LowVram
             public IntPtr StepNoise;
             public IntPtr Progress;
             public IntPtr ProgressUserData;
+            public IntPtr CancelToken;
+            public IntPtr ProgressUserDataRelease;
         }
 
         [StructLayout(LayoutKind.Sequential)]
@@ -159,6 +165,20 @@ namespace LowVram
             public uint TileLatent;
             public uint OverlapLatent;
             [MarshalAs(UnmanagedType.U1)] public bool NeverTile;
+            public IntPtr Progress;
+            public IntPtr ProgressUserData;
+            public IntPtr CancelToken;
+            public IntPtr ProgressUserDataRelease;
+        }
+
+        [StructLayout(LayoutKind.Sequential)]
+        public struct ModelLoadParams
+        {
+            public uint StructSize;
+            public IntPtr Progress;
+            public IntPtr ProgressUserData;
+            public IntPtr ProgressUserDataRelease;
+            public IntPtr CancelToken;
         }
 
         [StructLayout(LayoutKind.Sequential)]
@@ -197,6 +217,13 @@ namespace LowVram
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern void lowvram_context_free(IntPtr ctx);
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_context_cancel(ContextHandle ctx);
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_context_set_log_callback(ContextHandle ctx, IntPtr callback, IntPtr userData);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_context_set_log_callback_ex(ContextHandle ctx, IntPtr callback, IntPtr userData, IntPtr release);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_cancel_token_new(out CancelTokenHandle token);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_cancel_token_cancel(CancelTokenHandle token);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_cancel_token_is_cancelled(CancelTokenHandle token, [MarshalAs(UnmanagedType.U1)] out bool cancelled);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern void lowvram_cancel_token_free(IntPtr token);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_model_load_params_init(ref ModelLoadParams p, UIntPtr structSize);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_model_load_ex(ContextHandle ctx, byte[] pathUtf8z, ref ModelLoadParams p, out ModelHandle model);
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_context_configure(ContextHandle ctx, byte[] yamlUtf8z);
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_context_stats(ContextHandle ctx, ref CacheStats stats);
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_context_stats_json(ContextHandle ctx, out IntPtr json);
@@ -320,21 +347,56 @@ namespace LowVram
         }
     }
 
-    /// <summary>Owns a lowvram_context and the GCHandle of its log callback; ReleaseHandle never throws.</summary>
+    /// <summary>Owns a lowvram_context; ReleaseHandle never throws. The GCHandle of its log callback belongs to the
+    /// library, which frees it (through a release callback) when it will never call the callback again.</summary>
     public sealed class ContextHandle : SafeHandle
     {
-        // The log state the native context calls back into; freed after the context, so never dangling.
-        internal GCHandle LogState;
-
         public ContextHandle() : base(IntPtr.Zero, true) { }
         public override bool IsInvalid { get { return handle == IntPtr.Zero; } }
 
         protected override bool ReleaseHandle()
         {
             Native.lowvram_context_free(handle);
-            if (LogState.IsAllocated) LogState.Free();
             return true;
         }
+    }
+
+    /// <summary>Owns the host's reference to a lowvram_cancel_token (shared: calls hold their own).</summary>
+    public sealed class CancelTokenHandle : SafeHandle
+    {
+        public CancelTokenHandle() : base(IntPtr.Zero, true) { }
+        public override bool IsInvalid { get { return handle == IntPtr.Zero; } }
+        protected override bool ReleaseHandle() { Native.lowvram_cancel_token_free(handle); return true; }
+    }
+
+    /// <summary>A cancel request for the calls it is given to (DenoiseOptions.Cancel, DecodeOptions.Cancel,
+    /// Context.LoadModel): sticky, so cancelling before a call starts still stops it, and it never stops another
+    /// call. Cancel() may be called from any thread.</summary>
+    public sealed class CancelToken : IDisposable
+    {
+        public CancelTokenHandle Handle { get; }
+
+        public CancelToken()
+        {
+            CancelTokenHandle h;
+            var status = Native.lowvram_cancel_token_new(out h);
+            if (status != Status.Ok) { h.Dispose(); Native.Check(status); }
+            Handle = h;
+        }
+
+        public void Cancel() { Native.Check(Native.lowvram_cancel_token_cancel(Handle)); }
+
+        public bool IsCancelled
+        {
+            get
+            {
+                bool c;
+                Native.Check(Native.lowvram_cancel_token_is_cancelled(Handle, out c));
+                return c;
+            }
+        }
+
+        public void Dispose() { Handle.Dispose(); }
     }
 
     /// <summary>Owns a lowvram_model; ReleaseHandle never throws.</summary>
@@ -383,6 +445,8 @@ namespace LowVram
         public Tensor StepNoise;
         /// <summary>Called after each step on the calling thread; null = none.</summary>
         public ProgressHandler Progress;
+        /// <summary>Cancels this call only (also before it starts); null = none.</summary>
+        public CancelToken Cancel;
     }
 
     /// <summary>Options of Context.VaeDecode; the defaults are the library's.</summary>
@@ -393,6 +457,10 @@ namespace LowVram
         public uint OverlapLatent = 0; // ignored: tiled decoding is exact
         /// <summary>Never tile (BudgetTooSmall when the whole decode cannot fit).</summary>
         public bool NeverTile = false;
+        /// <summary>(blocks done, blocks) as each decoder block starts; return false to cancel; null = none.</summary>
+        public ProgressHandler Progress;
+        /// <summary>Cancels this call only (also before it starts); null = none.</summary>
+        public CancelToken Cancel;
     }
 
     /// <summary>A host tensor owned by the library: contiguous, row-major, immutable.</summary>
@@ -518,6 +586,7 @@ namespace LowVram
         // (Mono/IL2CPP cannot marshal instance delegates to native code safely).
         private static readonly Native.LogCallback LogThunk = OnLog;
         private static readonly Native.ProgressCallback ProgressThunk = OnProgress;
+        private static readonly Native.ReleaseCallback ReleaseThunk = OnRelease;
 
         private sealed class LogState { public LogHandler Handler; }
 
@@ -542,18 +611,18 @@ namespace LowVram
                 p.Device = dev; p.ConfigYaml = yaml; p.ConfigPath = path;
                 if (log != null)
                 {
+                    // From here the library owns the GCHandle: it calls OnRelease exactly once, on every path.
                     p.LogCallback = Marshal.GetFunctionPointerForDelegate(LogThunk);
                     p.LogUserData = GCHandle.ToIntPtr(state);
+                    p.LogUserDataRelease = Marshal.GetFunctionPointerForDelegate(ReleaseThunk);
                 }
                 ContextHandle h;
                 var status = Native.lowvram_context_new(ref p, out h);
                 if (status != Status.Ok)
                 {
                     h.Dispose();
-                    if (state.IsAllocated) state.Free();
                     Native.Check(status);
                 }
-                h.LogState = state; // freed by ReleaseHandle, after the native context
                 Handle = h;
             }
             finally
@@ -569,6 +638,19 @@ namespace LowVram
             {
                 var state = (LogState)GCHandle.FromIntPtr(userData).Target;
                 if (state != null && state.Handler != null) state.Handler(level, Native.Utf8(message));
+            }
+            catch (Exception)
+            {
+                // exceptions must not cross into native code
+            }
+        }
+
+        [MonoPInvokeCallback(typeof(Native.ReleaseCallback))]
+        private static void OnRelease(IntPtr userData)
+        {
+            try
+            {
+                GCHandle.FromIntPtr(userData).Free();
             }
             catch (Exception)
             {
@@ -593,20 +675,18 @@ namespace LowVram
         }
 
         /// <summary>Replace this context's log callback (null: fall back to the process-wide one).</summary>
+        /// The library frees the old callback's state once no message is being delivered to it (race-free).
         public void SetLogCallback(LogHandler log)
         {
-            var state = log != null ? GCHandle.Alloc(new LogState { Handler = log }) : default(GCHandle);
-            var status = Native.lowvram_context_set_log_callback(Handle,
-                log != null ? Marshal.GetFunctionPointerForDelegate(LogThunk) : IntPtr.Zero,
-                log != null ? GCHandle.ToIntPtr(state) : IntPtr.Zero);
-            if (status != Status.Ok)
+            if (log == null)
             {
-                if (state.IsAllocated) state.Free();
-                Native.Check(status);
+                Native.Check(Native.lowvram_context_set_log_callback_ex(Handle, IntPtr.Zero, IntPtr.Zero, IntPtr.Zero));
+                return;
             }
-            var old = Handle.LogState;
-            Handle.LogState = state;
-            if (old.IsAllocated) old.Free();
+            var state = GCHandle.Alloc(new LogState { Handler = log });
+            // The library releases `state` on every path, failure included.
+            Native.Check(Native.lowvram_context_set_log_callback_ex(Handle, Marshal.GetFunctionPointerForDelegate(LogThunk),
+                GCHandle.ToIntPtr(state), Marshal.GetFunctionPointerForDelegate(ReleaseThunk)));
         }
 
         /// <summary>Apply YAML configuration (any subset of the keys) now; on error nothing changes.</summary>
@@ -660,6 +740,41 @@ namespace LowVram
             return new Model(h);
         }
 
+        /// <summary>LoadModel with progress (phases done, phases) and a cancel token; either may stop it
+        /// (Cancelled).</summary>
+        public Model LoadModel(string path, ProgressHandler progress, CancelToken cancel)
+        {
+            var p = new Native.ModelLoadParams();
+            Native.Check(Native.lowvram_model_load_params_init(ref p, Native.SizeOf<Native.ModelLoadParams>()));
+            var state = new ProgressState { Handler = progress };
+            var gch = progress != null ? GCHandle.Alloc(state) : default(GCHandle);
+            using (var t = new Lease(cancel == null ? null : cancel.Handle))
+            {
+                try
+                {
+                    p.CancelToken = t.Ptr;
+                    if (gch.IsAllocated)
+                    {
+                        p.Progress = Marshal.GetFunctionPointerForDelegate(ProgressThunk);
+                        p.ProgressUserData = GCHandle.ToIntPtr(gch);
+                    }
+                    ModelHandle h;
+                    var status = Native.lowvram_model_load_ex(Handle, Native.Utf8z(path), ref p, out h);
+                    if (state.Error != null)
+                    {
+                        h.Dispose();
+                        ExceptionDispatchInfo.Capture(state.Error).Throw();
+                    }
+                    if (status != Status.Ok) { h.Dispose(); Native.Check(status); }
+                    return new Model(h);
+                }
+                finally
+                {
+                    if (gch.IsAllocated) gch.Free();
+                }
+            }
+        }
+
         /// <summary>Place up to `maxBytes` of `model` on the device now; returns the bytes resident afterwards.</summary>
         public ulong LoadToDevice(Model model, ulong maxBytes)
         {
@@ -707,10 +822,12 @@ namespace LowVram
             using (var u = new Lease(uncond == null ? null : uncond.Handle))
             using (var n = new Lease(initNoise == null ? null : initNoise.Handle))
             using (var s = new Lease(options.StepNoise == null ? null : options.StepNoise.Handle))
+            using (var t = new Lease(options.Cancel == null ? null : options.Cancel.Handle))
             {
                 try
                 {
                     p.StepNoise = s.Ptr;
+                    p.CancelToken = t.Ptr;
                     if (gch.IsAllocated)
                     {
                         p.Progress = Marshal.GetFunctionPointerForDelegate(ProgressThunk);
@@ -753,10 +870,33 @@ namespace LowVram
             p.OverlapLatent = options.OverlapLatent;
             p.NeverTile = options.NeverTile;
             report = new RunReport { StructSize = (uint)Marshal.SizeOf(typeof(RunReport)) };
-            TensorHandle h;
-            var status = Native.lowvram_vae_decode(Handle, vae.Handle, ref p, latents.Handle, ref report, out h);
-            if (status != Status.Ok) { h.Dispose(); Native.Check(status); }
-            return Tensor.Own(h);
+            var state = new ProgressState { Handler = options.Progress };
+            var gch = options.Progress != null ? GCHandle.Alloc(state) : default(GCHandle);
+            using (var t = new Lease(options.Cancel == null ? null : options.Cancel.Handle))
+            {
+                try
+                {
+                    p.CancelToken = t.Ptr;
+                    if (gch.IsAllocated)
+                    {
+                        p.Progress = Marshal.GetFunctionPointerForDelegate(ProgressThunk);
+                        p.ProgressUserData = GCHandle.ToIntPtr(gch);
+                    }
+                    TensorHandle h;
+                    var status = Native.lowvram_vae_decode(Handle, vae.Handle, ref p, latents.Handle, ref report, out h);
+                    if (state.Error != null)
+                    {
+                        h.Dispose();
+                        ExceptionDispatchInfo.Capture(state.Error).Throw();
+                    }
+                    if (status != Status.Ok) { h.Dispose(); Native.Check(status); }
+                    return Tensor.Own(h);
+                }
+                finally
+                {
+                    if (gch.IsAllocated) gch.Free();
+                }
+            }
         }
 
         public void Dispose() { Handle.Dispose(); }

@@ -1,8 +1,13 @@
-//! A context: one model cache with its budgets, a logger, and a cancel flag.
+//! A context: one model cache with its budgets, a logger, a cancel epoch and a failed flag.
+//!
+//! Cancelling: `Context::cancel` bumps an epoch; a call remembers the epoch it started in and stops when the epoch
+//! moves, so a context cancel stops exactly the calls running when it was issued and no call starting later can
+//! erase it. A [`CancelToken`] is per call (or per group of calls): sticky, it stops a call even when cancelled
+//! before the call starts, and never touches another call.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use crate::api::Model;
 use crate::config::Config;
@@ -26,10 +31,64 @@ pub struct ContextOptions {
 /// One model cache and everything that runs against it. Thread-safe: calls may come from several threads; `cancel`
 /// may be called while another thread runs a generation.
 pub struct Context {
+    /// Unique in the process: models remember the context they were loaded in.
+    id: u64,
     logger: Logger,
-    cancel: AtomicBool,
+    /// Bumped by every context-wide cancel.
+    cancel_epoch: AtomicU64,
+    /// Set when a call panicked: the cache may be half-updated, so every later call refuses to run.
+    failed: OnceLock<String>,
     cache: ModelCache,
 }
+
+/// A cancel request for one call (or every call it is passed to). Once cancelled it stays cancelled: a call given
+/// a cancelled token stops at its first check, however early the token was cancelled.
+#[derive(Debug, Default)]
+pub struct CancelToken {
+    cancelled: AtomicBool,
+}
+
+impl CancelToken {
+    /// A token not yet cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cancel every call this token is (or will be) passed to.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`CancelToken::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+}
+
+/// What stops one running call: a context cancel issued after it started, or its own token.
+pub struct CallCancel<'a> {
+    epoch: &'a AtomicU64,
+    started_in: u64,
+    token: Option<&'a CancelToken>,
+}
+
+impl CallCancel<'_> {
+    /// Whether the call should stop.
+    pub fn is_cancelled(&self) -> bool {
+        self.token.is_some_and(CancelToken::is_cancelled) || self.epoch.load(Ordering::SeqCst) != self.started_in
+    }
+
+    /// `Err(Cancelled)` when the call should stop.
+    pub fn check(&self) -> Result<()> {
+        if self.is_cancelled() {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+static NEXT_CONTEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Context {
     /// Create a context: read the configuration (file, then text, then the device override), size the caches and
@@ -53,7 +112,40 @@ impl Context {
         for line in cache.sizing().log {
             logger.info(&line);
         }
-        Ok(Self { logger, cancel: AtomicBool::new(false), cache })
+        let id = NEXT_CONTEXT_ID.fetch_add(1, Ordering::Relaxed);
+        Ok(Self { id, logger, cancel_epoch: AtomicU64::new(0), failed: OnceLock::new(), cache })
+    }
+
+    /// This context's identity, unique in the process.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Mark the context unusable after a panic inside one of its calls (the first reason is kept).
+    pub fn mark_failed(&self, reason: &str) {
+        let _ = self.failed.set(reason.to_string());
+    }
+
+    /// `Err(ContextFailed)` once a call on this context panicked.
+    pub fn check_usable(&self) -> Result<()> {
+        match self.failed.get() {
+            Some(reason) => Err(Error::ContextFailed(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// INVALID_ARGUMENT unless `model` was loaded in this context.
+    pub fn check_owns(&self, model: &Model) -> Result<()> {
+        if model.context_id() == self.id {
+            Ok(())
+        } else {
+            Err(Error::invalid(format!(
+                "{} was loaded in another context (id {}); this is context {}: load it here",
+                model.dir().display(),
+                model.context_id(),
+                self.id
+            )))
+        }
     }
 
     /// The context's logger.
@@ -77,7 +169,27 @@ impl Context {
 
     /// Load a component folder (`unet/`, `vae/`) into the cache.
     pub fn load_model(&self, dir: &Path) -> Result<Arc<Model>> {
-        let model = Model::load(&self.cache, dir)?;
+        self.load_model_with(dir, &mut |_, _| true, None)
+    }
+
+    /// [`Context::load_model`] with `progress(done, total)` after each phase (returning false cancels) and a cancel
+    /// token; a context cancel issued during the load stops it too.
+    pub fn load_model_with(
+        &self,
+        dir: &Path,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+        token: Option<&CancelToken>,
+    ) -> Result<Arc<Model>> {
+        let call = self.begin_call(token)?;
+        let mut step = |done: usize, total: usize| -> Result<()> {
+            call.check()?;
+            if progress(done, total) {
+                call.check()
+            } else {
+                Err(Error::Cancelled)
+            }
+        };
+        let model = Model::load(&self.cache, dir, self.id, &mut step)?;
         self.logger.info(&format!(
             "loaded {} ({:?}, {} bytes of weights)",
             dir.display(),
@@ -87,9 +199,28 @@ impl Context {
         Ok(Arc::new(model))
     }
 
+    /// Load one component of an opened single-file checkpoint into the cache (see
+    /// [`Model::load_single_file_component`]).
+    pub fn load_single_file_component(
+        &self,
+        file: &crate::weights::single_file::SingleFile,
+        component: crate::weights::single_file::Component,
+    ) -> Result<Arc<Model>> {
+        let model = Model::load_single_file_component(&self.cache, file, component, self.id)?;
+        self.logger.info(&format!(
+            "loaded {} of {} ({:?}, {} bytes of weights)",
+            component.name(),
+            file.path().display(),
+            model.kind(),
+            model.weights().total_bytes()
+        ));
+        Ok(Arc::new(model))
+    }
+
     /// Place up to `max_bytes` of `model`'s weights on the device now (explicit partial load); returns the bytes
     /// resident afterwards.
     pub fn load_to_device(&self, model: &Model, max_bytes: u64) -> Result<u64> {
+        self.check_owns(model)?;
         self.cache.load_to_device(model.weights(), max_bytes)
     }
 
@@ -113,20 +244,16 @@ impl Context {
         self.cache.stats()
     }
 
-    /// Ask the running call on this context to stop at its next step (or block). The flag is cleared when the
-    /// next call starts.
+    /// Stop every call running on this context now, at its next step or block. Calls that start afterwards are not
+    /// affected (use a [`CancelToken`] to cancel a call that may not have started yet).
     pub fn cancel(&self) {
-        self.cancel.store(true, Ordering::SeqCst);
+        self.cancel_epoch.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// The cancel flag, for the loops that poll it.
-    pub fn cancel_flag(&self) -> &AtomicBool {
-        &self.cancel
-    }
-
-    /// Start a call: clear a stale cancel request.
-    pub(crate) fn begin_call(&self) {
-        self.cancel.store(false, Ordering::SeqCst);
+    /// Start a call: refuse on a failed context, and remember the cancel epoch the call starts in.
+    pub fn begin_call<'a>(&'a self, token: Option<&'a CancelToken>) -> Result<CallCancel<'a>> {
+        self.check_usable()?;
+        Ok(CallCancel { epoch: &self.cancel_epoch, started_in: self.cancel_epoch.load(Ordering::SeqCst), token })
     }
 }
 

@@ -5,10 +5,9 @@ mod image;
 mod model;
 mod pipeline;
 mod run;
-mod sample;
 mod tensor;
 
-pub use context::{Context, ContextOptions};
+pub use context::{CancelToken, Context, ContextOptions};
 pub use image::write_pngs;
 pub use model::{Architecture, Model, ModelKind};
 pub use pipeline::{ComponentPaths, Pipeline, PromptOptions};

@@ -8,8 +8,14 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::memory::{ManagedModel, ModelCache};
+use crate::models::clip::{ClipKind, ClipTextConfig, ClipTextEncoder, KeyLayout};
+use crate::models::Family;
+use crate::text::PadToken;
+use crate::weights::single_file::{Component, SingleFile};
+use crate::weights::{BlockRule, TensorSpan, WeightLayout};
 use crate::models::text_encoder::{PromptTokenizer, TextEncoder};
-use crate::models::{AutoencoderKL, UNet2DConditionModel, UNetConfig, VaeConfig};
+use crate::text::ClipTokenizer;
+use crate::models::{AutoencoderKL, ExpectedTensors, UNet2DConditionModel, UNetConfig, VaeConfig};
 use crate::sampling::SchedulerConfig;
 
 /// The architecture of a loaded component.
@@ -33,37 +39,85 @@ pub enum ModelKind {
 
 /// A loaded component. Shared (`Arc`) by the host's handle and any run using it.
 pub struct Model {
+    /// The context it was loaded in: it runs only there (its weights are registered in that context's cache).
+    context_id: u64,
     dir: PathBuf,
     arch: Architecture,
     weights: Arc<ManagedModel>,
+}
+
+impl Architecture {
+    /// The family's block partition of this architecture's checkpoints (the streaming units).
+    fn block_rule(&self) -> BlockRule {
+        match self {
+            Architecture::Unet { .. } => crate::models::unet::block_of,
+            Architecture::Vae(_) => crate::weights::block_key,
+            Architecture::TextEncoder { .. } => crate::models::clip::block_of,
+        }
+    }
+
+    /// Every tensor the architecture reads, with its shape.
+    fn expected_tensors(&self) -> ExpectedTensors {
+        match self {
+            Architecture::Unet { model, .. } => model.expected_tensors(),
+            Architecture::Vae(v) => v.expected_tensors(),
+            Architecture::TextEncoder { model, .. } => model.expected_tensors(),
+        }
+    }
 }
 
 /// Weight files a component folder may hold, in order of preference.
 const WEIGHT_FILES: [&str; 2] = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"];
 
 impl Model {
-    /// Load the component in `dir` (config.json + safetensors) into `cache`. The architecture comes from
-    /// config.json's `_class_name`; weights are memory-mapped and registered with the cache (no device bytes yet).
-    pub fn load(cache: &ModelCache, dir: &Path) -> Result<Self> {
+    /// Load the component in `dir` (config.json + safetensors) into `cache`, the cache of context `context_id`. The
+    /// architecture comes from config.json's `_class_name` (transformers folders: `architectures`); weights are
+    /// memory-mapped and registered with the cache (no device bytes yet), and every tensor the architecture reads is
+    /// checked by name and shape, so a renamed or misshapen tensor fails here rather than at the first run.
+    /// `step(done, LOAD_PHASES)` runs after each phase; an error from it (a cancel) stops the load.
+    pub fn load(
+        cache: &ModelCache,
+        dir: &Path,
+        context_id: u64,
+        step: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let json: Value = serde_json::from_str(&text)
             .map_err(|e| Error::format(format!("{}: {e}", config_path.display())))?;
-        let class = json.get("_class_name").and_then(Value::as_str).unwrap_or("");
+        // diffusers components name their class in `_class_name`; transformers folders (the text encoders, as the
+        // hub ships them) in `architectures`; a config saved alone only says `model_type` (the weights then tell
+        // whether a projection exists).
+        let class = json
+            .get("_class_name")
+            .or_else(|| json.get("architectures").and_then(|a| a.get(0)))
+            .and_then(Value::as_str)
+            .or_else(|| (json.get("model_type").and_then(Value::as_str) == Some("clip_text_model")).then_some("CLIPTextModel"))
+            .unwrap_or("");
         let arch = match class {
             "UNet2DConditionModel" => {
                 let model = UNet2DConditionModel::new(UNetConfig::from_json(&text)?)?;
                 Architecture::Unet { model, scheduler: scheduler_beside(dir)? }
             }
             "AutoencoderKL" => Architecture::Vae(AutoencoderKL::new(VaeConfig::from_json(&text)?)?),
+            "CLIPTextModel" | "CLIPTextModelWithProjection" => Architecture::TextEncoder {
+                model: Box::new(ClipTextEncoder::load_config(dir)?),
+                tokenizer: tokenizer_beside(dir)?,
+            },
             other => {
                 return Err(Error::unsupported(format!(
-                    "{}: _class_name \"{other}\" (supported: UNet2DConditionModel, AutoencoderKL)",
+                    "{}: _class_name \"{other}\" (supported: UNet2DConditionModel, AutoencoderKL, CLIPTextModel, \
+                     CLIPTextModelWithProjection)",
                     config_path.display()
                 )))
             }
         };
-        let file = WEIGHT_FILES.iter().map(|f| dir.join(f)).find(|p| p.exists()).ok_or_else(|| {
+        step(1, LOAD_PHASES)?;
+        let file = match &arch {
+            Architecture::TextEncoder { .. } => Some(ClipTextEncoder::weights_file(dir)?),
+            _ => WEIGHT_FILES.iter().map(|f| dir.join(f)).find(|p| p.exists()),
+        };
+        let file = file.ok_or_else(|| {
             Error::io(
                 dir,
                 std::io::Error::new(
@@ -73,8 +127,71 @@ impl Model {
             )
         })?;
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
-        let weights = cache.load_model(&file, &name)?;
-        Ok(Self { dir: dir.to_path_buf(), arch, weights })
+        let weights = cache.load_model_as(&file, &name, &WeightLayout::whole(arch.block_rule()))?;
+        step(2, LOAD_PHASES)?;
+        check_tensors(&file, &arch.expected_tensors(), &weights)?;
+        step(3, LOAD_PHASES)?;
+        Ok(Self { context_id, dir: dir.to_path_buf(), arch, weights })
+    }
+
+    /// Load one component of a single-file checkpoint (LDM/SGM layout) into `cache`: its tensors are read in place
+    /// under the family's names (no copy of the file is written), its config is the one the file's shapes give
+    /// (see [`SingleFile::config`]), a text encoder takes the CLIP vocabulary compiled into the library.
+    pub fn load_single_file_component(
+        cache: &ModelCache,
+        file: &SingleFile,
+        component: Component,
+        context_id: u64,
+    ) -> Result<Self> {
+        let map = file.component(component)?;
+        let config = file.config(component)?.to_string();
+        let arch = match component {
+            Component::Unet => {
+                let scheduler = SchedulerConfig::from_value(&file.scheduler_config()?)?;
+                Architecture::Unet { model: UNet2DConditionModel::new(UNetConfig::from_json(&config)?)?, scheduler }
+            }
+            Component::Vae => Architecture::Vae(AutoencoderKL::new(VaeConfig::from_json(&config)?)?),
+            Component::TextEncoder | Component::TextEncoder2 => {
+                // SD 1.x and SDXL's first encoder pad with EOS; OpenCLIP (SD 2.x, SDXL's bigG) with "!".
+                let pad = match (file.family(), component) {
+                    (Family::Sd1, _) | (Family::Sdxl, Component::TextEncoder) => PadToken::Eos,
+                    _ => PadToken::Exclamation,
+                };
+                let mut clip = ClipTextConfig::from_json(&config)?;
+                // A config alone may not name the class: the mapped weights say whether there is a projection.
+                if map.get("text_projection.weight").is_some() {
+                    clip.kind = ClipKind::WithProjection;
+                }
+                Architecture::TextEncoder {
+                    model: Box::new(ClipTextEncoder::new(clip, KeyLayout::Prefixed)),
+                    tokenizer: Some(Box::new(ClipTokenizer::embedded(pad)?)),
+                }
+            }
+        };
+        let spans = map
+            .entries
+            .iter()
+            .map(|e| TensorSpan {
+                name: e.internal_name.clone(),
+                dtype: e.dtype,
+                shape: e.shape.clone(),
+                bytes: e.bytes.clone(),
+                transposed: e.transpose,
+            })
+            .collect();
+        let layout = WeightLayout {
+            view: component.name().to_string(),
+            rule: arch.block_rule(),
+            spans: Some(Arc::new(spans)),
+        };
+        let weights = cache.load_model_as(file.path(), component.name(), &layout)?;
+        check_tensors(file.path(), &arch.expected_tensors(), &weights)?;
+        Ok(Self { context_id, dir: file.path().to_path_buf(), arch, weights })
+    }
+
+    /// The identity of the context the model was loaded in.
+    pub fn context_id(&self) -> u64 {
+        self.context_id
     }
 
     /// The component folder.
@@ -116,6 +233,62 @@ impl Model {
             _ => Err(Error::invalid(format!("{} is a {:?}, a VAE is needed", self.dir.display(), self.kind()))),
         }
     }
+}
+
+/// Phases `Model::load` reports: config read, weights mapped, tensors checked.
+pub const LOAD_PHASES: usize = 3;
+
+/// Old diffusers checkpoints name the VAE attention projections `query`/`key`/`value`/`proj_attn`.
+const LEGACY_ATTENTION: [(&str, &str); 4] =
+    [(".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."), (".to_out.0.", ".proj_attn.")];
+
+/// FORMAT naming the first missing or misshapen tensor (and how many there are) unless the file holds every tensor
+/// the architecture reads with its shape.
+fn check_tensors(file: &Path, expected: &ExpectedTensors, weights: &ManagedModel) -> Result<()> {
+    let have: std::collections::HashMap<&str, &[usize]> =
+        weights.store().tensors().iter().map(|t| (t.name.as_str(), t.shape.as_slice())).collect();
+    let lookup = |name: &str| -> Option<&[usize]> {
+        have.get(name).copied().or_else(|| {
+            LEGACY_ATTENTION
+                .iter()
+                .find(|(new, _)| name.contains(new))
+                .and_then(|(new, old)| have.get(name.replacen(new, old, 1).as_str()).copied())
+        })
+    };
+    let mut problems = Vec::new();
+    for (name, shape) in &expected.0 {
+        match lookup(name) {
+            None => problems.push(format!("tensor {name} {shape:?} is missing")),
+            Some(s) if s == shape.as_slice() => {}
+            Some(s) => problems.push(format!("tensor {name} has shape {s:?}, the config needs {shape:?}")),
+        }
+    }
+    match problems.first() {
+        None => Ok(()),
+        Some(first) => Err(Error::format(format!(
+            "{}: {first}{}",
+            file.display(),
+            if problems.len() > 1 { format!(" (and {} more problems)", problems.len() - 1) } else { String::new() }
+        ))),
+    }
+}
+
+/// The tokenizer folder beside a text encoder (`text_encoder` → `../tokenizer`, `text_encoder_2` →
+/// `../tokenizer_2`; any other name `N` → `../tokenizer` then `N/tokenizer`), if there is one. A folder without one
+/// still loads (host-given ids work); encoding a prompt then names what is missing.
+fn tokenizer_beside(encoder_dir: &Path) -> Result<Option<Box<dyn PromptTokenizer>>> {
+    let name = encoder_dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let suffix = name.strip_prefix("text_encoder").filter(|s| s.is_empty() || s.starts_with('_')).unwrap_or("");
+    let candidates = [
+        encoder_dir.parent().map(|p| p.join(format!("tokenizer{suffix}"))),
+        Some(encoder_dir.join("tokenizer")),
+    ];
+    for dir in candidates.into_iter().flatten() {
+        if dir.is_dir() {
+            return Ok(Some(Box::new(ClipTokenizer::from_dir(&dir)?)));
+        }
+    }
+    Ok(None)
 }
 
 /// `../scheduler/scheduler_config.json` of a pipeline's `unet/` folder, else SD 1.5's configuration.

@@ -4,18 +4,18 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use crate::api::run::Cancellable;
-use crate::api::{Context, DenoiseOptions, Model, RunReport, Tiling};
+use crate::api::run::{Cancellable, Meter};
+use crate::api::{CancelToken, Context, DenoiseOptions, Model, RunReport, Tiling};
 use crate::error::{Error, Result};
 use crate::models::conditioning::{COND_EMBEDDINGS, COND_POOLED, TIME_IDS, UNCOND_EMBEDDINGS, UNCOND_POOLED};
 use crate::models::text_encoder::{HiddenLayer, TextEncoding};
 use crate::models::{Conditioning, Family};
 use crate::ops::OpTarget;
+use crate::weights::single_file::{Component, SingleFile};
 use crate::weights::WeightSource;
 
 /// Component paths that override (or complete) what a pipeline folder holds: each a diffusers component folder.
@@ -50,7 +50,8 @@ pub struct Pipeline {
     vae: Arc<Model>,
     /// In the family's order (`text_encoder`, `text_encoder_2`); `None` where the pipeline has none.
     text_encoders: Vec<Option<Arc<Model>>>,
-    /// SDXL: an empty negative prompt is zeros, not the encoding of "" (`force_zeros_for_empty_prompt`).
+    /// SDXL: no negative prompt is zeros, not the encoding of "" (`force_zeros_for_empty_prompt`; a given "" is
+    /// encoded, as diffusers does).
     zeros_for_empty_negative: bool,
 }
 
@@ -59,11 +60,11 @@ impl Pipeline {
     /// from `model_index.json` (or the UNet's config); text encoders are optional (without them only host-given
     /// conditioning works, and [`Self::encode_prompt`] says which flag to pass).
     pub fn load(ctx: &Context, path: &Path, components: &ComponentPaths) -> Result<Self> {
+        if path.is_file() {
+            return Self::load_single_file(ctx, path, components);
+        }
         if !path.is_dir() {
-            return Err(Error::unsupported(format!(
-                "{}: a pipeline is a diffusers folder (model_index.json, unet/, vae/, ...)",
-                path.display()
-            )));
+            return Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)));
         }
         let family = Family::of_pipeline_dir(path)?;
         let denoiser = ctx.load_model(&path.join("unet"))?;
@@ -75,7 +76,7 @@ impl Pipeline {
         vae.as_vae()?;
         let overrides = [&components.text_encoder, &components.text_encoder_2];
         let mut text_encoders = Vec::new();
-        for (i, (name, _)) in family.text_encoders().iter().enumerate() {
+        for (i, name) in family.text_encoders().iter().enumerate() {
             let dir = overrides[i].clone().or_else(|| Some(path.join(name)).filter(|d| d.join("config.json").exists()));
             let model = match dir {
                 Some(dir) => {
@@ -99,6 +100,47 @@ impl Pipeline {
     /// Whether at least one of the family's text encoders is loaded.
     pub fn has_text_encoders(&self) -> bool {
         self.text_encoders.iter().any(Option::is_some)
+    }
+
+    /// Load a single-file checkpoint (SD 1.x/2.x/SDXL `.safetensors` in the LDM/SGM layout): the family and the
+    /// components come from its keys, each component is read in place under diffusers' names. Components the file
+    /// lacks come from `components` (diffusers component folders); one that is neither is an error naming the flag
+    /// ("no VAE in this file: pass --vae").
+    ///
+    /// Configs come from the file's shapes (the standard SD 1.5 / 2.1 / SDXL configs when they match), refined by
+    /// an LDM `NAME.yaml` beside the file; a diffusers config folder `NAME/` beside `NAME.safetensors` (diffusers'
+    /// `config=`) gives them exactly.
+    fn load_single_file(ctx: &Context, path: &Path, components: &ComponentPaths) -> Result<Self> {
+        let config_dir = path.with_extension("");
+        let file = SingleFile::open_with_config(path, Some(config_dir.as_path()).filter(|d| d.is_dir()))?;
+        let family = file.family();
+        let load = |c: Component, over: &Option<PathBuf>| -> Result<Option<Arc<Model>>> {
+            match over {
+                Some(dir) => ctx.load_model(dir).map(Some),
+                None if file.components().contains(&c) => ctx.load_single_file_component(&file, c).map(Some),
+                None => Ok(None),
+            }
+        };
+        let denoiser = load(Component::Unet, &None)?.ok_or_else(|| {
+            Error::invalid(format!("{}: no UNet in this file (a VAE or text encoder alone?)", path.display()))
+        })?;
+        let vae = match load(Component::Vae, &components.vae)? {
+            Some(v) => v,
+            None => return Err(Error::invalid(format!("{}: no VAE in this file: pass --vae", path.display()))),
+        };
+        vae.as_vae()?;
+        let mut text_encoders = Vec::new();
+        for (i, c) in [Component::TextEncoder, Component::TextEncoder2].into_iter().enumerate() {
+            if i < family.text_encoders().len() {
+                let over = if i == 0 { &components.text_encoder } else { &components.text_encoder_2 };
+                let m = load(c, over)?;
+                if let Some(m) = &m {
+                    m.as_text_encoder()?;
+                }
+                text_encoders.push(m);
+            }
+        }
+        Ok(Self { family, denoiser, vae, text_encoders, zeros_for_empty_negative: family == Family::Sdxl })
     }
 
     /// The family.
@@ -130,7 +172,7 @@ impl Pipeline {
             return Err(Error::invalid("batch must be at least 1"));
         }
         let mut cond = Conditioning::new();
-        let negative_is_zeros = self.zeros_for_empty_negative && negative.is_none_or(str::is_empty);
+        let negative_is_zeros = self.zeros_for_empty_negative && negative.is_none();
         match self.family {
             Family::Sd1 | Family::Sd2 => {
                 let layer = if options.clip_skip == 0 { HiddenLayer::Last } else { HiddenLayer::SkipNormed(options.clip_skip) };
@@ -190,12 +232,12 @@ impl Pipeline {
     }
 
     fn encoder(&self, i: usize) -> Result<&Model> {
-        let (name, _) = self.family.text_encoders()[i];
+        let name = self.family.text_encoders()[i];
         let flag = name.replace('_', "-");
         self.text_encoders.get(i).and_then(|m| m.as_deref()).ok_or_else(|| {
             Error::invalid(format!(
                 "this {} pipeline has no {name}: pass --{flag} (or give sampling.cond_embeddings)",
-                self.family.name()
+                self.family
             ))
         })
     }
@@ -210,25 +252,41 @@ impl Context {
             Error::invalid(format!("{}: no tokenizer beside this text encoder", encoder.dir().display()))
         })?;
         let ids = tokenizer.tokenize(prompt)?;
-        self.encode_ids(encoder, &ids, layer).map(|(enc, _)| enc)
+        self.encode_ids(encoder, &ids, layer, None, &mut RunReport::default())
     }
 
-    /// Encode token ids `[1, S]` with a text encoder under the cache's lock, with a report.
-    pub fn encode_ids(&self, encoder: &Model, ids: &[u32], layer: HiddenLayer) -> Result<(TextEncoding, RunReport)> {
-        let start = Instant::now();
-        let (model, _) = encoder.as_text_encoder()?;
-        let target = OpTarget::new(self.cache().device(), self.cache().compute_dtype());
-        let estimate = model.working_bytes(1, ids.len(), target);
-        self.cache().allocator().reset_peak();
-        let refused_before = self.cache().allocator().refused();
-        let lock = self.cache().lock(encoder.weights(), estimate)?;
-        let source = Cancellable { inner: &lock, cancel: self.cancel_flag() };
-        let ids = Tensor::from_slice(ids, (1, ids.len()), source.device())?;
-        let enc = model.encode(&source, &ids, layer)?;
-        let to_host = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
-        let enc = TextEncoding { hidden: to_host(&enc.hidden)?, pooled: enc.pooled.as_ref().map(to_host).transpose()? };
-        let report = self.report(&lock, start, Vec::new(), estimate, refused_before, None);
-        Ok((enc, report))
+    /// Encode token ids `[1, S]` with a text encoder under the cache's lock, with a report (filled on failure too).
+    pub fn encode_ids(
+        &self,
+        encoder: &Model,
+        ids: &[u32],
+        layer: HiddenLayer,
+        token: Option<&CancelToken>,
+        report: &mut RunReport,
+    ) -> Result<TextEncoding> {
+        let call = self.begin_call(token)?;
+        let mut meter = Meter::new(self);
+        let result = (|| {
+            self.check_owns(encoder)?;
+            let (model, _) = encoder.as_text_encoder()?;
+            if ids.is_empty() {
+                return Err(Error::invalid("no token ids to encode"));
+            }
+            let target = OpTarget::new(self.cache().device(), self.cache().compute_dtype());
+            meter.estimate = model.working_bytes(1, ids.len(), target);
+            call.check()?;
+            let lock = self.cache().lock_cancellable(encoder.weights(), meter.estimate, Some(&|| call.is_cancelled()))?;
+            meter.took(&lock);
+            let source = Cancellable { inner: &lock, cancel: &call, on_block: None };
+            let ids = Tensor::from_slice(ids, (1, ids.len()), source.device())?;
+            let enc = model.encode(&source, &ids, layer);
+            meter.took(&lock);
+            let enc = enc?;
+            let to_host = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+            Ok(TextEncoding { hidden: to_host(&enc.hidden)?, pooled: enc.pooled.as_ref().map(to_host).transpose()? })
+        })();
+        *report = meter.report(self, encoder);
+        result
     }
 }
 

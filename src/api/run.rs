@@ -1,16 +1,19 @@
 //! The two operations a host runs: the denoise loop on a UNet and the VAE decode, each under a model lock with its
 //! working memory, each returning a report of time and memory.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
+use crate::api::context::{CallCancel, CancelToken};
 use crate::api::{Context, Model};
-use crate::ops::OpTarget;
 use crate::error::{Error, Result};
 use crate::memory::ModelLock;
+use crate::models::conditioning::{COND_EMBEDDINGS, UNCOND_EMBEDDINGS};
+use crate::models::Conditioning;
+use crate::ops::OpTarget;
 use crate::sampling::{self, DenoiseParams, SchedulerKind};
 use crate::weights::{BlockWeights, WeightSource};
 
@@ -56,7 +59,14 @@ pub struct DenoiseOptions {
 
 impl Default for DenoiseOptions {
     fn default() -> Self {
-        Self { scheduler: SchedulerKind::Euler, karras: false, steps: 20, guidance: 7.5, seed: 0, latent_size: (64, 64) }
+        Self {
+            scheduler: SchedulerKind::Euler,
+            karras: false,
+            steps: 20,
+            guidance: 7.5,
+            seed: 0,
+            latent_size: (64, 64),
+        }
     }
 }
 
@@ -77,16 +87,28 @@ pub(crate) fn dims<const N: usize>(t: &Tensor, name: &str, layout: &str) -> Resu
         .map_err(|_| Error::invalid(format!("{name} has shape {:?}, expected {layout}", t.dims())))
 }
 
-/// A weight source that stops a run at the next block boundary when the context is cancelled.
-pub(crate) struct Cancellable<'a> {
+/// A weight source that stops a run at the next block boundary when its call is cancelled, and counts the blocks
+/// it hands out (the decode's progress).
+pub(crate) struct Cancellable<'a, 'b> {
     pub(crate) inner: &'a ModelLock,
-    pub(crate) cancel: &'a AtomicBool,
+    pub(crate) cancel: &'a CallCancel<'b>,
+    pub(crate) on_block: Option<&'a OnBlock<'b>>,
 }
 
-impl WeightSource for Cancellable<'_> {
+/// The decode's per-block callback. Forwards call `fetch` on the thread that made the call, never elsewhere, so
+/// the host's callback (which need not be thread-safe) runs only there.
+pub(crate) struct OnBlock<'b>(std::cell::RefCell<&'b mut dyn FnMut() -> bool>);
+
+// SAFETY: reached only through `Cancellable::fetch`, which only the calling thread's forward calls (see above).
+unsafe impl Sync for OnBlock<'_> {}
+
+impl WeightSource for Cancellable<'_, '_> {
     fn fetch(&self, block: &str) -> Result<BlockWeights> {
-        if self.cancel.load(Ordering::Relaxed) {
-            return Err(Error::Cancelled);
+        self.cancel.check()?;
+        if let Some(f) = self.on_block {
+            if !(f.0.borrow_mut())() {
+                return Err(Error::Cancelled);
+            }
         }
         self.inner.fetch(block)
     }
@@ -96,6 +118,88 @@ impl WeightSource for Cancellable<'_> {
     fn dtype(&self) -> DType {
         self.inner.dtype()
     }
+}
+
+/// Largest |guidance| accepted: beyond it every latent overflows to infinity or NaN.
+pub const MAX_GUIDANCE: f64 = 1000.0;
+
+/// `a × b × …` as bytes of f32, or INVALID_ARGUMENT when the product overflows.
+fn f32_bytes(what: &str, dims: &[usize]) -> Result<u64> {
+    dims.iter()
+        .try_fold(4u64, |acc, &d| acc.checked_mul(d as u64))
+        .ok_or_else(|| Error::invalid(format!("{what} {dims:?} has more elements than memory can address")))
+}
+
+/// OUT_OF_HOST_MEMORY, with the numbers, when `bytes` of host buffers cannot fit the RAM available now: checked
+/// before allocating, because an allocation that fails aborts the process.
+fn check_host_bytes(what: &str, bytes: u64) -> Result<()> {
+    let ram = crate::system::ram_stats();
+    if ram.free_bytes > 0 && bytes > ram.free_bytes {
+        return Err(Error::OutOfHostMemory(format!("{what} needs {bytes} bytes of RAM, {} available", ram.free_bytes)));
+    }
+    Ok(())
+}
+
+/// Measurements taken while a call runs, turned into its report on success and on failure alike.
+pub(crate) struct Meter {
+    start: Instant,
+    refused_before: u64,
+    pub(crate) estimate: u64,
+    working: u64,
+    streamed: u64,
+    tile_latent: Option<usize>,
+    step_ms: Vec<f64>,
+}
+
+impl Meter {
+    pub(crate) fn new(ctx: &Context) -> Self {
+        let refused_before = ctx.cache().allocator().refused();
+        ctx.cache().allocator().reset_peak();
+        Self {
+            start: Instant::now(),
+            refused_before,
+            estimate: 0,
+            working: 0,
+            streamed: 0,
+            tile_latent: None,
+            step_ms: Vec::new(),
+        }
+    }
+
+    pub(crate) fn took(&mut self, lock: &ModelLock) {
+        self.working = lock.working_bytes();
+        self.streamed = lock.bytes_streamed();
+    }
+
+    pub(crate) fn report(self, ctx: &Context, model: &Model) -> RunReport {
+        let alloc = ctx.cache().allocator();
+        let w = model.weights();
+        RunReport {
+            total_ms: self.start.elapsed().as_secs_f64() * 1e3,
+            step_ms: self.step_ms,
+            peak_device_bytes: alloc.peak(),
+            bytes_streamed: self.streamed,
+            resident_bytes: w.resident_bytes(),
+            model_bytes: w.total_bytes(),
+            working_bytes: self.working,
+            estimated_working_bytes: self.estimate,
+            refused_allocations: alloc.refused().saturating_sub(self.refused_before),
+            tile_latent: self.tile_latent,
+        }
+    }
+}
+
+/// INVALID_ARGUMENT when the result holds NaN or infinity (guidance or inputs far outside the model's range).
+fn check_finite(t: &Tensor, what: &str) -> Result<()> {
+    let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let bad = v.iter().filter(|x| !x.is_finite()).count();
+    if bad > 0 {
+        return Err(Error::invalid(format!(
+            "{what}: {bad} of {} values are not finite (inputs or guidance outside the model's range)",
+            v.len()
+        )));
+    }
+    Ok(())
 }
 
 impl Context {
@@ -113,68 +217,145 @@ impl Context {
         step_noise: Option<&Tensor>,
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<(Tensor, RunReport)> {
-        self.begin_call();
-        let start = Instant::now();
-        let (model, scheduler_config) = unet.as_unet()?;
-        let config = model.config();
-        let [batch, seq, dim] = dims::<3>(cond, "cond embeddings", "[B, S, D]")?;
-        if dim != config.cross_attention_dim {
+        let mut report = RunReport::default();
+        let latents =
+            self.denoise_with(unet, options, cond, uncond, init_noise, step_noise, progress, None, &mut report)?;
+        Ok((latents, report))
+    }
+
+    /// [`Context::denoise`] with a cancel token, filling `report` on success and on failure (a BUDGET_TOO_SMALL or
+    /// CANCELLED run reports what it measured up to then). Every size is checked before anything is allocated.
+    #[allow(clippy::too_many_arguments)]
+    pub fn denoise_with(
+        &self,
+        unet: &Model,
+        options: &DenoiseOptions,
+        cond: &Tensor,
+        uncond: Option<&Tensor>,
+        init_noise: Option<&Tensor>,
+        step_noise: Option<&Tensor>,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+        token: Option<&CancelToken>,
+        report: &mut RunReport,
+    ) -> Result<Tensor> {
+        // The SD 1.x/2.x entry point names its tensors and takes the one path every family takes.
+        let mut conditioning = Conditioning::new();
+        conditioning.insert(COND_EMBEDDINGS, cond.clone());
+        if let Some(u) = uncond {
+            conditioning.insert(UNCOND_EMBEDDINGS, u.clone());
+        }
+        self.denoise_conditioned_with(unet, options, &conditioning, init_noise, step_noise, progress, token, report)
+    }
+
+    /// Run the sampler on any denoising model with named conditioning `cond` (checked against the model's
+    /// [`Denoiser::conditioning`]: a missing or misshapen tensor is INVALID_ARGUMENT naming it); `init_noise`
+    /// `[B, C, h, w]` standard normal (seeded from `options` when `None`), `step_noise` `[steps, B, C, h, w]` for
+    /// Euler ancestral. Returns the final latents (f32, before the VAE scaling) and a report.
+    ///
+    /// [`Denoiser::conditioning`]: crate::models::Denoiser::conditioning
+    pub fn denoise_conditioned(
+        &self,
+        model: &Model,
+        options: &DenoiseOptions,
+        cond: &Conditioning,
+        init_noise: Option<&Tensor>,
+        step_noise: Option<&Tensor>,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<(Tensor, RunReport)> {
+        let mut report = RunReport::default();
+        let latents =
+            self.denoise_conditioned_with(model, options, cond, init_noise, step_noise, progress, None, &mut report)?;
+        Ok((latents, report))
+    }
+
+    /// [`Context::denoise_conditioned`] with a cancel token, filling `report` on success and on failure.
+    #[allow(clippy::too_many_arguments)]
+    pub fn denoise_conditioned_with(
+        &self,
+        model: &Model,
+        options: &DenoiseOptions,
+        cond: &Conditioning,
+        init_noise: Option<&Tensor>,
+        step_noise: Option<&Tensor>,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+        token: Option<&CancelToken>,
+        report: &mut RunReport,
+    ) -> Result<Tensor> {
+        let call = self.begin_call(token)?;
+        let mut meter = Meter::new(self);
+        let result = self.denoise_inner(model, options, cond, init_noise, step_noise, progress, &call, &mut meter);
+        *report = meter.report(self, model);
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn denoise_inner(
+        &self,
+        model: &Model,
+        options: &DenoiseOptions,
+        cond: &Conditioning,
+        init_noise: Option<&Tensor>,
+        step_noise: Option<&Tensor>,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+        call: &CallCancel,
+        meter: &mut Meter,
+    ) -> Result<Tensor> {
+        self.check_owns(model)?;
+        let (denoiser, scheduler_config) = model.as_denoiser()?;
+        let batch = cond.check(&denoiser.conditioning(), denoiser.name())?;
+        let channels = denoiser.latent_channels();
+        // Bounds first: nothing below may allocate a buffer sized by an unchecked number.
+        if !options.guidance.is_finite() || options.guidance.abs() > MAX_GUIDANCE {
             return Err(Error::invalid(format!(
-                "cond embeddings are [{batch}, {seq}, {dim}], the UNet expects [B, S, {}]",
-                config.cross_attention_dim
+                "guidance = {} is out of range (accepted: |guidance| ≤ {MAX_GUIDANCE})",
+                options.guidance
             )));
         }
-        if let Some(u) = uncond {
-            if u.dims() != cond.dims() {
-                return Err(Error::invalid(format!(
-                    "uncond embeddings have shape {:?}, cond has {:?}",
-                    u.dims(),
-                    cond.dims()
-                )));
-            }
+        let train_steps = scheduler_config.resolve(options.scheduler)?.num_train_timesteps;
+        if options.steps == 0 || options.steps > train_steps {
+            return Err(Error::invalid(format!(
+                "steps = {} is out of range (accepted: 1..={train_steps}, the model's num_train_timesteps)",
+                options.steps
+            )));
         }
-        let noise = match init_noise {
+        let (h, w) = match init_noise {
             Some(n) => {
-                let [nb, nc, _, _] = dims::<4>(n, "init noise", "[B, C, h, w]")?;
-                if nb != batch || nc != config.in_channels {
+                let [nb, nc, h, w] = dims::<4>(n, "init noise", "[B, C, h, w]")?;
+                if nb != batch || nc != channels {
                     return Err(Error::invalid(format!(
-                        "init noise has shape {:?}, expected [{batch}, {}, h, w]",
-                        n.dims(),
-                        config.in_channels
+                        "init noise has shape {:?}, expected [{batch}, {channels}, h, w]",
+                        n.dims()
                     )));
                 }
-                n.to_dtype(DType::F32)?
+                (h, w)
             }
-            None => {
-                let (h, w) = options.latent_size;
-                if h == 0 || w == 0 {
-                    return Err(Error::invalid("latent size must be positive"));
-                }
-                sampling::noise::initial_noise(options.seed, &[batch, config.in_channels, h, w], &Device::Cpu)?
-            }
+            None => options.latent_size,
         };
-        let (_, _, h, w) = noise.dims4()?;
+        if h == 0 || w == 0 {
+            return Err(Error::invalid("latent size must be positive"));
+        }
         let guided = options.guidance > 1.0;
-        let unet_batch = if guided { 2 * batch } else { batch };
-
+        let model_batch = if guided { 2 * batch } else { batch };
+        let latent_bytes = f32_bytes("the latents", &[model_batch, channels, h, w])?;
+        // The estimates multiply the widest activation by small factors: refuse what cannot be addressed first.
+        f32_bytes("the model's activations", &[model_batch, denoiser.widest_channels(), h, w, 64])?;
         let target = OpTarget::new(self.cache().device(), self.cache().compute_dtype());
-        let estimate = model.working_bytes(unet_batch, h, w, seq, target);
-        self.cache().allocator().reset_peak();
-        let refused_before = self.cache().allocator().refused();
-        let lock = self.cache().lock(unet.weights(), estimate)?;
-        let source = Cancellable { inner: &lock, cancel: self.cancel_flag() };
+        meter.estimate = denoiser.working_bytes(model_batch, h, w, cond, target);
+        // Host buffers: noise, latents, the model input and output, each ≤ latent_bytes; on the CPU device the
+        // working memory is host RAM too.
+        let on_host = if self.cache().allocator().capacity().is_none() { meter.estimate } else { 0 };
+        check_host_bytes("the denoise", latent_bytes.saturating_mul(4).saturating_add(on_host))?;
+        call.check()?;
 
-        let device = lock.device().clone();
-        let cond_dev = cond.to_device(&device)?.to_dtype(target.dtype)?;
-        let context = if guided {
-            let u = match uncond {
-                Some(u) => u.to_device(&device)?.to_dtype(target.dtype)?,
-                None => cond_dev.zeros_like()?,
-            };
-            Tensor::cat(&[&u, &cond_dev], 0)?
-        } else {
-            cond_dev
+        let lock = self.cache().lock_cancellable(model.weights(), meter.estimate, Some(&|| call.is_cancelled()))?;
+        meter.took(&lock);
+        let noise = match init_noise {
+            Some(n) => n.to_dtype(DType::F32)?,
+            None => sampling::noise::initial_noise(options.seed, &[batch, channels, h, w], &Device::Cpu)?,
         };
+        let source = Cancellable { inner: &lock, cancel: call, on_block: None };
+        let device = lock.device().clone();
+        let batched = cond.batched(guided, &device, target.dtype)?;
         let params = DenoiseParams {
             kind: options.scheduler,
             karras: options.karras,
@@ -183,55 +364,122 @@ impl Context {
             seed: options.seed,
             scheduler_config: scheduler_config.clone(),
         };
-        let mut step_ms = Vec::with_capacity(options.steps);
+        let mut step_ms = Vec::new();
+        step_ms.try_reserve_exact(options.steps).map_err(|e| Error::OutOfHostMemory(format!("step timings: {e}")))?;
         let mut last = Instant::now();
         let mut model_fn = |x: &Tensor, t: f64| -> Result<Tensor> {
-            let out = model.forward(&source, &x.to_device(&device)?, t, &context)?;
+            call.check()?;
+            let out = denoiser.forward(&source, &x.to_device(&device)?, t, &batched)?;
             out.to_device(&Device::Cpu)?.to_dtype(DType::F32).map_err(Error::from)
         };
         let mut on_step = |i: usize, total: usize| {
             step_ms.push(last.elapsed().as_secs_f64() * 1e3);
             last = Instant::now();
-            progress(i, total)
+            !call.is_cancelled() && progress(i, total)
         };
-        let latents = sampling::denoise(&mut model_fn, &params, &noise, step_noise, &mut on_step, self.cancel_flag())?;
-        let report = self.report(&lock, start, step_ms, estimate, refused_before, None);
-        Ok((latents, report))
+        // Cancellation is polled through the model function and the step callback (per call, not per context).
+        let never = AtomicBool::new(false);
+        let result = sampling::denoise(&mut model_fn, &params, &noise, step_noise, &mut on_step, &never);
+        meter.took(&lock);
+        meter.step_ms = step_ms;
+        let latents = result?;
+        check_finite(&latents, "denoise result")?;
+        Ok(latents)
     }
 
     /// Decode latents as `denoise` returns them (`[B, 4, h, w]`, before dividing by the VAE's scaling factor) into
     /// the raw decoder output `[B, 3, 8h, 8w]` (≈ [-1, 1], unclamped, f32). With [`Tiling::Auto`] it tiles when
     /// the untiled working memory cannot fit, and retries tiled after a device OOM.
     pub fn vae_decode(&self, vae: &Model, latents: &Tensor, tiling: Tiling) -> Result<(Tensor, RunReport)> {
-        self.begin_call();
-        let start = Instant::now();
+        let mut report = RunReport::default();
+        let image = self.vae_decode_with(vae, latents, tiling, &mut |_, _| true, None, &mut report)?;
+        Ok((image, report))
+    }
+
+    /// [`Context::vae_decode`] with `progress(blocks done, blocks)` as each decoder block starts (returning false
+    /// cancels) and a cancel token, both checked at every block; `report` is filled on success and on failure.
+    pub fn vae_decode_with(
+        &self,
+        vae: &Model,
+        latents: &Tensor,
+        tiling: Tiling,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+        token: Option<&CancelToken>,
+        report: &mut RunReport,
+    ) -> Result<Tensor> {
+        let call = self.begin_call(token)?;
+        let mut meter = Meter::new(self);
+        let result = self.decode_inner(vae, latents, tiling, progress, &call, &mut meter);
+        *report = meter.report(self, vae);
+        result
+    }
+
+    fn decode_inner(
+        &self,
+        vae: &Model,
+        latents: &Tensor,
+        tiling: Tiling,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+        call: &CallCancel,
+        meter: &mut Meter,
+    ) -> Result<Tensor> {
+        self.check_owns(vae)?;
         let model = vae.as_vae()?;
         let config = model.config();
-        let [_, c, _, _] = dims::<4>(latents, "latents", "[B, C, h, w]")?;
+        let [b, c, h, w] = dims::<4>(latents, "latents", "[B, C, h, w]")?;
         if c != config.latent_channels {
             return Err(Error::invalid(format!(
                 "latents have {c} channels, the VAE expects {}",
                 config.latent_channels
             )));
         }
+        if let Tiling::Tiles { tile_latent: 0 } = tiling {
+            return Err(Error::invalid("tile edge must be positive"));
+        }
+        let f = config.downscale();
+        let widest = config.block_out_channels.iter().max().copied().unwrap_or(1);
+        // The estimates multiply the widest activation by small factors: refuse what cannot be addressed first.
+        f32_bytes("the decoder's activations", &[b, widest, h, f, w, f, 64])?;
+        let target = OpTarget::new(self.cache().device(), self.cache().compute_dtype());
+        let on_host = if self.cache().allocator().capacity().is_none() {
+            model.decode_working_bytes(latents.dims(), target)
+        } else {
+            0
+        };
+        // The output image and the host copy of the latents; untiled on the CPU device, the working memory too.
+        let host_needed = f32_bytes("the decoded image", &[b, config.out_channels, h, f, w, f])?.saturating_mul(2);
+        check_host_bytes("the decode", host_needed.saturating_add(if tiling == Tiling::Never { on_host } else { 0 }))?;
+        call.check()?;
+
         let mut z = (latents.to_dtype(DType::F32)? / config.scaling_factor)?;
         if let Some(shift) = config.shift_factor {
             z = (z + shift)?;
         }
-        let target = OpTarget::new(self.cache().device(), self.cache().compute_dtype());
-        let refused_before = self.cache().allocator().refused();
-        self.cache().allocator().reset_peak();
+        // Progress counts the decoder's blocks as they are fetched (each once per pass, tiled or not).
+        let total = vae
+            .weights()
+            .blocks()
+            .iter()
+            .filter(|b| b.key.starts_with("decoder.") || b.key == "post_quant_conv")
+            .count();
+        let mut done = 0usize;
+        let mut on_block_fn = || {
+            done += 1;
+            progress(done.min(total), total)
+        };
+        let on_block = OnBlock(std::cell::RefCell::new(&mut on_block_fn));
 
         if matches!(tiling, Tiling::Auto | Tiling::Never) {
             let estimate = model.decode_working_bytes(z.dims(), target);
-            match self.cache().lock(vae.weights(), estimate) {
+            meter.estimate = estimate;
+            match self.cache().lock_cancellable(vae.weights(), estimate, Some(&|| call.is_cancelled())) {
                 Ok(lock) => {
-                    let source = Cancellable { inner: &lock, cancel: self.cancel_flag() };
-                    match model.decode(&source, &z.to_device(lock.device())?) {
-                        Ok(image) => {
-                            let image = image.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-                            return Ok((image, self.report(&lock, start, Vec::new(), estimate, refused_before, None)));
-                        }
+                    meter.took(&lock);
+                    let source = Cancellable { inner: &lock, cancel: call, on_block: Some(&on_block) };
+                    let result = model.decode(&source, &z.to_device(lock.device())?);
+                    meter.took(&lock);
+                    match result {
+                        Ok(image) => return Ok(image.to_device(&Device::Cpu)?.to_dtype(DType::F32)?),
                         Err(Error::OutOfDeviceMemory { .. }) if tiling == Tiling::Auto => {
                             self.logger().warn("VAE decode ran out of device memory; retrying in tiles");
                         }
@@ -251,11 +499,10 @@ impl Context {
         };
         let mut last_err = None;
         for tile in candidates {
-            if tile == 0 {
-                return Err(Error::invalid("tile edge must be positive"));
-            }
             let estimate = model.decode_tiled_working_bytes(z.dims(), tile, target);
-            let lock = match self.cache().lock(vae.weights(), estimate) {
+            meter.estimate = estimate;
+            meter.tile_latent = Some(tile);
+            let lock = match self.cache().lock_cancellable(vae.weights(), estimate, Some(&|| call.is_cancelled())) {
                 Ok(lock) => lock,
                 Err(e @ Error::BudgetTooSmall { .. }) => {
                     last_err = Some(e);
@@ -263,42 +510,16 @@ impl Context {
                 }
                 Err(e) => return Err(e),
             };
-            let source = Cancellable { inner: &lock, cancel: self.cancel_flag() };
-            match model.decode_tiled(&source, &z, tile) {
-                Ok(image) => {
-                    let image = image.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-                    let report = self.report(&lock, start, Vec::new(), estimate, refused_before, Some(tile));
-                    return Ok((image, report));
-                }
+            meter.took(&lock);
+            let source = Cancellable { inner: &lock, cancel: call, on_block: Some(&on_block) };
+            let result = model.decode_tiled(&source, &z, tile);
+            meter.took(&lock);
+            match result {
+                Ok(image) => return Ok(image.to_device(&Device::Cpu)?.to_dtype(DType::F32)?),
                 Err(e @ Error::OutOfDeviceMemory { .. }) => last_err = Some(e),
                 Err(e) => return Err(e),
             }
         }
         Err(last_err.unwrap_or_else(|| Error::invalid("no tile size fits")))
-    }
-
-    pub(crate) fn report(
-        &self,
-        lock: &ModelLock,
-        start: Instant,
-        step_ms: Vec<f64>,
-        estimate: u64,
-        refused_before: u64,
-        tile_latent: Option<usize>,
-    ) -> RunReport {
-        let alloc = self.cache().allocator();
-        let model = lock.model();
-        RunReport {
-            total_ms: start.elapsed().as_secs_f64() * 1e3,
-            step_ms,
-            peak_device_bytes: alloc.peak(),
-            bytes_streamed: lock.bytes_streamed(),
-            resident_bytes: model.resident_bytes(),
-            model_bytes: model.total_bytes(),
-            working_bytes: lock.working_bytes(),
-            estimated_working_bytes: estimate,
-            refused_allocations: alloc.refused() - refused_before,
-            tile_latent,
-        }
     }
 }

@@ -64,6 +64,9 @@ pub struct DeviceUsage {
     pub external_bytes: u64,
     /// Bytes released by the cache but still held by a running block (freed at its block boundary).
     pub retiring_bytes: u64,
+    /// Allocations freed on a thread other than the ones computing with them while they ran: on CUDA such a free
+    /// is not ordered after the kernels still queued on the compute stream (a use-after-free). Always 0.
+    pub off_thread_frees: u64,
 }
 
 #[derive(Default)]
@@ -73,6 +76,56 @@ struct State {
     refused: u64,
     by_kind: [u64; KINDS],
     retiring: u64,
+    off_thread_frees: u64,
+    faults: FaultInjection,
+    /// Allocation attempts since the faults were set, the generator's state, and the refusals injected.
+    attempts: u64,
+    rng: u64,
+    injected: u64,
+}
+
+/// Allocations to refuse on purpose, as if the device were out of memory: every allocation point (weights,
+/// streamed blocks, working memory, reservations; emulated and CUDA alike, since all go through
+/// [`DeviceAllocator::allocate`]) must then either recover or fail cleanly with its accounting intact.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum FaultInjection {
+    /// No injected failures.
+    #[default]
+    Off,
+    /// Refuse the Nth allocation attempt after this is set (1-based), once.
+    Nth(u64),
+    /// Refuse each attempt with this probability, drawn from a generator seeded with `seed` (reproducible).
+    Rate { probability: f64, seed: u64 },
+}
+
+/// The threads computing with a set of allocations now (a locked model's compute threads): freeing one of them on
+/// any other thread while the set is not empty breaks stream order, and is counted in
+/// [`DeviceUsage::off_thread_frees`].
+#[derive(Debug, Default)]
+pub struct ComputeThreads(Mutex<Vec<std::thread::ThreadId>>);
+
+impl ComputeThreads {
+    /// The calling thread starts computing with the allocations; returns it, for [`leave`](Self::leave).
+    pub fn enter(&self) -> std::thread::ThreadId {
+        let me = std::thread::current().id();
+        lock(&self.0).push(me);
+        me
+    }
+    /// Thread `t` stops (once per [`enter`](Self::enter)).
+    pub fn leave(&self, t: std::thread::ThreadId) {
+        let mut v = lock(&self.0);
+        if let Some(i) = v.iter().position(|x| *x == t) {
+            v.swap_remove(i);
+        }
+    }
+    /// Whether some thread computes with the allocations now.
+    pub fn running(&self) -> bool {
+        !lock(&self.0).is_empty()
+    }
+    /// Whether the calling thread is one of those computing with the allocations.
+    pub fn is_current(&self) -> bool {
+        lock(&self.0).contains(&std::thread::current().id())
+    }
 }
 
 struct Inner {
@@ -97,6 +150,7 @@ pub struct Allocation {
     bytes: u64,
     kind: AllocKind,
     retiring: AtomicBool,
+    users: Option<Arc<ComputeThreads>>,
 }
 
 impl std::fmt::Debug for Allocation {
@@ -114,6 +168,11 @@ impl Allocation {
     pub fn kind(&self) -> AllocKind {
         self.kind
     }
+    /// Tie the allocation to the threads that compute with it (checked when it is freed).
+    pub fn used_by(mut self, users: Arc<ComputeThreads>) -> Self {
+        self.users = Some(users);
+        self
+    }
     /// Mark the bytes as released by their owner but still in use until the last holder drops (a block being
     /// computed on): they show as `retiring_bytes` until then.
     pub fn mark_retiring(&self) {
@@ -125,8 +184,13 @@ impl Allocation {
 
 impl Drop for Allocation {
     fn drop(&mut self) {
+        let off_thread = self
+            .users
+            .as_ref()
+            .is_some_and(|u| u.running() && !u.is_current());
         {
             let mut s = lock(&self.inner.state);
+            s.off_thread_frees += off_thread as u64;
             s.current -= self.bytes;
             s.by_kind[kind_index(self.kind)] -= self.bytes;
             if self.retiring.load(Ordering::SeqCst) {
@@ -292,22 +356,67 @@ impl DeviceAllocator {
             reservation_bytes: s.by_kind[3],
             external_bytes: s.by_kind[4],
             retiring_bytes: s.retiring,
+            off_thread_frees: s.off_thread_frees,
         }
     }
 
+    /// Refuse allocations on purpose from now on (tests and CI; see [`FaultInjection`]). Resets both counts of
+    /// [`fault_counts`](Self::fault_counts).
+    pub fn set_faults(&self, faults: FaultInjection) {
+        let mut s = lock(&self.inner.state);
+        s.faults = faults;
+        s.attempts = 0;
+        s.injected = 0;
+        s.rng = match faults {
+            FaultInjection::Rate { seed, .. } => seed,
+            _ => 0,
+        };
+    }
+
+    /// Allocation attempts since [`set_faults`](Self::set_faults) (or creation), and the refusals it injected.
+    pub fn fault_counts(&self) -> (u64, u64) {
+        let s = lock(&self.inner.state);
+        (s.attempts, s.injected)
+    }
+
     /// Count `bytes` of `kind` on the device, or refuse with `OutOfDeviceMemory { needed, available }` (and count
-    /// the refusal) when they exceed the capacity.
+    /// the refusal) when they exceed the capacity or an injected fault says so.
     pub fn allocate(&self, bytes: u64, kind: AllocKind) -> Result<Allocation> {
         let mut s = lock(&self.inner.state);
-        if let Some(cap) = self.inner.capacity {
-            if s.current + bytes > cap {
-                s.refused += 1;
-                return Err(Error::OutOfDeviceMemory {
-                    device: self.inner.spec.to_string(),
-                    needed_bytes: bytes,
-                    available_bytes: cap - s.current,
-                });
+        s.attempts += 1;
+        let inject = match s.faults {
+            FaultInjection::Off => false,
+            FaultInjection::Nth(n) => s.attempts == n,
+            FaultInjection::Rate { probability, .. } => {
+                // splitmix64: a uniform draw in [0, 1).
+                s.rng = s.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = s.rng;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                (((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64) < probability
             }
+        };
+        if inject {
+            s.refused += 1;
+            s.injected += 1;
+            return Err(Error::OutOfDeviceMemory {
+                device: self.inner.spec.to_string(),
+                needed_bytes: bytes,
+                available_bytes: self
+                    .inner
+                    .capacity
+                    .map_or(0, |c| c.saturating_sub(s.current)),
+            });
+        }
+        // Past the capacity, or past what the counters can hold (a host asking for u64::MAX on the CPU).
+        let cap = self.inner.capacity.unwrap_or(u64::MAX);
+        if s.current.checked_add(bytes).is_none_or(|after| after > cap) {
+            s.refused += 1;
+            return Err(Error::OutOfDeviceMemory {
+                device: self.inner.spec.to_string(),
+                needed_bytes: bytes,
+                available_bytes: cap.saturating_sub(s.current),
+            });
         }
         s.current += bytes;
         s.by_kind[kind_index(kind)] += bytes;
@@ -318,6 +427,7 @@ impl DeviceAllocator {
             bytes,
             kind,
             retiring: AtomicBool::new(false),
+            users: None,
         })
     }
 

@@ -7,7 +7,7 @@ mod block_buffers;
 mod pinned;
 mod pool;
 
-pub use allocator::{AllocKind, Allocation, DeviceAllocator, DeviceUsage};
+pub use allocator::{AllocKind, Allocation, ComputeThreads, DeviceAllocator, DeviceUsage, FaultInjection};
 pub use block_buffers::{BlockBuffer, BlockBuffers};
 pub use pinned::{set_pool_keep, PinnedHost};
 pub use pool::{pool_peak_bytes, pool_peak_reset};

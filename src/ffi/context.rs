@@ -1,16 +1,20 @@
 //! `lowvram_context`: create, configure, free.
 
 use std::ffi::{c_char, c_void, CString};
-use std::mem::{offset_of, size_of};
+use std::mem::size_of;
 
 use crate::api::{Context, ContextOptions};
 use crate::error::Error;
-use crate::ffi::boundary::{borrow, guard, opt_str_arg, out_arg, str_arg, Handle};
+use crate::ffi::boundary::{
+    box_handle, check_out_size, check_params_size, field, free_box, guard, guard_ctx, non_null, opt_str_arg, out_arg,
+    params_bytes, str_arg, write_out, CStruct, Field, Handle, OwnershipBox,
+};
 use crate::ffi::status::lowvram_status;
-use crate::log::{lowvram_log_callback, LogSink};
+use crate::log::{lowvram_log_callback, lowvram_release_callback, LogSink};
 
-/// A context: one model cache with its RAM and VRAM budgets, a logger and a cancel flag. Opaque.
-/// Created by `lowvram_context_new`, freed by `lowvram_context_free`. Its functions are thread-safe unless stated.
+/// A context: one model cache with its RAM and VRAM budgets, a logger and a cancel epoch. Opaque. Ownership: one
+/// owner, the host, from `lowvram_context_new` to `lowvram_context_free`. Its functions are thread-safe unless
+/// stated.
 #[allow(non_camel_case_types)]
 pub struct lowvram_context {
     _private: [u8; 0],
@@ -18,6 +22,7 @@ pub struct lowvram_context {
 
 impl Handle for lowvram_context {
     type Target = Context;
+    type Ownership = OwnershipBox;
 }
 
 /// Parameters of `lowvram_context_new`. Initialise with `lowvram_context_params_init(&p, sizeof p)`, then set fields.
@@ -36,57 +41,69 @@ pub struct lowvram_context_params {
     pub config_path: *const c_char,
     /// Log callback for this context; NULL = use the process-wide callback (`lowvram_set_log_callback`).
     pub log_callback: lowvram_log_callback,
-    /// Passed back to `log_callback`; not owned by the library, must outlive the context or the callback.
+    /// Passed back to `log_callback`; not owned by the library unless `log_user_data_release` is set.
     pub log_user_data: *mut c_void,
+    /// Called exactly once with `log_user_data` when the library will never use it again: when the context's log
+    /// callback is replaced or the context freed (after any message being delivered), or at once when
+    /// `log_callback` is NULL or `lowvram_context_new` fails (except when `struct_size` itself is rejected: then no
+    /// field is trusted). NULL = the host manages `log_user_data` itself (then
+    /// it must outlive the context). Since 0.2.
+    pub log_user_data_release: lowvram_release_callback,
 }
 
-const PARAMS_SIZE: usize = size_of::<lowvram_context_params>();
+fn context_defaults(struct_size: u32) -> lowvram_context_params {
+    lowvram_context_params {
+        struct_size,
+        device: std::ptr::null(),
+        config_yaml: std::ptr::null(),
+        config_path: std::ptr::null(),
+        log_callback: None,
+        log_user_data: std::ptr::null_mut(),
+        log_user_data_release: None,
+    }
+}
 
-/// Read field `$f` of `*$p` only if the host's struct covers it.
-macro_rules! covered {
-    ($p:expr, $f:ident, $default:expr) => {
-        if ($p.struct_size as usize) >= offset_of!(lowvram_context_params, $f) + std::mem::size_of_val(&$p.$f) {
-            $p.$f
-        } else {
-            $default
-        }
-    };
+impl CStruct for lowvram_context_params {
+    const NAME: &'static str = "lowvram_context_params";
+    fn fields() -> Vec<Field> {
+        vec![
+            field!(Self, struct_size),
+            field!(Self, device),
+            field!(Self, config_yaml),
+            field!(Self, config_path),
+            field!(Self, log_callback),
+            field!(Self, log_user_data),
+            field!(Self, log_user_data_release),
+        ]
+    }
+}
+
+/// Write `defaults` into the first `struct_size` bytes of a host params struct (only the bytes the host owns).
+///
+/// # Safety
+/// `params` must be valid for `struct_size` bytes of writes.
+pub(crate) unsafe fn init_params<T: CStruct>(params: *mut T, struct_size: usize, defaults: &T) -> crate::Result<()> {
+    // No reference is formed: the host's struct may be shorter than ours.
+    if params.is_null() {
+        return Err(Error::NullArgument("params"));
+    }
+    check_params_size::<T>(struct_size)?;
+    let n = struct_size.min(size_of::<T>());
+    std::ptr::copy_nonoverlapping((defaults as *const T).cast::<u8>(), params.cast::<u8>(), n);
+    std::ptr::write_unaligned(params.cast::<u32>(), struct_size as u32);
+    Ok(())
 }
 
 /// Fill `*params` with defaults (all NULL: automatic device, default configuration, process-wide logging) and
-/// store `struct_size`. `struct_size` must be the host's `sizeof(lowvram_context_params)`; it may be smaller than
-/// this library's (an older header), never smaller than the first version's. Thread-safe.
+/// store `struct_size`. `struct_size` is the host's `sizeof(lowvram_context_params)`: older (smaller) and newer
+/// (larger) sizes are accepted exactly as `lowvram_context_new` accepts them (≥ 4, not ending inside a field).
+/// Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_context_params_init(
     params: *mut lowvram_context_params,
     struct_size: usize,
 ) -> lowvram_status {
-    guard(|| {
-        let params = out_arg(params, "params")?;
-        if !(offset_of!(lowvram_context_params, log_user_data) + size_of::<*mut c_void>()..=PARAMS_SIZE.max(4096))
-            .contains(&struct_size)
-        {
-            return Err(Error::invalid(format!(
-                "struct_size {struct_size} is not a sizeof(lowvram_context_params) this library knows ({PARAMS_SIZE})"
-            )));
-        }
-        // Write only the bytes the host owns.
-        let defaults = lowvram_context_params {
-            struct_size: struct_size as u32,
-            device: std::ptr::null(),
-            config_yaml: std::ptr::null(),
-            config_path: std::ptr::null(),
-            log_callback: None,
-            log_user_data: std::ptr::null_mut(),
-        };
-        let n = struct_size.min(PARAMS_SIZE);
-        std::ptr::copy_nonoverlapping(
-            (&defaults as *const lowvram_context_params).cast::<u8>(),
-            (params as *mut lowvram_context_params).cast::<u8>(),
-            n,
-        );
-        Ok(())
-    })
+    guard(|| init_params(params, struct_size, &context_defaults(struct_size as u32)))
 }
 
 /// Create a context. `params` may be NULL (all defaults). On success `*out` receives a new handle owned by the
@@ -98,62 +115,78 @@ pub unsafe extern "C" fn lowvram_context_new(
     out: *mut *mut lowvram_context,
 ) -> lowvram_status {
     guard(|| {
+        let p = params_bytes(params, &context_defaults(size_of::<lowvram_context_params>() as u32))?;
+        type P = lowvram_context_params;
+        // From here the log user data belongs to the sink: released on every path.
+        let log = LogSink::with_release(
+            p.get(field!(P, log_callback)),
+            p.get(field!(P, log_user_data)),
+            p.get(field!(P, log_user_data_release)),
+        );
         let out = out_arg(out, "out")?;
-        let mut options = ContextOptions::default();
-        if let Some(p) = params.as_ref() {
-            if (p.struct_size as usize) < offset_of!(lowvram_context_params, device) + size_of::<*const c_char>() {
-                return Err(Error::invalid(format!(
-                    "params->struct_size is {}: initialise params with lowvram_context_params_init",
-                    p.struct_size
-                )));
-            }
-            options.device = opt_str_arg(covered!(p, device, std::ptr::null()), "params->device")?.map(Into::into);
-            options.config_yaml =
-                opt_str_arg(covered!(p, config_yaml, std::ptr::null()), "params->config_yaml")?.map(Into::into);
-            options.config_path =
-                opt_str_arg(covered!(p, config_path, std::ptr::null()), "params->config_path")?.map(Into::into);
-            options.log = LogSink::new(covered!(p, log_callback, None), covered!(p, log_user_data, std::ptr::null_mut()));
-        }
-        let ctx = Box::new(Context::new(options)?);
-        *out = Box::into_raw(ctx).cast();
+        let options = ContextOptions {
+            device: opt_str_arg(p.get(field!(P, device)), "params->device")?.map(Into::into),
+            config_yaml: opt_str_arg(p.get(field!(P, config_yaml)), "params->config_yaml")?.map(Into::into),
+            config_path: opt_str_arg(p.get(field!(P, config_path)), "params->config_path")?.map(Into::into),
+            log,
+        };
+        *out = box_handle(Context::new(options)?);
         Ok(())
     })
 }
 
-/// Free a context and everything its cache holds. NULL is a no-op. Must not be called while another thread is
-/// inside a call on the same context, and must not be called twice. Model handles loaded from it stay valid to
-/// free (their weights are released with the last reference).
+/// Free a context. NULL is a no-op. Must not be called while another thread is inside a call on the same context,
+/// and must not be called twice. Handles made from it outlive it and keep working: a model handle can still be
+/// described (`lowvram_model_get_info`) and freed, a reservation read and freed; each keeps its own share of the
+/// cache (its weights, RAM and device memory) until it is freed, so free them too. Using such a model with another
+/// context is INVALID_ARGUMENT.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_context_free(ctx: *mut lowvram_context) {
     guard(|| {
-        if !ctx.is_null() {
-            drop(Box::from_raw(ctx.cast::<Context>()));
-        }
+        free_box(ctx);
         Ok(())
     });
 }
 
 /// Set this context's log callback (NULL: fall back to the process-wide one). `user_data` is passed back
-/// unchanged and must stay valid until the callback is replaced or the context freed. Thread-safe.
+/// unchanged; the host owns it and must keep it valid until the context is freed (the library may still deliver a
+/// message to the old callback while this call returns). Prefer `lowvram_context_set_log_callback_ex`, whose
+/// release callback says exactly when `user_data` is dead. Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_context_set_log_callback(
     ctx: *const lowvram_context,
     callback: lowvram_log_callback,
     user_data: *mut c_void,
 ) -> lowvram_status {
-    guard(|| {
-        borrow(ctx, "ctx")?.logger().set_sink(LogSink::new(callback, user_data));
+    lowvram_context_set_log_callback_ex(ctx, callback, user_data, None)
+}
+
+/// Set this context's log callback (NULL: fall back to the process-wide one) with a release for `user_data`: the
+/// library calls `release(user_data)` exactly once, when it will never use `user_data` again (the callback is
+/// replaced and no message is being delivered to it any more, or the context is freed; at once if `callback` is
+/// NULL or the call fails). Replacing a callback is therefore race-free. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn lowvram_context_set_log_callback_ex(
+    ctx: *const lowvram_context,
+    callback: lowvram_log_callback,
+    user_data: *mut c_void,
+    release: lowvram_release_callback,
+) -> lowvram_status {
+    let sink = LogSink::with_release(callback, user_data, release);
+    guard_ctx(ctx, |ctx| {
+        ctx.logger().set_sink(sink);
         Ok(())
     })
 }
 
-/// Ask the call running on `ctx` (on another thread) to stop at its next step or block; it then returns
-/// LOWVRAM_STATUS_CANCELLED and releases its working memory. A call that starts later clears the request.
-/// Thread-safe; safe to call from a callback.
+/// Cancel every call running on `ctx` at this moment (on any thread): each stops at its next step or block,
+/// returns LOWVRAM_STATUS_CANCELLED and releases its working memory. Calls that start afterwards are not affected,
+/// and no call starting can erase the request. To cancel one call, or a call that may not have started yet, give
+/// it a `lowvram_cancel_token`. Thread-safe; safe to call from a callback.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_context_cancel(ctx: *const lowvram_context) -> lowvram_status {
-    guard(|| {
-        borrow(ctx, "ctx")?.cancel();
+    guard_ctx(ctx, |ctx| {
+        ctx.cancel();
         Ok(())
     })
 }
@@ -163,17 +196,15 @@ pub unsafe extern "C" fn lowvram_context_cancel(ctx: *const lowvram_context) -> 
 /// (unknown key, bad value; the message names the key and the accepted values) nothing changes. Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_context_configure(ctx: *const lowvram_context, yaml: *const c_char) -> lowvram_status {
-    guard(|| {
-        let ctx = borrow(ctx, "ctx")?;
-        ctx.configure(str_arg(yaml, "yaml")?)
-    })
+    guard_ctx(ctx, |ctx| ctx.configure(str_arg(yaml, "yaml")?))
 }
 
 /// Memory statistics of a context's cache (a snapshot). Bytes throughout.
 #[repr(C)]
 #[allow(non_camel_case_types)]
 pub struct lowvram_cache_stats {
-    /// Set by the caller to `sizeof(lowvram_cache_stats)`.
+    /// Set by the caller to `sizeof(lowvram_cache_stats)`; on return, the bytes the library wrote (an older library
+    /// writes fewer fields, a newer one only those this size covers).
     pub struct_size: u32,
     /// Device capacity (0 when unknown, e.g. the CPU).
     pub device_total_bytes: u64,
@@ -199,26 +230,41 @@ pub struct lowvram_cache_stats {
     pub model_count: u32,
 }
 
-/// Fill `*out` with the cache's statistics. Set `out->struct_size = sizeof *out` first. Written only on success.
-/// Thread-safe. `lowvram_context_stats_json` gives everything, per model and with the sizing rules.
+impl CStruct for lowvram_cache_stats {
+    const NAME: &'static str = "lowvram_cache_stats";
+    fn fields() -> Vec<Field> {
+        vec![
+            field!(Self, struct_size),
+            field!(Self, device_total_bytes),
+            field!(Self, device_free_bytes),
+            field!(Self, device_used_bytes),
+            field!(Self, device_used_by_cache_bytes),
+            field!(Self, device_peak_bytes),
+            field!(Self, device_refused_allocations),
+            field!(Self, ram_cache_used_bytes),
+            field!(Self, ram_cache_limit_bytes),
+            field!(Self, bytes_streamed_total),
+            field!(Self, cache_hits),
+            field!(Self, cache_misses),
+            field!(Self, model_count),
+        ]
+    }
+}
+
+/// Fill `*out` with the cache's statistics. Set `out->struct_size = sizeof *out` first: the fields it covers are
+/// written (an older, smaller struct gets the fields it knows). Written only on success. Thread-safe.
+/// `lowvram_context_stats_json` gives everything, per model and with the sizing rules.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_context_stats(
     ctx: *const lowvram_context,
     out: *mut lowvram_cache_stats,
 ) -> lowvram_status {
-    guard(|| {
-        let ctx = borrow(ctx, "ctx")?;
-        let out = out_arg(out, "out")?;
-        let expected = size_of::<lowvram_cache_stats>() as u32;
-        if out.struct_size < expected {
-            return Err(Error::invalid(format!(
-                "out->struct_size is {}, expected sizeof(lowvram_cache_stats) = {expected}",
-                out.struct_size
-            )));
-        }
+    guard_ctx(ctx, |ctx| {
+        non_null(out, "out")?;
+        check_out_size(out, "out")?;
         let s = ctx.stats();
-        *out = lowvram_cache_stats {
-            struct_size: expected,
+        let value = lowvram_cache_stats {
+            struct_size: size_of::<lowvram_cache_stats>() as u32,
             device_total_bytes: s.device.usage.capacity_bytes.unwrap_or(0),
             device_free_bytes: s.device.free_bytes.unwrap_or(0),
             device_used_bytes: s.device.usage.current_bytes,
@@ -232,6 +278,7 @@ pub unsafe extern "C" fn lowvram_context_stats(
             cache_misses: s.cache_misses,
             model_count: s.models.len() as u32,
         };
+        write_out(out, &value);
         Ok(())
     })
 }
@@ -244,8 +291,7 @@ pub unsafe extern "C" fn lowvram_context_stats_json(
     ctx: *const lowvram_context,
     out_json: *mut *mut c_char,
 ) -> lowvram_status {
-    guard(|| {
-        let ctx = borrow(ctx, "ctx")?;
+    guard_ctx(ctx, |ctx| {
         let out = out_arg(out_json, "out_json")?;
         let json = serde_json::to_string(&ctx.stats()).map_err(|e| Error::invalid(e.to_string()))?;
         *out = CString::new(json).map_err(|e| Error::invalid(e.to_string()))?.into_raw();
@@ -272,8 +318,8 @@ pub unsafe extern "C" fn lowvram_context_free_memory(
     bytes: u64,
     out_freed: *mut u64,
 ) -> lowvram_status {
-    guard(|| {
-        let freed = borrow(ctx, "ctx")?.free_memory(bytes);
+    guard_ctx(ctx, |ctx| {
+        let freed = ctx.free_memory(bytes);
         if let Some(o) = out_freed.as_mut() {
             *o = freed;
         }
@@ -281,12 +327,16 @@ pub unsafe extern "C" fn lowvram_context_free_memory(
     })
 }
 
-/// Unload every model not in use from the device and the RAM cache (their handles stay valid and reload on next
-/// use); `*out_freed` (may be NULL) receives the bytes freed. Thread-safe.
+/// Unload every model not in use from the device and the RAM cache: models whose handles are still held stay valid
+/// and reload from their files on next use; the others are forgotten (their files unmapped). `*out_freed` (may be
+/// NULL) receives the device bytes freed. Thread-safe.
 #[no_mangle]
-pub unsafe extern "C" fn lowvram_context_unload_all(ctx: *const lowvram_context, out_freed: *mut u64) -> lowvram_status {
-    guard(|| {
-        let freed = borrow(ctx, "ctx")?.unload_all();
+pub unsafe extern "C" fn lowvram_context_unload_all(
+    ctx: *const lowvram_context,
+    out_freed: *mut u64,
+) -> lowvram_status {
+    guard_ctx(ctx, |ctx| {
+        let freed = ctx.unload_all();
         if let Some(o) = out_freed.as_mut() {
             *o = freed;
         }

@@ -2,6 +2,7 @@
 //! function forwards to the Rust API. One file per C "class".
 
 mod boundary;
+pub mod cancel;
 pub mod context;
 pub mod error;
 pub mod log;
@@ -13,4 +14,5 @@ pub mod status;
 pub mod system;
 pub mod tensor;
 
+pub use boundary::lowvram_release_callback;
 pub use status::lowvram_status;

@@ -4,19 +4,22 @@
 use std::ffi::c_char;
 use std::mem::size_of;
 
-use crate::api::{ComponentPaths, DenoiseOptions, HostTensor, Pipeline, PromptOptions, Tiling};
+use crate::api::{ComponentPaths, HostTensor, Pipeline, PromptOptions};
 use crate::error::Error;
-use crate::ffi::boundary::{borrow, guard, opt_str_arg, out_arg, str_arg, Handle};
-use crate::ffi::context::lowvram_context;
-use crate::ffi::run::{lowvram_decode_params, lowvram_denoise_params, lowvram_run_report};
+use crate::ffi::boundary::{
+    arc_handle, borrow, box_handle, clone_arc, field, free_arc, free_box, guard, guard_ctx, non_null, opt_str_arg, out_arg,
+    params_bytes, release_of, str_arg, CStruct, Field, Handle, OwnershipArc, OwnershipBox,
+};
+use crate::ffi::context::{init_params, lowvram_context};
+use crate::ffi::run::{lowvram_decode_params, lowvram_denoise_params, lowvram_run_report, run_decode, run_denoise};
 use crate::ffi::status::lowvram_status;
 use crate::ffi::tensor::{into_handle, lowvram_tensor};
 use crate::models::Conditioning;
 
 /// A loaded pipeline: a family's denoiser, VAE and text encoders (with tokenizers), in one context's cache.
-/// Opaque, one owner (the host); the models inside are shared with the cache and with running calls, so freeing
-/// the pipeline during a call on another thread is safe (the call holds its own references). Free with
-/// `lowvram_pipeline_free`. Thread-safe: calls on one pipeline may run from several threads.
+/// Opaque, shared: each call holds its own reference, so freeing the handle during a call on another thread only
+/// drops the host's reference. Free with `lowvram_pipeline_free`. Thread-safe: calls on one pipeline may run from
+/// several threads.
 #[allow(non_camel_case_types)]
 pub struct lowvram_pipeline {
     _private: [u8; 0],
@@ -24,6 +27,7 @@ pub struct lowvram_pipeline {
 
 impl Handle for lowvram_pipeline {
     type Target = Pipeline;
+    type Ownership = OwnershipArc;
 }
 
 /// Named conditioning tensors (`sampling.cond_embeddings`, `sampling.uncond_embeddings`, `sampling.cond_pooled`,
@@ -37,6 +41,7 @@ pub struct lowvram_conditioning {
 
 impl Handle for lowvram_conditioning {
     type Target = Conditioning;
+    type Ownership = OwnershipBox;
 }
 
 /// Where a pipeline's components are. Initialise with `lowvram_pipeline_params_init(&p, sizeof p)`.
@@ -72,9 +77,36 @@ pub struct lowvram_prompt_params {
     pub clip_skip: u32,
 }
 
-fn pipeline_defaults() -> lowvram_pipeline_params {
+impl CStruct for lowvram_pipeline_params {
+    const NAME: &'static str = "lowvram_pipeline_params";
+    fn fields() -> Vec<Field> {
+        vec![
+            field!(Self, struct_size),
+            field!(Self, path),
+            field!(Self, vae_path),
+            field!(Self, text_encoder_path),
+            field!(Self, text_encoder_2_path),
+        ]
+    }
+}
+
+impl CStruct for lowvram_prompt_params {
+    const NAME: &'static str = "lowvram_prompt_params";
+    fn fields() -> Vec<Field> {
+        vec![
+            field!(Self, struct_size),
+            field!(Self, negative_prompt),
+            field!(Self, batch),
+            field!(Self, width),
+            field!(Self, height),
+            field!(Self, clip_skip),
+        ]
+    }
+}
+
+fn pipeline_defaults(struct_size: u32) -> lowvram_pipeline_params {
     lowvram_pipeline_params {
-        struct_size: size_of::<lowvram_pipeline_params>() as u32,
+        struct_size,
         path: std::ptr::null(),
         vae_path: std::ptr::null(),
         text_encoder_path: std::ptr::null(),
@@ -82,9 +114,9 @@ fn pipeline_defaults() -> lowvram_pipeline_params {
     }
 }
 
-fn prompt_defaults() -> lowvram_prompt_params {
+fn prompt_defaults(struct_size: u32) -> lowvram_prompt_params {
     lowvram_prompt_params {
-        struct_size: size_of::<lowvram_prompt_params>() as u32,
+        struct_size,
         negative_prompt: std::ptr::null(),
         batch: 1,
         width: 512,
@@ -99,7 +131,7 @@ pub unsafe extern "C" fn lowvram_pipeline_params_init(
     params: *mut lowvram_pipeline_params,
     struct_size: usize,
 ) -> lowvram_status {
-    guard(|| crate::ffi::run::init_struct(params, struct_size, pipeline_defaults(), "lowvram_pipeline_params"))
+    guard(|| init_params(params, struct_size, &pipeline_defaults(struct_size as u32)))
 }
 
 /// Fill `*params` with defaults and store `struct_size`. Thread-safe.
@@ -108,7 +140,7 @@ pub unsafe extern "C" fn lowvram_prompt_params_init(
     params: *mut lowvram_prompt_params,
     struct_size: usize,
 ) -> lowvram_status {
-    guard(|| crate::ffi::run::init_struct(params, struct_size, prompt_defaults(), "lowvram_prompt_params"))
+    guard(|| init_params(params, struct_size, &prompt_defaults(struct_size as u32)))
 }
 
 /// Load a pipeline into `ctx`'s cache: the family is detected from the folder (SD 1.x/2.x, SDXL), each component
@@ -122,22 +154,22 @@ pub unsafe extern "C" fn lowvram_pipeline_load(
     params: *const lowvram_pipeline_params,
     out: *mut *mut lowvram_pipeline,
 ) -> lowvram_status {
-    guard(|| {
-        let ctx = borrow(ctx, "ctx")?;
+    guard_ctx(ctx, |ctx| {
+        type P = lowvram_pipeline_params;
         let out = out_arg(out, "out")?;
         if params.is_null() {
             return Err(Error::NullArgument("params"));
         }
-        let p = crate::ffi::run::read_struct(params, pipeline_defaults())?;
-        let path = str_arg(p.path, "params->path")?;
+        let p = params_bytes(params, &pipeline_defaults(size_of::<P>() as u32))?;
+        let path = str_arg(p.get(field!(P, path)), "params->path")?;
         let opt = |ptr, name| opt_str_arg(ptr, name).map(|s| s.map(Into::into));
         let components = ComponentPaths {
-            vae: opt(p.vae_path, "params->vae_path")?,
-            text_encoder: opt(p.text_encoder_path, "params->text_encoder_path")?,
-            text_encoder_2: opt(p.text_encoder_2_path, "params->text_encoder_2_path")?,
+            vae: opt(p.get(field!(P, vae_path)), "params->vae_path")?,
+            text_encoder: opt(p.get(field!(P, text_encoder_path)), "params->text_encoder_path")?,
+            text_encoder_2: opt(p.get(field!(P, text_encoder_2_path)), "params->text_encoder_2_path")?,
         };
         let pipeline = Pipeline::load(ctx, path.as_ref(), &components)?;
-        *out = Box::into_raw(Box::new(pipeline)).cast();
+        *out = arc_handle(std::sync::Arc::new(pipeline));
         Ok(())
     })
 }
@@ -145,9 +177,7 @@ pub unsafe extern "C" fn lowvram_pipeline_load(
 /// Free a pipeline handle (NULL is a no-op). Models stay in the cache until its budgets evict them.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_pipeline_free(pipeline: *mut lowvram_pipeline) {
-    if !pipeline.is_null() {
-        let _ = std::panic::catch_unwind(|| drop(Box::from_raw(pipeline.cast::<Pipeline>())));
-    }
+    free_arc(pipeline)
 }
 
 /// Encode `prompt` (UTF-8) with the pipeline's text encoders into the conditioning its denoiser takes (SD 1.x:
@@ -163,20 +193,20 @@ pub unsafe extern "C" fn lowvram_pipeline_encode_prompt(
     params: *const lowvram_prompt_params,
     out: *mut *mut lowvram_conditioning,
 ) -> lowvram_status {
-    guard(|| {
-        let ctx = borrow(ctx, "ctx")?;
-        let pipeline = borrow(pipeline, "pipeline")?;
+    guard_ctx(ctx, |ctx| {
+        type P = lowvram_prompt_params;
+        let pipeline = clone_arc(pipeline, "pipeline")?;
         let prompt = str_arg(prompt, "prompt")?;
         let out = out_arg(out, "out")?;
-        let p = crate::ffi::run::read_struct(params, prompt_defaults())?;
-        let negative = opt_str_arg(p.negative_prompt, "params->negative_prompt")?;
+        let p = params_bytes(params, &prompt_defaults(size_of::<P>() as u32))?;
+        let negative = opt_str_arg(p.get(field!(P, negative_prompt)), "params->negative_prompt")?;
         let options = PromptOptions {
-            batch: p.batch as usize,
-            image_size: (p.height as usize, p.width as usize),
-            clip_skip: p.clip_skip as usize,
+            batch: p.get::<u32>(field!(P, batch)) as usize,
+            image_size: (p.get::<u32>(field!(P, height)) as usize, p.get::<u32>(field!(P, width)) as usize),
+            clip_skip: p.get::<u32>(field!(P, clip_skip)) as usize,
         };
         let cond = pipeline.encode_prompt(ctx, prompt, negative, &options)?;
-        *out = Box::into_raw(Box::new(cond)).cast();
+        *out = box_handle(cond);
         Ok(())
     })
 }
@@ -196,23 +226,21 @@ pub unsafe extern "C" fn lowvram_pipeline_denoise(
     report: *mut lowvram_run_report,
     out_latents: *mut *mut lowvram_tensor,
 ) -> lowvram_status {
-    guard(|| {
-        let ctx = borrow(ctx, "ctx")?;
-        let pipeline = borrow(pipeline, "pipeline")?;
-        let cond = borrow(cond, "cond")?;
-        let init_noise = (init_noise as *const HostTensor).as_ref();
-        let out = out_arg(out_latents, "out_latents")?;
-        crate::ffi::run::check_report(report)?;
-        let (options, step_noise, p): (DenoiseOptions, _, _) = crate::ffi::run::denoise_options(params)?;
-        let mut progress = |step: usize, total: usize| match p.progress {
-            Some(cb) => cb(step as u32, total as u32, p.progress_user_data),
-            None => true,
-        };
-        let (latents, r) =
-            pipeline.denoise(ctx, cond, &options, init_noise.map(|t| t.tensor()), step_noise, &mut progress)?;
-        let handle = HostTensor::from_tensor(&latents)?;
-        crate::ffi::run::write_report(report, &r)?;
-        *out = into_handle(handle);
+    // Read first: the release runs exactly once, also when the context is NULL or failed.
+    let _release = release_of(
+        params,
+        field!(lowvram_denoise_params, progress_user_data),
+        field!(lowvram_denoise_params, progress_user_data_release),
+    );
+    guard_ctx(ctx, |ctx| {
+        let latents = run_denoise(params, report, |options, step_noise, on_step, token, r| {
+            let pipeline = clone_arc(pipeline, "pipeline")?;
+            let cond = borrow(cond, "cond")?;
+            non_null(out_latents, "out_latents")?;
+            let noise = (init_noise as *const HostTensor).as_ref().map(|t| t.tensor());
+            ctx.denoise_conditioned_with(pipeline.denoiser(), options, cond, noise, step_noise, on_step, token, r)
+        })?;
+        *out_arg(out_latents, "out_latents")? = into_handle(HostTensor::from_tensor(&latents)?);
         Ok(())
     })
 }
@@ -228,17 +256,19 @@ pub unsafe extern "C" fn lowvram_pipeline_decode(
     report: *mut lowvram_run_report,
     out_image: *mut *mut lowvram_tensor,
 ) -> lowvram_status {
-    guard(|| {
-        let ctx = borrow(ctx, "ctx")?;
-        let pipeline = borrow(pipeline, "pipeline")?;
-        let latents = borrow(latents, "latents")?;
-        let out = out_arg(out_image, "out_image")?;
-        crate::ffi::run::check_report(report)?;
-        let tiling: Tiling = crate::ffi::run::decode_tiling(params)?;
-        let (image, r) = pipeline.decode(ctx, latents.tensor(), tiling)?;
-        let handle = HostTensor::from_tensor(&image)?;
-        crate::ffi::run::write_report(report, &r)?;
-        *out = into_handle(handle);
+    let _release = release_of(
+        params,
+        field!(lowvram_decode_params, progress_user_data),
+        field!(lowvram_decode_params, progress_user_data_release),
+    );
+    guard_ctx(ctx, |ctx| {
+        let image = run_decode(params, report, |tiling, on_block, token, r| {
+            let pipeline = clone_arc(pipeline, "pipeline")?;
+            let latents = borrow(latents, "latents")?;
+            non_null(out_image, "out_image")?;
+            ctx.vae_decode_with(pipeline.vae(), latents.tensor(), tiling, on_block, token, r)
+        })?;
+        *out_arg(out_image, "out_image")? = into_handle(HostTensor::from_tensor(&image)?);
         Ok(())
     })
 }
@@ -248,7 +278,7 @@ pub unsafe extern "C" fn lowvram_pipeline_decode(
 pub unsafe extern "C" fn lowvram_conditioning_new(out: *mut *mut lowvram_conditioning) -> lowvram_status {
     guard(|| {
         let out = out_arg(out, "out")?;
-        *out = Box::into_raw(Box::new(Conditioning::new())).cast();
+        *out = box_handle(Conditioning::new());
         Ok(())
     })
 }
@@ -294,7 +324,5 @@ pub unsafe extern "C" fn lowvram_conditioning_get(
 /// Free a conditioning (NULL is a no-op).
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_conditioning_free(cond: *mut lowvram_conditioning) {
-    if !cond.is_null() {
-        let _ = std::panic::catch_unwind(|| drop(Box::from_raw(cond.cast::<Conditioning>())));
-    }
+    free_box(cond)
 }

@@ -1,12 +1,13 @@
 //! `lowvram_reservation`: device memory the host takes back from the cache (a game's frames).
 
 use crate::error::Error;
-use crate::ffi::boundary::{borrow, guard, out_arg, Handle};
+use crate::ffi::boundary::{borrow, box_handle, free_box, guard, guard_ctx, out_arg, Handle, OwnershipBox};
 use crate::ffi::context::lowvram_context;
 use crate::ffi::status::lowvram_status;
 use crate::memory::Reservation;
 
-/// Device memory reserved for the host. Opaque; free with `lowvram_reservation_free` to give it back.
+/// Device memory reserved for the host. Opaque. Ownership: one owner, the host, until `lowvram_reservation_free`
+/// gives the bytes back; it may outlive its context (then it keeps that cache's device alive until freed).
 #[allow(non_camel_case_types)]
 pub struct lowvram_reservation {
     _private: [u8; 0],
@@ -14,6 +15,7 @@ pub struct lowvram_reservation {
 
 impl Handle for lowvram_reservation {
     type Target = Reservation;
+    type Ownership = OwnershipBox;
 }
 
 /// Reserve `bytes` of device memory for the host's own use: the cache shrinks at once (a generation running on
@@ -26,13 +28,12 @@ pub unsafe extern "C" fn lowvram_reservation_new(
     bytes: u64,
     out: *mut *mut lowvram_reservation,
 ) -> lowvram_status {
-    guard(|| {
-        let ctx = borrow(ctx, "ctx")?;
+    guard_ctx(ctx, |ctx| {
         let out = out_arg(out, "out")?;
         if bytes == 0 {
             return Err(Error::invalid("bytes must be positive"));
         }
-        *out = Box::into_raw(Box::new(ctx.reserve(bytes)?)).cast();
+        *out = box_handle(ctx.reserve(bytes)?);
         Ok(())
     })
 }
@@ -55,9 +56,7 @@ pub unsafe extern "C" fn lowvram_reservation_bytes(
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_reservation_free(reservation: *mut lowvram_reservation) {
     guard(|| {
-        if !reservation.is_null() {
-            drop(Box::from_raw(reservation.cast::<Reservation>()));
-        }
+        free_box(reservation);
         Ok(())
     });
 }

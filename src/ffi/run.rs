@@ -1,15 +1,20 @@
-//! `lowvram_denoise` and `lowvram_vae_decode`: the operations, with their params, progress and reports.
+//! `lowvram_denoise` and `lowvram_vae_decode`: the operations, with their params, progress, cancel and reports.
 
 use std::ffi::c_void;
 use std::mem::size_of;
 
-use crate::api::{DenoiseOptions, HostTensor, RunReport, Tiling};
+use crate::api::{CancelToken, DenoiseOptions, HostTensor, RunReport, Tiling};
 use crate::error::{Error, Result};
-use crate::ffi::boundary::{borrow, guard, out_arg};
-use crate::ffi::context::lowvram_context;
+use crate::ffi::boundary::{
+    borrow, check_out_size, clone_arc, field, guard, guard_ctx, non_null, out_arg, params_bytes, release_of, write_out,
+    CStruct, Field,
+};
+use crate::ffi::cancel::{lowvram_cancel_token, token_arg};
+use crate::ffi::context::{init_params, lowvram_context};
 use crate::ffi::model::lowvram_model;
 use crate::ffi::status::lowvram_status;
 use crate::ffi::tensor::{into_handle, lowvram_tensor};
+use crate::log::lowvram_release_callback;
 use crate::sampling::SchedulerKind;
 
 /// Samplers (stable numbers), matching diffusers' schedulers as configured by the model's scheduler_config.json.
@@ -28,9 +33,11 @@ pub enum lowvram_scheduler {
 }
 
 /// Progress of a running call: `step` of `total` done. Return false to cancel (the call then returns CANCELLED).
-/// Runs on the thread that made the call.
+/// Runs on the thread that made the call. It may call `lowvram_context_stats`, `lowvram_context_cancel` and
+/// `lowvram_cancel_token_cancel`; it must not start another call on the same context, throw or `longjmp`.
 #[allow(non_camel_case_types)]
-pub type lowvram_progress_callback = Option<unsafe extern "C" fn(step: u32, total: u32, user_data: *mut c_void) -> bool>;
+pub type lowvram_progress_callback =
+    Option<unsafe extern "C" fn(step: u32, total: u32, user_data: *mut c_void) -> bool>;
 
 /// Parameters of `lowvram_denoise`. Initialise with `lowvram_denoise_params_init(&p, sizeof p)`.
 #[repr(C)]
@@ -40,11 +47,11 @@ pub struct lowvram_denoise_params {
     pub struct_size: u32,
     /// A `lowvram_scheduler` value. Default EULER.
     pub scheduler: u32,
-    /// Karras sigma schedule (EULER and DPMPP_2M only). Default false.
+    /// Karras sigma schedule (EULER and DPMPP_2M only). Default false. Read as a byte: any non-zero value is true.
     pub karras: bool,
     /// Number of denoising steps. Default 20.
     pub steps: u32,
-    /// Classifier-free guidance scale; ≤ 1 runs the conditional batch only. Default 7.5.
+    /// Classifier-free guidance scale; ≤ 1 runs the conditional batch only; |guidance| ≤ 1000. Default 7.5.
     pub guidance: f32,
     /// Seed of the initial noise (when `init_noise` is NULL) and of Euler ancestral's step noise. Default 0.
     pub seed: u64,
@@ -57,6 +64,11 @@ pub struct lowvram_denoise_params {
     pub progress: lowvram_progress_callback,
     /// Passed back to `progress`.
     pub progress_user_data: *mut c_void,
+    /// Cancels this call (also before it starts); NULL = none. The call holds its own reference. Since 0.2.
+    pub cancel_token: *const lowvram_cancel_token,
+    /// Called exactly once with `progress_user_data` before the call returns, whatever its status (unless the
+    /// params' `struct_size` itself is rejected), when the library will never use it again. NULL = none. Since 0.2.
+    pub progress_user_data_release: lowvram_release_callback,
 }
 
 /// Parameters of `lowvram_vae_decode`. Initialise with `lowvram_decode_params_init(&p, sizeof p)`.
@@ -71,15 +83,26 @@ pub struct lowvram_decode_params {
     pub tile_latent: u32,
     /// Ignored: exact tiles need no overlap. Kept so the struct layout stays stable. Default 0.
     pub overlap_latent: u32,
-    /// Never tile (BUDGET_TOO_SMALL when the whole decode cannot fit). Default false.
+    /// Never tile (BUDGET_TOO_SMALL when the whole decode cannot fit). Default false. Read as a byte: any non-zero
+    /// value is true.
     pub never_tile: bool,
+    /// Called as each decoder block starts with `(blocks done, blocks)`; return false to cancel. NULL = none.
+    /// Since 0.2.
+    pub progress: lowvram_progress_callback,
+    /// Passed back to `progress`. Since 0.2.
+    pub progress_user_data: *mut c_void,
+    /// Cancels this call (also before it starts); NULL = none. The call holds its own reference. Since 0.2.
+    pub cancel_token: *const lowvram_cancel_token,
+    /// As in `lowvram_denoise_params`. Since 0.2.
+    pub progress_user_data_release: lowvram_release_callback,
 }
 
-/// What a run measured, filled when the caller passes a non-NULL report pointer. Bytes and milliseconds.
+/// What a run measured, filled when the caller passes a non-NULL report pointer: on success and on failure once
+/// the call ran (BUDGET_TOO_SMALL and CANCELLED report what was measured up to then). Bytes and milliseconds.
 #[repr(C)]
 #[allow(non_camel_case_types)]
 pub struct lowvram_run_report {
-    /// Set by the caller to `sizeof(lowvram_run_report)`.
+    /// Set by the caller to `sizeof(lowvram_run_report)`; on return, the bytes the library wrote.
     pub struct_size: u32,
     /// Wall time of the call, milliseconds.
     pub total_ms: f64,
@@ -87,7 +110,8 @@ pub struct lowvram_run_report {
     pub peak_device_bytes: u64,
     /// Bytes copied to the device for non-resident blocks during the run.
     pub bytes_streamed: u64,
-    /// Bytes of the model resident when the run ended, and of all its weights.
+    /// Device bytes of the model resident when the run ended (compute dtype), and bytes of all its weights
+    /// (storage dtype): with an fp16 file computed in f32 the first may exceed the second.
     pub resident_bytes: u64,
     pub model_bytes: u64,
     /// Working memory reserved for the run (max of `device_working_mem_gb` and the op's estimate).
@@ -98,85 +122,63 @@ pub struct lowvram_run_report {
     pub tile_latent: u32,
 }
 
-/// Fill a params struct of the host's `size` with `defaults` (what `*_params_init` does for every struct).
-pub(crate) unsafe fn init_struct<T: 'static>(p: *mut T, size: usize, defaults: T, name: &str) -> Result<()> {
-    let p = out_arg(p, "params")?;
-    let full = size_of::<T>();
-    if size < size_of::<u32>() || size > full.max(4096) {
-        return Err(Error::invalid(format!("struct_size {size} is not a sizeof({name}) this library knows ({full})")));
+impl CStruct for lowvram_denoise_params {
+    const NAME: &'static str = "lowvram_denoise_params";
+    fn fields() -> Vec<Field> {
+        vec![
+            field!(Self, struct_size),
+            field!(Self, scheduler),
+            field!(Self, karras),
+            field!(Self, steps),
+            field!(Self, guidance),
+            field!(Self, seed),
+            field!(Self, latent_width),
+            field!(Self, latent_height),
+            field!(Self, step_noise),
+            field!(Self, progress),
+            field!(Self, progress_user_data),
+            field!(Self, cancel_token),
+            field!(Self, progress_user_data_release),
+        ]
     }
-    let mut d = defaults;
-    // Every params struct starts with its u32 struct_size.
-    *(&mut d as *mut T).cast::<u32>() = size as u32;
-    std::ptr::copy_nonoverlapping((&d as *const T).cast::<u8>(), (p as *mut T).cast::<u8>(), size.min(full));
-    Ok(())
 }
 
-/// Copy the host's params struct into a full one, fields it does not cover taking the defaults (NULL = defaults).
-pub(crate) unsafe fn read_struct<T>(p: *const T, defaults: T) -> Result<T> {
-    read_params(p, defaults)
-}
-
-/// The denoise options, the optional step noise and the raw params of a `lowvram_denoise_params` (NULL =
-/// defaults).
-pub(crate) unsafe fn denoise_options<'a>(
-    params: *const lowvram_denoise_params,
-) -> Result<(DenoiseOptions, Option<&'a candle_core::Tensor>, lowvram_denoise_params)> {
-    let p = read_params(params, denoise_defaults())?;
-    let scheduler = match p.scheduler {
-        0 => SchedulerKind::Euler,
-        1 => SchedulerKind::EulerAncestral,
-        2 => SchedulerKind::Ddim,
-        3 => SchedulerKind::DpmPP2M,
-        n => {
-            return Err(Error::invalid(format!(
-                "params->scheduler is {n} (accepted: 0 euler, 1 euler_a, 2 ddim, 3 dpmpp_2m)"
-            )))
-        }
-    };
-    let options = DenoiseOptions {
-        scheduler,
-        karras: p.karras,
-        steps: p.steps as usize,
-        guidance: p.guidance as f64,
-        seed: p.seed,
-        latent_size: (p.latent_height as usize, p.latent_width as usize),
-    };
-    let step_noise = (p.step_noise as *const HostTensor).as_ref().map(|t| t.tensor());
-    Ok((options, step_noise, p))
-}
-
-/// The tiling a `lowvram_decode_params` asks for (NULL = automatic).
-pub(crate) unsafe fn decode_tiling(params: *const lowvram_decode_params) -> Result<Tiling> {
-    let p = read_params(params, decode_defaults())?;
-    Ok(if p.never_tile {
-        Tiling::Never
-    } else if p.tile_latent > 0 {
-        Tiling::Tiles { tile_latent: p.tile_latent as usize }
-    } else {
-        Tiling::Auto
-    })
-}
-
-/// Copy the host's params struct into a full one, fields it does not cover taking the defaults.
-unsafe fn read_params<T>(p: *const T, defaults: T) -> Result<T> {
-    let Some(src) = p.as_ref() else { return Ok(defaults) };
-    let size = *(src as *const T).cast::<u32>() as usize;
-    if size < size_of::<u32>() {
-        return Err(Error::invalid("params->struct_size is 0: initialise params with the init function"));
+impl CStruct for lowvram_decode_params {
+    const NAME: &'static str = "lowvram_decode_params";
+    fn fields() -> Vec<Field> {
+        vec![
+            field!(Self, struct_size),
+            field!(Self, tile_latent),
+            field!(Self, overlap_latent),
+            field!(Self, never_tile),
+            field!(Self, progress),
+            field!(Self, progress_user_data),
+            field!(Self, cancel_token),
+            field!(Self, progress_user_data_release),
+        ]
     }
-    let mut out = defaults;
-    std::ptr::copy_nonoverlapping(
-        (src as *const T).cast::<u8>(),
-        (&mut out as *mut T).cast::<u8>(),
-        size.min(size_of::<T>()),
-    );
-    Ok(out)
 }
 
-fn denoise_defaults() -> lowvram_denoise_params {
+impl CStruct for lowvram_run_report {
+    const NAME: &'static str = "lowvram_run_report";
+    fn fields() -> Vec<Field> {
+        vec![
+            field!(Self, struct_size),
+            field!(Self, total_ms),
+            field!(Self, peak_device_bytes),
+            field!(Self, bytes_streamed),
+            field!(Self, resident_bytes),
+            field!(Self, model_bytes),
+            field!(Self, working_bytes),
+            field!(Self, refused_allocations),
+            field!(Self, tile_latent),
+        ]
+    }
+}
+
+fn denoise_defaults(struct_size: u32) -> lowvram_denoise_params {
     lowvram_denoise_params {
-        struct_size: size_of::<lowvram_denoise_params>() as u32,
+        struct_size,
         scheduler: lowvram_scheduler::Euler as u32,
         karras: false,
         steps: 20,
@@ -187,25 +189,32 @@ fn denoise_defaults() -> lowvram_denoise_params {
         step_noise: std::ptr::null(),
         progress: None,
         progress_user_data: std::ptr::null_mut(),
+        cancel_token: std::ptr::null(),
+        progress_user_data_release: None,
     }
 }
 
-fn decode_defaults() -> lowvram_decode_params {
+fn decode_defaults(struct_size: u32) -> lowvram_decode_params {
     lowvram_decode_params {
-        struct_size: size_of::<lowvram_decode_params>() as u32,
+        struct_size,
         tile_latent: 0,
         overlap_latent: 0,
         never_tile: false,
+        progress: None,
+        progress_user_data: std::ptr::null_mut(),
+        cancel_token: std::ptr::null(),
+        progress_user_data_release: None,
     }
 }
 
-/// Fill `*params` with defaults and store `struct_size` (the host's `sizeof(lowvram_denoise_params)`). Thread-safe.
+/// Fill `*params` with defaults and store `struct_size` (the host's `sizeof(lowvram_denoise_params)`; older and
+/// newer sizes are accepted as `lowvram_denoise` accepts them). Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_denoise_params_init(
     params: *mut lowvram_denoise_params,
     struct_size: usize,
 ) -> lowvram_status {
-    guard(|| init_struct(params, struct_size, denoise_defaults(), "lowvram_denoise_params"))
+    guard(|| init_params(params, struct_size, &denoise_defaults(struct_size as u32)))
 }
 
 /// Fill `*params` with defaults and store `struct_size` (the host's `sizeof(lowvram_decode_params)`). Thread-safe.
@@ -214,21 +223,19 @@ pub unsafe extern "C" fn lowvram_decode_params_init(
     params: *mut lowvram_decode_params,
     struct_size: usize,
 ) -> lowvram_status {
-    guard(|| init_struct(params, struct_size, decode_defaults(), "lowvram_decode_params"))
+    guard(|| init_params(params, struct_size, &decode_defaults(struct_size as u32)))
 }
 
-pub(crate) fn write_report(out: *mut lowvram_run_report, r: &RunReport) -> Result<()> {
-    // SAFETY: the caller passes NULL or a valid report.
-    let Some(out) = (unsafe { out.as_mut() }) else { return Ok(()) };
-    let expected = size_of::<lowvram_run_report>() as u32;
-    if out.struct_size < expected {
-        return Err(Error::invalid(format!(
-            "report->struct_size is {}, expected sizeof(lowvram_run_report) = {expected}",
-            out.struct_size
-        )));
+/// Write the report (if the host asked for one) covering the fields its `struct_size` covers.
+///
+/// # Safety
+/// `out` must be NULL or a report checked by `check_out_size`.
+unsafe fn write_report(out: *mut lowvram_run_report, r: &RunReport) {
+    if out.is_null() {
+        return;
     }
-    *out = lowvram_run_report {
-        struct_size: expected,
+    let value = lowvram_run_report {
+        struct_size: size_of::<lowvram_run_report>() as u32,
         total_ms: r.total_ms,
         peak_device_bytes: r.peak_device_bytes,
         bytes_streamed: r.bytes_streamed,
@@ -238,30 +245,34 @@ pub(crate) fn write_report(out: *mut lowvram_run_report, r: &RunReport) -> Resul
         refused_allocations: r.refused_allocations,
         tile_latent: r.tile_latent.unwrap_or(0) as u32,
     };
-    Ok(())
+    write_out(out, &value);
 }
 
-pub(crate) fn check_report(out: *const lowvram_run_report) -> Result<()> {
-    // SAFETY: the caller passes NULL or a valid report.
-    match unsafe { out.as_ref() } {
-        Some(r) if (r.struct_size as usize) < size_of::<lowvram_run_report>() => Err(Error::invalid(format!(
-            "report->struct_size is {}, expected sizeof(lowvram_run_report) = {}",
-            r.struct_size,
-            size_of::<lowvram_run_report>()
-        ))),
-        _ => Ok(()),
+fn scheduler_arg(n: u32) -> Result<SchedulerKind> {
+    match n {
+        0 => Ok(SchedulerKind::Euler),
+        1 => Ok(SchedulerKind::EulerAncestral),
+        2 => Ok(SchedulerKind::Ddim),
+        3 => Ok(SchedulerKind::DpmPP2M),
+        n => {
+            Err(Error::invalid(format!("params->scheduler is {n} (accepted: 0 euler, 1 euler_a, 2 ddim, 3 dpmpp_2m)")))
+        }
     }
 }
 
-/// Run the denoising loop on `unet` (a UNet model of `ctx`). `cond` is `[B, S, D]` text embeddings (f32/f16/bf16);
-/// `uncond` the same shape or NULL (zeros); `init_noise` `[B, 4, h, w]` standard-normal noise or NULL (seeded with
-/// `params->seed`, size from `params->latent_*`). `params` NULL = defaults. Blocks of the UNet that do not fit the
-/// budget stream from RAM; the call reserves its working memory and releases it on return (also on error and
-/// cancel). On success `*out_latents` receives the final latents `[B, 4, h, w]` f32 (before the VAE scaling;
-/// pass them to `lowvram_vae_decode`), owned by the caller; `report` (may be NULL; set its struct_size) receives the
-/// measurements. Cancel with `lowvram_context_cancel` from another thread or by returning false from the progress
-/// callback: CANCELLED. Input tensors are borrowed for the call. Runs on the calling thread; several calls may run
-/// on one context from different threads (they share its budgets).
+/// Run the denoising loop on `unet` (a UNet model loaded in `ctx`; another context's model is INVALID_ARGUMENT).
+/// `cond` is `[B, S, D]` text embeddings (f32/f16/bf16); `uncond` the same shape or NULL (zeros); `init_noise`
+/// `[B, 4, h, w]` standard-normal noise or NULL (seeded with `params->seed`, size from `params->latent_*`).
+/// `params` NULL = defaults. Sizes are checked before anything is allocated: an absurd size is INVALID_ARGUMENT,
+/// or OUT_OF_HOST_MEMORY / BUDGET_TOO_SMALL with the bytes needed and available; a result with NaN or infinity is
+/// INVALID_ARGUMENT. Blocks of the UNet that do not fit the budget stream from RAM; the call reserves its working
+/// memory and releases it on return (also on error and cancel). On success `*out_latents` receives the final
+/// latents `[B, 4, h, w]` f32 (before the VAE scaling; pass them to `lowvram_vae_decode`), owned by the caller.
+/// `report` (may be NULL; set its struct_size) receives the measurements on success and on failure once the call
+/// ran. Cancel: `params->cancel_token`, the progress callback returning false, or `lowvram_context_cancel`; the
+/// call stops at its next UNet block with CANCELLED. The call holds its own references to `unet` and the token,
+/// so either may be freed meanwhile; input tensors are borrowed for the call. Runs on the calling thread; several
+/// calls may run on one context from different threads (they share its budgets).
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_denoise(
     ctx: *const lowvram_context,
@@ -273,41 +284,86 @@ pub unsafe extern "C" fn lowvram_denoise(
     report: *mut lowvram_run_report,
     out_latents: *mut *mut lowvram_tensor,
 ) -> lowvram_status {
-    guard(|| {
-        let ctx = borrow(ctx, "ctx")?;
-        let unet = borrow(unet, "unet")?;
-        let cond = borrow(cond, "cond")?;
-        let uncond = (uncond as *const HostTensor).as_ref();
-        let init_noise = (init_noise as *const HostTensor).as_ref();
-        let out = out_arg(out_latents, "out_latents")?;
-        check_report(report)?;
-        let (options, step_noise, p) = denoise_options(params)?;
-        let mut progress = |step: usize, total: usize| match p.progress {
-            Some(cb) => cb(step as u32, total as u32, p.progress_user_data),
-            None => true,
-        };
-        let (latents, r) = ctx.denoise(
-            unet,
-            &options,
-            cond.tensor(),
-            uncond.map(|t| t.tensor()),
-            init_noise.map(|t| t.tensor()),
-            step_noise,
-            &mut progress,
-        )?;
-        let handle = HostTensor::from_tensor(&latents)?;
-        write_report(report, &r)?;
-        *out = into_handle(handle);
+    // Read first: the release runs exactly once, also when the context is NULL or failed.
+    let _release = release_of(
+        params,
+        field!(lowvram_denoise_params, progress_user_data),
+        field!(lowvram_denoise_params, progress_user_data_release),
+    );
+    guard_ctx(ctx, |ctx| {
+        // Arguments are checked inside the runner, after the params: their user data is released either way.
+        let latents = run_denoise(params, report, |options, step_noise, on_step, token, r| {
+            let unet = clone_arc(unet, "unet")?;
+            let cond = borrow(cond, "cond")?;
+            let uncond = (uncond as *const HostTensor).as_ref();
+            let init_noise = (init_noise as *const HostTensor).as_ref();
+            non_null(out_latents, "out_latents")?;
+            ctx.denoise_with(
+                &unet,
+                options,
+                cond.tensor(),
+                uncond.map(|t| t.tensor()),
+                init_noise.map(|t| t.tensor()),
+                step_noise,
+                on_step,
+                token,
+                r,
+            )
+        })?;
+        *out_arg(out_latents, "out_latents")? = into_handle(HostTensor::from_tensor(&latents)?);
         Ok(())
     })
 }
 
+/// The body every denoise entry point shares: decode `params` (NULL = defaults), hold the progress user data
+/// until the call ends (then release it), run `f`, write the report on success and on failure.
+///
+/// # Safety
+/// `params` NULL or a params struct of at least its `struct_size`; `report` NULL or a report of its struct_size.
+pub(crate) unsafe fn run_denoise(
+    params: *const lowvram_denoise_params,
+    report: *mut lowvram_run_report,
+    f: impl FnOnce(
+        &DenoiseOptions,
+        Option<&candle_core::Tensor>,
+        &mut dyn FnMut(usize, usize) -> bool,
+        Option<&CancelToken>,
+        &mut RunReport,
+    ) -> Result<candle_core::Tensor>,
+) -> Result<candle_core::Tensor> {
+    type P = lowvram_denoise_params;
+    let p = params_bytes(params, &denoise_defaults(size_of::<P>() as u32))?;
+    let progress: lowvram_progress_callback = p.get(field!(P, progress));
+    let user_data: *mut c_void = p.get(field!(P, progress_user_data));
+    check_out_size(report, "report")?;
+    let token = token_arg(p.get(field!(P, cancel_token)))?;
+    let options = DenoiseOptions {
+        scheduler: scheduler_arg(p.get(field!(P, scheduler)))?,
+        karras: p.flag(field!(P, karras)),
+        steps: p.get::<u32>(field!(P, steps)) as usize,
+        guidance: p.get::<f32>(field!(P, guidance)) as f64,
+        seed: p.get(field!(P, seed)),
+        latent_size: (p.get::<u32>(field!(P, latent_height)) as usize, p.get::<u32>(field!(P, latent_width)) as usize),
+    };
+    let step_noise_ptr: *const lowvram_tensor = p.get(field!(P, step_noise));
+    let step_noise = (step_noise_ptr as *const HostTensor).as_ref().map(|t| t.tensor());
+    let mut on_step = |step: usize, total: usize| match progress {
+        Some(cb) => cb(step as u32, total as u32, user_data),
+        None => true,
+    };
+    let mut r = RunReport::default();
+    let result = f(&options, step_noise, &mut on_step, token.as_deref(), &mut r);
+    write_report(report, &r);
+    result
+}
+
 /// Decode `latents` (`[B, 4, h, w]` as `lowvram_denoise` returns them; the VAE's scaling factor is applied here)
-/// with `vae` (a VAE model of `ctx`) into the raw decoder output `[B, 3, 8h, 8w]` f32 (≈ [-1, 1], unclamped).
-/// `params` NULL = defaults (automatic tiling). The call reserves the decode's working-memory estimate; when that
-/// cannot fit it decodes in tiles, and after a device OOM it retries in tiles. On success `*out_image` is owned by
-/// the caller; `report` (may be NULL) receives the measurements. CANCELLED at the next block after
-/// `lowvram_context_cancel`. Thread-safe as `lowvram_denoise`.
+/// with `vae` (a VAE model loaded in `ctx`) into the raw decoder output `[B, 3, 8h, 8w]` f32 (≈ [-1, 1],
+/// unclamped). `params` NULL = defaults (automatic tiling). The call reserves the decode's working-memory
+/// estimate; when that cannot fit it decodes in tiles, and after a device OOM it retries in tiles. On success
+/// `*out_image` is owned by the caller; `report` (may be NULL) receives the measurements on success and on failure
+/// once the call ran. Cancel as for `lowvram_denoise`: the decode stops at its next decoder block. Thread-safe as
+/// `lowvram_denoise`.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_vae_decode(
     ctx: *const lowvram_context,
@@ -317,18 +373,58 @@ pub unsafe extern "C" fn lowvram_vae_decode(
     report: *mut lowvram_run_report,
     out_image: *mut *mut lowvram_tensor,
 ) -> lowvram_status {
-    guard(|| {
-        let ctx = borrow(ctx, "ctx")?;
-        let vae = borrow(vae, "vae")?;
-        let latents = borrow(latents, "latents")?;
-        let out = out_arg(out_image, "out_image")?;
-        check_report(report)?;
-        let tiling = decode_tiling(params)?;
-        let (image, r) = ctx.vae_decode(vae, latents.tensor(), tiling)?;
-        let handle = HostTensor::from_tensor(&image)?;
-        write_report(report, &r)?;
-        *out = into_handle(handle);
+    // Read first: the release runs exactly once, also when the context is NULL or failed.
+    let _release = release_of(
+        params,
+        field!(lowvram_decode_params, progress_user_data),
+        field!(lowvram_decode_params, progress_user_data_release),
+    );
+    guard_ctx(ctx, |ctx| {
+        let image = run_decode(params, report, |tiling, on_block, token, r| {
+            let vae = clone_arc(vae, "vae")?;
+            let latents = borrow(latents, "latents")?;
+            non_null(out_image, "out_image")?;
+            ctx.vae_decode_with(&vae, latents.tensor(), tiling, on_block, token, r)
+        })?;
+        *out_arg(out_image, "out_image")? = into_handle(HostTensor::from_tensor(&image)?);
         Ok(())
     })
 }
 
+/// The body every decode entry point shares (see [`run_denoise`]).
+///
+/// # Safety
+/// As [`run_denoise`].
+pub(crate) unsafe fn run_decode(
+    params: *const lowvram_decode_params,
+    report: *mut lowvram_run_report,
+    f: impl FnOnce(
+        Tiling,
+        &mut dyn FnMut(usize, usize) -> bool,
+        Option<&CancelToken>,
+        &mut RunReport,
+    ) -> Result<candle_core::Tensor>,
+) -> Result<candle_core::Tensor> {
+    type P = lowvram_decode_params;
+    let p = params_bytes(params, &decode_defaults(size_of::<P>() as u32))?;
+    let progress: lowvram_progress_callback = p.get(field!(P, progress));
+    let user_data: *mut c_void = p.get(field!(P, progress_user_data));
+    check_out_size(report, "report")?;
+    let token = token_arg(p.get(field!(P, cancel_token)))?;
+    let tile: u32 = p.get(field!(P, tile_latent));
+    let tiling = if p.flag(field!(P, never_tile)) {
+        Tiling::Never
+    } else if tile > 0 {
+        Tiling::Tiles { tile_latent: tile as usize }
+    } else {
+        Tiling::Auto
+    };
+    let mut on_block = |done: usize, total: usize| match progress {
+        Some(cb) => cb(done as u32, total as u32, user_data),
+        None => true,
+    };
+    let mut r = RunReport::default();
+    let result = f(tiling, &mut on_block, token.as_deref(), &mut r);
+    write_report(report, &r);
+    result
+}

@@ -30,7 +30,8 @@ pub enum lowvram_status {
     Cancelled = 8,
     /// The model, configuration or feature is not supported by this build.
     Unsupported = 9,
-    /// The library panicked; the panic was caught at the C boundary. Please report it.
+    /// The library panicked; the panic was caught at the C boundary. Please report it. The context the call ran on
+    /// is marked failed: every later call on it returns PANIC (free it and create a new one).
     Panic = 10,
     /// A caller-provided buffer is too small or too large for the data (reads check byte lengths exactly).
     BufferSize = 11,
@@ -52,6 +53,7 @@ impl lowvram_status {
             Error::BudgetTooSmall { .. } => Self::BudgetTooSmall,
             Error::Cancelled => Self::Cancelled,
             Error::Unsupported(_) => Self::Unsupported,
+            Error::ContextFailed(_) => Self::Panic,
             Error::Tensor(_) => Self::Internal,
         }
     }

@@ -2,15 +2,14 @@
 
 use std::ffi::c_char;
 
-use crate::error::Error;
-use crate::ffi::boundary::{guard, out_arg};
+use crate::ffi::boundary::{check_out_size, field, guard, non_null, write_out, CStruct, Field};
 use crate::ffi::status::lowvram_status;
 use crate::system::system_stats;
 
 /// Major version of this header; `lowvram_version()` gives the library's at run time.
 pub const LOWVRAM_VERSION_MAJOR: u32 = 0;
 /// Minor version of this header.
-pub const LOWVRAM_VERSION_MINOR: u32 = 1;
+pub const LOWVRAM_VERSION_MINOR: u32 = 2;
 /// Patch version of this header.
 pub const LOWVRAM_VERSION_PATCH: u32 = 0;
 
@@ -43,7 +42,7 @@ pub struct lowvram_device_info {
 #[repr(C)]
 #[allow(non_camel_case_types)]
 pub struct lowvram_system_info {
-    /// Set by the caller to `sizeof(lowvram_system_info)` before the call.
+    /// Set by the caller to `sizeof(lowvram_system_info)` before the call; on return, the bytes the library wrote.
     pub struct_size: u32,
     /// Total host RAM, bytes.
     pub ram_total_bytes: u64,
@@ -59,6 +58,21 @@ pub struct lowvram_system_info {
     pub devices: [lowvram_device_info; LOWVRAM_MAX_DEVICES],
 }
 
+impl CStruct for lowvram_system_info {
+    const NAME: &'static str = "lowvram_system_info";
+    fn fields() -> Vec<Field> {
+        vec![
+            field!(Self, struct_size),
+            field!(Self, ram_total_bytes),
+            field!(Self, ram_free_bytes),
+            field!(Self, cuda_available),
+            field!(Self, cuda_reason),
+            field!(Self, device_count),
+            field!(Self, devices),
+        ]
+    }
+}
+
 fn copy_str(dst: &mut [c_char], src: &str) {
     let n = src.len().min(dst.len() - 1);
     for (d, s) in dst.iter_mut().zip(src.as_bytes()[..n].iter()) {
@@ -70,19 +84,14 @@ fn copy_str(dst: &mut [c_char], src: &str) {
 /// Probe host RAM and CUDA devices into `*out`. The CUDA driver is loaded at run time: on a machine without one
 /// this succeeds with `cuda_available = false`, no devices, and the reason.
 ///
-/// `out` is caller-owned; set `out->struct_size = sizeof *out` first (INVALID_ARGUMENT otherwise). Written only on
-/// success. Thread-safe. The probe creates and releases each device's primary context, which takes milliseconds.
+/// `out` is caller-owned; set `out->struct_size = sizeof *out` first: the fields it covers are written (an older,
+/// smaller struct gets the fields it knows). Written only on success. Thread-safe. The probe creates and releases each device's primary context, which takes milliseconds.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_system_stats(out: *mut lowvram_system_info) -> lowvram_status {
     guard(|| {
-        let out = out_arg(out, "out")?;
+        non_null(out, "out")?;
+        check_out_size(out, "out")?;
         let expected = std::mem::size_of::<lowvram_system_info>() as u32;
-        if out.struct_size < expected {
-            return Err(Error::invalid(format!(
-                "out->struct_size is {}, expected sizeof(lowvram_system_info) = {expected}",
-                out.struct_size
-            )));
-        }
         let stats = system_stats();
         let mut info = lowvram_system_info {
             struct_size: expected,
@@ -101,7 +110,7 @@ pub unsafe extern "C" fn lowvram_system_stats(out: *mut lowvram_system_info) -> 
             slot.total_bytes = d.total_bytes;
             slot.free_bytes = d.free_bytes;
         }
-        *out = info;
+        write_out(out, &info);
         Ok(())
     })
 }

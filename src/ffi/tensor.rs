@@ -4,7 +4,7 @@ use std::ffi::c_void;
 
 use crate::api::{HostDType, HostTensor};
 use crate::error::{Error, Result};
-use crate::ffi::boundary::{borrow, guard, out_arg, Handle};
+use crate::ffi::boundary::{borrow, box_handle, free_box, guard, out_arg, Handle, OwnershipBox};
 use crate::ffi::status::lowvram_status;
 
 /// Most dimensions a tensor crossing the API may have.
@@ -44,7 +44,7 @@ impl From<HostDType> for lowvram_dtype {
 }
 
 /// A tensor in host memory, owned by the library: contiguous, row-major. Opaque. Immutable once made, so a tensor
-/// may be read from several threads at once. Free with `lowvram_tensor_free`.
+/// may be read from several threads at once. Ownership: one owner, the host, until `lowvram_tensor_free`.
 #[allow(non_camel_case_types)]
 pub struct lowvram_tensor {
     _private: [u8; 0],
@@ -52,11 +52,12 @@ pub struct lowvram_tensor {
 
 impl Handle for lowvram_tensor {
     type Target = HostTensor;
+    type Ownership = OwnershipBox;
 }
 
 /// Box a tensor into a new handle.
 pub(crate) fn into_handle(t: HostTensor) -> *mut lowvram_tensor {
-    Box::into_raw(Box::new(t)).cast()
+    box_handle(t)
 }
 
 /// Read a `(shape, ndim)` pair from C.
@@ -74,7 +75,8 @@ pub(crate) unsafe fn shape_arg(shape: *const i64, ndim: usize) -> Result<Vec<usi
 }
 
 /// Copy `data_len` bytes at `data` into a new tensor of `dtype` (a `lowvram_dtype` value) and `shape[0..ndim]` (row-major, native endianness).
-/// `data_len` must equal the product of the shape times the element size (BUFFER_SIZE otherwise). The library
+/// `data_len` must equal the product of the shape times the element size (BUFFER_SIZE otherwise); `data` may be
+/// NULL when that is 0 (a shape with a zero dimension). The library
 /// copies the data; the caller keeps ownership of `data`. On success `*out` is a new handle owned by the caller
 /// (free with `lowvram_tensor_free`). Thread-safe.
 #[no_mangle]
@@ -96,10 +98,14 @@ pub unsafe extern "C" fn lowvram_tensor_from_host(
             n => return Err(Error::invalid(format!("dtype {n} is not a lowvram_dtype (0 f32, 1 f16, 2 bf16)"))),
         };
         let shape = shape_arg(shape, ndim)?;
-        if data.is_null() {
+        // An empty tensor (a zero dimension) has no bytes: NULL data is fine there.
+        let bytes: &[u8] = if data.is_null() && data_len == 0 {
+            &[]
+        } else if data.is_null() {
             return Err(Error::NullArgument("data"));
-        }
-        let bytes = std::slice::from_raw_parts(data.cast::<u8>(), data_len);
+        } else {
+            std::slice::from_raw_parts(data.cast::<u8>(), data_len)
+        };
         *out = into_handle(HostTensor::from_bytes(dtype.into(), &shape, bytes)?);
         Ok(())
     })
@@ -162,9 +168,7 @@ pub unsafe extern "C" fn lowvram_tensor_read(
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_tensor_free(tensor: *mut lowvram_tensor) {
     guard(|| {
-        if !tensor.is_null() {
-            drop(Box::from_raw(tensor.cast::<HostTensor>()));
-        }
+        free_box(tensor);
         Ok(())
     });
 }

@@ -26,10 +26,40 @@ pub struct CacheStats {
     pub cache_hits: u64,
     /// Loads and locks that had to read the file.
     pub cache_misses: u64,
+    /// Hits, misses and evictions per tier.
+    pub tiers: TierStats,
+    /// Bytes read from weight files (RAM copies, and streams without one), since creation: a cache hit adds none.
+    pub bytes_read_from_files_total: u64,
     /// The newest lock's plan, with the device-wide predicted peak.
     pub plan: Option<PlanStats>,
     /// Cache sizes in force and the rules that chose them.
     pub sizing: Sizing,
+}
+
+/// The model cache as users know it: loads served from the registry, and each tier's hits, misses and evictions.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TierStats {
+    /// `load_model` of a file the cache still keeps (same path, size, mtime): no file read.
+    pub load_hits: u64,
+    /// `load_model` that mapped the file.
+    pub load_misses: u64,
+    /// Loads and locks that found the model's RAM copy held.
+    pub ram_hits: u64,
+    /// Loads and locks that read the RAM copy from the file.
+    pub ram_misses: u64,
+    /// RAM copies dropped (RAM budget, `unload_all`, `keep_ram_copy_of_weights: false`), and their bytes.
+    pub ram_evictions: u64,
+    pub ram_evicted_bytes: u64,
+    /// Locks whose planned resident blocks were all on the device already.
+    pub device_hits: u64,
+    /// Locks that had to load resident blocks.
+    pub device_misses: u64,
+    /// Models whose device residency was evicted (budgets, other models, `free_memory`, `unload_all`), and the
+    /// bytes.
+    pub device_evictions: u64,
+    pub device_evicted_bytes: u64,
+    /// Models forgotten (no handle, nothing cached any more): their files are unmapped.
+    pub models_forgotten: u64,
 }
 
 /// The device part of [`CacheStats`].

@@ -382,3 +382,103 @@ impl Peak {
         self.peak = self.peak.max(self.live + bytes);
     }
 }
+
+/// The tensors a model's forward reads, with their shapes: what a checkpoint must hold. A tensor with
+/// alternatives (an optional bias, legacy attention names) is listed by its required names only.
+#[derive(Debug, Default, Clone)]
+pub struct ExpectedTensors(pub Vec<(String, Vec<usize>)>);
+
+impl ExpectedTensors {
+    pub(crate) fn add(&mut self, name: impl Into<String>, shape: &[usize]) {
+        self.0.push((name.into(), shape.to_vec()));
+    }
+    /// `{key}.{name}weight` `[cout, cin, k, k]` and `{key}.{name}bias` `[cout]`.
+    pub(crate) fn conv(&mut self, key: &str, name: &str, cin: usize, cout: usize, k: usize) {
+        self.add(format!("{key}.{name}weight"), &[cout, cin, k, k]);
+        self.add(format!("{key}.{name}bias"), &[cout]);
+    }
+    /// `{key}.{name}.weight` and `.bias`, both `[c]` (a norm).
+    pub(crate) fn norm(&mut self, key: &str, name: &str, c: usize) {
+        self.add(format!("{key}.{name}.weight"), &[c]);
+        self.add(format!("{key}.{name}.bias"), &[c]);
+    }
+    /// `{key}.{name}.weight` `[out, inp]`, and its bias `[out]` when required.
+    pub(crate) fn linear(&mut self, key: &str, name: &str, inp: usize, out: usize, bias: bool) {
+        self.add(format!("{key}.{name}.weight"), &[out, inp]);
+        if bias {
+            self.add(format!("{key}.{name}.bias"), &[out]);
+        }
+    }
+}
+
+impl ConvSpec {
+    pub(crate) fn expect(&self, t: &mut ExpectedTensors) {
+        t.conv(&self.key, "", self.cin, self.cout, self.k);
+    }
+}
+
+impl ResnetSpec {
+    pub(crate) fn expect(&self, t: &mut ExpectedTensors) {
+        t.norm(&self.key, "norm1", self.cin);
+        t.conv(&self.key, "conv1.", self.cin, self.cout, 3);
+        if let Some(tc) = self.temb {
+            t.linear(&self.key, "time_emb_proj", tc, self.cout, true);
+        }
+        t.norm(&self.key, "norm2", self.cout);
+        t.conv(&self.key, "conv2.", self.cout, self.cout, 3);
+        if self.cin != self.cout {
+            t.conv(&self.key, "conv_shortcut.", self.cin, self.cout, 1);
+        }
+    }
+}
+
+impl DownsampleSpec {
+    pub(crate) fn expect(&self, t: &mut ExpectedTensors) {
+        t.conv(&self.key, "conv.", self.c, self.c, 3);
+    }
+}
+
+impl UpsampleSpec {
+    pub(crate) fn expect(&self, t: &mut ExpectedTensors) {
+        t.conv(&self.key, "conv.", self.c, self.c, 3);
+    }
+}
+
+impl TransformerSpec {
+    pub(crate) fn expect(&self, t: &mut ExpectedTensors) {
+        let (k, c) = (self.key.as_str(), self.channels);
+        t.norm(k, "norm", c);
+        if self.linear_proj {
+            t.linear(k, "proj_in", c, c, true);
+            t.linear(k, "proj_out", c, c, true);
+        } else {
+            t.conv(k, "proj_in.", c, c, 1);
+            t.conv(k, "proj_out.", c, c, 1);
+        }
+        for i in 0..self.depth {
+            let p = format!("{k}.transformer_blocks.{i}");
+            for n in ["norm1", "norm2", "norm3"] {
+                t.norm(&p, n, c);
+            }
+            for (attn, kv) in [("attn1", c), ("attn2", self.cross_dim)] {
+                t.linear(&p, &format!("{attn}.to_q"), c, c, false);
+                t.linear(&p, &format!("{attn}.to_k"), kv, c, false);
+                t.linear(&p, &format!("{attn}.to_v"), kv, c, false);
+                t.linear(&p, &format!("{attn}.to_out.0"), c, c, true);
+            }
+            t.linear(&p, "ff.net.0.proj", c, 8 * c, true);
+            t.linear(&p, "ff.net.2", 4 * c, c, true);
+        }
+    }
+}
+
+impl VaeAttentionSpec {
+    /// Lists the current names (`to_q`…); a checkpoint with the legacy names (`query`…) is matched by the caller.
+    pub(crate) fn expect(&self, t: &mut ExpectedTensors) {
+        let (k, c) = (self.key.as_str(), self.channels);
+        t.norm(k, "group_norm", c);
+        for n in ["to_q", "to_k", "to_v", "to_out.0"] {
+            t.linear(k, n, c, c, true);
+        }
+    }
+}

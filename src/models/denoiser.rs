@@ -18,6 +18,8 @@ pub trait Denoiser: Send + Sync {
     fn name(&self) -> &'static str;
     /// Channels of the latents it denoises.
     fn latent_channels(&self) -> usize;
+    /// Its widest activation's channels (bounds the working-memory arithmetic before it runs).
+    fn widest_channels(&self) -> usize;
     /// The conditioning tensors it takes, with their shapes.
     fn conditioning(&self) -> Vec<CondSpec>;
     /// The prediction for `x` `[N, C, h, w]` at timestep `t`, given the conditioning of the same batch `N`.
@@ -33,6 +35,11 @@ impl Denoiser for UNet2DConditionModel {
 
     fn latent_channels(&self) -> usize {
         self.config().in_channels
+    }
+
+    fn widest_channels(&self) -> usize {
+        let c = self.config();
+        c.block_out_channels.iter().copied().chain([c.in_channels, c.out_channels]).max().unwrap_or(1)
     }
 
     fn conditioning(&self) -> Vec<CondSpec> {

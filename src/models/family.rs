@@ -4,7 +4,8 @@
 //! The architectures live one folder each (`unet/`, `vae/`, `clip/`, ...); a family is the recipe that combines
 //! them (SD 1.x: CLIP-L last hidden state into the UNet; SDXL: two CLIP encoders' penultimate states, a pooled
 //! embedding and micro-conditioning). Adding a family is adding a variant here and its prompt rule in
-//! `api::pipeline`; the sampler and the C API stay as they are.
+//! `api::pipeline`; the sampler and the C API stay as they are. The enum itself lives with single-file detection
+//! (`weights::single_file`), the lowest layer that must name a family; this module adds what the layers above need.
 
 use std::path::Path;
 
@@ -12,42 +13,15 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-/// A pipeline family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Family {
-    /// Stable Diffusion 1.x: CLIP-L, UNet (cross-attention 768), VAE (scaling 0.18215).
-    Sd1,
-    /// Stable Diffusion 2.x: OpenCLIP-H (penultimate layer as diffusers ships it), UNet (1024), VAE.
-    Sd2,
-    /// Stable Diffusion XL: CLIP-L + OpenCLIP bigG, UNet with text_time conditioning (2048), VAE (0.13025).
-    Sdxl,
-}
+/// A pipeline family (the same type single-file detection returns).
+pub use crate::weights::single_file::Family;
 
 impl Family {
-    /// The family's display name.
-    pub fn name(self) -> &'static str {
+    /// Text encoder component names (their tokenizer folders are found beside them: `tokenizer`, `tokenizer_2`).
+    pub fn text_encoders(self) -> &'static [&'static str] {
         match self {
-            Self::Sd1 => "SD 1.x",
-            Self::Sd2 => "SD 2.x",
-            Self::Sdxl => "SDXL",
-        }
-    }
-
-    /// Component folders of its diffusers pipeline, in load order; the text encoders may be absent (then only
-    /// host-given conditioning works).
-    pub fn components(self) -> &'static [&'static str] {
-        match self {
-            Self::Sd1 | Self::Sd2 => &["unet", "vae", "text_encoder"],
-            Self::Sdxl => &["unet", "vae", "text_encoder", "text_encoder_2"],
-        }
-    }
-
-    /// Text encoder component names (with their tokenizer folders `tokenizer`, `tokenizer_2`).
-    pub fn text_encoders(self) -> &'static [(&'static str, &'static str)] {
-        match self {
-            Self::Sd1 | Self::Sd2 => &[("text_encoder", "tokenizer")],
-            Self::Sdxl => &[("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")],
+            Self::Sd1 | Self::Sd2 => &["text_encoder"],
+            Self::Sdxl => &["text_encoder", "text_encoder_2"],
         }
     }
 

@@ -6,8 +6,10 @@
 //! - [`family`]: which architectures a pipeline combines and how its family is detected.
 //! - [`denoiser`]: the interface the sampler calls on any denoising model; [`conditioning`]: the named tensors it
 //!   takes.
+//! - [`clip`]: the CLIP text encoders (`CLIPTextModel`, `CLIPTextModelWithProjection`).
 
 pub(crate) mod blocks;
+pub mod clip;
 pub mod conditioning;
 mod config_util;
 pub mod denoiser;
@@ -16,6 +18,7 @@ pub mod text_encoder;
 pub mod unet;
 pub mod vae;
 
+pub use blocks::ExpectedTensors;
 pub use conditioning::{BatchedConditioning, CondSpec, Conditioning};
 pub use denoiser::Denoiser;
 pub use family::Family;

@@ -4,6 +4,7 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
+use crate::models::ExpectedTensors;
 use crate::ops::OpTarget;
 use crate::weights::WeightSource;
 
@@ -38,10 +39,57 @@ pub trait TextEncoder: Send + Sync {
     fn encode(&self, w: &dyn WeightSource, ids: &Tensor, layer: HiddenLayer) -> Result<TextEncoding>;
     /// Peak activation bytes of one encode of `batch` sequences of `seq` tokens on `target`.
     fn working_bytes(&self, batch: usize, seq: usize, target: OpTarget) -> u64;
+    /// Every tensor the encoder reads, with its shape (checked against the checkpoint at load).
+    fn expected_tensors(&self) -> ExpectedTensors;
 }
 
 /// Turns a prompt into the fixed-length ids its encoder takes.
 pub trait PromptTokenizer: Send + Sync {
     /// The ids of `prompt`, truncated and padded to the encoder's length.
     fn tokenize(&self, prompt: &str) -> Result<Vec<u32>>;
+}
+
+impl TextEncoder for crate::models::clip::ClipTextEncoder {
+    fn name(&self) -> &'static str {
+        match self.config().kind {
+            crate::models::clip::ClipKind::WithProjection => "CLIPTextModelWithProjection",
+            _ => "CLIPTextModel",
+        }
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.config().hidden_size
+    }
+
+    fn encode(&self, w: &dyn WeightSource, ids: &Tensor, layer: HiddenLayer) -> Result<TextEncoding> {
+        let skip = match layer {
+            HiddenLayer::Last => 0,
+            // `penultimate` is hidden_states[-(clip_skip + 2)]: Skip(n) asks for hidden_states[-(n + 1)].
+            HiddenLayer::Skip(n) => n.checked_sub(1).ok_or_else(|| {
+                crate::Error::invalid("HiddenLayer::Skip(0) is the last layer without its norm: not a CLIP output")
+            })?,
+            HiddenLayer::SkipNormed(n) => n,
+        };
+        let out = self.encode_with_clip_skip(w, ids, skip)?;
+        let hidden = match layer {
+            HiddenLayer::Last => out.last_hidden_state,
+            HiddenLayer::Skip(_) => out.penultimate,
+            HiddenLayer::SkipNormed(_) => out.clip_skipped,
+        };
+        Ok(TextEncoding { hidden, pooled: Some(out.text_embeds.unwrap_or(out.pooled)) })
+    }
+
+    fn working_bytes(&self, batch: usize, seq: usize, target: OpTarget) -> u64 {
+        crate::models::clip::ClipTextEncoder::working_bytes(self, batch, seq, target)
+    }
+
+    fn expected_tensors(&self) -> ExpectedTensors {
+        ExpectedTensors(crate::models::clip::ClipTextEncoder::expected_tensors(self))
+    }
+}
+
+impl PromptTokenizer for crate::text::ClipTokenizer {
+    fn tokenize(&self, prompt: &str) -> Result<Vec<u32>> {
+        self.encode(prompt)
+    }
 }

@@ -15,6 +15,9 @@ use serde_json::Value;
 use super::SchedulerKind;
 use crate::{Error, Result};
 
+/// Largest `num_train_timesteps` accepted (diffusers' models use 1000).
+pub const MAX_TRAIN_TIMESTEPS: i64 = 100_000;
+
 /// `beta_schedule`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BetaSchedule {
@@ -190,6 +193,12 @@ impl SchedulerConfig {
                     if n < 2 {
                         return Err(Error::invalid(format!("scheduler_config: num_train_timesteps = {n} (needs ≥ 2)")));
                     }
+                    // The schedules are tables of this length: bound it before anything is sized from it.
+                    if n > MAX_TRAIN_TIMESTEPS {
+                        return Err(Error::format(format!(
+                            "scheduler_config: num_train_timesteps = {n} is out of range (at most {MAX_TRAIN_TIMESTEPS})"
+                        )));
+                    }
                     c.num_train_timesteps = Some(n as usize);
                 }
                 "beta_start" => c.beta_start = Some(as_f64(key, v)?),
@@ -340,6 +349,14 @@ impl SchedulerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostile_num_train_timesteps_is_a_format_error_naming_the_key() {
+        for v in ["4294967295", "18446744073709551615", "1e300"] {
+            let e = SchedulerConfig::from_json_str(&format!("{{\"num_train_timesteps\": {v}}}")).unwrap_err();
+            assert!(matches!(e, Error::Format(_)) && e.to_string().contains("num_train_timesteps"), "{v}: {e}");
+        }
+    }
 
     #[test]
     fn sd15_defaults_differ_per_scheduler() {

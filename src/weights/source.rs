@@ -100,6 +100,44 @@ impl BlockWeights {
     }
 }
 
+/// A family's block partition: the streaming unit a tensor name belongs to (a prefix of the name).
+pub type BlockRule = fn(&str) -> &str;
+
+/// How a file's bytes become one component's tensors: the family's block rule and, for a component inside a
+/// single-file checkpoint, where each of its tensors lies in the file (the whole file as stored otherwise).
+#[derive(Clone)]
+pub struct WeightLayout {
+    /// Names this view of the file in the cache (`""` = the whole file; `unet`, `vae`, ... for a single file's
+    /// components), so one file can back several models.
+    pub view: String,
+    /// The family's block rule.
+    pub rule: BlockRule,
+    /// The component's tensors in the file (None = every tensor of the file under its stored name).
+    pub spans: Option<std::sync::Arc<Vec<TensorSpan>>>,
+}
+
+impl WeightLayout {
+    /// Every tensor of the file under its stored name, partitioned by `rule`.
+    pub fn whole(rule: BlockRule) -> Self {
+        Self { view: String::new(), rule, spans: None }
+    }
+}
+
+/// One tensor of a component as it lies in a file: a contiguous byte range read in place (never rewritten).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpan {
+    /// The name the model reads (`down_blocks.0.resnets.1.conv1.weight`).
+    pub name: String,
+    /// Its dtype in the file.
+    pub dtype: DType,
+    /// The shape the model reads.
+    pub shape: Vec<usize>,
+    /// Byte range in the file.
+    pub bytes: std::ops::Range<usize>,
+    /// The stored 2-D tensor is the transpose of `shape` (OpenCLIP's `text_projection`): transposed when read.
+    pub transposed: bool,
+}
+
 /// Containers whose numbered children are separate blocks (each streamed or kept resident as a unit).
 const BLOCK_LISTS: &[&str] = &[
     "resnets",
@@ -107,13 +145,15 @@ const BLOCK_LISTS: &[&str] = &[
     "downsamplers",
     "upsamplers",
     "transformer_blocks",
+    "layers", // CLIP text encoders: `text_model.encoder.layers.N`
 ];
 
 /// The block a checkpoint tensor belongs to: the name up to the deepest numbered child of a block list
 /// (`down_blocks.0.resnets.1.conv1.weight` → `down_blocks.0.resnets.1`;
 /// `….attentions.0.transformer_blocks.3.attn1.to_q.weight` → `….attentions.0.transformer_blocks.3`), with an
 /// attention's `proj_out` a block of its own (`….attentions.0.proj_out`), else its top-level module
-/// (`time_embedding.linear_1.weight` → `time_embedding`; under `encoder.`/`decoder.` one level deeper).
+/// (`time_embedding.linear_1.weight` → `time_embedding`; under `encoder.`/`decoder.`/`text_model.` one level
+/// deeper).
 ///
 /// Blocks are the unit of residency and of transfer: big enough for efficient copies, small enough to plan finely.
 /// This is the UNet family's rule (`crate::models::unet::block_of`, which documents why), applied to every file
@@ -138,7 +178,7 @@ pub fn block_key(name: &str) -> &str {
         }
         return &name[..ends[i]];
     }
-    let depth = if matches!(parts[0], "encoder" | "decoder") && parts.len() > 2 {
+    let depth = if matches!(parts[0], "encoder" | "decoder" | "text_model") && parts.len() > 2 {
         2
     } else {
         1

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use candle_core::{DType, Device, Tensor};
@@ -13,7 +14,7 @@ use serde::Serialize;
 
 use crate::device::{BlockBuffer, DeviceAllocator, PinnedHost};
 use crate::error::{Error, Result};
-use crate::weights::source::block_key;
+use crate::weights::source::{block_key, WeightLayout};
 
 /// Where a tensor's bytes are now (the best copy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -44,6 +45,8 @@ pub struct TensorInfo {
     pub shape: Vec<usize>,
     offset: usize,
     len: usize,
+    /// Stored as the transpose of `shape` (2-D): transposed as it is read.
+    transposed: bool,
 }
 
 impl TensorInfo {
@@ -165,6 +168,22 @@ pub struct WeightStore {
     ram: Mutex<Option<Arc<Vec<HashMap<String, Tensor>>>>>,
     /// The RAM copy's registration as pinned memory (CUDA, `pin_memory`); dropped before the copy.
     pinned: Mutex<Option<PinnedHost>>,
+    /// Bytes read from the mapping so far (RAM copies and streams without one).
+    read: AtomicU64,
+}
+
+/// A span's dtype, if the store can hold it.
+fn dtype_of_candle(d: DType, name: &str) -> Result<DType> {
+    match d {
+        DType::F32 | DType::F16 | DType::BF16 => Ok(d),
+        other => Err(Error::unsupported(format!("tensor {name}: dtype {other:?} (supported: F32, F16, BF16)"))),
+    }
+}
+
+/// A known extra that is not a weight: the integer `position_ids` buffer older transformers exports of CLIP text
+/// encoders carry (`text_model.embeddings.position_ids`, SD 1.5's among them). Skipped (DECISIONS: known extras).
+fn is_index_buffer(name: &str, d: safetensors::Dtype) -> bool {
+    name.ends_with("embeddings.position_ids") && matches!(d, safetensors::Dtype::I64 | safetensors::Dtype::I32)
 }
 
 fn dtype_of(d: safetensors::Dtype, name: &str) -> Result<DType> {
@@ -261,9 +280,16 @@ fn convert_par(src: &[u8], from: DType, to: DType, dst: &mut [u8], parallel: boo
 }
 
 impl WeightStore {
-    /// Map `path` and validate its header. `storage` = the dtype kept in RAM and on the device (None = the file's);
-    /// `compute` = the dtype fetches return. A corrupt or truncated file gives [`Error::Format`].
+    /// Map `path` and validate its header, every tensor under its stored name in the generic block partition
+    /// ([`block_key`]). `storage` = the dtype kept in RAM and on the device (None = the file's); `compute` = the
+    /// dtype fetches return. A corrupt or truncated file gives [`Error::Format`].
     pub fn open(path: &Path, storage: Option<DType>, compute: DType) -> Result<Self> {
+        Self::open_with(path, &WeightLayout::whole(block_key), storage, compute)
+    }
+
+    /// [`Self::open`] with a family's block rule and, for a component of a single-file checkpoint, the spans of
+    /// its tensors in the file (checked against the file's bounds and dtypes).
+    pub fn open_with(path: &Path, layout: &WeightLayout, storage: Option<DType>, compute: DType) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len < 8 {
@@ -278,33 +304,47 @@ impl WeightStore {
         let st = safetensors::SafeTensors::deserialize(&mmap)
             .map_err(|e| Error::format(format!("{}: invalid safetensors: {e}", path.display())))?;
         let base = mmap.as_ptr() as usize;
-        let mut raw: Vec<(String, DType, Vec<usize>, usize, usize)> = Vec::new();
-        for (name, view) in st.tensors() {
-            let dt = dtype_of(view.dtype(), &name)?;
-            let data = view.data();
-            let expect = view.shape().iter().product::<usize>() * dt.size_in_bytes();
-            if data.len() != expect {
-                return Err(Error::format(format!(
-                    "{}: tensor {name} has {} bytes, expected {expect}",
-                    path.display(),
-                    data.len()
-                )));
+        let mut raw: Vec<(String, DType, Vec<usize>, usize, usize, bool)> = Vec::new();
+        if let Some(spans) = &layout.spans {
+            for s in spans.iter() {
+                dtype_of_candle(s.dtype, &s.name)?;
+                let expect = s.shape.iter().product::<usize>() * s.dtype.size_in_bytes();
+                if s.bytes.end > mmap.len() || s.bytes.len() != expect || (s.transposed && s.shape.len() != 2) {
+                    return Err(Error::format(format!(
+                        "{}: tensor {} spans bytes {:?}, expected {expect} bytes within the file's {}",
+                        path.display(),
+                        s.name,
+                        s.bytes,
+                        mmap.len()
+                    )));
+                }
+                raw.push((s.name.clone(), s.dtype, s.shape.clone(), s.bytes.start, s.bytes.len(), s.transposed));
             }
-            raw.push((
-                name,
-                dt,
-                view.shape().to_vec(),
-                data.as_ptr() as usize - base,
-                data.len(),
-            ));
+        } else {
+            for (name, view) in st.tensors() {
+                if is_index_buffer(&name, view.dtype()) {
+                    continue;
+                }
+                let dt = dtype_of(view.dtype(), &name)?;
+                let data = view.data();
+                let expect = view.shape().iter().product::<usize>() * dt.size_in_bytes();
+                if data.len() != expect {
+                    return Err(Error::format(format!(
+                        "{}: tensor {name} has {} bytes, expected {expect}",
+                        path.display(),
+                        data.len()
+                    )));
+                }
+                raw.push((name, dt, view.shape().to_vec(), data.as_ptr() as usize - base, data.len(), false));
+            }
         }
         drop(st);
         raw.sort_by_key(|r| r.3);
         let mut tensors = Vec::with_capacity(raw.len());
         let mut blocks: Vec<BlockInfo> = Vec::new();
         let mut index = HashMap::new();
-        for (name, file_dtype, shape, offset, len) in raw {
-            let key = block_key(&name).to_string();
+        for (name, file_dtype, shape, offset, len, transposed) in raw {
+            let key = (layout.rule)(&name).to_string();
             let rel_name = name
                 .strip_prefix(&key)
                 .map(|r| r.trim_start_matches('.'))
@@ -329,6 +369,7 @@ impl WeightStore {
                 shape,
                 offset,
                 len,
+                transposed,
             };
             let b = &mut blocks[block];
             b.storage_bytes += info.storage_bytes();
@@ -345,6 +386,7 @@ impl WeightStore {
             compute_dtype: compute,
             ram: Mutex::new(None),
             pinned: Mutex::new(None),
+            read: AtomicU64::new(0),
         })
     }
 
@@ -376,6 +418,29 @@ impl WeightStore {
     pub fn mapped_bytes(&self) -> u64 {
         self.mmap.len() as u64
     }
+    /// Bytes read from the file (through the mapping) since it was opened: RAM copies and streams without one.
+    pub fn file_bytes_read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+    /// The mapped bytes of tensor `t` in its shape's row-major order, counted as read (a copy only for a tensor
+    /// stored transposed).
+    fn file_bytes(&self, t: &TensorInfo) -> std::borrow::Cow<'_, [u8]> {
+        self.read.fetch_add(t.len as u64, Ordering::Relaxed);
+        let bytes = &self.mmap[t.offset..t.offset + t.len];
+        if !t.transposed {
+            return std::borrow::Cow::Borrowed(bytes);
+        }
+        // Stored [cols, rows] row-major; the model reads [rows, cols].
+        let (rows, cols, e) = (t.shape[0], t.shape[1], t.file_dtype.size_in_bytes());
+        let mut out = vec![0u8; bytes.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                let (dst, src) = ((r * cols + c) * e, (c * rows + r) * e);
+                out[dst..dst + e].copy_from_slice(&bytes[src..src + e]);
+            }
+        }
+        std::borrow::Cow::Owned(out)
+    }
 
     /// Whether a RAM copy is held.
     pub fn has_ram_copy(&self) -> bool {
@@ -402,12 +467,7 @@ impl WeightStore {
             for &ti in &b.tensors {
                 let t = &self.tensors[ti];
                 buf.resize(t.storage_bytes() as usize, 0);
-                convert_into(
-                    &self.mmap[t.offset..t.offset + t.len],
-                    t.file_dtype,
-                    t.storage_dtype,
-                    &mut buf,
-                );
+                convert_into(&self.file_bytes(t), t.file_dtype, t.storage_dtype, &mut buf);
                 m.insert(
                     t.rel_name.clone(),
                     Tensor::from_raw_buffer(&buf, t.storage_dtype, &t.shape, &Device::Cpu)?,
@@ -494,9 +554,9 @@ impl WeightStore {
                     }
                 }
                 None => {
-                    let src = &self.mmap[t.offset..t.offset + t.len];
+                    let src = self.file_bytes(t);
                     buf.write(at, n, |dst| {
-                        convert_par(src, t.file_dtype, dtype, dst, parallel)
+                        convert_par(&src, t.file_dtype, dtype, dst, parallel)
                     })?;
                 }
             }
@@ -547,7 +607,7 @@ impl WeightStore {
             let t = &self.tensors[ti];
             let n = t.elem_count() * dtype.size_in_bytes();
             convert_par(
-                &self.mmap[t.offset..t.offset + t.len],
+                &self.file_bytes(t),
                 t.file_dtype,
                 dtype,
                 &mut buf[at..at + n],

@@ -290,11 +290,11 @@ static void test_struct_sizes(void) {
            sizeof(lowvram_context_params), sizeof(lowvram_cache_stats), sizeof(lowvram_model_info),
            sizeof(lowvram_denoise_params), sizeof(lowvram_decode_params), sizeof(lowvram_run_report),
            sizeof(lowvram_system_info), sizeof(lowvram_device_info));
-    CHECK(sizeof(lowvram_context_params) == 48);
+    CHECK(sizeof(lowvram_context_params) == 56);
     CHECK(sizeof(lowvram_cache_stats) == 104);
     CHECK(sizeof(lowvram_model_info) == 32);
-    CHECK(sizeof(lowvram_denoise_params) == 64);
-    CHECK(sizeof(lowvram_decode_params) == 16);
+    CHECK(sizeof(lowvram_denoise_params) == 80);
+    CHECK(sizeof(lowvram_decode_params) == 48);
     CHECK(sizeof(lowvram_run_report) == 72);
     CHECK(sizeof(lowvram_system_info) == 2720);
     CHECK(sizeof(lowvram_device_info) == 152);
@@ -642,7 +642,7 @@ static void test_denoise_and_decode(void) {
     CHECK(lowvram_vae_decode(ctx, vae, NULL, NULL, NULL, &out) == LOWVRAM_STATUS_NULL_ARGUMENT);
     CHECK(out == sentinel);
     lowvram_run_report short_report;
-    short_report.struct_size = 8;
+    short_report.struct_size = 2; /* smaller than the struct_size field itself */
     CHECK(lowvram_denoise(ctx, unet, &dp, in.cond_t, in.uncond_t, in.noise_t, &short_report, &out) ==
           LOWVRAM_STATUS_INVALID_ARGUMENT);
     CHECK(out == sentinel);

@@ -336,6 +336,49 @@ static void test_pipeline() {
     lowvram::Tensor again = ctx.denoise(unet, plain, cond, &uncond, &noise);
     CHECK(again.read<float>() == got);
 
+    // a cancel token: cancelled before the call, it still stops it; it never stops a call it was not given to
+    lowvram::CancelToken token;
+    CHECK(!token.cancelled());
+    token.cancel();
+    CHECK(token.cancelled());
+    lowvram::DenoiseOptions with_token = plain;
+    with_token.cancel = &token;
+    int token_calls = 0;
+    with_token.progress = [&](std::uint32_t, std::uint32_t) { return ++token_calls > 0; };
+    EXPECT_ERROR(LOWVRAM_STATUS_CANCELLED, ctx.denoise(unet, with_token, cond, &uncond, &noise));
+    CHECK(token_calls == 0);
+    CHECK(ctx.denoise(unet, plain, cond, &uncond, &noise).read<float>() == got);
+    // decode with block progress, cancelled by its token at block 2
+    lowvram::CancelToken decode_token;
+    lowvram::DecodeOptions dopts;
+    int blocks = 0;
+    dopts.cancel = &decode_token;
+    dopts.progress = [&](std::uint32_t done, std::uint32_t) {
+        blocks++;
+        if (done == 2) decode_token.cancel();
+        return true;
+    };
+    EXPECT_ERROR(LOWVRAM_STATUS_CANCELLED, ctx.vae_decode(vae, again, dopts));
+    CHECK(blocks == 2);
+    // a load reports its phases, and a cancelled token stops it
+    int phases = 0;
+    lowvram::Model reloaded = ctx.load_model(repo() + "/models/tiny-sd/vae", [&](std::uint32_t, std::uint32_t) {
+        phases++;
+        return true;
+    });
+    CHECK(phases == 3 && static_cast<bool>(reloaded));
+    EXPECT_ERROR(LOWVRAM_STATUS_CANCELLED, ctx.load_model(repo() + "/models/tiny-sd/vae", nullptr, &token));
+    // a model of another context is refused
+    lowvram::Context other({"cpu"});
+    EXPECT_ERROR(LOWVRAM_STATUS_INVALID_ARGUMENT, other.denoise(unet, plain, cond, &uncond, &noise));
+    // replacing the log callback while the context lives
+    int logged = 0;
+    other.set_log([&](lowvram_log_level, const char *) { logged++; });
+    other.configure("max_cache_vram_gb: 1\n");
+    std::printf("C++ log after set_log: %d lines\n", logged);
+    CHECK(logged > 0);
+    other.set_log(nullptr);
+
     // streaming under a ~0.5 MiB cache on an emulated device: bit-identical latents
     lowvram::ContextOptions small_opts;
     small_opts.device = "emulated:64MiB";

@@ -114,11 +114,12 @@ public static class TestApi
     /// <summary>The C header's struct sizes on LP64 (tests/c/test_api.c asserts the same numbers).</summary>
     static void TestStructSizes()
     {
-        Check(Marshal.SizeOf(typeof(Native.ContextParams)) == 48, "sizeof lowvram_context_params");
+        Check(Marshal.SizeOf(typeof(Native.ContextParams)) == 56, "sizeof lowvram_context_params");
         Check(Marshal.SizeOf(typeof(CacheStats)) == 104, "sizeof lowvram_cache_stats");
         Check(Marshal.SizeOf(typeof(ModelInfo)) == 32, "sizeof lowvram_model_info");
-        Check(Marshal.SizeOf(typeof(Native.DenoiseParams)) == 64, "sizeof lowvram_denoise_params");
-        Check(Marshal.SizeOf(typeof(Native.DecodeParams)) == 16, "sizeof lowvram_decode_params");
+        Check(Marshal.SizeOf(typeof(Native.DenoiseParams)) == 80, "sizeof lowvram_denoise_params");
+        Check(Marshal.SizeOf(typeof(Native.DecodeParams)) == 48, "sizeof lowvram_decode_params");
+        Check(Marshal.SizeOf(typeof(Native.ModelLoadParams)) == 40, "sizeof lowvram_model_load_params");
         Check(Marshal.SizeOf(typeof(RunReport)) == 72, "sizeof lowvram_run_report");
         Check(Marshal.SizeOf(typeof(Native.SystemInfo)) == 2720, "sizeof lowvram_system_info");
         Check(Marshal.SizeOf(typeof(Native.DeviceInfo)) == 152, "sizeof lowvram_device_info");
@@ -131,12 +132,12 @@ public static class TestApi
         // The init functions accept our sizes and give the documented defaults.
         var p = new Native.DenoiseParams();
         Native.Check(Native.lowvram_denoise_params_init(ref p, (UIntPtr)Marshal.SizeOf(typeof(Native.DenoiseParams))));
-        Check(p.StructSize == 64 && p.Steps == 20 && p.Guidance == 7.5f && !p.Karras && p.Scheduler == Scheduler.Euler,
+        Check(p.StructSize == 80 && p.Steps == 20 && p.Guidance == 7.5f && !p.Karras && p.Scheduler == Scheduler.Euler,
             "denoise params defaults");
         Check(p.LatentWidth == 64 && p.LatentHeight == 64 && p.Progress == IntPtr.Zero, "denoise params defaults 2");
         var d = new Native.DecodeParams { NeverTile = true, TileLatent = 99 };
         Native.Check(Native.lowvram_decode_params_init(ref d, (UIntPtr)Marshal.SizeOf(typeof(Native.DecodeParams))));
-        Check(d.StructSize == 16 && d.TileLatent == 0 && d.OverlapLatent == 0 && !d.NeverTile, "decode params defaults");
+        Check(d.StructSize == 48 && d.TileLatent == 0 && d.OverlapLatent == 0 && !d.NeverTile, "decode params defaults");
     }
 
     static void TestBasics()
@@ -351,6 +352,33 @@ public static class TestApi
             ExpectError(Status.Cancelled, () => ctx.Denoise(unet, stop, cond, uncond, noise), "Cancel() in callback");
             using (var again = ctx.Denoise(unet, new DenoiseOptions { Steps = 8 }, cond, uncond, noise))
                 Check(SameBits(again.ReadFloats(), got), "denoise after cancel gives the same latents");
+
+            // a cancel token: cancelled before the call, it still stops it; the next call without it runs
+            using (var token = new CancelToken())
+            {
+                Check(!token.IsCancelled, "new token not cancelled");
+                token.Cancel();
+                Check(token.IsCancelled, "token cancelled");
+                int tokenCalls = 0;
+                var withToken = new DenoiseOptions { Steps = 8, Cancel = token,
+                    Progress = (step, total) => { tokenCalls++; return true; } };
+                ExpectError(Status.Cancelled, () => ctx.Denoise(unet, withToken, cond, uncond, noise), "token cancel");
+                Check(tokenCalls == 0, "a token cancelled before the call stops it before the first step");
+                ExpectError(Status.Cancelled, () => ctx.LoadModel(Vae, null, token), "token cancels a load");
+            }
+            using (var again = ctx.Denoise(unet, new DenoiseOptions { Steps = 8 }, cond, uncond, noise))
+            using (var decodeToken = new CancelToken())
+            {
+                Check(SameBits(again.ReadFloats(), got), "a token never stops another call");
+                int blocks = 0;
+                var dopts = new DecodeOptions { Cancel = decodeToken,
+                    Progress = (done, total) => { blocks++; if (done == 2) decodeToken.Cancel(); return true; } };
+                ExpectError(Status.Cancelled, () => ctx.VaeDecode(vae, again, dopts), "decode token cancel");
+                Check(blocks == 2, "decode progress per block: " + blocks);
+            }
+            int phases = 0;
+            using (ctx.LoadModel(Vae, (done, total) => { phases++; return true; }, null)) { }
+            Check(phases == 3, "load reports its phases: " + phases);
 
             // streaming under a ~0.5 MiB cache on an emulated device: bit-identical latents
             using (var small = new Context(device: "emulated:64MiB",

@@ -35,6 +35,7 @@ impl Drop for TempDir {
 }
 
 /// A chain model: block i maps dims[i] → dims[i+1] with `weight` [dims[i], dims[i+1]] and `bias` [dims[i+1]].
+#[derive(Clone)]
 pub struct TestModel {
     pub path: PathBuf,
     pub dims: Vec<usize>,
@@ -53,14 +54,10 @@ impl TestModel {
 }
 
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
         })
         .collect()
@@ -110,11 +107,7 @@ pub fn write_model_as(
 
 /// The forward: x = tanh(x·Wᵢ + bᵢ), fetching each block in order and dropping it before the next.
 /// `hook(i, &weights)` runs while block i is held.
-pub fn forward_with(
-    src: &dyn WeightSource,
-    m: &TestModel,
-    mut hook: impl FnMut(usize),
-) -> Result<Vec<f32>> {
+pub fn forward_with(src: &dyn WeightSource, m: &TestModel, mut hook: impl FnMut(usize)) -> Result<Vec<f32>> {
     let mut x = Tensor::from_vec(values(2 * m.dims[0], 42, 1.0), (2, m.dims[0]), src.device())?;
     for (i, key) in m.blocks.iter().enumerate() {
         let w = src.fetch(key)?;

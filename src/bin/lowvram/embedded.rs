@@ -10,9 +10,15 @@ macro_rules! file {
     };
 }
 
-const FILES: [(&str, &[u8]); 6] = [
+const FILES: [(&str, &[u8]); 12] = [
     file!("model_index.json"),
     file!("scheduler/scheduler_config.json"),
+    file!("text_encoder/config.json"),
+    file!("text_encoder/model.safetensors"),
+    file!("tokenizer/merges.txt"),
+    file!("tokenizer/special_tokens_map.json"),
+    file!("tokenizer/tokenizer_config.json"),
+    file!("tokenizer/vocab.json"),
     file!("unet/config.json"),
     file!("unet/diffusion_pytorch_model.safetensors"),
     file!("vae/config.json"),

@@ -299,14 +299,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
         seed: args.seed,
         latent_size,
     };
-    let quiet = args.run.json;
+    let mut bar = StepProgress::new(!args.run.json);
     let mut progress = |step: usize, total: usize| {
-        if !quiet {
-            eprint!("\rlowvram: step {step}/{total}");
-            if step == total {
-                eprintln!();
-            }
-        }
+        bar.step(step, total);
         true
     };
     let (latents, denoise_report) =
@@ -428,5 +423,53 @@ fn system_stats(json: bool) {
         }
     } else {
         println!("CUDA: unavailable ({})", stats.cuda.reason);
+    }
+}
+
+/// The denoise progress on stderr: a bar with the rate and the time left when stderr is a terminal, else one
+/// complete line per step (logs and CI capture stay readable).
+struct StepProgress {
+    enabled: bool,
+    terminal: bool,
+    start: std::time::Instant,
+}
+
+impl StepProgress {
+    fn new(enabled: bool) -> Self {
+        use std::io::IsTerminal;
+        Self { enabled, terminal: std::io::stderr().is_terminal(), start: std::time::Instant::now() }
+    }
+
+    fn step(&mut self, step: usize, total: usize) {
+        if !self.enabled {
+            return;
+        }
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let rate = if elapsed > 0.0 { step as f64 / elapsed } else { 0.0 };
+        let eta = if rate > 0.0 { total.saturating_sub(step) as f64 / rate } else { 0.0 };
+        let line = progress_line(step, total, rate, eta, self.terminal);
+        if self.terminal {
+            eprint!("\r\x1b[2K{line}");
+            if step == total {
+                eprintln!();
+            }
+        } else {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// `lowvram: [########------------] 8/20 2.41 it/s ETA 5.0 s` (terminal) or `lowvram: step 8/20 (2.41 it/s, ETA 5.0 s)`.
+fn progress_line(step: usize, total: usize, rate: f64, eta_s: f64, bar: bool) -> String {
+    const WIDTH: usize = 24;
+    if bar {
+        let filled = (step * WIDTH).checked_div(total).unwrap_or(WIDTH).min(WIDTH);
+        format!(
+            "lowvram: [{}{}] {step}/{total} {rate:.2} it/s ETA {eta_s:.1} s",
+            "#".repeat(filled),
+            "-".repeat(WIDTH - filled)
+        )
+    } else {
+        format!("lowvram: step {step}/{total} ({rate:.2} it/s, ETA {eta_s:.1} s)")
     }
 }

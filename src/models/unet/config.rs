@@ -6,7 +6,8 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::models::config_util::{
-    is_bool_all, is_num, is_str, parse_object, require, require_null, typed, OneOrMany,
+    bounded, is_bool_all, is_num, is_str, parse_object, require, require_null, typed, OneOrMany,
+    MAX_CHANNELS, MAX_LAYERS_PER_BLOCK,
 };
 
 /// The kind of a down or up block.
@@ -191,6 +192,7 @@ impl UNetConfig {
                 return Err(Error::unsupported("config key norm_num_groups = null"));
             }
         }
+        check_bounds(&m)?;
         let raw: Raw = typed(&m, "unet config")?;
         let n = raw.block_out_channels.len();
         if n == 0 || raw.down_block_types.len() != n || raw.up_block_types.len() != n {
@@ -287,8 +289,21 @@ impl UNetConfig {
     }
 }
 
+/// Every count and size a UNet config.json sets, bounded before anything is sized from it.
+fn check_bounds(m: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    for key in ["in_channels", "out_channels", "block_out_channels", "cross_attention_dim", "norm_num_groups"] {
+        bounded(m, key, 1, MAX_CHANNELS)?;
+    }
+    for key in ["attention_head_dim", "num_attention_heads"] {
+        bounded(m, key, 1, MAX_CHANNELS)?;
+    }
+    bounded(m, "layers_per_block", 1, MAX_LAYERS_PER_BLOCK)?;
+    bounded(m, "downsample_padding", 0, 2)?;
+    bounded(m, "sample_size", 1, MAX_CHANNELS)
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -340,5 +355,21 @@ mod tests {
         let bad = SDXL_BASE.replace("2816", "1536");
         let e = UNetConfig::from_json(&bad).unwrap_err().to_string();
         assert!(e.contains("projection_class_embeddings_input_dim"), "{e}");
+    }
+
+    #[test]
+    fn hostile_numbers_are_format_errors_naming_the_key() {
+        for (key, value) in [
+            ("layers_per_block", "4294967295"),
+            ("downsample_padding", "65535"),
+            ("in_channels", "4294967296"),
+            ("block_out_channels", "[32, 18446744073709551615]"),
+            ("cross_attention_dim", "1e300"),
+            ("attention_head_dim", "9223372036854775808"),
+        ] {
+            let e = UNetConfig::from_json(&format!("{{\"{key}\": {value}}}")).unwrap_err();
+            assert!(matches!(e, Error::Format(_)), "{key}: {e}");
+            assert!(e.to_string().contains(key), "{e}");
+        }
     }
 }

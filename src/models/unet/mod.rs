@@ -1,7 +1,9 @@
 //! diffusers' `UNet2DConditionModel` for SD 1.x / 2.x and SDXL, computing block by block from a [`WeightSource`].
 //!
-//! The family's files: [`config`] (config.json), this model, [`blocks`] (the streaming unit of a checkpoint tensor,
-//! [`block_of`]) and `estimate` (working memory of a forward, [`UNet2DConditionModel::working_bytes`]).
+//! The family's files: `config.rs` ([`UNetConfig`], config.json), this model, `blocks.rs` (the streaming unit of a
+//! checkpoint tensor, [`block_of`]), `estimate.rs` (working memory of a forward,
+//! [`UNet2DConditionModel::working_bytes`]) and `shapes.rs` (the checkpoint a config expects,
+//! [`UNet2DConditionModel::tensor_shapes`]).
 //!
 //! Blocks, in execution order: `time_embedding`, `add_embedding` (SDXL), `conv_in`, `down_blocks.{i}.resnets.{j}`,
 //! per attention `down_blocks.{i}.attentions.{j}` (norm, proj_in), `….transformer_blocks.{k}` (one per layer) and
@@ -12,6 +14,7 @@
 pub mod blocks;
 mod config;
 mod estimate;
+mod shapes;
 
 use std::path::Path;
 
@@ -22,7 +25,8 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::models::blocks::{
-    linear_from, norm_silu_block, Bias, ConvSpec, DownsampleSpec, ResnetSpec, TransformerSpec, UpsampleSpec,
+    linear_from, norm_silu_block, Bias, ConvSpec, DownsampleSpec, ExpectedTensors, ResnetSpec, TransformerSpec,
+    UpsampleSpec,
 };
 use crate::ops::timestep_embedding;
 use crate::weights::WeightSource;
@@ -173,6 +177,39 @@ impl UNet2DConditionModel {
     /// text_time conditioning (pooled text embeddings `[B, P]` and time ids `[B, 6]`), None for SD 1.x / 2.x.
     pub fn needs_added_cond(&self) -> Option<(usize, usize)> {
         self.config.text_time.map(|tt| (tt.pooled_dim(), TextTimeConfig::TIME_IDS))
+    }
+
+    /// Every tensor the forward reads, with its shape (checked against a checkpoint at load).
+    pub fn expected_tensors(&self) -> ExpectedTensors {
+        let mut t = ExpectedTensors::default();
+        let c0 = self.config.block_out_channels[0];
+        t.linear("time_embedding", "linear_1", c0, self.temb_dim, true);
+        t.linear("time_embedding", "linear_2", self.temb_dim, self.temb_dim, true);
+        if let Some(tt) = self.config.text_time {
+            t.linear("add_embedding", "linear_1", tt.projection_input_dim, self.temb_dim, true);
+            t.linear("add_embedding", "linear_2", self.temb_dim, self.temb_dim, true);
+        }
+        self.conv_in.expect(&mut t);
+        for blk in &self.down {
+            blk.resnets.iter().for_each(|r| r.expect(&mut t));
+            blk.attentions.iter().for_each(|a| a.expect(&mut t));
+            if let Some(d) = &blk.downsample {
+                d.expect(&mut t);
+            }
+        }
+        self.mid_resnets.iter().for_each(|r| r.expect(&mut t));
+        self.mid_attention.expect(&mut t);
+        for blk in &self.up {
+            blk.resnets.iter().for_each(|r| r.expect(&mut t));
+            blk.attentions.iter().for_each(|a| a.expect(&mut t));
+            if let Some(u) = &blk.upsample {
+                u.expect(&mut t);
+            }
+        }
+        t.add("conv_norm_out.weight", &[c0]);
+        t.add("conv_norm_out.bias", &[c0]);
+        self.conv_out.expect(&mut t);
+        t
     }
 
     /// Predict the noise (or v) for `sample` `[B, in_channels, h, w]` at `timestep` given `encoder_hidden_states`

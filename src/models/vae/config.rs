@@ -5,7 +5,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::models::config_util::{is_str, parse_object, require, typed};
+use crate::models::config_util::{bounded, is_str, parse_object, require, typed, MAX_CHANNELS, MAX_LAYERS_PER_BLOCK};
 
 /// The AutoencoderKL configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -76,12 +76,18 @@ impl VaeConfig {
         require(&m, "down_block_types", |v| {
             v.as_array().is_some_and(|a| a.iter().all(|s| is_str(s, "DownEncoderBlock2D")))
         })?;
-        require(&m, "up_block_types", |v| v.as_array().is_some_and(|a| a.iter().all(|s| is_str(s, "UpDecoderBlock2D"))))?;
+        require(&m, "up_block_types", |v| {
+            v.as_array().is_some_and(|a| a.iter().all(|s| is_str(s, "UpDecoderBlock2D")))
+        })?;
         if let Some(c) = m.get("_class_name").and_then(|v| v.as_str()) {
             if c != "AutoencoderKL" {
                 return Err(Error::unsupported(format!("config key _class_name = \"{c}\"")));
             }
         }
+        for key in ["in_channels", "out_channels", "block_out_channels", "latent_channels", "norm_num_groups"] {
+            bounded(&m, key, 1, MAX_CHANNELS)?;
+        }
+        bounded(&m, "layers_per_block", 1, MAX_LAYERS_PER_BLOCK)?;
         let cfg: VaeConfig = typed(&m, "vae config")?;
         let n = cfg.block_out_channels.len();
         for key in ["down_block_types", "up_block_types"] {
@@ -114,7 +120,7 @@ impl VaeConfig {
 
 #[cfg(test)]
 mod tests {
-    use super::VaeConfig;
+    use super::*;
 
     /// stabilityai/stable-diffusion-xl-base-1.0 vae/config.json as shipped.
     const SDXL_VAE: &str = r#"{"_class_name":"AutoencoderKL","_diffusers_version":"0.20.0.dev0","act_fn":"silu",
@@ -138,5 +144,18 @@ mod tests {
         // Absent, it defaults to true like diffusers' AutoencoderKL.
         let c = VaeConfig::from_json(&SDXL_VAE.replace("\"force_upcast\":true,", "")).unwrap();
         assert!(c.force_upcast());
+    }
+
+    #[test]
+    fn hostile_numbers_are_format_errors_naming_the_key() {
+        for (key, value) in [
+            ("layers_per_block", "4294967295"),
+            ("latent_channels", "18446744073709551616"),
+            ("block_out_channels", "[64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64]"),
+        ] {
+            let e = VaeConfig::from_json(&format!("{{\"{key}\": {value}}}")).unwrap_err();
+            assert!(matches!(e, Error::Format(_)), "{key}: {e}");
+            assert!(e.to_string().contains(key), "{e}");
+        }
     }
 }

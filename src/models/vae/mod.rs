@@ -20,7 +20,8 @@ use candle_core::Tensor;
 use crate::ops::OpTarget;
 use crate::error::{Error, Result};
 use crate::models::blocks::{
-    act, conv_scratch, norm_silu_block, ConvSpec, DownsampleSpec, Peak, ResnetSpec, UpsampleSpec, VaeAttentionSpec,
+    act, conv_scratch, norm_silu_block, ConvSpec, DownsampleSpec, ExpectedTensors, Peak, ResnetSpec, UpsampleSpec,
+    VaeAttentionSpec,
 };
 use crate::ops;
 use crate::weights::WeightSource;
@@ -141,6 +142,40 @@ impl AutoencoderKL {
     /// The configuration the model was built from.
     pub fn config(&self) -> &VaeConfig {
         &self.config
+    }
+
+    /// Every tensor the encoder and decoder read, with its shape (checked against a checkpoint at load).
+    pub fn expected_tensors(&self) -> ExpectedTensors {
+        let mut t = ExpectedTensors::default();
+        let (c0, g) = (self.config.block_out_channels[0], &self.config);
+        self.enc_conv_in.expect(&mut t);
+        for st in self.enc_stages.iter().chain(&self.dec_stages) {
+            st.resnets.iter().for_each(|r| r.expect(&mut t));
+            if let Some(d) = &st.down {
+                d.expect(&mut t);
+            }
+            if let Some(u) = &st.up {
+                u.expect(&mut t);
+            }
+        }
+        for mid in [&self.enc_mid, &self.dec_mid] {
+            mid.resnets.iter().for_each(|r| r.expect(&mut t));
+            if let Some(a) = &mid.attention {
+                a.expect(&mut t);
+            }
+        }
+        let cm = *g.block_out_channels.last().unwrap_or(&c0);
+        t.add("encoder.conv_norm_out.weight", &[cm]);
+        t.add("encoder.conv_norm_out.bias", &[cm]);
+        self.enc_conv_out.expect(&mut t);
+        for c in self.quant_conv.iter().chain(&self.post_quant_conv) {
+            c.expect(&mut t);
+        }
+        self.dec_conv_in.expect(&mut t);
+        t.add("decoder.conv_norm_out.weight", &[c0]);
+        t.add("decoder.conv_norm_out.bias", &[c0]);
+        self.dec_conv_out.expect(&mut t);
+        t
     }
 
     /// Decode latents `z` `[B, latent_channels, h, w]` (already divided by `scaling_factor`, shift undone) to an image

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Install lowvram for C and C++ consumers under a prefix:
+#   <prefix>/lib/liblowvram.so                        the library (release build)
+#   <prefix>/include/lowvram.h, lowvram.hpp           the C header and the header-only C++17 wrapper
+#   <prefix>/lib/pkgconfig/lowvram.pc                 pkg-config --cflags --libs lowvram
+#   <prefix>/lib/cmake/lowvram/lowvramConfig*.cmake   find_package(lowvram) → imported target lowvram::lowvram
+#
+# Usage: scripts/install.sh --prefix DIR [--no-build] [--features LIST]
+#   --no-build   install the library already built in target/release (else `cargo build --release --lib` first,
+#                which does nothing when it is up to date)
+#   --features   cargo features of the build (e.g. cuda)
+# Honours CARGO_TARGET_DIR as cargo does. DESTDIR is prepended to every installed path (for packagers) but not to
+# the prefix written into lowvram.pc.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+prefix="" build=1 features=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --prefix) [ $# -ge 2 ] || usage 2; prefix="$2"; shift 2 ;;
+        --prefix=*) prefix="${1#--prefix=}"; shift ;;
+        --no-build) build=0; shift ;;
+        --features) [ $# -ge 2 ] || usage 2; features="$2"; shift 2 ;;
+        --features=*) features="${1#--features=}"; shift ;;
+        -h|--help) usage 0 ;;
+        *) echo "install.sh: unknown argument '$1'" >&2; usage 2 ;;
+    esac
+done
+[ -n "$prefix" ] || { echo "install.sh: --prefix DIR is required" >&2; usage 2; }
+mkdir -p "${DESTDIR:-}$prefix"
+prefix=$(cd "${DESTDIR:-}$prefix" && pwd)  # absolute, as pkg-config needs it
+prefix="${prefix#"${DESTDIR:-}"}"
+
+if [ "$build" = 1 ]; then
+    cargo build --release --locked --lib ${features:+--features "$features"}
+fi
+lib="${CARGO_TARGET_DIR:-$root/target}/release/liblowvram.so"
+[ -f "$lib" ] || { echo "install.sh: $lib is missing (build it, or drop --no-build)" >&2; exit 1; }
+
+# The version of the package is the crate's; the header's version macros are checked against it by tests/header.rs.
+version=$(sed -n 's/^version = "\([^"]*\)"$/\1/p' Cargo.toml | head -n 1)
+description=$(sed -n 's/^description = "\([^"]*\)"$/\1/p' Cargo.toml | head -n 1)
+major=${version%%.*} rest=${version#*.} minor=${rest%%.*}
+[ -n "$version" ] && [ -n "$major" ] && [ -n "$minor" ] || { echo "install.sh: no version in Cargo.toml" >&2; exit 1; }
+sizeof_void_p=$(getconf LONG_BIT); sizeof_void_p=$((sizeof_void_p / 8))
+
+dest="${DESTDIR:-}$prefix"
+install -d "$dest/lib" "$dest/include" "$dest/lib/pkgconfig" "$dest/lib/cmake/lowvram"
+install -m 0755 "$lib" "$dest/lib/liblowvram.so"
+install -m 0644 include/lowvram.h bindings/cpp/lowvram.hpp "$dest/include/"
+subst() { sed -e "s|@PREFIX@|$prefix|g" -e "s|@VERSION@|$version|g" -e "s|@VERSION_MAJOR@|$major|g" \
+              -e "s|@VERSION_MINOR@|$minor|g" -e "s|@SIZEOF_VOID_P@|$sizeof_void_p|g" \
+              -e "s|@DESCRIPTION@|$description|g" "$1"; }
+subst cmake/lowvram.pc.in > "$dest/lib/pkgconfig/lowvram.pc"
+install -m 0644 cmake/lowvramConfig.cmake "$dest/lib/cmake/lowvram/lowvramConfig.cmake"
+subst cmake/lowvramConfigVersion.cmake.in > "$dest/lib/cmake/lowvram/lowvramConfigVersion.cmake"
+chmod 0644 "$dest/lib/pkgconfig/lowvram.pc" "$dest/lib/cmake/lowvram/lowvramConfigVersion.cmake"
+echo "installed lowvram $version under $dest"

@@ -1,0 +1,367 @@
+//! Budgets: what the device (or the cap) has for the cache, the residency plans of locked models within it,
+//! eviction to make room, and allocation with waiting, eviction and retry.
+
+use super::*;
+
+/// What each block of `store` costs on `alloc`'s device. Blocks are converted to the compute dtype once: resident
+/// ones when placed, streamed ones on arrival. On CUDA the storage-dtype copy crosses the bus and is converted on
+/// the device (so it is held beside the converted one meanwhile); elsewhere the conversion runs on the host as the
+/// bytes are copied.
+pub(super) fn block_costs(store: &WeightStore, cuda: bool) -> Vec<BlockCost> {
+    let compute = store.compute_dtype();
+    store
+        .blocks()
+        .iter()
+        .map(|b| {
+            let converts = b
+                .tensors
+                .iter()
+                .any(|&t| store.tensors()[t].storage_dtype != compute);
+            match (converts, cuda) {
+                (false, _) => BlockCost::same_dtype(b.storage_bytes),
+                (true, false) => BlockCost {
+                    bytes: b.storage_bytes,
+                    resident: b.compute_bytes,
+                    lease: b.compute_bytes,
+                    place: 0,
+                },
+                (true, true) => BlockCost {
+                    bytes: b.storage_bytes,
+                    resident: b.compute_bytes,
+                    lease: b.storage_bytes + b.compute_bytes,
+                    place: b.storage_bytes,
+                },
+            }
+        })
+        .collect()
+}
+
+/// The least a model needs on the device to run at all: fully streamed with one block in flight, or whole when
+/// the configuration does not split models.
+pub(super) fn min_need(cfg: &Config, costs: &[BlockCost]) -> u64 {
+    let partial_ok =
+        cfg.enable_partial_loading || matches!(cfg.vram_state, VramState::Low | VramState::None);
+    if partial_ok {
+        plan::min_need(costs, 1)
+    } else {
+        plan::whole_need(costs)
+    }
+}
+
+impl Shared {
+    /// Device bytes the cache may plan with (capacity − external use − reserve_vram − host reservations), None
+    /// when unbounded (CPU).
+    pub(super) fn avail_phys(&self, inner: &Inner) -> Option<u64> {
+        let cap = self.alloc.capacity()?;
+        let external = if self.alloc.is_cuda() {
+            self.alloc
+                .mem_info()
+                .map(|(free, total)| {
+                    total
+                        .saturating_sub(free)
+                        .saturating_sub(self.alloc.current())
+                })
+                .unwrap_or(0)
+        } else {
+            self.alloc.used(AllocKind::External)
+        };
+        let held = external
+            .saturating_add(inner.config.reserve_vram_bytes())
+            .saturating_add(inner.reserved());
+        Some(cap.saturating_sub(held))
+    }
+
+    /// Whether `m` with `working` bytes of working memory could run if it were the only lock: None when it can,
+    /// else what it needs and what the device (or the cap) really has for it.
+    pub(super) fn fits_alone(
+        &self,
+        inner: &Inner,
+        m: &ManagedModel,
+        working: u64,
+    ) -> Option<Infeasible> {
+        let min = min_need(&inner.config, &m.costs);
+        let phys = self.avail_phys(inner);
+        if let Some(c) = inner.config.max_cache_vram_bytes() {
+            if min > c {
+                return Some(Infeasible {
+                    needed: min,
+                    available: phys.map_or(c, |p| p.min(c)),
+                });
+            }
+        }
+        let p = phys?;
+        let need = min.saturating_add(working);
+        (need > p).then_some(Infeasible {
+            needed: need,
+            available: p,
+        })
+    }
+
+    /// Recompute every locked model's plan for the current budget, release residency above it (now, or at the
+    /// holder's next block boundary) and evict unlocked models' residency that no longer fits, LRU first.
+    pub(super) fn rebalance(&self, inner: &mut Inner) -> std::result::Result<(), Infeasible> {
+        let cfg = inner.config.clone();
+        let phys = self.avail_phys(inner);
+        let cap = cfg.max_cache_vram_bytes();
+        let state = cfg.vram_state;
+        let partial_ok =
+            cfg.enable_partial_loading || matches!(state, VramState::Low | VramState::None);
+        // Prefetch (async_loading) needs a second block in flight; plans fall back to one slot when two don't fit.
+        let slots = if cfg.async_loading && self.alloc.capacity().is_some() {
+            2
+        } else {
+            1
+        };
+        let min_of = |m: &Arc<ManagedModel>| min_need(&cfg, &m.costs);
+        // One entry per locked model (a model locked twice is planned once; its working memories add up).
+        let mut order: Vec<(Arc<ManagedModel>, u64)> = Vec::new();
+        for l in &inner.locks {
+            match order.iter_mut().find(|(m, _)| m.id == l.model.id) {
+                Some(e) => e.1 += l.working,
+                None => order.push((l.model.clone(), l.working)),
+            }
+        }
+        let mins: Vec<u64> = order.iter().map(|(m, _)| min_of(m)).collect();
+        let works: Vec<u64> = order.iter().map(|(_, w)| *w).collect();
+        match (cap, phys) {
+            (None, Some(p)) => {
+                let need = sat_sum(mins.iter().chain(&works).copied());
+                if need > p {
+                    return Err(Infeasible {
+                        needed: need,
+                        available: p,
+                    });
+                }
+            }
+            (Some(c), p) => {
+                let need = sat_sum(mins.iter().copied());
+                if need > c {
+                    return Err(Infeasible {
+                        needed: need,
+                        available: p.map_or(c, |p| p.min(c)),
+                    });
+                }
+            }
+            (None, None) => {}
+        }
+        let mut plans = Vec::with_capacity(order.len());
+        let (mut used_w, mut used_work) = (0u64, 0u64);
+        for (k, (m, work)) in order.iter().enumerate() {
+            let later_min = sat_sum(mins[k + 1..].iter().copied());
+            let later_work = sat_sum(works[k + 1..].iter().copied());
+            let budget = match (cap, phys) {
+                (None, None) => u64::MAX,
+                (None, Some(p)) => {
+                    p.saturating_sub(sat_sum([used_w, used_work, later_min, later_work, *work]))
+                }
+                // The cap takes precedence over working memory: plan up to it, bounded only by what the device
+                // holds besides the other locks; the working memory then comes out of residency on refusal.
+                (Some(c), p) => {
+                    let b = c.saturating_sub(used_w.saturating_add(later_min));
+                    p.map_or(b, |p| {
+                        b.min(p.saturating_sub(used_w.saturating_add(later_min)))
+                    })
+                }
+            };
+            let costs = &m.costs;
+            let p = match state {
+                VramState::None => [slots, 1]
+                    .into_iter()
+                    .find(|&k| plan::min_need(costs, k) <= budget)
+                    .map(|k| plan::stream_all(costs, budget, k)),
+                VramState::High | VramState::Normal => {
+                    if plan::whole_need(costs) <= budget {
+                        Some(plan::whole(costs, budget))
+                    } else if partial_ok {
+                        plan::partial(costs, budget, slots)
+                            .or_else(|| plan::partial(costs, budget, 1))
+                    } else {
+                        None
+                    }
+                }
+                _ if partial_ok => {
+                    plan::partial(costs, budget, slots).or_else(|| plan::partial(costs, budget, 1))
+                }
+                _ => (plan::whole_need(costs) <= budget).then(|| plan::whole(costs, budget)),
+            };
+            let Some(p) = p else {
+                let own = min_of(m).saturating_add(*work);
+                return Err(Infeasible {
+                    needed: own,
+                    available: budget.saturating_add(*work),
+                });
+            };
+            used_w = sat_sum([used_w, p.resident_bytes, p.slot_bytes]);
+            used_work = used_work.saturating_add(*work);
+            plans.push(p);
+        }
+        // Apply the plans to the locked models.
+        for ((m, _), p) in order.iter().zip(&plans) {
+            let mut st = m.state();
+            st.target = Some(p.resident.clone());
+            st.plan = Some(p.clone());
+            m.release_outside_target(&mut st);
+        }
+        // Unlocked residency must fit what is left; evict least recently used first.
+        let room = match (cap, phys) {
+            (None, None) => u64::MAX,
+            (None, Some(p)) => p.saturating_sub(used_w.saturating_add(used_work)),
+            (Some(c), p) => {
+                let b = c.saturating_sub(used_w);
+                p.map_or(b, |p| b.min(p.saturating_sub(used_w)))
+            }
+        };
+        let mut unlocked: Vec<(Arc<ManagedModel>, u64, u64)> = inner
+            .live_models()
+            .into_iter()
+            .filter_map(|m| {
+                let st = m.state();
+                let bytes: u64 = st.resident.values().map(|r| r.alloc.bytes()).sum();
+                let (key, locks) = (st.last_used, st.locks);
+                drop(st);
+                (locks == 0 && bytes > 0).then(|| (m, key, bytes))
+            })
+            .collect();
+        unlocked.sort_by_key(|u| u.1);
+        let mut total: u64 = unlocked.iter().map(|u| u.2).sum();
+        let whole = matches!(state, VramState::High | VramState::Normal);
+        for (m, _, _) in &unlocked {
+            if total <= room {
+                break;
+            }
+            let mut st = m.state();
+            let (_, released) = self.evict(m, &mut st, total - room, whole);
+            total -= released;
+        }
+        self.forget_unused(inner);
+        // The predicted device peak with these plans.
+        let external = self.alloc.used(AllocKind::External);
+        let peak = sat_sum([used_w, used_work, total, inner.reserved(), external]);
+        inner.plan = order
+            .last()
+            .zip(plans.last())
+            .map(|((m, work), p)| PlanStats {
+                model: m.name.clone(),
+                budget_bytes: p.budget_bytes,
+                resident_bytes: p.resident_bytes,
+                slot_bytes: p.slot_bytes,
+                slots: p.slots,
+                working_bytes: *work,
+                streamed_bytes_per_forward: p.streamed_bytes_per_forward,
+                predicted_peak_bytes: peak,
+            });
+        Ok(())
+    }
+
+    /// Free device bytes by evicting unlocked models (LRU first, block by block or whole per `vram_state`), then,
+    /// for `requester`, by shrinking its own plan. Returns (bytes freed now, bytes released in total).
+    pub(super) fn make_room(&self, want: u64, requester: Option<&ManagedModel>) -> (u64, u64) {
+        let mut inner = self.inner();
+        let whole = matches!(inner.config.vram_state, VramState::High | VramState::Normal);
+        let mut unlocked: Vec<(Arc<ManagedModel>, u64)> = inner
+            .live_models()
+            .into_iter()
+            .filter_map(|m| {
+                let st = m.state();
+                let r = (st.locks == 0 && !st.resident.is_empty()).then_some(st.last_used);
+                drop(st);
+                r.map(|k| (m, k))
+            })
+            .collect();
+        unlocked.sort_by_key(|u| u.1);
+        let (mut now, mut total) = (0, 0);
+        for (m, _) in &unlocked {
+            if now >= want {
+                break;
+            }
+            let (n, t) = self.evict(m, &mut m.state(), want - now, whole);
+            now += n;
+            total += t;
+        }
+        if now < want {
+            if let Some(m) = requester {
+                let mut st = m.state();
+                // Only blocks no running fetch holds free anything now.
+                for b in plan::rank(&m.costs).into_iter().rev() {
+                    if now >= want {
+                        break;
+                    }
+                    let free_now = st
+                        .resident
+                        .get(&b)
+                        .is_some_and(|r| Arc::strong_count(&r.alloc) == 1);
+                    if free_now {
+                        let rb = st.resident.remove(&b).expect("present");
+                        total += rb.alloc.bytes();
+                        now += m.release_block(&mut st, rb);
+                        if let Some(t) = st.target.as_mut() {
+                            t[b] = false;
+                        }
+                    }
+                }
+                let target = st.target.clone();
+                if let (Some(t), Some(p)) = (target, st.plan.as_mut()) {
+                    p.resident = t;
+                    p.resident_bytes = plan::resident_bytes(&m.costs, &p.resident);
+                    p.streamed_bytes_per_forward = plan::streamed_bytes(&m.costs, &p.resident);
+                    p.slot_bytes = plan::slot_of(&m.costs, &p.resident, p.slots);
+                }
+            }
+        }
+        drop(inner);
+        (now, total)
+    }
+
+    /// Allocate `bytes` of `kind`: wait while bytes held by running blocks (retiring or streamed by someone else)
+    /// would cover the shortage, up to `wait` (None = as long as they would); then try, and on refusal evict and
+    /// retry until nothing more can be evicted.
+    pub(super) fn alloc_for(
+        &self,
+        bytes: u64,
+        kind: AllocKind,
+        requester: Option<&ManagedModel>,
+        wait: Option<Duration>,
+        own_inflight: u64,
+    ) -> Result<Allocation> {
+        let start = Instant::now();
+        if let Some(cap) = self.alloc.capacity() {
+            if bytes <= cap {
+                loop {
+                    let free = self.alloc.free().unwrap_or(0);
+                    if free >= bytes {
+                        if let Ok(a) = self.alloc.allocate(bytes, kind) {
+                            return Ok(a);
+                        }
+                        // Refused although the counters show room (another thread took it, or the device itself is
+                        // out of memory): evict and retry below, which ends when nothing more can be evicted.
+                        break;
+                    }
+                    let pending = self.alloc.retiring()
+                        + self
+                            .alloc
+                            .used(AllocKind::Streaming)
+                            .saturating_sub(own_inflight);
+                    let in_time = wait.is_none_or(|w| start.elapsed() < w);
+                    if free + pending >= bytes && pending > 0 && in_time {
+                        self.alloc.wait_for_free(Duration::from_millis(20));
+                        continue;
+                    }
+                    break;
+                }
+            }
+        }
+        loop {
+            match self.alloc.allocate(bytes, kind) {
+                Ok(a) => return Ok(a),
+                Err(e @ Error::OutOfDeviceMemory { .. }) => {
+                    let free = self.alloc.free().unwrap_or(0);
+                    let (now, _) = self.make_room(bytes.saturating_sub(free), requester);
+                    if now == 0 {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! The registry of models and the RAM tier: which files the cache keeps (hits by path, size and mtime), their
+//! RAM copies, device-tier eviction of unlocked models, and forgetting models that cache nothing any more.
+
+use super::*;
+use crate::weights::WeightLayout;
+
+/// Size and modification time of a weight file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct FileKey {
+    pub(super) size: u64,
+    pub(super) mtime: Option<std::time::SystemTime>,
+}
+
+impl FileKey {
+    fn of(path: &Path) -> Result<Self> {
+        let md = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        Ok(Self {
+            size: md.len(),
+            mtime: md.modified().ok(),
+        })
+    }
+}
+
+impl ManagedModel {
+    pub(super) fn state(&self) -> MutexGuard<'_, ModelState> {
+        lock(&self.state)
+    }
+    /// The name it was loaded under.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The safetensors file.
+    pub fn path(&self) -> &Path {
+        self.store.path()
+    }
+    /// The mapped weights (tensor and block tables).
+    pub fn store(&self) -> &WeightStore {
+        &self.store
+    }
+    /// Its blocks, in file order.
+    pub fn blocks(&self) -> &[BlockInfo] {
+        self.store.blocks()
+    }
+    /// Bytes of all weights in the storage dtype.
+    pub fn total_bytes(&self) -> u64 {
+        self.store.total_bytes()
+    }
+    /// Device bytes the model takes when wholly resident: its weights in the compute dtype (they are converted
+    /// once when placed, so an fp16 file computed in f32 takes twice its storage bytes).
+    pub fn device_bytes(&self) -> u64 {
+        self.costs.iter().map(|c| c.resident).sum()
+    }
+    /// Storage-dtype bytes of the blocks not resident now: what one forward streams.
+    pub fn streamed_bytes_per_forward(&self) -> u64 {
+        let st = self.state();
+        self.store
+            .blocks()
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !st.resident.contains_key(i))
+            .map(|(_, b)| b.storage_bytes)
+            .sum()
+    }
+    /// Device bytes resident now (compute dtype).
+    pub fn resident_bytes(&self) -> u64 {
+        self.state()
+            .resident
+            .values()
+            .map(|r| r.alloc.bytes())
+            .sum()
+    }
+    /// Keys of the blocks resident now.
+    pub fn resident_blocks(&self) -> Vec<String> {
+        let st = self.state();
+        let mut v: Vec<usize> = st.resident.keys().copied().collect();
+        v.sort();
+        v.into_iter()
+            .map(|i| self.store.blocks()[i].key.clone())
+            .collect()
+    }
+    /// Number of active locks.
+    pub fn lock_count(&self) -> usize {
+        self.state().locks
+    }
+    /// The current residency plan (while locked).
+    pub fn plan(&self) -> Option<ResidencyPlan> {
+        self.state().plan.clone()
+    }
+    /// Where tensor `name` (full checkpoint name) is now, or None if the model has no such tensor.
+    pub fn tensor_location(&self, name: &str) -> Option<TensorLocation> {
+        let t = self.store.tensors().iter().find(|t| t.name == name)?;
+        if self.state().resident.contains_key(&t.block) {
+            Some(TensorLocation::Device)
+        } else if self.store.has_ram_copy() {
+            Some(TensorLocation::Ram)
+        } else {
+            Some(TensorLocation::File)
+        }
+    }
+    /// Bytes streamed for this model since it was loaded.
+    pub fn bytes_streamed(&self) -> u64 {
+        self.state().streamed
+    }
+
+    /// Give a resident block back; returns the bytes freed now. While a forward runs on other threads the block is
+    /// handed to them (retiring): a compute thread frees it at its next block boundary.
+    pub(super) fn release_block(&self, st: &mut ModelState, rb: ResidentBlock) -> u64 {
+        if self.compute.running() && !self.compute.is_current() {
+            rb.alloc.mark_retiring();
+            st.deferred.push(rb);
+            0
+        } else {
+            rb.release()
+        }
+    }
+
+    /// At a block boundary on a compute thread: free the blocks other threads released meanwhile that no fetch
+    /// holds any more. Returns whether anything was freed.
+    pub(super) fn free_deferred(&self) -> bool {
+        let mut st = self.state();
+        let before = st.deferred.len();
+        st.deferred.retain(|rb| Arc::strong_count(&rb.alloc) > 1);
+        st.deferred.len() != before
+    }
+
+    /// Release resident blocks the target no longer holds; returns bytes freed immediately.
+    pub(super) fn release_outside_target(&self, st: &mut ModelState) -> u64 {
+        let Some(target) = st.target.clone() else {
+            return 0;
+        };
+        let drop: Vec<usize> = st
+            .resident
+            .keys()
+            .copied()
+            .filter(|&b| !target[b])
+            .collect();
+        let mut freed = 0;
+        for b in drop {
+            if let Some(rb) = st.resident.remove(&b) {
+                freed += self.release_block(st, rb);
+            }
+        }
+        freed
+    }
+
+    /// Release resident blocks, lowest rank first (smallest blocks first), until `want` bytes are released or
+    /// `whole` (then all). Returns (freed now, released in total).
+    pub(super) fn evict(&self, st: &mut ModelState, want: u64, whole: bool) -> (u64, u64) {
+        let (mut now, mut total) = (0, 0);
+        for b in plan::rank(&self.costs).into_iter().rev() {
+            if !whole && total >= want {
+                break;
+            }
+            if let Some(rb) = st.resident.remove(&b) {
+                total += rb.alloc.bytes();
+                now += self.release_block(st, rb);
+                if let Some(t) = st.target.as_mut() {
+                    t[b] = false;
+                }
+            }
+        }
+        (now, total)
+    }
+}
+
+impl Shared {
+    /// Keep the RAM tier within its limit: drop RAM copies of unlocked models, least recently used first, never
+    /// `keep`'s; then forget models that hold nothing any more.
+    pub(super) fn enforce_ram(&self, inner: &mut Inner, keep: Option<u64>) {
+        let limit = inner.sizing.ram_limit_bytes;
+        let mut models = inner.live_models();
+        models.sort_by_key(|m| m.state().last_used);
+        let mut used: u64 = models.iter().map(|m| m.store.ram_bytes()).sum();
+        for m in &models {
+            if used <= limit {
+                break;
+            }
+            if Some(m.id) != keep && m.state().locks == 0 {
+                used -= self.drop_ram(m);
+            }
+        }
+        drop(models);
+        self.forget_unused(inner);
+    }
+
+    /// Drop `m`'s RAM copy (an eviction from the RAM tier); returns the bytes released.
+    pub(super) fn drop_ram(&self, m: &ManagedModel) -> u64 {
+        let bytes = m.store.drop_ram_copy();
+        if bytes > 0 {
+            self.tiers.ram_evictions.fetch_add(1, Ordering::Relaxed);
+            self.tiers
+                .ram_evicted_bytes
+                .fetch_add(bytes, Ordering::Relaxed);
+        }
+        bytes
+    }
+
+    /// [`ManagedModel::evict`], counted as an eviction from the device tier when it releases anything.
+    pub(super) fn evict(
+        &self,
+        m: &ManagedModel,
+        st: &mut ModelState,
+        want: u64,
+        whole: bool,
+    ) -> (u64, u64) {
+        let (now, total) = m.evict(st, want, whole);
+        if total > 0 {
+            self.tiers.device_evictions.fetch_add(1, Ordering::Relaxed);
+            self.tiers
+                .device_evicted_bytes
+                .fetch_add(total, Ordering::Relaxed);
+        }
+        (now, total)
+    }
+
+    /// Forget models that no handle, lock or prefetch holds and that cache nothing any more (no RAM copy, no device
+    /// residency): their files are unmapped. Only the registry's reference is left when the strong count is 1.
+    pub(super) fn forget_unused(&self, inner: &mut Inner) {
+        self.forget(inner, |m| {
+            Arc::strong_count(m) == 1 && !m.store.has_ram_copy() && m.state().resident.is_empty()
+        });
+    }
+
+    /// Drop the registry's reference to every model `gone` selects (counted; their file reads stay in the total).
+    pub(super) fn forget(&self, inner: &mut Inner, gone: impl Fn(&Arc<ManagedModel>) -> bool) {
+        let before = inner.models.len();
+        inner.models.retain(|m| {
+            if gone(m) {
+                self.files_read
+                    .fetch_add(m.store.file_bytes_read(), Ordering::Relaxed);
+                return false;
+            }
+            true
+        });
+        let n = (before - inner.models.len()) as u64;
+        self.tiers.forgotten.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Whether `m` should get a RAM copy it lacks (read outside the cache's lock by the caller, see
+    /// [`Shared::read_ram`]), counting the RAM tier's hit.
+    pub(super) fn ram_need(&self, inner: &Inner, m: &ManagedModel) -> RamNeed {
+        if !inner.config.keep_ram_copy_of_weights {
+            return RamNeed::Held;
+        }
+        if m.store.has_ram_copy() {
+            self.tiers.ram_hits.fetch_add(1, Ordering::Relaxed);
+            return RamNeed::Held;
+        }
+        if m.store.total_bytes() > inner.sizing.ram_limit_bytes {
+            return RamNeed::TooLarge;
+        }
+        RamNeed::Read {
+            pin: inner.config.pin_memory,
+        }
+    }
+
+    /// Read (and pin) `m`'s RAM copy — without the cache's lock: this is a whole-file read — then trim the RAM tier
+    /// (never `m`'s copy).
+    pub(super) fn read_ram(&self, m: &ManagedModel, pin: bool) -> Result<()> {
+        self.tiers.ram_misses.fetch_add(1, Ordering::Relaxed);
+        m.store.load_ram_copy()?;
+        if pin {
+            m.store.pin_ram_copy(&self.alloc)?;
+        }
+        self.enforce_ram(&mut self.inner(), Some(m.id));
+        Ok(())
+    }
+}
+
+impl ModelCache {
+    /// Map the safetensors file `path` and register it as `name` (no device bytes yet; a RAM copy when
+    /// `keep_ram_copy_of_weights` and it fits the RAM tier). Loading the same file again — same path, size and
+    /// modification time, same storage dtype — returns the model the cache keeps, with whatever RAM copy and device
+    /// residency it still has, without reading the file (a hit), even after every earlier handle was freed. The
+    /// file is mapped and read without holding the cache's lock, so other threads' calls proceed meanwhile.
+    pub fn load_model(&self, path: &Path, name: &str) -> Result<Arc<ManagedModel>> {
+        self.load_model_as(path, name, &WeightLayout::whole(crate::weights::block_key))
+    }
+
+    /// [`Self::load_model`] with a family's layout: its block rule and, for a component of a single-file
+    /// checkpoint, the spans of its tensors (each component of one file is its own model in the cache).
+    pub fn load_model_as(&self, path: &Path, name: &str, layout: &WeightLayout) -> Result<Arc<ManagedModel>> {
+        let sh = &self.shared;
+        let canon = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
+        let key = FileKey::of(&canon)?;
+        let (storage, compute, keep_ram, ram_limit, pin) = {
+            let mut inner = sh.inner();
+            let storage = inner.config.storage_dtype.dtype();
+            let compute = resolve_compute(&inner.config, &sh.alloc);
+            if let Some(m) = self.cached(&mut inner, &canon, &layout.view, key, storage, compute) {
+                return Ok(m);
+            }
+            let c = &inner.config;
+            (
+                storage,
+                compute,
+                c.keep_ram_copy_of_weights,
+                inner.sizing.ram_limit_bytes,
+                c.pin_memory,
+            )
+        };
+        // The slow part, outside the cache's lock: map and validate the file, read the RAM copy, pin it.
+        let store = WeightStore::open_with(&canon, layout, storage, compute)?;
+        let costs = block_costs(&store, sh.alloc.is_cuda());
+        let ram = keep_ram && store.total_bytes() <= ram_limit;
+        if ram {
+            store.load_ram_copy()?;
+            if pin {
+                store.pin_ram_copy(&sh.alloc)?;
+            }
+        }
+        let mut inner = sh.inner();
+        // Another thread may have loaded the same file meanwhile: use its model (ours is dropped).
+        if let Some(m) = self.cached(&mut inner, &canon, &layout.view, key, storage, compute) {
+            return Ok(m);
+        }
+        let id = inner.id();
+        inner.clock += 1;
+        let m = Arc::new(ManagedModel {
+            id,
+            name: name.to_string(),
+            view: layout.view.clone(),
+            file_key: key,
+            storage,
+            store,
+            costs,
+            next_fetch: Mutex::new(HashMap::new()),
+            compute: Arc::default(),
+            state: Mutex::new(ModelState {
+                last_used: inner.clock,
+                ..Default::default()
+            }),
+        });
+        sh.misses.fetch_add(1, Ordering::Relaxed);
+        sh.tiers.load_misses.fetch_add(1, Ordering::Relaxed);
+        if ram {
+            sh.tiers.ram_misses.fetch_add(1, Ordering::Relaxed);
+        }
+        inner.models.push(m.clone());
+        sh.enforce_ram(&mut inner, Some(m.id));
+        Ok(m)
+    }
+
+    /// The model the cache keeps for this file, if its size and modification time are unchanged (a hit: it is
+    /// marked used now). Entries for an older version of the file are forgotten when nothing holds them.
+    pub(super) fn cached(
+        &self,
+        inner: &mut Inner,
+        path: &Path,
+        view: &str,
+        key: FileKey,
+        storage: Option<DType>,
+        compute: DType,
+    ) -> Option<Arc<ManagedModel>> {
+        let sh = &self.shared;
+        sh.forget(inner, |m| {
+            m.store.path() == path
+                && m.file_key != key
+                && Arc::strong_count(m) == 1
+                && m.state().locks == 0
+        });
+        let m = inner.models.iter().find(|m| {
+            m.store.path() == path
+                && m.view == view
+                && m.file_key == key
+                && m.storage == storage
+                && m.store.compute_dtype() == compute
+        })?;
+        let m = m.clone();
+        inner.clock += 1;
+        m.state().last_used = inner.clock;
+        sh.hits.fetch_add(1, Ordering::Relaxed);
+        sh.tiers.load_hits.fetch_add(1, Ordering::Relaxed);
+        Some(m)
+    }
+
+    /// Free at least `bytes` of device memory held by unlocked models (least recently used first), like
+    /// ComfyUI's `/free`; `u64::MAX` frees all it can. Returns the bytes released. Locked models are untouched.
+    pub fn free_memory(&self, bytes: u64) -> u64 {
+        let mut inner = self.shared.inner();
+        let mut models: Vec<Arc<ManagedModel>> = inner
+            .live_models()
+            .into_iter()
+            .filter(|m| m.state().locks == 0)
+            .collect();
+        models.sort_by_key(|m| m.state().last_used);
+        let mut released = 0;
+        for m in models {
+            if released >= bytes {
+                break;
+            }
+            released += self
+                .shared
+                .evict(&m, &mut m.state(), bytes - released, false)
+                .1;
+        }
+        self.shared.forget_unused(&mut inner);
+        drop(inner);
+        self.shared.alloc.notify();
+        released
+    }
+
+    /// Unload every unlocked model: device residency and RAM copies. Models a host still holds stay registered
+    /// and reload from their files on next use; the others are forgotten (files unmapped). Returns the device bytes
+    /// released.
+    pub fn unload_all(&self) -> u64 {
+        let mut inner = self.shared.inner();
+        let mut released = 0;
+        for m in inner.live_models() {
+            let mut st = m.state();
+            if st.locks == 0 {
+                released += self.shared.evict(&m, &mut st, u64::MAX, true).1;
+                drop(st);
+                self.shared.drop_ram(&m);
+            }
+        }
+        self.shared.forget_unused(&mut inner);
+        drop(inner);
+        self.shared.alloc.notify();
+        released
+    }
+}
