@@ -76,7 +76,7 @@ step "C example: examples/generate.c end to end on the shipped model"
 gcc -std=c11 -Wall -Wextra -Wpedantic -Werror -I include examples/generate.c -o "$out/generate_example" \
     -L "$lib_dir" -llowvram -Wl,-rpath,"$lib_dir"
 rm -f "$out/example.png"
-"$out/generate_example" models/tiny-sd "$out/example.png"
+"$out/generate_example" tests/fixtures/tiny-sd-random "$out/example.png"
 head -c 8 "$out/example.png" | od -An -tx1 | grep -q "89 50 4e 47 0d 0a 1a 0a" || { echo "FATAL: the example wrote no PNG" >&2; exit 1; }
 
 step "install to a temporary prefix; examples/generate.c via CMake find_package(lowvram) and via pkg-config"
@@ -97,7 +97,7 @@ for exe in "$out/cmake-example/generate" "$out/generate_pkgconfig"; do
     # each must load the installed library, not the build tree's
     [[ "$(ldd "$exe")" == *"$prefix/lib/liblowvram.so"* ]] || { echo "FATAL: $exe does not load $prefix/lib" >&2; exit 1; }
     rm -f "$out/installed.png"
-    "$exe" models/tiny-sd "$out/installed.png" >/dev/null
+    "$exe" tests/fixtures/tiny-sd-random "$out/installed.png" >/dev/null
     head -c 8 "$out/installed.png" | od -An -tx1 | grep -q "89 50 4e 47 0d 0a 1a 0a" \
         || { echo "FATAL: $exe wrote no PNG" >&2; exit 1; }
 done

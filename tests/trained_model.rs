@@ -4,24 +4,27 @@
 //! border, shape colour and position from the foreground mask, rough form from the mask's bounding-box fill ratio)
 //! must match the prompt in ≥ 90 % of seeded generations — at the default configuration, on an `emulated:` device
 //! that streams most of the UNet, and with fp16 weight storage. The prompts are colour/shape/background triples held
-//! out of training; their expected properties and transformers' text-encoder states come from
-//! `scripts/judge.py --write-fixture` (the same rules as this file's `measure`).
+//! out of training, encoded by the pipeline's own tokenizer and text encoder; they and their expected properties
+//! come from `scripts/judge.py --write-fixture` (the same rules as this file's `measure`).
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
-use lowvram::api::{Context, ContextOptions, DenoiseOptions, Tiling};
+use candle_core::{DType, Tensor};
+use lowvram::api::{ComponentPaths, Context, ContextOptions, DenoiseOptions, Pipeline, PromptOptions, Tiling};
 use lowvram::models::conditioning::{COND_EMBEDDINGS, UNCOND_EMBEDDINGS};
 use lowvram::models::Conditioning;
 use lowvram::sampling::SchedulerKind;
 use serde_json::Value;
 
-const MODEL: &str = "models/tiny-sd-trained";
+const MODEL: &str = "models/tiny-sd";
 const FIXTURE: &str = "tests/fixtures/tiny-sd-trained";
-/// Generations judged per configuration (the fixture holds more; these fit the test's time).
-const CASES: usize = 20;
-const STEPS: usize = 15;
+/// Generations judged per configuration: every case of the fixture (10 held-out triples x 5 seeds).
+const CASES: usize = 50;
+/// The CLI's defaults: 20 Euler steps at guidance 7.5.
+const STEPS: usize = 20;
+const GUIDANCE: f64 = 7.5;
+/// Picture side in pixels (the latents are this / the VAE's downscale).
+const SIZE: usize = 64;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -47,7 +50,7 @@ struct Judge {
     forms: Vec<(String, f32)>,
 }
 
-fn load_fixture() -> (Judge, Vec<Case>, HashMap<String, Tensor>) {
+fn load_fixture() -> (Judge, Vec<Case>) {
     let dir = repo().join(FIXTURE);
     let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("prompts.json")).unwrap()).unwrap();
     let floats = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect::<Vec<_>>();
@@ -70,8 +73,7 @@ fn load_fixture() -> (Judge, Vec<Case>, HashMap<String, Tensor>) {
             pos: text(c, "pos"),
         })
         .collect();
-    let tensors = candle_core::safetensors::load(dir.join("embeddings.safetensors"), &Device::Cpu).unwrap();
-    (judge, cases, tensors)
+    (judge, cases)
 }
 
 /// Measured properties of one picture.
@@ -160,6 +162,7 @@ fn to_pixels(images: &Tensor) -> Vec<Vec<Vec<[f32; 3]>>> {
 }
 
 struct Score {
+    n: usize,
     colour: usize,
     shape: usize,
     position: usize,
@@ -167,29 +170,34 @@ struct Score {
     latents: Tensor,
 }
 
-/// Generate the first `CASES` held-out prompts (one batch, seed 0) on `device` with `yaml`, and judge them.
-fn generate_and_judge(name: &str, device: &str, yaml: &str) -> Score {
-    let (judge, cases, tensors) = load_fixture();
+/// Encode the first `CASES` held-out prompts with the pipeline's own tokenizer and text encoder, draw them (one
+/// batch, seed 0) with `scheduler` on `device` with `yaml`, and judge the pictures.
+fn generate_and_judge(name: &str, scheduler: SchedulerKind, device: &str, yaml: &str) -> Score {
+    let (judge, cases) = load_fixture();
     let n = CASES.min(cases.len());
     let ctx = context(device, yaml);
-    let dir = repo().join(MODEL);
-    let unet = ctx.load_model(&dir.join("unet")).unwrap();
-    let vae = ctx.load_model(&dir.join("vae")).unwrap();
+    let pipeline = Pipeline::load(&ctx, &repo().join(MODEL), &ComponentPaths::default()).unwrap();
+    let f = pipeline.vae().as_vae().unwrap().config().downscale();
+    let prompt_options = PromptOptions { batch: 1, image_size: (SIZE, SIZE), clip_skip: 0 };
+    let conds: Vec<Conditioning> =
+        cases[..n].iter().map(|c| pipeline.encode_prompt(&ctx, &c.prompt, None, &prompt_options).unwrap()).collect();
     let mut cond = Conditioning::new();
-    cond.insert(COND_EMBEDDINGS, tensors["sampling.cond_embeddings"].narrow(0, 0, n).unwrap());
-    cond.insert(UNCOND_EMBEDDINGS, tensors["sampling.uncond_embeddings"].narrow(0, 0, n).unwrap());
+    for key in [COND_EMBEDDINGS, UNCOND_EMBEDDINGS] {
+        let parts: Vec<&Tensor> = conds.iter().map(|c| c.get(key).unwrap()).collect();
+        cond.insert(key, Tensor::cat(&parts, 0).unwrap());
+    }
     let options = DenoiseOptions {
-        scheduler: SchedulerKind::Euler,
+        scheduler,
         karras: false,
         steps: STEPS,
-        guidance: 7.5,
+        guidance: GUIDANCE,
         seed: 0,
-        latent_size: (8, 8),
+        latent_size: (SIZE / f, SIZE / f),
     };
-    let (latents, _) = ctx.denoise_conditioned(&unet, &options, &cond, None, None, &mut |_, _| true).unwrap();
-    let (images, _) = ctx.vae_decode(&vae, &latents, Tiling::Never).unwrap();
+    let (latents, _) = pipeline.denoise(&ctx, &cond, &options, None, None, &mut |_, _| true).unwrap();
+    let (images, _) = pipeline.decode(&ctx, &latents, Tiling::Never).unwrap();
     let pixels = to_pixels(&images);
-    let mut s = Score { colour: 0, shape: 0, position: 0, all: 0, latents };
+    let mut s = Score { n, colour: 0, shape: 0, position: 0, all: 0, latents };
     for (case, img) in cases.iter().zip(&pixels) {
         let m = judge.measure(img);
         let colour = m.colour.as_deref() == Some(&case.colour) && m.bg == case.bg;
@@ -207,22 +215,60 @@ fn generate_and_judge(name: &str, device: &str, yaml: &str) -> Score {
         "{name}: {n} held-out generations, colour {}/{n}, shape {}/{n}, position {}/{n}, all {}/{n}",
         s.colour, s.shape, s.position, s.all
     );
-    let need = (n * 9).div_ceil(10);
-    assert!(s.colour >= need, "{name}: colours right in {}/{n} (need {need})", s.colour);
-    assert!(s.shape >= need, "{name}: shapes right in {}/{n} (need {need})", s.shape);
-    assert!(s.position >= need, "{name}: positions right in {}/{n} (need {need})", s.position);
     s
 }
 
-#[test]
-#[ignore = "the model trained so far (models/tiny-sd-trained) misses the 90 % goal: retrain with scripts/train_tiny.py, \
-            rewrite the fixture with scripts/judge.py --write-fixture, then run with --ignored"]
-fn draws_held_out_prompts_at_default_configuration_streamed_and_fp16() {
-    let resident = generate_and_judge("cpu", "cpu", "");
+/// Issue 17's goal: colour, shape and position right in ≥ 90 % of the generations; `full: false` checks the colours
+/// only (what the shipped model reaches so far: BENCHMARKS.md, "Trained tiny model").
+fn assert_goal(name: &str, s: &Score, full: bool) {
+    let (n, need) = (s.n, (s.n * 9).div_ceil(10));
+    assert!(s.colour >= need, "{name}: colours right in {}/{n} (need {need})", s.colour);
+    if full {
+        assert!(s.shape >= need, "{name}: shapes right in {}/{n} (need {need})", s.shape);
+        assert!(s.position >= need, "{name}: positions right in {}/{n} (need {need})", s.position);
+    }
+}
+
+/// Default configuration, an `emulated:` device that streams most of the UNet, fp16 weight storage.
+fn three_configurations(full: bool) {
+    let euler = SchedulerKind::Euler;
+    let resident = generate_and_judge("cpu", euler, "cpu", "");
+    assert_goal("cpu", &resident, full);
     // Most of the UNet streams through a small cap: partial loading must not change what is drawn (bit for bit).
-    let streamed =
-        generate_and_judge("emulated", "emulated:64MiB", "device_working_mem_gb: 0.01\nmax_cache_vram_gb: 0.0005\n");
+    let yaml = "device_working_mem_gb: 0.01\nmax_cache_vram_gb: 0.0005\n";
+    let streamed = generate_and_judge("emulated", euler, "emulated:64MiB", yaml);
     let diff = (&resident.latents - &streamed.latents).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
     assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "streaming changed the latents");
-    generate_and_judge("fp16 storage", "cpu", "storage_dtype: fp16\n");
+    assert_goal("emulated", &streamed, full);
+    assert_goal("fp16 storage", &generate_and_judge("fp16 storage", euler, "cpu", "storage_dtype: fp16\n"), full);
+}
+
+fn other_schedulers(full: bool) {
+    for (kind, name) in SchedulerKind::ALL.into_iter().filter(|(k, _)| *k != SchedulerKind::Euler) {
+        assert_goal(name, &generate_and_judge(name, kind, "cpu", ""), full);
+    }
+}
+
+#[test]
+fn draws_the_prompted_colours_at_default_configuration_streamed_and_fp16() {
+    three_configurations(false);
+}
+
+#[test]
+fn every_scheduler_draws_the_prompted_colours() {
+    other_schedulers(false);
+}
+
+#[test]
+#[ignore = "the shipped model draws the prompted colours but not yet the shapes and positions (BENCHMARKS.md, \
+            trained tiny model): retrain with scripts/train_tiny.py, then run with --ignored"]
+fn draws_held_out_prompts_at_default_configuration_streamed_and_fp16() {
+    three_configurations(true);
+}
+
+#[test]
+#[ignore = "the shipped model draws the prompted colours but not yet the shapes and positions (BENCHMARKS.md, \
+            trained tiny model): retrain with scripts/train_tiny.py, then run with --ignored"]
+fn every_scheduler_draws_held_out_prompts() {
+    other_schedulers(true);
 }
