@@ -1,5 +1,7 @@
-/* End-to-end text-to-image through the C API: load the tiny SD pipeline shipped in the repo, denoise with
- * Euler for 8 steps under a small emulated VRAM budget (so part of the UNet streams), decode, write a PNG.
+/* End-to-end denoise-and-decode through the C API: load the random tiny SD pipeline of the test fixtures (it takes
+ * the zero 77 x 32 conditioning below; the trained models/tiny-sd wants a prompt's, see
+ * lowvram_pipeline_encode_prompt), denoise with Euler for 8 steps under a small emulated VRAM budget (so part of the
+ * UNet streams), decode, write a PNG.
  *
  *   cc -std=c11 -I include examples/generate.c -L target/release -llowvram -Wl,-rpath,target/release -o generate
  *   ./generate tests/fixtures/tiny-sd-random out.png

@@ -72,7 +72,7 @@ step "the v0.1 host under valgrind"
 valgrind --quiet --error-exitcode=3 --leak-check=full --errors-for-leak-kinds=definite,indirect \
     --show-leak-kinds=definite,indirect --suppressions=tests/c/valgrind.supp "$out/test_frozen_abi_c"
 
-step "C example: examples/generate.c end to end on the shipped model"
+step "C example: examples/generate.c end to end on the random tiny model (zero conditioning, 77x32)"
 gcc -std=c11 -Wall -Wextra -Wpedantic -Werror -I include examples/generate.c -o "$out/generate_example" \
     -L "$lib_dir" -llowvram -Wl,-rpath,"$lib_dir"
 rm -f "$out/example.png"
