@@ -79,6 +79,13 @@ rm -f "$out/example.png"
 "$out/generate_example" tests/fixtures/tiny-sd-random "$out/example.png"
 head -c 8 "$out/example.png" | od -An -tx1 | grep -q "89 50 4e 47 0d 0a 1a 0a" || { echo "FATAL: the example wrote no PNG" >&2; exit 1; }
 
+step "C example: examples/prompt.c draws a prompt with the trained models/tiny-sd"
+gcc -std=c11 -Wall -Wextra -Wpedantic -Werror -I include examples/prompt.c -o "$out/prompt_example" \
+    -L "$lib_dir" -llowvram -Wl,-rpath,"$lib_dir"
+rm -f "$out/prompt.png"
+"$out/prompt_example" models/tiny-sd "a red circle on a blue background" "$out/prompt.png"
+head -c 8 "$out/prompt.png" | od -An -tx1 | grep -q "89 50 4e 47 0d 0a 1a 0a" || { echo "FATAL: the prompt example wrote no PNG" >&2; exit 1; }
+
 step "install to a temporary prefix; examples/generate.c via CMake find_package(lowvram) and via pkg-config"
 prefix="$out/prefix"
 rm -rf "$prefix" "$out/cmake-example"
