@@ -8,9 +8,9 @@ How to run (from the repository root; CPU only; the script itself needs no netwo
 
 What it writes (see tests/fixtures/README.md for every tensor's name, shape and meaning):
 
-    models/tiny-sd/                  SD1.x-style pipeline folder (diffusers layout), shipped as the default
+    tests/fixtures/tiny-sd-random/   SD1.x-style pipeline folder (diffusers layout) with random weights
                                      test model; unet/ also carries a fp16 variant file.
-    tests/fixtures/tiny-sd/*.safetensors   references computed with diffusers for models/tiny-sd
+    tests/fixtures/tiny-sd/*.safetensors   references computed with diffusers for tests/fixtures/tiny-sd-random
     tests/fixtures/tiny-sd2/model/   SD2.x-style pipeline folder (linear projections, upcast attention,
                                      per-block head counts, v-prediction, trailing spacing)
     tests/fixtures/tiny-sd2/*.safetensors  references for that model
@@ -539,7 +539,8 @@ def main():
         # (model dir, refs dir, unet config, scheduler config, seed base, write fp16 variant,
         #  latent size of the large decode: square for tiny-sd, non-square for tiny-sd2; large enough that 8-latent
         #  tiles save working memory, small enough to keep the reference images under 0.5 MB)
-        (ROOT / "models" / "tiny-sd", ROOT / "tests" / "fixtures" / "tiny-sd", SD1_UNET_CONFIG, SD1_SCHEDULER, 1000,
+        (ROOT / "tests" / "fixtures" / "tiny-sd-random", ROOT / "tests" / "fixtures" / "tiny-sd", SD1_UNET_CONFIG,
+         SD1_SCHEDULER, 1000,
          True, (24, 24)),
         (ROOT / "tests" / "fixtures" / "tiny-sd2" / "model", ROOT / "tests" / "fixtures" / "tiny-sd2",
          SD2_UNET_CONFIG, SD2_SCHEDULER, 2000, False, (16, 24)),
@@ -558,7 +559,7 @@ def main():
 
     print("== sizes (bytes)")
     total = 0
-    for d in [ROOT / "models" / "tiny-sd", ROOT / "tests" / "fixtures"]:
+    for d in [ROOT / "tests" / "fixtures" / "tiny-sd-random", ROOT / "tests" / "fixtures"]:
         for f in sorted(d.rglob("*")):
             if f.is_file():
                 total += f.stat().st_size

@@ -7,7 +7,7 @@ How to run (from the repository root; CPU only; no network access):
         && .venv/bin/python scripts/make_prompt_fixtures.py [--sd1-model DIR] [--sdxl-model DIR]
 
 --sd1-model: the untrained tiny SD 1.x pipeline folder (unet/, vae/, scheduler/) of scripts/make_fixtures.py;
-default models/tiny-sd, else tests/fixtures/tiny-sd/model. --sdxl-model: default tests/fixtures/tiny-sdxl/model.
+default tests/fixtures/tiny-sd-random, else tests/fixtures/tiny-sd/model. --sdxl-model: default tests/fixtures/tiny-sdxl/model.
 The folders used are written into tests/fixtures/prompt/prompts.json and README.md.
 
 What it writes (tests/fixtures/prompt/README.md lists every file and tensor):
@@ -413,7 +413,7 @@ def sdxl(model_dir, words, vocab, merges, tokens):
 
 def main():
     ap = argparse.ArgumentParser()
-    default_sd1 = ROOT / "models" / "tiny-sd"
+    default_sd1 = ROOT / "tests" / "fixtures" / "tiny-sd-random"
     if not default_sd1.exists():
         default_sd1 = ROOT / "tests" / "fixtures" / "tiny-sd" / "model"
     ap.add_argument("--sd1-model", type=Path, default=default_sd1)

@@ -8,7 +8,7 @@ scripts/requirements-fixtures.txt):
 
 What it writes under tests/fixtures/single-file/ (see README.md there):
 
-    sd1.safetensors   SD 1.x layout: models/tiny-sd's UNet and VAE (float32) + a tiny CLIPTextModel under
+    sd1.safetensors   SD 1.x layout: tests/fixtures/tiny-sd-random's UNet and VAE (float32) + a tiny CLIPTextModel under
                       `cond_stage_model.transformer.`, plus the extras real files carry (position_ids, EMA copies,
                       the noise schedule buffers)
     sd1.yaml          its LDM "original config" (num_heads, use_linear_in_transformer, context_dim)
@@ -376,7 +376,7 @@ def noise_schedule():
 
 def sd1():
     print("sd1")
-    model = ROOT / "models" / "tiny-sd"
+    model = ROOT / "tests" / "fixtures" / "tiny-sd-random"
     unet_cfg = json.loads((model / "unet" / "config.json").read_text())
     vae_cfg = json.loads((model / "vae" / "config.json").read_text())
     unet_sd = folder_state(model / "unet" / "diffusion_pytorch_model.safetensors")

@@ -1,4 +1,4 @@
-//! UNet and VAE against diffusers 0.42.1 references (tiny random models in `models/tiny-sd*`, references in
+//! UNet and VAE against diffusers 0.42.1 references (tiny random models in `tests/fixtures/tiny-sd-random*`, references in
 //! `tests/fixtures/tiny-sd*`), plus the weight-fetching contract and the error paths.
 //!
 //! `LOWVRAM_FIXTURE_ROOT` overrides the folder that holds `models/` and `tests/fixtures/` (default: the crate root).
@@ -23,10 +23,11 @@ fn require_fixtures() {
     }
 }
 
-/// `models/tiny-sd` is shipped; the SD 2.x-style tiny model lives with its references in `tests/fixtures/tiny-sd2/model`.
+/// The random SD 1.x-style tiny model is `tests/fixtures/tiny-sd-random` (it was `models/tiny-sd` before the trained
+/// model took that place); the SD 2.x-style one lives with its references in `tests/fixtures/tiny-sd2/model`.
 fn model_dir(name: &str, part: &str) -> PathBuf {
     match name {
-        "tiny-sd" => root().join("models").join(name).join(part),
+        "tiny-sd" => root().join("tests/fixtures/tiny-sd-random").join(part),
         _ => root().join("tests/fixtures").join(name).join("model").join(part),
     }
 }

@@ -37,7 +37,7 @@ fn meta() -> Value {
 /// The tiny SD 1.x pipeline: where the fixture script found it, or where it may have moved (the same files).
 fn sd1_model() -> PathBuf {
     let recorded = repo().join(meta()["sd1_model"].as_str().unwrap());
-    [recorded, repo().join("models/tiny-sd"), repo().join("tests/fixtures/tiny-sd/model")]
+    [recorded, repo().join("tests/fixtures/tiny-sd-random"), repo().join("tests/fixtures/tiny-sd/model")]
         .into_iter()
         .find(|d| d.join("unet").is_dir())
         .expect("the tiny SD 1.x pipeline folder")

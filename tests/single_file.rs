@@ -25,7 +25,7 @@ fn fixture(name: &str) -> PathBuf {
 /// The diffusers-folder file holding a component of a fixture.
 fn folder_file(model: &str, c: Component) -> PathBuf {
     let base = match (model, c) {
-        ("sd1", Component::Unet | Component::Vae) => repo().join("models/tiny-sd"),
+        ("sd1", Component::Unet | Component::Vae) => repo().join("tests/fixtures/tiny-sd-random"),
         ("sd2", Component::Unet | Component::Vae) => repo().join("tests/fixtures/tiny-sd2/model"),
         _ => fixture(model),
     };

@@ -218,13 +218,19 @@ fn components(run: &RunArgs) -> ComponentPaths {
     }
 }
 
-/// The image size: `--width`/`--height`, else the UNet's sample size.
+/// Pixels per latent along each side: the VAE's downscale (8 for SD; the trained tiny model's VAE uses 4).
+fn vae_downscale(pipeline: &Pipeline) -> Result<usize> {
+    Ok(pipeline.vae().as_vae()?.config().downscale())
+}
+
+/// The image size: `--width`/`--height`, else the UNet's sample size times the VAE's downscale.
 fn image_size(pipeline: &Pipeline, width: Option<usize>, height: Option<usize>) -> Result<(usize, usize)> {
     let (unet, _) = pipeline.denoiser().as_unet()?;
-    let default_px = unet.config().sample_size.unwrap_or(64) * 8;
+    let f = vae_downscale(pipeline)?;
+    let default_px = unet.config().sample_size.unwrap_or(64) * f;
     let (w, h) = (width.unwrap_or(default_px), height.unwrap_or(default_px));
-    if w % 8 != 0 || h % 8 != 0 || w == 0 || h == 0 {
-        return Err(Error::invalid(format!("--width {w} --height {h}: both must be positive multiples of 8")));
+    if w % f != 0 || h % f != 0 || w == 0 || h == 0 {
+        return Err(Error::invalid(format!("--width {w} --height {h}: both must be positive multiples of {f}")));
     }
     Ok((h, w))
 }
@@ -275,6 +281,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     };
     let init_noise = inputs.remove("sampling.init_noise");
     let step_noise = inputs.remove("sampling.step_noise");
+    let f = vae_downscale(&pipeline)?;
     let (batch, latent_size) = match &init_noise {
         Some(n) => {
             let (b, _, h, w) = n.dims4()?;
@@ -282,12 +289,12 @@ fn generate(args: GenerateArgs) -> Result<()> {
         }
         None => {
             let (h, w) = image_size(&pipeline, args.width, args.height)?;
-            (args.batch, (h / 8, w / 8))
+            (args.batch, (h / f, w / f))
         }
     };
     let prompt_options = PromptOptions {
         batch,
-        image_size: (latent_size.0 * 8, latent_size.1 * 8),
+        image_size: (latent_size.0 * f, latent_size.1 * f),
         clip_skip: args.prompt.clip_skip,
     };
     let cond = conditioning(&ctx, &pipeline, &args.prompt, &prompt_options, &mut inputs)?;
