@@ -189,6 +189,10 @@ enum lowvram_model_kind
      * A text encoder (CLIPTextModel, CLIPTextModelWithProjection): used by a pipeline's prompt encoding.
      */
     LOWVRAM_MODEL_KIND_TEXT_ENCODER = 2,
+    /**
+     * A diffusion transformer (FLUX.1's FluxTransformer2DModel): a pipeline's denoiser, used by `lowvram_denoise`.
+     */
+    LOWVRAM_MODEL_KIND_TRANSFORMER = 3,
 };
 #ifndef __cplusplus
 typedef uint32_t lowvram_model_kind;

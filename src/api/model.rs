@@ -15,6 +15,7 @@ use crate::weights::single_file::{Component, ComponentFile, ComponentMap, Single
 use crate::weights::{BlockRule, FilePart, TensorSpan, WeightLayout};
 use crate::models::text_encoder::{PromptTokenizer, TextEncoder};
 use crate::text::ClipTokenizer;
+use crate::models::flux::{FluxConfig, FluxTransformer};
 use crate::models::{AutoencoderKL, ExpectedTensors, UNet2DConditionModel, UNetConfig, VaeConfig};
 use crate::sampling::SchedulerConfig;
 
@@ -24,6 +25,9 @@ pub enum Architecture {
     Unet { model: UNet2DConditionModel, scheduler: SchedulerConfig },
     /// An `AutoencoderKL`.
     Vae(AutoencoderKL),
+    /// A `FluxTransformer2DModel` (FLUX.1 dev or schnell; BFL tensor names inside) with the flow-matching scheduler
+    /// configuration found beside it (or the variant's FLUX.1 default).
+    Flux { model: FluxTransformer, scheduler: SchedulerConfig },
     /// A text encoder (`CLIPTextModel`, `CLIPTextModelWithProjection`) with the tokenizer found beside it, if any.
     TextEncoder { model: Box<dyn TextEncoder>, tokenizer: Option<Box<dyn PromptTokenizer>> },
 }
@@ -35,6 +39,8 @@ pub enum ModelKind {
     Unet,
     Vae,
     TextEncoder,
+    /// A diffusion transformer (FLUX).
+    Transformer,
 }
 
 /// A loaded component. Shared (`Arc`) by the host's handle and any run using it.
@@ -52,6 +58,7 @@ impl Architecture {
         match self {
             Architecture::Unet { .. } => crate::models::unet::block_of,
             Architecture::Vae(_) => crate::weights::block_key,
+            Architecture::Flux { .. } => crate::models::flux::block_of,
             Architecture::TextEncoder { .. } => crate::models::clip::block_of,
         }
     }
@@ -61,6 +68,7 @@ impl Architecture {
         match self {
             Architecture::Unet { model, .. } => model.expected_tensors(),
             Architecture::Vae(v) => v.expected_tensors(),
+            Architecture::Flux { model, .. } => model.expected_tensors(),
             Architecture::TextEncoder { model, .. } => model.expected_tensors(),
         }
     }
@@ -123,14 +131,19 @@ impl Model {
                 Architecture::Unet { model, scheduler: scheduler_beside(dir)? }
             }
             "AutoencoderKL" => Architecture::Vae(AutoencoderKL::new(VaeConfig::from_json(&text)?)?),
+            "FluxTransformer2DModel" => {
+                let config = FluxConfig::from_json(&text)?;
+                let scheduler = flux_scheduler_beside(dir, &config)?;
+                Architecture::Flux { model: FluxTransformer::new(config)?, scheduler }
+            }
             "CLIPTextModel" | "CLIPTextModelWithProjection" => Architecture::TextEncoder {
                 model: Box::new(ClipTextEncoder::load_config(dir)?),
                 tokenizer: tokenizer_beside(dir)?,
             },
             other => {
                 return Err(Error::unsupported(format!(
-                    "{}: _class_name \"{other}\" (supported: UNet2DConditionModel, AutoencoderKL, CLIPTextModel, \
-                     CLIPTextModelWithProjection)",
+                    "{}: _class_name \"{other}\" (supported: UNet2DConditionModel, AutoencoderKL, \
+                     FluxTransformer2DModel, CLIPTextModel, CLIPTextModelWithProjection)",
                     config_path.display()
                 )))
             }
@@ -150,7 +163,16 @@ impl Model {
             )
         })?;
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
-        let weights = cache.load_model_as(&file, &name, &WeightLayout::whole(arch.block_rule()))?;
+        let layout = match &arch {
+            // diffusers' FLUX names map to BFL's by fusing q/k/v (and the single blocks' linear1) from byte ranges.
+            Architecture::Flux { .. } => WeightLayout {
+                view: name.clone(),
+                rule: arch.block_rule(),
+                spans: Some(Arc::new(crate::weights::single_file::flux::diffusers_spans(&file)?)),
+            },
+            _ => WeightLayout::whole(arch.block_rule()),
+        };
+        let weights = cache.load_model_as(&file, &name, &layout)?;
         step(2, LOAD_PHASES)?;
         check_tensors(&file, &arch.expected_tensors(), &weights)?;
         step(3, LOAD_PHASES)?;
@@ -175,11 +197,13 @@ impl Model {
             }
             Component::Vae => Architecture::Vae(AutoencoderKL::new(VaeConfig::from_json(&config)?)?),
             Component::Transformer => {
-                return Err(Error::unsupported(format!(
-                    "{}: a FLUX transformer as a pipeline component (models::flux::FluxTransformer runs it through \
-                     the Rust API; the FLUX pipeline needs the flow-matching scheduler and the T5 encoder)",
-                    file.path().display()
-                )))
+                let config = FluxConfig::from_json(&config)?;
+                // A config folder beside the file may give the scheduler; else the variant's FLUX.1 default.
+                let scheduler = match file.map().config_dir().map(|d| d.join("scheduler/scheduler_config.json")) {
+                    Some(p) if p.exists() => SchedulerConfig::from_file(&p)?,
+                    _ => flux_scheduler_default(&config)?,
+                };
+                Architecture::Flux { model: FluxTransformer::new(config)?, scheduler }
             }
             Component::TextEncoder | Component::TextEncoder2 => {
                 // SD 1.x and SDXL's first encoder pad with EOS; OpenCLIP (SD 2.x, SDXL's bigG) with "!".
@@ -230,6 +254,7 @@ impl Model {
         match self.arch {
             Architecture::Unet { .. } => ModelKind::Unet,
             Architecture::Vae(_) => ModelKind::Vae,
+            Architecture::Flux { .. } => ModelKind::Transformer,
             Architecture::TextEncoder { .. } => ModelKind::TextEncoder,
         }
     }
@@ -326,11 +351,37 @@ fn scheduler_beside(unet_dir: &Path) -> Result<SchedulerConfig> {
     }
 }
 
+/// `../scheduler/scheduler_config.json` of a pipeline's `transformer/` folder, else the FLUX.1 variant's default.
+fn flux_scheduler_beside(transformer_dir: &Path, config: &FluxConfig) -> Result<SchedulerConfig> {
+    let path = transformer_dir.parent().map(|p| p.join("scheduler").join("scheduler_config.json"));
+    match path {
+        Some(p) if p.exists() => SchedulerConfig::from_file(&p),
+        _ => flux_scheduler_default(config),
+    }
+}
+
+/// FluxPipeline's scheduler as the hub ships it: dev (guidance-distilled) shifts with the image length
+/// (`use_dynamic_shifting`), schnell is unshifted (`shift` 1.0, no dynamic shifting).
+pub(crate) fn flux_scheduler_default(config: &FluxConfig) -> Result<SchedulerConfig> {
+    let (shift, dynamic) = if config.guidance_embeds { (3.0, true) } else { (1.0, false) };
+    SchedulerConfig::from_value(&serde_json::json!({
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "num_train_timesteps": 1000,
+        "shift": shift,
+        "use_dynamic_shifting": dynamic,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+    }))
+}
+
 impl Model {
     /// The model as a denoiser with its scheduler configuration, or INVALID_ARGUMENT naming what was passed.
     pub fn as_denoiser(&self) -> Result<(&dyn crate::models::Denoiser, &SchedulerConfig)> {
         match &self.arch {
             Architecture::Unet { model, scheduler } => Ok((model, scheduler)),
+            Architecture::Flux { model, scheduler } => Ok((model, scheduler)),
             _ => Err(Error::invalid(format!(
                 "{} is a {:?}, a denoising model is needed",
                 self.dir.display(),

@@ -1,0 +1,223 @@
+//! FLUX.1 through the pipeline API end to end, against diffusers' `FluxPipeline` on tiny random dev and schnell
+//! pipelines (tests/fixtures/flux-pipeline, `scripts/fixtures_flux_pipeline.py`): the diffusers folder and the BFL
+//! single file (plus `--vae ae.safetensors` and `--text-encoder`) load as a FLUX pipeline, CLIP-L's pooled output
+//! matches transformers', and from the same embeddings and initial noise the flow-matching latents and the decoded
+//! image match diffusers' — also streamed on a tight `emulated:` device, bit for bit.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use lowvram::api::{
+    ComponentPaths, Context, ContextOptions, DenoiseOptions, ModelKind, Pipeline, PromptOptions, Tiling,
+};
+use lowvram::models::conditioning::{COND_EMBEDDINGS, COND_POOLED};
+use lowvram::models::{Conditioning, Family};
+use lowvram::sampling::SchedulerKind;
+
+const PROMPT: &str = "a photo of a cat";
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn folder(variant: &str) -> PathBuf {
+    fixtures().join("flux-pipeline").join(variant)
+}
+
+/// The BFL single file, with the config folder diffusers' `config=` would name beside it (`flux1-dev-tiny/` → the
+/// pipeline folder): its 16-wide heads are not FLUX.1's, so the rotary axes come from there.
+fn bfl_file(variant: &str) -> PathBuf {
+    fixtures().join("flux-pipeline").join(format!("flux1-{variant}-tiny.safetensors"))
+}
+
+fn reference(variant: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(folder(variant).join("reference.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// Steps as the fixture script runs them (dev: 3 steps at guidance 3.5; schnell: 2).
+fn options(variant: &str) -> DenoiseOptions {
+    let steps = if variant == "dev" { 3 } else { 2 };
+    DenoiseOptions {
+        scheduler: SchedulerKind::FlowEuler,
+        karras: false,
+        steps,
+        guidance: 3.5,
+        seed: 0,
+        latent_size: (12, 8),
+    }
+}
+
+fn context(device: &str, yaml: &str) -> Context {
+    Context::new(ContextOptions { device: Some(device.into()), config_yaml: Some(yaml.into()), ..Default::default() })
+        .unwrap()
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    max_abs(&(a - b).unwrap())
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+}
+
+/// The single file with the components it lacks: the BFL autoencoder file and the CLIP-L folder.
+fn single_file_components() -> ComponentPaths {
+    ComponentPaths {
+        vae: Some(fixtures().join("flow/ae.safetensors")),
+        text_encoder: Some(fixtures().join("prompt/sd1/text_encoder")),
+        text_encoder_2: None,
+    }
+}
+
+/// Latents and raw image from the reference's init noise and T5-like states, with the pipeline's own CLIP pooled
+/// vector for PROMPT (checked against transformers' on the way); bytes streamed by the denoise.
+fn run(ctx: &Context, p: &Pipeline, variant: &str) -> (Tensor, Tensor, u64) {
+    let r = reference(variant);
+    let pooled = p.flux_pooled(ctx, PROMPT).unwrap();
+    let scale = max_abs(&r["pooled"]).max(1e-6);
+    let d = max_diff(&pooled, &r["pooled"]);
+    assert!(d <= 1e-4 * scale, "{variant}: CLIP pooled differs from transformers' by {d} (scale {scale})");
+    let mut cond = Conditioning::new();
+    cond.insert(COND_EMBEDDINGS, r["prompt_embeds"].clone());
+    cond.insert(COND_POOLED, pooled);
+    let (latents, report) =
+        p.denoise(ctx, &cond, &options(variant), Some(&r["init_noise"]), None, &mut |_, _| true).unwrap();
+    let (image, _) = p.decode(ctx, &latents, Tiling::Never).unwrap();
+    (latents, image, report.bytes_streamed)
+}
+
+fn check_parity(what: &str, latents: &Tensor, image: &Tensor, r: &HashMap<String, Tensor>) {
+    let (dl, scale) = (max_diff(latents, &r["latents"]), max_abs(&r["latents"]).max(1.0));
+    let di = max_diff(image, &r["image"]);
+    println!("{what}: latents max |diff| {dl:.3e} (scale {scale:.2}), image {di:.3e}");
+    assert!(dl <= 1e-3 * scale, "{what}: latents differ from diffusers' by {dl}");
+    assert!(di <= 3e-3, "{what}: image differs from diffusers' by {di}");
+}
+
+#[test]
+fn folder_matches_diffusers_from_embeddings() {
+    for variant in ["dev", "schnell"] {
+        let ctx = context("cpu", "");
+        let p = Pipeline::load(&ctx, &folder(variant), &ComponentPaths::default()).unwrap();
+        assert_eq!(p.family(), Family::Flux);
+        assert_eq!(p.denoiser().kind(), ModelKind::Transformer);
+        let (latents, image, _) = run(&ctx, &p, variant);
+        check_parity(&format!("{variant} folder"), &latents, &image, &reference(variant));
+    }
+}
+
+#[test]
+fn bfl_single_file_matches_diffusers_from_embeddings() {
+    // dev's file has bare BFL keys, schnell's is Comfy-style (`model.diffusion_model.`); the scheduler is the
+    // variant's FLUX.1 default, the folder's scheduler_config.json.
+    for variant in ["dev", "schnell"] {
+        let ctx = context("cpu", "");
+        let p = Pipeline::load(&ctx, &bfl_file(variant), &single_file_components()).unwrap();
+        assert_eq!(p.family(), Family::Flux);
+        let (latents, image, _) = run(&ctx, &p, variant);
+        check_parity(&format!("{variant} BFL file"), &latents, &image, &reference(variant));
+    }
+}
+
+#[test]
+fn streamed_on_a_tight_device_is_bit_identical() {
+    for variant in ["dev", "schnell"] {
+        let ctx = context("cpu", "");
+        let p = Pipeline::load(&ctx, &folder(variant), &ComponentPaths::default()).unwrap();
+        let (want_l, want_i, _) = run(&ctx, &p, variant);
+        for path in [folder(variant), bfl_file(variant)] {
+            let tight = context("emulated:64MiB", "device_working_mem_gb: 0.01\nmax_cache_vram_gb: 0.0002\n");
+            let components = if path.is_file() { single_file_components() } else { ComponentPaths::default() };
+            let p = Pipeline::load(&tight, &path, &components).unwrap();
+            let (l, i, streamed) = run(&tight, &p, variant);
+            assert!(streamed > 0, "{variant} {}: the capped run streamed nothing", path.display());
+            assert_eq!(bits(&l), bits(&want_l), "{variant} {}: streaming changed the latents", path.display());
+            assert_eq!(bits(&i), bits(&want_i), "{variant} {}: streaming changed the image", path.display());
+        }
+    }
+}
+
+fn err_text(r: lowvram::Result<impl Sized>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn missing_components_and_unused_inputs_are_named() {
+    let ctx = context("cpu", "");
+    // A transformer file alone: the VAE must be passed.
+    let e = err_text(Pipeline::load(&ctx, &bfl_file("dev"), &ComponentPaths::default()));
+    assert!(e.contains("--vae"), "{e}");
+    // Without CLIP-L, prompts need --text-encoder.
+    let vae_only = ComponentPaths { vae: Some(fixtures().join("flow/ae.safetensors")), ..Default::default() };
+    let p = Pipeline::load(&ctx, &bfl_file("schnell"), &vae_only).unwrap();
+    let e = err_text(p.encode_prompt(&ctx, PROMPT, None, &PromptOptions::default()));
+    assert!(e.contains("--text-encoder"), "{e}");
+    // Without T5, prompts need --text-encoder-2 (or given states).
+    let p = Pipeline::load(&ctx, &bfl_file("schnell"), &single_file_components()).unwrap();
+    let e = err_text(p.encode_prompt(&ctx, PROMPT, None, &PromptOptions::default()));
+    assert!(e.contains("--text-encoder-2"), "{e}");
+    // FLUX runs no classifier-free guidance: a negative prompt is refused, not ignored.
+    let e = err_text(p.encode_prompt(&ctx, PROMPT, Some("blurry"), &PromptOptions::default()));
+    assert!(e.contains("negative prompt"), "{e}");
+}
+
+/// The CLI from `--inputs` (init noise, T5 states, CLIP pooled): `generate --model <FLUX folder or BFL file>` with
+/// the default scheduler (flow_euler) and guidance (3.5) writes diffusers' latents.
+#[test]
+fn cli_generates_from_inputs() {
+    let dir = std::env::temp_dir().join(format!("lowvram-flux-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for variant in ["dev", "schnell"] {
+        let r = reference(variant);
+        let inputs = dir.join(format!("{variant}-inputs.safetensors"));
+        let map: HashMap<String, Tensor> = [
+            ("sampling.init_noise", r["init_noise"].clone()),
+            ("sampling.cond_embeddings", r["prompt_embeds"].clone()),
+            ("sampling.cond_pooled", r["pooled"].clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        candle_core::safetensors::save(&map, &inputs).unwrap();
+        let steps = options(variant).steps.to_string();
+        for (model, extra) in [(folder(variant), vec![]), (bfl_file(variant), vec!["--vae".to_string()])] {
+            let out = dir.join(format!("{variant}.png"));
+            let latents_out = dir.join(format!("{variant}-latents.safetensors"));
+            let raw_out = dir.join(format!("{variant}-image.safetensors"));
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_lowvram"));
+            cmd.args(["generate", "--device", "cpu", "--steps", &steps, "--model"]).arg(&model);
+            if !extra.is_empty() {
+                cmd.arg("--vae").arg(fixtures().join("flow/ae.safetensors"));
+            }
+            cmd.arg("--inputs").arg(&inputs).arg("--out").arg(&out);
+            cmd.arg("--latents-out").arg(&latents_out).arg("--image-raw-out").arg(&raw_out);
+            let o = cmd.output().unwrap();
+            assert!(o.status.success(), "{variant} {}: {}", model.display(), String::from_utf8_lossy(&o.stderr));
+            let l = candle_core::safetensors::load(&latents_out, &Device::Cpu).unwrap();
+            let i = candle_core::safetensors::load(&raw_out, &Device::Cpu).unwrap();
+            check_parity(&format!("{variant} CLI {}", model.display()), &l["latents"], &i["image"], &r);
+            assert!(out.exists());
+        }
+    }
+    // FLUX sizes are multiples of 16.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lowvram"))
+        .args(["generate", "--device", "cpu", "--steps", "1", "--width", "40", "--height", "32", "--prompt", "x"])
+        .arg("--model")
+        .arg(folder("schnell"))
+        .arg("--out")
+        .arg(dir.join("x.png"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("multiples of 16"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
