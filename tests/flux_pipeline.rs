@@ -143,6 +143,66 @@ fn streamed_on_a_tight_device_is_bit_identical() {
     }
 }
 
+/// A Comfy-style all-in-one file (transformer under `model.diffusion_model.`, `vae.` in LDM names,
+/// `text_encoders.clip_l.transformer.` in transformers' names, a T5 key that is skipped) written from the fixtures,
+/// with the config folder beside it.
+fn comfy_all_in_one(dir: &std::path::Path) -> PathBuf {
+    let mut all = candle_core::safetensors::load(bfl_file("schnell"), &Device::Cpu).unwrap();
+    for (prefix, file) in [
+        ("vae.", fixtures().join("flow/ae.safetensors")),
+        ("text_encoders.clip_l.transformer.", fixtures().join("prompt/sd1/text_encoder/model.safetensors")),
+    ] {
+        for (k, v) in candle_core::safetensors::load(file, &Device::Cpu).unwrap() {
+            all.insert(format!("{prefix}{k}"), v);
+        }
+    }
+    all.insert(
+        "text_encoders.t5xxl.transformer.shared.weight".into(),
+        Tensor::zeros((4, 2), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    let path = dir.join("flux1-schnell-aio.safetensors");
+    candle_core::safetensors::save(&all, &path).unwrap();
+    let config_dir = dir.join("flux1-schnell-aio");
+    let _ = std::fs::remove_file(&config_dir);
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(folder("schnell"), &config_dir).unwrap();
+    #[cfg(not(unix))]
+    panic!("the config folder beside the file is a symbolic link");
+    path
+}
+
+/// The Comfy all-in-one file gives the transformer, the VAE and CLIP-L (its T5 is left to --text-encoder-2): CLIP-L
+/// encodes exactly as the folder's, and the latents and image match diffusers'.
+#[test]
+fn comfy_all_in_one_file_gives_vae_and_clip() {
+    let dir = std::env::temp_dir().join(format!("lowvram-flux-aio-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = comfy_all_in_one(&dir);
+    let ctx = context("cpu", "");
+    let p = Pipeline::load(&ctx, &path, &ComponentPaths::default()).unwrap();
+    assert_eq!(p.family(), Family::Flux);
+    let folder_p = Pipeline::load(&ctx, &folder("schnell"), &ComponentPaths::default()).unwrap();
+    // The file's CLIP takes the vocabulary compiled into the library (the real CLIP-L's); the tiny model's ids come
+    // from the fixture's tokenizer.
+    let (_, tokenizer) = folder_p.text_encoder(0).unwrap().as_text_encoder().unwrap();
+    let ids = tokenizer.unwrap().tokenize(PROMPT).unwrap();
+    let layer = lowvram::models::text_encoder::HiddenLayer::Last;
+    let mut report = lowvram::api::RunReport::default();
+    let a = ctx.encode_ids(p.text_encoder(0).unwrap(), &ids, layer, None, &mut report).unwrap();
+    let b = ctx.encode_ids(folder_p.text_encoder(0).unwrap(), &ids, layer, None, &mut report).unwrap();
+    assert_eq!(bits(a.pooled.as_ref().unwrap()), bits(b.pooled.as_ref().unwrap()), "CLIP-L from the file differs");
+    assert_eq!(bits(&a.hidden), bits(&b.hidden));
+    let r = reference("schnell");
+    let mut cond = Conditioning::new();
+    cond.insert(COND_EMBEDDINGS, r["prompt_embeds"].clone());
+    cond.insert(COND_POOLED, r["pooled"].clone());
+    let (latents, _) =
+        p.denoise(&ctx, &cond, &options("schnell"), Some(&r["init_noise"]), None, &mut |_, _| true).unwrap();
+    let (image, _) = p.decode(&ctx, &latents, Tiling::Never).unwrap();
+    check_parity("schnell Comfy all-in-one", &latents, &image, &r);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn err_text(r: lowvram::Result<impl Sized>) -> String {
     match r {
         Ok(_) => panic!("expected an error"),

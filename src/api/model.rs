@@ -206,9 +206,9 @@ impl Model {
                 Architecture::Flux { model: FluxTransformer::new(config)?, scheduler }
             }
             Component::TextEncoder | Component::TextEncoder2 => {
-                // SD 1.x and SDXL's first encoder pad with EOS; OpenCLIP (SD 2.x, SDXL's bigG) with "!".
+                // SD 1.x, SDXL's and FLUX's CLIP-L pad with EOS; OpenCLIP (SD 2.x, SDXL's bigG) with "!".
                 let pad = match (file.family(), component) {
-                    (Family::Sd1, _) | (Family::Sdxl, Component::TextEncoder) => PadToken::Eos,
+                    (Family::Sd1, _) | (Family::Sdxl | Family::Flux, Component::TextEncoder) => PadToken::Eos,
                     _ => PadToken::Exclamation,
                 };
                 let mut clip = ClipTextConfig::from_json(&config)?;
