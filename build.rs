@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The kernel sources; each becomes `$OUT_DIR/<name>.fatbin`, embedded by `src/ops/cuda/module.rs`.
-const KERNELS: &[&str] = &["attention", "conv2d", "group_norm"];
+const KERNELS: &[&str] = &["attention", "conv2d", "dequant", "group_norm"];
 const DEFAULT_ARCHS: &str = "75,80,86,89,90";
 
 fn main() {

@@ -33,7 +33,7 @@ fn cuda_kernels_on_the_cpu_emulator() {
         "the emulated CUDA kernel tests failed ({}):\n{text}",
         out.status
     );
-    for kernel in ["group_norm", "attention", "conv2d"] {
+    for kernel in ["group_norm", "attention", "conv2d", "dequant"] {
         assert!(
             text.contains(kernel),
             "no result for the {kernel} kernel in:\n{text}"

@@ -7,6 +7,7 @@
 //! most blocks) gives the same latents as the fully resident run, with bytes streamed = steps × (model − resident);
 //! and the allocator's accounting against the driver's free memory; prefetch from pinned RAM with the pool keeping
 //! freed blocks gives the same latents as synchronous streaming, and does prefetch and pin.
+//! The CUDA dequantisation kernels give the CPU decoders' bits on every GGUF type and fp8 format of the fixtures.
 //!
 //! Paths: the repo is `LOWVRAM_REPO`, else the current directory when it holds `models/tiny-sd` (the GPU machine
 //! runs the binary from the project root), else the build-time `CARGO_MANIFEST_DIR`.
@@ -452,4 +453,71 @@ fn gpu_kernels() {
             "{what}: estimate {estimate} B far above the measured {measured} B"
         );
     }
+}
+
+/// The CUDA dequantisation kernels (`kernels/dequant.cu`) through `lowvram::ops::dequantize` on every GGUF type and
+/// fp8 format of the fixtures, in f32, f16 and bf16: bit-identical to the CPU decoders (which match gguf-py).
+#[test]
+fn gpu_dequant() {
+    use candle_core::DType;
+    use lowvram::weights::gguf::{GgufHeader, GgufKind};
+    use lowvram::weights::StoredFormat;
+    if let Some(why) = skip_reason() {
+        let _ = writeln!(std::io::stderr(), "gpu dequant tests skipped: {why}");
+        return;
+    }
+    let dev = Device::new_cuda(0).unwrap();
+    let dir = repo().join("tests/fixtures/gguf");
+    let gguf = std::fs::read(dir.join("types.gguf")).unwrap();
+    let mut cases: Vec<(String, Vec<u8>, StoredFormat, Vec<usize>)> = Vec::new();
+    for t in GgufHeader::parse(&gguf).unwrap().tensors {
+        if let GgufKind::Stored(f) = t.kind {
+            cases.push((t.name, gguf[t.bytes].to_vec(), f, t.shape));
+        }
+    }
+    let st = std::fs::read(dir.join("fp8.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&st).unwrap();
+    for (name, f) in [
+        ("transformer_blocks.0.e4m3.weight", StoredFormat::F8E4M3),
+        ("transformer_blocks.1.e5m2.weight", StoredFormat::F8E5M2),
+    ] {
+        let v = st.tensor(name).unwrap();
+        cases.push((name.into(), v.data().to_vec(), f, v.shape().to_vec()));
+    }
+    assert_eq!(cases.len(), 13, "11 quantised tensors and 2 fp8 ones");
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let v = t
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        v.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() })
+            .collect()
+    };
+    for (name, bytes, f, shape) in &cases {
+        let n = bytes.len();
+        let host = Tensor::from_vec(bytes.clone(), n, &Device::Cpu).unwrap();
+        let on_gpu = host.to_device(&dev).unwrap();
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let want = lowvram::ops::dequantize(&host, *f, shape, dtype).unwrap();
+            let got = lowvram::ops::dequantize(&on_gpu, *f, shape, dtype).unwrap();
+            assert!(
+                got.device().is_cuda() && got.dtype() == dtype && got.dims() == shape.as_slice()
+            );
+            assert!(
+                bits(&got) == bits(&want),
+                "{name} ({}) as {dtype:?}: CUDA differs from the CPU decoder",
+                f.name()
+            );
+        }
+    }
+    println!(
+        "gpu dequant: {} tensors x 3 dtypes bit-identical to the CPU decoders",
+        cases.len()
+    );
 }

@@ -12,6 +12,7 @@ pub mod attention;
 mod cpu;
 mod cuda;
 pub mod conv2d;
+pub mod dequant;
 pub mod geglu;
 pub mod group_norm;
 pub mod layer_norm;
@@ -22,6 +23,7 @@ pub mod timestep;
 
 pub use attention::{attention, attention_chunk_rows, attention_scratch_bytes, attention_with_budget, ATTENTION_SCRATCH_BYTES};
 pub use conv2d::{conv2d, conv2d_scratch_bytes};
+pub use dequant::{dequantize, dequantized_bytes};
 pub use rms_norm::rms_norm;
 pub use cpu::elementwise::{silu_tensor as silu, upsample_nearest2d};
 pub use geglu::geglu;

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::weights::format::StoredFormat;
 
 /// Something that hands a model the weights of one block on the compute device, in the compute dtype.
 pub trait WeightSource: Send + Sync {
@@ -23,10 +24,29 @@ pub trait WeightSource: Send + Sync {
     fn dtype(&self) -> DType;
 }
 
+/// The tensors of one block kept in a stored format (GGUF quantised blocks, fp8 bytes): for each (relative) name
+/// its format and the shape the model reads, and the dtype [`BlockWeights::get`] dequantises into.
+#[derive(Debug, Clone)]
+pub struct StoredTensors {
+    /// The compute dtype.
+    pub dtype: DType,
+    /// Format and shape of each stored tensor, by name relative to the block.
+    pub tensors: HashMap<String, (StoredFormat, Vec<usize>)>,
+}
+
 /// The weights of one block, keyed by their names relative to the block prefix (`conv1.weight`).
+///
+/// Tensors in a stored format (GGUF quantised, fp8) are held as their stored bytes (a `U8` tensor on the compute
+/// device) and dequantised by [`Self::get`] at that call, on that device, into a fresh tensor in the compute dtype:
+/// working memory the caller should drop right after the op that uses it. So models call `get` right before the
+/// matmul that needs a weight (never all weights of a block up front), and their working-memory estimates include
+/// one dequantised copy of the block's largest weight ([`Self::largest_dequantised_bytes`];
+/// [`crate::weights::WeightStore::largest_dequantised_bytes`] for the whole model).
 pub struct BlockWeights {
     prefix: String,
     tensors: HashMap<String, Tensor>,
+    /// The tensors of `tensors` that are stored bytes to dequantise on `get`.
+    stored: Option<std::sync::Arc<StoredTensors>>,
     /// Held while the block computes; dropping it gives streamed bytes back to the allocator. Declared after
     /// `tensors` so it drops after them (a streamed block's tensors may view a buffer the lease returns to a pool).
     _lease: Option<Box<dyn Send + Sync>>,
@@ -42,7 +62,38 @@ impl BlockWeights {
         Self {
             prefix: prefix.into(),
             tensors,
+            stored: None,
             _lease: lease,
+        }
+    }
+
+    /// Mark the tensors `stored` names as stored bytes, dequantised by [`Self::get`] (None: every tensor is dense).
+    pub fn with_stored(mut self, stored: Option<std::sync::Arc<StoredTensors>>) -> Self {
+        self.stored = stored;
+        self
+    }
+
+    /// Bytes of the largest dequantised copy [`Self::get`] makes for this block (elements × compute dtype size of
+    /// its largest stored tensor; 0 when it has none): working memory beside the block's stored bytes.
+    pub fn largest_dequantised_bytes(&self) -> u64 {
+        self.stored.as_ref().map_or(0, |s| {
+            s.tensors
+                .values()
+                .map(|(_, shape)| (shape.iter().product::<usize>() * s.dtype.size_in_bytes()) as u64)
+                .max()
+                .unwrap_or(0)
+        })
+    }
+
+    /// The tensor `name` as held: a dense tensor, or dequantised from its stored bytes into the compute dtype.
+    fn read(&self, name: &str) -> Option<Result<Tensor>> {
+        let t = self.tensors.get(name)?;
+        match self.stored.as_ref().and_then(|s| s.tensors.get(name).map(|(f, shape)| (s.dtype, *f, shape))) {
+            Some((dtype, format, shape)) => Some(
+                crate::ops::dequant::dequantize(t, format, shape, dtype)
+                    .map_err(|e| Error::format(format!("tensor {}: {e}", self.full_name(name)))),
+            ),
+            None => Some(Ok(t.clone())),
         }
     }
 
@@ -51,12 +102,10 @@ impl BlockWeights {
         &self.prefix
     }
 
-    /// The tensor `name` (relative to the block), or a format error naming the full tensor.
+    /// The tensor `name` (relative to the block), or a format error naming the full tensor. A tensor in a stored
+    /// format is dequantised now, on the compute device, into a new tensor (see the type's documentation).
     pub fn get(&self, name: &str) -> Result<Tensor> {
-        self.tensors
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::format(format!("missing tensor {}", self.full_name(name))))
+        self.read(name).unwrap_or_else(|| Err(Error::format(format!("missing tensor {}", self.full_name(name)))))
     }
 
     /// The tensor `name`, checked to have exactly `shape`.
@@ -73,9 +122,9 @@ impl BlockWeights {
         Ok(t)
     }
 
-    /// The tensor `name` if the block has it (optional biases).
+    /// The tensor `name` if the block has it (optional biases); dequantised like [`Self::get`] (None if that fails).
     pub fn get_opt(&self, name: &str) -> Option<Tensor> {
-        self.tensors.get(name).cloned()
+        self.read(name).and_then(|r| r.ok())
     }
 
     /// Whether the block has a tensor `name`.
@@ -83,7 +132,7 @@ impl BlockWeights {
         self.tensors.contains_key(name)
     }
 
-    /// Bytes of all tensors in the block.
+    /// Bytes of all tensors in the block as held (stored bytes for tensors in a stored format).
     pub fn bytes(&self) -> u64 {
         self.tensors
             .values()

@@ -1,6 +1,12 @@
 //! A memory-mapped safetensors checkpoint: every tensor's place in the file, grouped into blocks by
 //! [`block_key`], an optional RAM copy in the storage dtype, and reads through a small staging ring when there is
 //! no RAM copy (`keep_ram_copy_of_weights: false`).
+//!
+//! GGUF files (recognised by their magic) and fp8 safetensors tensors open the same way. Their quantised / fp8
+//! tensors keep their stored bytes in every copy — RAM, pinned, resident on the device, streamed — as `U8` tensors,
+//! so residency costs and streams move the file's bytes, never the dequantised size; a fetched block's
+//! [`crate::weights::BlockWeights::get`] dequantises them on the compute device (see [`StoredTensors`]). Their dense
+//! tensors (F32/F16/BF16 in a GGUF: norms, biases, small tensors) convert into the storage/compute dtypes as usual.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -14,7 +20,9 @@ use serde::Serialize;
 
 use crate::device::{BlockBuffer, DeviceAllocator, PinnedHost};
 use crate::error::{Error, Result};
-use crate::weights::source::{block_key, WeightLayout};
+use crate::weights::format::StoredFormat;
+use crate::weights::gguf::{GgufHeader, GgufKind};
+use crate::weights::source::{block_key, StoredTensors, TensorSpan, WeightLayout};
 
 /// Where a tensor's bytes are now (the best copy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -47,6 +55,9 @@ pub struct TensorInfo {
     parts: Vec<(usize, usize, usize)>,
     /// Stored as the transpose of `shape` (2-D): transposed as it is read.
     transposed: bool,
+    /// The stored format of a tensor kept as its file bytes everywhere (GGUF quantised blocks, fp8); None for a
+    /// dense tensor (converted into the storage and compute dtypes as usual).
+    format: Option<StoredFormat>,
 }
 
 impl TensorInfo {
@@ -54,9 +65,46 @@ impl TensorInfo {
     pub fn elem_count(&self) -> usize {
         self.shape.iter().product()
     }
-    /// Bytes in the storage dtype.
+    /// Bytes in the storage dtype; for a tensor in a stored format, its stored bytes.
     pub fn storage_bytes(&self) -> u64 {
-        (self.elem_count() * self.storage_dtype.size_in_bytes()) as u64
+        match self.format {
+            Some(_) => self.parts.iter().map(|p| p.2 as u64).sum(),
+            None => (self.elem_count() * self.storage_dtype.size_in_bytes()) as u64,
+        }
+    }
+    /// Bytes it takes on the device with `compute` as the compute dtype: its stored bytes for a stored format (it
+    /// stays stored there and is dequantised per use), else its elements in `compute`.
+    pub fn compute_bytes(&self, compute: DType) -> u64 {
+        match self.format {
+            Some(_) => self.storage_bytes(),
+            None => (self.elem_count() * compute.size_in_bytes()) as u64,
+        }
+    }
+    /// The stored format (GGUF quantised, fp8), or None for a dense tensor.
+    pub fn stored_format(&self) -> Option<StoredFormat> {
+        self.format
+    }
+    /// The dtype of its RAM and device copies when fetched in `dtype`: `U8` bytes for a stored format.
+    fn held_dtype(&self, dtype: DType) -> DType {
+        if self.format.is_some() {
+            DType::U8
+        } else {
+            dtype
+        }
+    }
+    /// The shape of its RAM and device copies: `[stored bytes]` for a stored format.
+    fn held_shape(&self) -> Vec<usize> {
+        match self.format {
+            Some(_) => vec![self.storage_bytes() as usize],
+            None => self.shape.clone(),
+        }
+    }
+    /// Bytes of its copy fetched in `dtype`.
+    fn held_bytes(&self, dtype: DType) -> usize {
+        match self.format {
+            Some(_) => self.storage_bytes() as usize,
+            None => self.elem_count() * dtype.size_in_bytes(),
+        }
     }
 }
 
@@ -67,9 +115,11 @@ pub struct BlockInfo {
     pub key: String,
     /// Indices into [`WeightStore::tensors`].
     pub tensors: Vec<usize>,
-    /// Bytes in the storage dtype (what residency costs and what a stream moves).
+    /// Bytes in the storage dtype (what residency costs and what a stream moves); tensors in a stored format (GGUF
+    /// quantised, fp8) count their stored bytes.
     pub storage_bytes: u64,
-    /// Bytes in the compute dtype (what the block occupies on the device once converted).
+    /// Bytes in the compute dtype (what the block occupies on the device once converted); tensors in a stored
+    /// format count their stored bytes too (they stay stored on the device and are dequantised per use).
     pub compute_bytes: u64,
 }
 
@@ -157,7 +207,7 @@ impl Drop for StagingSlot {
     }
 }
 
-/// A memory-mapped safetensors file, its tensors grouped into blocks, and an optional RAM copy.
+/// A memory-mapped safetensors (or GGUF) file, its tensors grouped into blocks, and an optional RAM copy.
 pub struct WeightStore {
     path: PathBuf,
     /// The mapped files: the path itself, or the shards its index lists.
@@ -165,6 +215,10 @@ pub struct WeightStore {
     tensors: Vec<TensorInfo>,
     blocks: Vec<BlockInfo>,
     index: HashMap<String, usize>,
+    /// Per block, its tensors in a stored format (what `BlockWeights::get` dequantises), None when it has none.
+    stored: Vec<Option<Arc<StoredTensors>>>,
+    /// A GGUF file's `general.architecture` (`flux`, `sd1`, `t5encoder`, ...).
+    architecture: Option<String>,
     compute_dtype: DType,
     ram: Mutex<Option<Arc<Vec<HashMap<String, Tensor>>>>>,
     /// The RAM copy's registration as pinned memory (CUDA, `pin_memory`); dropped before the copy.
@@ -187,15 +241,76 @@ fn is_index_buffer(name: &str, d: safetensors::Dtype) -> bool {
     name.ends_with("embeddings.position_ids") && matches!(d, safetensors::Dtype::I64 | safetensors::Dtype::I32)
 }
 
-fn dtype_of(d: safetensors::Dtype, name: &str) -> Result<DType> {
+/// A safetensors tensor's dtype as held (U8 bytes for fp8) and its stored format (fp8 stays as stored).
+fn dtype_of(d: safetensors::Dtype, name: &str) -> Result<(DType, Option<StoredFormat>)> {
     match d {
-        safetensors::Dtype::F32 => Ok(DType::F32),
-        safetensors::Dtype::F16 => Ok(DType::F16),
-        safetensors::Dtype::BF16 => Ok(DType::BF16),
+        safetensors::Dtype::F32 => Ok((DType::F32, None)),
+        safetensors::Dtype::F16 => Ok((DType::F16, None)),
+        safetensors::Dtype::BF16 => Ok((DType::BF16, None)),
+        safetensors::Dtype::F8_E4M3 => Ok((DType::U8, Some(StoredFormat::F8E4M3))),
+        safetensors::Dtype::F8_E5M2 => Ok((DType::U8, Some(StoredFormat::F8E5M2))),
         other => Err(Error::unsupported(format!(
-            "tensor {name}: dtype {other:?} (supported: F32, F16, BF16)"
+            "tensor {name}: dtype {other:?} (supported: F32, F16, BF16, F8_E4M3, F8_E5M2)"
         ))),
     }
+}
+
+/// ComfyUI's "scaled fp8" checkpoints multiply each fp8 weight by a per-tensor `scale_weight` (and mark the file with
+/// a `scaled_fp8` tensor); reading their weights unscaled would be silently wrong, so they are refused by name.
+fn refuse_scaled_fp8<'a>(path: &Path, names: impl Iterator<Item = &'a str>) -> Result<()> {
+    for n in names {
+        if n.ends_with("scale_weight") || n.ends_with("scaled_fp8") {
+            return Err(Error::unsupported(format!(
+                "{}: tensor {n}: ComfyUI \"scaled fp8\" checkpoints (per-tensor scale_weight) are not supported; use \
+                 an unscaled fp8 (e4m3fn / e5m2), GGUF or bf16 file",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// An error of a GGUF header, naming the file.
+fn in_file(path: &Path, e: Error) -> Error {
+    match e {
+        Error::Format(m) => Error::format(format!("{}: {m}", path.display())),
+        Error::Unsupported(m) => Error::unsupported(format!("{}: {m}", path.display())),
+        e => e,
+    }
+}
+
+/// The stored format of span `s`: that of the GGUF tensor(s) its parts lie in (all of one quantised type, each part
+/// whole blocks of its tensor), or fp8 for an `F8E4M3` span of a safetensors file; None for a dense span (checked
+/// against its dtype as before).
+fn span_format(gguf: Option<&GgufHeader>, s: &TensorSpan) -> Result<Option<StoredFormat>> {
+    let Some(h) = gguf else {
+        return Ok((s.dtype == DType::F8E4M3).then_some(StoredFormat::F8E4M3));
+    };
+    let mut found: Option<Option<StoredFormat>> = None;
+    for p in &s.parts {
+        let within = h.tensors.iter().find(|t| t.bytes.start <= p.bytes.start && p.bytes.end <= t.bytes.end);
+        let f = match within.map(|t| (t.kind, t.bytes.start)) {
+            Some((GgufKind::Stored(f), start)) => {
+                let bb = f.block_bytes();
+                if (p.bytes.start - start) % bb != 0 || p.bytes.len() % bb != 0 {
+                    return Err(Error::format(format!(
+                        "tensor {}: part {:?} does not hold whole {}-byte {} blocks",
+                        s.name,
+                        p.bytes,
+                        bb,
+                        f.name()
+                    )));
+                }
+                Some(f)
+            }
+            _ => None,
+        };
+        if found.is_some_and(|g| g != f) {
+            return Err(Error::format(format!("tensor {}: its parts lie in tensors of different GGUF types", s.name)));
+        }
+        found = Some(f);
+    }
+    Ok(found.flatten())
 }
 
 /// The bytes of a contiguous CPU tensor's storage.
@@ -308,17 +423,27 @@ impl WeightStore {
         for f in &files {
             mmaps.push(map_safetensors(f)?);
         }
-        type Raw = (String, DType, Vec<usize>, Vec<(usize, usize, usize)>, bool);
+        let gguf = match mmaps.as_slice() {
+            [m] if crate::weights::gguf::is_gguf(m) => Some(GgufHeader::parse(m).map_err(|e| in_file(path, e))?),
+            _ => None,
+        };
+        type Raw = (String, DType, Vec<usize>, Vec<(usize, usize, usize)>, bool, Option<StoredFormat>);
         let mut raw: Vec<Raw> = Vec::new();
         if let Some(spans) = &layout.spans {
             for s in spans.iter() {
-                dtype_of_candle(s.dtype, &s.name)?;
-                let expect = s.shape.iter().product::<usize>() * s.dtype.size_in_bytes();
+                let format = span_format(gguf.as_ref(), s).map_err(|e| in_file(path, e))?;
+                if format.is_none() {
+                    dtype_of_candle(s.dtype, &s.name)?;
+                }
+                let expect = match format {
+                    Some(f) => f.stored_bytes(&s.shape).map_err(|e| in_file(path, e))?,
+                    None => s.shape.iter().product::<usize>() * s.dtype.size_in_bytes(),
+                };
                 let total: usize = s.parts.iter().map(|p| p.bytes.len()).sum();
                 let in_bounds = s.parts.iter().all(|p| {
                     p.bytes.start <= p.bytes.end && mmaps.get(p.file).is_some_and(|m| p.bytes.end <= m.len())
                 });
-                if s.parts.is_empty() || !in_bounds || total != expect || (s.transposed && (s.shape.len() != 2 || s.parts.len() != 1)) {
+                if s.parts.is_empty() || !in_bounds || total != expect || (s.transposed && (s.shape.len() != 2 || s.parts.len() != 1 || format.is_some())) {
                     return Err(Error::format(format!(
                         "{}: tensor {} spans {:?} ({total} bytes), expected {expect} bytes within the mapped files",
                         path.display(),
@@ -327,7 +452,18 @@ impl WeightStore {
                     )));
                 }
                 let parts = s.parts.iter().map(|p| (p.file, p.bytes.start, p.bytes.len())).collect();
-                raw.push((s.name.clone(), s.dtype, s.shape.clone(), parts, s.transposed));
+                let dtype = if format.is_some() { DType::U8 } else { s.dtype };
+                raw.push((s.name.clone(), dtype, s.shape.clone(), parts, s.transposed, format));
+            }
+        } else if let Some(h) = &gguf {
+            // GGUF: quantised tensors kept as stored, F32/F16/BF16 dense (City96's prefix stripped by the parser).
+            for t in &h.tensors {
+                let (dtype, format) = match t.kind {
+                    GgufKind::Dense(d) => (d, None),
+                    GgufKind::Stored(f) => (DType::U8, Some(f)),
+                };
+                let part = (0, t.bytes.start, t.bytes.len());
+                raw.push((t.name.clone(), dtype, t.shape.clone(), vec![part], false, format));
             }
         } else {
             let mut seen = std::collections::HashSet::new();
@@ -339,7 +475,7 @@ impl WeightStore {
                     if is_index_buffer(&name, view.dtype()) {
                         continue;
                     }
-                    let dt = dtype_of(view.dtype(), &name)?;
+                    let (dt, format) = dtype_of(view.dtype(), &name)?;
                     let data = view.data();
                     let expect = view.shape().iter().product::<usize>() * dt.size_in_bytes();
                     if data.len() != expect {
@@ -353,15 +489,18 @@ impl WeightStore {
                         return Err(Error::format(format!("{}: tensor {name} is in two shards", path.display())));
                     }
                     let part = (fi, data.as_ptr() as usize - base, data.len());
-                    raw.push((name, dt, view.shape().to_vec(), vec![part], false));
+                    raw.push((name, dt, view.shape().to_vec(), vec![part], false, format));
                 }
+            }
+            if raw.iter().any(|r| r.5.is_some()) {
+                refuse_scaled_fp8(path, raw.iter().map(|r| r.0.as_str()))?;
             }
         }
         raw.sort_by_key(|r| (r.3[0].0, r.3[0].1));
         let mut tensors = Vec::with_capacity(raw.len());
         let mut blocks: Vec<BlockInfo> = Vec::new();
         let mut index = HashMap::new();
-        for (name, file_dtype, shape, parts, transposed) in raw {
+        for (name, file_dtype, shape, parts, transposed, format) in raw {
             let key = (layout.rule)(&name).to_string();
             let rel_name = name
                 .strip_prefix(&key)
@@ -377,7 +516,7 @@ impl WeightStore {
                 });
                 blocks.len() - 1
             });
-            let storage_dtype = storage.unwrap_or(file_dtype);
+            let storage_dtype = if format.is_some() { DType::U8 } else { storage.unwrap_or(file_dtype) };
             let info = TensorInfo {
                 name,
                 rel_name,
@@ -387,19 +526,36 @@ impl WeightStore {
                 shape,
                 parts,
                 transposed,
+                format,
             };
             let b = &mut blocks[block];
             b.storage_bytes += info.storage_bytes();
-            b.compute_bytes += (info.elem_count() * compute.size_in_bytes()) as u64;
+            b.compute_bytes += info.compute_bytes(compute);
             b.tensors.push(tensors.len());
             tensors.push(info);
         }
+        let stored = blocks
+            .iter()
+            .map(|b| {
+                let map: HashMap<String, (StoredFormat, Vec<usize>)> = b
+                    .tensors
+                    .iter()
+                    .filter_map(|&ti| {
+                        let t: &TensorInfo = &tensors[ti];
+                        t.format.map(|f| (t.rel_name.clone(), (f, t.shape.clone())))
+                    })
+                    .collect();
+                (!map.is_empty()).then(|| Arc::new(StoredTensors { dtype: compute, tensors: map }))
+            })
+            .collect();
         Ok(Self {
             path: path.to_path_buf(),
             mmaps,
             tensors,
             blocks,
             index,
+            stored,
+            architecture: gguf.as_ref().and_then(|h| h.architecture()).map(str::to_string),
             compute_dtype: compute,
             ram: Mutex::new(None),
             pinned: Mutex::new(None),
@@ -430,6 +586,26 @@ impl WeightStore {
     /// The dtype fetches return.
     pub fn compute_dtype(&self) -> DType {
         self.compute_dtype
+    }
+    /// A GGUF file's `general.architecture` (`flux`, `sd1`, `t5encoder`, ...); None for safetensors and for GGUF
+    /// files without one (stable-diffusion.cpp conversions).
+    pub fn gguf_architecture(&self) -> Option<&str> {
+        self.architecture.as_deref()
+    }
+    /// Block `b`'s tensors in a stored format (GGUF quantised, fp8), which its fetched `BlockWeights` dequantise on
+    /// `get` ([`crate::weights::BlockWeights::with_stored`]); None when it has none.
+    pub fn stored_tensors(&self, b: usize) -> Option<Arc<StoredTensors>> {
+        self.stored.get(b).cloned().flatten()
+    }
+    /// Bytes of the largest dequantised copy a `get` makes (elements × compute dtype size of the largest tensor in a
+    /// stored format; 0 when there is none): the working memory a forward needs beside its activations.
+    pub fn largest_dequantised_bytes(&self) -> u64 {
+        self.tensors
+            .iter()
+            .filter(|t| t.format.is_some())
+            .map(|t| (t.elem_count() * self.compute_dtype.size_in_bytes()) as u64)
+            .max()
+            .unwrap_or(0)
     }
     /// Bytes of the mappings (the file sizes).
     pub fn mapped_bytes(&self) -> u64 {
@@ -492,7 +668,7 @@ impl WeightStore {
                 convert_into(&self.file_bytes(t), t.file_dtype, t.storage_dtype, &mut buf);
                 m.insert(
                     t.rel_name.clone(),
-                    Tensor::from_raw_buffer(&buf, t.storage_dtype, &t.shape, &Device::Cpu)?,
+                    Tensor::from_raw_buffer(&buf, t.storage_dtype, &t.held_shape(), &Device::Cpu)?,
                 );
             }
             copy.push(m);
@@ -546,7 +722,8 @@ impl WeightStore {
             return Ok(None);
         };
         let block = &self.blocks[b];
-        if block.tensors.is_empty() {
+        // The pool's buffers hold one dtype: a block with stored bytes (U8) beside dense tensors takes the plain path.
+        if block.tensors.is_empty() || block.tensors.iter().any(|&ti| self.tensors[ti].format.is_some()) {
             return Ok(None);
         }
         let elems: usize = block
@@ -605,7 +782,8 @@ impl WeightStore {
         let mut out = HashMap::with_capacity(block.tensors.len());
         if let Some(ram) = ram {
             for (name, t) in &ram[b] {
-                let d = if t.dtype() == dtype {
+                // U8 = a tensor in a stored format: it crosses and stays as stored.
+                let d = if t.dtype() == dtype || t.dtype() == DType::U8 {
                     alloc.copy_to_device(t)?
                 } else if alloc.is_cuda() {
                     alloc.cast(&alloc.copy_to_device(t)?, dtype)?
@@ -616,25 +794,15 @@ impl WeightStore {
             }
             return Ok(out);
         }
-        let bytes: usize = block
-            .tensors
-            .iter()
-            .map(|&ti| self.tensors[ti].elem_count() * dtype.size_in_bytes())
-            .sum();
+        let bytes: usize = block.tensors.iter().map(|&ti| self.tensors[ti].held_bytes(dtype)).sum();
         let mut slot = ring.acquire(bytes);
         let buf = slot.buf.as_mut().expect("slot holds a buffer");
         let mut at = 0usize;
         let mut spans = Vec::with_capacity(block.tensors.len());
         for &ti in &block.tensors {
             let t = &self.tensors[ti];
-            let n = t.elem_count() * dtype.size_in_bytes();
-            convert_par(
-                &self.file_bytes(t),
-                t.file_dtype,
-                dtype,
-                &mut buf[at..at + n],
-                true,
-            );
+            let n = t.held_bytes(dtype);
+            convert_par(&self.file_bytes(t), t.file_dtype, t.held_dtype(dtype), &mut buf[at..at + n], true);
             spans.push((ti, at, n));
             at += n;
         }
@@ -642,7 +810,7 @@ impl WeightStore {
             let t = &self.tensors[ti];
             out.insert(
                 t.rel_name.clone(),
-                alloc.tensor_from_bytes(&buf[at..at + n], dtype, &t.shape)?,
+                alloc.tensor_from_bytes(&buf[at..at + n], t.held_dtype(dtype), &t.held_shape())?,
             );
         }
         Ok(out)

@@ -69,13 +69,7 @@ pub fn write_model(dir: &Path, name: &str, dims: &[usize], seed: u64) -> TestMod
 }
 
 /// [`write_model`] with the tensors stored in `dtype` (`block_bytes` are then in that dtype).
-pub fn write_model_as(
-    dir: &Path,
-    name: &str,
-    dims: &[usize],
-    seed: u64,
-    dtype: DType,
-) -> TestModel {
+pub fn write_model_as(dir: &Path, name: &str, dims: &[usize], seed: u64, dtype: DType) -> TestModel {
     let mut tensors = HashMap::new();
     let mut blocks = Vec::new();
     let mut block_bytes = Vec::new();
@@ -88,8 +82,7 @@ pub fn write_model_as(
             &Device::Cpu,
         )
         .unwrap();
-        let bias =
-            Tensor::from_vec(values(b, seed * 7777 + i as u64, 0.1), b, &Device::Cpu).unwrap();
+        let bias = Tensor::from_vec(values(b, seed * 7777 + i as u64, 0.1), b, &Device::Cpu).unwrap();
         tensors.insert(format!("{key}.weight"), w.to_dtype(dtype).unwrap());
         tensors.insert(format!("{key}.bias"), bias.to_dtype(dtype).unwrap());
         blocks.push(key);

@@ -13,10 +13,19 @@ pub(super) fn block_costs(store: &WeightStore, cuda: bool) -> Vec<BlockCost> {
         .blocks()
         .iter()
         .map(|b| {
-            let converts = b
+            // Tensors in a stored format (GGUF quantised, fp8) are not converted: they stay stored on the device, so
+            // they are no part of the transient storage-dtype copy a CUDA conversion holds.
+            let converts = b.tensors.iter().any(|&t| {
+                let t = &store.tensors()[t];
+                t.stored_format().is_none() && t.storage_dtype != compute
+            });
+            let stored: u64 = b
                 .tensors
                 .iter()
-                .any(|&t| store.tensors()[t].storage_dtype != compute);
+                .map(|&t| &store.tensors()[t])
+                .filter(|t| t.stored_format().is_some())
+                .map(|t| t.storage_bytes())
+                .sum();
             match (converts, cuda) {
                 (false, _) => BlockCost::same_dtype(b.storage_bytes),
                 (true, false) => BlockCost {
@@ -28,8 +37,8 @@ pub(super) fn block_costs(store: &WeightStore, cuda: bool) -> Vec<BlockCost> {
                 (true, true) => BlockCost {
                     bytes: b.storage_bytes,
                     resident: b.compute_bytes,
-                    lease: b.storage_bytes + b.compute_bytes,
-                    place: b.storage_bytes,
+                    lease: b.storage_bytes - stored + b.compute_bytes,
+                    place: b.storage_bytes - stored,
                 },
             }
         })
@@ -375,6 +384,30 @@ impl Shared {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod stored_form_tests {
+    use super::*;
+
+    /// A GGUF block (quantised weight + F32 bias) computed in bf16: resident and leased at its stored bytes plus the
+    /// bias in bf16; on CUDA only the bias crosses in its storage dtype to be converted (the quantised bytes are
+    /// never part of that transient copy).
+    #[test]
+    fn stored_tensors_cost_their_stored_bytes_and_no_conversion_copy() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/types.gguf");
+        let store = WeightStore::open(&path, None, DType::BF16).unwrap();
+        let b = store.block_index("transformer_blocks.10").unwrap(); // q4_k (33 × 2048) and its f32 bias
+        let block = &store.blocks()[b];
+        let (weight, bias) = (33 * 2048 / 256 * 144, 33 * 4);
+        assert_eq!(block.storage_bytes, weight + bias);
+        assert_eq!(block.compute_bytes, weight + 33 * 2);
+        for cuda in [false, true] {
+            let c = block_costs(&store, cuda)[b];
+            assert_eq!((c.bytes, c.resident), (weight + bias, weight + 33 * 2), "cuda {cuda}");
+            assert_eq!(c.place, if cuda { bias } else { 0 }, "cuda {cuda}: only the bias is converted");
         }
     }
 }

@@ -384,7 +384,10 @@ impl WeightSource for ModelLock {
             }
             None => None,
         };
-        let out = self.fetch_now(b, block, ready)?;
+        // Tensors in a stored format (GGUF quantised, fp8) travel as their bytes and are dequantised on `get`.
+        let out = self
+            .fetch_now(b, block, ready)?
+            .with_stored(m.store.stored_tensors(b));
         self.start_prefetch(b);
         Ok(out)
     }

@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 
 pub(crate) mod attention;
 pub(crate) mod conv2d;
+pub(crate) mod dequant;
 pub(crate) mod elementwise;
 pub(crate) mod norm;
 #[cfg(test)]

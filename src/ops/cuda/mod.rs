@@ -30,6 +30,8 @@ macro_rules! with_element_type {
 pub(crate) mod attention;
 #[cfg(feature = "cuda")]
 pub(crate) mod conv2d;
+#[cfg(feature = "cuda")]
+pub(crate) mod dequant;
 pub(crate) mod geometry;
 #[cfg(feature = "cuda")]
 pub(crate) mod group_norm;

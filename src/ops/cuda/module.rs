@@ -18,6 +18,7 @@ use candle_core::Result;
 pub(crate) enum Module {
     Attention,
     Conv2d,
+    Dequant,
     GroupNorm,
 }
 
@@ -26,6 +27,7 @@ impl Module {
         match self {
             Module::Attention => include_bytes!(concat!(env!("OUT_DIR"), "/attention.fatbin")),
             Module::Conv2d => include_bytes!(concat!(env!("OUT_DIR"), "/conv2d.fatbin")),
+            Module::Dequant => include_bytes!(concat!(env!("OUT_DIR"), "/dequant.fatbin")),
             Module::GroupNorm => include_bytes!(concat!(env!("OUT_DIR"), "/group_norm.fatbin")),
         }
     }
