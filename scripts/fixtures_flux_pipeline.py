@@ -17,6 +17,8 @@ What it writes under tests/fixtures/flux-pipeline/{dev,schnell}/ (tests/fixtures
         dev's keys bare, schnell's Comfy-style), and ../flux1-<variant>-tiny -> <variant>: the diffusers config folder
         beside the file (diffusers' `config=`), which the tiny file needs since its 16-wide heads are not FLUX.1's
         (the rotary axes cannot be told from shapes).
+    ../flux1-dev-tiny-{Q8_0,Q4_0,Q4_K}.gguf -> ../gguf/... (scripts/fixtures_gguf.py's City96-style conversions of
+        the dev file) and ../flux1-dev-tiny-<type> -> dev, their config folders.
     reference.safetensors
         init_noise [1, 16, 12, 8]  the unpacked initial latent (non-square), given to diffusers packed (`latents=`)
         prompt_embeds [1, 7, 32]   T5-like states given to the pipeline (`prompt_embeds=`)
@@ -69,6 +71,7 @@ VARIANTS = {
     "dev": (3, 3.5, dict(shift=3.0, use_dynamic_shifting=True)),
     "schnell": (2, 0.0, dict(shift=1.0, use_dynamic_shifting=False)),
 }
+GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_K")
 LINKS = {
     "transformer": "../../tiny-flux/{v}/transformer",
     "vae": "../../flow/vae",
@@ -95,7 +98,12 @@ def write_folder(variant, shift):
     )
     sched.save_config(d / "scheduler")
     single = OUT / f"flux1-{variant}-tiny.safetensors"
-    for link, target in [(single, f"../tiny-flux/{variant}/{single.name}"), (OUT / single.stem, variant)]:
+    links = [(single, f"../tiny-flux/{variant}/{single.name}"), (OUT / single.stem, variant)]
+    if variant == "dev":  # scripts/fixtures_gguf.py's conversions of the dev file, with the same config folder
+        for q in GGUF_TYPES:
+            name = f"flux1-dev-tiny-{q}"
+            links += [(OUT / f"{name}.gguf", f"../gguf/{name}.gguf"), (OUT / name, variant)]
+    for link, target in links:
         if link.is_symlink():
             link.unlink()
         os.symlink(target, link)

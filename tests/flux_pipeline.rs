@@ -281,3 +281,66 @@ fn cli_generates_from_inputs() {
     assert!(!o.status.success() && stderr.contains("multiples of 16"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The GGUF conversions of the dev transformer (Q8_0, Q4_0 under Comfy's prefix, Q4_K) as `--model` with `--vae`
+/// and `--text-encoder`: the pipeline computes exactly what it computes from a dense BFL file of the dequantised
+/// weights (the quantisation is the only difference from diffusers' bf16 reference, printed), also streamed on a
+/// tight device.
+#[test]
+fn gguf_transformer_file_equals_its_dequantised_weights() {
+    use lowvram::ops::dequant::dequantize_slice;
+    use lowvram::weights::gguf::{GgufHeader, GgufKind};
+    let dir = std::env::temp_dir().join(format!("lowvram-flux-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let r = reference("dev");
+    for q in ["Q8_0", "Q4_0", "Q4_K"] {
+        let gguf = fixtures().join("flux-pipeline").join(format!("flux1-dev-tiny-{q}.gguf"));
+        let bytes = std::fs::read(&gguf).unwrap();
+        let dense: HashMap<String, Tensor> = GgufHeader::parse(&bytes)
+            .unwrap()
+            .tensors
+            .iter()
+            .map(|t| {
+                let b = &bytes[t.bytes.clone()];
+                let v = match t.kind {
+                    GgufKind::Dense(d) => Tensor::from_raw_buffer(b, d, &t.shape, &Device::Cpu).unwrap(),
+                    GgufKind::Stored(f) => dequantize_slice(b, f, &t.shape, candle_core::DType::F32).unwrap(),
+                };
+                (t.name.clone(), v.to_dtype(candle_core::DType::F32).unwrap())
+            })
+            .collect();
+        let dense_path = dir.join(format!("dense-{q}.safetensors"));
+        candle_core::safetensors::save(&dense, &dense_path).unwrap();
+        let _ = std::fs::remove_file(dir.join(format!("dense-{q}")));
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(folder("dev"), dir.join(format!("dense-{q}"))).unwrap();
+        let ctx = context("cpu", "");
+        let want = Pipeline::load(&ctx, &dense_path, &single_file_components()).unwrap();
+        let (want_l, want_i, _) = run(&ctx, &want, "dev");
+        let p = Pipeline::load(&ctx, &gguf, &single_file_components()).unwrap();
+        assert_eq!(p.family(), Family::Flux);
+        let (l, i, _) = run(&ctx, &p, "dev");
+        assert_eq!(bits(&l), bits(&want_l), "{q}: GGUF latents differ from the dequantised weights'");
+        assert_eq!(bits(&i), bits(&want_i), "{q}: GGUF image differs from the dequantised weights'");
+        let tight = context("emulated:64MiB", "device_working_mem_gb: 0.01\nmax_cache_vram_gb: 0.0001\n");
+        let p = Pipeline::load(&tight, &gguf, &single_file_components()).unwrap();
+        let (l, i, streamed) = run(&tight, &p, "dev");
+        assert!(streamed > 0, "{q}: the capped run streamed nothing");
+        assert_eq!(bits(&l), bits(&want_l), "{q}: streaming the GGUF changed the latents");
+        assert_eq!(bits(&i), bits(&want_i), "{q}: streaming the GGUF changed the image");
+        println!(
+            "{q}: latents max |diff| from diffusers' bf16 reference {:.3e}, image {:.3e}",
+            max_diff(&l, &r["latents"]),
+            max_diff(&i, &r["image"])
+        );
+    }
+    // A GGUF transformer alone: the VAE must be passed.
+    let ctx = context("cpu", "");
+    let e = err_text(Pipeline::load(
+        &ctx,
+        &fixtures().join("flux-pipeline/flux1-dev-tiny-Q8_0.gguf"),
+        &ComponentPaths::default(),
+    ));
+    assert!(e.contains("--vae"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -227,6 +227,41 @@ impl Model {
         Ok(Self { context_id, dir: file.path().to_path_buf(), arch, weights })
     }
 
+    /// Load a FLUX transformer stored as a GGUF file (City96's conversions: BFL names, optionally under
+    /// `model.diffusion_model.`; quantised tensors stay in their stored form and are dequantised when used). The
+    /// config comes from a diffusers config folder beside the file (`NAME/transformer/config.json` for `NAME.gguf`,
+    /// diffusers' `config=`) or else from the shapes (FLUX.1's rotary axes); the scheduler from that folder's
+    /// `scheduler/` or the variant's FLUX.1 default.
+    pub fn load_gguf_transformer(cache: &ModelCache, path: &Path, context_id: u64) -> Result<Self> {
+        let header = crate::weights::gguf::GgufHeader::read_file(path)?;
+        match header.architecture() {
+            Some("flux") | None => {}
+            Some(other) => {
+                return Err(Error::unsupported(format!(
+                    "{}: GGUF general.architecture \"{other}\" as a pipeline's model (supported: flux)",
+                    path.display()
+                )))
+            }
+        }
+        let config_dir = Some(path.with_extension("")).filter(|d| d.is_dir());
+        let config = match config_dir.as_ref().map(|d| d.join("transformer").join("config.json")) {
+            Some(p) if p.exists() => FluxConfig::from_file(&p)?,
+            _ => {
+                let shapes = header.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+                FluxConfig::from_bfl_shapes(&shapes, None)
+                    .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?
+            }
+        };
+        let scheduler = match config_dir.map(|d| d.join("scheduler").join("scheduler_config.json")) {
+            Some(p) if p.exists() => SchedulerConfig::from_file(&p)?,
+            _ => flux_scheduler_default(&config)?,
+        };
+        let arch = Architecture::Flux { model: FluxTransformer::new(config)?, scheduler };
+        let weights = cache.load_model_as(path, "transformer", &WeightLayout::whole(arch.block_rule()))?;
+        check_tensors(path, &arch.expected_tensors(), &weights)?;
+        Ok(Self { context_id, dir: path.to_path_buf(), arch, weights })
+    }
+
     /// Load a VAE stored alone in a file (BFL's FLUX.1 `ae.safetensors`, an LDM VAE such as `vae-ft-mse-840000`, or
     /// one in diffusers layout) into `cache`: its tensors are read in place under diffusers' names, its config comes
     /// from its shapes (see [`ComponentFile::vae_config`]; `family` sets an SD VAE's scaling factor).

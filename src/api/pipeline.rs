@@ -115,6 +115,9 @@ impl Pipeline {
     /// an LDM `NAME.yaml` beside the file; a diffusers config folder `NAME/` beside `NAME.safetensors` (diffusers'
     /// `config=`) gives them exactly.
     fn load_single_file(ctx: &Context, path: &Path, components: &ComponentPaths) -> Result<Self> {
+        if crate::weights::gguf::is_gguf_file(path) {
+            return Self::load_gguf(ctx, path, components);
+        }
         let config_dir = path.with_extension("");
         let file = SingleFile::open_with_config(path, Some(config_dir.as_path()).filter(|d| d.is_dir()))?;
         let family = file.family();
@@ -156,6 +159,27 @@ impl Pipeline {
             }
         }
         Ok(Self { family, denoiser, vae, text_encoders, zeros_for_empty_negative: family == Family::Sdxl })
+    }
+
+    /// A FLUX transformer GGUF file (see [`Context::load_gguf_transformer`]) with the components given by flag:
+    /// `--vae` is required, the text encoders are optional (host-given conditioning works without them).
+    fn load_gguf(ctx: &Context, path: &Path, components: &ComponentPaths) -> Result<Self> {
+        let denoiser = ctx.load_gguf_transformer(path)?;
+        let vae = match &components.vae {
+            Some(p) => load_vae(ctx, p, Family::Flux)?,
+            None => {
+                return Err(Error::invalid(format!("{}: a GGUF file holds the transformer alone: pass --vae", path.display())))
+            }
+        };
+        let mut text_encoders = Vec::new();
+        for over in [&components.text_encoder, &components.text_encoder_2] {
+            let m = over.as_ref().map(|dir| ctx.load_model(dir)).transpose()?;
+            if let Some(m) = &m {
+                m.as_text_encoder()?;
+            }
+            text_encoders.push(m);
+        }
+        Ok(Self { family: Family::Flux, denoiser, vae, text_encoders, zeros_for_empty_negative: false })
     }
 
     /// The family.
