@@ -45,8 +45,8 @@ enum Command {
 #[derive(Args)]
 struct RunArgs {
     /// Pipeline folder in diffusers layout (unet/ or transformer/, vae/, scheduler/, text_encoder/, tokenizer/, ...)
-    /// or a single-file checkpoint (SD 1.x/2.x/SDXL, a FLUX.1 BFL or Comfy file, a FLUX transformer .gguf). Default: the tiny
-    /// model built into lowvram.
+    /// or a single-file checkpoint (SD 1.x/2.x/SDXL, a FLUX.1 BFL or Comfy file, a FLUX transformer .gguf).
+    /// Default: the tiny model built into lowvram.
     #[arg(long)]
     model: Option<PathBuf>,
     /// VAE component folder (config.json + weights) or file (FLUX.1's ae.safetensors), overriding the pipeline's
