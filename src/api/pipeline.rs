@@ -168,7 +168,8 @@ impl Pipeline {
         let vae = match &components.vae {
             Some(p) => load_vae(ctx, p, Family::Flux)?,
             None => {
-                return Err(Error::invalid(format!("{}: a GGUF file holds the transformer alone: pass --vae", path.display())))
+                let what = "a GGUF file holds the transformer alone: pass --vae";
+                return Err(Error::invalid(format!("{}: {what}", path.display())));
             }
         };
         let mut text_encoders = Vec::new();
@@ -187,7 +188,7 @@ impl Pipeline {
         self.family
     }
 
-    /// The denoising model (UNet).
+    /// The denoising model (UNet, FLUX transformer).
     pub fn denoiser(&self) -> &Arc<Model> {
         &self.denoiser
     }
