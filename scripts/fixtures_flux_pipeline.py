@@ -25,6 +25,10 @@ What it writes under tests/fixtures/flux-pipeline/{dev,schnell}/ (tests/fixtures
         pooled [1, 32]             CLIP's pooler_output for PROMPT, as FluxPipeline._get_clip_prompt_embeds gives it
         latents [1, 16, 12, 8]     the pipeline's final latents, unpacked (before the VAE's scaling and shift)
         image [1, 3, 24, 16]       vae.decode(latents / scaling_factor + shift_factor): raw, unclamped
+        from the prompt (with the tiny T5, tests/fixtures/t5, written by scripts/fixtures_t5.py):
+        t5_states [1, 48, 32]      FluxPipeline._get_t5_prompt_embeds(PROMPT, max_sequence_length=48: the tokenizer
+                                   folder's model_max_length)
+        prompt_latents, prompt_image  the same run from PROMPT instead of the given embeddings
     dev: 3 steps, guidance 3.5 (dynamic shift from the image length); schnell: 2 steps, unshifted.
 
 The scheduler configs are the FLUX.1 hub configs (dev: use_dynamic_shifting, shift 3; schnell: shift 1). The same
@@ -56,7 +60,7 @@ import diffusers  # noqa: E402
 import transformers  # noqa: E402
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
@@ -158,7 +162,28 @@ def reference(variant, seed):
     latents = FluxPipeline._unpack_latents(out, height, width, pipe.vae_scale_factor)
     cfg = pipe.vae.config
     image = pipe.vae.decode(latents / cfg.scaling_factor + cfg.shift_factor, return_dict=False)[0]
+    t5_dir = FIX / "t5"
+    pipe.text_encoder_2 = T5EncoderModel.from_pretrained(t5_dir / "text_encoder_2", torch_dtype=torch.float32)
+    pipe.tokenizer_2 = T5TokenizerFast.from_pretrained(t5_dir / "tokenizer_2")
+    max_len = pipe.tokenizer_2.model_max_length
+    assert max_len == 48, max_len
+    t5_states = pipe._get_t5_prompt_embeds(prompt=PROMPT, max_sequence_length=max_len, device="cpu")
+    out = pipe(
+        prompt=PROMPT,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        latents=packed,
+        max_sequence_length=max_len,
+        output_type="latent",
+    ).images
+    prompt_latents = FluxPipeline._unpack_latents(out, height, width, pipe.vae_scale_factor)
+    prompt_image = pipe.vae.decode(prompt_latents / cfg.scaling_factor + cfg.shift_factor, return_dict=False)[0]
     tensors = {
+        "t5_states": t5_states,
+        "prompt_latents": prompt_latents,
+        "prompt_image": prompt_image,
         "init_noise": init_noise,
         "prompt_embeds": prompt_embeds,
         "pooled": pooled,
