@@ -1,8 +1,10 @@
-/* End-to-end text-to-image through the C API: load the tiny SD pipeline shipped in the repo, denoise with
- * Euler for 8 steps under a small emulated VRAM budget (so part of the UNet streams), decode, write a PNG.
+/* End-to-end denoise-and-decode through the C API: load the random tiny SD pipeline of the test fixtures (it takes
+ * the zero 77 x 32 conditioning below; the trained models/tiny-sd wants a prompt's, see
+ * lowvram_pipeline_encode_prompt), denoise with Euler for 8 steps under a small emulated VRAM budget (so part of the
+ * UNet streams), decode, write a PNG.
  *
  *   cc -std=c11 -I include examples/generate.c -L target/release -llowvram -Wl,-rpath,target/release -o generate
- *   ./generate models/tiny-sd out.png
+ *   ./generate tests/fixtures/tiny-sd-random out.png
  */
 #include "lowvram.h"
 
@@ -26,7 +28,7 @@ static bool on_step(uint32_t step, uint32_t total, void *user_data) {
 }
 
 int main(int argc, char **argv) {
-    const char *pipeline = argc > 1 ? argv[1] : "models/tiny-sd";
+    const char *pipeline = argc > 1 ? argv[1] : "tests/fixtures/tiny-sd-random";
     const char *out_path = argc > 2 ? argv[2] : "example.png";
     char unet_dir[1024], vae_dir[1024];
     snprintf(unet_dir, sizeof unet_dir, "%s/unet", pipeline);

@@ -186,7 +186,8 @@ enum lowvram_model_kind
      */
     LOWVRAM_MODEL_KIND_VAE = 1,
     /**
-     * A text encoder (CLIPTextModel, CLIPTextModelWithProjection): used by a pipeline's prompt encoding.
+     * A text encoder (CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel): used by a pipeline's prompt
+     * encoding.
      */
     LOWVRAM_MODEL_KIND_TEXT_ENCODER = 2,
     /**

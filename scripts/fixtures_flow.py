@@ -14,7 +14,7 @@ Writes tests/fixtures/flow/:
     loops.safetensors       `fixed` [1,16,8,12], `init` [1,16,8,12]; per loop `NAME/sample.i`, `NAME/v.i` (the
                             scheduler's inputs at step i; its output is `sample.{i+1}`) and `NAME/final`, for a fake velocity model
                             v = 0.9·x + 0.1·tanh(x) + (t/1000)·fixed driven through FluxPipeline's loop (no CFG).
-    unet_flow.safetensors   the shipped tiny SD UNet (models/tiny-sd/unet) driven by the FLUX.1-dev scheduler for 3
+    unet_flow.safetensors   the random tiny SD UNet (tests/fixtures/tiny-sd-random/unet) driven by the FLUX.1-dev scheduler for 3
                             steps on a non-square 12×8 latent (image_seq_len 24): `init` [1,4,12,8], `cond`
                             [1,77,32], `final` [1,4,12,8]. Exercises Context::denoise_conditioned end to end.
     vae/                    a tiny AutoencoderKL (16 latent channels, no quant convs, block_out_channels (32, 32),
@@ -158,7 +158,7 @@ def loops():
 
 
 def unet_flow():
-    unet = UNet2DConditionModel.from_pretrained(str(ROOT / "models" / "tiny-sd" / "unet")).eval()
+    unet = UNet2DConditionModel.from_pretrained(str(ROOT / "tests" / "fixtures" / "tiny-sd-random" / "unet")).eval()
     sched = make_scheduler(CONFIGS["dev"])
     init = torch.randn((1, 4, 12, 8), generator=gen(3))
     cond = torch.randn((1, 77, 32), generator=gen(4))

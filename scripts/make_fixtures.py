@@ -8,9 +8,9 @@ How to run (from the repository root; CPU only; the script itself needs no netwo
 
 What it writes (see tests/fixtures/README.md for every tensor's name, shape and meaning):
 
-    models/tiny-sd/                  SD1.x-style pipeline folder (diffusers layout), shipped as the default
+    tests/fixtures/tiny-sd-random/   SD1.x-style pipeline folder (diffusers layout) with random weights
                                      test model; unet/ also carries a fp16 variant file.
-    tests/fixtures/tiny-sd/*.safetensors   references computed with diffusers for models/tiny-sd
+    tests/fixtures/tiny-sd/*.safetensors   references computed with diffusers for tests/fixtures/tiny-sd-random
     tests/fixtures/tiny-sd2/model/   SD2.x-style pipeline folder (linear projections, upcast attention,
                                      per-block head counts, v-prediction, trailing spacing)
     tests/fixtures/tiny-sd2/*.safetensors  references for that model
@@ -115,7 +115,11 @@ SD1_UNET_CONFIG = dict(
 
 SD2_UNET_CONFIG = dict(
     SD1_UNET_CONFIG,
-    cross_attention_dim=48,
+    # 40 (tiny-sd: 32): a second context width; the SD 2 text encoder of the single-file fixture is this wide.
+    cross_attention_dim=40,
+    # 16 channels in every block (head dims 8, 4 and 2 in the mid block): keeps this UNet and the single-file
+    # sd2.safetensors that embeds it small.
+    block_out_channels=(16, 16, 16),
     # One resnet per down block (two per up block) instead of SD's two: covers a second layer count and
     # keeps the committed files small.
     layers_per_block=1,
@@ -533,11 +537,13 @@ def main():
 
     variants = [
         # (model dir, refs dir, unet config, scheduler config, seed base, write fp16 variant,
-        #  latent size of the large decode: square for tiny-sd, non-square for tiny-sd2)
-        (ROOT / "models" / "tiny-sd", ROOT / "tests" / "fixtures" / "tiny-sd", SD1_UNET_CONFIG, SD1_SCHEDULER, 1000,
-         True, (32, 32)),
+        #  latent size of the large decode: square for tiny-sd, non-square for tiny-sd2; large enough that 8-latent
+        #  tiles save working memory, small enough to keep the reference images under 0.5 MB)
+        (ROOT / "tests" / "fixtures" / "tiny-sd-random", ROOT / "tests" / "fixtures" / "tiny-sd", SD1_UNET_CONFIG,
+         SD1_SCHEDULER, 1000,
+         True, (24, 24)),
         (ROOT / "tests" / "fixtures" / "tiny-sd2" / "model", ROOT / "tests" / "fixtures" / "tiny-sd2",
-         SD2_UNET_CONFIG, SD2_SCHEDULER, 2000, False, (24, 32)),
+         SD2_UNET_CONFIG, SD2_SCHEDULER, 2000, False, (16, 24)),
     ]
     for model_dir, refs_dir, unet_cfg, sched_cfg, seed, fp16, large_hw in variants:
         print(f"== {model_dir.relative_to(ROOT)}")
@@ -553,7 +559,7 @@ def main():
 
     print("== sizes (bytes)")
     total = 0
-    for d in [ROOT / "models" / "tiny-sd", ROOT / "tests" / "fixtures"]:
+    for d in [ROOT / "tests" / "fixtures" / "tiny-sd-random", ROOT / "tests" / "fixtures"]:
         for f in sorted(d.rglob("*")):
             if f.is_file():
                 total += f.stat().st_size

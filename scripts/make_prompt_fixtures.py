@@ -7,7 +7,7 @@ How to run (from the repository root; CPU only; no network access):
         && .venv/bin/python scripts/make_prompt_fixtures.py [--sd1-model DIR] [--sdxl-model DIR]
 
 --sd1-model: the untrained tiny SD 1.x pipeline folder (unet/, vae/, scheduler/) of scripts/make_fixtures.py;
-default models/tiny-sd, else tests/fixtures/tiny-sd/model. --sdxl-model: default tests/fixtures/tiny-sdxl/model.
+default tests/fixtures/tiny-sd-random, else tests/fixtures/tiny-sd/model. --sdxl-model: default tests/fixtures/tiny-sdxl/model.
 The folders used are written into tests/fixtures/prompt/prompts.json and README.md.
 
 What it writes (tests/fixtures/prompt/README.md lists every file and tensor):
@@ -370,9 +370,10 @@ def sdxl(model_dir, words, vocab, merges, tokens):
     tok2, tokens["sdxl.tokenizer_2"] = check_tokenizer(out / "tokenizer_2", vocab, words)
     assert tok2.pad_token_id == vocab["!"] == 0
     # SDXL's text encoders both carry the legacy eos_token_id 2 (pooling at the argmax id: EOS is the largest).
-    te1 = encoder(CLIPTextModel, vocab, 21, hidden_size=24, intermediate_size=512, num_hidden_layers=5,
+    # MLPs 4x the width, as CLIP's (the files stay at 0.1 and 0.2 MB).
+    te1 = encoder(CLIPTextModel, vocab, 21, hidden_size=24, intermediate_size=96, num_hidden_layers=5,
                   num_attention_heads=2, hidden_act="quick_gelu", projection_dim=24, eos_token_id=2)
-    te2 = encoder(CLIPTextModelWithProjection, vocab, 22, hidden_size=40, intermediate_size=640, num_hidden_layers=4,
+    te2 = encoder(CLIPTextModelWithProjection, vocab, 22, hidden_size=40, intermediate_size=160, num_hidden_layers=4,
                   num_attention_heads=4, hidden_act="gelu", projection_dim=32, eos_token_id=2)
     save_encoder(te1, out / "text_encoder")
     save_encoder(te2, out / "text_encoder_2")
@@ -412,7 +413,7 @@ def sdxl(model_dir, words, vocab, merges, tokens):
 
 def main():
     ap = argparse.ArgumentParser()
-    default_sd1 = ROOT / "models" / "tiny-sd"
+    default_sd1 = ROOT / "tests" / "fixtures" / "tiny-sd-random"
     if not default_sd1.exists():
         default_sd1 = ROOT / "tests" / "fixtures" / "tiny-sd" / "model"
     ap.add_argument("--sd1-model", type=Path, default=default_sd1)

@@ -8,7 +8,7 @@ scripts/requirements-fixtures.txt):
 
 What it writes under tests/fixtures/single-file/ (see README.md there):
 
-    sd1.safetensors   SD 1.x layout: models/tiny-sd's UNet and VAE (float32) + a tiny CLIPTextModel under
+    sd1.safetensors   SD 1.x layout: tests/fixtures/tiny-sd-random's UNet and VAE (float32) + a tiny CLIPTextModel under
                       `cond_stage_model.transformer.`, plus the extras real files carry (position_ids, EMA copies,
                       the noise schedule buffers)
     sd1.yaml          its LDM "original config" (num_heads, use_linear_in_transformer, context_dim)
@@ -21,7 +21,7 @@ What it writes under tests/fixtures/single-file/ (see README.md there):
                       `conditioner.embedders.0.transformer.` and an OpenCLIP bigG-style tower with projection under
                       `conditioner.embedders.1.model.` (text_projection stored transposed)
     sdxl.yaml, sdxl/{unet,vae,text_encoder,text_encoder_2}/  the same components as diffusers folders (float16)
-    real-keys/{sd15,sd21,sdxl}.json  names, dtypes and shapes (no data) of real-size single files, from the
+    real-keys/{sd15,sd21,sdxl}.json.gz  names, dtypes and shapes (no data) of real-size single files, from the
                       standard architectures built on the meta device
 
 The single files are written with this script's own diffusers -> LDM mapping (`to_ldm_*` below). The independent
@@ -32,6 +32,7 @@ check is diffusers itself: `UNet2DConditionModel.from_single_file` / `Autoencode
 the folders' configs. The script stops with an error if any of that fails. Two runs write byte-identical files.
 """
 
+import gzip
 import json
 import math
 import os
@@ -73,8 +74,8 @@ SD1_CLIP = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden
 # SD 2.x: OpenCLIP-H has 24 resblocks and diffusers' text_encoder keeps 23 (SD 2 uses the penultimate layer;
 # diffusers drops `resblocks.23`, SD_2_TEXT_ENCODER_KEYS_TO_IGNORE). The tiny tower has 24 too, so the rule is
 # exercised; the folder's config has 23 layers as stabilityai/stable-diffusion-2-1's has.
-SD2_CLIP = dict(SD1_CLIP, hidden_size=48, intermediate_size=16, num_hidden_layers=23, hidden_act="gelu",
-                projection_dim=48)
+SD2_CLIP = dict(SD1_CLIP, hidden_size=40, intermediate_size=16, num_hidden_layers=23, hidden_act="gelu",
+                projection_dim=40)
 SDXL_CLIP_L = dict(SD1_CLIP, hidden_size=32, intermediate_size=64, num_hidden_layers=2, hidden_act="quick_gelu",
                    projection_dim=32)
 SDXL_CLIP_G = dict(SD1_CLIP, hidden_size=40, intermediate_size=80, num_hidden_layers=3, num_attention_heads=5,
@@ -84,7 +85,9 @@ SDXL_UNET = dict(
     sample_size=8, in_channels=4, out_channels=4,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8, cross_attention_dim=72,
+    # 8/16/16 channels (head dim 4; GroupNorm 8 groups, one channel each in the first block): the UNet is most of
+    # the file and of the folder, both kept under 0.6 MB.
+    block_out_channels=(8, 16, 16), layers_per_block=2, norm_num_groups=8, cross_attention_dim=72,
     transformer_layers_per_block=[1, 2, 2], attention_head_dim=[2, 4, 4], use_linear_projection=True,
     addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8,
 )
@@ -373,7 +376,7 @@ def noise_schedule():
 
 def sd1():
     print("sd1")
-    model = ROOT / "models" / "tiny-sd"
+    model = ROOT / "tests" / "fixtures" / "tiny-sd-random"
     unet_cfg = json.loads((model / "unet" / "config.json").read_text())
     vae_cfg = json.loads((model / "vae" / "config.json").read_text())
     unet_sd = folder_state(model / "unet" / "diffusion_pytorch_model.safetensors")
@@ -418,7 +421,7 @@ def sd2():
                         if not k.startswith("text_model.encoder.layers.23.")})
     te_sd = write_clip_folder(OUT / "sd2" / "text_encoder", te)
     copy_configs(model, OUT / "sd2")
-    proj = torch.randn((48, 48), generator=gen(203)) / math.sqrt(48)
+    proj = torch.randn((40, 40), generator=gen(203)) / math.sqrt(40)
     single = {}
     single.update(to_ldm_unet(unet_sd, unet_cfg))
     single.update(to_ldm_vae(vae_sd, vae_cfg))
@@ -428,7 +431,7 @@ def sd2():
     save_single(path, single)
     write_yaml(OUT / "sd2.yaml",
                dict(in_channels=4, out_channels=4, model_channels=16, attention_resolutions=[1, 2], num_res_blocks=1,
-                    channel_mult=[1, 2, 2], num_heads=[2, 4, 8], transformer_depth=1, context_dim=48,
+                    channel_mult=[1, 1, 1], num_heads=[2, 4, 8], transformer_depth=1, context_dim=40,
                     use_linear_in_transformer=True),
                ddconfig_of(vae_cfg), 0.18215, extra=dict(parameterization="v"))
     ckpt = check_unet_vae("sd2", path, model / "unet", model / "vae", unet_sd, vae_sd, unet_cfg, vae_cfg)
@@ -470,8 +473,8 @@ def sdxl():
     path = OUT / "sdxl.safetensors"
     save_single(path, single)
     write_yaml(OUT / "sdxl.yaml",
-               dict(in_channels=4, out_channels=4, model_channels=16, attention_resolutions=[2, 4], num_res_blocks=2,
-                    channel_mult=[1, 2, 2], num_head_channels=8, transformer_depth=[1, 2, 2], context_dim=72,
+               dict(in_channels=4, out_channels=4, model_channels=8, attention_resolutions=[2, 4], num_res_blocks=2,
+                    channel_mult=[1, 2, 2], num_head_channels=4, transformer_depth=[1, 2, 2], context_dim=72,
                     use_linear_in_transformer=True, num_classes="sequential", adm_in_channels=72),
                ddconfig_of(vae_cfg), 0.13025)
     ckpt = check_unet_vae("sdxl", path, folder / "unet", folder / "vae", unet_sd, vae_sd, unet_cfg, vae_cfg)
@@ -587,8 +590,11 @@ def real_size_key_lists():
             "expected": {comp: {"tensors": len(sd), "elements": sum(math.prod(s) for s in sd.values())}
                          for comp, sd in expected.items()},
         }
-        path = out_dir / f"{name}.json"
-        path.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
+        # Gzip-compressed (0.42 MB -> 0.02 MB for the three), deterministic: no name, mtime 0, level 9.
+        path = out_dir / f"{name}.json.gz"
+        (out_dir / f"{name}.json").unlink(missing_ok=True)
+        with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz:
+            gz.write((json.dumps(doc, separators=(",", ":")) + "\n").encode())
         print(f"  wrote {path.relative_to(ROOT)}: {len(ckpt)} keys, {path.stat().st_size} bytes")
 
 

@@ -15,10 +15,11 @@ What it writes (tests/fixtures/text/README.md lists every file):
 
     sd1/text_encoder/       CLIPTextModel, SD 1.x-like (quick_gelu, eos_token_id 49407), keys `text_model.*` as in
                             the hub's SD 1.x folders; weights fp16
-    sd1/tokenizer/          vocab.json + merges.txt + tokenizer_config.json + special_tokens_map.json (pad = EOS)
+    sd1/tokenizer/          vocab.json + merges.txt + tokenizer_config.json + special_tokens_map.json (pad = EOS);
+                            vocab.json and merges.txt committed as .gz (tests restore the exact bytes)
     sdxl/text_encoder_2/    CLIPTextModelWithProjection, bigG-like (gelu, legacy eos_token_id 2); weights fp16
     sdxl/tokenizer_2/       tokenizer.json + tokenizer_config.json + special_tokens_map.json (pad "!", id 0), as
-                            transformers' save_pretrained writes them
+                            transformers' save_pretrained writes them (tokenizer.json compact, committed as .gz)
     tokens.json             prompts and their ids from transformers' CLIPTokenizer (= CLIPTokenizerFast in 5.x)
                             loaded from each folder, and from the other file set of the same tokenizer
     encoders.safetensors    ids, last_hidden_state, hidden_states[-2], pooled output, text_embeds and the
@@ -96,14 +97,15 @@ ENCODER_PROMPTS = [
 
 SD1_CONFIG = dict(
     vocab_size=49408,
-    hidden_size=24,
+    # 8 wide: the 49408-token embedding table is most of the file (fp16: 49408 x 8 x 2 B = 0.8 MB).
+    hidden_size=8,
     intermediate_size=37,
     num_hidden_layers=3,
     num_attention_heads=2,
     max_position_embeddings=77,
     hidden_act="quick_gelu",
     layer_norm_eps=1e-5,
-    projection_dim=24,
+    projection_dim=8,
     bos_token_id=49406,
     eos_token_id=49407,
     pad_token_id=1,
@@ -113,7 +115,7 @@ SD1_CONFIG = dict(
 # by argmax of the ids).
 SDXL_CONFIG = dict(
     vocab_size=49408,
-    hidden_size=24,
+    hidden_size=8,
     intermediate_size=45,
     num_hidden_layers=4,
     num_attention_heads=4,
@@ -183,6 +185,17 @@ def write_vocab_folder(path, vocab, merges, pad):
         if isinstance(v, dict):
             v.pop("__type")
     (path / "special_tokens_map.json").write_text(json.dumps(stm, indent=2) + "\n")
+
+
+def gz_write(path):
+    """Replace `path` by `path.gz`: deterministic gzip (no name, mtime 0, level 9)."""
+    data = path.read_bytes()
+    with open(str(path) + ".gz", "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
+                                                             compresslevel=9) as gz:
+        gz.write(data)
+    path.unlink()
+    with gzip.open(str(path) + ".gz", "rb") as gz:
+        assert gz.read() == data, path
 
 
 def encode_all(tok):
@@ -276,6 +289,10 @@ def main():
         sdxl.save_pretrained(sdxl_dir)
         for f in ("vocab.json", "merges.txt"):
             (sdxl_dir / f).unlink(missing_ok=True)
+        # The same JSON without indentation (3.6 MB -> 1.7 MB); the tokenizer read back from it is checked below.
+        tj = sdxl_dir / "tokenizer.json"
+        tj.write_text(json.dumps(json.loads(tj.read_text(encoding="utf-8")), ensure_ascii=False,
+                                 separators=(",", ":")) + "\n", encoding="utf-8")
         sd1_json_dir = tmp / "sd1_json"
         sd1.save_pretrained(sd1_json_dir)
         tokens["tokenizers"]["sd1.vocab_merges"] = encode_all(sd1)
@@ -300,6 +317,10 @@ def main():
     save_encoder(te2, OUT / "sdxl" / "text_encoder_2", "text_model.")
     encoder_reference(te2, sdxl_json, "sdxl", refs)
     save_file(refs, str(OUT / "encoders.safetensors"), metadata={"transformers": transformers.__version__})
+    # The BPE tables are committed gzip-compressed (3.2 MB -> 1.1 MB): tests/text_encoders.rs restores the exact
+    # bytes written above into a scratch copy of this folder before reading it.
+    for f in (sd1_tok_dir / "vocab.json", sd1_tok_dir / "merges.txt", OUT / "sdxl" / "tokenizer_2" / "tokenizer.json"):
+        gz_write(f)
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print(f"wrote {OUT} ({total / 1e6:.2f} MB)")
 

@@ -72,12 +72,19 @@ step "the v0.1 host under valgrind"
 valgrind --quiet --error-exitcode=3 --leak-check=full --errors-for-leak-kinds=definite,indirect \
     --show-leak-kinds=definite,indirect --suppressions=tests/c/valgrind.supp "$out/test_frozen_abi_c"
 
-step "C example: examples/generate.c end to end on the shipped model"
+step "C example: examples/generate.c end to end on the random tiny model (zero conditioning, 77x32)"
 gcc -std=c11 -Wall -Wextra -Wpedantic -Werror -I include examples/generate.c -o "$out/generate_example" \
     -L "$lib_dir" -llowvram -Wl,-rpath,"$lib_dir"
 rm -f "$out/example.png"
-"$out/generate_example" models/tiny-sd "$out/example.png"
+"$out/generate_example" tests/fixtures/tiny-sd-random "$out/example.png"
 head -c 8 "$out/example.png" | od -An -tx1 | grep -q "89 50 4e 47 0d 0a 1a 0a" || { echo "FATAL: the example wrote no PNG" >&2; exit 1; }
+
+step "C example: examples/prompt.c draws a prompt with the trained models/tiny-sd"
+gcc -std=c11 -Wall -Wextra -Wpedantic -Werror -I include examples/prompt.c -o "$out/prompt_example" \
+    -L "$lib_dir" -llowvram -Wl,-rpath,"$lib_dir"
+rm -f "$out/prompt.png"
+"$out/prompt_example" models/tiny-sd "a red circle on a blue background" "$out/prompt.png"
+head -c 8 "$out/prompt.png" | od -An -tx1 | grep -q "89 50 4e 47 0d 0a 1a 0a" || { echo "FATAL: the prompt example wrote no PNG" >&2; exit 1; }
 
 step "install to a temporary prefix; examples/generate.c via CMake find_package(lowvram) and via pkg-config"
 prefix="$out/prefix"
@@ -97,7 +104,7 @@ for exe in "$out/cmake-example/generate" "$out/generate_pkgconfig"; do
     # each must load the installed library, not the build tree's
     [[ "$(ldd "$exe")" == *"$prefix/lib/liblowvram.so"* ]] || { echo "FATAL: $exe does not load $prefix/lib" >&2; exit 1; }
     rm -f "$out/installed.png"
-    "$exe" models/tiny-sd "$out/installed.png" >/dev/null
+    "$exe" tests/fixtures/tiny-sd-random "$out/installed.png" >/dev/null
     head -c 8 "$out/installed.png" | od -An -tx1 | grep -q "89 50 4e 47 0d 0a 1a 0a" \
         || { echo "FATAL: $exe wrote no PNG" >&2; exit 1; }
 done

@@ -6,19 +6,26 @@ The data set is drawn procedurally: one flat-coloured shape (circle, square, tri
 colour/shape/background triples are held out of training (HELD_OUT) so the judge can test combinations the model never
 saw. Three parts are trained in the diffusers layout of a StableDiffusionPipeline folder:
 
-1. an AutoencoderKL, 64x64 RGB -> 8x8x4 latents, as a plain autoencoder (posterior mean) with a small KL weight;
+1. an AutoencoderKL, 64x64 RGB -> 16x16x4 latents (downscale 4: with SD's 8 the decoder rounds the corners that tell
+   a square from a circle), as a plain autoencoder (posterior mean) with a small KL weight and edges weighted 10x;
 2. a CLIP BPE tokenizer whose merges make every caption word one token (vocab.json + merges.txt, CLIPTokenizer format);
-3. a CLIPTextModel (hidden 32, 2 layers) and a UNet2DConditionModel (cross-attention to its states), trained jointly
-   on the frozen VAE's latents with the epsilon objective of SD's scaled_linear schedule, 10 % empty captions so
-   classifier-free guidance works, and an EMA of the weights (what gets saved).
+3. a CLIPTextModel (hidden 64, 2 layers) and a UNet2DConditionModel (cross-attention to its states), trained jointly
+   on the frozen VAE's latents with the epsilon objective of SD's scaled_linear schedule, offset noise, 10 % empty
+   captions so classifier-free guidance works, and an EMA of the weights (what gets saved).
 
-Training the text encoder jointly (instead of leaving it frozen-random) costs little at this size (77 x 32 states) and
+Training the text encoder jointly (instead of leaving it frozen-random) costs little at this size (77 x 64 states) and
 lets it learn which colour word belongs to the shape and which to the background, which a random encoder only gives
 through word position.
 
-Deterministic: fixed seeds, single-process data, one torch thread, torch.use_deterministic_algorithms. Run (22 minutes
-on a 2-core machine shared with other jobs: 7 min autoencoder + encoding, 15 min UNet):
-    nice -n 5 /work/venv/bin/python scripts/train_tiny.py --out models/tiny-sd-trained
+Deterministic: fixed seeds, single-process data, one torch thread, torch.use_deterministic_algorithms. The shipped
+models/tiny-sd was made by these two runs (the second reuses the first's autoencoder, which saw 16000 images; a single
+run with the defaults trains its autoencoder on 8000 instead), on a 2-core machine shared with four compile jobs:
+    nice -n 10 /work/venv/bin/python scripts/train_tiny.py --out /tmp/vae --images 16000 --vae-steps 2000 --vae-only
+    nice -n 10 /work/venv/bin/python scripts/train_tiny.py --vae-from /tmp/vae --images 8000 \
+        --unet-steps 900 --unet-batch 32 --lr 2e-3
+10 + 30 minutes of wall time there, about 3 + 10 minutes of CPU time (a UNet step is ~0.6 s of one core at batch 32),
+so a 60-minute budget on 2 free cores allows several times more UNet steps than this. What the model reaches is in
+BENCHMARKS.md ("Trained tiny model"): the prompted colours, not yet the shapes and positions.
 Versions: scripts/requirements-fixtures.txt (torch 2.15.0, diffusers 0.42.1, transformers 5.23.0).
 """
 
@@ -202,13 +209,22 @@ def check_tokenizer(out, vocab, merges, captions):
 # -------------------------------------------------------------------------------------------------------------- models
 
 
+# The VAE downsamples by 4 (three blocks): 64x64 pixels -> 16x16x4 latents. With SD's factor 8 a shape spans only
+# two or three latents and the decoder rounds its corners (squares and triangles read as circles).
+VAE_FACTOR = 4
+NOISE_OFFSET = 0.1
+PREDICTION = "v_prediction"
+# Width of the text encoder's states (the UNet's cross_attention_dim).
+TEXT_DIM = 64
+
+
 def vae_config():
     return dict(
         in_channels=3,
         out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[8, 16, 32, 32],
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        block_out_channels=[8, 16, 32],
         layers_per_block=1,
         latent_channels=4,
         # One group: with as many groups as channels (8 at full resolution) every channel is normalised per image,
@@ -219,16 +235,18 @@ def vae_config():
 
 
 def unet_config():
+    # No attention at the full 16x16 latent resolution (256-token self-attention would triple the step time); the
+    # text reaches the picture through cross-attention at 8x8 and 4x4 and the mid block.
     return dict(
-        sample_size=SIZE // 8,
+        sample_size=SIZE // VAE_FACTOR,
         in_channels=4,
         out_channels=4,
-        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-        block_out_channels=[32, 64],
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        block_out_channels=[32, 64, 64],
         layers_per_block=1,
         attention_head_dim=8,
-        cross_attention_dim=32,
+        cross_attention_dim=TEXT_DIM,
         norm_num_groups=8,
     )
 
@@ -238,8 +256,8 @@ def text_config(vocab):
 
     return CLIPTextConfig(
         vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=TEXT_DIM,
+        intermediate_size=2 * TEXT_DIM,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
@@ -247,7 +265,7 @@ def text_config(vocab):
         bos_token_id=vocab["<|startoftext|>"],
         eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab["<|endoftext|>"],
-        projection_dim=32,
+        projection_dim=TEXT_DIM,
     )
 
 
@@ -267,17 +285,22 @@ def train_vae(images, steps, batch, log):
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, 2e-3, 30)
-        # Random 32x32 crops (on the 8-pixel latent grid): the autoencoder is convolutional and the crops hold the same
-        # edges and flat colours as whole images, at a quarter of the cost.
+        # Random 32x32 crops (on the latent grid): the autoencoder is convolutional and the crops hold the same edges
+        # and flat colours as whole images, at a quarter of the cost.
         idx = torch.randint(0, images.shape[0], (batch,), generator=g)
-        oy, ox = (int(v) * 8 for v in torch.randint(0, 5, (2,), generator=g))
+        oy, ox = (int(v) * VAE_FACTOR for v in torch.randint(0, 32 // VAE_FACTOR + 1, (2,), generator=g))
         x = images[idx, :, oy : oy + 32, ox : ox + 32]
         post = vae.encode(x).latent_dist
         # A plain autoencoder (the posterior mean): sampling with the initial unit variance drowns the small early
         # means and stalls training; the small KL term only keeps the latents bounded.
         rec = vae.decode(post.mean).sample
         kl = post.kl().mean()
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * kl
+        # Edges weigh 10x: they are a few percent of the pixels but decide the shape (a rounded corner turns a square
+        # into a circle for the judge), and a plain mean spends the early steps on the flat areas.
+        edge = (F.max_pool2d(x, 3, 1, 1) + F.max_pool2d(-x, 3, 1, 1)).amax(1, keepdim=True) > 0.05
+        weight = 1.0 + 9.0 * edge.float()
+        err = (rec - x).abs()
+        loss = (weight * (err + err**2)).mean() / weight.mean() + 1e-6 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -287,11 +310,36 @@ def train_vae(images, steps, batch, log):
 
 
 @torch.no_grad()
+def autoencoder_bound(vae, log):
+    """The judge's scores of held-out pictures drawn exactly and passed through the autoencoder: what any UNet can reach."""
+    from judge import held_out_prompts, measure, score
+
+    rng = random.Random(5)
+    cases = held_out_prompts(5)
+    images = []
+    for _, e, _ in cases:
+        pos = None if e["pos"] == "center" else e["pos"]
+        jitter = (rng.uniform(-2, 2), rng.uniform(-2, 2))
+        images.append(render(e["colour"], e["shape"], e["bg"], pos, rng.uniform(9.0, 13.0), jitter).transpose(2, 0, 1))
+    x = torch.from_numpy(np.stack(images)) / 127.5 - 1.0
+    rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    pixels = ((rec + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    totals = {"colour": 0, "shape": 0, "position": 0}
+    for (prompt, e, _), img in zip(cases, pixels):
+        m = measure(img)
+        for k, v in score(m, e).items():
+            totals[k] += v
+        if not all(score(m, e).values()):
+            log(f"  autoencoder misses {prompt!r}: {m}")
+    log("autoencoder bound on held-out pictures: " + ", ".join(f"{k} {100 * v / len(cases):.0f} %" for k, v in totals.items()))
+
+
+@torch.no_grad()
 def encode_all(vae, images, batch=256):
     return torch.cat([vae.encode(images[i : i + batch]).latent_dist.mean for i in range(0, images.shape[0], batch)])
 
 
-def train_denoiser(latents, ids, uncond_ids, vocab, steps, batch, log, checkpoint):
+def train_denoiser(latents, ids, uncond_ids, vocab, steps, batch, lr, log, checkpoint):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -299,7 +347,7 @@ def train_denoiser(latents, ids, uncond_ids, vocab, steps, batch, log, checkpoin
     unet = UNet2DConditionModel(**unet_config())
     text = CLIPTextModel(text_config(vocab))
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
@@ -308,19 +356,24 @@ def train_denoiser(latents, ids, uncond_ids, vocab, steps, batch, log, checkpoin
     t0 = time.time()
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, 1e-3, 100)
+            group["lr"] = lr_at(step, steps, lr, 100)
         idx = torch.randint(0, latents.shape[0], (batch,), generator=g)
         x0 = latents[idx]
         tok = ids[idx].clone()
         drop = torch.rand(batch, generator=g) < 0.1
         tok[drop] = uncond_ids
-        noise = torch.randn(x0.shape, generator=g)
+        # Offset noise: SD's schedule leaves a little signal at t = 999, so without it the model learns to read the flat
+        # colours from the noise's mean, which at sampling time is random: it would pick colours by chance.
+        noise = torch.randn(x0.shape, generator=g) + NOISE_OFFSET * torch.randn(batch, x0.shape[1], 1, 1, generator=g)
         t = torch.randint(0, 1000, (batch,), generator=g)
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         states = text(tok).last_hidden_state
         pred = unet(xt, t, encoder_hidden_states=states).sample
-        loss = F.mse_loss(pred, noise)
+        # v-prediction: its loss weighs the clean picture's error by SNR + 1 where epsilon's weighs it by SNR, so the
+        # noisy timesteps, where colours, shape and position are decided, teach the model ~200x more per sample.
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0 if PREDICTION == "v_prediction" else noise
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -331,21 +384,24 @@ def train_denoiser(latents, ids, uncond_ids, vocab, steps, batch, log, checkpoin
                 e.lerp_(p, 1 - decay)
         if step % 50 == 0 or step == steps - 1:
             log(f"unet {step:5d}/{steps} loss {loss.item():.4f} {time.time() - t0:.0f}s")
-        if (step + 1) % 500 == 0 and step + 1 < steps:
+        if (step + 1) % 250 == 0 and step + 1 < steps:
             checkpoint(ema_unet, ema_text)
     return ema_unet, ema_text
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="models/tiny-sd-trained")
+    ap.add_argument("--out", default="models/tiny-sd")
     ap.add_argument("--images", type=int, default=8000)
-    ap.add_argument("--vae-steps", type=int, default=3000)
+    ap.add_argument("--vae-steps", type=int, default=2000)
     ap.add_argument("--vae-batch", type=int, default=16)
-    ap.add_argument("--unet-steps", type=int, default=2000)
-    ap.add_argument("--unet-batch", type=int, default=48)
+    ap.add_argument("--unet-steps", type=int, default=900)
+    ap.add_argument("--unet-batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the UNet and text encoder")
     # One thread: on a shared 2-core machine, two threads per process oversubscribe and run several times slower.
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--vae-only", action="store_true", help="stop after the autoencoder (saved in OUT/vae) and its bound")
+    ap.add_argument("--vae-from", help="load the autoencoder from this pipeline folder instead of training it")
     args = ap.parse_args()
 
     from transformers import CLIPTokenizer
@@ -370,7 +426,16 @@ def main():
     def token_ids(texts):
         return tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
-    vae = train_vae(images, args.vae_steps, args.vae_batch, log)
+    if args.vae_from:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(os.path.join(args.vae_from, "vae")).eval()
+    else:
+        vae = train_vae(images, args.vae_steps, args.vae_batch, log)
+        vae.save_pretrained(os.path.join(args.out, "vae"))
+    autoencoder_bound(vae, log)
+    if args.vae_only:
+        return
     latents = encode_all(vae, images)
     with torch.no_grad():
         rec = vae.decode(latents[:256]).sample.clamp(-1, 1)
@@ -385,7 +450,7 @@ def main():
         save_pipeline(args.out, vae, text, unet, tokenizer, vocab, merges)
         log(f"saved {args.out}")
 
-    unet, text = train_denoiser(latents * scale, ids, uncond, vocab, args.unet_steps, args.unet_batch, log, save)
+    unet, text = train_denoiser(latents * scale, ids, uncond, vocab, args.unet_steps, args.unet_batch, args.lr, log, save)
     save(unet, text)
     check_tokenizer(tok_dir, vocab, merges, sorted(set(captions))[:50])
 
@@ -393,13 +458,14 @@ def main():
 def save_pipeline(out, vae, text, unet, tokenizer, vocab, merges):
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-    # SD's scheduler config (scaled_linear 0.00085-0.012, epsilon, leading spacing with offset 1), as Euler.
+    # SD's scheduler config (scaled_linear 0.00085-0.012, leading spacing with offset 1), as Euler, with the model's
+    # prediction type (v, as SD 2.x).
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
         num_train_timesteps=1000,
-        prediction_type="epsilon",
+        prediction_type=PREDICTION,
         timestep_spacing="leading",
         steps_offset=1,
     )
@@ -414,6 +480,15 @@ def save_pipeline(out, vae, text, unet, tokenizer, vocab, merges):
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out)
+    # SD 1.x's config carries the keys other schedulers read, so a DDIM (or PNDM) built from it does not fall back to
+    # its class defaults: DDIM's clip_sample=True would clip the predicted latents to [-1, 1] and wash out colours.
+    path = os.path.join(out, "scheduler", "scheduler_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update(clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
     # save_pretrained rewrites the tokenizer folder; put the slow-format files back beside tokenizer.json.
     save_tokenizer(os.path.join(out, "tokenizer"), WORDS)
 

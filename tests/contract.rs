@@ -29,7 +29,7 @@ fn options(steps: usize) -> DenoiseOptions {
 #[test]
 fn a_context_cancel_stops_the_running_call_and_no_later_call_erases_it() {
     let ctx = cpu_context();
-    let unet = ctx.load_model(&repo().join("models/tiny-sd/unet")).unwrap();
+    let unet = ctx.load_model(&repo().join("tests/fixtures/tiny-sd-random/unet")).unwrap();
     let cond = cond();
     let (reached_tx, reached_rx) = mpsc::channel();
     let (go_tx, go_rx) = mpsc::channel::<()>();
@@ -57,7 +57,7 @@ fn a_context_cancel_stops_the_running_call_and_no_later_call_erases_it() {
 #[test]
 fn a_token_stops_only_its_own_call_even_when_cancelled_before_it_starts() {
     let ctx = cpu_context();
-    let unet = ctx.load_model(&repo().join("models/tiny-sd/unet")).unwrap();
+    let unet = ctx.load_model(&repo().join("tests/fixtures/tiny-sd-random/unet")).unwrap();
     let cond = cond();
     let token = CancelToken::new();
     token.cancel();
@@ -87,7 +87,7 @@ fn a_token_stops_only_its_own_call_even_when_cancelled_before_it_starts() {
 fn a_model_runs_only_in_its_own_context() {
     let a = cpu_context();
     let b = cpu_context();
-    let unet = a.load_model(&repo().join("models/tiny-sd/unet")).unwrap();
+    let unet = a.load_model(&repo().join("tests/fixtures/tiny-sd-random/unet")).unwrap();
     let e = b.denoise(&unet, &options(2), &cond(), None, None, None, &mut |_, _| true).unwrap_err();
     assert!(matches!(&e, Error::InvalidArgument(m) if m.contains("another context")), "{e}");
     assert!(matches!(b.load_to_device(&unet, 1 << 20), Err(Error::InvalidArgument(_))));
@@ -96,7 +96,7 @@ fn a_model_runs_only_in_its_own_context() {
 #[test]
 fn absurd_sizes_fail_before_allocating() {
     let ctx = cpu_context();
-    let unet = ctx.load_model(&repo().join("models/tiny-sd/unet")).unwrap();
+    let unet = ctx.load_model(&repo().join("tests/fixtures/tiny-sd-random/unet")).unwrap();
     let cond = cond();
     let run = |o: DenoiseOptions| ctx.denoise(&unet, &o, &cond, None, None, None, &mut |_, _| true).map(|_| ());
     let e = run(DenoiseOptions { latent_size: (65535, 65535), ..options(2) }).unwrap_err();
@@ -128,7 +128,7 @@ fn a_renamed_tensor_fails_at_load_naming_it() {
         ("unet", "\"down_blocks.1.attentions.0.proj_in.weight\"", "\"down_blocks.1.attentions.0.proj_in.weighx\""),
         ("vae", "\"decoder.up_blocks.0.resnets.1.norm2.bias\"", "\"decoder.up_blocks.0.resnets.1.norm2.biax\""),
     ] {
-        let dir = renamed_copy(&repo().join("models/tiny-sd").join(component), component, from, to);
+        let dir = renamed_copy(&repo().join("tests/fixtures/tiny-sd-random").join(component), component, from, to);
         let e = ctx.load_model(&dir).map(|_| ()).unwrap_err();
         let name = from.trim_matches('"');
         assert!(matches!(&e, Error::Format(m) if m.contains(name) && m.contains("missing")), "{e}");
@@ -139,7 +139,7 @@ fn a_renamed_tensor_fails_at_load_naming_it() {
 #[test]
 fn a_load_reports_its_phases_and_can_be_cancelled() {
     let ctx = cpu_context();
-    let dir = repo().join("models/tiny-sd/vae");
+    let dir = repo().join("tests/fixtures/tiny-sd-random/vae");
     let mut seen = Vec::new();
     ctx.load_model_with(
         &dir,

@@ -155,7 +155,7 @@ fn unet_with_flux_scheduler(s: &Value) -> PathBuf {
     let unet = root.join("unet");
     std::fs::create_dir_all(&unet).unwrap();
     std::fs::create_dir_all(root.join("scheduler")).unwrap();
-    let src = repo().join("models/tiny-sd/unet");
+    let src = repo().join("tests/fixtures/tiny-sd-random/unet");
     for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
         std::fs::copy(src.join(f), unet.join(f)).unwrap();
     }

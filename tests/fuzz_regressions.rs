@@ -77,13 +77,13 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A copy of models/tiny-sd (unet, vae, scheduler) in a fresh folder, with one component's config edited.
+/// A copy of tests/fixtures/tiny-sd-random (unet, vae, scheduler) in a fresh folder, with one component's config edited.
 fn pipeline(test: &str, component: &str, edit: impl FnOnce(&mut Value)) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("lowvram-fuzz-regression-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     for c in ["unet", "vae", "scheduler"] {
         std::fs::create_dir_all(dir.join(c)).unwrap();
-        for f in std::fs::read_dir(repo().join("models/tiny-sd").join(c)).unwrap() {
+        for f in std::fs::read_dir(repo().join("tests/fixtures/tiny-sd-random").join(c)).unwrap() {
             let f = f.unwrap().path();
             std::fs::copy(&f, dir.join(c).join(f.file_name().unwrap())).unwrap();
         }
@@ -285,7 +285,7 @@ fn scheduler_num_train_timesteps_2_pow_62_is_rejected_not_a_panic() {
 fn absurd_denoise(test: &str, edit: impl FnOnce(&mut lowvram_denoise_params)) {
     isolated(test, || {
         let ctx = context();
-        let (s, unet) = load(ctx, &repo().join("models/tiny-sd/unet"));
+        let (s, unet) = load(ctx, &repo().join("tests/fixtures/tiny-sd-random/unet"));
         assert_eq!(s, lowvram_status::Ok, "{}", last_error());
         let s = denoise(ctx, unet, edit);
         let msg = last_error();
@@ -350,7 +350,7 @@ fn a_model_used_with_another_context_is_invalid_argument() {
     // was: OK — the run placed context A's weights on context B's device (found by c_api with --include-known)
     isolated("a_model_used_with_another_context_is_invalid_argument", || {
         let (a, b) = (context(), context());
-        let (s, unet) = load(a, &repo().join("models/tiny-sd/unet"));
+        let (s, unet) = load(a, &repo().join("tests/fixtures/tiny-sd-random/unet"));
         assert_eq!(s, lowvram_status::Ok, "{}", last_error());
         let s = denoise(b, unet, |_| {});
         let msg = last_error();

@@ -9,7 +9,7 @@
 //! freed blocks gives the same latents as synchronous streaming, and does prefetch and pin.
 //! The CUDA dequantisation kernels give the CPU decoders' bits on every GGUF type and fp8 format of the fixtures.
 //!
-//! Paths: the repo is `LOWVRAM_REPO`, else the current directory when it holds `models/tiny-sd` (the GPU machine
+//! Paths: the repo is `LOWVRAM_REPO`, else the current directory when it holds `tests/fixtures/tiny-sd-random` (the GPU machine
 //! runs the binary from the project root), else the build-time `CARGO_MANIFEST_DIR`.
 
 use std::collections::HashMap;
@@ -25,7 +25,7 @@ fn repo() -> PathBuf {
         return PathBuf::from(r);
     }
     let cwd = std::env::current_dir().unwrap_or_default();
-    if cwd.join("models/tiny-sd").is_dir() {
+    if cwd.join("tests/fixtures/tiny-sd-random").is_dir() {
         return cwd;
     }
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -94,7 +94,7 @@ fn gpu_suite() {
         let _ = writeln!(std::io::stderr(), "gpu tests skipped: {why}");
         return;
     }
-    let dir = repo().join("models/tiny-sd");
+    let dir = repo().join("tests/fixtures/tiny-sd-random");
     let f = fixture("sample_euler.safetensors");
     let opts = DenoiseOptions {
         scheduler: SchedulerKind::Euler,

@@ -59,7 +59,7 @@ fn shortage(e: Error) -> (u64, u64) {
 fn four_threads_share_a_small_device_and_all_succeed() {
     // 12 MiB of working memory per call: one call fits 20 MiB beside the 2.2 MB UNet, two never do.
     let yaml = format!("device_working_mem_gb: {}\n", gb(12 * MIB));
-    let unet_dir = repo().join("models/tiny-sd/unet");
+    let unet_dir = repo().join("tests/fixtures/tiny-sd-random/unet");
     let opts = |seed| DenoiseOptions {
         steps: 3,
         guidance: 7.5,
@@ -312,7 +312,7 @@ fn stats_are_one_consistent_snapshot_under_load() {
 /// tiles (the lock's working allocation is not refused before the tiled path is considered).
 #[test]
 fn decode_tiles_under_a_cache_cap_too() {
-    let vae_dir = repo().join("models/tiny-sd/vae");
+    let vae_dir = repo().join("tests/fixtures/tiny-sd-random/vae");
     let model =
         lowvram::models::AutoencoderKL::from_config_file(&vae_dir.join("config.json")).unwrap();
     let latents = Tensor::randn(0f32, 1.0, (1, 4, 32, 32), &Device::Cpu).unwrap();

@@ -25,7 +25,7 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let unet_dir = repo().join("models/tiny-sd/unet");
+    let unet_dir = repo().join("tests/fixtures/tiny-sd-random/unet");
     let probe = Context::new(ContextOptions {
         device: Some("cpu".into()),
         ..Default::default()
@@ -45,7 +45,7 @@ fn setup() -> Setup {
     })
     .unwrap();
     let unet = ctx.load_model(&unet_dir).unwrap();
-    let vae = ctx.load_model(&repo().join("models/tiny-sd/vae")).unwrap();
+    let vae = ctx.load_model(&repo().join("tests/fixtures/tiny-sd-random/vae")).unwrap();
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(unet_dir.join("config.json")).unwrap())
             .unwrap();

@@ -1,4 +1,4 @@
-//! UNet and VAE against diffusers 0.42.1 references (tiny random models in `models/tiny-sd*`, references in
+//! UNet and VAE against diffusers 0.42.1 references (tiny random models in `tests/fixtures/tiny-sd-random*`, references in
 //! `tests/fixtures/tiny-sd*`), plus the weight-fetching contract and the error paths.
 //!
 //! `LOWVRAM_FIXTURE_ROOT` overrides the folder that holds `models/` and `tests/fixtures/` (default: the crate root).
@@ -23,10 +23,11 @@ fn require_fixtures() {
     }
 }
 
-/// `models/tiny-sd` is shipped; the SD 2.x-style tiny model lives with its references in `tests/fixtures/tiny-sd2/model`.
+/// The random SD 1.x-style tiny model is `tests/fixtures/tiny-sd-random` (it was `models/tiny-sd` before the trained
+/// model took that place); the SD 2.x-style one lives with its references in `tests/fixtures/tiny-sd2/model`.
 fn model_dir(name: &str, part: &str) -> PathBuf {
     match name {
-        "tiny-sd" => root().join("models").join(name).join(part),
+        "tiny-sd" => root().join("tests/fixtures/tiny-sd-random").join(part),
         _ => root().join("tests/fixtures").join(name).join("model").join(part),
     }
 }
@@ -119,7 +120,7 @@ fn vae_decode_and_encode_match_diffusers() {
 }
 
 /// The exact tiled decode against the untiled one and diffusers' untiled reference, on both tiny VAEs' large
-/// latents (tiny-sd [1,4,32,32] → 256², tiny-sd2 [1,4,24,32] → 192×256), with tiles that divide the latent and
+/// latents (tiny-sd [1,4,24,24] → 192², tiny-sd2 [1,4,16,24] → 128×192), with tiles that divide the latent and
 /// tiles that do not.
 #[test]
 fn vae_tiled_decode_matches_untiled() {

@@ -77,7 +77,7 @@ fn working_memory_estimates_bound_measured_peaks() {
     // The whole VAE decode of the shipped model: its plan's working-memory estimate vs the measured peak.
     let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let ctx = Context::new(ContextOptions { device: Some("cpu".into()), ..Default::default() }).unwrap();
-    let vae = ctx.load_model(&repo.join("models/tiny-sd/vae")).unwrap();
+    let vae = ctx.load_model(&repo.join("tests/fixtures/tiny-sd-random/vae")).unwrap();
     // 16×16 and 32×32: at 8×8 the kernels' per-thread tiles outweigh the activations and the measured peak depends
     // on how many tiles the scheduler ran at once (1.02 and 1.69 seen).
     for size in [16usize, 32] {
@@ -98,7 +98,7 @@ fn working_memory_estimates_bound_measured_peaks() {
     // to run (64×64 measured 6.8–8.6 MB against an estimate of 10.8 MB: ratios 1.26–1.58; 32×32: 1.76). From 96×96
     // on the activations dominate and the measurement is stable (1.33 and 1.35 in three runs), as for real models
     // (SD 1.5's UNet at 16×16 / 32×32 latents: 1.25 / 1.45; its VAE decode 1.10 / 1.18).
-    let unet = ctx.load_model(&repo.join("models/tiny-sd/unet")).unwrap();
+    let unet = ctx.load_model(&repo.join("tests/fixtures/tiny-sd-random/unet")).unwrap();
     let cond = randn(&[1, 77, unet_cross_dim(&repo)]);
     for size in [96usize, 112] {
         let opts = lowvram::api::DenoiseOptions { steps: 1, guidance: 7.5, latent_size: (size, size), ..Default::default() };
@@ -117,7 +117,7 @@ fn working_memory_estimates_bound_measured_peaks() {
 }
 
 fn unet_cross_dim(repo: &std::path::Path) -> usize {
-    let text = std::fs::read_to_string(repo.join("models/tiny-sd/unet/config.json")).unwrap();
+    let text = std::fs::read_to_string(repo.join("tests/fixtures/tiny-sd-random/unet/config.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["cross_attention_dim"].as_u64().unwrap() as usize
 }

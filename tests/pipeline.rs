@@ -22,7 +22,7 @@ fn fixture(model: &str, name: &str) -> HashMap<String, Tensor> {
 
 fn pipeline_dir(model: &str) -> PathBuf {
     match model {
-        "tiny-sd" => repo().join("models/tiny-sd"),
+        "tiny-sd" => repo().join("tests/fixtures/tiny-sd-random"),
         other => repo().join("tests/fixtures").join(other).join("model"),
     }
 }
@@ -115,7 +115,7 @@ fn budgets_change_residency_never_results() {
     let f = fixture("tiny-sd", "sample_euler.safetensors");
     let run = |device: &str, yaml: &str| {
         let ctx = context(device, yaml);
-        let unet = ctx.load_model(&repo().join("models/tiny-sd/unet")).unwrap();
+        let unet = ctx.load_model(&repo().join("tests/fixtures/tiny-sd-random/unet")).unwrap();
         // The plan lives while the model is locked: read its slots from the progress callback.
         let mut slots = 0;
         let (latents, report) = ctx
@@ -220,7 +220,7 @@ fn budgets_change_residency_never_results() {
 #[test]
 fn cancel_mid_loop_releases_working_memory() {
     let ctx = context("emulated:256MiB", "device_working_mem_gb: 0.05\n");
-    let unet = ctx.load_model(&repo().join("models/tiny-sd/unet")).unwrap();
+    let unet = ctx.load_model(&repo().join("tests/fixtures/tiny-sd-random/unet")).unwrap();
     let f = fixture("tiny-sd", "sample_euler.safetensors");
     let calls = AtomicUsize::new(0);
     let result = ctx.denoise(
@@ -278,7 +278,7 @@ fn decode_tiles_when_untiled_does_not_fit() {
     let f = fixture("tiny-sd", "vae_decode_large.safetensors");
     let latents = (&f["latents"] * 0.18215).unwrap(); // the API takes latents before the scaling factor
     let ctx = context("cpu", "");
-    let vae = ctx.load_model(&repo().join("models/tiny-sd/vae")).unwrap();
+    let vae = ctx.load_model(&repo().join("tests/fixtures/tiny-sd-random/vae")).unwrap();
     let (untiled, r0) = ctx.vae_decode(&vae, &latents, Tiling::Never).unwrap();
     assert_eq!(r0.tile_latent, None);
     let err = max_abs(&untiled, &f["image"]);
@@ -287,7 +287,7 @@ fn decode_tiles_when_untiled_does_not_fit() {
         "untiled decode differs from diffusers by {err}"
     );
 
-    let vae_dir = repo().join("models/tiny-sd/vae");
+    let vae_dir = repo().join("tests/fixtures/tiny-sd-random/vae");
     let model =
         lowvram::models::AutoencoderKL::from_config_file(&vae_dir.join("config.json")).unwrap();
     // The path an emulated device runs (CPU memory, f32: the own kernels).
@@ -342,7 +342,7 @@ fn temp_dir(name: &str) -> PathBuf {
 #[test]
 fn bad_models_and_inputs_give_clear_errors_and_leave_the_context_usable() {
     let ctx = context("cpu", "");
-    let src = repo().join("models/tiny-sd/unet");
+    let src = repo().join("tests/fixtures/tiny-sd-random/unet");
 
     // missing folder / missing weights
     let err = ctx
@@ -437,7 +437,7 @@ fn bad_models_and_inputs_give_clear_errors_and_leave_the_context_usable() {
         .err()
         .unwrap();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
-    let vae = ctx.load_model(&repo().join("models/tiny-sd/vae")).unwrap();
+    let vae = ctx.load_model(&repo().join("tests/fixtures/tiny-sd-random/vae")).unwrap();
     let err = ctx
         .vae_decode(
             &vae,
@@ -486,11 +486,11 @@ fn fp16_weights_compute_close_to_f32() {
     // a pipeline folder whose UNet has only the fp16 file (the scheduler config beside it, as in the original)
     let root = temp_dir("fp16");
     copy_dir(
-        &repo().join("models/tiny-sd/scheduler"),
+        &repo().join("tests/fixtures/tiny-sd-random/scheduler"),
         &root.join("scheduler"),
     );
     let dir = root.join("unet");
-    let src = repo().join("models/tiny-sd/unet");
+    let src = repo().join("tests/fixtures/tiny-sd-random/unet");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
     std::fs::copy(

@@ -177,10 +177,10 @@ fn missing_or_misshapen_added_cond_is_invalid_argument_naming_it() {
     let msg = invalid(m.forward_with(&w, x, 10.0, ehs, Some(&nan)));
     assert!(msg.contains("sampling.time_ids"), "{msg}");
     // An SD 1.x UNet takes none.
-    let sd = UNet2DConditionModel::from_config_file(&root().join("models/tiny-sd/unet/config.json")).unwrap();
+    let sd = UNet2DConditionModel::from_config_file(&root().join("tests/fixtures/tiny-sd-random/unet/config.json")).unwrap();
     assert_eq!(sd.needs_added_cond(), None);
     let sdw = ResidentWeights::load(
-        &root().join("models/tiny-sd/unet/diffusion_pytorch_model.safetensors"),
+        &root().join("tests/fixtures/tiny-sd-random/unet/diffusion_pytorch_model.safetensors"),
         &Device::Cpu,
         DType::F32,
     )
@@ -375,8 +375,8 @@ fn forward_fetches_every_unit_once_one_at_a_time() {
     assert_eq!(counts.keys().map(|s| s.to_string()).collect::<BTreeSet<_>>(), units);
     // The SD 1.x / 2.x and VAE checkpoints: the unit rule and the store's rule agree on every name.
     for p in [
-        "models/tiny-sd/unet",
-        "models/tiny-sd/vae",
+        "tests/fixtures/tiny-sd-random/unet",
+        "tests/fixtures/tiny-sd-random/vae",
         "tests/fixtures/tiny-sd2/model/unet",
         "tests/fixtures/tiny-sdxl/model/vae",
     ] {
@@ -472,8 +472,8 @@ fn tensor_shapes_match_the_checkpoint() {
     for (model, file) in [
         (unet(), weights("unet")),
         (
-            UNet2DConditionModel::from_config_file(&root().join("models/tiny-sd/unet/config.json")).unwrap(),
-            root().join("models/tiny-sd/unet/diffusion_pytorch_model.safetensors"),
+            UNet2DConditionModel::from_config_file(&root().join("tests/fixtures/tiny-sd-random/unet/config.json")).unwrap(),
+            root().join("tests/fixtures/tiny-sd-random/unet/diffusion_pytorch_model.safetensors"),
         ),
     ] {
         let ours: BTreeMap<String, Vec<usize>> = model.tensor_shapes().into_iter().collect();

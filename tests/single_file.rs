@@ -25,7 +25,7 @@ fn fixture(name: &str) -> PathBuf {
 /// The diffusers-folder file holding a component of a fixture.
 fn folder_file(model: &str, c: Component) -> PathBuf {
     let base = match (model, c) {
-        ("sd1", Component::Unet | Component::Vae) => repo().join("models/tiny-sd"),
+        ("sd1", Component::Unet | Component::Vae) => repo().join("tests/fixtures/tiny-sd-random"),
         ("sd2", Component::Unet | Component::Vae) => repo().join("tests/fixtures/tiny-sd2/model"),
         _ => fixture(model),
     };
@@ -109,13 +109,13 @@ fn open_clip_in_proj_is_split_into_row_ranges_and_text_projection_transposed() {
     let parts: Vec<_> = te.entries.iter().filter(|e| e.stored_name == stored).collect();
     assert_eq!(parts.len(), 3);
     let base = parts.iter().map(|e| e.bytes.start).min().unwrap();
-    for (name, r) in [("q_proj", 0..48), ("k_proj", 48..96), ("v_proj", 96..144)] {
+    for (name, r) in [("q_proj", 0..40), ("k_proj", 40..80), ("v_proj", 80..120)] {
         let e = te.get(&format!("text_model.encoder.layers.3.self_attn.{name}.weight")).unwrap();
         assert_eq!(e.stored_name, stored);
         assert_eq!(e.rows, Some(r.clone()));
-        assert_eq!(e.stored_shape, vec![144, 48]);
-        assert_eq!(e.shape, vec![48, 48]);
-        assert_eq!(e.bytes.start - base, r.start * 48 * 4, "{name}: rows are consecutive byte ranges");
+        assert_eq!(e.stored_shape, vec![120, 40]);
+        assert_eq!(e.shape, vec![40, 40]);
+        assert_eq!(e.bytes.start - base, r.start * 40 * 4, "{name}: rows are consecutive byte ranges");
         assert!(!e.transpose && !e.reshape);
     }
     let sdxl = SingleFile::open(&fixture("sdxl.safetensors")).unwrap();
@@ -273,8 +273,9 @@ fn a_config_folder_gives_the_components_configs() {
 /// A real-size key list (tests/fixtures/single-file/real-keys, written from the standard architectures and
 /// checked against diffusers' converters) as the header of a file: names, dtypes, shapes, consecutive byte ranges.
 fn real_size_map(name: &str) -> (SingleFileMap, Value) {
-    let path = fixture(&format!("real-keys/{name}.json"));
-    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    // Stored gzip-compressed (the script writes `NAME.json.gz`): decompressed here.
+    let path = fixture(&format!("real-keys/{name}.json.gz"));
+    let doc: Value = serde_json::from_reader(flate2::read::GzDecoder::new(std::fs::File::open(&path).unwrap())).unwrap();
     let mut offset = 0;
     let mut tensors = Vec::new();
     for t in doc["tensors"].as_array().unwrap() {

@@ -57,7 +57,7 @@ fn sd1_single_file_equals_its_folder_also_streamed() {
     let mut cond = Conditioning::new();
     cond.insert(COND_EMBEDDINGS, random(&[1, 77, 32], 1));
     cond.insert(UNCOND_EMBEDDINGS, random(&[1, 77, 32], 2));
-    let folder = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny-sd");
+    let folder = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd-random");
     let (want_l, want_i, _) = run(&folder, "cpu", "", &cond);
     let file = fixtures().join("sd1.safetensors");
     let ctx = context("cpu", "");
@@ -126,7 +126,7 @@ fn a_single_file_without_a_vae_names_the_flag() {
     let e = Pipeline::load(&ctx, &path, &ComponentPaths::default()).map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("no VAE in this file: pass --vae"), "{e}");
     // With --vae the same file loads and runs.
-    let vae = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny-sd/vae");
+    let vae = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd-random/vae");
     let over = ComponentPaths { vae: Some(vae), ..Default::default() };
     let p = Pipeline::load(&ctx, &path, &over);
     assert!(p.is_ok(), "{:?}", p.err());

@@ -8,8 +8,44 @@ use std::path::PathBuf;
 use lowvram::text::{ClipTokenizer, PadToken};
 use serde_json::Value;
 
+/// tests/fixtures/text as the script wrote it: the committed folder copied under target/tmp with each `*.gz` (the
+/// BPE tables, compressed to keep the repository small) restored to its exact original bytes. Made once per run;
+/// each file is written to a temporary name and renamed, so concurrent test processes agree.
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text")
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text");
+        let dst = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fixtures-text");
+        restore(&src, &dst);
+        dst
+    })
+    .clone()
+}
+
+fn restore(src: &std::path::Path, dst: &std::path::Path) {
+    use std::io::Read;
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        if path.is_dir() {
+            restore(&path, &dst.join(&name));
+            continue;
+        }
+        let (name, bytes) = match name.strip_suffix(".gz") {
+            Some(plain) => {
+                let mut bytes = Vec::new();
+                flate2::read::GzDecoder::new(std::fs::File::open(&path).unwrap())
+                    .read_to_end(&mut bytes)
+                    .unwrap();
+                (plain.to_string(), bytes)
+            }
+            None => (name, std::fs::read(&path).unwrap()),
+        };
+        let tmp = dst.join(format!(".{name}.{}", std::process::id()));
+        std::fs::write(&tmp, bytes).unwrap();
+        std::fs::rename(&tmp, dst.join(name)).unwrap();
+    }
 }
 
 struct Expected {

@@ -131,7 +131,7 @@ fn spans_concatenate_their_parts_in_order() {
 /// unsharded folder, whether its blocks stay resident or stream through a tight device.
 #[test]
 fn a_sharded_folder_loads_and_runs_like_the_whole_file() {
-    let src = repo().join("models/tiny-sd/vae");
+    let src = repo().join("tests/fixtures/tiny-sd-random/vae");
     let dir = temp_dir("sharded");
     let vae = dir.join("vae");
     std::fs::create_dir_all(&vae).unwrap();

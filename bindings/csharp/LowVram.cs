@@ -2,8 +2,8 @@
 // No LibraryImport or source generators, so Unity (Mono, IL2CPP) can use it.
 //
 //   using (var ctx = new Context(device: "emulated:512MiB"))
-//   using (var unet = ctx.LoadModel("models/tiny-sd/unet"))
-//   using (var vae = ctx.LoadModel("models/tiny-sd/vae"))
+//   using (var unet = ctx.LoadModel("tests/fixtures/tiny-sd-random/unet"))
+//   using (var vae = ctx.LoadModel("tests/fixtures/tiny-sd-random/vae"))
 //   using (var cond = Tensor.FromHost(embeddings, 1, 77, 768))
 //   using (var latents = ctx.Denoise(unet, new DenoiseOptions { Steps = 20, Progress = (s, n) => true }, cond))
 //   using (var image = ctx.VaeDecode(vae, latents))

@@ -14,8 +14,9 @@ use crate::text::PadToken;
 use crate::weights::single_file::{Component, ComponentFile, ComponentMap, SingleFile};
 use crate::weights::{BlockRule, FilePart, TensorSpan, WeightLayout};
 use crate::models::text_encoder::{PromptTokenizer, TextEncoder};
-use crate::text::ClipTokenizer;
 use crate::models::flux::{FluxConfig, FluxTransformer};
+use crate::models::t5::T5Encoder;
+use crate::text::{ClipTokenizer, T5Tokenizer};
 use crate::models::{AutoencoderKL, ExpectedTensors, UNet2DConditionModel, UNetConfig, VaeConfig};
 use crate::sampling::SchedulerConfig;
 
@@ -59,7 +60,7 @@ impl Architecture {
             Architecture::Unet { .. } => crate::models::unet::block_of,
             Architecture::Vae(_) => crate::weights::block_key,
             Architecture::Flux { .. } => crate::models::flux::block_of,
-            Architecture::TextEncoder { .. } => crate::models::clip::block_of,
+            Architecture::TextEncoder { model, .. } => model.block_rule(),
         }
     }
 
@@ -140,10 +141,14 @@ impl Model {
                 model: Box::new(ClipTextEncoder::load_config(dir)?),
                 tokenizer: tokenizer_beside(dir)?,
             },
+            "T5EncoderModel" => Architecture::TextEncoder {
+                model: Box::new(T5Encoder::load_config(dir)?),
+                tokenizer: t5_tokenizer_beside(dir)?,
+            },
             other => {
                 return Err(Error::unsupported(format!(
                     "{}: _class_name \"{other}\" (supported: UNet2DConditionModel, AutoencoderKL, \
-                     FluxTransformer2DModel, CLIPTextModel, CLIPTextModelWithProjection)",
+                     FluxTransformer2DModel, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel)",
                     config_path.display()
                 )))
             }
@@ -363,19 +368,35 @@ fn check_tensors(file: &Path, expected: &ExpectedTensors, weights: &ManagedModel
 /// `../tokenizer_2`; any other name `N` → `../tokenizer` then `N/tokenizer`), if there is one. A folder without one
 /// still loads (host-given ids work); encoding a prompt then names what is missing.
 fn tokenizer_beside(encoder_dir: &Path) -> Result<Option<Box<dyn PromptTokenizer>>> {
+    match tokenizer_dir_beside(encoder_dir) {
+        Some(dir) => Ok(Some(Box::new(ClipTokenizer::from_dir(&dir)?))),
+        None => Ok(None),
+    }
+}
+
+/// The first existing tokenizer folder of [`tokenizer_beside`]'s rule.
+fn tokenizer_dir_beside(encoder_dir: &Path) -> Option<PathBuf> {
     let name = encoder_dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let suffix = name.strip_prefix("text_encoder").filter(|s| s.is_empty() || s.starts_with('_')).unwrap_or("");
     let candidates = [
         encoder_dir.parent().map(|p| p.join(format!("tokenizer{suffix}"))),
         Some(encoder_dir.join("tokenizer")),
     ];
-    for dir in candidates.into_iter().flatten() {
-        if dir.is_dir() {
-            return Ok(Some(Box::new(ClipTokenizer::from_dir(&dir)?)));
-        }
-    }
-    Ok(None)
+    candidates.into_iter().flatten().find(|d| d.is_dir())
 }
+
+/// The T5 tokenizer folder beside a T5 encoder (`text_encoder_2` → `../tokenizer_2`, as FLUX lays it out; the rule
+/// of [`tokenizer_beside`]), if there is one. Its maximum length is the folder's `model_max_length`, else FLUX-dev's
+/// 512 (a FLUX pipeline sets its own per variant). A folder without `tokenizer.json` is an error naming the file.
+fn t5_tokenizer_beside(encoder_dir: &Path) -> Result<Option<Box<dyn PromptTokenizer>>> {
+    match tokenizer_dir_beside(encoder_dir) {
+        Some(dir) => Ok(Some(Box::new(T5Tokenizer::from_dir(&dir, T5_DEFAULT_MAX_LENGTH)?))),
+        None => Ok(None),
+    }
+}
+
+/// The T5 sequence length when a tokenizer folder states none: FLUX-dev's (BFL runs dev at 512, schnell at 256).
+pub(crate) const T5_DEFAULT_MAX_LENGTH: usize = 512;
 
 /// `../scheduler/scheduler_config.json` of a pipeline's `unet/` folder, else SD 1.5's configuration.
 fn scheduler_beside(unet_dir: &Path) -> Result<SchedulerConfig> {

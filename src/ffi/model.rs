@@ -36,7 +36,8 @@ pub enum lowvram_model_kind {
     Unet = 0,
     /// An AutoencoderKL: used by `lowvram_vae_decode`.
     Vae = 1,
-    /// A text encoder (CLIPTextModel, CLIPTextModelWithProjection): used by a pipeline's prompt encoding.
+    /// A text encoder (CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel): used by a pipeline's prompt
+    /// encoding.
     TextEncoder = 2,
     /// A diffusion transformer (FLUX.1's FluxTransformer2DModel): a pipeline's denoiser, used by `lowvram_denoise`.
     Transformer = 3,

@@ -85,8 +85,8 @@ mod tests {
     #[test]
     fn shipped_pipelines_are_detected() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        assert_eq!(Family::of_pipeline_dir(&root.join("models/tiny-sd")).unwrap(), Family::Sd1);
-        // The tiny SD 2.x-style fixture has a 48-wide cross-attention: its prompt rule is SD 1.x's (diffusers'
+        assert_eq!(Family::of_pipeline_dir(&root.join("tests/fixtures/tiny-sd-random")).unwrap(), Family::Sd1);
+        // The tiny SD 2.x-style fixture has a 40-wide cross-attention: its prompt rule is SD 1.x's (diffusers'
         // SD 2.x text encoders already end at the penultimate layer), so the width is what tells them apart.
         assert_eq!(Family::of_pipeline_dir(&root.join("tests/fixtures/tiny-sd2/model")).unwrap(), Family::Sd1);
         let e = Family::of_pipeline_dir(&root.join("src")).unwrap_err().to_string();

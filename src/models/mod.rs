@@ -8,6 +8,7 @@
 //!   takes.
 //! - [`flux`]: the FLUX.1 transformer (dev, schnell) in BFL names.
 //! - [`clip`]: the CLIP text encoders (`CLIPTextModel`, `CLIPTextModelWithProjection`).
+//! - [`t5`]: the T5 encoder (`T5EncoderModel`: FLUX's T5-XXL).
 
 pub(crate) mod blocks;
 pub mod clip;
@@ -16,6 +17,7 @@ mod config_util;
 pub mod flux;
 pub mod denoiser;
 pub mod family;
+pub mod t5;
 pub mod text_encoder;
 pub mod unet;
 pub mod vae;

@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use crate::error::Result;
 use crate::models::ExpectedTensors;
 use crate::ops::OpTarget;
-use crate::weights::WeightSource;
+use crate::weights::{BlockRule, WeightSource};
 
 /// Which hidden states a family feeds its denoiser.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +41,8 @@ pub trait TextEncoder: Send + Sync {
     fn working_bytes(&self, batch: usize, seq: usize, target: OpTarget) -> u64;
     /// Every tensor the encoder reads, with its shape (checked against the checkpoint at load).
     fn expected_tensors(&self) -> ExpectedTensors;
+    /// Its checkpoints' streaming units.
+    fn block_rule(&self) -> BlockRule;
 }
 
 /// Turns a prompt into the fixed-length ids its encoder takes.
@@ -85,6 +87,10 @@ impl TextEncoder for crate::models::clip::ClipTextEncoder {
 
     fn expected_tensors(&self) -> ExpectedTensors {
         ExpectedTensors(crate::models::clip::ClipTextEncoder::expected_tensors(self))
+    }
+
+    fn block_rule(&self) -> BlockRule {
+        crate::models::clip::block_of
     }
 }
 

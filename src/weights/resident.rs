@@ -41,12 +41,17 @@ impl ResidentWeights {
 
     /// Load a safetensors file completely.
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with(path, block_key, device, dtype)
+    }
+
+    /// [`Self::load`] grouped by a family's block rule (e.g. `crate::models::t5::block_of`).
+    pub fn load_with(path: &Path, rule: BlockRule, device: &Device, dtype: DType) -> Result<Self> {
         if !path.exists() {
             return Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)));
         }
         let tensors = candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
-        Self::from_tensors(tensors, device, dtype)
+        Self::from_tensors_with(tensors, rule, device, dtype)
     }
 
     /// Names of all blocks.

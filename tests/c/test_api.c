@@ -278,8 +278,8 @@ static char unet_dir[1100], vae_dir[1100], fixture_path[1100];
 static void init_paths(void) {
     const char *r = getenv("LOWVRAM_REPO");
     snprintf(repo, sizeof repo, "%s", r && *r ? r : ".");
-    snprintf(unet_dir, sizeof unet_dir, "%s/models/tiny-sd/unet", repo);
-    snprintf(vae_dir, sizeof vae_dir, "%s/models/tiny-sd/vae", repo);
+    snprintf(unet_dir, sizeof unet_dir, "%s/tests/fixtures/tiny-sd-random/unet", repo);
+    snprintf(vae_dir, sizeof vae_dir, "%s/tests/fixtures/tiny-sd-random/vae", repo);
     snprintf(fixture_path, sizeof fixture_path, "%s/tests/fixtures/tiny-sd/sample_euler.safetensors", repo);
 }
 

@@ -817,8 +817,8 @@ static void test_hostile_folders(lowvram_context *ctx) {
 int main(void) {
     const char *r = getenv("LOWVRAM_REPO");
     snprintf(repo, sizeof repo, "%s", r ? r : ".");
-    snprintf(unet_dir, sizeof unet_dir, "%s/models/tiny-sd/unet", repo);
-    snprintf(vae_dir, sizeof vae_dir, "%s/models/tiny-sd/vae", repo);
+    snprintf(unet_dir, sizeof unet_dir, "%s/tests/fixtures/tiny-sd-random/unet", repo);
+    snprintf(vae_dir, sizeof vae_dir, "%s/tests/fixtures/tiny-sd-random/vae", repo);
     alarm(600); /* a hang is a failure */
 
     lowvram_context *ctx = new_ctx("cpu");

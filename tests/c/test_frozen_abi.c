@@ -39,8 +39,8 @@ int main(void) {
     alarm(300);
     const char *repo = getenv("LOWVRAM_REPO");
     char unet_dir[1100], vae_dir[1100];
-    snprintf(unet_dir, sizeof unet_dir, "%s/models/tiny-sd/unet", repo ? repo : ".");
-    snprintf(vae_dir, sizeof vae_dir, "%s/models/tiny-sd/vae", repo ? repo : ".");
+    snprintf(unet_dir, sizeof unet_dir, "%s/tests/fixtures/tiny-sd-random/unet", repo ? repo : ".");
+    snprintf(vae_dir, sizeof vae_dir, "%s/tests/fixtures/tiny-sd-random/vae", repo ? repo : ".");
     /* the v0.1 layout (LP64), as this host was compiled */
     CHECK(sizeof(lowvram_context_params) == 48 && sizeof(lowvram_denoise_params) == 64);
     CHECK(sizeof(lowvram_decode_params) == 16 && sizeof(lowvram_run_report) == 72);

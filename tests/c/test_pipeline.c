@@ -209,7 +209,7 @@ static void paths(void) {
     const char *r = getenv("LOWVRAM_REPO");
     snprintf(repo, sizeof repo, "%s", r && *r ? r : ".");
     /* The tiny SD 1.x pipeline the fixtures were made from (prompts.json: sd1_model), or where it may have moved. */
-    snprintf(model_dir, sizeof model_dir, "%s/models/tiny-sd", repo);
+    snprintf(model_dir, sizeof model_dir, "%s/tests/fixtures/tiny-sd-random", repo);
     char probe[1300];
     snprintf(probe, sizeof probe, "%s/unet/config.json", model_dir);
     FILE *fp = fopen(probe, "rb");

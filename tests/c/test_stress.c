@@ -249,8 +249,8 @@ int main(void) {
     if (iters && atoi(iters) > 0) ITERATIONS = atoi(iters);
     const char *repo = getenv("LOWVRAM_REPO");
     char unet_dir[1100], vae_dir[1100];
-    snprintf(unet_dir, sizeof unet_dir, "%s/models/tiny-sd/unet", repo ? repo : ".");
-    snprintf(vae_dir, sizeof vae_dir, "%s/models/tiny-sd/vae", repo ? repo : ".");
+    snprintf(unet_dir, sizeof unet_dir, "%s/tests/fixtures/tiny-sd-random/unet", repo ? repo : ".");
+    snprintf(vae_dir, sizeof vae_dir, "%s/tests/fixtures/tiny-sd-random/vae", repo ? repo : ".");
     stress("cpu", NULL, unet_dir, vae_dir);
     stress("emulated:64MiB", "device_working_mem_gb: 0.01\nmax_cache_vram_gb: 0.0005\n", unet_dir, vae_dir);
     if (atomic_load(&failures)) {

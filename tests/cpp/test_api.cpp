@@ -139,7 +139,7 @@ static void test_context_and_logging() {
         CHECK(moved.capi() != nullptr);
         CHECK(ctx.capi() == nullptr);  // NOLINT: moved-from is empty by contract
         std::size_t before = messages.size();
-        moved.load_model(repo() + "/models/tiny-sd/vae");  // logs "loaded ..." through the moved log callback
+        moved.load_model(repo() + "/tests/fixtures/tiny-sd-random/vae");  // logs "loaded ..." through the moved log callback
         CHECK(messages.size() > before);
     }
     CHECK(!messages.empty());
@@ -189,8 +189,8 @@ static void test_tensors() {
 
 static void test_models_configure_stats() {
     lowvram::Context ctx({"emulated:64MiB"});
-    lowvram::Model unet = ctx.load_model(repo() + "/models/tiny-sd/unet");
-    lowvram::Model vae = ctx.load_model(repo() + "/models/tiny-sd/vae");
+    lowvram::Model unet = ctx.load_model(repo() + "/tests/fixtures/tiny-sd-random/unet");
+    lowvram::Model vae = ctx.load_model(repo() + "/tests/fixtures/tiny-sd-random/vae");
     lowvram_model_info ui = unet.info(), vi = vae.info();
     CHECK(ui.kind == LOWVRAM_MODEL_KIND_UNET && ui.total_bytes > 0 && ui.block_count > 1);
     CHECK(vi.kind == LOWVRAM_MODEL_KIND_VAE && vi.total_bytes > 0);
@@ -249,8 +249,8 @@ static void test_pipeline() {
     lowvram::Tensor uncond = lowvram::Tensor::from_host(ru.shape, ru.data);
 
     lowvram::Context ctx({"cpu"});
-    lowvram::Model unet = ctx.load_model(repo() + "/models/tiny-sd/unet");
-    lowvram::Model vae = ctx.load_model(repo() + "/models/tiny-sd/vae");
+    lowvram::Model unet = ctx.load_model(repo() + "/tests/fixtures/tiny-sd-random/unet");
+    lowvram::Model vae = ctx.load_model(repo() + "/tests/fixtures/tiny-sd-random/vae");
 
     lowvram::DenoiseOptions o;
     o.steps = 8;
@@ -362,12 +362,12 @@ static void test_pipeline() {
     CHECK(blocks == 2);
     // a load reports its phases, and a cancelled token stops it
     int phases = 0;
-    lowvram::Model reloaded = ctx.load_model(repo() + "/models/tiny-sd/vae", [&](std::uint32_t, std::uint32_t) {
+    lowvram::Model reloaded = ctx.load_model(repo() + "/tests/fixtures/tiny-sd-random/vae", [&](std::uint32_t, std::uint32_t) {
         phases++;
         return true;
     });
     CHECK(phases == 3 && static_cast<bool>(reloaded));
-    EXPECT_ERROR(LOWVRAM_STATUS_CANCELLED, ctx.load_model(repo() + "/models/tiny-sd/vae", nullptr, &token));
+    EXPECT_ERROR(LOWVRAM_STATUS_CANCELLED, ctx.load_model(repo() + "/tests/fixtures/tiny-sd-random/vae", nullptr, &token));
     // a model of another context is refused
     lowvram::Context other({"cpu"});
     EXPECT_ERROR(LOWVRAM_STATUS_INVALID_ARGUMENT, other.denoise(unet, plain, cond, &uncond, &noise));
@@ -384,7 +384,7 @@ static void test_pipeline() {
     small_opts.device = "emulated:64MiB";
     small_opts.config_yaml = "device_working_mem_gb: 0.01\nmax_cache_vram_gb: 0.0005\n";
     lowvram::Context small(small_opts);
-    lowvram::Model sunet = small.load_model(repo() + "/models/tiny-sd/unet");
+    lowvram::Model sunet = small.load_model(repo() + "/tests/fixtures/tiny-sd-random/unet");
     lowvram_run_report sreport;
     lowvram::Tensor streamed = small.denoise(sunet, plain, cond, &uncond, &noise, &sreport);
     std::printf("C++ streamed denoise: %llu of %llu bytes resident, %llu streamed\n",
@@ -400,7 +400,7 @@ static void test_pipeline() {
     lowvram::Model survivor;
     {
         lowvram::Context tmp_ctx({"cpu"});
-        survivor = tmp_ctx.load_model(repo() + "/models/tiny-sd/vae");
+        survivor = tmp_ctx.load_model(repo() + "/tests/fixtures/tiny-sd-random/vae");
     }
     CHECK(static_cast<bool>(survivor));  // freed after its context by ~Model
 }

@@ -42,8 +42,8 @@ public static class TestApi
         }
     }
 
-    static string Unet { get { return Path.Combine(Repo, "models/tiny-sd/unet"); } }
-    static string Vae { get { return Path.Combine(Repo, "models/tiny-sd/vae"); } }
+    static string Unet { get { return Path.Combine(Repo, "tests/fixtures/tiny-sd-random/unet"); } }
+    static string Vae { get { return Path.Combine(Repo, "tests/fixtures/tiny-sd-random/vae"); } }
 
     sealed class StTensor { public long[] Shape; public float[] Data; }
 

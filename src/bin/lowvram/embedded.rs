@@ -1,4 +1,5 @@
-//! The tiny SD model built into the binary, so `lowvram generate` works with no download and from any directory.
+//! The tiny SD model built into the binary (`models/tiny-sd`, trained by `scripts/train_tiny.py` to draw coloured
+//! shapes from prompts), so `lowvram generate` works with no download and from any directory.
 
 use std::path::PathBuf;
 
@@ -16,7 +17,7 @@ const FILES: [(&str, &[u8]); 12] = [
     file!("text_encoder/config.json"),
     file!("text_encoder/model.safetensors"),
     file!("tokenizer/merges.txt"),
-    file!("tokenizer/special_tokens_map.json"),
+    file!("tokenizer/tokenizer.json"),
     file!("tokenizer/tokenizer_config.json"),
     file!("tokenizer/vocab.json"),
     file!("unet/config.json"),

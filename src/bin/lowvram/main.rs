@@ -224,12 +224,19 @@ fn components(run: &RunArgs) -> ComponentPaths {
     }
 }
 
-/// The image size: `--width`/`--height`, else the UNet's sample size (FLUX: 1024, FluxPipeline's default). FLUX
-/// packs 2×2 latent pixels into a token: its sizes are multiples of 16.
+/// Pixels per latent along each side: the VAE's downscale (8 for SD and FLUX; the trained tiny model's VAE uses 4).
+fn vae_downscale(pipeline: &Pipeline) -> Result<usize> {
+    Ok(pipeline.vae().as_vae()?.config().downscale())
+}
+
+/// The image size: `--width`/`--height`, else the UNet's sample size times the VAE's downscale (FLUX: 1024,
+/// FluxPipeline's default). FLUX packs 2×2 latent pixels into a token: its sizes are multiples of twice the
+/// downscale (16 px).
 fn image_size(pipeline: &Pipeline, width: Option<usize>, height: Option<usize>) -> Result<(usize, usize)> {
+    let f = vae_downscale(pipeline)?;
     let (default_px, multiple) = match pipeline.family() {
-        Family::Flux => (1024, 16),
-        _ => (pipeline.denoiser().as_unet()?.0.config().sample_size.unwrap_or(64) * 8, 8),
+        Family::Flux => (1024, 2 * f),
+        _ => (pipeline.denoiser().as_unet()?.0.config().sample_size.unwrap_or(64) * f, f),
     };
     let (w, h) = (width.unwrap_or(default_px), height.unwrap_or(default_px));
     if w % multiple != 0 || h % multiple != 0 || w == 0 || h == 0 {
@@ -301,6 +308,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     };
     let init_noise = inputs.remove("sampling.init_noise");
     let step_noise = inputs.remove("sampling.step_noise");
+    let f = vae_downscale(&pipeline)?;
     let (batch, latent_size) = match &init_noise {
         Some(n) => {
             let (b, _, h, w) = n.dims4()?;
@@ -308,12 +316,12 @@ fn generate(args: GenerateArgs) -> Result<()> {
         }
         None => {
             let (h, w) = image_size(&pipeline, args.width, args.height)?;
-            (args.batch, (h / 8, w / 8))
+            (args.batch, (h / f, w / f))
         }
     };
     let prompt_options = PromptOptions {
         batch,
-        image_size: (latent_size.0 * 8, latent_size.1 * 8),
+        image_size: (latent_size.0 * f, latent_size.1 * f),
         clip_skip: args.prompt.clip_skip,
     };
     let cond = conditioning(&ctx, &pipeline, &args.prompt, &prompt_options, &mut inputs)?;

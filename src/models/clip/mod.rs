@@ -194,7 +194,7 @@ impl ClipTextEncoder {
 }
 
 /// The tensor names in a safetensors file's header (the data is not read). The header is bounded at 100 MiB.
-fn safetensors_names(path: &Path) -> Result<Vec<String>> {
+pub(crate) fn safetensors_names(path: &Path) -> Result<Vec<String>> {
     if crate::weights::is_index(path) {
         let mut names = Vec::new();
         for shard in crate::weights::shard_files(path)? {

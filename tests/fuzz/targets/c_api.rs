@@ -170,10 +170,10 @@ const YAMLS: &[&CStr] = &[
     c"reserve_vram_gb: 18446744073709551616\n",
 ];
 const PATHS: &[&CStr] = &[
-    c"models/tiny-sd/unet",
-    c"models/tiny-sd/vae",
-    c"models/tiny-sd",
-    c"models/tiny-sd/unet/config.json",
+    c"tests/fixtures/tiny-sd-random/unet",
+    c"tests/fixtures/tiny-sd-random/vae",
+    c"tests/fixtures/tiny-sd-random",
+    c"tests/fixtures/tiny-sd-random/unet/config.json",
     c"/nonexistent",
     c"",
     c"tests/fixtures/tiny-sd2/model/unet",
@@ -186,7 +186,7 @@ const CONFIG_PATHS: &[&CStr] = &[
     c"/nonexistent.yaml",
     c"/dev/null",
     c"models",
-    c"models/tiny-sd/unet/config.json",
+    c"tests/fixtures/tiny-sd-random/unet/config.json",
 ];
 /// Largest pool tensor passed to a denoise or decode: a [2, 4, 16, 16] f32 latent, or [2, 77, 32] conditioning.
 const RUN_INPUT_BYTES: usize = 2 * 77 * 32 * 4;
@@ -277,9 +277,9 @@ impl Session {
         let slot = if which % 2 == 0 { &mut self.unet } else { &mut self.vae };
         if slot.is_null() {
             let path = if which % 2 == 0 {
-                c"models/tiny-sd/unet"
+                c"tests/fixtures/tiny-sd-random/unet"
             } else {
-                c"models/tiny-sd/vae"
+                c"tests/fixtures/tiny-sd-random/vae"
             };
             let mut m = null_mut();
             let s = unsafe { lowvram_model_load(self.ctx, path.as_ptr(), &mut m) };

@@ -107,9 +107,9 @@ pub const STRINGS: &[&str] = &[
 pub fn seeds() -> Vec<Vec<u8>> {
     let root = env!("CARGO_MANIFEST_DIR");
     let mut out: Vec<Vec<u8>> = [
-        "models/tiny-sd/unet/config.json",
-        "models/tiny-sd/vae/config.json",
-        "models/tiny-sd/scheduler/scheduler_config.json",
+        "tests/fixtures/tiny-sd-random/unet/config.json",
+        "tests/fixtures/tiny-sd-random/vae/config.json",
+        "tests/fixtures/tiny-sd-random/scheduler/scheduler_config.json",
         "tests/fixtures/tiny-sd2/model/unet/config.json",
         "tests/fixtures/tiny-sd2/model/vae/config.json",
         "tests/fixtures/tiny-sd2/model/scheduler/scheduler_config.json",

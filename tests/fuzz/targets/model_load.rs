@@ -38,7 +38,7 @@ fn split_safetensors(file: &[u8]) -> (Vec<u8>, Vec<u8>) {
 
 impl ModelLoad {
     pub fn new(scratch: &Path) -> Self {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-sd");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd-random");
         let dir = scratch.join("pipeline");
         for c in ["unet", "vae", "scheduler"] {
             std::fs::create_dir_all(dir.join(c)).unwrap();
@@ -87,7 +87,7 @@ impl Target for ModelLoad {
         "model_load"
     }
     fn seeds(&mut self) -> Vec<Vec<u8>> {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-sd");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd-random");
         let read = |p: &str| std::fs::read(root.join(p)).unwrap();
         let sched = read("scheduler/scheduler_config.json");
         vec![
