@@ -344,3 +344,111 @@ fn gguf_transformer_file_equals_its_dequantised_weights() {
     assert!(e.contains("--vae"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// From the prompt: CLIP-L's pooled vector and T5's states (at the tokenizer folder's max length, 48) match
+/// transformers', and the latents and image diffusers' FluxPipeline computes from the same prompt.
+#[test]
+fn folder_matches_diffusers_from_the_prompt() {
+    for variant in ["dev", "schnell"] {
+        let r = reference(variant);
+        let ctx = context("cpu", "");
+        let p = Pipeline::load(&ctx, &folder(variant), &ComponentPaths::default()).unwrap();
+        let cond = p.encode_prompt(&ctx, PROMPT, None, &PromptOptions::default()).unwrap();
+        for (name, want) in [(COND_EMBEDDINGS, &r["t5_states"]), (COND_POOLED, &r["pooled"])] {
+            let got = cond.get(name).unwrap();
+            let (d, scale) = (max_diff(got, want), max_abs(want).max(1e-6));
+            println!("{variant} {name}: max |diff| {d:.3e} (scale {scale:.3})");
+            assert!(d <= 1e-4 * scale, "{variant}: {name} differs from transformers' by {d}");
+        }
+        let (latents, _) =
+            p.denoise(&ctx, &cond, &options(variant), Some(&r["init_noise"]), None, &mut |_, _| true).unwrap();
+        let (image, _) = p.decode(&ctx, &latents, Tiling::Never).unwrap();
+        let mut from_prompt = r.clone();
+        from_prompt.insert("latents".into(), r["prompt_latents"].clone());
+        from_prompt.insert("image".into(), r["prompt_image"].clone());
+        check_parity(&format!("{variant} folder from the prompt"), &latents, &image, &from_prompt);
+    }
+}
+
+/// Without a `model_max_length` in the T5 tokenizer folder, dev encodes 512 tokens and schnell 256 (BFL's lengths).
+#[test]
+fn t5_length_defaults_to_512_for_dev_and_256_for_schnell() {
+    let dir = std::env::temp_dir().join(format!("lowvram-flux-t5len-{}", std::process::id()));
+    for (variant, want) in [("dev", 512), ("schnell", 256)] {
+        let pipe = dir.join(variant);
+        std::fs::create_dir_all(pipe.join("tokenizer_2")).unwrap();
+        let src = folder(variant);
+        for name in
+            ["model_index.json", "scheduler", "transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2"]
+        {
+            let _ = std::fs::remove_file(pipe.join(name));
+            #[cfg(unix)]
+            std::os::unix::fs::symlink(std::fs::canonicalize(src.join(name)).unwrap(), pipe.join(name)).unwrap();
+        }
+        let tok = src.join("tokenizer_2");
+        std::fs::copy(tok.join("tokenizer.json"), pipe.join("tokenizer_2/tokenizer.json")).unwrap();
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(tok.join("tokenizer_config.json")).unwrap()).unwrap();
+        config.as_object_mut().unwrap().remove("model_max_length");
+        std::fs::write(pipe.join("tokenizer_2/tokenizer_config.json"), config.to_string()).unwrap();
+        let ctx = context("cpu", "");
+        let p = Pipeline::load(&ctx, &pipe, &ComponentPaths::default()).unwrap();
+        let cond = p.encode_prompt(&ctx, PROMPT, None, &PromptOptions::default()).unwrap();
+        assert_eq!(cond.get(COND_EMBEDDINGS).unwrap().dims(), [1, want, 32], "{variant}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `encode` writes FLUX's conditioning (T5 states, CLIP pooled) and `generate --prompt` draws diffusers' latents.
+#[test]
+fn cli_encodes_and_generates_from_the_prompt() {
+    let dir = std::env::temp_dir().join(format!("lowvram-flux-cli-prompt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = env!("CARGO_BIN_EXE_lowvram");
+    for variant in ["dev", "schnell"] {
+        let r = reference(variant);
+        let enc = dir.join(format!("{variant}-cond.safetensors"));
+        let o = std::process::Command::new(bin)
+            .args(["encode", "--device", "cpu", "--prompt", PROMPT, "--width", "16", "--height", "24", "--model"])
+            .arg(folder(variant))
+            .arg("--out")
+            .arg(&enc)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{variant} encode: {}", String::from_utf8_lossy(&o.stderr));
+        let c = candle_core::safetensors::load(&enc, &Device::Cpu).unwrap();
+        assert!(max_diff(&c["sampling.cond_embeddings"], &r["t5_states"]) <= 1e-4 * max_abs(&r["t5_states"]));
+        assert!(max_diff(&c["sampling.cond_pooled"], &r["pooled"]) <= 1e-4 * max_abs(&r["pooled"]));
+        let mut names: Vec<&String> = c.keys().collect();
+        names.sort();
+        assert_eq!(names, ["sampling.cond_embeddings", "sampling.cond_pooled"], "{variant}");
+
+        let inputs = dir.join(format!("{variant}-noise.safetensors"));
+        let noise: HashMap<String, Tensor> = [("sampling.init_noise".to_string(), r["init_noise"].clone())].into();
+        candle_core::safetensors::save(&noise, &inputs).unwrap();
+        let (latents_out, raw_out) =
+            (dir.join(format!("{variant}-l.safetensors")), dir.join(format!("{variant}-i.safetensors")));
+        let o = std::process::Command::new(bin)
+            .args(["generate", "--device", "cpu", "--prompt", PROMPT, "--steps", &options(variant).steps.to_string()])
+            .arg("--model")
+            .arg(folder(variant))
+            .arg("--inputs")
+            .arg(&inputs)
+            .arg("--out")
+            .arg(dir.join(format!("{variant}.png")))
+            .arg("--latents-out")
+            .arg(&latents_out)
+            .arg("--image-raw-out")
+            .arg(&raw_out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{variant} generate: {}", String::from_utf8_lossy(&o.stderr));
+        let l = candle_core::safetensors::load(&latents_out, &Device::Cpu).unwrap();
+        let i = candle_core::safetensors::load(&raw_out, &Device::Cpu).unwrap();
+        let mut from_prompt = r.clone();
+        from_prompt.insert("latents".into(), r["prompt_latents"].clone());
+        from_prompt.insert("image".into(), r["prompt_image"].clone());
+        check_parity(&format!("{variant} CLI from the prompt"), &l["latents"], &i["image"], &from_prompt);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -375,7 +375,7 @@ fn tokenizer_beside(encoder_dir: &Path) -> Result<Option<Box<dyn PromptTokenizer
 }
 
 /// The first existing tokenizer folder of [`tokenizer_beside`]'s rule.
-fn tokenizer_dir_beside(encoder_dir: &Path) -> Option<PathBuf> {
+pub(crate) fn tokenizer_dir_beside(encoder_dir: &Path) -> Option<PathBuf> {
     let name = encoder_dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let suffix = name.strip_prefix("text_encoder").filter(|s| s.is_empty() || s.starts_with('_')).unwrap_or("");
     let candidates = [

@@ -9,10 +9,12 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use crate::api::run::{Cancellable, Meter};
-use crate::api::{CancelToken, Context, DenoiseOptions, Model, RunReport, Tiling};
+use crate::api::model::tokenizer_dir_beside;
+use crate::api::{Architecture, CancelToken, Context, DenoiseOptions, Model, RunReport, Tiling};
 use crate::error::{Error, Result};
 use crate::models::conditioning::{COND_EMBEDDINGS, COND_POOLED, TIME_IDS, UNCOND_EMBEDDINGS, UNCOND_POOLED};
-use crate::models::text_encoder::{HiddenLayer, TextEncoding};
+use crate::models::text_encoder::{HiddenLayer, PromptTokenizer, TextEncoding};
+use crate::text::T5Tokenizer;
 use crate::models::{Conditioning, Family};
 use crate::ops::OpTarget;
 use crate::weights::single_file::{Component, SingleFile};
@@ -54,6 +56,9 @@ pub struct Pipeline {
     /// SDXL: no negative prompt is zeros, not the encoding of "" (`force_zeros_for_empty_prompt`; a given "" is
     /// encoded, as diffusers does).
     zeros_for_empty_negative: bool,
+    /// FLUX.1 schnell: its T5 tokenizer at schnell's default length (256, BFL's) where the tokenizer folder states
+    /// none; `None` uses the encoder's own tokenizer (the folder's `model_max_length`, else dev's 512).
+    t5_tokenizer: Option<T5Tokenizer>,
 }
 
 impl Pipeline {
@@ -96,7 +101,24 @@ impl Pipeline {
             .and_then(|j| j.get("force_zeros_for_empty_prompt"))
             .and_then(Value::as_bool)
             .unwrap_or(family == Family::Sdxl);
-        Ok(Self { family, denoiser, vae, text_encoders, zeros_for_empty_negative })
+        Self::new(family, denoiser, vae, text_encoders, zeros_for_empty_negative)
+    }
+
+    fn new(
+        family: Family,
+        denoiser: Arc<Model>,
+        vae: Arc<Model>,
+        text_encoders: Vec<Option<Arc<Model>>>,
+        zeros_for_empty_negative: bool,
+    ) -> Result<Self> {
+        let schnell = matches!(denoiser.architecture(), Architecture::Flux { model, .. } if !model.config().guidance_embeds);
+        let t5_tokenizer = match text_encoders.get(1).and_then(Option::as_ref) {
+            Some(t5) if schnell && t5.as_text_encoder()?.0.name() == "T5EncoderModel" => {
+                tokenizer_dir_beside(t5.dir()).map(|d| T5Tokenizer::from_dir(&d, SCHNELL_T5_MAX_LENGTH)).transpose()?
+            }
+            _ => None,
+        };
+        Ok(Self { family, denoiser, vae, text_encoders, zeros_for_empty_negative, t5_tokenizer })
     }
 
     /// Whether at least one of the family's text encoders is loaded.
@@ -158,7 +180,7 @@ impl Pipeline {
                 text_encoders.push(m);
             }
         }
-        Ok(Self { family, denoiser, vae, text_encoders, zeros_for_empty_negative: family == Family::Sdxl })
+        Self::new(family, denoiser, vae, text_encoders, family == Family::Sdxl)
     }
 
     /// A FLUX transformer GGUF file (see [`Context::load_gguf_transformer`]) with the components given by flag:
@@ -180,7 +202,7 @@ impl Pipeline {
             }
             text_encoders.push(m);
         }
-        Ok(Self { family: Family::Flux, denoiser, vae, text_encoders, zeros_for_empty_negative: false })
+        Self::new(Family::Flux, denoiser, vae, text_encoders, false)
     }
 
     /// The family.
@@ -231,7 +253,14 @@ impl Pipeline {
                     ));
                 }
                 let pooled = self.flux_pooled(ctx, prompt)?;
-                let states = ctx.encode_text(self.encoder(1)?, prompt, HiddenLayer::Last)?.hidden;
+                let t5 = self.encoder(1)?;
+                let states = match &self.t5_tokenizer {
+                    Some(tokenizer) => {
+                        let ids = tokenizer.tokenize(prompt)?;
+                        ctx.encode_ids(t5, &ids, HiddenLayer::Last, None, &mut RunReport::default())?.hidden
+                    }
+                    None => ctx.encode_text(t5, prompt, HiddenLayer::Last)?.hidden,
+                };
                 cond.insert(COND_EMBEDDINGS, repeat(&states, b)?);
                 cond.insert(COND_POOLED, repeat(&pooled, b)?);
             }
@@ -355,6 +384,9 @@ impl Context {
         result
     }
 }
+
+/// FLUX.1 schnell's T5 sequence length when the tokenizer folder states none (BFL's `max_length=256`; dev's is 512).
+const SCHNELL_T5_MAX_LENGTH: usize = 256;
 
 /// A VAE folder, or a VAE file (BFL's FLUX.1 `ae.safetensors`, an LDM VAE) read in place.
 fn load_vae(ctx: &Context, path: &Path, family: Family) -> Result<Arc<Model>> {

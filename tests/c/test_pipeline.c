@@ -367,7 +367,7 @@ static void test_prompt_to_image(void) {
 
 /* FLUX.1 dev and schnell folders (tests/fixtures/flux-pipeline, scripts/fixtures_flux_pipeline.py): host-given T5
  * states and CLIP pooled vector, flow_euler from the fixture's init noise, latents and image against diffusers'
- * FluxPipeline; a prompt without the T5 encoder names text_encoder_2. */
+ * FluxPipeline; the prompt's T5 states and CLIP pooled vector against transformers'. */
 static void test_flux_folder(void) {
     const char *variants[2] = {"dev", "schnell"};
     const uint32_t steps[2] = {3, 2};
@@ -407,17 +407,26 @@ static void test_flux_folder(void) {
             CHECK_OK(lowvram_pipeline_decode(ctx, pipeline, &dp, latents, NULL, &image));
             if (image && ref_image.data) check_close("image", image, &ref_image, 3e-3f, 0);
         }
-        /* The tiny T5 is absent (or present) depending on the fixtures; without it the prompt names the flag. */
+        /* The prompt through CLIP-L (pooled) and the tiny T5 (states) against transformers'. */
         lowvram_prompt_params pp;
         CHECK_OK(lowvram_prompt_params_init(&pp, sizeof pp));
-        lowvram_conditioning *encoded = (lowvram_conditioning *)0x1;
-        lowvram_status st = lowvram_pipeline_encode_prompt(ctx, pipeline, "a photo of a cat", &pp, &encoded);
-        if (st != LOWVRAM_STATUS_OK) {
-            CHECK_MSG("text_encoder_2");
-            CHECK(encoded == (lowvram_conditioning *)0x1);
+        lowvram_conditioning *encoded = NULL;
+        CHECK_OK(lowvram_pipeline_encode_prompt(ctx, pipeline, "a photo of a cat", &pp, &encoded));
+        struct st_tensor ref_states = {0}, ref_pooled = {0};
+        lowvram_tensor *got_states = NULL, *got_pooled = NULL;
+        if (encoded && st_get(&ref, "t5_states", &ref_states) && st_get(&ref, "pooled", &ref_pooled)) {
+            CHECK_OK(lowvram_conditioning_get(encoded, "sampling.cond_embeddings", &got_states));
+            CHECK_OK(lowvram_conditioning_get(encoded, "sampling.cond_pooled", &got_pooled));
+            check_close("T5 states", got_states, &ref_states, 1e-4f, 1);
+            check_close("CLIP pooled", got_pooled, &ref_pooled, 1e-4f, 1);
         } else {
-            lowvram_conditioning_free(encoded);
+            failures++;
         }
+        free(ref_states.data);
+        free(ref_pooled.data);
+        lowvram_tensor_free(got_states);
+        lowvram_tensor_free(got_pooled);
+        lowvram_conditioning_free(encoded);
         free(ref_latents.data);
         free(ref_image.data);
         lowvram_tensor_free(image);
