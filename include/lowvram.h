@@ -190,6 +190,10 @@ enum lowvram_model_kind
      * encoding.
      */
     LOWVRAM_MODEL_KIND_TEXT_ENCODER = 2,
+    /**
+     * A diffusion transformer (FLUX.1's FluxTransformer2DModel): a pipeline's denoiser, used by `lowvram_denoise`.
+     */
+    LOWVRAM_MODEL_KIND_TRANSFORMER = 3,
 };
 #ifndef __cplusplus
 typedef uint32_t lowvram_model_kind;
@@ -525,11 +529,14 @@ typedef struct lowvram_pipeline_params {
      */
     uint32_t struct_size;
     /**
-     * A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, ...). Required.
+     * A diffusers pipeline folder (model_index.json, unet/ or transformer/, vae/, text_encoder/, tokenizer/, ...),
+     * or a single-file checkpoint (SD 1.x/2.x/SDXL; FLUX.1 BFL or Comfy `.safetensors`, a FLUX transformer `.gguf`).
+     * Required.
      */
     const char *path;
     /**
-     * A VAE component folder replacing the pipeline's vae/; NULL = the pipeline's. Default NULL.
+     * A VAE component folder or file (FLUX.1's `ae.safetensors`) replacing the pipeline's vae/; NULL = the
+     * pipeline's. Default NULL.
      */
     const char *vae_path;
     /**
@@ -537,7 +544,7 @@ typedef struct lowvram_pipeline_params {
      */
     const char *text_encoder_path;
     /**
-     * The second text encoder (SDXL's OpenCLIP bigG) replacing text_encoder_2/. Default NULL.
+     * The second text encoder (SDXL's OpenCLIP bigG, FLUX's T5) replacing text_encoder_2/. Default NULL.
      */
     const char *text_encoder_2_path;
 } lowvram_pipeline_params;
@@ -976,10 +983,10 @@ lowvram_status lowvram_pipeline_params_init(struct lowvram_pipeline_params *para
 lowvram_status lowvram_prompt_params_init(struct lowvram_prompt_params *params, size_t struct_size);
 
 /**
- * Load a pipeline into `ctx`'s cache: the family is detected from the folder (SD 1.x/2.x, SDXL), each component
- * is loaded as `lowvram_model_load` would (memory-mapped, no device memory yet). Text encoders are optional: a
- * pipeline without them takes conditioning from the host only. On success `*out` is a new handle owned by the
- * caller. Errors: IO, FORMAT, UNSUPPORTED (an unknown pipeline class), INVALID_ARGUMENT (a missing VAE: the message
+ * Load a pipeline into `ctx`'s cache: the family is detected from the folder or file (SD 1.x/2.x, SDXL, FLUX.1),
+ * each component is loaded as `lowvram_model_load` would (memory-mapped, no device memory yet). Text encoders are
+ * optional: a pipeline without them takes conditioning from the host only. On success `*out` is a new handle owned
+ * by the caller. Errors: IO, FORMAT, UNSUPPORTED (an unknown pipeline class), INVALID_ARGUMENT (a missing VAE: the message
  * says which path to pass). Thread-safe.
  */
 lowvram_status lowvram_pipeline_load(const struct lowvram_context *ctx,
@@ -994,9 +1001,10 @@ void lowvram_pipeline_free(struct lowvram_pipeline *pipeline);
 /**
  * Encode `prompt` (UTF-8) with the pipeline's text encoders into the conditioning its denoiser takes (SD 1.x:
  * embeddings of prompt and negative; SDXL: both encoders' penultimate states, pooled embeddings and size
- * conditioning). The encoders run under the cache like any model (loaded, streamed, evicted). `params` NULL =
- * defaults. On success `*out` is a new conditioning owned by the caller. INVALID_ARGUMENT when the pipeline has no
- * text encoder (the message names the component to pass). Thread-safe.
+ * conditioning; FLUX.1: T5's states and CLIP-L's pooled vector, no negative). The encoders run under the cache
+ * like any model (loaded, streamed, evicted). `params` NULL = defaults. On success `*out` is a new conditioning
+ * owned by the caller. INVALID_ARGUMENT when the pipeline has no text encoder (the message names the component to
+ * pass). Thread-safe.
  */
 lowvram_status lowvram_pipeline_encode_prompt(const struct lowvram_context *ctx,
                                               const struct lowvram_pipeline *pipeline,

@@ -458,17 +458,22 @@ fn comfy_all_in_one_is_flux_and_unknown_keys_are_named() {
     let dir = std::env::temp_dir().join(format!("lowvram-flux-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut tensors = candle_core::safetensors::load(bfl_file("schnell"), &Device::Cpu).unwrap();
-    // A Comfy all-in-one file: the other components' keys are left to their own mappings.
+    // A Comfy all-in-one file: the VAE and CLIP-L keys are mapped as those components (tests/flux_pipeline.rs runs
+    // a whole one), T5's are skipped (it comes from --text-encoder-2).
     let small = Tensor::zeros((2, 2), DType::BF16, &Device::Cpu).unwrap();
-    for k in ["vae.decoder.conv_in.weight", "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"] {
+    for k in [
+        "vae.decoder.conv_in.weight",
+        "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight",
+        "text_encoders.t5xxl.transformer.shared.weight",
+    ] {
         tensors.insert(k.into(), small.clone());
     }
     let p = dir.join("comfy.safetensors");
     write(&p, &tensors);
     let sf = SingleFile::open(&p).unwrap();
     assert_eq!(sf.family(), Family::Flux);
-    assert_eq!(sf.components(), vec![Component::Transformer]);
-    assert!(sf.skipped().iter().any(|k| k == "vae.decoder.conv_in.weight"), "{:?}", sf.skipped());
+    assert_eq!(sf.components(), vec![Component::Vae, Component::TextEncoder, Component::Transformer]);
+    assert_eq!(sf.skipped(), ["text_encoders.t5xxl.transformer.shared.weight".to_string()]);
     let cfg = sf.config(Component::Transformer).unwrap_err().to_string();
     assert!(cfg.contains("axes_dims_rope"), "{cfg}");
     // A key no rule knows is an error naming it.

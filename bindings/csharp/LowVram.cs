@@ -36,7 +36,7 @@ namespace LowVram
     public enum DType : uint { F32 = 0, F16 = 1, BF16 = 2 }
 
     /// <summary>What a model is (lowvram_model_kind).</summary>
-    public enum ModelKind : uint { Unet = 0, Vae = 1 }
+    public enum ModelKind : uint { Unet = 0, Vae = 1, TextEncoder = 2, Transformer = 3 }
 
     /// <summary>Samplers (lowvram_scheduler).</summary>
     public enum Scheduler : uint { Euler = 0, EulerA = 1, Ddim = 2, Dpmpp2m = 3, FlowEuler = 4 }

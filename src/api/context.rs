@@ -217,6 +217,14 @@ impl Context {
         Ok(Arc::new(model))
     }
 
+    /// Load a FLUX transformer GGUF file into the cache (see [`Model::load_gguf_transformer`]).
+    pub fn load_gguf_transformer(&self, path: &Path) -> Result<Arc<Model>> {
+        let model = Model::load_gguf_transformer(&self.cache, path, self.id)?;
+        let bytes = model.weights().total_bytes();
+        self.logger.info(&format!("loaded GGUF transformer {} ({bytes} bytes stored)", path.display()));
+        Ok(Arc::new(model))
+    }
+
     /// Load a VAE stored alone in a file (`--vae FILE`: BFL's FLUX.1 `ae.safetensors`, an LDM or diffusers-layout
     /// VAE) into the cache (see [`Model::load_vae_file`]); `family` sets an SD VAE's scaling factor (FLUX's
     /// autoencoder is recognised by its shapes).

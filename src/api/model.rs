@@ -14,6 +14,7 @@ use crate::text::PadToken;
 use crate::weights::single_file::{Component, ComponentFile, ComponentMap, SingleFile};
 use crate::weights::{BlockRule, FilePart, TensorSpan, WeightLayout};
 use crate::models::text_encoder::{PromptTokenizer, TextEncoder};
+use crate::models::flux::{FluxConfig, FluxTransformer};
 use crate::models::t5::T5Encoder;
 use crate::text::{ClipTokenizer, T5Tokenizer};
 use crate::models::{AutoencoderKL, ExpectedTensors, UNet2DConditionModel, UNetConfig, VaeConfig};
@@ -25,6 +26,9 @@ pub enum Architecture {
     Unet { model: UNet2DConditionModel, scheduler: SchedulerConfig },
     /// An `AutoencoderKL`.
     Vae(AutoencoderKL),
+    /// A `FluxTransformer2DModel` (FLUX.1 dev or schnell; BFL tensor names inside) with the flow-matching scheduler
+    /// configuration found beside it (or the variant's FLUX.1 default).
+    Flux { model: FluxTransformer, scheduler: SchedulerConfig },
     /// A text encoder (`CLIPTextModel`, `CLIPTextModelWithProjection`) with the tokenizer found beside it, if any.
     TextEncoder { model: Box<dyn TextEncoder>, tokenizer: Option<Box<dyn PromptTokenizer>> },
 }
@@ -36,6 +40,8 @@ pub enum ModelKind {
     Unet,
     Vae,
     TextEncoder,
+    /// A diffusion transformer (FLUX).
+    Transformer,
 }
 
 /// A loaded component. Shared (`Arc`) by the host's handle and any run using it.
@@ -53,6 +59,7 @@ impl Architecture {
         match self {
             Architecture::Unet { .. } => crate::models::unet::block_of,
             Architecture::Vae(_) => crate::weights::block_key,
+            Architecture::Flux { .. } => crate::models::flux::block_of,
             Architecture::TextEncoder { model, .. } => model.block_rule(),
         }
     }
@@ -62,6 +69,7 @@ impl Architecture {
         match self {
             Architecture::Unet { model, .. } => model.expected_tensors(),
             Architecture::Vae(v) => v.expected_tensors(),
+            Architecture::Flux { model, .. } => model.expected_tensors(),
             Architecture::TextEncoder { model, .. } => model.expected_tensors(),
         }
     }
@@ -124,6 +132,11 @@ impl Model {
                 Architecture::Unet { model, scheduler: scheduler_beside(dir)? }
             }
             "AutoencoderKL" => Architecture::Vae(AutoencoderKL::new(VaeConfig::from_json(&text)?)?),
+            "FluxTransformer2DModel" => {
+                let config = FluxConfig::from_json(&text)?;
+                let scheduler = flux_scheduler_beside(dir, &config)?;
+                Architecture::Flux { model: FluxTransformer::new(config)?, scheduler }
+            }
             "CLIPTextModel" | "CLIPTextModelWithProjection" => Architecture::TextEncoder {
                 model: Box::new(ClipTextEncoder::load_config(dir)?),
                 tokenizer: tokenizer_beside(dir)?,
@@ -134,8 +147,8 @@ impl Model {
             },
             other => {
                 return Err(Error::unsupported(format!(
-                    "{}: _class_name \"{other}\" (supported: UNet2DConditionModel, AutoencoderKL, CLIPTextModel, \
-                     CLIPTextModelWithProjection, T5EncoderModel)",
+                    "{}: _class_name \"{other}\" (supported: UNet2DConditionModel, AutoencoderKL, \
+                     FluxTransformer2DModel, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel)",
                     config_path.display()
                 )))
             }
@@ -155,7 +168,16 @@ impl Model {
             )
         })?;
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
-        let weights = cache.load_model_as(&file, &name, &WeightLayout::whole(arch.block_rule()))?;
+        let layout = match &arch {
+            // diffusers' FLUX names map to BFL's by fusing q/k/v (and the single blocks' linear1) from byte ranges.
+            Architecture::Flux { .. } => WeightLayout {
+                view: name.clone(),
+                rule: arch.block_rule(),
+                spans: Some(Arc::new(crate::weights::single_file::flux::diffusers_spans(&file)?)),
+            },
+            _ => WeightLayout::whole(arch.block_rule()),
+        };
+        let weights = cache.load_model_as(&file, &name, &layout)?;
         step(2, LOAD_PHASES)?;
         check_tensors(&file, &arch.expected_tensors(), &weights)?;
         step(3, LOAD_PHASES)?;
@@ -180,16 +202,18 @@ impl Model {
             }
             Component::Vae => Architecture::Vae(AutoencoderKL::new(VaeConfig::from_json(&config)?)?),
             Component::Transformer => {
-                return Err(Error::unsupported(format!(
-                    "{}: a FLUX transformer as a pipeline component (models::flux::FluxTransformer runs it through \
-                     the Rust API; the FLUX pipeline needs the flow-matching scheduler and the T5 encoder)",
-                    file.path().display()
-                )))
+                let config = FluxConfig::from_json(&config)?;
+                // A config folder beside the file may give the scheduler; else the variant's FLUX.1 default.
+                let scheduler = match file.map().config_dir().map(|d| d.join("scheduler/scheduler_config.json")) {
+                    Some(p) if p.exists() => SchedulerConfig::from_file(&p)?,
+                    _ => flux_scheduler_default(&config)?,
+                };
+                Architecture::Flux { model: FluxTransformer::new(config)?, scheduler }
             }
             Component::TextEncoder | Component::TextEncoder2 => {
-                // SD 1.x and SDXL's first encoder pad with EOS; OpenCLIP (SD 2.x, SDXL's bigG) with "!".
+                // SD 1.x, SDXL's and FLUX's CLIP-L pad with EOS; OpenCLIP (SD 2.x, SDXL's bigG) with "!".
                 let pad = match (file.family(), component) {
-                    (Family::Sd1, _) | (Family::Sdxl, Component::TextEncoder) => PadToken::Eos,
+                    (Family::Sd1, _) | (Family::Sdxl | Family::Flux, Component::TextEncoder) => PadToken::Eos,
                     _ => PadToken::Exclamation,
                 };
                 let mut clip = ClipTextConfig::from_json(&config)?;
@@ -206,6 +230,41 @@ impl Model {
         let weights = mapped_weights(cache, file.path(), map, component, arch.block_rule())?;
         check_tensors(file.path(), &arch.expected_tensors(), &weights)?;
         Ok(Self { context_id, dir: file.path().to_path_buf(), arch, weights })
+    }
+
+    /// Load a FLUX transformer stored as a GGUF file (City96's conversions: BFL names, optionally under
+    /// `model.diffusion_model.`; quantised tensors stay in their stored form and are dequantised when used). The
+    /// config comes from a diffusers config folder beside the file (`NAME/transformer/config.json` for `NAME.gguf`,
+    /// diffusers' `config=`) or else from the shapes (FLUX.1's rotary axes); the scheduler from that folder's
+    /// `scheduler/` or the variant's FLUX.1 default.
+    pub fn load_gguf_transformer(cache: &ModelCache, path: &Path, context_id: u64) -> Result<Self> {
+        let header = crate::weights::gguf::GgufHeader::read_file(path)?;
+        match header.architecture() {
+            Some("flux") | None => {}
+            Some(other) => {
+                return Err(Error::unsupported(format!(
+                    "{}: GGUF general.architecture \"{other}\" as a pipeline's model (supported: flux)",
+                    path.display()
+                )))
+            }
+        }
+        let config_dir = Some(path.with_extension("")).filter(|d| d.is_dir());
+        let config = match config_dir.as_ref().map(|d| d.join("transformer").join("config.json")) {
+            Some(p) if p.exists() => FluxConfig::from_file(&p)?,
+            _ => {
+                let shapes = header.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+                FluxConfig::from_bfl_shapes(&shapes, None)
+                    .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?
+            }
+        };
+        let scheduler = match config_dir.map(|d| d.join("scheduler").join("scheduler_config.json")) {
+            Some(p) if p.exists() => SchedulerConfig::from_file(&p)?,
+            _ => flux_scheduler_default(&config)?,
+        };
+        let arch = Architecture::Flux { model: FluxTransformer::new(config)?, scheduler };
+        let weights = cache.load_model_as(path, "transformer", &WeightLayout::whole(arch.block_rule()))?;
+        check_tensors(path, &arch.expected_tensors(), &weights)?;
+        Ok(Self { context_id, dir: path.to_path_buf(), arch, weights })
     }
 
     /// Load a VAE stored alone in a file (BFL's FLUX.1 `ae.safetensors`, an LDM VAE such as `vae-ft-mse-840000`, or
@@ -235,6 +294,7 @@ impl Model {
         match self.arch {
             Architecture::Unet { .. } => ModelKind::Unet,
             Architecture::Vae(_) => ModelKind::Vae,
+            Architecture::Flux { .. } => ModelKind::Transformer,
             Architecture::TextEncoder { .. } => ModelKind::TextEncoder,
         }
     }
@@ -315,7 +375,7 @@ fn tokenizer_beside(encoder_dir: &Path) -> Result<Option<Box<dyn PromptTokenizer
 }
 
 /// The first existing tokenizer folder of [`tokenizer_beside`]'s rule.
-fn tokenizer_dir_beside(encoder_dir: &Path) -> Option<PathBuf> {
+pub(crate) fn tokenizer_dir_beside(encoder_dir: &Path) -> Option<PathBuf> {
     let name = encoder_dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let suffix = name.strip_prefix("text_encoder").filter(|s| s.is_empty() || s.starts_with('_')).unwrap_or("");
     let candidates = [
@@ -347,11 +407,37 @@ fn scheduler_beside(unet_dir: &Path) -> Result<SchedulerConfig> {
     }
 }
 
+/// `../scheduler/scheduler_config.json` of a pipeline's `transformer/` folder, else the FLUX.1 variant's default.
+fn flux_scheduler_beside(transformer_dir: &Path, config: &FluxConfig) -> Result<SchedulerConfig> {
+    let path = transformer_dir.parent().map(|p| p.join("scheduler").join("scheduler_config.json"));
+    match path {
+        Some(p) if p.exists() => SchedulerConfig::from_file(&p),
+        _ => flux_scheduler_default(config),
+    }
+}
+
+/// FluxPipeline's scheduler as the hub ships it: dev (guidance-distilled) shifts with the image length
+/// (`use_dynamic_shifting`), schnell is unshifted (`shift` 1.0, no dynamic shifting).
+pub(crate) fn flux_scheduler_default(config: &FluxConfig) -> Result<SchedulerConfig> {
+    let (shift, dynamic) = if config.guidance_embeds { (3.0, true) } else { (1.0, false) };
+    SchedulerConfig::from_value(&serde_json::json!({
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "num_train_timesteps": 1000,
+        "shift": shift,
+        "use_dynamic_shifting": dynamic,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+    }))
+}
+
 impl Model {
     /// The model as a denoiser with its scheduler configuration, or INVALID_ARGUMENT naming what was passed.
     pub fn as_denoiser(&self) -> Result<(&dyn crate::models::Denoiser, &SchedulerConfig)> {
         match &self.arch {
             Architecture::Unet { model, scheduler } => Ok((model, scheduler)),
+            Architecture::Flux { model, scheduler } => Ok((model, scheduler)),
             _ => Err(Error::invalid(format!(
                 "{} is a {:?}, a denoising model is needed",
                 self.dir.display(),

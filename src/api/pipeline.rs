@@ -9,16 +9,19 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use crate::api::run::{Cancellable, Meter};
-use crate::api::{CancelToken, Context, DenoiseOptions, Model, RunReport, Tiling};
+use crate::api::model::tokenizer_dir_beside;
+use crate::api::{Architecture, CancelToken, Context, DenoiseOptions, Model, RunReport, Tiling};
 use crate::error::{Error, Result};
 use crate::models::conditioning::{COND_EMBEDDINGS, COND_POOLED, TIME_IDS, UNCOND_EMBEDDINGS, UNCOND_POOLED};
-use crate::models::text_encoder::{HiddenLayer, TextEncoding};
+use crate::models::text_encoder::{HiddenLayer, PromptTokenizer, TextEncoding};
+use crate::text::T5Tokenizer;
 use crate::models::{Conditioning, Family};
 use crate::ops::OpTarget;
 use crate::weights::single_file::{Component, SingleFile};
 use crate::weights::WeightSource;
 
-/// Component paths that override (or complete) what a pipeline folder holds: each a diffusers component folder.
+/// Component paths that override (or complete) what a pipeline folder holds: each a diffusers component folder; the
+/// VAE may also be a file (BFL's FLUX.1 `ae.safetensors`, an LDM VAE).
 #[derive(Debug, Clone, Default)]
 pub struct ComponentPaths {
     pub vae: Option<PathBuf>,
@@ -53,6 +56,9 @@ pub struct Pipeline {
     /// SDXL: no negative prompt is zeros, not the encoding of "" (`force_zeros_for_empty_prompt`; a given "" is
     /// encoded, as diffusers does).
     zeros_for_empty_negative: bool,
+    /// FLUX.1 schnell: its T5 tokenizer at schnell's default length (256, BFL's) where the tokenizer folder states
+    /// none; `None` uses the encoder's own tokenizer (the folder's `model_max_length`, else dev's 512).
+    t5_tokenizer: Option<T5Tokenizer>,
 }
 
 impl Pipeline {
@@ -67,13 +73,14 @@ impl Pipeline {
             return Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)));
         }
         let family = Family::of_pipeline_dir(path)?;
-        let denoiser = ctx.load_model(&path.join("unet"))?;
+        let denoiser_name = if family == Family::Flux { "transformer" } else { "unet" };
+        let denoiser = ctx.load_model(&path.join(denoiser_name))?;
+        denoiser.as_denoiser()?;
         let vae_dir = components.vae.clone().unwrap_or_else(|| path.join("vae"));
         if !vae_dir.exists() {
             return Err(Error::invalid(format!("{}: no vae/ in this pipeline: pass --vae", path.display())));
         }
-        let vae = ctx.load_model(&vae_dir)?;
-        vae.as_vae()?;
+        let vae = load_vae(ctx, &vae_dir, family)?;
         let overrides = [&components.text_encoder, &components.text_encoder_2];
         let mut text_encoders = Vec::new();
         for (i, name) in family.text_encoders().iter().enumerate() {
@@ -94,7 +101,24 @@ impl Pipeline {
             .and_then(|j| j.get("force_zeros_for_empty_prompt"))
             .and_then(Value::as_bool)
             .unwrap_or(family == Family::Sdxl);
-        Ok(Self { family, denoiser, vae, text_encoders, zeros_for_empty_negative })
+        Self::new(family, denoiser, vae, text_encoders, zeros_for_empty_negative)
+    }
+
+    fn new(
+        family: Family,
+        denoiser: Arc<Model>,
+        vae: Arc<Model>,
+        text_encoders: Vec<Option<Arc<Model>>>,
+        zeros_for_empty_negative: bool,
+    ) -> Result<Self> {
+        let schnell = matches!(denoiser.architecture(), Architecture::Flux { model, .. } if !model.config().guidance_embeds);
+        let t5_tokenizer = match text_encoders.get(1).and_then(Option::as_ref) {
+            Some(t5) if schnell && t5.as_text_encoder()?.0.name() == "T5EncoderModel" => {
+                tokenizer_dir_beside(t5.dir()).map(|d| T5Tokenizer::from_dir(&d, SCHNELL_T5_MAX_LENGTH)).transpose()?
+            }
+            _ => None,
+        };
+        Ok(Self { family, denoiser, vae, text_encoders, zeros_for_empty_negative, t5_tokenizer })
     }
 
     /// Whether at least one of the family's text encoders is loaded.
@@ -102,15 +126,20 @@ impl Pipeline {
         self.text_encoders.iter().any(Option::is_some)
     }
 
-    /// Load a single-file checkpoint (SD 1.x/2.x/SDXL `.safetensors` in the LDM/SGM layout): the family and the
-    /// components come from its keys, each component is read in place under diffusers' names. Components the file
-    /// lacks come from `components` (diffusers component folders); one that is neither is an error naming the flag
-    /// ("no VAE in this file: pass --vae").
+    /// Load a single-file checkpoint (SD 1.x/2.x/SDXL `.safetensors` in the LDM/SGM layout, or a FLUX.1
+    /// transformer in BFL's layout, bare or under `model.diffusion_model.`): the family and the components come from
+    /// its keys, each component is read in place under the model's names. Components the file lacks come from
+    /// `components` (diffusers component folders; the VAE may be a file); one that is neither is an error naming
+    /// the flag ("no VAE in this file: pass --vae"). A FLUX file's scheduler is the variant's FLUX.1 default (dev
+    /// shifts with the image length, schnell is unshifted).
     ///
     /// Configs come from the file's shapes (the standard SD 1.5 / 2.1 / SDXL configs when they match), refined by
     /// an LDM `NAME.yaml` beside the file; a diffusers config folder `NAME/` beside `NAME.safetensors` (diffusers'
     /// `config=`) gives them exactly.
     fn load_single_file(ctx: &Context, path: &Path, components: &ComponentPaths) -> Result<Self> {
+        if crate::weights::gguf::is_gguf_file(path) {
+            return Self::load_gguf(ctx, path, components);
+        }
         let config_dir = path.with_extension("");
         let file = SingleFile::open_with_config(path, Some(config_dir.as_path()).filter(|d| d.is_dir()))?;
         let family = file.family();
@@ -121,12 +150,23 @@ impl Pipeline {
                 None => Ok(None),
             }
         };
-        let denoiser = load(Component::Unet, &None)?.ok_or_else(|| {
+        let denoiser_component = if family == Family::Flux { Component::Transformer } else { Component::Unet };
+        let denoiser = load(denoiser_component, &None)?.ok_or_else(|| {
             Error::invalid(format!("{}: no UNet in this file (a VAE or text encoder alone?)", path.display()))
         })?;
-        let vae = match load(Component::Vae, &components.vae)? {
-            Some(v) => v,
-            None => return Err(Error::invalid(format!("{}: no VAE in this file: pass --vae", path.display()))),
+        let vae = match &components.vae {
+            Some(p) => load_vae(ctx, p, family)?,
+            None if file.components().contains(&Component::Vae) => {
+                ctx.load_single_file_component(&file, Component::Vae)?
+            }
+            None => {
+                let what = if family == Family::Flux {
+                    "no VAE this file's layout maps (a FLUX transformer file: BFL's ae.safetensors or a vae/ folder)"
+                } else {
+                    "no VAE in this file"
+                };
+                return Err(Error::invalid(format!("{}: {what}: pass --vae", path.display())));
+            }
         };
         vae.as_vae()?;
         let mut text_encoders = Vec::new();
@@ -140,7 +180,29 @@ impl Pipeline {
                 text_encoders.push(m);
             }
         }
-        Ok(Self { family, denoiser, vae, text_encoders, zeros_for_empty_negative: family == Family::Sdxl })
+        Self::new(family, denoiser, vae, text_encoders, family == Family::Sdxl)
+    }
+
+    /// A FLUX transformer GGUF file (see [`Context::load_gguf_transformer`]) with the components given by flag:
+    /// `--vae` is required, the text encoders are optional (host-given conditioning works without them).
+    fn load_gguf(ctx: &Context, path: &Path, components: &ComponentPaths) -> Result<Self> {
+        let denoiser = ctx.load_gguf_transformer(path)?;
+        let vae = match &components.vae {
+            Some(p) => load_vae(ctx, p, Family::Flux)?,
+            None => {
+                let what = "a GGUF file holds the transformer alone: pass --vae";
+                return Err(Error::invalid(format!("{}: {what}", path.display())));
+            }
+        };
+        let mut text_encoders = Vec::new();
+        for over in [&components.text_encoder, &components.text_encoder_2] {
+            let m = over.as_ref().map(|dir| ctx.load_model(dir)).transpose()?;
+            if let Some(m) = &m {
+                m.as_text_encoder()?;
+            }
+            text_encoders.push(m);
+        }
+        Self::new(Family::Flux, denoiser, vae, text_encoders, false)
     }
 
     /// The family.
@@ -148,7 +210,7 @@ impl Pipeline {
         self.family
     }
 
-    /// The denoising model (UNet).
+    /// The denoising model (UNet, FLUX transformer).
     pub fn denoiser(&self) -> &Arc<Model> {
         &self.denoiser
     }
@@ -183,9 +245,24 @@ impl Pipeline {
                 cond.insert(UNCOND_EMBEDDINGS, repeat(&neg.hidden, b)?);
             }
             Family::Flux => {
-                return Err(Error::unsupported(
-                    "FLUX prompts (CLIP-L pooled + T5-XXL states): pass sampling.cond_embeddings and sampling.cond_pooled",
-                ))
+                // CLIP-L's pooled output (final-LN state at EOS, no projection) and T5's last hidden state; no
+                // negative prompt: FLUX runs one forward per step (dev's guidance is distilled into the model).
+                if negative.is_some() {
+                    return Err(Error::invalid(
+                        "FLUX.1 runs no classifier-free guidance: a negative prompt is not used (leave it out)",
+                    ));
+                }
+                let pooled = self.flux_pooled(ctx, prompt)?;
+                let t5 = self.encoder(1)?;
+                let states = match &self.t5_tokenizer {
+                    Some(tokenizer) => {
+                        let ids = tokenizer.tokenize(prompt)?;
+                        ctx.encode_ids(t5, &ids, HiddenLayer::Last, None, &mut RunReport::default())?.hidden
+                    }
+                    None => ctx.encode_text(t5, prompt, HiddenLayer::Last)?.hidden,
+                };
+                cond.insert(COND_EMBEDDINGS, repeat(&states, b)?);
+                cond.insert(COND_POOLED, repeat(&pooled, b)?);
             }
             Family::Sdxl => {
                 // Both encoders' penultimate layers (SDXL's default; clip_skip moves further back), concatenated
@@ -216,6 +293,19 @@ impl Pipeline {
             }
         }
         Ok(cond)
+    }
+
+    /// FLUX's pooled prompt vector `[1, 768]`: CLIP-L's `pooler_output` (f32 on the CPU).
+    pub fn flux_pooled(&self, ctx: &Context, prompt: &str) -> Result<Tensor> {
+        let clip = self.encoder(0)?;
+        ctx.encode_text(clip, prompt, HiddenLayer::Last)?.pooled.ok_or_else(|| {
+            Error::format(format!("{}: text_encoder gives no pooled output", clip.dir().display()))
+        })
+    }
+
+    /// The text encoder `i` (0: `text_encoder`, 1: `text_encoder_2`), if loaded.
+    pub fn text_encoder(&self, i: usize) -> Option<&Arc<Model>> {
+        self.text_encoders.get(i).and_then(Option::as_ref)
     }
 
     /// Denoise from `cond` (see [`Context::denoise_conditioned`]).
@@ -293,6 +383,16 @@ impl Context {
         *report = meter.report(self, encoder);
         result
     }
+}
+
+/// FLUX.1 schnell's T5 sequence length when the tokenizer folder states none (BFL's `max_length=256`; dev's is 512).
+const SCHNELL_T5_MAX_LENGTH: usize = 256;
+
+/// A VAE folder, or a VAE file (BFL's FLUX.1 `ae.safetensors`, an LDM VAE) read in place.
+fn load_vae(ctx: &Context, path: &Path, family: Family) -> Result<Arc<Model>> {
+    let vae = if path.is_file() { ctx.load_vae_file(path, Some(family))? } else { ctx.load_model(path)? };
+    vae.as_vae()?;
+    Ok(vae)
 }
 
 /// `t` `[1, ...]` repeated to `[b, ...]`.

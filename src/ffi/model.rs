@@ -39,6 +39,8 @@ pub enum lowvram_model_kind {
     /// A text encoder (CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel): used by a pipeline's prompt
     /// encoding.
     TextEncoder = 2,
+    /// A diffusion transformer (FLUX.1's FluxTransformer2DModel): a pipeline's denoiser, used by `lowvram_denoise`.
+    Transformer = 3,
 }
 
 /// A model's facts, filled by `lowvram_model_get_info`. Bytes throughout.
@@ -195,6 +197,7 @@ pub unsafe extern "C" fn lowvram_model_get_info(
                 ModelKind::Unet => lowvram_model_kind::Unet as u32,
                 ModelKind::Vae => lowvram_model_kind::Vae as u32,
                 ModelKind::TextEncoder => lowvram_model_kind::TextEncoder as u32,
+                ModelKind::Transformer => lowvram_model_kind::Transformer as u32,
             },
             total_bytes: w.total_bytes(),
             resident_bytes: w.resident_bytes(),

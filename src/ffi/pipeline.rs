@@ -50,13 +50,16 @@ impl Handle for lowvram_conditioning {
 pub struct lowvram_pipeline_params {
     /// `sizeof(lowvram_pipeline_params)` as the host sees it; set by the init function.
     pub struct_size: u32,
-    /// A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, ...). Required.
+    /// A diffusers pipeline folder (model_index.json, unet/ or transformer/, vae/, text_encoder/, tokenizer/, ...),
+    /// or a single-file checkpoint (SD 1.x/2.x/SDXL; FLUX.1 BFL or Comfy `.safetensors`, a FLUX transformer `.gguf`).
+    /// Required.
     pub path: *const c_char,
-    /// A VAE component folder replacing the pipeline's vae/; NULL = the pipeline's. Default NULL.
+    /// A VAE component folder or file (FLUX.1's `ae.safetensors`) replacing the pipeline's vae/; NULL = the
+    /// pipeline's. Default NULL.
     pub vae_path: *const c_char,
     /// A text encoder component folder (its tokenizer folder beside it) replacing text_encoder/. Default NULL.
     pub text_encoder_path: *const c_char,
-    /// The second text encoder (SDXL's OpenCLIP bigG) replacing text_encoder_2/. Default NULL.
+    /// The second text encoder (SDXL's OpenCLIP bigG, FLUX's T5) replacing text_encoder_2/. Default NULL.
     pub text_encoder_2_path: *const c_char,
 }
 
@@ -143,10 +146,10 @@ pub unsafe extern "C" fn lowvram_prompt_params_init(
     guard(|| init_params(params, struct_size, &prompt_defaults(struct_size as u32)))
 }
 
-/// Load a pipeline into `ctx`'s cache: the family is detected from the folder (SD 1.x/2.x, SDXL), each component
-/// is loaded as `lowvram_model_load` would (memory-mapped, no device memory yet). Text encoders are optional: a
-/// pipeline without them takes conditioning from the host only. On success `*out` is a new handle owned by the
-/// caller. Errors: IO, FORMAT, UNSUPPORTED (an unknown pipeline class), INVALID_ARGUMENT (a missing VAE: the message
+/// Load a pipeline into `ctx`'s cache: the family is detected from the folder or file (SD 1.x/2.x, SDXL, FLUX.1),
+/// each component is loaded as `lowvram_model_load` would (memory-mapped, no device memory yet). Text encoders are
+/// optional: a pipeline without them takes conditioning from the host only. On success `*out` is a new handle owned
+/// by the caller. Errors: IO, FORMAT, UNSUPPORTED (an unknown pipeline class), INVALID_ARGUMENT (a missing VAE: the message
 /// says which path to pass). Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_pipeline_load(
@@ -182,9 +185,10 @@ pub unsafe extern "C" fn lowvram_pipeline_free(pipeline: *mut lowvram_pipeline) 
 
 /// Encode `prompt` (UTF-8) with the pipeline's text encoders into the conditioning its denoiser takes (SD 1.x:
 /// embeddings of prompt and negative; SDXL: both encoders' penultimate states, pooled embeddings and size
-/// conditioning). The encoders run under the cache like any model (loaded, streamed, evicted). `params` NULL =
-/// defaults. On success `*out` is a new conditioning owned by the caller. INVALID_ARGUMENT when the pipeline has no
-/// text encoder (the message names the component to pass). Thread-safe.
+/// conditioning; FLUX.1: T5's states and CLIP-L's pooled vector, no negative). The encoders run under the cache
+/// like any model (loaded, streamed, evicted). `params` NULL = defaults. On success `*out` is a new conditioning
+/// owned by the caller. INVALID_ARGUMENT when the pipeline has no text encoder (the message names the component to
+/// pass). Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_pipeline_encode_prompt(
     ctx: *const lowvram_context,

@@ -38,13 +38,14 @@ impl Family {
         };
         match class.as_str() {
             "StableDiffusionXLPipeline" => Ok(Self::Sdxl),
+            "FluxPipeline" => Ok(Self::Flux),
             "StableDiffusionPipeline" | "" if unet_config.exists() => Self::of_unet_config(&read_json(&unet_config)?),
             "" => Err(Error::invalid(format!(
                 "{}: not a diffusers pipeline folder (no model_index.json, no unet/config.json)",
                 dir.display()
             ))),
             other => Err(Error::unsupported(format!(
-                "{}: pipeline {other} (supported: StableDiffusionPipeline, StableDiffusionXLPipeline)",
+                "{}: pipeline {other} (supported: StableDiffusionPipeline, StableDiffusionXLPipeline, FluxPipeline)",
                 index.display()
             ))),
         }

@@ -2,7 +2,8 @@
  * folder, a prompt encoded, denoised and decoded on the tiny SD 1.x model and compared with diffusers' reference
  * (tests/fixtures/prompt/sd1, written by scripts/make_prompt_fixtures.py); host-given conditioning through
  * lowvram_conditioning_new/set/get; NULL and wrong-name errors that leave outputs untouched; handles freed in
- * every order (a pipeline freed while its conditioning lives, a context freed before its pipeline).
+ * every order (a pipeline freed while its conditioning lives, a context freed before its pipeline); the tiny FLUX.1
+ * dev and schnell folders from host conditioning against diffusers' FluxPipeline.
  * Finds the repo through $LOWVRAM_REPO (scripts/test.sh sets it; "." otherwise).
  * Built with -std=c11 -Wall -Wextra -Wpedantic -Werror and run under valgrind by scripts/test.sh. */
 #include "lowvram.h"
@@ -364,6 +365,82 @@ static void test_prompt_to_image(void) {
     st_close(&samples[1]);
 }
 
+/* FLUX.1 dev and schnell folders (tests/fixtures/flux-pipeline, scripts/fixtures_flux_pipeline.py): host-given T5
+ * states and CLIP pooled vector, flow_euler from the fixture's init noise, latents and image against diffusers'
+ * FluxPipeline; the prompt's T5 states and CLIP pooled vector against transformers'. */
+static void test_flux_folder(void) {
+    const char *variants[2] = {"dev", "schnell"};
+    const uint32_t steps[2] = {3, 2};
+    for (int v = 0; v < 2; v++) {
+        printf("flux %s folder from host conditioning (flow_euler)\n", variants[v]);
+        char dir[1300], path[1400];
+        snprintf(dir, sizeof dir, "%s/tests/fixtures/flux-pipeline/%s", repo, variants[v]);
+        snprintf(path, sizeof path, "%s/reference.safetensors", dir);
+        struct st_file ref;
+        CHECK(st_open(&ref, path));
+        if (!ref.bytes) continue;
+        lowvram_context *ctx = new_context();
+        lowvram_pipeline_params p;
+        CHECK_OK(lowvram_pipeline_params_init(&p, sizeof p));
+        p.path = dir;
+        lowvram_pipeline *pipeline = NULL;
+        CHECK_OK(lowvram_pipeline_load(ctx, &p, &pipeline));
+        lowvram_conditioning *cond = NULL;
+        CHECK_OK(lowvram_conditioning_new(&cond));
+        lowvram_tensor *states = fixture_tensor(&ref, "prompt_embeds", NULL);
+        lowvram_tensor *pooled = fixture_tensor(&ref, "pooled", NULL);
+        lowvram_tensor *noise = fixture_tensor(&ref, "init_noise", NULL);
+        CHECK_OK(lowvram_conditioning_set(cond, "sampling.cond_embeddings", states));
+        CHECK_OK(lowvram_conditioning_set(cond, "sampling.cond_pooled", pooled));
+        lowvram_denoise_params d;
+        denoise_params(&d, LOWVRAM_SCHEDULER_FLOW_EULER);
+        d.steps = steps[v];
+        d.guidance = 3.5f; /* dev's distilled guidance; schnell takes none */
+        lowvram_tensor *latents = NULL, *image = NULL;
+        struct st_tensor ref_latents = {0}, ref_image = {0};
+        CHECK(st_get(&ref, "latents", &ref_latents) && st_get(&ref, "image", &ref_image));
+        CHECK_OK(lowvram_pipeline_denoise(ctx, pipeline, cond, &d, noise, NULL, &latents));
+        if (latents && ref_latents.data) {
+            check_close("latents", latents, &ref_latents, 1e-3f, 1);
+            lowvram_decode_params dp;
+            CHECK_OK(lowvram_decode_params_init(&dp, sizeof dp));
+            CHECK_OK(lowvram_pipeline_decode(ctx, pipeline, &dp, latents, NULL, &image));
+            if (image && ref_image.data) check_close("image", image, &ref_image, 3e-3f, 0);
+        }
+        /* The prompt through CLIP-L (pooled) and the tiny T5 (states) against transformers'. */
+        lowvram_prompt_params pp;
+        CHECK_OK(lowvram_prompt_params_init(&pp, sizeof pp));
+        lowvram_conditioning *encoded = NULL;
+        CHECK_OK(lowvram_pipeline_encode_prompt(ctx, pipeline, "a photo of a cat", &pp, &encoded));
+        struct st_tensor ref_states = {0}, ref_pooled = {0};
+        lowvram_tensor *got_states = NULL, *got_pooled = NULL;
+        if (encoded && st_get(&ref, "t5_states", &ref_states) && st_get(&ref, "pooled", &ref_pooled)) {
+            CHECK_OK(lowvram_conditioning_get(encoded, "sampling.cond_embeddings", &got_states));
+            CHECK_OK(lowvram_conditioning_get(encoded, "sampling.cond_pooled", &got_pooled));
+            check_close("T5 states", got_states, &ref_states, 1e-4f, 1);
+            check_close("CLIP pooled", got_pooled, &ref_pooled, 1e-4f, 1);
+        } else {
+            failures++;
+        }
+        free(ref_states.data);
+        free(ref_pooled.data);
+        lowvram_tensor_free(got_states);
+        lowvram_tensor_free(got_pooled);
+        lowvram_conditioning_free(encoded);
+        free(ref_latents.data);
+        free(ref_image.data);
+        lowvram_tensor_free(image);
+        lowvram_tensor_free(latents);
+        lowvram_tensor_free(noise);
+        lowvram_tensor_free(pooled);
+        lowvram_tensor_free(states);
+        lowvram_conditioning_free(cond);
+        lowvram_pipeline_free(pipeline);
+        lowvram_context_free(ctx);
+        st_close(&ref);
+    }
+}
+
 /* NULLs, missing components and wrong names: a clear status and message, outputs untouched. */
 static void test_errors(void) {
     printf("errors\n");
@@ -526,6 +603,7 @@ int main(void) {
     paths();
     test_prompts_match_the_fixture();
     test_prompt_to_image();
+    test_flux_folder();
     test_errors();
     test_free_order();
     if (failures) {

@@ -10,8 +10,8 @@ use clap::{Args, Parser, Subcommand};
 use lowvram::api::{
     write_pngs, ComponentPaths, Context, ContextOptions, DenoiseOptions, Model, Pipeline, PromptOptions, RunReport, Tiling,
 };
-use lowvram::models::conditioning::COND_EMBEDDINGS;
-use lowvram::models::Conditioning;
+use lowvram::models::conditioning::{COND_EMBEDDINGS, COND_POOLED};
+use lowvram::models::{Conditioning, Family};
 use lowvram::sampling::SchedulerKind;
 use lowvram::{Error, Result};
 use serde_json::json;
@@ -44,17 +44,19 @@ enum Command {
 /// Where and how to run: shared by generate and decode.
 #[derive(Args)]
 struct RunArgs {
-    /// Pipeline folder in diffusers layout (unet/, vae/, scheduler/, text_encoder/, tokenizer/, ...). Default: the
-    /// tiny model built into lowvram.
+    /// Pipeline folder in diffusers layout (unet/ or transformer/, vae/, scheduler/, text_encoder/, tokenizer/, ...)
+    /// or a single-file checkpoint (SD 1.x/2.x/SDXL, a FLUX.1 BFL or Comfy file, a FLUX transformer .gguf).
+    /// Default: the tiny model built into lowvram.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// VAE component folder (config.json + weights), overriding the pipeline's vae/.
+    /// VAE component folder (config.json + weights) or file (FLUX.1's ae.safetensors), overriding the pipeline's
+    /// vae/.
     #[arg(long, value_name = "PATH")]
     vae: Option<PathBuf>,
     /// Text encoder component folder (its tokenizer folder beside it), overriding the pipeline's text_encoder/.
     #[arg(long, value_name = "PATH")]
     text_encoder: Option<PathBuf>,
-    /// Second text encoder (SDXL's OpenCLIP bigG), overriding the pipeline's text_encoder_2/.
+    /// Second text encoder (SDXL's OpenCLIP bigG, FLUX's T5), overriding the pipeline's text_encoder_2/.
     #[arg(long, value_name = "PATH")]
     text_encoder_2: Option<PathBuf>,
     /// auto | cpu | cuda:N | emulated:SIZE (a CPU-backed device with a hard capacity, e.g. emulated:256MiB).
@@ -110,29 +112,33 @@ struct GenerateArgs {
     run: RunArgs,
     #[command(flatten)]
     prompt: PromptArgs,
-    /// euler | euler_a | ddim | dpmpp_2m | flow_euler
-    #[arg(long, default_value = "euler")]
-    scheduler: String,
+    /// euler | euler_a | ddim | dpmpp_2m | flow_euler. Default: flow_euler for FLUX, euler otherwise.
+    #[arg(long)]
+    scheduler: Option<String>,
     /// Karras sigma schedule (euler, dpmpp_2m).
     #[arg(long)]
     karras: bool,
     #[arg(long, default_value_t = 20)]
     steps: usize,
-    #[arg(long, default_value_t = 7.5)]
-    guidance: f64,
+    /// Classifier-free guidance scale (SD); for FLUX.1 dev the distilled guidance the model takes as an input (no
+    /// second forward), ignored by FLUX.1 schnell. Default: 3.5 for FLUX, 7.5 otherwise.
+    #[arg(long)]
+    guidance: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Image width in pixels (multiple of 8). Default: the UNet's sample_size × 8.
+    /// Image width in pixels (multiple of 8; FLUX: of 16). Default: the UNet's sample_size × 8 (FLUX: 1024).
     #[arg(long)]
     width: Option<usize>,
-    /// Image height in pixels (multiple of 8). Default: the UNet's sample_size × 8.
+    /// Image height in pixels (multiple of 8; FLUX: of 16). Default: the UNet's sample_size × 8 (FLUX: 1024).
     #[arg(long)]
     height: Option<usize>,
     #[arg(long, default_value_t = 1)]
     batch: usize,
     /// safetensors with any of sampling.init_noise [B,C,h,w], sampling.step_noise [steps,B,C,h,w], and the
     /// conditioning (sampling.cond_embeddings / sampling.uncond_embeddings [B,S,D]; SDXL: sampling.cond_pooled /
-    /// sampling.uncond_pooled [B,P], sampling.time_ids [B,6]); given conditioning replaces the prompt's.
+    /// sampling.uncond_pooled [B,P], sampling.time_ids [B,6]); given conditioning replaces the prompt's. FLUX:
+    /// sampling.init_noise is the unpacked latent [B,16,h,w], sampling.cond_embeddings the T5 states [B,S,4096],
+    /// sampling.cond_pooled CLIP-L's pooled vector [B,768]; when both are given the prompt is not encoded.
     #[arg(long, value_name = "FILE.safetensors")]
     inputs: Option<PathBuf>,
     /// Output PNG (a batch writes NAME-0.png, NAME-1.png, ...).
@@ -218,19 +224,26 @@ fn components(run: &RunArgs) -> ComponentPaths {
     }
 }
 
-/// Pixels per latent along each side: the VAE's downscale (8 for SD; the trained tiny model's VAE uses 4).
+/// Pixels per latent along each side: the VAE's downscale (8 for SD and FLUX; the trained tiny model's VAE uses 4).
 fn vae_downscale(pipeline: &Pipeline) -> Result<usize> {
     Ok(pipeline.vae().as_vae()?.config().downscale())
 }
 
-/// The image size: `--width`/`--height`, else the UNet's sample size times the VAE's downscale.
+/// The image size: `--width`/`--height`, else the UNet's sample size times the VAE's downscale (FLUX: 1024,
+/// FluxPipeline's default). FLUX packs 2×2 latent pixels into a token: its sizes are multiples of twice the
+/// downscale (16 px).
 fn image_size(pipeline: &Pipeline, width: Option<usize>, height: Option<usize>) -> Result<(usize, usize)> {
-    let (unet, _) = pipeline.denoiser().as_unet()?;
     let f = vae_downscale(pipeline)?;
-    let default_px = unet.config().sample_size.unwrap_or(64) * f;
+    let (default_px, multiple) = match pipeline.family() {
+        Family::Flux => (1024, 2 * f),
+        _ => (pipeline.denoiser().as_unet()?.0.config().sample_size.unwrap_or(64) * f, f),
+    };
     let (w, h) = (width.unwrap_or(default_px), height.unwrap_or(default_px));
-    if w % f != 0 || h % f != 0 || w == 0 || h == 0 {
-        return Err(Error::invalid(format!("--width {w} --height {h}: both must be positive multiples of {f}")));
+    if w % multiple != 0 || h % multiple != 0 || w == 0 || h == 0 {
+        return Err(Error::invalid(format!(
+            "--width {w} --height {h}: both must be positive multiples of {multiple} for {}",
+            pipeline.family()
+        )));
     }
     Ok((h, w))
 }
@@ -246,7 +259,12 @@ fn conditioning(
     inputs: &mut HashMap<String, Tensor>,
 ) -> Result<Conditioning> {
     let given: Vec<String> = inputs.keys().filter(|k| k.starts_with("sampling.")).cloned().collect();
-    let mut cond = if prompt.prompt.is_some() || pipeline.has_text_encoders() {
+    // FLUX's conditioning given whole (T5 states and CLIP pooled): nothing to encode.
+    let flux_given = pipeline.family() == Family::Flux
+        && [COND_EMBEDDINGS, COND_POOLED].iter().all(|n| given.iter().any(|k| k == n));
+    let mut cond = if flux_given {
+        Conditioning::new()
+    } else if prompt.prompt.is_some() || pipeline.has_text_encoders() {
         let text = prompt.prompt.as_deref().unwrap_or("");
         pipeline.encode_prompt(ctx, text, prompt.negative_prompt.as_deref(), options)?
     } else if given.iter().any(|k| k == COND_EMBEDDINGS) {
@@ -267,13 +285,22 @@ fn conditioning(
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    let scheduler = SchedulerKind::from_str(&args.scheduler)?;
+    if let Some(s) = &args.scheduler {
+        SchedulerKind::from_str(s)?;
+    }
     if args.batch == 0 {
         return Err(Error::invalid("--batch must be at least 1"));
     }
     let dir = pipeline_dir(&args.run)?;
     let ctx = context(&args.run)?;
     let pipeline = Pipeline::load(&ctx, &dir, &components(&args.run))?;
+    let flux = pipeline.family() == Family::Flux;
+    let scheduler = match &args.scheduler {
+        Some(s) => SchedulerKind::from_str(s)?,
+        None if flux => SchedulerKind::FlowEuler,
+        None => SchedulerKind::Euler,
+    };
+    let guidance = args.guidance.unwrap_or(if flux { 3.5 } else { 7.5 });
 
     let mut inputs = match &args.inputs {
         Some(path) => read_tensors(path)?,
@@ -302,7 +329,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         scheduler,
         karras: args.karras,
         steps: args.steps,
-        guidance: args.guidance,
+        guidance,
         seed: args.seed,
         latent_size,
     };

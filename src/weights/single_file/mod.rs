@@ -449,8 +449,9 @@ fn map_all(
 }
 
 /// Map a FLUX single file: the transformer's BFL keys ([`flux::map_bfl`]). A Comfy all-in-one file's other
-/// components (`vae.`, `text_encoders.clip_l.`, `text_encoders.t5xxl.`) are listed with the skipped keys until
-/// their mappings exist (the FLUX VAE and T5 loaders); any other key is an error naming it.
+/// components are mapped too: `vae.` (BFL's autoencoder in LDM names) and `text_encoders.clip_l.transformer.`
+/// (CLIP-L in transformers' names); `text_encoders.t5xxl.` is listed with the skipped keys (T5 comes from
+/// `--text-encoder-2`). Any other key is an error naming it.
 #[allow(clippy::type_complexity)]
 fn map_flux(source: &str, stored: &BTreeMap<String, StoredTensor>) -> Result<(BTreeMap<Component, ComponentMap>, Vec<String>)> {
     let list: Vec<StoredTensor> = stored.values().cloned().collect();
@@ -472,7 +473,35 @@ fn map_flux(source: &str, stored: &BTreeMap<String, StoredTensor>) -> Result<(BT
         .collect();
     entries.sort_by(|a, b| a.internal_name.cmp(&b.internal_name));
     let map = ComponentMap { component: Component::Transformer, prefix: m.prefix, entries };
-    Ok((BTreeMap::from([(Component::Transformer, map)]), m.others))
+    let mut maps = BTreeMap::from([(Component::Transformer, map)]);
+    const COMFY: [(&str, Component, Rules); 2] = [
+        ("vae.", Component::Vae, Rules::Vae),
+        ("text_encoders.clip_l.transformer.", Component::TextEncoder, Rules::Clip(ClipLayout::Transformers)),
+    ];
+    let (mut skipped, mut unmapped) = (Vec::new(), Vec::new());
+    let mut groups: Vec<Vec<&StoredTensor>> = vec![Vec::new(); COMFY.len()];
+    for name in &m.others {
+        match COMFY.iter().position(|(prefix, _, _)| name.starts_with(prefix)) {
+            Some(i) => groups[i].push(&stored[name]),
+            None => skipped.push(name.clone()),
+        }
+    }
+    for ((prefix, component, rules), tensors) in COMFY.into_iter().zip(groups) {
+        if !tensors.is_empty() {
+            let map = map_group(component, prefix, rules, &tensors, &mut unmapped)
+                .map_err(|e| Error::format(format!("{source}: {e}")))?;
+            maps.insert(component, map);
+        }
+    }
+    if !unmapped.is_empty() {
+        unmapped.sort();
+        return Err(Error::format(format!(
+            "{source}: {} key(s) no FLUX.1 single-file rule maps: {}",
+            unmapped.len(),
+            list_keys(&unmapped)
+        )));
+    }
+    Ok((maps, skipped))
 }
 
 /// Map one component's keys (all under `prefix`) with `rules`; keys no rule maps go to `unmapped`.
