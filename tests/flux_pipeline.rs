@@ -452,3 +452,23 @@ fn cli_encodes_and_generates_from_the_prompt() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--text-encoder-2 FILE`: the pipeline takes T5 from a GGUF file (its vocabulary inside, its config and length in
+/// the `NAME/` folder beside it: tests/fixtures/t5/t5-tiny-f32.gguf, the same F32 weights) and encodes the prompt
+/// exactly as from the folder's `text_encoder_2/`.
+#[test]
+fn t5_from_a_gguf_file_encodes_like_the_folder() {
+    let ctx = context("cpu", "");
+    let want = Pipeline::load(&ctx, &folder("dev"), &ComponentPaths::default())
+        .unwrap()
+        .encode_prompt(&ctx, PROMPT, None, &PromptOptions::default())
+        .unwrap();
+    let gguf = fixtures().join("t5/t5-tiny-f32.gguf");
+    let components = ComponentPaths { text_encoder_2: Some(gguf.clone()), ..Default::default() };
+    let p = Pipeline::load(&ctx, &folder("dev"), &components).unwrap();
+    assert_eq!(p.text_encoder(1).expect("T5 loaded").dir(), gguf.as_path(), "the flag's file, not the folder's");
+    let got = p.encode_prompt(&ctx, PROMPT, None, &PromptOptions::default()).unwrap();
+    for name in [COND_EMBEDDINGS, COND_POOLED] {
+        assert!(bits(got.get(name).unwrap()) == bits(want.get(name).unwrap()), "{name} differs");
+    }
+}

@@ -520,3 +520,69 @@ fn half_precision_compute() {
     println!("f16 weights, f32 compute vs f32: {e:.2e}");
     assert!(e < 5e-3, "{e}");
 }
+
+/// `--text-encoder-2 FILE`: a T5 stored alone in a file — a llama.cpp-style GGUF carrying its vocabulary
+/// (scripts/fixtures_t5_gguf.py: the same F32 weights under `enc.blk.N.*` names), or a safetensors file in
+/// transformers' names with its tokenizer in a `NAME/` folder beside it — loads through `Context::load_t5_file` with
+/// its config read from the shapes, and encodes every prompt bit-identically to the folder, resident and streamed.
+/// A safetensors file without a tokenizer names what to pass.
+#[test]
+fn t5_files_encode_like_the_folder() {
+    use lowvram::api::{Context, ContextOptions};
+    let dir = memory_support::TempDir::new("t5-file");
+    let st = dir.path().join("t5tiny.safetensors");
+    std::fs::copy(encoder_dir().join("model.safetensors"), &st).unwrap();
+    let err = Context::new(ContextOptions { device: Some("cpu".into()), ..Default::default() })
+        .unwrap()
+        .load_t5_file(&st)
+        .err()
+        .expect("no tokenizer beside the file")
+        .to_string();
+    assert!(err.contains("--text-encoder-2"), "{err}");
+    let tok_dir = dir.path().join("t5tiny");
+    std::fs::create_dir_all(&tok_dir).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixtures().join("tokenizer_2").join(f), tok_dir.join(f)).unwrap();
+    }
+    // The tiny model's relative distance (20) is not T5's 128: its config sits in the `NAME/` folder beside each file.
+    std::fs::copy(encoder_dir().join("config.json"), tok_dir.join("config.json")).unwrap();
+    let gguf = fixtures().join("t5-tiny-f32.gguf");
+    for (device, yaml) in [("cpu", ""), ("emulated:2MB", "device_working_mem_gb: 0\n")] {
+        let ctx = Context::new(ContextOptions {
+            device: Some(device.into()),
+            config_yaml: Some(yaml.into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let folder = ctx.load_model(&encoder_dir()).unwrap();
+        let folder_tok = folder.as_text_encoder().unwrap().1.unwrap();
+        for file in [&gguf, &st] {
+            let model = ctx.load_t5_file(file).unwrap();
+            let tok = model.as_text_encoder().unwrap().1.expect("a tokenizer");
+            for (i, p) in prompts().iter().enumerate() {
+                // The folder states a length (48); a GGUF's vocabulary none (512, FLUX-dev's): same ids up to the
+                // folder's length, padding beyond.
+                let (want_ids, got_ids) = (folder_tok.tokenize(p).unwrap(), tok.tokenize(p).unwrap());
+                let n = want_ids.len();
+                // A prompt truncated at 48 (it ends in </s>, not a pad) runs on at 512: compare the untruncated ones.
+                if want_ids.last() == Some(&0) {
+                    assert_eq!(
+                        &got_ids[..n.min(got_ids.len())],
+                        &want_ids[..n.min(got_ids.len())],
+                        "{} prompt {i}",
+                        file.display()
+                    );
+                    assert!(
+                        got_ids[n.min(got_ids.len())..].iter().all(|&t| t == 0),
+                        "{} prompt {i}: pads",
+                        file.display()
+                    );
+                }
+                let mut r = lowvram::api::RunReport::default();
+                let want = ctx.encode_ids(&folder, &want_ids, HiddenLayer::Last, None, &mut r).unwrap().hidden;
+                let got = ctx.encode_ids(&model, &want_ids, HiddenLayer::Last, None, &mut r).unwrap().hidden;
+                assert!(bits(&got) == bits(&want), "{device} {} prompt {i}: states differ", file.display());
+            }
+        }
+    }
+}

@@ -217,6 +217,14 @@ impl Context {
         Ok(Arc::new(model))
     }
 
+    /// Load a T5 encoder stored alone in a file (GGUF or safetensors) into the cache (see [`Model::load_t5_file`]).
+    pub fn load_t5_file(&self, path: &Path) -> Result<Arc<Model>> {
+        let model = Model::load_t5_file(&self.cache, path, self.id)?;
+        let bytes = model.weights().total_bytes();
+        self.logger.info(&format!("loaded T5 encoder file {} ({bytes} bytes stored)", path.display()));
+        Ok(Arc::new(model))
+    }
+
     /// Load a FLUX transformer GGUF file into the cache (see [`Model::load_gguf_transformer`]).
     pub fn load_gguf_transformer(&self, path: &Path) -> Result<Arc<Model>> {
         let model = Model::load_gguf_transformer(&self.cache, path, self.id)?;

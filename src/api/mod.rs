@@ -5,6 +5,7 @@ mod image;
 mod model;
 mod pipeline;
 mod run;
+mod t5_file;
 mod tensor;
 
 pub use context::{CancelToken, Context, ContextOptions};

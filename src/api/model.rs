@@ -267,6 +267,17 @@ impl Model {
         Ok(Self { context_id, dir: path.to_path_buf(), arch, weights })
     }
 
+    /// Load a T5 encoder stored alone in a file (`--text-encoder-2 FILE`: a llama.cpp-style T5 GGUF with its
+    /// vocabulary, or a `t5xxl_*.safetensors` in transformers' names with a tokenizer folder beside it; see
+    /// `api::t5_file`) into `cache`. Quantised and fp8 tensors stay in their stored form.
+    pub fn load_t5_file(cache: &ModelCache, path: &Path, context_id: u64) -> Result<Self> {
+        let file = super::t5_file::open(path)?;
+        let arch = Architecture::TextEncoder { model: Box::new(file.encoder), tokenizer: Some(file.tokenizer) };
+        let weights = cache.load_model_as(path, "text_encoder_2", &file.layout)?;
+        check_tensors(path, &arch.expected_tensors(), &weights)?;
+        Ok(Self { context_id, dir: path.to_path_buf(), arch, weights })
+    }
+
     /// Load a VAE stored alone in a file (BFL's FLUX.1 `ae.safetensors`, an LDM VAE such as `vae-ft-mse-840000`, or
     /// one in diffusers layout) into `cache`: its tensors are read in place under diffusers' names, its config comes
     /// from its shapes (see [`ComponentFile::vae_config`]; `family` sets an SD VAE's scaling factor).

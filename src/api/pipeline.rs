@@ -87,7 +87,7 @@ impl Pipeline {
             let dir = overrides[i].clone().or_else(|| Some(path.join(name)).filter(|d| d.join("config.json").exists()));
             let model = match dir {
                 Some(dir) => {
-                    let m = ctx.load_model(&dir)?;
+                    let m = load_encoder(ctx, &dir)?;
                     m.as_text_encoder()?;
                     Some(m)
                 }
@@ -145,6 +145,9 @@ impl Pipeline {
         let family = file.family();
         let load = |c: Component, over: &Option<PathBuf>| -> Result<Option<Arc<Model>>> {
             match over {
+                Some(dir) if matches!(c, Component::TextEncoder | Component::TextEncoder2) => {
+                    load_encoder(ctx, dir).map(Some)
+                }
                 Some(dir) => ctx.load_model(dir).map(Some),
                 None if file.components().contains(&c) => ctx.load_single_file_component(&file, c).map(Some),
                 None => Ok(None),
@@ -196,7 +199,7 @@ impl Pipeline {
         };
         let mut text_encoders = Vec::new();
         for over in [&components.text_encoder, &components.text_encoder_2] {
-            let m = over.as_ref().map(|dir| ctx.load_model(dir)).transpose()?;
+            let m = over.as_ref().map(|dir| load_encoder(ctx, dir)).transpose()?;
             if let Some(m) = &m {
                 m.as_text_encoder()?;
             }
@@ -408,4 +411,14 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>> {
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map(Some).map_err(|e| Error::format(format!("{}: {e}", path.display())))
+}
+
+/// A text encoder given by flag: a folder (`text_encoder_2/`), or a T5 encoder stored alone in a file (a T5 GGUF, a
+/// `t5xxl_*.safetensors`: [`Context::load_t5_file`]).
+fn load_encoder(ctx: &Context, path: &Path) -> Result<Arc<Model>> {
+    if path.is_file() {
+        ctx.load_t5_file(path)
+    } else {
+        ctx.load_model(path)
+    }
 }

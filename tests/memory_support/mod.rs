@@ -76,12 +76,8 @@ pub fn write_model_as(dir: &Path, name: &str, dims: &[usize], seed: u64, dtype: 
     for i in 0..dims.len() - 1 {
         let key = format!("down_blocks.0.resnets.{i}");
         let (a, b) = (dims[i], dims[i + 1]);
-        let w = Tensor::from_vec(
-            values(a * b, seed * 1000 + i as u64, 1.5 / (a as f32).sqrt()),
-            (a, b),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let w = Tensor::from_vec(values(a * b, seed * 1000 + i as u64, 1.5 / (a as f32).sqrt()), (a, b), &Device::Cpu)
+            .unwrap();
         let bias = Tensor::from_vec(values(b, seed * 7777 + i as u64, 0.1), b, &Device::Cpu).unwrap();
         tensors.insert(format!("{key}.weight"), w.to_dtype(dtype).unwrap());
         tensors.insert(format!("{key}.bias"), bias.to_dtype(dtype).unwrap());
@@ -90,12 +86,7 @@ pub fn write_model_as(dir: &Path, name: &str, dims: &[usize], seed: u64, dtype: 
     }
     let path = dir.join(format!("{name}.safetensors"));
     candle_core::safetensors::save(&tensors, &path).unwrap();
-    TestModel {
-        path,
-        dims: dims.to_vec(),
-        blocks,
-        block_bytes,
-    }
+    TestModel { path, dims: dims.to_vec(), blocks, block_bytes }
 }
 
 /// The forward: x = tanh(x·Wᵢ + bᵢ), fetching each block in order and dropping it before the next.
@@ -104,9 +95,7 @@ pub fn forward_with(src: &dyn WeightSource, m: &TestModel, mut hook: impl FnMut(
     let mut x = Tensor::from_vec(values(2 * m.dims[0], 42, 1.0), (2, m.dims[0]), src.device())?;
     for (i, key) in m.blocks.iter().enumerate() {
         let w = src.fetch(key)?;
-        let weight = w
-            .get_shaped("weight", &[m.dims[i], m.dims[i + 1]])?
-            .to_dtype(DType::F32)?;
+        let weight = w.get_shaped("weight", &[m.dims[i], m.dims[i + 1]])?.to_dtype(DType::F32)?;
         let bias = w.get("bias")?.to_dtype(DType::F32)?;
         x = x.matmul(&weight)?.broadcast_add(&bias)?.tanh()?;
         hook(i);
@@ -123,11 +112,7 @@ pub fn forward(src: &dyn WeightSource, m: &TestModel) -> Result<Vec<f32>> {
 pub fn config(device: &str, working: u64) -> Config {
     let mut c = Config::default();
     c.set("device", device).unwrap();
-    c.set(
-        "device_working_mem_gb",
-        &format!("{}", working as f64 / (1u64 << 30) as f64),
-    )
-    .unwrap();
+    c.set("device_working_mem_gb", &format!("{}", working as f64 / (1u64 << 30) as f64)).unwrap();
     c
 }
 

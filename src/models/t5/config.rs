@@ -191,3 +191,40 @@ mod tests {
         assert_eq!((c.activation, c.gated), (FfActivation::Relu, false));
     }
 }
+
+impl T5EncoderConfig {
+    /// The configuration a checkpoint's tensor shapes give (transformers' names: `shared.weight` or
+    /// `encoder.embed_tokens.weight`, `encoder.block.N.…`), for files that come without a config.json (a
+    /// `t5xxl_*.safetensors`, a T5 GGUF). The relative-attention maximum distance and the norm epsilon are not in
+    /// the shapes: T5's 128 and 1e-6 (every T5 v1.1 size uses them); the feed-forward is gated-gelu when the file
+    /// has `wi_0`/`wi_1` (v1.1), relu otherwise (v1.0).
+    pub fn from_shapes(shapes: &std::collections::HashMap<String, Vec<usize>>) -> Result<Self> {
+        let get = |name: &str| shapes.get(name).filter(|s| s.len() == 2).map(|s| (s[0], s[1]));
+        let (vocab, d_model) = get("shared.weight")
+            .or_else(|| get("encoder.embed_tokens.weight"))
+            .ok_or_else(|| Error::format("no T5 token table (shared.weight or encoder.embed_tokens.weight)"))?;
+        let attn = "encoder.block.0.layer.0.SelfAttention";
+        let (buckets, heads) = get(&format!("{attn}.relative_attention_bias.weight"))
+            .ok_or_else(|| Error::format(format!("no {attn}.relative_attention_bias.weight [buckets, heads]")))?;
+        let (inner, _) =
+            get(&format!("{attn}.q.weight")).ok_or_else(|| Error::format(format!("no {attn}.q.weight")))?;
+        let ff = "encoder.block.0.layer.1.DenseReluDense";
+        let (d_ff, gated) = match (get(&format!("{ff}.wi_0.weight")), get(&format!("{ff}.wi.weight"))) {
+            (Some((d_ff, _)), _) => (d_ff, true),
+            (None, Some((d_ff, _))) => (d_ff, false),
+            _ => return Err(Error::format(format!("no {ff}.wi_0.weight or {ff}.wi.weight"))),
+        };
+        let layers = (0..)
+            .take_while(|i| shapes.contains_key(&format!("encoder.block.{i}.layer.0.layer_norm.weight")))
+            .count();
+        if heads == 0 || inner % heads != 0 {
+            return Err(Error::format(format!("T5 attention: {inner} features do not split into {heads} heads")));
+        }
+        let json = serde_json::json!({
+            "vocab_size": vocab, "d_model": d_model, "d_kv": inner / heads, "d_ff": d_ff, "num_layers": layers,
+            "num_heads": heads, "relative_attention_num_buckets": buckets, "relative_attention_max_distance": 128,
+            "layer_norm_epsilon": 1e-6, "feed_forward_proj": if gated { "gated-gelu" } else { "relu" },
+        });
+        Self::from_json(&json.to_string())
+    }
+}
