@@ -56,7 +56,8 @@ struct RunArgs {
     /// Text encoder component folder (its tokenizer folder beside it), overriding the pipeline's text_encoder/.
     #[arg(long, value_name = "PATH")]
     text_encoder: Option<PathBuf>,
-    /// Second text encoder (SDXL's OpenCLIP bigG, FLUX's T5), overriding the pipeline's text_encoder_2/.
+    /// Second text encoder (SDXL's OpenCLIP bigG, FLUX's T5), overriding the pipeline's text_encoder_2/: a folder, or for
+    /// FLUX a T5 file (a T5 GGUF, or a t5xxl_*.safetensors with its tokenizer.json in a NAME/ folder beside it).
     #[arg(long, value_name = "PATH")]
     text_encoder_2: Option<PathBuf>,
     /// auto | cpu | cuda:N | emulated:SIZE (a CPU-backed device with a hard capacity, e.g. emulated:256MiB).
