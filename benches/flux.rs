@@ -11,8 +11,8 @@
 //!
 //! Files: `scripts/make_flux_gguf.py` (random FLUX.1-dev architecture, BFL names, Q4_0 by default) and
 //! `scripts/make_t5_gguf.py` (random T5-XXL encoder, llama.cpp names, Q8_0). The FLUX file's tensors are read under
-//! their own names (city96 GGUFs are BFL-named, lowvram's FLUX layout); the T5 file's names are mapped to
-//! transformers' (`models::t5::gguf_names`). Weights stay in their stored form in RAM and on the device and are
+//! their own names (city96 GGUFs are BFL-named, lowvram's FLUX layout); the T5 file goes through
+//! `Context::load_t5_file` (`--text-encoder-2 FILE`: llama.cpp names mapped to transformers', its vocabulary read). Weights stay in their stored form in RAM and on the device and are
 //! dequantised per layer into working memory (the compute dtype: f32 on the CPU).
 //!
 //! One FLUX step = one transformer forward on 16×(size/8)² latents packed to (size/16)² tokens, `--txt-len` T5
@@ -31,11 +31,10 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
-use lowvram::api::{Context, ContextOptions};
+use lowvram::api::{Context, ContextOptions, RunReport};
+use lowvram::models::text_encoder::HiddenLayer;
 use lowvram::models::flux::{block_of as flux_block_of, FluxConfig, FluxTransformer};
-use lowvram::models::t5::{gguf_names, T5Encoder, T5EncoderConfig};
 use lowvram::ops::OpTarget;
-use lowvram::weights::gguf::GgufHeader;
 use lowvram::weights::WeightLayout;
 
 type BoxResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -155,59 +154,31 @@ fn run_flux(a: &Args) -> BoxResult<serde_json::Value> {
     }))
 }
 
-/// T5-XXL v1.1 (google/t5-v1_1-xxl's config).
-const T5_XXL: &str = r#"{"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24,
-  "num_heads": 64, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
-  "layer_norm_epsilon": 1e-6, "feed_forward_proj": "gated-gelu"}"#;
-
 fn run_t5(a: &Args) -> BoxResult<serde_json::Value> {
     let ctx = context(a)?;
-    let cache = ctx.cache();
-    let header = GgufHeader::read_file(&a.file)?;
-    let gated = gguf_names::gguf_is_gated(header.tensors.iter().map(|t| t.name.as_str()));
-    let mut spans = Vec::new();
-    for t in &header.tensors {
-        let name = gguf_names::gguf_to_transformers(&t.name, gated)
-            .ok_or_else(|| format!("{}: no T5 name for GGUF tensor {}", a.file.display(), t.name))?;
-        spans.push(t.span(name));
-    }
-    let names: Vec<String> = spans.iter().map(|s| s.name.clone()).collect();
-    let t5 = T5Encoder::new(T5EncoderConfig::from_json(T5_XXL)?, T5Encoder::embedding_block(names.iter().map(String::as_str))?);
-    let layout = WeightLayout {
-        view: "t5".into(),
-        rule: lowvram::models::t5::block_of,
-        spans: Some(std::sync::Arc::new(spans)),
-    };
+    // The path users take: `--text-encoder-2 FILE` (config from the shapes, vocabulary from the GGUF).
     let t_load = Instant::now();
-    let model = cache.load_model_as(&a.file, "t5", &layout)?;
+    let model = ctx.load_t5_file(&a.file)?;
     let load_ms = ms(t_load);
-    let target = OpTarget::new(&Device::Cpu, cache.compute_dtype());
-    let working = t5.working_bytes(1, a.txt_len, target) + t5.largest_weight_bytes(target);
     let ids: Vec<u32> = noise(a.txt_len, 4).iter().map(|v| ((v + 1.0) * 15999.0) as u32).collect();
-    let ids = Tensor::from_vec(ids, (1, a.txt_len), &Device::Cpu)?;
-    cache.allocator().reset_peak();
-    let refused_before = cache.allocator().refused();
-    let lock = cache.lock(&model, working)?;
-    let mut steps = Vec::new();
-    let mut streamed = Vec::new();
+    let (mut steps, mut reports) = (Vec::new(), Vec::new());
     for _ in 0..a.steps {
-        let before = lock.bytes_streamed();
+        let mut report = RunReport::default();
         let t = Instant::now();
-        let out = t5.encode(&lock, &ids)?;
-        let _ = out.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        let out = ctx.encode_ids(&model, &ids, HiddenLayer::Last, None, &mut report)?;
+        let _ = out.hidden.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
         steps.push(ms(t));
-        streamed.push(lock.bytes_streamed() - before);
+        reports.push(report);
     }
-    let resident: u64 = model.blocks().iter().filter(|b| model.resident_blocks().contains(&b.key)).map(|b| b.storage_bytes).sum();
-    let stored: u64 = model.blocks().iter().map(|b| b.storage_bytes).sum();
-    drop(lock);
+    let last = reports.last().ok_or("--steps must be at least 1")?;
     Ok(json!({
         "part": "t5", "file": a.file, "device": a.device, "keep_ram_copy_of_weights": a.keep_ram,
         "txt_len": a.txt_len, "load_ms": load_ms, "encode_ms": steps,
-        "bytes_streamed_per_encode": streamed, "stored_bytes": stored, "resident_bytes": resident,
-        "stored_minus_resident": stored - resident, "units": model.blocks().len(),
-        "working_bytes_reserved": working, "peak_device_bytes": cache.allocator().peak(),
-        "refused_allocations": cache.allocator().refused() - refused_before, "peak_rss_bytes": peak_rss(),
+        "bytes_streamed_per_encode": reports.iter().map(|r| r.bytes_streamed).collect::<Vec<_>>(),
+        "stored_bytes": last.model_bytes, "resident_bytes": last.resident_bytes,
+        "stored_minus_resident": last.model_bytes - last.resident_bytes,
+        "working_bytes_reserved": last.working_bytes, "peak_device_bytes": reports.iter().map(|r| r.peak_device_bytes).max(),
+        "refused_allocations": reports.iter().map(|r| r.refused_allocations).sum::<u64>(), "peak_rss_bytes": peak_rss(),
     }))
 }
 
