@@ -37,18 +37,10 @@ import shutil
 import sys
 from pathlib import Path
 
-os.environ["OMP_NUM_THREADS"] = "1"
-os.environ["MKL_NUM_THREADS"] = "1"
-os.environ["MKL_CBWR"] = "COMPATIBLE"
-os.environ["ATEN_CPU_CAPABILITY"] = "default"
+import fixture_env  # noqa: E402,F401  (deterministic single-threaded CPU torch; before torch)
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-
-torch.use_deterministic_algorithms(True)
-torch.set_num_threads(1)
-torch.set_num_interop_threads(1)
-torch.backends.mkldnn.enabled = False
 
 import diffusers  # noqa: E402
 from diffusers import FluxTransformer2DModel  # noqa: E402

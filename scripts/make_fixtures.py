@@ -32,18 +32,11 @@ from pathlib import Path
 # Bit-reproducibility on CPU: one thread, MKL's conditional-numerical-reproducibility mode, aten's portable
 # (non-SIMD-dispatched) kernels and no oneDNN, so that the last bits depend as little as possible on the CPU model
 # and thread count. Must be set before torch (and MKL) load.
-os.environ["OMP_NUM_THREADS"] = "1"
-os.environ["MKL_NUM_THREADS"] = "1"
-os.environ["MKL_CBWR"] = "COMPATIBLE"
-os.environ["ATEN_CPU_CAPABILITY"] = "default"
+import fixture_env  # noqa: E402,F401  (deterministic single-threaded CPU torch; before torch)
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-torch.use_deterministic_algorithms(True)
-torch.set_num_threads(1)
-torch.set_num_interop_threads(1)
-torch.backends.mkldnn.enabled = False
 torch.manual_seed(0)
 
 import diffusers  # noqa: E402
