@@ -6,8 +6,6 @@
 //! and fp8 tensors stay in their stored form (the store's rule). A safetensors file carries no tokenizer: it is
 //! read from a `NAME/` folder beside the file (`t5xxl_fp16/tokenizer.json`) or a `tokenizer_2/` folder beside it.
 
-use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -59,7 +57,7 @@ pub(crate) fn open(path: &Path) -> Result<T5File> {
         };
         (shapes, Some(spans), tokenizer)
     } else {
-        (safetensors_shapes(path)?, None, tokenizer_beside(path)?)
+        (crate::weights::tensor_shapes(path)?.into_iter().collect(), None, tokenizer_beside(path)?)
     };
     // A `NAME/config.json` beside the file (the project's config-folder convention for single files) states what
     // shapes cannot: the relative-attention distance and the norm epsilon (T5's 128 and 1e-6 otherwise).
@@ -88,31 +86,6 @@ fn stated_max_length(path: &Path) -> Option<usize> {
     v.get("model_max_length")?.as_u64().map(|n| n as usize).filter(|n| (1..=4096).contains(n))
 }
 
-/// Tensor names and shapes from a safetensors header.
-fn safetensors_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
-    let n = u64::from_le_bytes(len);
-    if n > 100 << 20 {
-        return Err(Error::format(format!("{}: safetensors header of {n} bytes", path.display())));
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|e| Error::format(format!("{}: header: {e}", path.display())))?;
-    let m = v.as_object().ok_or_else(|| Error::format(format!("{}: header is not an object", path.display())))?;
-    let mut shapes = HashMap::new();
-    for (k, t) in m.iter().filter(|(k, _)| *k != "__metadata__") {
-        let shape = t
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect::<Option<Vec<_>>>())
-            .ok_or_else(|| Error::format(format!("{}: tensor {k} has no valid shape", path.display())))?;
-        shapes.insert(k.clone(), shape);
-    }
-    Ok(shapes)
-}
 
 /// The tokenizer folder for a T5 safetensors file: `NAME/` beside it (the file name without its extension), else
 /// `tokenizer_2/` beside it; the error names what to pass otherwise.

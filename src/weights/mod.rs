@@ -11,5 +11,5 @@ mod store;
 pub use format::{QuantType, StoredFormat};
 pub use resident::ResidentWeights;
 pub use source::{block_key, BlockRule, BlockWeights, FilePart, StoredTensors, TensorSpan, WeightLayout, WeightSource};
-pub use shards::{find_weights, is_index, shard_files};
+pub use shards::{find_weights, is_index, shard_files, tensor_shapes};
 pub use store::{BlockInfo, StagingRing, TensorInfo, TensorLocation, WeightStore};

@@ -41,6 +41,36 @@ pub fn shard_files(path: &Path) -> Result<Vec<PathBuf>> {
     Ok(names.into_iter().map(|n| dir.join(n)).collect())
 }
 
+/// Every tensor's name and shape from the header(s) of a safetensors file or of the shards its index lists, without
+/// reading tensor data (configs derived from shapes, key-layout detection).
+pub fn tensor_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    for file in shard_files(path)? {
+        let mut f = std::fs::File::open(&file).map_err(|e| Error::io(&file, e))?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).map_err(|e| Error::io(&file, e))?;
+        let n = u64::from_le_bytes(len);
+        if n > 100 << 20 {
+            return Err(Error::format(format!("{}: safetensors header of {n} bytes", file.display())));
+        }
+        let mut header = vec![0u8; n as usize];
+        f.read_exact(&mut header).map_err(|e| Error::io(&file, e))?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&header).map_err(|e| Error::format(format!("{}: header: {e}", file.display())))?;
+        let m = v.as_object().ok_or_else(|| Error::format(format!("{}: header is not an object", file.display())))?;
+        for (k, t) in m.iter().filter(|(k, _)| *k != "__metadata__") {
+            let shape = t
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect::<Option<Vec<_>>>())
+                .ok_or_else(|| Error::format(format!("{}: tensor {k} has no valid shape", file.display())))?;
+            out.push((k.clone(), shape));
+        }
+    }
+    Ok(out)
+}
+
 /// Whether `path` names a shard index (`….safetensors.index.json`).
 pub fn is_index(path: &Path) -> bool {
     path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".index.json"))

@@ -622,7 +622,12 @@ impl WeightStore {
         let len: usize = t.parts.iter().map(|p| p.2).sum();
         self.read.fetch_add(len as u64, Ordering::Relaxed);
         if t.parts.len() > 1 {
-            return std::borrow::Cow::Owned(t.parts.iter().flat_map(|p| part(p).iter().copied()).collect());
+            // One allocation and one memcpy per part (a fused qkv read on every streamed fetch without a RAM copy).
+            let mut out = Vec::with_capacity(len);
+            for p in &t.parts {
+                out.extend_from_slice(part(p));
+            }
+            return std::borrow::Cow::Owned(out);
         }
         let bytes = part(&t.parts[0]);
         if !t.transposed {

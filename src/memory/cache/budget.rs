@@ -141,7 +141,14 @@ impl Shared {
                 min_need(&cfg, &m.costs)
             }
         };
-        let mins: Vec<u64> = order.iter().map(|(m, _, n)| min_of(m, if cap.is_some() { 1 } else { *n })).collect();
+        // Against the device's physical bytes every holder's blocks in flight must fit (else a fetch is refused
+        // mid-forward). A `max_cache_vram_gb` cap is a budget for the cache, not a wall: as with working memory
+        // (which the cap also takes precedence over), concurrent holders may pass it by their extra slots, and a
+        // configuration is judged by one holder's needs.
+        if cap.is_some() {
+            order.iter_mut().for_each(|e| e.2 = 1);
+        }
+        let mins: Vec<u64> = order.iter().map(|(m, _, n)| min_of(m, *n)).collect();
         let works: Vec<u64> = order.iter().map(|(_, w, _)| *w).collect();
         match (cap, phys) {
             (None, Some(p)) => {
@@ -167,11 +174,7 @@ impl Shared {
         let mut plans = Vec::with_capacity(order.len());
         let (mut used_w, mut used_work) = (0u64, 0u64);
         for (k, (m, work, locks)) in order.iter().enumerate() {
-            // Against the device's physical bytes every holder's blocks in flight must fit (else a fetch is refused
-            // mid-forward). A `max_cache_vram_gb` cap is a budget for the cache, not a wall: as with working memory
-            // (which the cap also takes precedence over), concurrent holders may pass it by their extra slots, and
-            // a configuration is judged by one holder's needs.
-            let locks = if cap.is_some() { 1 } else { *locks };
+            let locks = *locks;
             let later_min = sat_sum(mins[k + 1..].iter().copied());
             let later_work = sat_sum(works[k + 1..].iter().copied());
             let budget = match (cap, phys) {

@@ -16,7 +16,6 @@ mod config;
 mod estimate;
 mod model;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
@@ -195,29 +194,5 @@ impl ClipTextEncoder {
 
 /// The tensor names in a safetensors file's header (the data is not read). The header is bounded at 100 MiB.
 pub(crate) fn safetensors_names(path: &Path) -> Result<Vec<String>> {
-    if crate::weights::is_index(path) {
-        let mut names = Vec::new();
-        for shard in crate::weights::shard_files(path)? {
-            names.extend(safetensors_names(&shard)?);
-        }
-        return Ok(names);
-    }
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
-    let n = u64::from_le_bytes(len);
-    if n > 100 << 20 {
-        return Err(Error::format(format!(
-            "{}: safetensors header of {n} bytes",
-            path.display()
-        )));
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|e| Error::format(format!("{}: header: {e}", path.display())))?;
-    let m = v
-        .as_object()
-        .ok_or_else(|| Error::format(format!("{}: header is not an object", path.display())))?;
-    Ok(m.keys().filter(|k| *k != "__metadata__").cloned().collect())
+    Ok(crate::weights::tensor_shapes(path)?.into_iter().map(|(name, _)| name).collect())
 }
