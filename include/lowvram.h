@@ -45,6 +45,11 @@
 #define MAX_GUIDANCE 1000.0
 
 /**
+ * `lowvram_reservation_params.timeout_ms`: wait as long as it takes.
+ */
+#define LOWVRAM_WAIT_FOREVER UINT64_MAX
+
+/**
  * Major version of this header; `lowvram_version()` gives the library's at run time.
  */
 #define LOWVRAM_VERSION_MAJOR 0
@@ -294,6 +299,11 @@ enum lowvram_status
      * An internal error in the tensor library.
      */
     LOWVRAM_STATUS_INTERNAL = 12,
+    /**
+     * A wait the host bounded (`lowvram_reservation_params.timeout_ms`) ran out first; the message gives the bytes
+     * needed and available. Nothing was taken: the cache is as it was. Since 0.3.
+     */
+    LOWVRAM_STATUS_TIMEOUT = 13,
 };
 #ifndef __cplusplus
 typedef uint32_t lowvram_status;
@@ -518,6 +528,11 @@ typedef struct lowvram_model_info {
      * Number of blocks resident now.
      */
     uint32_t resident_block_count;
+    /**
+     * The model's identity, unique in the process: two loads of one folder in one context share it (the cache
+     * keeps one copy), models of different contexts never do. Since 0.3.
+     */
+    uint64_t id;
 } lowvram_model_info;
 
 /**
@@ -714,6 +729,29 @@ typedef struct lowvram_decode_params {
      */
     lowvram_release_callback progress_user_data_release;
 } lowvram_decode_params;
+
+/**
+ * Parameters of `lowvram_reservation_new_ex`. Initialise with `lowvram_reservation_params_init(&p, sizeof p)`.
+ * Since 0.3.
+ */
+typedef struct lowvram_reservation_params {
+    /**
+     * `sizeof(lowvram_reservation_params)` as the host sees it; set by the init function.
+     */
+    uint32_t struct_size;
+    /**
+     * Longest wait, in milliseconds, for the bytes to be free: released by running generations at their next
+     * block boundary, or, when they do not fit beside what running calls need, at the end of those calls.
+     * 0 = do not wait (TIMEOUT unless the bytes are free now); `LOWVRAM_WAIT_FOREVER` (UINT64_MAX) = no bound.
+     * Default `LOWVRAM_WAIT_FOREVER`.
+     */
+    uint64_t timeout_ms;
+    /**
+     * Cancels the wait (also before it starts): the call returns CANCELLED. NULL = none (a context cancel still
+     * stops it). The call holds its own reference. Default NULL.
+     */
+    const struct lowvram_cancel_token *cancel_token;
+} lowvram_reservation_params;
 
 /**
  * One CUDA device.
@@ -1065,14 +1103,39 @@ lowvram_status lowvram_conditioning_get(const struct lowvram_conditioning *cond,
 void lowvram_conditioning_free(struct lowvram_conditioning *cond);
 
 /**
+ * Fill `*params` with defaults (wait without bound, no token) and store `struct_size` (the host's
+ * `sizeof(lowvram_reservation_params)`). Since 0.3. Thread-safe.
+ */
+lowvram_status lowvram_reservation_params_init(struct lowvram_reservation_params *params, size_t struct_size);
+
+/**
  * Reserve `bytes` of device memory for the host's own use: the cache shrinks at once (a generation running on
  * another thread releases resident blocks at its next block boundary), and this call returns when the bytes are
- * actually free. BUDGET_TOO_SMALL (with bytes needed and available in the message) if they can never be freed.
- * On success `*out` is a new handle owned by the caller. Thread-safe.
+ * actually free, however long that takes. BUDGET_TOO_SMALL (with bytes needed and available in the message) if
+ * they cannot be freed while the calls running now run. `lowvram_reservation_new_ex` bounds the wait, can be
+ * cancelled, and waits for running calls to end. On success `*out` is a new handle owned by the caller.
+ * Thread-safe.
  */
 lowvram_status lowvram_reservation_new(const struct lowvram_context *ctx,
                                        uint64_t bytes,
                                        struct lowvram_reservation **out);
+
+/**
+ * Reserve `bytes` of device memory for the host, waiting at most `params->timeout_ms` (`params` may be NULL: the
+ * defaults of `lowvram_reservation_params_init`). The cache shrinks at once; the call returns when the bytes are
+ * free: generations running on other threads release resident blocks at their next block boundary, and when the
+ * bytes do not fit beside the memory running calls need (their working memory and the blocks they stream), the
+ * call waits for those calls to end. Statuses: TIMEOUT when the time runs out first, CANCELLED by
+ * `params->cancel_token` or `lowvram_context_cancel`, BUDGET_TOO_SMALL at once when the bytes can never be free
+ * (more than the device has beside other reservations and other programs, or held by a call running on this
+ * thread, as from a progress callback); each message gives the bytes needed and available. On any failure nothing
+ * is held and the cache's plans are as before. On success `*out` is a new handle owned by the caller, freed with
+ * `lowvram_reservation_free`. Since 0.3. Thread-safe.
+ */
+lowvram_status lowvram_reservation_new_ex(const struct lowvram_context *ctx,
+                                          uint64_t bytes,
+                                          const struct lowvram_reservation_params *params,
+                                          struct lowvram_reservation **out);
 
 /**
  * Bytes a reservation holds. Thread-safe.

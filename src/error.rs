@@ -41,6 +41,14 @@ pub enum Error {
         needed_bytes: u64,
         available_bytes: u64,
     },
+    /// A wait the caller bounded ran out before the bytes were free (a reservation waiting for running calls).
+    #[error("timed out after {waited_ms} ms: {what} needs {needed_bytes} bytes, {available_bytes} available")]
+    Timeout {
+        what: String,
+        needed_bytes: u64,
+        available_bytes: u64,
+        waited_ms: u64,
+    },
     /// The host asked the running call to stop.
     #[error("cancelled")]
     Cancelled,

@@ -94,6 +94,26 @@ fn a_model_runs_only_in_its_own_context() {
 }
 
 #[test]
+fn model_ids_are_unique_across_contexts() {
+    let (a, b) = (cpu_context(), cpu_context());
+    let unet = repo().join("tests/fixtures/tiny-sd-random/unet");
+    let vae = repo().join("tests/fixtures/tiny-sd-random/vae");
+    let (ua, va) = (a.load_model(&unet).unwrap(), a.load_model(&vae).unwrap());
+    let (ub, vb) = (b.load_model(&unet).unwrap(), b.load_model(&vae).unwrap());
+    let ids = [ua.id(), va.id(), ub.id(), vb.id()];
+    for i in 0..ids.len() {
+        for j in i + 1..ids.len() {
+            assert_ne!(ids[i], ids[j], "models {i} and {j} share an id: {ids:?}");
+        }
+    }
+    // The same folder loaded again in one context is the cache's one model (a hit), with its one id.
+    assert_eq!(a.load_model(&unet).unwrap().id(), ua.id());
+    // Stats name each model by that id.
+    let listed: Vec<u64> = b.stats().models.iter().map(|m| m.id).collect();
+    assert!(listed.contains(&ub.id()) && listed.contains(&vb.id()) && !listed.contains(&ua.id()), "{listed:?}");
+}
+
+#[test]
 fn absurd_sizes_fail_before_allocating() {
     let ctx = cpu_context();
     let unet = ctx.load_model(&repo().join("tests/fixtures/tiny-sd-random/unet")).unwrap();
@@ -156,4 +176,151 @@ fn a_load_reports_its_phases_and_can_be_cancelled() {
     let token = CancelToken::new();
     token.cancel();
     assert!(matches!(ctx.load_model_with(&dir, &mut |_, _| true, Some(&token)), Err(Error::Cancelled)));
+}
+
+/// An `emulated:` device of `size` without the default working memory: a run holds what its op needs.
+fn emulated_context(size: &str) -> Context {
+    Context::new(ContextOptions {
+        device: Some(format!("emulated:{size}")),
+        config_yaml: Some("device_working_mem_gb: 0\n".into()),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// The cache's accounting: device bytes by kind and each model's residency.
+fn accounting(ctx: &Context) -> (u64, u64, u64, u64, u64, Vec<(u64, u64)>) {
+    let s = ctx.stats();
+    let u = &s.device.usage;
+    let models = s.models.iter().map(|m| (m.id, m.resident_bytes)).collect();
+    (u.current_bytes, u.weights_bytes, u.working_bytes, u.reservation_bytes, u.retiring_bytes, models)
+}
+
+/// A denoise on `ctx` in a scoped thread that stops inside its progress callback at step 1 (holding its lock:
+/// working memory and resident blocks) until `go` is sent.
+struct PausedRun<'s> {
+    go: mpsc::Sender<()>,
+    done: std::thread::ScopedJoinHandle<'s, lowvram::Result<Tensor>>,
+}
+
+fn paused_run<'s, 'e: 's>(
+    s: &'s std::thread::Scope<'s, 'e>,
+    ctx: &'e Context,
+    unet: &'e lowvram::api::Model,
+    cond: &'e Tensor,
+    steps: usize,
+) -> PausedRun<'s> {
+    let (reached_tx, reached_rx) = mpsc::channel();
+    let (go, go_rx) = mpsc::channel::<()>();
+    let done = s.spawn(move || {
+        let mut progress = |step: usize, _| {
+            if step == 1 {
+                reached_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+            }
+            true
+        };
+        ctx.denoise(unet, &options(steps), cond, None, None, None, &mut progress).map(|(t, _)| t)
+    });
+    reached_rx.recv().unwrap();
+    PausedRun { go, done }
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+}
+
+/// A reservation waiting with a timeout while a streamed denoise runs on another thread: (a) one the running call
+/// can make room for returns once the run passes its next block boundary; (b) one that does not fit beside the
+/// run's memory times out with TIMEOUT and the numbers (also with a zero timeout, at once); (c) one cancelled by
+/// its token (or a context cancel) returns CANCELLED. After each failure the accounting is back where it was, and
+/// the run's result is bit-identical to an undisturbed one.
+#[test]
+fn a_reservation_waits_as_long_as_the_host_says_and_can_be_cancelled() {
+    use std::time::{Duration, Instant};
+    let ctx = emulated_context("64MiB");
+    let unet = ctx.load_model(&repo().join("tests/fixtures/tiny-sd-random/unet")).unwrap();
+    let cond = cond();
+    let (reference, report) = ctx.denoise(&unet, &options(3), &cond, None, None, None, &mut |_, _| true).unwrap();
+    let cap = 64u64 << 20;
+    let (model, working) = (report.model_bytes, report.working_bytes);
+    assert!(report.resident_bytes == model && working > 0, "{report:?}");
+    let at_rest = accounting(&ctx);
+    let token = CancelToken::new();
+
+    std::thread::scope(|s| {
+        // (a) Half the model's residency must go: the run releases it at its next block boundary.
+        let run = paused_run(s, &ctx, &unet, &cond, 3);
+        let held = accounting(&ctx);
+        let free_now = cap - held.0;
+        let want = free_now + model / 2;
+        let (tx, rx) = mpsc::channel();
+        let ctx_ref = &ctx;
+        let reserver = s.spawn(move || {
+            let r = ctx_ref.reserve_with(want, Some(Duration::from_secs(30)), None);
+            tx.send(Instant::now()).unwrap();
+            r
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(rx.try_recv().is_err(), "returned while the run still held the blocks");
+        let released = Instant::now();
+        run.go.send(()).unwrap();
+        let returned = rx.recv_timeout(Duration::from_secs(20)).expect("the reservation returned");
+        assert!(returned >= released);
+        let r = reserver.join().unwrap().expect("reserved once the run released blocks");
+        assert_eq!(r.bytes(), want);
+        let out = run.done.join().unwrap().expect("the run completes streamed");
+        assert_eq!(bits(&out), bits(&reference));
+        drop(r);
+
+        // (b) More than fits beside the run's working memory: waits, then TIMEOUT with the numbers.
+        let run = paused_run(s, &ctx, &unet, &cond, 3);
+        let held = accounting(&ctx);
+        let want = cap - working / 2;
+        let t = Instant::now();
+        let e = ctx.reserve_with(want, Some(Duration::from_millis(400)), None).map(|_| ()).unwrap_err();
+        let waited = t.elapsed();
+        match &e {
+            Error::Timeout { needed_bytes, available_bytes, .. } => {
+                assert_eq!(*needed_bytes, want);
+                assert!(*available_bytes < want, "{e}");
+            }
+            _ => panic!("expected a timeout, got {e}"),
+        }
+        assert!(waited >= Duration::from_millis(400) && waited < Duration::from_secs(5), "{waited:?}");
+        assert_eq!(accounting(&ctx), held, "a timed-out reservation leaves nothing behind");
+        // Zero: not free now, so at once.
+        let t = Instant::now();
+        let e = ctx.reserve_with(want, Some(Duration::ZERO), None).map(|_| ()).unwrap_err();
+        assert!(matches!(e, Error::Timeout { .. }) && t.elapsed() < Duration::from_millis(200), "{e}");
+        assert_eq!(accounting(&ctx), held);
+        // More than the device has: BUDGET_TOO_SMALL at once, whatever the timeout.
+        let e = ctx.reserve_with(cap + 1, None, None).map(|_| ()).unwrap_err();
+        assert!(matches!(e, Error::BudgetTooSmall { .. }), "{e}");
+
+        // (c) Cancelled by its token from another thread while it waits, and by a context cancel.
+        let (token_ref, ctx_ref) = (&token, &ctx);
+        let canceller = s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            token_ref.cancel();
+        });
+        let t = Instant::now();
+        let e = ctx.reserve_with(want, None, Some(&token)).map(|_| ()).unwrap_err();
+        assert!(matches!(e, Error::Cancelled) && t.elapsed() < Duration::from_secs(5), "{e}");
+        canceller.join().unwrap();
+        assert_eq!(accounting(&ctx), held, "a cancelled reservation leaves nothing behind");
+        let waiting = s.spawn(move || ctx_ref.reserve_with(want, None, None).map(|_| ()));
+        std::thread::sleep(Duration::from_millis(200));
+        ctx.cancel();
+        // The context cancel stops the paused run as well.
+        run.go.send(()).unwrap();
+        assert!(matches!(waiting.join().unwrap(), Err(Error::Cancelled)));
+        assert!(matches!(run.done.join().unwrap(), Err(Error::Cancelled)));
+    });
+    // Back at rest: the same accounting as before any of it, and the context runs bit-identically.
+    assert_eq!(accounting(&ctx), at_rest);
+    let (again, _) = ctx.denoise(&unet, &options(3), &cond, None, None, None, &mut |_, _| true).unwrap();
+    assert_eq!(bits(&again), bits(&reference));
+    // With nothing running, the reservation of (b) is granted at once.
+    drop(ctx.reserve_with(cap - working / 2, Some(Duration::ZERO), None).unwrap());
 }

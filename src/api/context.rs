@@ -259,6 +259,20 @@ impl Context {
         self.cache.reserve(bytes)
     }
 
+    /// [`Context::reserve`] with a bound on the wait (`timeout`: None = none, zero = only if free now) that also
+    /// waits for running calls to end when the bytes do not fit beside them; `Timeout` when the time runs out,
+    /// `Cancelled` by `token` or a context cancel (see [`ModelCache::reserve_with`]).
+    pub fn reserve_with(
+        &self,
+        bytes: u64,
+        timeout: Option<std::time::Duration>,
+        token: Option<&CancelToken>,
+    ) -> Result<Reservation> {
+        let call = self.begin_call(token)?;
+        call.check()?;
+        self.cache.reserve_with(bytes, timeout, Some(&|| call.is_cancelled()))
+    }
+
     /// Free at least `bytes` of device memory held by unlocked models (like ComfyUI's /free); returns bytes freed.
     pub fn free_memory(&self, bytes: u64) -> u64 {
         self.cache.free_memory(bytes)

@@ -290,6 +290,12 @@ impl Model {
         Ok(Self { context_id, dir: path.to_path_buf(), arch, weights })
     }
 
+    /// The model's identity in the cache, unique in the process: loads of one folder in one context share it (a
+    /// cache hit), models of different contexts never do.
+    pub fn id(&self) -> u64 {
+        self.weights.id()
+    }
+
     /// The identity of the context the model was loaded in.
     pub fn context_id(&self) -> u64 {
         self.context_id

@@ -60,6 +60,9 @@ pub struct lowvram_model_info {
     pub block_count: u32,
     /// Number of blocks resident now.
     pub resident_block_count: u32,
+    /// The model's identity, unique in the process: two loads of one folder in one context share it (the cache
+    /// keeps one copy), models of different contexts never do. Since 0.3.
+    pub id: u64,
 }
 
 impl CStruct for lowvram_model_info {
@@ -72,6 +75,7 @@ impl CStruct for lowvram_model_info {
             field!(Self, resident_bytes),
             field!(Self, block_count),
             field!(Self, resident_block_count),
+            field!(Self, id),
         ]
     }
 }
@@ -203,6 +207,7 @@ pub unsafe extern "C" fn lowvram_model_get_info(
             resident_bytes: w.resident_bytes(),
             block_count: w.blocks().len() as u32,
             resident_block_count: w.resident_blocks().len() as u32,
+            id: model.id(),
         };
         write_out(out, &value);
         Ok(())

@@ -37,6 +37,9 @@ pub enum lowvram_status {
     BufferSize = 11,
     /// An internal error in the tensor library.
     Internal = 12,
+    /// A wait the host bounded (`lowvram_reservation_params.timeout_ms`) ran out first; the message gives the bytes
+    /// needed and available. Nothing was taken: the cache is as it was. Since 0.3.
+    Timeout = 13,
 }
 
 impl lowvram_status {
@@ -51,6 +54,7 @@ impl lowvram_status {
             Error::OutOfDeviceMemory { .. } => Self::OutOfDeviceMemory,
             Error::OutOfHostMemory(_) => Self::OutOfHostMemory,
             Error::BudgetTooSmall { .. } => Self::BudgetTooSmall,
+            Error::Timeout { .. } => Self::Timeout,
             Error::Cancelled => Self::Cancelled,
             Error::Unsupported(_) => Self::Unsupported,
             Error::ContextFailed(_) => Self::Panic,
@@ -59,7 +63,7 @@ impl lowvram_status {
     }
 
     /// Every status, in numeric order (the number is the index).
-    pub const ALL: [Self; 13] = [Self::Ok, Self::NullArgument, Self::InvalidArgument, Self::Io, Self::Format, Self::OutOfDeviceMemory, Self::OutOfHostMemory, Self::BudgetTooSmall, Self::Cancelled, Self::Unsupported, Self::Panic, Self::BufferSize, Self::Internal];
+    pub const ALL: [Self; 14] = [Self::Ok, Self::NullArgument, Self::InvalidArgument, Self::Io, Self::Format, Self::OutOfDeviceMemory, Self::OutOfHostMemory, Self::BudgetTooSmall, Self::Cancelled, Self::Unsupported, Self::Panic, Self::BufferSize, Self::Internal, Self::Timeout];
 
     /// The status with number `n`, if this version knows it.
     pub fn from_u32(n: u32) -> Option<Self> {
@@ -82,6 +86,7 @@ impl lowvram_status {
             Self::Panic => c"PANIC",
             Self::BufferSize => c"BUFFER_SIZE",
             Self::Internal => c"INTERNAL",
+            Self::Timeout => c"TIMEOUT",
         }
     }
 }

@@ -96,6 +96,8 @@ pub struct RamStats {
 /// One model.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelStats {
+    /// Unique in the process (across contexts): `lowvram_model_info.id`.
+    pub id: u64,
     pub name: String,
     pub path: String,
     /// Bytes of all weights (storage dtype).

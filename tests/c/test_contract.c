@@ -1,6 +1,7 @@
 /* The host contract, as an embedding host relies on it: ownership (a model runs only in its own context, may be freed
  * mid-run, outlives its context), cancel (per-call tokens, a context cancel that no starting call erases, cancel from
- * another thread in the middle of a load, a forward and a tiled decode), ABI growth both ways (older and newer
+ * another thread in the middle of a load, a forward and a tiled decode), reservations that wait with a timeout and a
+ * token in the middle of a streamed denoise, ABI growth both ways (older and newer
  * struct sizes, fields split by struct_size, bools as bytes, reports on failure), release callbacks for every
  * user_data, and no aborts on absurd sizes or hostile model folders.
  * Finds the repo through $LOWVRAM_REPO ("." otherwise). Built with -std=c11 -Wall -Wextra -Wpedantic -Werror -pthread
@@ -10,6 +11,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -527,6 +529,152 @@ static void test_cancel_mid_load(lowvram_context *ctx) {
     gate_destroy(&g);
 }
 
+/* ---- reservations with a timeout and a token, in the middle of a streamed denoise ------------------------------ */
+
+struct reserve_run {
+    lowvram_context *ctx;
+    uint64_t bytes;
+    lowvram_reservation_params p;
+    lowvram_reservation *out;
+    lowvram_status status;
+    double returned_at;
+    atomic_int done;
+    pthread_t thread;
+};
+
+static void *run_reserve(void *arg) {
+    struct reserve_run *r = arg;
+    r->out = NULL;
+    r->status = lowvram_reservation_new_ex(r->ctx, r->bytes, &r->p, &r->out);
+    r->returned_at = now_s();
+    atomic_store(&r->done, 1);
+    return NULL;
+}
+
+static void used_bytes(lowvram_context *ctx, uint64_t *used, uint64_t *cache) {
+    lowvram_cache_stats st;
+    st.struct_size = sizeof st;
+    CHECK_OK(lowvram_context_stats(ctx, &st));
+    *used = st.device_used_bytes;
+    *cache = st.device_used_by_cache_bytes;
+}
+
+static void test_reservation_waits(lowvram_tensor *cond) {
+    const uint64_t cap = 64ull << 20;
+    lowvram_context_params cp;
+    lowvram_context_params_init(&cp, sizeof cp);
+    cp.device = "emulated:64MiB";
+    cp.config_yaml = "device_working_mem_gb: 0";
+    lowvram_context *ctx = NULL;
+    CHECK_OK(lowvram_context_new(&cp, &ctx));
+    lowvram_model *unet = load(ctx, unet_dir);
+    lowvram_denoise_params dp;
+    dparams(&dp, 3, 8);
+    lowvram_run_report rep;
+    rep.struct_size = sizeof rep;
+    lowvram_tensor *ref = NULL;
+    CHECK_OK(lowvram_denoise(ctx, unet, &dp, cond, NULL, NULL, &rep, &ref));
+    uint64_t rest_used, rest_cache, used, cache;
+    used_bytes(ctx, &rest_used, &rest_cache);
+
+    /* params: init, NULL = defaults, a struct_size ending inside timeout_ms rejected */
+    lowvram_reservation_params rp;
+    memset(&rp, 0xAB, sizeof rp);
+    CHECK_OK(lowvram_reservation_params_init(&rp, sizeof rp));
+    CHECK(rp.timeout_ms == LOWVRAM_WAIT_FOREVER && rp.cancel_token == NULL);
+    lowvram_reservation *res = NULL;
+    CHECK_OK(lowvram_reservation_new_ex(ctx, 1u << 20, NULL, &res));
+    lowvram_reservation_free(res);
+    rp.struct_size = (uint32_t)offsetof(lowvram_reservation_params, timeout_ms) + 4;
+    res = NULL;
+    CHECK(lowvram_reservation_new_ex(ctx, 1u << 20, &rp, &res) == LOWVRAM_STATUS_INVALID_ARGUMENT && res == NULL);
+    CHECK(strcmp(lowvram_status_name(LOWVRAM_STATUS_TIMEOUT), "TIMEOUT") == 0);
+
+    /* (a) half the model's residency must go: granted once the paused run passes its next block boundary */
+    struct gate g;
+    gate_init(&g, 1);
+    struct run r = {ctx, unet, cond, dp, NULL, 0, 0};
+    r.dp.progress = gate_progress;
+    r.dp.progress_user_data = &g;
+    pthread_create(&r.thread, NULL, run_denoise, &r);
+    gate_wait_reached(&g);
+    used_bytes(ctx, &used, &cache);
+    struct reserve_run a = {ctx, cap - used + rep.model_bytes / 2, {0}, NULL, 0, 0, 0, 0};
+    CHECK_OK(lowvram_reservation_params_init(&a.p, sizeof a.p));
+    a.p.timeout_ms = 30000;
+    pthread_create(&a.thread, NULL, run_reserve, &a);
+    struct timespec pause = {0, 300 * 1000 * 1000};
+    nanosleep(&pause, NULL);
+    double released = now_s();
+    CHECK(!atomic_load(&a.done)); /* still waiting for the run's blocks */
+    gate_release(&g);
+    pthread_join(a.thread, NULL);
+    pthread_join(r.thread, NULL);
+    CHECK(a.status == LOWVRAM_STATUS_OK && a.out != NULL && a.returned_at >= released);
+    CHECK(r.status == LOWVRAM_STATUS_OK && r.out && same_tensor(r.out, ref));
+    lowvram_tensor_free(r.out);
+    lowvram_reservation_free(a.out);
+    gate_destroy(&g);
+
+    /* (b) more than fits beside the run's working memory: TIMEOUT after timeout_ms, with the numbers */
+    gate_init(&g, 1);
+    r.out = NULL;
+    pthread_create(&r.thread, NULL, run_denoise, &r);
+    gate_wait_reached(&g);
+    uint64_t held_used, held_cache;
+    used_bytes(ctx, &held_used, &held_cache);
+    uint64_t want = cap - rep.working_bytes / 2;
+    CHECK_OK(lowvram_reservation_params_init(&rp, sizeof rp));
+    rp.timeout_ms = 400;
+    res = NULL;
+    double t0 = now_s();
+    CHECK(lowvram_reservation_new_ex(ctx, want, &rp, &res) == LOWVRAM_STATUS_TIMEOUT && res == NULL);
+    double waited = now_s() - t0;
+    CHECK(waited >= 0.4 && waited < 5.0);
+    CHECK(strstr(lowvram_last_error_message(), "timed out") && strstr(lowvram_last_error_message(), "needs"));
+    printf("reservation timeout after %.0f ms: %s\n", waited * 1e3, lowvram_last_error_message());
+    used_bytes(ctx, &used, &cache);
+    CHECK(used == held_used && cache == held_cache); /* nothing left behind */
+    rp.timeout_ms = 0;
+    t0 = now_s();
+    CHECK(lowvram_reservation_new_ex(ctx, want, &rp, &res) == LOWVRAM_STATUS_TIMEOUT && res == NULL);
+    CHECK(now_s() - t0 < 0.2);
+
+    /* (c) cancelled by its token from another thread while it waits */
+    lowvram_cancel_token *token = NULL;
+    CHECK_OK(lowvram_cancel_token_new(&token));
+    rp.timeout_ms = LOWVRAM_WAIT_FOREVER;
+    rp.cancel_token = token;
+    struct canceller c = {token, 0.2, 0};
+    pthread_create(&c.thread, NULL, cancel_later, &c);
+    t0 = now_s();
+    CHECK(lowvram_reservation_new_ex(ctx, want, &rp, &res) == LOWVRAM_STATUS_CANCELLED && res == NULL);
+    waited = now_s() - t0;
+    CHECK(waited >= 0.15 && waited < 5.0);
+    pthread_join(c.thread, NULL);
+    used_bytes(ctx, &used, &cache);
+    CHECK(used == held_used && cache == held_cache);
+    /* a token cancelled before the call: CANCELLED at once */
+    CHECK(lowvram_reservation_new_ex(ctx, 1u << 20, &rp, &res) == LOWVRAM_STATUS_CANCELLED && res == NULL);
+    lowvram_cancel_token_free(token);
+    gate_release(&g);
+    pthread_join(r.thread, NULL);
+    CHECK(r.status == LOWVRAM_STATUS_OK && r.out && same_tensor(r.out, ref));
+    lowvram_tensor_free(r.out);
+    gate_destroy(&g);
+
+    /* at rest again: the accounting of before, and the bytes of (b) granted at once */
+    used_bytes(ctx, &used, &cache);
+    CHECK(used == rest_used && cache == rest_cache);
+    rp.cancel_token = NULL;
+    rp.timeout_ms = 0;
+    CHECK_OK(lowvram_reservation_new_ex(ctx, want, &rp, &res));
+    lowvram_reservation_free(res);
+    lowvram_tensor_free(ref);
+    lowvram_model_free(unet);
+    lowvram_context_free(ctx);
+}
+
 /* ---- ownership ------------------------------------------------------------------------------------------------ */
 
 static void test_ownership(lowvram_tensor *cond) {
@@ -543,6 +691,26 @@ static void test_ownership(lowvram_tensor *cond) {
     uint64_t resident = 0;
     CHECK(lowvram_model_load_to_device(b, ua, 1u << 20, &resident) == LOWVRAM_STATUS_INVALID_ARGUMENT);
     CHECK(out == NULL);
+
+    /* model ids are unique in the process: the same folders loaded in two contexts get four ids */
+    {
+        lowvram_model *ub = load(b, unet_dir), *vb = load(b, vae_dir), *again = load(a, unet_dir);
+        lowvram_model *ms[5] = {ua, va, ub, vb, again};
+        uint64_t ids[5];
+        for (int i = 0; i < 5; i++) {
+            lowvram_model_info mi;
+            mi.struct_size = sizeof mi;
+            CHECK_OK(lowvram_model_get_info(ms[i], &mi));
+            CHECK(mi.struct_size == sizeof mi);
+            ids[i] = mi.id;
+        }
+        for (int i = 0; i < 4; i++)
+            for (int j = i + 1; j < 4; j++) CHECK(ids[i] != ids[j]);
+        CHECK(ids[4] == ids[0]); /* a second load in one context is the cache's same model */
+        lowvram_model_free(ub);
+        lowvram_model_free(vb);
+        lowvram_model_free(again);
+    }
 
     /* freeing the model while a run uses it on another thread: the run holds its own reference */
     lowvram_model *extra = load(a, unet_dir);
@@ -832,6 +1000,7 @@ int main(void) {
     test_cancel_mid_decode(ctx, vae);
     test_cancel_mid_load(ctx);
     test_ownership(cond);
+    test_reservation_waits(cond);
     test_release_callbacks(unet, ctx, cond);
     test_empty_tensor_needs_no_data();
     test_absurd_sizes(unet, ctx, cond);

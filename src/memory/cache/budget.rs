@@ -1,6 +1,8 @@
 //! Budgets: what the device (or the cap) has for the cache, the residency plans of locked models within it,
 //! eviction to make room, and allocation with waiting, eviction and retry.
 
+use std::cell::Cell;
+
 use super::*;
 
 /// What each block of `store` costs on `alloc`'s device. Blocks are converted to the compute dtype once: resident
@@ -54,6 +56,27 @@ pub(super) fn min_need(cfg: &Config, costs: &[BlockCost]) -> u64 {
         plan::min_need(costs, 1)
     } else {
         plan::whole_need(costs)
+    }
+}
+
+/// How long an allocation (or a reservation) may wait for bytes held by running calls.
+pub(super) struct Wait<'a> {
+    /// None = as long as the bytes are coming.
+    pub(super) limit: Option<Duration>,
+    /// Polled while waiting: true ends the wait with `Cancelled`.
+    pub(super) cancelled: Option<&'a dyn Fn() -> bool>,
+    pub(super) start: Instant,
+    /// Set when the wait stopped because `limit` ran out.
+    pub(super) ran_out: Cell<bool>,
+}
+
+impl Wait<'_> {
+    /// Time left to wait (`None` once the limit ran out).
+    pub(super) fn left(&self) -> Option<Duration> {
+        match self.limit {
+            None => Some(Duration::MAX),
+            Some(l) => l.checked_sub(self.start.elapsed()).filter(|d| !d.is_zero()),
+        }
     }
 }
 
@@ -352,7 +375,20 @@ impl Shared {
         wait: Option<Duration>,
         own_inflight: u64,
     ) -> Result<Allocation> {
-        let start = Instant::now();
+        let wait = Wait { limit: wait, cancelled: None, start: Instant::now(), ran_out: Cell::new(false) };
+        self.alloc_waiting(bytes, kind, requester, &wait, own_inflight)
+    }
+
+    /// [`alloc_for`](Self::alloc_for) whose wait for running blocks ends with `Cancelled` when `wait.cancelled`
+    /// says so, and records in `wait.ran_out` that it stopped waiting for time (the bytes were coming).
+    pub(super) fn alloc_waiting(
+        &self,
+        bytes: u64,
+        kind: AllocKind,
+        requester: Option<&ManagedModel>,
+        wait: &Wait,
+        own_inflight: u64,
+    ) -> Result<Allocation> {
         if let Some(cap) = self.alloc.capacity() {
             if bytes <= cap {
                 loop {
@@ -370,10 +406,15 @@ impl Shared {
                             .alloc
                             .used(AllocKind::Streaming)
                             .saturating_sub(own_inflight);
-                    let in_time = wait.is_none_or(|w| start.elapsed() < w);
-                    if free + pending >= bytes && pending > 0 && in_time {
-                        self.alloc.wait_for_free(Duration::from_millis(20));
-                        continue;
+                    if free + pending >= bytes && pending > 0 {
+                        if wait.cancelled.is_some_and(|c| c()) {
+                            return Err(Error::Cancelled);
+                        }
+                        if let Some(left) = wait.left() {
+                            self.alloc.wait_for_free(left.min(Duration::from_millis(20)));
+                            continue;
+                        }
+                        wait.ran_out.set(true);
                     }
                     break;
                 }

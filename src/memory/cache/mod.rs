@@ -385,6 +385,7 @@ impl ModelCache {
             .map(|m| {
                 let st = m.state();
                 ModelStats {
+                    id: m.id,
                     name: m.name.clone(),
                     path: m.store.path().display().to_string(),
                     total_bytes: m.store.total_bytes(),

@@ -21,9 +21,17 @@ impl FileKey {
     }
 }
 
+/// Model ids come from one counter for the whole process: a host (or a log) holding ids from several contexts can
+/// never confuse two models.
+static NEXT_MODEL_ID: AtomicU64 = AtomicU64::new(1);
+
 impl ManagedModel {
     pub(super) fn state(&self) -> MutexGuard<'_, ModelState> {
         lock(&self.state)
+    }
+    /// Its identity, unique in the process (models of different contexts never share one).
+    pub fn id(&self) -> u64 {
+        self.id
     }
     /// The name it was loaded under.
     pub fn name(&self) -> &str {
@@ -314,7 +322,7 @@ impl ModelCache {
         if let Some(m) = self.cached(&mut inner, &canon, &layout.view, key, storage, compute) {
             return Ok(m);
         }
-        let id = inner.id();
+        let id = NEXT_MODEL_ID.fetch_add(1, Ordering::Relaxed);
         inner.clock += 1;
         let m = Arc::new(ManagedModel {
             id,

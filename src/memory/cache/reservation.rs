@@ -1,5 +1,6 @@
 //! Host reservations: device bytes the host takes for its own use; the cache shrinks around them.
 
+use super::budget::Wait;
 use super::*;
 
 /// Device bytes the host holds for its own use; dropping it gives them back to the cache.
@@ -30,53 +31,102 @@ impl Drop for Reservation {
 impl ModelCache {
     /// Reserve `bytes` of device memory for the host. The cache shrinks at once (running forwards release their
     /// extra blocks at their next block boundary); returns once the bytes are actually free, or `BudgetTooSmall`
-    /// if they can never be (what locked models need to run, fully streamed, stays theirs).
+    /// if they cannot be while the calls running now run (what locked models need to run, fully streamed, stays
+    /// theirs). Waits without bound for the block boundaries; [`reserve_with`](Self::reserve_with) bounds it.
     pub fn reserve(&self, bytes: u64) -> Result<Reservation> {
+        let wait = Wait { limit: None, cancelled: None, start: Instant::now(), ran_out: Default::default() };
+        self.reserve_waiting(bytes, &wait, false)
+    }
+
+    /// [`reserve`](Self::reserve) with a bound on the wait: `timeout` (None = no bound; zero = take the bytes only
+    /// if they are free now) and `cancelled`, polled while waiting. The wait covers both the running forwards'
+    /// block boundaries and, when the bytes do not fit beside the memory running calls need, the end of those
+    /// calls (a lock waits for other locks the same way). `Timeout` (bytes needed and available) when the time
+    /// runs out, `Cancelled` when `cancelled` says so, `BudgetTooSmall` at once when the bytes can never be free
+    /// (beyond the device beside other reservations, or held by a call running on this very thread). On every
+    /// failure the cache is as it was.
+    pub fn reserve_with(
+        &self,
+        bytes: u64,
+        timeout: Option<Duration>,
+        cancelled: Option<&dyn Fn() -> bool>,
+    ) -> Result<Reservation> {
+        let wait = Wait { limit: timeout, cancelled, start: Instant::now(), ran_out: Default::default() };
+        self.reserve_waiting(bytes, &wait, true)
+    }
+
+    fn reserve_waiting(&self, bytes: u64, wait: &Wait, wait_for_calls: bool) -> Result<Reservation> {
         let sh = &self.shared;
-        let id = {
-            let mut inner = sh.inner();
-            let id = inner.id();
-            inner.reservations.push((id, bytes));
-            if sh.rebalance(&mut inner).is_err() {
-                inner.reservations.retain(|r| r.0 != id);
-                let _ = sh.rebalance(&mut inner);
-                // What the device has beside other reservations, minus what locked models need to run at all.
-                let locked =
-                    sat_sum(inner.locks.iter().map(|l| {
-                        min_need(&inner.config, &l.model.costs).saturating_add(l.working)
-                    }));
-                let available = sh
-                    .avail_phys(&inner)
-                    .unwrap_or(u64::MAX)
-                    .saturating_sub(locked);
-                return Err(Error::BudgetTooSmall {
-                    what: "reservation".into(),
-                    needed_bytes: bytes,
-                    available_bytes: available,
-                });
+        let timed_out = |needed_bytes, available_bytes| Error::Timeout {
+            what: "reservation".into(),
+            needed_bytes,
+            available_bytes,
+            waited_ms: wait.start.elapsed().as_millis() as u64,
+        };
+        // Registered, the cache plans around it at once; beside the calls running now it may not fit yet.
+        let id = loop {
+            match self.register(bytes) {
+                Ok(id) => break id,
+                Err((e, contended)) => {
+                    if !(contended && wait_for_calls) {
+                        return Err(e);
+                    }
+                    if wait.cancelled.is_some_and(|c| c()) {
+                        return Err(Error::Cancelled);
+                    }
+                    let Some(left) = wait.left() else {
+                        let Error::BudgetTooSmall { needed_bytes, available_bytes, .. } = e else { return Err(e) };
+                        return Err(timed_out(needed_bytes, available_bytes));
+                    };
+                    // Woken by every release (allocations, locks, reservations); the timeout bounds a missed one.
+                    sh.alloc.wait_for_free(left.min(Duration::from_millis(20)));
+                }
             }
-            id
         };
-        let mut res = Reservation {
-            shared: sh.clone(),
-            id,
-            alloc: None,
-        };
-        match sh.alloc_for(bytes, AllocKind::Reservation, None, None, 0) {
+        // Dropping it on a failure below unregisters it and gives the cache its plans back.
+        let mut res = Reservation { shared: sh.clone(), id, alloc: None };
+        match sh.alloc_waiting(bytes, AllocKind::Reservation, None, wait, 0) {
             Ok(a) => {
                 res.alloc = Some(a);
                 Ok(res)
             }
-            Err(Error::OutOfDeviceMemory {
-                needed_bytes,
-                available_bytes,
-                ..
-            }) => Err(Error::BudgetTooSmall {
-                what: "reservation".into(),
-                needed_bytes,
-                available_bytes,
+            Err(Error::OutOfDeviceMemory { needed_bytes, available_bytes, .. }) => Err(if wait.ran_out.get() {
+                timed_out(needed_bytes, available_bytes)
+            } else {
+                Error::BudgetTooSmall { what: "reservation".into(), needed_bytes, available_bytes }
             }),
             Err(e) => Err(e),
         }
+    }
+
+    /// Add a reservation of `bytes` to the plans. On failure: the error, and whether it failed only because of the
+    /// calls running now on other threads (it fits the device beside the other reservations alone).
+    fn register(&self, bytes: u64) -> std::result::Result<u64, (Error, bool)> {
+        let sh = &self.shared;
+        let mut inner = sh.inner();
+        let id = inner.id();
+        inner.reservations.push((id, bytes));
+        if sh.rebalance(&mut inner).is_ok() {
+            return Ok(id);
+        }
+        inner.reservations.retain(|r| r.0 != id);
+        let _ = sh.rebalance(&mut inner);
+        let device = sh.avail_phys(&inner).unwrap_or(u64::MAX);
+        // What the device has beside other reservations, minus what locked models need to run at all.
+        let locked = sat_sum(
+            inner
+                .locks
+                .iter()
+                .map(|l| min_need(&inner.config, &l.model.costs).saturating_add(l.working)),
+        );
+        // A call running on this thread (a progress callback reserving) would wait for itself.
+        let own_call = inner.locks.iter().any(|l| l.model.compute.is_current());
+        let contended = bytes <= device && !inner.locks.is_empty() && !own_call;
+        let e = Error::BudgetTooSmall {
+            what: "reservation".into(),
+            needed_bytes: bytes,
+            available_bytes: device.saturating_sub(locked),
+        };
+        Err((e, contended))
     }
 }
