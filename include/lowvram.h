@@ -24,7 +24,8 @@
  *   it covers (an older host gets the fields it knows, a newer host's extra fields are left alone) and sets
  *   struct_size to the bytes it wrote.
  * - Threads: every function is thread-safe unless its doc says otherwise; calls on one context from several
- *   threads share its budgets. lowvram_context_free must not race other calls on the same context.
+ *   threads share its budgets, and on CUDA their device work runs one call at a time (lowvram_context says what
+ *   runs concurrently and what waits). lowvram_context_free must not race other calls on the same context.
  */
 
 #ifndef LOWVRAM_H
@@ -328,6 +329,16 @@ typedef struct lowvram_conditioning lowvram_conditioning;
  * A context: one model cache with its RAM and VRAM budgets, a logger and a cancel epoch. Opaque. Ownership: one
  * owner, the host, from `lowvram_context_new` to `lowvram_context_free`. Its functions are thread-safe unless
  * stated.
+ *
+ * Concurrency on one context: every call may come from any thread, and calls share the context's budgets.
+ * - On `cpu` and `emulated:` devices, denoise, decode and prompt-encoding calls compute concurrently, each on its
+ *   calling thread.
+ * - On CUDA their device work is serialised: the context has one CUDA stream per thread but one cuBLAS handle
+ *   and workspace, which two threads must not use at once. A denoise, decode or encode holds the context's
+ *   compute gate from the moment its model is locked (its memory taken) until it returns; another such call waits
+ *   for it (a wait a cancel token or `lowvram_context_cancel` ends with CANCELLED). Loads, configuration, stats,
+ *   reservations, cancel and `lowvram_context_free_memory` never wait for the gate. For GPU work in parallel, use
+ *   one context per thread: each has its own stream and cuBLAS handle.
  */
 typedef struct lowvram_context lowvram_context;
 

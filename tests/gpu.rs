@@ -239,6 +239,32 @@ fn gpu_suite() {
     );
 }
 
+/// Calls on one CUDA context from several threads: their device work is serialised by the context's compute gate
+/// (one cuBLAS handle and workspace per context), so three threads denoising at once get the single-threaded
+/// latents bit for bit, with no allocation freed off its compute thread.
+#[test]
+fn gpu_concurrent_calls_on_one_context() {
+    if let Some(why) = skip_reason() {
+        let _ = writeln!(std::io::stderr(), "gpu tests skipped: {why}");
+        return;
+    }
+    let ctx = context(F32);
+    let unet = ctx.load_model(&repo().join("tests/fixtures/tiny-sd-random/unet")).unwrap();
+    let cond = fixture("sample_euler.safetensors")["sampling.cond_embeddings"].clone();
+    let opts = DenoiseOptions { steps: 6, latent_size: (16, 16), ..Default::default() };
+    let run = || ctx.denoise(&unet, &opts, &cond, None, None, None, &mut |_, _| true).unwrap().0;
+    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let alone = bits(&run());
+    std::thread::scope(|s| {
+        let runs: Vec<_> = (0..3).map(|_| s.spawn(|| bits(&run()))).collect();
+        for r in runs {
+            assert!(r.join().unwrap() == alone, "a concurrent run on one CUDA context changed the latents");
+        }
+    });
+    assert_eq!(ctx.stats().device.usage.off_thread_frees, 0);
+    println!("gpu: 3 concurrent denoises on one context, bit-identical to the single-threaded run");
+}
+
 /// The own CUDA kernels (flash attention, implicit-GEMM conv2d, fused GroupNorm+SiLU) through `lowvram::ops`, against
 /// the f32 candle compositions on the same GPU from the same (rounded) inputs, in f32, f16 and bf16, at SD's shapes
 /// (spatial sizes cut down) and with tails; prints the worst error per op and dtype.

@@ -4,11 +4,13 @@
 
 mod allocator;
 mod block_buffers;
+mod compute_gate;
 mod pinned;
 mod pool;
 
 pub use allocator::{AllocKind, Allocation, ComputeThreads, DeviceAllocator, DeviceUsage, FaultInjection};
 pub use block_buffers::{BlockBuffer, BlockBuffers};
+pub use compute_gate::{ComputeGate, GateGuard};
 pub use pinned::{set_pool_keep, PinnedHost};
 pub use pool::{pool_peak_bytes, pool_peak_reset};
 

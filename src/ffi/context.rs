@@ -15,6 +15,16 @@ use crate::log::{lowvram_log_callback, lowvram_release_callback, LogSink};
 /// A context: one model cache with its RAM and VRAM budgets, a logger and a cancel epoch. Opaque. Ownership: one
 /// owner, the host, from `lowvram_context_new` to `lowvram_context_free`. Its functions are thread-safe unless
 /// stated.
+///
+/// Concurrency on one context: every call may come from any thread, and calls share the context's budgets.
+/// - On `cpu` and `emulated:` devices, denoise, decode and prompt-encoding calls compute concurrently, each on its
+///   calling thread.
+/// - On CUDA their device work is serialised: the context has one CUDA stream per thread but one cuBLAS handle
+///   and workspace, which two threads must not use at once. A denoise, decode or encode holds the context's
+///   compute gate from the moment its model is locked (its memory taken) until it returns; another such call waits
+///   for it (a wait a cancel token or `lowvram_context_cancel` ends with CANCELLED). Loads, configuration, stats,
+///   reservations, cancel and `lowvram_context_free_memory` never wait for the gate. For GPU work in parallel, use
+///   one context per thread: each has its own stream and cuBLAS handle.
 #[allow(non_camel_case_types)]
 pub struct lowvram_context {
     _private: [u8; 0],

@@ -292,7 +292,8 @@ static void test_struct_sizes(void) {
            sizeof(lowvram_system_info), sizeof(lowvram_device_info));
     CHECK(sizeof(lowvram_context_params) == 56);
     CHECK(sizeof(lowvram_cache_stats) == 104);
-    CHECK(sizeof(lowvram_model_info) == 32);
+    CHECK(sizeof(lowvram_model_info) == 40);
+    CHECK(sizeof(lowvram_reservation_params) == 24);
     CHECK(sizeof(lowvram_denoise_params) == 80);
     CHECK(sizeof(lowvram_decode_params) == 48);
     CHECK(sizeof(lowvram_run_report) == 72);

@@ -16,7 +16,8 @@ impl ModelCache {
     }
 
     /// [`lock`](Self::lock) whose wait for other calls' memory ends with `Cancelled` as soon as `cancelled()`
-    /// returns true (a call's cancel token, the context's cancel).
+    /// returns true (a call's cancel token, the context's cancel). On CUDA the lock also holds the device's compute
+    /// gate: while another thread's lock computes, it waits for it (cancellable, without bound).
     pub fn lock_cancellable(
         &self,
         model: &Arc<ManagedModel>,
@@ -27,7 +28,14 @@ impl ModelCache {
         let start = Instant::now();
         loop {
             match self.try_lock(model, working_mem_bytes) {
-                Attempt::Locked(l) => return Ok(l),
+                Attempt::Locked(mut l) => {
+                    // Memory first, then the gate: a call waiting for the gate already holds what it needs, and
+                    // the holder never waits for a waiter's memory (its plan was made beside it).
+                    if let Some(g) = &sh.gate {
+                        l.gate = Some(g.enter(cancelled)?);
+                    }
+                    return Ok(l);
+                }
                 Attempt::Failed(e) => return Err(e),
                 Attempt::Contended(e) => {
                     if cancelled.is_some_and(|c| c()) {
@@ -124,6 +132,7 @@ impl ModelCache {
             last_fetch: Mutex::new(None),
             pending: Mutex::new(None),
             thread: None,
+            gate: None,
         };
         // Dropping `lk` on an error below unregisters the lock. The lock protects the RAM copy being read from
         // eviction; the read runs without the cache's lock.
@@ -523,5 +532,10 @@ impl Drop for ModelLock {
         let _ = sh.rebalance(&mut inner);
         drop(inner);
         sh.alloc.notify();
+        if self.gate.is_some() {
+            // The next holder's kernels must not overlap this one's (they share a cuBLAS workspace).
+            let _ = self.device.synchronize();
+            drop(self.gate.take());
+        }
     }
 }

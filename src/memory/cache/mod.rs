@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Config, CudaAllocator, VramState};
 use crate::device::{
-    AllocKind, Allocation, BlockBuffer, ComputeThreads, DeviceAllocator, DeviceSpec,
+    AllocKind, Allocation, BlockBuffer, ComputeGate, ComputeThreads, DeviceAllocator, DeviceSpec, GateGuard,
 };
 use crate::error::{Error, Result};
 use crate::memory::plan::{self, BlockCost, ResidencyPlan};
@@ -88,6 +88,8 @@ pub struct ModelCache {
 
 struct Shared {
     alloc: DeviceAllocator,
+    /// On CUDA, one lock computes at a time (see [`ComputeGate`]); None elsewhere.
+    gate: Option<Arc<ComputeGate>>,
     staging: Arc<StagingRing>,
     inner: Mutex<Inner>,
     streamed: AtomicU64,
@@ -252,6 +254,8 @@ pub struct ModelLock {
     pending: Mutex<Option<Prefetch>>,
     /// The thread that took the lock: the model's device memory is freed on it while the lock is held.
     thread: Option<std::thread::ThreadId>,
+    /// The device's compute gate (CUDA), held while the lock is.
+    gate: Option<GateGuard>,
 }
 
 fn resolve_compute(config: &Config, alloc: &DeviceAllocator) -> DType {
@@ -270,6 +274,7 @@ impl ModelCache {
         let sizing = sizing::compute(&config, &alloc);
         Ok(Self {
             shared: Arc::new(Shared {
+                gate: alloc.is_cuda().then(Arc::default),
                 alloc,
                 staging: StagingRing::new(STAGING_SLOTS),
                 inner: Mutex::new(Inner {
