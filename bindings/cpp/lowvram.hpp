@@ -7,9 +7,14 @@
 //   lowvram::Tensor latents = ctx.denoise(unet, o, cond, &uncond);
 //   ctx.vae_decode(vae, latents).write_png("out.png");
 //
+// From a prompt, through a pipeline folder (tokenizer, text encoders, denoiser, VAE):
+//   lowvram::Pipeline sd = ctx.load_pipeline({"models/tiny-sd"});
+//   lowvram::Conditioning cond = ctx.encode_prompt(sd, "a red circle on a blue background");
+//   ctx.decode(sd, ctx.denoise(sd, cond, o)).write_png("out.png");
+//
 // Ownership: every class owns exactly one C handle and frees it in its destructor; copies are deleted, moves leave
-// the source empty (`capi() == nullptr`). A Model or Reservation may outlive the Context it came from (the C API
-// allows it). Callbacks (log, progress) never let an exception cross into C: a throwing progress callback cancels
+// the source empty (`capi() == nullptr`). A Model, Pipeline or Reservation may outlive the Context it came from (the
+// C API allows it). Callbacks (log, progress) never let an exception cross into C: a throwing progress callback cancels
 // the run and its exception is rethrown from `denoise`; a throwing log callback's exception is dropped.
 #ifndef LOWVRAM_HPP
 #define LOWVRAM_HPP
@@ -21,6 +26,7 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -210,6 +216,70 @@ private:
     detail::Owner<lowvram_reservation, lowvram_reservation_free> handle_;
 };
 
+/// Named conditioning tensors (`sampling.cond_embeddings`, `sampling.uncond_embeddings`, `sampling.cond_pooled`,
+/// ...; the CLI's `--inputs` names): what `Context::encode_prompt` returns, or built by the host. Move-only, one
+/// owner; reading is thread-safe, `set` must not race other calls on the same conditioning.
+class Conditioning {
+public:
+    /// An empty conditioning, for host-given tensors.
+    Conditioning() {
+        lowvram_conditioning *raw = nullptr;
+        check(lowvram_conditioning_new(&raw));
+        handle_.reset(raw);
+    }
+    /// Take ownership of a handle the C API returned.
+    explicit Conditioning(lowvram_conditioning *raw) noexcept : handle_(raw) {}
+
+    /// Set tensor `name` to a copy of `tensor` (the caller keeps `tensor`).
+    void set(const std::string &name, const Tensor &tensor) {
+        check(lowvram_conditioning_set(handle_.get(), name.c_str(), tensor.capi()));
+    }
+    /// A copy of tensor `name` (Error INVALID_ARGUMENT when there is none).
+    Tensor get(const std::string &name) const {
+        lowvram_tensor *raw = nullptr;
+        check(lowvram_conditioning_get(handle_.get(), name.c_str(), &raw));
+        return Tensor(raw);
+    }
+
+    lowvram_conditioning *capi() const noexcept { return handle_.get(); }
+    explicit operator bool() const noexcept { return static_cast<bool>(handle_); }
+
+private:
+    detail::Owner<lowvram_conditioning, lowvram_conditioning_free> handle_;
+};
+
+/// Where a pipeline's components are (`lowvram_pipeline_params`): `Context::load_pipeline({"models/tiny-sd"})`.
+struct PipelineOptions {
+    PipelineOptions(std::string path_ = {}) : path(std::move(path_)) {}
+    std::string path;                 ///< a diffusers pipeline folder or a single-file checkpoint; required
+    std::string vae_path;             ///< "" = the pipeline's vae/
+    std::string text_encoder_path;    ///< "" = the pipeline's text_encoder/
+    std::string text_encoder_2_path;  ///< "" = the pipeline's text_encoder_2/
+};
+
+/// How `Context::encode_prompt` encodes (`lowvram_prompt_params`); the defaults are the library's.
+struct PromptOptions {
+    std::optional<std::string> negative_prompt;  ///< what not to draw; none = no negative (SDXL: zeros)
+    std::uint32_t batch = 1;                     ///< images per prompt
+    std::uint32_t width = 512;                   ///< image size in pixels (SDXL's size conditioning)
+    std::uint32_t height = 512;
+    std::uint32_t clip_skip = 0;                 ///< layers to skip from the end of the text encoder
+};
+
+/// A loaded pipeline: its family's tokenizers, text encoders, denoiser and VAE, each in the cache like any model.
+/// Move-only here (shared in C: each call holds its own reference); may outlive its Context.
+class Pipeline {
+public:
+    Pipeline() noexcept = default;
+    explicit Pipeline(lowvram_pipeline *raw) noexcept : handle_(raw) {}
+
+    lowvram_pipeline *capi() const noexcept { return handle_.get(); }
+    explicit operator bool() const noexcept { return static_cast<bool>(handle_); }
+
+private:
+    detail::Owner<lowvram_pipeline, lowvram_pipeline_free> handle_;
+};
+
 /// Progress of a run: `step` of `total` done; return false to cancel (the call then throws Error CANCELLED).
 using ProgressFn = std::function<bool(std::uint32_t step, std::uint32_t total)>;
 
@@ -256,6 +326,12 @@ struct DecodeOptions {
     bool never_tile = false;          ///< BUDGET_TOO_SMALL rather than tiling
     ProgressFn progress;              ///< (blocks done, blocks) as each decoder block starts; empty = none
     const CancelToken *cancel = nullptr; ///< cancels this call only (also before it starts); borrowed
+};
+
+/// How long `Context::reserve` waits (`lowvram_reservation_params`); the defaults are the library's.
+struct ReservationOptions {
+    std::uint64_t timeout_ms = LOWVRAM_WAIT_FOREVER;  ///< 0 = only if free now; Error TIMEOUT when it runs out
+    const CancelToken *cancel = nullptr;              ///< ends the wait with Error CANCELLED; borrowed
 };
 
 /// Log callback as a C++ function; it runs on the thread making the lowvram call.
@@ -371,6 +447,73 @@ public:
         return Reservation(raw);
     }
 
+    /// Reserve `bytes`, waiting at most `options.timeout_ms` for running calls to release them (also for running
+    /// calls to end when the bytes do not fit beside them). Throws Error TIMEOUT, CANCELLED or BUDGET_TOO_SMALL
+    /// (the message gives the bytes needed and available); nothing is held then.
+    Reservation reserve(std::uint64_t bytes, const ReservationOptions &options) const {
+        lowvram_reservation_params p;
+        check(lowvram_reservation_params_init(&p, sizeof p));
+        p.timeout_ms = options.timeout_ms;
+        p.cancel_token = options.cancel ? options.cancel->capi() : nullptr;
+        lowvram_reservation *raw = nullptr;
+        check(lowvram_reservation_new_ex(handle_.get(), bytes, &p, &raw));
+        return Reservation(raw);
+    }
+
+    /// Load a pipeline (family detected from the folder or file; components memory-mapped, nothing on the device
+    /// yet).
+    Pipeline load_pipeline(const PipelineOptions &options) const {
+        lowvram_pipeline_params p;
+        check(lowvram_pipeline_params_init(&p, sizeof p));
+        p.path = options.path.c_str();
+        if (!options.vae_path.empty()) p.vae_path = options.vae_path.c_str();
+        if (!options.text_encoder_path.empty()) p.text_encoder_path = options.text_encoder_path.c_str();
+        if (!options.text_encoder_2_path.empty()) p.text_encoder_2_path = options.text_encoder_2_path.c_str();
+        lowvram_pipeline *raw = nullptr;
+        check(lowvram_pipeline_load(handle_.get(), &p, &raw));
+        return Pipeline(raw);
+    }
+
+    /// Encode `prompt` (UTF-8) with the pipeline's text encoders into the conditioning its denoiser takes.
+    Conditioning encode_prompt(const Pipeline &pipeline, const std::string &prompt,
+                               const PromptOptions &options = {}) const {
+        lowvram_prompt_params p;
+        check(lowvram_prompt_params_init(&p, sizeof p));
+        if (options.negative_prompt) p.negative_prompt = options.negative_prompt->c_str();
+        p.batch = options.batch;
+        p.width = options.width;
+        p.height = options.height;
+        p.clip_skip = options.clip_skip;
+        lowvram_conditioning *raw = nullptr;
+        check(lowvram_pipeline_encode_prompt(handle_.get(), pipeline.capi(), prompt.c_str(), &p, &raw));
+        return Conditioning(raw);
+    }
+
+    /// Denoise with the pipeline's denoiser from `cond` (`init_noise` [B, C, h, w] or nullptr: seeded, sized by
+    /// `options`). Returns the final latents f32; errors, cancel and `report` as for `denoise` on a model.
+    Tensor denoise(const Pipeline &pipeline, const Conditioning &cond, const DenoiseOptions &options,
+                   const Tensor *init_noise = nullptr, lowvram_run_report *report = nullptr) const {
+        lowvram_denoise_params p;
+        ProgressState state{&options.progress, nullptr};
+        fill(options, state, p, report);
+        lowvram_tensor *raw = nullptr;
+        lowvram_status status = lowvram_pipeline_denoise(handle_.get(), pipeline.capi(), cond.capi(), &p,
+                                                         init_noise ? init_noise->capi() : nullptr, report, &raw);
+        return finish(raw, state, status);
+    }
+
+    /// Decode latents with the pipeline's VAE into the image [B, 3, H, W] f32, ≈ [-1, 1].
+    Tensor decode(const Pipeline &pipeline, const Tensor &latents, const DecodeOptions &options = {},
+                  lowvram_run_report *report = nullptr) const {
+        lowvram_decode_params p;
+        ProgressState state{&options.progress, nullptr};
+        fill(options, state, p, report);
+        lowvram_tensor *raw = nullptr;
+        lowvram_status status =
+            lowvram_pipeline_decode(handle_.get(), pipeline.capi(), &p, latents.capi(), report, &raw);
+        return finish(raw, state, status);
+    }
+
     /// Run the sampler: `cond` [B, S, D]; `uncond` the same shape or nullptr (zeros); `init_noise` [B, 4, h, w] or
     /// nullptr (seeded). Returns the final latents [B, 4, h, w] f32; `report` (optional) receives the measurements,
     /// also when the run fails after it started. Throws Error (CANCELLED when the progress callback returned false
@@ -379,59 +522,24 @@ public:
                    const Tensor *uncond = nullptr, const Tensor *init_noise = nullptr,
                    lowvram_run_report *report = nullptr) const {
         lowvram_denoise_params p;
-        check(lowvram_denoise_params_init(&p, sizeof p));
-        p.scheduler = options.scheduler;
-        p.karras = options.karras;
-        p.steps = options.steps;
-        p.guidance = options.guidance;
-        p.seed = options.seed;
-        p.latent_width = options.latent_width;
-        p.latent_height = options.latent_height;
-        p.step_noise = options.step_noise ? options.step_noise->capi() : nullptr;
-        p.cancel_token = options.cancel ? options.cancel->capi() : nullptr;
         ProgressState state{&options.progress, nullptr};
-        if (options.progress) {
-            p.progress = &Context::progress_trampoline;
-            p.progress_user_data = &state;
-        }
-        if (report) {
-            *report = lowvram_run_report{};
-            report->struct_size = sizeof *report;
-        }
+        fill(options, state, p, report);
         lowvram_tensor *raw = nullptr;
         lowvram_status status = lowvram_denoise(handle_.get(), unet.capi(), &p, cond.capi(),
                                                 uncond ? uncond->capi() : nullptr,
                                                 init_noise ? init_noise->capi() : nullptr, report, &raw);
-        Tensor out(raw);
-        if (state.error) std::rethrow_exception(state.error);
-        check(status);
-        return out;
+        return finish(raw, state, status);
     }
 
     /// Decode latents (as `denoise` returns them) into the image [B, 3, 8h, 8w] f32, ≈ [-1, 1].
     Tensor vae_decode(const Model &vae, const Tensor &latents, const DecodeOptions &options = {},
                       lowvram_run_report *report = nullptr) const {
         lowvram_decode_params p;
-        check(lowvram_decode_params_init(&p, sizeof p));
-        p.tile_latent = options.tile_latent;
-        p.overlap_latent = options.overlap_latent;
-        p.never_tile = options.never_tile;
-        p.cancel_token = options.cancel ? options.cancel->capi() : nullptr;
         ProgressState state{&options.progress, nullptr};
-        if (options.progress) {
-            p.progress = &Context::progress_trampoline;
-            p.progress_user_data = &state;
-        }
-        if (report) {
-            *report = lowvram_run_report{};
-            report->struct_size = sizeof *report;
-        }
+        fill(options, state, p, report);
         lowvram_tensor *raw = nullptr;
         lowvram_status status = lowvram_vae_decode(handle_.get(), vae.capi(), &p, latents.capi(), report, &raw);
-        Tensor out(raw);
-        if (state.error) std::rethrow_exception(state.error);
-        check(status);
-        return out;
+        return finish(raw, state, status);
     }
 
     lowvram_context *capi() const noexcept { return handle_.get(); }
@@ -442,6 +550,55 @@ private:
         const ProgressFn *fn;
         std::exception_ptr error;
     };
+
+    /// The C params of `options` (progress through `state`), and `report` cleared with its struct_size.
+    static void fill(const DenoiseOptions &options, ProgressState &state, lowvram_denoise_params &p,
+                     lowvram_run_report *report) {
+        check(lowvram_denoise_params_init(&p, sizeof p));
+        p.scheduler = options.scheduler;
+        p.karras = options.karras;
+        p.steps = options.steps;
+        p.guidance = options.guidance;
+        p.seed = options.seed;
+        p.latent_width = options.latent_width;
+        p.latent_height = options.latent_height;
+        p.step_noise = options.step_noise ? options.step_noise->capi() : nullptr;
+        p.cancel_token = options.cancel ? options.cancel->capi() : nullptr;
+        if (options.progress) {
+            p.progress = &Context::progress_trampoline;
+            p.progress_user_data = &state;
+        }
+        clear(report);
+    }
+
+    static void fill(const DecodeOptions &options, ProgressState &state, lowvram_decode_params &p,
+                     lowvram_run_report *report) {
+        check(lowvram_decode_params_init(&p, sizeof p));
+        p.tile_latent = options.tile_latent;
+        p.overlap_latent = options.overlap_latent;
+        p.never_tile = options.never_tile;
+        p.cancel_token = options.cancel ? options.cancel->capi() : nullptr;
+        if (options.progress) {
+            p.progress = &Context::progress_trampoline;
+            p.progress_user_data = &state;
+        }
+        clear(report);
+    }
+
+    static void clear(lowvram_run_report *report) {
+        if (report) {
+            *report = lowvram_run_report{};
+            report->struct_size = sizeof *report;
+        }
+    }
+
+    /// The call's result: owned at once (freed on any throw), the callback's exception first, then the status.
+    static Tensor finish(lowvram_tensor *raw, const ProgressState &state, lowvram_status status) {
+        Tensor out(raw);
+        if (state.error) std::rethrow_exception(state.error);
+        check(status);
+        return out;
+    }
 
     static bool progress_trampoline(std::uint32_t step, std::uint32_t total, void *user_data) noexcept {
         auto *state = static_cast<ProgressState *>(user_data);

@@ -6,6 +6,7 @@
 #include "lowvram.h"
 #include "lowvram.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -15,6 +16,7 @@
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -51,6 +53,8 @@ static_assert(!std::is_copy_constructible<lowvram::Context>::value, "Context is 
 static_assert(!std::is_copy_constructible<lowvram::Model>::value, "Model is move-only");
 static_assert(!std::is_copy_constructible<lowvram::Tensor>::value, "Tensor is move-only");
 static_assert(!std::is_copy_constructible<lowvram::Reservation>::value, "Reservation is move-only");
+static_assert(!std::is_copy_constructible<lowvram::Pipeline>::value, "Pipeline is move-only");
+static_assert(!std::is_copy_constructible<lowvram::Conditioning>::value, "Conditioning is move-only");
 static_assert(std::is_nothrow_move_constructible<lowvram::Tensor>::value, "moves do not throw");
 static_assert(std::is_nothrow_move_assignable<lowvram::Model>::value, "moves do not throw");
 
@@ -405,6 +409,134 @@ static void test_pipeline() {
     CHECK(static_cast<bool>(survivor));  // freed after its context by ~Model
 }
 
+// The picture a prompt asks for, judged as tests/trained_model.rs judges it: the border's median colour is the
+// background, the pixels far from it (the shape) have their own median colour. `image` is [1, 3, H, W] in [-1, 1].
+struct Judged {
+    float bg[3], fg[3];
+    std::size_t fg_pixels;
+};
+
+static float median_of(std::vector<float> v) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0.0f : v[v.size() / 2];
+}
+
+static Judged judge(const std::vector<float> &image, std::size_t h, std::size_t w) {
+    auto at = [&](std::size_t c, std::size_t y, std::size_t x) {
+        float v = std::min(1.0f, std::max(-1.0f, image[(c * h + y) * w + x]));
+        return std::round((v + 1.0f) * 127.5f);
+    };
+    Judged j{};
+    for (std::size_t c = 0; c < 3; c++) {
+        std::vector<float> border;
+        for (std::size_t y = 0; y < h; y++)
+            for (std::size_t x = 0; x < w; x++)
+                if (y < 2 || y >= h - 2 || x < 2 || x >= w - 2) border.push_back(at(c, y, x));
+        j.bg[c] = median_of(border);
+    }
+    std::vector<float> fg[3];
+    for (std::size_t y = 0; y < h; y++)
+        for (std::size_t x = 0; x < w; x++) {
+            float d = 0;
+            for (std::size_t c = 0; c < 3; c++) d += (at(c, y, x) - j.bg[c]) * (at(c, y, x) - j.bg[c]);
+            if (std::sqrt(d) > 80.0f)
+                for (std::size_t c = 0; c < 3; c++) fg[c].push_back(at(c, y, x));
+        }
+    j.fg_pixels = fg[0].size();
+    for (std::size_t c = 0; c < 3; c++) j.fg[c] = median_of(fg[c]);
+    return j;
+}
+
+static bool reddish(const float *rgb) { return rgb[0] > 128 && rgb[0] > rgb[2] + 60 && rgb[0] > rgb[1] + 60; }
+static bool bluish(const float *rgb) { return rgb[2] > 128 && rgb[2] > rgb[0] + 60 && rgb[2] > rgb[1] + 30; }
+
+// A prompt through the pipeline API with the trained models/tiny-sd: a red shape on a blue background, written as PNG.
+static void test_prompt() {
+    lowvram::Context ctx({"cpu"});
+    lowvram::Pipeline sd = ctx.load_pipeline({repo() + "/models/tiny-sd"});
+    lowvram::Conditioning cond = ctx.encode_prompt(sd, "a red circle on a blue background");
+    lowvram::Tensor emb = cond.get("sampling.cond_embeddings");
+    CHECK(emb.shape().size() == 3 && emb.shape()[0] == 1);
+    CHECK(static_cast<bool>(cond.get("sampling.uncond_embeddings")));
+    EXPECT_ERROR(LOWVRAM_STATUS_INVALID_ARGUMENT, cond.get("sampling.no_such_tensor"));
+    lowvram::DenoiseOptions o;
+    o.steps = 20;
+    o.guidance = 7.5f;
+    o.latent_width = o.latent_height = 16;
+    lowvram_run_report report;
+    lowvram::Tensor latents = ctx.denoise(sd, cond, o, nullptr, &report);
+    CHECK(report.struct_size == sizeof report && report.model_bytes > 0);
+    lowvram::Tensor image = ctx.decode(sd, latents);
+    CHECK((image.shape() == std::vector<std::int64_t>{1, 3, 64, 64}));
+    Judged j = judge(image.read<float>(), 64, 64);
+    std::printf("C++ prompt \"a red circle on a blue background\": background rgb (%.0f, %.0f, %.0f), shape rgb "
+                "(%.0f, %.0f, %.0f) over %zu pixels\n",
+                static_cast<double>(j.bg[0]), static_cast<double>(j.bg[1]), static_cast<double>(j.bg[2]),
+                static_cast<double>(j.fg[0]), static_cast<double>(j.fg[1]), static_cast<double>(j.fg[2]),
+                j.fg_pixels);
+    CHECK(bluish(j.bg));
+    CHECK(j.fg_pixels >= 40 && reddish(j.fg));
+    const char *tmp = std::getenv("TMPDIR");
+    std::string png = std::string(tmp && *tmp ? tmp : "/tmp") + "/lowvram_test_prompt_cpp.png";
+    std::remove(png.c_str());
+    image.write_png(png);
+    std::ifstream f(png, std::ios::binary);
+    std::string head(8, '\0');
+    f.read(&head[0], 8);
+    CHECK(head == std::string("\x89PNG\r\n\x1a\n", 8));
+    std::remove(png.c_str());
+
+    // Host-built conditioning is refused by name when it lacks what the family needs.
+    lowvram::Conditioning empty;
+    std::string msg = EXPECT_ERROR(LOWVRAM_STATUS_INVALID_ARGUMENT, ctx.denoise(sd, empty, o));
+    CHECK(contains(msg, "sampling.cond_embeddings"));
+    // The same tensors set by the host give the same latents.
+    lowvram::Conditioning copy;
+    copy.set("sampling.cond_embeddings", cond.get("sampling.cond_embeddings"));
+    copy.set("sampling.uncond_embeddings", cond.get("sampling.uncond_embeddings"));
+    CHECK(ctx.denoise(sd, copy, o).read<float>() == latents.read<float>());
+}
+
+// Reservations that wait with a timeout and a token: granted at once when free, TIMEOUT while a run's working
+// memory holds the bytes, CANCELLED by a token cancelled before the call.
+static void test_reservation_options() {
+    lowvram::Context ctx({"emulated:64MiB", "device_working_mem_gb: 0\n"});
+    lowvram::ReservationOptions now;
+    now.timeout_ms = 0;
+    CHECK(ctx.reserve(8u << 20, now).bytes() == 8u << 20);
+    lowvram::CancelToken token;
+    token.cancel();
+    lowvram::ReservationOptions cancelled;
+    cancelled.cancel = &token;
+    EXPECT_ERROR(LOWVRAM_STATUS_CANCELLED, ctx.reserve(1u << 20, cancelled));
+    std::string msg = EXPECT_ERROR(LOWVRAM_STATUS_BUDGET_TOO_SMALL, ctx.reserve(1ull << 40, now));
+    CHECK(contains(msg, "reservation"));
+    // A run paused in its progress callback holds its working memory: more than the rest times out.
+    lowvram::Model unet = ctx.load_model(repo() + "/tests/fixtures/tiny-sd-random/unet");
+    std::vector<float> c(4 * 32, 0.1f);
+    lowvram::Tensor cond = lowvram::Tensor::from_host({1, 4, 32}, c);
+    lowvram::DenoiseOptions o;
+    o.steps = 2;
+    o.latent_width = o.latent_height = 8;
+    std::string timed_out, refused;
+    o.progress = [&](std::uint32_t step, std::uint32_t) {
+        if (step == 1) {
+            lowvram::ReservationOptions wait;
+            wait.timeout_ms = 200;
+            // Another thread waits for the run to end, up to 200 ms: TIMEOUT.
+            std::thread other([&] { timed_out = EXPECT_ERROR(LOWVRAM_STATUS_TIMEOUT, ctx.reserve((64u << 20) - 4096, wait)); });
+            other.join();
+            // From the run's own thread the bytes could never come: BUDGET_TOO_SMALL at once, not a wait.
+            refused = EXPECT_ERROR(LOWVRAM_STATUS_BUDGET_TOO_SMALL, ctx.reserve((64u << 20) - 4096, wait));
+        }
+        return true;
+    };
+    ctx.denoise(unet, o, cond);
+    CHECK(contains(timed_out, "timed out after") && contains(timed_out, "needs"));
+    CHECK(contains(refused, "reservation"));
+    CHECK(ctx.stats().device_used_bytes == ctx.stats().device_used_by_cache_bytes);
+}
+
 int main() {
     try {
         test_version_and_stats();
@@ -413,6 +545,8 @@ int main() {
         test_tensors();
         test_models_configure_stats();
         test_pipeline();
+        test_prompt();
+        test_reservation_options();
     } catch (const std::exception &e) {
         std::fprintf(stderr, "unexpected exception: %s\n", e.what());
         failures++;
