@@ -86,6 +86,20 @@ rm -f "$out/prompt.png"
 "$out/prompt_example" models/tiny-sd "a red circle on a blue background" "$out/prompt.png"
 head -c 8 "$out/prompt.png" | od -An -tx1 | grep -q "89 50 4e 47 0d 0a 1a 0a" || { echo "FATAL: the prompt example wrote no PNG" >&2; exit 1; }
 
+step "C++ and C# examples: examples/prompt.cpp and examples/Prompt.cs draw the same prompt through their bindings"
+g++ -std=c++17 -Wall -Wextra -Wpedantic -Werror -I include -I bindings/cpp examples/prompt.cpp -o "$out/prompt_cpp" \
+    -L "$lib_dir" -llowvram -Wl,-rpath,"$lib_dir"
+rm -f "$out/prompt_cpp.png"
+"$out/prompt_cpp" models/tiny-sd "a red circle on a blue background" "$out/prompt_cpp.png"
+mcs -nologo -warnaserror -unsafe -out:"$out/Prompt.exe" bindings/csharp/LowVram.cs examples/Prompt.cs
+rm -f "$out/prompt_cs.png"
+LD_LIBRARY_PATH="$lib_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" mono "$out/Prompt.exe" models/tiny-sd \
+    "a red circle on a blue background" "$out/prompt_cs.png"
+# The same call through three languages: the same picture, byte for byte.
+for png in "$out/prompt_cpp.png" "$out/prompt_cs.png"; do
+    cmp -s "$out/prompt.png" "$png" || { echo "FATAL: $png differs from the C example's picture" >&2; exit 1; }
+done
+
 step "install to a temporary prefix; examples/generate.c via CMake find_package(lowvram) and via pkg-config"
 prefix="$out/prefix"
 rm -rf "$prefix" "$out/cmake-example"
@@ -111,7 +125,7 @@ done
 
 # --- C++ -----------------------------------------------------------------------------------------------------------
 step "C++ host test (g++ -std=c++17 -Wall -Wextra -Wpedantic -Werror)"
-g++ -std=c++17 -Wall -Wextra -Wpedantic -Werror -g -I include -I bindings/cpp tests/cpp/test_api.cpp \
+g++ -std=c++17 -Wall -Wextra -Wpedantic -Werror -g -pthread -I include -I bindings/cpp tests/cpp/test_api.cpp \
     -o "$out/test_api_cpp" -L "$lib_dir" -llowvram -Wl,-rpath,"$lib_dir"
 "$out/test_api_cpp"
 

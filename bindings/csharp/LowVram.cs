@@ -9,8 +9,15 @@
 //   using (var image = ctx.VaeDecode(vae, latents))
 //       image.WritePng("out.png");
 //
-// Ownership: each wrapper owns one SafeHandle; Dispose frees it (the finalizer does if you forget). Models and
-// reservations may be disposed before or after their context. Callbacks are static methods that find their state
+// From a prompt, through a pipeline folder (tokenizer, text encoders, denoiser, VAE):
+//   using (var sd = ctx.LoadPipeline("models/tiny-sd"))
+//   using (var cond = ctx.EncodePrompt(sd, "a red circle on a blue background"))
+//   using (var latents = ctx.Denoise(sd, cond, new DenoiseOptions { LatentWidth = 16, LatentHeight = 16 }))
+//   using (var image = ctx.Decode(sd, latents))
+//       image.WritePng("out.png");
+//
+// Ownership: each wrapper owns one SafeHandle; Dispose frees it (the finalizer does if you forget). Models,
+// pipelines and reservations may be disposed before or after their context. Callbacks are static methods that find their state
 // through a GCHandle passed as user_data; an exception thrown by a progress callback cancels the run and is
 // rethrown from Denoise; one thrown by a log callback is dropped (it must not unwind into native code).
 using System;
@@ -26,7 +33,7 @@ namespace LowVram
     {
         Ok = 0, NullArgument = 1, InvalidArgument = 2, Io = 3, Format = 4, OutOfDeviceMemory = 5,
         OutOfHostMemory = 6, BudgetTooSmall = 7, Cancelled = 8, Unsupported = 9, Panic = 10, BufferSize = 11,
-        Internal = 12,
+        Internal = 12, Timeout = 13,
     }
 
     /// <summary>Log severity (lowvram_log_level).</summary>
@@ -91,6 +98,8 @@ namespace LowVram
         public ulong ResidentBytes;
         public uint BlockCount;
         public uint ResidentBlockCount;
+        /// <summary>Unique in the process: models of different contexts never share one (since 0.3).</summary>
+        public ulong Id;
     }
 
     /// <summary>lowvram_run_report: what a denoise or decode measured (bytes, milliseconds).</summary>
@@ -182,6 +191,38 @@ namespace LowVram
         }
 
         [StructLayout(LayoutKind.Sequential)]
+        public struct ReservationParams
+        {
+            public uint StructSize;
+            public ulong TimeoutMs;
+            public IntPtr CancelToken;
+        }
+
+        [StructLayout(LayoutKind.Sequential)]
+        public struct PipelineParams
+        {
+            public uint StructSize;
+            public IntPtr Path;
+            public IntPtr VaePath;
+            public IntPtr TextEncoderPath;
+            public IntPtr TextEncoder2Path;
+        }
+
+        [StructLayout(LayoutKind.Sequential)]
+        public struct PromptParams
+        {
+            public uint StructSize;
+            public IntPtr NegativePrompt;
+            public uint Batch;
+            public uint Width;
+            public uint Height;
+            public uint ClipSkip;
+        }
+
+        /// <summary>ReservationParams.TimeoutMs: no bound (LOWVRAM_WAIT_FOREVER).</summary>
+        public const ulong WaitForever = ulong.MaxValue;
+
+        [StructLayout(LayoutKind.Sequential)]
         public unsafe struct DeviceInfo
         {
             public uint Index;
@@ -240,6 +281,21 @@ namespace LowVram
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_reservation_new(ContextHandle ctx, ulong bytes, out ReservationHandle reservation);
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_reservation_bytes(ReservationHandle reservation, out ulong bytes);
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern void lowvram_reservation_free(IntPtr reservation);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_reservation_params_init(ref ReservationParams p, UIntPtr structSize);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_reservation_new_ex(ContextHandle ctx, ulong bytes, ref ReservationParams p, out ReservationHandle reservation);
+
+        // pipeline and conditioning (optional tensors and the report are raw pointers: IntPtr.Zero = none)
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_pipeline_params_init(ref PipelineParams p, UIntPtr structSize);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_prompt_params_init(ref PromptParams p, UIntPtr structSize);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_pipeline_load(ContextHandle ctx, ref PipelineParams p, out PipelineHandle pipeline);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern void lowvram_pipeline_free(IntPtr pipeline);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_pipeline_encode_prompt(ContextHandle ctx, PipelineHandle pipeline, byte[] promptUtf8z, ref PromptParams p, out ConditioningHandle cond);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_pipeline_denoise(ContextHandle ctx, PipelineHandle pipeline, ConditioningHandle cond, ref DenoiseParams p, IntPtr initNoise, ref RunReport report, out TensorHandle latents);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_pipeline_decode(ContextHandle ctx, PipelineHandle pipeline, ref DecodeParams p, TensorHandle latents, ref RunReport report, out TensorHandle image);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_conditioning_new(out ConditioningHandle cond);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_conditioning_set(ConditioningHandle cond, byte[] nameUtf8z, TensorHandle tensor);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_conditioning_get(ConditioningHandle cond, byte[] nameUtf8z, out TensorHandle tensor);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern void lowvram_conditioning_free(IntPtr cond);
 
         // tensor
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_tensor_from_host(DType dtype, long[] shape, UIntPtr ndim, float[] data, UIntPtr dataLen, out TensorHandle tensor);
@@ -423,6 +479,22 @@ namespace LowVram
         protected override bool ReleaseHandle() { Native.lowvram_reservation_free(handle); return true; }
     }
 
+    /// <summary>Owns the host's reference to a lowvram_pipeline (shared: calls hold their own); never throws.</summary>
+    public sealed class PipelineHandle : SafeHandle
+    {
+        public PipelineHandle() : base(IntPtr.Zero, true) { }
+        public override bool IsInvalid { get { return handle == IntPtr.Zero; } }
+        protected override bool ReleaseHandle() { Native.lowvram_pipeline_free(handle); return true; }
+    }
+
+    /// <summary>Owns a lowvram_conditioning; ReleaseHandle never throws.</summary>
+    public sealed class ConditioningHandle : SafeHandle
+    {
+        public ConditioningHandle() : base(IntPtr.Zero, true) { }
+        public override bool IsInvalid { get { return handle == IntPtr.Zero; } }
+        protected override bool ReleaseHandle() { Native.lowvram_conditioning_free(handle); return true; }
+    }
+
     /// <summary>Progress of a run: `step` of `total` done; return false to cancel (Denoise then throws Cancelled).</summary>
     public delegate bool ProgressHandler(uint step, uint total);
 
@@ -461,6 +533,29 @@ namespace LowVram
         public ProgressHandler Progress;
         /// <summary>Cancels this call only (also before it starts); null = none.</summary>
         public CancelToken Cancel;
+    }
+
+    /// <summary>How long Context.Reserve waits (lowvram_reservation_params); the defaults are the library's.</summary>
+    public sealed class ReservationOptions
+    {
+        /// <summary>Longest wait in milliseconds (0 = only if free now; Native.WaitForever = no bound); Timeout
+        /// when it runs out.</summary>
+        public ulong TimeoutMs = Native.WaitForever;
+        /// <summary>Ends the wait with Cancelled (also before it starts); null = none.</summary>
+        public CancelToken Cancel;
+    }
+
+    /// <summary>How Context.EncodePrompt encodes (lowvram_prompt_params); the defaults are the library's.</summary>
+    public sealed class PromptOptions
+    {
+        /// <summary>What not to draw; null = none (SDXL: zeros).</summary>
+        public string NegativePrompt;
+        /// <summary>Images per prompt.</summary>
+        public uint Batch = 1;
+        /// <summary>Image size in pixels (SDXL's size conditioning).</summary>
+        public uint Width = 512, Height = 512;
+        /// <summary>Layers to skip from the end of the text encoder.</summary>
+        public uint ClipSkip = 0;
     }
 
     /// <summary>A host tensor owned by the library: contiguous, row-major, immutable.</summary>
@@ -574,6 +669,51 @@ namespace LowVram
         public ulong Bytes
         {
             get { ulong b; Native.Check(Native.lowvram_reservation_bytes(Handle, out b)); return b; }
+        }
+
+        public void Dispose() { Handle.Dispose(); }
+    }
+
+    /// <summary>A loaded pipeline (its family's tokenizers, text encoders, denoiser and VAE, each in the cache like
+    /// any model). May be disposed before or after its context.</summary>
+    public sealed class Pipeline : IDisposable
+    {
+        public PipelineHandle Handle { get; }
+        internal Pipeline(PipelineHandle handle) { Handle = handle; }
+        public void Dispose() { Handle.Dispose(); }
+    }
+
+    /// <summary>Named conditioning tensors ("sampling.cond_embeddings", "sampling.uncond_embeddings",
+    /// "sampling.cond_pooled", ...): what Context.EncodePrompt returns, or built by the host. Reading is
+    /// thread-safe; Set must not race other calls on the same conditioning.</summary>
+    public sealed class Conditioning : IDisposable
+    {
+        public ConditioningHandle Handle { get; }
+        internal Conditioning(ConditioningHandle handle) { Handle = handle; }
+
+        /// <summary>An empty conditioning, for host-given tensors.</summary>
+        public Conditioning()
+        {
+            ConditioningHandle h;
+            var status = Native.lowvram_conditioning_new(out h);
+            if (status != Status.Ok) { h.Dispose(); Native.Check(status); }
+            Handle = h;
+        }
+
+        /// <summary>Set tensor `name` to a copy of `tensor` (the caller keeps `tensor`).</summary>
+        public void Set(string name, Tensor tensor)
+        {
+            if (tensor == null) throw new ArgumentNullException("tensor");
+            Native.Check(Native.lowvram_conditioning_set(Handle, Native.Utf8z(name), tensor.Handle));
+        }
+
+        /// <summary>A copy of tensor `name` (InvalidArgument when there is none).</summary>
+        public Tensor Get(string name)
+        {
+            TensorHandle h;
+            var status = Native.lowvram_conditioning_get(Handle, Native.Utf8z(name), out h);
+            if (status != Status.Ok) { h.Dispose(); Native.Check(status); }
+            return Tensor.Own(h);
         }
 
         public void Dispose() { Handle.Dispose(); }
@@ -792,6 +932,116 @@ namespace LowVram
             return new Reservation(h);
         }
 
+        /// <summary>Reserve `bytes`, waiting at most `options.TimeoutMs` for running calls to release them (also
+        /// for running calls to end when the bytes do not fit beside them). Throws Timeout, Cancelled or
+        /// BudgetTooSmall (the message gives the bytes needed and available); nothing is held then.</summary>
+        public Reservation Reserve(ulong bytes, ReservationOptions options)
+        {
+            options = options ?? new ReservationOptions();
+            var p = new Native.ReservationParams();
+            Native.Check(Native.lowvram_reservation_params_init(ref p, Native.SizeOf<Native.ReservationParams>()));
+            p.TimeoutMs = options.TimeoutMs;
+            using (var t = new Lease(options.Cancel == null ? null : options.Cancel.Handle))
+            {
+                p.CancelToken = t.Ptr;
+                ReservationHandle h;
+                var status = Native.lowvram_reservation_new_ex(Handle, bytes, ref p, out h);
+                if (status != Status.Ok) { h.Dispose(); Native.Check(status); }
+                return new Reservation(h);
+            }
+        }
+
+        /// <summary>Load a pipeline: a diffusers folder or a single-file checkpoint (`path`), with optional
+        /// replacements for its VAE and text encoders. Components are memory-mapped; nothing is on the device yet.</summary>
+        public Pipeline LoadPipeline(string path, string vaePath = null, string textEncoderPath = null,
+            string textEncoder2Path = null)
+        {
+            if (path == null) throw new ArgumentNullException("path");
+            var p = new Native.PipelineParams();
+            Native.Check(Native.lowvram_pipeline_params_init(ref p, Native.SizeOf<Native.PipelineParams>()));
+            var a = Native.AllocUtf8(path);
+            var b = Native.AllocUtf8(vaePath);
+            var c = Native.AllocUtf8(textEncoderPath);
+            var d = Native.AllocUtf8(textEncoder2Path);
+            try
+            {
+                p.Path = a; p.VaePath = b; p.TextEncoderPath = c; p.TextEncoder2Path = d;
+                PipelineHandle h;
+                var status = Native.lowvram_pipeline_load(Handle, ref p, out h);
+                if (status != Status.Ok) { h.Dispose(); Native.Check(status); }
+                return new Pipeline(h);
+            }
+            finally
+            {
+                Marshal.FreeHGlobal(a); Marshal.FreeHGlobal(b); Marshal.FreeHGlobal(c); Marshal.FreeHGlobal(d);
+            }
+        }
+
+        /// <summary>Encode `prompt` with the pipeline's text encoders into the conditioning its denoiser takes.</summary>
+        public Conditioning EncodePrompt(Pipeline pipeline, string prompt, PromptOptions options = null)
+        {
+            if (pipeline == null) throw new ArgumentNullException("pipeline");
+            if (prompt == null) throw new ArgumentNullException("prompt");
+            options = options ?? new PromptOptions();
+            var p = new Native.PromptParams();
+            Native.Check(Native.lowvram_prompt_params_init(ref p, Native.SizeOf<Native.PromptParams>()));
+            p.Batch = options.Batch;
+            p.Width = options.Width;
+            p.Height = options.Height;
+            p.ClipSkip = options.ClipSkip;
+            var neg = Native.AllocUtf8(options.NegativePrompt);
+            try
+            {
+                p.NegativePrompt = neg;
+                ConditioningHandle h;
+                var status = Native.lowvram_pipeline_encode_prompt(Handle, pipeline.Handle, Native.Utf8z(prompt), ref p, out h);
+                if (status != Status.Ok) { h.Dispose(); Native.Check(status); }
+                return new Conditioning(h);
+            }
+            finally
+            {
+                Marshal.FreeHGlobal(neg);
+            }
+        }
+
+        /// <summary>Denoise with the pipeline's denoiser from `cond`; `initNoise` [B, C, h, w] or null (seeded, sized
+        /// by `options`). Returns the final latents F32; errors and cancel as Denoise on a model.</summary>
+        public Tensor Denoise(Pipeline pipeline, Conditioning cond, DenoiseOptions options, Tensor initNoise = null)
+        {
+            RunReport report;
+            return Denoise(pipeline, cond, options, initNoise, out report);
+        }
+
+        /// <summary>As Denoise on a pipeline, also returning the run's measurements.</summary>
+        public Tensor Denoise(Pipeline pipeline, Conditioning cond, DenoiseOptions options, Tensor initNoise,
+            out RunReport report)
+        {
+            if (pipeline == null) throw new ArgumentNullException("pipeline");
+            if (cond == null) throw new ArgumentNullException("cond");
+            using (var n = new Lease(initNoise == null ? null : initNoise.Handle))
+            {
+                var noise = n.Ptr;
+                return RunDenoise(options, out report, (ref Native.DenoiseParams p, ref RunReport r, out TensorHandle h) =>
+                    Native.lowvram_pipeline_denoise(Handle, pipeline.Handle, cond.Handle, ref p, noise, ref r, out h));
+            }
+        }
+
+        /// <summary>Decode latents with the pipeline's VAE into the image [B, 3, H, W] F32, ≈ [-1, 1].</summary>
+        public Tensor Decode(Pipeline pipeline, Tensor latents, DecodeOptions options = null)
+        {
+            RunReport report;
+            return Decode(pipeline, latents, options, out report);
+        }
+
+        /// <summary>As Decode, also returning the run's measurements.</summary>
+        public Tensor Decode(Pipeline pipeline, Tensor latents, DecodeOptions options, out RunReport report)
+        {
+            if (pipeline == null) throw new ArgumentNullException("pipeline");
+            if (latents == null) throw new ArgumentNullException("latents");
+            return RunDecode(options, out report, (ref Native.DecodeParams p, ref RunReport r, out TensorHandle h) =>
+                Native.lowvram_pipeline_decode(Handle, pipeline.Handle, ref p, latents.Handle, ref r, out h));
+        }
+
         /// <summary>Run the sampler (see lowvram_denoise): `cond` [B, S, D]; `uncond` null = zeros; `initNoise`
         /// null = seeded. Returns the final latents [B, 4, h, w] F32.</summary>
         public Tensor Denoise(Model unet, DenoiseOptions options, Tensor cond, Tensor uncond = null, Tensor initNoise = null)
@@ -806,6 +1056,22 @@ namespace LowVram
         {
             if (unet == null) throw new ArgumentNullException("unet");
             if (cond == null) throw new ArgumentNullException("cond");
+            using (var u = new Lease(uncond == null ? null : uncond.Handle))
+            using (var n = new Lease(initNoise == null ? null : initNoise.Handle))
+            {
+                IntPtr un = u.Ptr, noise = n.Ptr;
+                return RunDenoise(options, out report, (ref Native.DenoiseParams p, ref RunReport r, out TensorHandle h) =>
+                    Native.lowvram_denoise(Handle, unet.Handle, ref p, cond.Handle, un, noise, ref r, out h));
+            }
+        }
+
+        private delegate Status DenoiseCall(ref Native.DenoiseParams p, ref RunReport report, out TensorHandle h);
+        private delegate Status DecodeCall(ref Native.DecodeParams p, ref RunReport report, out TensorHandle h);
+
+        /// <summary>The params of `options` (progress through a GCHandle, the token leased), the native call, the
+        /// callback's exception first, then the status.</summary>
+        private static Tensor RunDenoise(DenoiseOptions options, out RunReport report, DenoiseCall call)
+        {
             options = options ?? new DenoiseOptions();
             var p = new Native.DenoiseParams();
             Native.Check(Native.lowvram_denoise_params_init(ref p, Native.SizeOf<Native.DenoiseParams>()));
@@ -819,8 +1085,6 @@ namespace LowVram
             var state = new ProgressState { Handler = options.Progress };
             var gch = options.Progress != null ? GCHandle.Alloc(state) : default(GCHandle);
             report = new RunReport { StructSize = (uint)Marshal.SizeOf(typeof(RunReport)) };
-            using (var u = new Lease(uncond == null ? null : uncond.Handle))
-            using (var n = new Lease(initNoise == null ? null : initNoise.Handle))
             using (var s = new Lease(options.StepNoise == null ? null : options.StepNoise.Handle))
             using (var t = new Lease(options.Cancel == null ? null : options.Cancel.Handle))
             {
@@ -834,15 +1098,8 @@ namespace LowVram
                         p.ProgressUserData = GCHandle.ToIntPtr(gch);
                     }
                     TensorHandle h;
-                    var status = Native.lowvram_denoise(Handle, unet.Handle, ref p, cond.Handle, u.Ptr, n.Ptr,
-                        ref report, out h);
-                    if (state.Error != null)
-                    {
-                        h.Dispose();
-                        ExceptionDispatchInfo.Capture(state.Error).Throw();
-                    }
-                    if (status != Status.Ok) { h.Dispose(); Native.Check(status); }
-                    return Tensor.Own(h);
+                    var status = call(ref p, ref report, out h);
+                    return Finish(status, h, state);
                 }
                 finally
                 {
@@ -851,18 +1108,8 @@ namespace LowVram
             }
         }
 
-        /// <summary>Decode latents (as Denoise returns them) into the image [B, 3, 8h, 8w] F32, ≈ [-1, 1].</summary>
-        public Tensor VaeDecode(Model vae, Tensor latents, DecodeOptions options = null)
+        private static Tensor RunDecode(DecodeOptions options, out RunReport report, DecodeCall call)
         {
-            RunReport report;
-            return VaeDecode(vae, latents, options, out report);
-        }
-
-        /// <summary>As VaeDecode, also returning the run's measurements.</summary>
-        public Tensor VaeDecode(Model vae, Tensor latents, DecodeOptions options, out RunReport report)
-        {
-            if (vae == null) throw new ArgumentNullException("vae");
-            if (latents == null) throw new ArgumentNullException("latents");
             options = options ?? new DecodeOptions();
             var p = new Native.DecodeParams();
             Native.Check(Native.lowvram_decode_params_init(ref p, Native.SizeOf<Native.DecodeParams>()));
@@ -883,20 +1130,41 @@ namespace LowVram
                         p.ProgressUserData = GCHandle.ToIntPtr(gch);
                     }
                     TensorHandle h;
-                    var status = Native.lowvram_vae_decode(Handle, vae.Handle, ref p, latents.Handle, ref report, out h);
-                    if (state.Error != null)
-                    {
-                        h.Dispose();
-                        ExceptionDispatchInfo.Capture(state.Error).Throw();
-                    }
-                    if (status != Status.Ok) { h.Dispose(); Native.Check(status); }
-                    return Tensor.Own(h);
+                    var status = call(ref p, ref report, out h);
+                    return Finish(status, h, state);
                 }
                 finally
                 {
                     if (gch.IsAllocated) gch.Free();
                 }
             }
+        }
+
+        private static Tensor Finish(Status status, TensorHandle h, ProgressState state)
+        {
+            if (state.Error != null)
+            {
+                h.Dispose();
+                ExceptionDispatchInfo.Capture(state.Error).Throw();
+            }
+            if (status != Status.Ok) { h.Dispose(); Native.Check(status); }
+            return Tensor.Own(h);
+        }
+
+        /// <summary>Decode latents (as Denoise returns them) into the image [B, 3, 8h, 8w] F32, ≈ [-1, 1].</summary>
+        public Tensor VaeDecode(Model vae, Tensor latents, DecodeOptions options = null)
+        {
+            RunReport report;
+            return VaeDecode(vae, latents, options, out report);
+        }
+
+        /// <summary>As VaeDecode, also returning the run's measurements.</summary>
+        public Tensor VaeDecode(Model vae, Tensor latents, DecodeOptions options, out RunReport report)
+        {
+            if (vae == null) throw new ArgumentNullException("vae");
+            if (latents == null) throw new ArgumentNullException("latents");
+            return RunDecode(options, out report, (ref Native.DecodeParams p, ref RunReport r, out TensorHandle h) =>
+                Native.lowvram_vae_decode(Handle, vae.Handle, ref p, latents.Handle, ref r, out h));
         }
 
         public void Dispose() { Handle.Dispose(); }

@@ -116,7 +116,10 @@ public static class TestApi
     {
         Check(Marshal.SizeOf(typeof(Native.ContextParams)) == 56, "sizeof lowvram_context_params");
         Check(Marshal.SizeOf(typeof(CacheStats)) == 104, "sizeof lowvram_cache_stats");
-        Check(Marshal.SizeOf(typeof(ModelInfo)) == 32, "sizeof lowvram_model_info");
+        Check(Marshal.SizeOf(typeof(ModelInfo)) == 40, "sizeof lowvram_model_info");
+        Check(Marshal.SizeOf(typeof(Native.ReservationParams)) == 24, "sizeof lowvram_reservation_params");
+        Check(Marshal.SizeOf(typeof(Native.PipelineParams)) == 40, "sizeof lowvram_pipeline_params");
+        Check(Marshal.SizeOf(typeof(Native.PromptParams)) == 32, "sizeof lowvram_prompt_params");
         Check(Marshal.SizeOf(typeof(Native.DenoiseParams)) == 80, "sizeof lowvram_denoise_params");
         Check(Marshal.SizeOf(typeof(Native.DecodeParams)) == 48, "sizeof lowvram_decode_params");
         Check(Marshal.SizeOf(typeof(Native.ModelLoadParams)) == 40, "sizeof lowvram_model_load_params");
@@ -214,7 +217,7 @@ public static class TestApi
         using (var vae = ctx.LoadModel(Vae))
         {
             var ui = unet.Info;
-            Check(ui.StructSize == 32 && ui.Kind == ModelKind.Unet && ui.TotalBytes > 0 && ui.BlockCount > 1,
+            Check(ui.StructSize == 40 && ui.Id > 0 && ui.Kind == ModelKind.Unet && ui.TotalBytes > 0 && ui.BlockCount > 1,
                 "unet info");
             Check(ui.ResidentBytes == 0, "nothing resident before use");
             Check(vae.Info.Kind == ModelKind.Vae && vae.Info.TotalBytes > 0, "vae info");
@@ -400,6 +403,139 @@ public static class TestApi
         Check(logs.Count > 0, "pipeline context logged");
     }
 
+    /// <summary>Median of `v` (the upper one for an even count, as the C++ test).</summary>
+    static float Median(List<float> v)
+    {
+        if (v.Count == 0) return 0;
+        v.Sort();
+        return v[v.Count / 2];
+    }
+
+    /// <summary>The picture a prompt asks for, judged as tests/trained_model.rs judges it: the border's median colour
+    /// is the background; the pixels far from it (the shape) have their own median colour. `image` [1, 3, h, w].</summary>
+    static void Judge(float[] image, int h, int w, float[] bg, float[] fg, out int fgPixels)
+    {
+        Func<int, int, int, float> at = (c, y, x) =>
+            (float)Math.Round((Math.Min(1f, Math.Max(-1f, image[(c * h + y) * w + x])) + 1f) * 127.5f);
+        for (int c = 0; c < 3; c++)
+        {
+            var border = new List<float>();
+            for (int y = 0; y < h; y++)
+                for (int x = 0; x < w; x++)
+                    if (y < 2 || y >= h - 2 || x < 2 || x >= w - 2) border.Add(at(c, y, x));
+            bg[c] = Median(border);
+        }
+        var f = new[] { new List<float>(), new List<float>(), new List<float>() };
+        for (int y = 0; y < h; y++)
+            for (int x = 0; x < w; x++)
+            {
+                float d = 0;
+                for (int c = 0; c < 3; c++) d += (at(c, y, x) - bg[c]) * (at(c, y, x) - bg[c]);
+                if (Math.Sqrt(d) > 80)
+                    for (int c = 0; c < 3; c++) f[c].Add(at(c, y, x));
+            }
+        fgPixels = f[0].Count;
+        for (int c = 0; c < 3; c++) fg[c] = Median(f[c]);
+    }
+
+    static bool Reddish(float[] c) { return c[0] > 128 && c[0] > c[2] + 60 && c[0] > c[1] + 60; }
+    static bool Bluish(float[] c) { return c[2] > 128 && c[2] > c[0] + 60 && c[2] > c[1] + 30; }
+
+    /// <summary>A prompt through the pipeline API with the trained models/tiny-sd: a red shape on a blue
+    /// background, written as a PNG; host-built conditioning; reservations with a timeout and a token.</summary>
+    static void TestPrompt()
+    {
+        using (var ctx = new Context(device: "cpu"))
+        using (var sd = ctx.LoadPipeline(Path.Combine(Repo, "models/tiny-sd")))
+        using (var cond = ctx.EncodePrompt(sd, "a red circle on a blue background"))
+        {
+            using (var emb = cond.Get("sampling.cond_embeddings"))
+                Check(emb.Shape.Length == 3 && emb.Shape[0] == 1, "prompt embeddings [1, S, D]");
+            ExpectError(Status.InvalidArgument, () => cond.Get("sampling.no_such_tensor"), "missing conditioning");
+            var o = new DenoiseOptions { Steps = 20, Guidance = 7.5f, LatentWidth = 16, LatentHeight = 16 };
+            RunReport report;
+            using (var latents = ctx.Denoise(sd, cond, o, null, out report))
+            using (var image = ctx.Decode(sd, latents))
+            {
+                Check(report.ModelBytes > 0, "pipeline denoise report");
+                var shape = image.Shape;
+                Check(shape.Length == 4 && shape[1] == 3 && shape[2] == 64 && shape[3] == 64, "image [1, 3, 64, 64]");
+                float[] bg = new float[3], fg = new float[3];
+                int n;
+                Judge(image.ReadFloats(), 64, 64, bg, fg, out n);
+                Console.WriteLine("C# prompt \"a red circle on a blue background\": background rgb (" + bg[0] + ", " +
+                    bg[1] + ", " + bg[2] + "), shape rgb (" + fg[0] + ", " + fg[1] + ", " + fg[2] + ") over " + n +
+                    " pixels");
+                Check(Bluish(bg), "the background is blue");
+                Check(n >= 40 && Reddish(fg), "the shape is red");
+                var png = Path.Combine(Path.GetTempPath(), "lowvram_test_prompt_cs.png");
+                File.Delete(png);
+                image.WritePng(png);
+                var head = File.ReadAllBytes(png);
+                Check(head.Length > 8 && head[0] == 0x89 && head[1] == (byte)'P' && head[2] == (byte)'N' &&
+                    head[3] == (byte)'G', "a PNG was written");
+                File.Delete(png);
+
+                // The same tensors set by the host give the same latents; an empty conditioning is refused by name.
+                using (var copy = new Conditioning())
+                using (var c = cond.Get("sampling.cond_embeddings"))
+                using (var u = cond.Get("sampling.uncond_embeddings"))
+                {
+                    var msg = ExpectError(Status.InvalidArgument, () => ctx.Denoise(sd, copy, o).Dispose(), "empty conditioning");
+                    Check(msg.Contains("sampling.cond_embeddings"), "the message names the missing tensor");
+                    copy.Set("sampling.cond_embeddings", c);
+                    copy.Set("sampling.uncond_embeddings", u);
+                    using (var again = ctx.Denoise(sd, copy, o))
+                    {
+                        float[] x = again.ReadFloats(), y = latents.ReadFloats();
+                        bool same = x.Length == y.Length;
+                        for (int i = 0; same && i < x.Length; i++) same = x[i] == y[i];
+                        Check(same, "host conditioning gives the same latents");
+                    }
+                }
+            }
+        }
+
+        using (var ctx = new Context(device: "emulated:64MiB", configYaml: "device_working_mem_gb: 0"))
+        {
+            using (var r = ctx.Reserve(8UL << 20, new ReservationOptions { TimeoutMs = 0 }))
+                Check(r.Bytes == 8UL << 20, "a free reservation is granted at once");
+            using (var token = new CancelToken())
+            {
+                token.Cancel();
+                ExpectError(Status.Cancelled, () => ctx.Reserve(1UL << 20, new ReservationOptions { Cancel = token }).Dispose(),
+                    "a cancelled token stops the reservation");
+            }
+            var m = ExpectError(Status.BudgetTooSmall, () => ctx.Reserve(1UL << 40, new ReservationOptions { TimeoutMs = 0 }).Dispose(),
+                "more than the device");
+            Check(m.Contains("reservation"), "the message names the reservation");
+            // A run paused in its progress callback holds its working memory; another thread's reservation of the
+            // rest times out.
+            using (var unet = ctx.LoadModel(Unet))
+            using (var cond = Tensor.FromHost(new float[4 * 32], 1, 4, 32))
+            {
+                string timedOut = null;
+                var o = new DenoiseOptions { Steps = 2, LatentWidth = 8, LatentHeight = 8 };
+                o.Progress = (step, total) =>
+                {
+                    if (step == 1)
+                    {
+                        var t = new System.Threading.Thread(() =>
+                            timedOut = ExpectError(Status.Timeout,
+                                () => ctx.Reserve((64UL << 20) - 4096, new ReservationOptions { TimeoutMs = 200 }).Dispose(),
+                                "a reservation that does not fit beside the run"));
+                        t.Start();
+                        t.Join();
+                    }
+                    return true;
+                };
+                using (var latents = ctx.Denoise(unet, o, cond)) { }
+                Check(timedOut != null && timedOut.Contains("timed out after"), "TIMEOUT with its message");
+                Check(Library.StatusName(Status.Timeout) == "TIMEOUT", "status name TIMEOUT");
+            }
+        }
+    }
+
     public static int Main()
     {
         try
@@ -409,6 +545,7 @@ public static class TestApi
             TestTensors();
             TestModelsConfigureStatsReservations();
             TestPipeline();
+            TestPrompt();
         }
         catch (Exception e)
         {
