@@ -324,3 +324,71 @@ fn a_reservation_waits_as_long_as_the_host_says_and_can_be_cancelled() {
     // With nothing running, the reservation of (b) is granted at once.
     drop(ctx.reserve_with(cap - working / 2, Some(Duration::ZERO), None).unwrap());
 }
+
+/// A cancel issued in the middle of one large block stops the call within a small part of that block's time (the
+/// ops poll the call's cancel between chunks of work), and the context stays usable: the next run is bit-identical.
+/// The block is the longest of an untiled VAE decode of a `side`² latent (`LOWVRAM_CANCEL_SIDE`, default 128: the
+/// mid-block attention over 16384 positions); the ratio is measured in the same test, never a fixed time.
+#[test]
+fn a_cancel_inside_one_block_stops_it_long_before_it_ends() {
+    use lowvram::api::Tiling;
+    use std::time::{Duration, Instant};
+    let side: usize = std::env::var("LOWVRAM_CANCEL_SIDE").ok().and_then(|s| s.parse().ok()).unwrap_or(128);
+    let ctx = cpu_context();
+    let vae = ctx.load_model(&repo().join("tests/fixtures/tiny-sd-random/vae")).unwrap();
+    let v: Vec<f32> = (0..4 * side * side).map(|i| ((i as f32) * 0.013).sin()).collect();
+    let latents = Tensor::from_vec(v, (1, 4, side, side), &Device::Cpu).unwrap();
+    let decode = |progress: &mut dyn FnMut(usize, usize) -> bool, token: Option<&CancelToken>| {
+        let mut report = RunReport::default();
+        ctx.vae_decode_with(&vae, &latents, Tiling::Never, progress, token, &mut report)
+    };
+
+    // Uncancelled: when each decoder block starts; the longest gap is the longest block.
+    let mut starts = Vec::new();
+    let t0 = Instant::now();
+    let reference = decode(&mut |_, _| {
+        starts.push(Instant::now());
+        true
+    }, None)
+    .unwrap();
+    let total = t0.elapsed();
+    starts.push(Instant::now());
+    let (longest, block_time) =
+        (0..starts.len() - 1).map(|i| (i, starts[i + 1] - starts[i])).max_by_key(|&(_, d)| d).unwrap();
+
+    // Cancelled a third of the way into that block, from another thread.
+    let token = CancelToken::new();
+    let (tx, rx) = mpsc::channel::<()>();
+    let (token_ref, into) = (&token, block_time / 3);
+    let (result, cancelled_at, returned_at) = std::thread::scope(|s| {
+        let canceller = s.spawn(move || {
+            rx.recv().unwrap();
+            std::thread::sleep(into);
+            token_ref.cancel();
+            Instant::now()
+        });
+        let mut calls = 0;
+        let r = decode(&mut |_, _| {
+            if calls == longest {
+                tx.send(()).unwrap();
+            }
+            calls += 1;
+            true
+        }, Some(&token));
+        let returned = Instant::now();
+        (r, canceller.join().unwrap(), returned)
+    });
+    assert!(matches!(result, Err(Error::Cancelled)), "{:?}", result.map(|_| ()));
+    let latency = returned_at.saturating_duration_since(cancelled_at);
+    println!(
+        "decode {side}x{side}: {total:?} in all, longest block #{longest} {block_time:?}; cancel issued {into:?} \
+         into it returned after {latency:?} ({:.1} % of the block)",
+        100.0 * latency.as_secs_f64() / block_time.as_secs_f64()
+    );
+    assert!(block_time > Duration::from_millis(100), "the block is too short to judge: {block_time:?}");
+    assert!(latency < block_time / 4, "cancel latency {latency:?} vs block {block_time:?}");
+
+    // The context is usable and the next run is the uncancelled one, bit for bit.
+    let again = decode(&mut |_, _| true, None).unwrap();
+    assert_eq!(bits(&again), bits(&reference));
+}

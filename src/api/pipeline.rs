@@ -364,7 +364,7 @@ impl Context {
     ) -> Result<TextEncoding> {
         let call = self.begin_call(token)?;
         let mut meter = Meter::new(self);
-        let result = (|| {
+        let result = crate::ops::cancel::scope(&|| call.is_cancelled(), || {
             self.check_owns(encoder)?;
             let (model, _) = encoder.as_text_encoder()?;
             if ids.is_empty() {
@@ -382,7 +382,7 @@ impl Context {
             let enc = enc?;
             let to_host = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
             Ok(TextEncoding { hidden: to_host(&enc.hidden)?, pooled: enc.pooled.as_ref().map(to_host).transpose()? })
-        })();
+        });
         *report = meter.report(self, encoder);
         result
     }

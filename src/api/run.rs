@@ -285,7 +285,10 @@ impl Context {
     ) -> Result<Tensor> {
         let call = self.begin_call(token)?;
         let mut meter = Meter::new(self);
-        let result = self.denoise_inner(model, options, cond, init_noise, step_noise, progress, &call, &mut meter);
+        // The ops inside a block poll the call's cancel too (on this thread).
+        let result = crate::ops::cancel::scope(&|| call.is_cancelled(), || {
+            self.denoise_inner(model, options, cond, init_noise, step_noise, progress, &call, &mut meter)
+        });
         *report = meter.report(self, model);
         result
     }
@@ -428,7 +431,9 @@ impl Context {
     ) -> Result<Tensor> {
         let call = self.begin_call(token)?;
         let mut meter = Meter::new(self);
-        let result = self.decode_inner(vae, latents, tiling, progress, &call, &mut meter);
+        let result = crate::ops::cancel::scope(&|| call.is_cancelled(), || {
+            self.decode_inner(vae, latents, tiling, progress, &call, &mut meter)
+        });
         *report = meter.report(self, vae);
         result
     }

@@ -9,6 +9,7 @@
 use candle_core::{DType, Device};
 
 pub mod attention;
+pub mod cancel;
 mod cpu;
 mod cuda;
 pub mod conv2d;

@@ -48,6 +48,8 @@ pub(crate) fn map_tiles(
     for row in tiles(h, w, tile) {
         let mut parts = Vec::with_capacity(row.len());
         for r in &row {
+            // Per tile: a cancel need not wait for the whole layer (on CUDA the ops do not poll it themselves).
+            crate::ops::cancel::check()?;
             let t = f(r)?;
             if t.dims() != [b, c, r.h(), r.w()] {
                 return Err(Error::invalid(format!("tiled op: tile {r:?} came out {:?}", t.dims())));
@@ -85,6 +87,7 @@ impl GroupStats {
         let bg = b * groups;
         let (mut n, mut mean, mut m2) = (0f64, vec![0f64; bg], vec![0f64; bg]);
         for r in tiles(h, w, tile).into_iter().flatten() {
+            crate::ops::cancel::check()?;
             let t = load(x, &r, dev)?.to_dtype(DType::F32)?.reshape((b, groups, ()))?;
             let nt = t.dim(2)? as f64;
             let mt = t.mean_keepdim(2)?;

@@ -19,7 +19,6 @@
 use candle_core::Tensor;
 use gemm::Parallelism;
 use pulp::{Arch, Simd, WithSimd};
-use rayon::prelude::*;
 
 use super::{f32_tensor, threads, with_f32};
 use crate::error::{Error, Result};
@@ -115,7 +114,10 @@ pub(crate) fn attention_f32(
     };
     let arch = Arch::new();
     let out_ptr = OutPtr(out.as_mut_ptr());
-    (0..tasks).into_par_iter().for_each_init(
+    // In chunks of tasks, polling the call's cancel between them.
+    crate::ops::cancel::par_for_each_checked(
+        tasks,
+        crate::ops::cancel::chunk_for(threads()),
         || Scratch::new(bq, bk, d),
         |s, t| {
             let qb = t % q_blocks;
@@ -142,7 +144,7 @@ pub(crate) fn attention_f32(
                 }
             }
         },
-    );
+    )?;
     Ok(out)
 }
 

@@ -17,6 +17,7 @@ use rayon::prelude::*;
 
 use super::{f32_tensor, threads, winograd, with_f32};
 use crate::error::{Error, Result};
+use crate::ops::cancel;
 
 /// Column buffer per task, in f32s (2 MiB).
 const COL_BUDGET: usize = 512 * 1024;
@@ -206,8 +207,7 @@ fn run(x: &[f32], w: &[f32], bias: Option<&[f32]>, out: &mut [f32], g: &Geom, t:
         if g.k != 3 || g.stride != 1 || g.pad != 1 {
             return Err(Error::invalid("conv2d: the Winograd path takes 3×3 stride-1 padding-1 convs only"));
         }
-        winograd::run(x, w, bias, out, g, t.winograd);
-        return Ok(());
+        return winograd::run(x, w, bias, out, g, t.winograd);
     }
     let tiles = t.tiles(g);
     let tasks = g.b * tiles;
@@ -221,11 +221,17 @@ fn run(x: &[f32], w: &[f32], bias: Option<&[f32]>, out: &mut [f32], g: &Geom, t:
         // channels 0..Cout, positions p0..p0+np) are written by no other task.
         unsafe { conv_task(x, w, bias, optr, g, t, b, p0, np, col, par) }
     };
+    // The call's cancel is polled between chunks of tasks (between tasks when each task is parallel itself).
     if t.outer_parallel(g, nthreads) {
-        (0..tasks).into_par_iter().for_each_init(Vec::new, |col, i| task(i, col, Parallelism::None));
+        cancel::par_for_each_checked(tasks, cancel::chunk_for(nthreads), Vec::new, |col, i| {
+            task(i, col, Parallelism::None)
+        })?;
     } else {
         let mut col = Vec::new();
-        (0..tasks).for_each(|i| task(i, &mut col, Parallelism::Rayon(nthreads)));
+        for i in 0..tasks {
+            cancel::check()?;
+            task(i, &mut col, Parallelism::Rayon(nthreads));
+        }
     }
     Ok(())
 }

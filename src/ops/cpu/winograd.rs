@@ -22,6 +22,8 @@ use rayon::prelude::*;
 
 use super::conv2d::{gemm_pack_f32s, Geom};
 use super::threads;
+use crate::error::Result;
+use crate::ops::cancel;
 
 /// Tiles per block are multiples of this (gemm's f32 microkernel rows), and at least it.
 const TILE_ALIGN: usize = 16;
@@ -114,7 +116,9 @@ fn runs(g: &Geom, t0: usize, t1: usize) -> Vec<Run> {
 }
 
 /// The conv of [`Geom`] `g` (3×3, stride 1, pad 1) with `t` tiles per block, into `out` `[B, Cout, H, W]`.
-pub(crate) fn run(x: &[f32], w: &[f32], bias: Option<&[f32]>, out: &mut [f32], g: &Geom, t: usize) {
+/// `Cancelled` (the output partly written) when the call running on this thread is cancelled: polled between
+/// chunks of blocks.
+pub(crate) fn run(x: &[f32], w: &[f32], bias: Option<&[f32]>, out: &mut [f32], g: &Geom, t: usize) -> Result<()> {
     assert!(g.k == 3 && g.stride == 1 && g.pad == 1 && g.oh == g.h && g.ow == g.w && t > 0);
     assert!(
         x.len() == g.b * g.cin * g.h * g.w && w.len() == g.cout * g.cin * 9 && out.len() == g.b * g.cout * g.h * g.w
@@ -137,10 +141,16 @@ pub(crate) fn run(x: &[f32], w: &[f32], bias: Option<&[f32]>, out: &mut [f32], g
         unsafe { transform_output(m, bias, optr, g, &runs, t, parallel) };
     };
     if outer_parallel(blocks, nthreads) {
-        (0..blocks).into_par_iter().for_each_init(Vec::new, |buf, i| block(i, buf, Parallelism::None));
+        cancel::par_for_each_checked(blocks, cancel::chunk_for(nthreads), Vec::new, |buf, i| {
+            block(i, buf, Parallelism::None)
+        })
     } else {
         let mut buf = Vec::new();
-        (0..blocks).for_each(|i| block(i, &mut buf, Parallelism::Rayon(nthreads)));
+        for i in 0..blocks {
+            cancel::check()?;
+            block(i, &mut buf, Parallelism::Rayon(nthreads));
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,116 @@
+//! The running call's cancel check, seen inside one op. A call sets it for its duration on its own thread
+//! ([`scope`]); the long loops of the own CPU kernels poll it ([`check`]) between chunks of work on that thread —
+//! rayon workers never need it — and stop with `Cancelled`, so a cancel does not wait for the end of a whole block
+//! (a 16384-position attention or a full-resolution convolution can take seconds on a CPU).
+
+use std::cell::Cell;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+type CheckPtr = *const (dyn Fn() -> bool + 'static);
+
+thread_local! {
+    /// The check of the call running on this thread; None outside a call. Valid while the [`scope`] that set it runs.
+    static CHECK: Cell<Option<CheckPtr>> = const { Cell::new(None) };
+}
+
+/// Run `f` with `cancelled` as this thread's cancel check; the previous check comes back afterwards, also on a panic.
+pub fn scope<R>(cancelled: &dyn Fn() -> bool, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<CheckPtr>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let prev = self.0;
+            let _ = CHECK.try_with(|c| c.set(prev));
+        }
+    }
+    let ptr: *const (dyn Fn() -> bool + '_) = cancelled;
+    // SAFETY: only the lifetime is widened. The pointer is reachable only through CHECK on this thread, and
+    // `Restore` takes it out again before `cancelled` can go (when this frame ends, by return or unwind).
+    let ptr: CheckPtr = unsafe { std::mem::transmute(ptr) };
+    let _restore = Restore(CHECK.with(|c| c.replace(Some(ptr))));
+    f()
+}
+
+/// `Err(Cancelled)` when the call running on this thread has been cancelled; Ok outside a call (and on threads that
+/// run no call, such as rayon's workers).
+pub fn check() -> Result<()> {
+    let check = CHECK.try_with(|c| c.get()).ok().flatten();
+    // SAFETY: a pointer in CHECK is live while its `scope` runs on this thread (see there).
+    if check.is_some_and(|c| unsafe { (*c)() }) {
+        Err(Error::Cancelled)
+    } else {
+        Ok(())
+    }
+}
+
+/// `f(state, i)` for every `i` in `0..n` on the rayon pool, `chunk` items at a time (`init` makes a worker's
+/// state, as `for_each_init`), polling [`check`] on the calling thread before each chunk. Items never depend on
+/// the chunking, so results are the same as one parallel loop's.
+pub(crate) fn par_for_each_checked<T>(
+    n: usize,
+    chunk: usize,
+    init: impl Fn() -> T + Sync + Send,
+    f: impl Fn(&mut T, usize) + Sync + Send,
+) -> Result<()> {
+    let chunk = chunk.max(1);
+    let mut start = 0;
+    while start < n {
+        check()?;
+        let end = (start + chunk).min(n);
+        (start..end).into_par_iter().for_each_init(&init, |s, i| f(s, i));
+        start = end;
+    }
+    Ok(())
+}
+
+/// Items per chunk for [`par_for_each_checked`] with `threads` workers: a few per worker, so the pool stays busy
+/// between polls while a poll comes every few items' time.
+pub(crate) fn chunk_for(threads: usize) -> usize {
+    4 * threads.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    #[test]
+    fn a_scope_sets_the_check_for_its_thread_only_and_restores_it() {
+        assert!(check().is_ok());
+        let flag = AtomicBool::new(false);
+        scope(&|| flag.load(Ordering::SeqCst), || {
+            assert!(check().is_ok());
+            flag.store(true, Ordering::SeqCst);
+            assert!(matches!(check(), Err(Error::Cancelled)));
+            // Other threads (rayon's workers among them) run no call.
+            std::thread::scope(|s| s.spawn(|| assert!(check().is_ok())).join().unwrap());
+            // A nested scope replaces it and gives it back.
+            scope(&|| false, || assert!(check().is_ok()));
+            assert!(check().is_err());
+        });
+        assert!(check().is_ok());
+        let r = std::panic::catch_unwind(|| scope(&|| true, || panic!("inside")));
+        assert!(r.is_err());
+        assert!(check().is_ok(), "a panic restores the previous check");
+    }
+
+    #[test]
+    fn a_checked_loop_stops_between_chunks_and_covers_every_item_otherwise() {
+        let seen = AtomicUsize::new(0);
+        par_for_each_checked(1000, 16, || (), |_, _| {
+            seen.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+        assert_eq!(seen.load(Ordering::SeqCst), 1000);
+        let seen = AtomicUsize::new(0);
+        let r = scope(&|| seen.load(Ordering::SeqCst) >= 40, || {
+            par_for_each_checked(1000, 16, || (), |_, _| {
+                seen.fetch_add(1, Ordering::SeqCst);
+            })
+        });
+        assert!(matches!(r, Err(Error::Cancelled)));
+        assert_eq!(seen.load(Ordering::SeqCst), 48, "stopped at the first poll after the cancel");
+    }
+}
