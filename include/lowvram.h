@@ -831,7 +831,8 @@ extern "C" {
 lowvram_status lowvram_cancel_token_new(struct lowvram_cancel_token **out);
 
 /**
- * Cancel every call the token is passed to: a running call stops at its next step or block with CANCELLED, and a
+ * Cancel every call the token is passed to: a running call stops at its next step or block (on the CPU and `emulated:` devices within a block: between chunks
+ * of an attention or convolution) with CANCELLED, and a
  * call that starts later with this token returns CANCELLED at once. Other calls are never affected.
  * Thread-safe; safe to call from any callback.
  */
@@ -893,8 +894,9 @@ lowvram_status lowvram_context_set_log_callback_ex(const struct lowvram_context 
                                                    lowvram_release_callback release);
 
 /**
- * Cancel every call running on `ctx` at this moment (on any thread): each stops at its next step or block,
- * returns LOWVRAM_STATUS_CANCELLED and releases its working memory. Calls that start afterwards are not affected,
+ * Cancel every call running on `ctx` at this moment (on any thread): each stops at its next step or block (on the
+ * CPU and `emulated:` devices within a block, between chunks of an attention or convolution; per tile when decoding
+ * tiled), returns LOWVRAM_STATUS_CANCELLED and releases its working memory. Calls that start afterwards are not affected,
  * and no call starting can erase the request. To cancel one call, or a call that may not have started yet, give
  * it a `lowvram_cancel_token`. Thread-safe; safe to call from a callback.
  */
@@ -1181,9 +1183,10 @@ lowvram_status lowvram_decode_params_init(struct lowvram_decode_params *params, 
  * latents `[B, 4, h, w]` f32 (before the VAE scaling; pass them to `lowvram_vae_decode`), owned by the caller.
  * `report` (may be NULL; set its struct_size) receives the measurements on success and on failure once the call
  * ran. Cancel: `params->cancel_token`, the progress callback returning false, or `lowvram_context_cancel`; the
- * call stops at its next UNet block with CANCELLED. The call holds its own references to `unet` and the token,
- * so either may be freed meanwhile; input tensors are borrowed for the call. Runs on the calling thread; several
- * calls may run on one context from different threads (they share its budgets).
+ * call stops at its next UNet block with CANCELLED (on the CPU and `emulated:` devices inside a block too: the
+ * attention and convolutions poll it between chunks of work). The call holds its own references to `unet` and the
+ * token, so either may be freed meanwhile; input tensors are borrowed for the call. Runs on the calling thread;
+ * several calls may run on one context from different threads (they share its budgets).
  */
 lowvram_status lowvram_denoise(const struct lowvram_context *ctx,
                                const struct lowvram_model *unet,
@@ -1201,7 +1204,8 @@ lowvram_status lowvram_denoise(const struct lowvram_context *ctx,
  * unclamped). `params` NULL = defaults (automatic tiling). The call reserves the decode's working-memory
  * estimate; when that cannot fit it decodes in tiles, and after a device OOM it retries in tiles. On success
  * `*out_image` is owned by the caller; `report` (may be NULL) receives the measurements on success and on failure
- * once the call ran. Cancel as for `lowvram_denoise`: the decode stops at its next decoder block. Thread-safe as
+ * once the call ran. Cancel as for `lowvram_denoise`: the decode stops at its next decoder block, or
+ * tile, or chunk of a convolution or attention (CPU and `emulated:` devices). Thread-safe as
  * `lowvram_denoise`.
  */
 lowvram_status lowvram_vae_decode(const struct lowvram_context *ctx,

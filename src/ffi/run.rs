@@ -273,9 +273,10 @@ fn scheduler_arg(n: u32) -> Result<SchedulerKind> {
 /// latents `[B, 4, h, w]` f32 (before the VAE scaling; pass them to `lowvram_vae_decode`), owned by the caller.
 /// `report` (may be NULL; set its struct_size) receives the measurements on success and on failure once the call
 /// ran. Cancel: `params->cancel_token`, the progress callback returning false, or `lowvram_context_cancel`; the
-/// call stops at its next UNet block with CANCELLED. The call holds its own references to `unet` and the token,
-/// so either may be freed meanwhile; input tensors are borrowed for the call. Runs on the calling thread; several
-/// calls may run on one context from different threads (they share its budgets).
+/// call stops at its next UNet block with CANCELLED (on the CPU and `emulated:` devices inside a block too: the
+/// attention and convolutions poll it between chunks of work). The call holds its own references to `unet` and the
+/// token, so either may be freed meanwhile; input tensors are borrowed for the call. Runs on the calling thread;
+/// several calls may run on one context from different threads (they share its budgets).
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_denoise(
     ctx: *const lowvram_context,
@@ -366,7 +367,8 @@ pub(crate) unsafe fn run_denoise(
 /// unclamped). `params` NULL = defaults (automatic tiling). The call reserves the decode's working-memory
 /// estimate; when that cannot fit it decodes in tiles, and after a device OOM it retries in tiles. On success
 /// `*out_image` is owned by the caller; `report` (may be NULL) receives the measurements on success and on failure
-/// once the call ran. Cancel as for `lowvram_denoise`: the decode stops at its next decoder block. Thread-safe as
+/// once the call ran. Cancel as for `lowvram_denoise`: the decode stops at its next decoder block, or
+/// tile, or chunk of a convolution or attention (CPU and `emulated:` devices). Thread-safe as
 /// `lowvram_denoise`.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_vae_decode(

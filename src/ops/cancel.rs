@@ -113,4 +113,36 @@ mod tests {
         assert!(matches!(r, Err(Error::Cancelled)));
         assert_eq!(seen.load(Ordering::SeqCst), 48, "stopped at the first poll after the cancel");
     }
+
+    /// The own CPU kernels poll inside one call: attention and both convolution paths stop after a few polls when
+    /// the check says so, and give their exact result when it never does.
+    #[test]
+    fn attention_and_convolutions_poll_the_call_inside_one_op() {
+        use candle_core::{Device, Tensor};
+        let t = |shape: &[usize], seed: f32| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37 + seed).sin()).collect();
+            Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        };
+        let (q, k, v) = (t(&[1, 2048, 64], 0.0), t(&[1, 2048, 64], 1.0), t(&[1, 2048, 64], 2.0));
+        let x = t(&[1, 16, 256, 256], 3.0);
+        let (w3, w1) = (t(&[16, 16, 3, 3], 4.0), t(&[16, 16, 1, 1], 5.0));
+        type Op<'a> = Box<dyn Fn() -> Result<Tensor> + 'a>;
+        let ops: Vec<(&str, Op)> = vec![
+            ("attention", Box::new(|| crate::ops::attention(&q, &k, &v, 8, 0.125, false))),
+            // 3×3 stride 1 takes the Winograd path, stride 2 and 1×1 the im2col one.
+            ("conv3x3", Box::new(|| crate::ops::conv2d(&x, &w3, None, 1, 1))),
+            ("conv3x3 stride 2", Box::new(|| crate::ops::conv2d(&x, &w3, None, 2, 1))),
+            ("conv1x1", Box::new(|| crate::ops::conv2d(&x, &w1, None, 1, 0))),
+        ];
+        for (name, op) in &ops {
+            let exact = op().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let polls = AtomicUsize::new(0);
+            let r = scope(&|| polls.fetch_add(1, Ordering::SeqCst) >= 1, || op());
+            assert!(matches!(r, Err(Error::Cancelled)), "{name}: not cancelled");
+            assert_eq!(polls.load(Ordering::SeqCst), 2, "{name}: stopped at the second poll");
+            let quiet = scope(&|| false, || op()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(quiet, exact, "{name}: polling changed the result");
+        }
+    }
 }
