@@ -831,10 +831,10 @@ extern "C" {
 lowvram_status lowvram_cancel_token_new(struct lowvram_cancel_token **out);
 
 /**
- * Cancel every call the token is passed to: a running call stops at its next step or block (on the CPU and `emulated:` devices within a block: between chunks
- * of an attention or convolution) with CANCELLED, and a
- * call that starts later with this token returns CANCELLED at once. Other calls are never affected.
- * Thread-safe; safe to call from any callback.
+ * Cancel every call the token is passed to: a running call stops at its next step or block (on the CPU and
+ * `emulated:` devices within a block: between chunks of an attention or convolution) with CANCELLED, and a call
+ * that starts later with this token returns CANCELLED at once. Other calls are never affected. Thread-safe; safe to
+ * call from any callback.
  */
 lowvram_status lowvram_cancel_token_cancel(const struct lowvram_cancel_token *token);
 
@@ -896,9 +896,9 @@ lowvram_status lowvram_context_set_log_callback_ex(const struct lowvram_context 
 /**
  * Cancel every call running on `ctx` at this moment (on any thread): each stops at its next step or block (on the
  * CPU and `emulated:` devices within a block, between chunks of an attention or convolution; per tile when decoding
- * tiled), returns LOWVRAM_STATUS_CANCELLED and releases its working memory. Calls that start afterwards are not affected,
- * and no call starting can erase the request. To cancel one call, or a call that may not have started yet, give
- * it a `lowvram_cancel_token`. Thread-safe; safe to call from a callback.
+ * tiled), returns LOWVRAM_STATUS_CANCELLED and releases its working memory. Calls that start afterwards are not
+ * affected, and no call starting can erase the request. To cancel one call, or a call that may not have started
+ * yet, give it a `lowvram_cancel_token`. Thread-safe; safe to call from a callback.
  */
 lowvram_status lowvram_context_cancel(const struct lowvram_context *ctx);
 

@@ -41,10 +41,10 @@ pub unsafe extern "C" fn lowvram_cancel_token_new(out: *mut *mut lowvram_cancel_
     })
 }
 
-/// Cancel every call the token is passed to: a running call stops at its next step or block (on the CPU and `emulated:` devices within a block: between chunks
-/// of an attention or convolution) with CANCELLED, and a
-/// call that starts later with this token returns CANCELLED at once. Other calls are never affected.
-/// Thread-safe; safe to call from any callback.
+/// Cancel every call the token is passed to: a running call stops at its next step or block (on the CPU and
+/// `emulated:` devices within a block: between chunks of an attention or convolution) with CANCELLED, and a call
+/// that starts later with this token returns CANCELLED at once. Other calls are never affected. Thread-safe; safe to
+/// call from any callback.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_cancel_token_cancel(token: *const lowvram_cancel_token) -> lowvram_status {
     guard(|| {

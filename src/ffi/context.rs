@@ -191,9 +191,9 @@ pub unsafe extern "C" fn lowvram_context_set_log_callback_ex(
 
 /// Cancel every call running on `ctx` at this moment (on any thread): each stops at its next step or block (on the
 /// CPU and `emulated:` devices within a block, between chunks of an attention or convolution; per tile when decoding
-/// tiled), returns LOWVRAM_STATUS_CANCELLED and releases its working memory. Calls that start afterwards are not affected,
-/// and no call starting can erase the request. To cancel one call, or a call that may not have started yet, give
-/// it a `lowvram_cancel_token`. Thread-safe; safe to call from a callback.
+/// tiled), returns LOWVRAM_STATUS_CANCELLED and releases its working memory. Calls that start afterwards are not
+/// affected, and no call starting can erase the request. To cancel one call, or a call that may not have started
+/// yet, give it a `lowvram_cancel_token`. Thread-safe; safe to call from a callback.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_context_cancel(ctx: *const lowvram_context) -> lowvram_status {
     guard_ctx(ctx, |ctx| {
