@@ -176,7 +176,7 @@ impl Target for Safetensors {
                         s.push_str(&feature("|fetch", &e.to_string()));
                     }
                 }
-                match store.load_ram_copy() {
+                match store.load_ram_copy(&self.alloc, true) {
                     Ok(_) => {
                         for b in 0..store.blocks().len() {
                             if let Err(e) = store.block_to_device(b, &self.alloc, &self.ring, compute) {
