@@ -242,6 +242,27 @@ fn no_ram_copy_streams_a_whole_block_per_copy() {
     assert_eq!(after.bytes_streamed_total - before.bytes_streamed_total, forwards * m.total());
     assert_eq!(after.ram.models_without_ram_copy, 1);
     assert_eq!(after.ram.cache_used_bytes, 0);
+    drop((lock, model, cache));
+
+    // Blocks placed on the device without a RAM copy pass through the staging ring: its slots are page-aligned
+    // arenas, pinned (on the emulated device, accounted as CUDA would), at most `slots` of them each no larger than
+    // the largest block in whole pages, and each unregistered before it is freed.
+    let mut cfg = config(&format!("emulated:{}", WORK + m.total() / 2), WORK);
+    cfg.set("keep_ram_copy_of_weights", "false").unwrap();
+    let cache = ModelCache::new(cfg).unwrap();
+    let model = cache.load_model(&m.path, "m").unwrap();
+    let lock = cache.lock(&model, 0).unwrap();
+    assert!(model.resident_bytes() > 0 && model.streamed_bytes_per_forward() > 0, "a partial plan");
+    assert_eq!(bits(&forward(&lock, &m).unwrap()), reference(&m));
+    let s = cache.stats();
+    let slot_max = align_up(m.max_block() as usize, page_size()) as u64;
+    assert!(s.ram.pinned_bytes > 0, "staging slots are pinned");
+    assert!(s.ram.pinned_bytes <= s.ram.staging_slots as u64 * slot_max);
+    assert!(s.ram.staging_peak_bytes <= s.ram.staging_slots as u64 * slot_max);
+    assert_eq!(s.ram.models_pinned + s.ram.models_unpinned, 0, "no RAM copy to pin");
+    let alloc = cache.allocator().clone();
+    drop((lock, model, cache));
+    assert_unregistered_before_free(&alloc);
 }
 
 static LOG: Mutex<Vec<(u32, String)>> = Mutex::new(Vec::new());
