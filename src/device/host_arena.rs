@@ -116,6 +116,12 @@ impl HostArena {
         }
     }
 
+    /// Whether dropping it is slow (a pinned arena on CUDA: the device's reads are waited for, then the range is
+    /// unpinned), so an owner holding a lock may drop it elsewhere.
+    pub fn slow_to_free(&self) -> bool {
+        self.pinned.is_ok() && self.alloc.is_cuda()
+    }
+
     /// Usable bytes (as asked).
     pub fn len(&self) -> usize {
         self.len

@@ -797,14 +797,20 @@ impl WeightStore {
         Ok(self.total_bytes())
     }
 
-    /// Drop the RAM copy; returns the bytes released. Its arena is unregistered and freed once no copy reads it.
+    /// Drop the RAM copy; returns the bytes released. Its arena is unregistered and freed once no copy reads it. A
+    /// pinned arena on CUDA is released on a short-lived thread: unpinning gigabytes takes a while, and the caller
+    /// may hold the cache's lock (the bytes leave `pinned_bytes` when it is done).
     pub fn drop_ram_copy(&self) -> u64 {
-        let had = lock(&self.ram).take().is_some();
-        if had {
-            self.total_bytes()
+        let Some(copy) = lock(&self.ram).take() else {
+            return 0;
+        };
+        if matches!(&*copy, RamCopy::Arena { arena, .. } if arena.slow_to_free()) {
+            // If the thread cannot start, the closure (and the copy with it) is dropped here instead.
+            let _ = std::thread::Builder::new().name("lowvram-unpin".into()).spawn(move || drop(copy));
         } else {
-            0
+            drop(copy);
         }
+        self.total_bytes()
     }
 
     /// How block `b` is read from the mapping when fetched in `dtype`: runs of tensors lying back to back in one
