@@ -473,6 +473,22 @@ typedef struct lowvram_cache_stats {
      * Models alive in the cache.
      */
     uint32_t model_count;
+    /**
+     * Host bytes page-locked now (RAM copies and staging slots, whole pages), and the cap on them
+     * (`max_pinned_memory_gb`; 0 = nothing is pinned: `pin_memory: false` or the CPU device).
+     */
+    uint64_t pinned_bytes;
+    uint64_t pinned_cap_bytes;
+    /**
+     * Models whose RAM copy is not pinned (the cap, `pin_memory: false`, the driver refused): their blocks cross
+     * from pageable memory.
+     */
+    uint32_t models_unpinned;
+    /**
+     * Models without a RAM copy (`keep_ram_copy_of_weights: false`, or larger than the RAM cache): their blocks
+     * are read from the file's memory map through the staging ring. The log says which and why, per model.
+     */
+    uint32_t models_without_ram_copy;
 } lowvram_cache_stats;
 
 /**

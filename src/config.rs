@@ -43,6 +43,10 @@ pub const KEYS: &[(&str, &str)] = &[
     ("reserve_vram_gb", "a number of GiB >= 0 and <= 1048576"),
     ("smart_memory", "true|false"),
     ("pin_memory", "true|false"),
+    (
+        "max_pinned_memory_gb",
+        "a number of GiB >= 0 and <= 1048576, or auto|null",
+    ),
     ("forge_pin_shared_memory", "Shared|CPU"),
     ("async_loading", "true|false"),
     ("forge_async_loading", "Async|Queue"),
@@ -133,8 +137,12 @@ pub struct Config {
     pub reserve_vram_gb: f64,
     /// `smart_memory` (default true); false = unload a model's device weights after every run.
     pub smart_memory: bool,
-    /// `pin_memory` (default true; Forge's `forge_pin_shared_memory: Shared|CPU`).
+    /// `pin_memory` (default true; Forge's `forge_pin_shared_memory: Shared|CPU`): false = nothing is pinned.
     pub pin_memory: bool,
+    /// `max_pinned_memory_gb` in GiB: the cap on page-locked host bytes (RAM copies and staging slots); None =
+    /// ComfyUI's default, a fraction of RAM (logged at creation). A model whose RAM copy would pass it keeps an
+    /// unpinned copy.
+    pub max_pinned_memory_gb: Option<f64>,
     /// `async_loading` (default true; Forge's `forge_async_loading: Async|Queue`).
     pub async_loading: bool,
     /// `storage_dtype` (default auto = the file's dtype).
@@ -161,6 +169,7 @@ impl Default for Config {
             reserve_vram_gb: 0.0,
             smart_memory: true,
             pin_memory: true,
+            max_pinned_memory_gb: None,
             async_loading: true,
             storage_dtype: DtypeChoice::Auto,
             compute_dtype: DtypeChoice::Auto,
@@ -288,7 +297,7 @@ impl Config {
 
     fn set_opt(&mut self, key: &str, value: Option<&str>) -> Result<()> {
         let v = value.unwrap_or("null");
-        let opt_ok = matches!(key, "max_cache_ram_gb" | "max_cache_vram_gb");
+        let opt_ok = matches!(key, "max_cache_ram_gb" | "max_cache_vram_gb" | "max_pinned_memory_gb");
         if value.is_none() && !opt_ok && KEYS.iter().any(|(k, _)| *k == key) {
             return Err(bad(key, "null"));
         }
@@ -328,6 +337,7 @@ impl Config {
             "reserve_vram_gb" => self.reserve_vram_gb = parse_gb(key, v)?,
             "smart_memory" => self.smart_memory = parse_bool(key, v)?,
             "pin_memory" => self.pin_memory = parse_bool(key, v)?,
+            "max_pinned_memory_gb" => self.max_pinned_memory_gb = parse_opt_gb(key, value)?,
             "forge_pin_shared_memory" => {
                 self.pin_memory = match v.trim() {
                     "Shared" => true,
@@ -388,6 +398,11 @@ impl Config {
     /// `max_cache_ram_gb` in bytes, if set.
     pub fn max_cache_ram_bytes(&self) -> Option<u64> {
         self.max_cache_ram_gb.map(gib_to_bytes)
+    }
+
+    /// `max_pinned_memory_gb` in bytes, if set.
+    pub fn max_pinned_memory_bytes(&self) -> Option<u64> {
+        self.max_pinned_memory_gb.map(gib_to_bytes)
     }
 }
 

@@ -196,6 +196,7 @@ impl Context {
             model.kind(),
             model.weights().total_bytes()
         ));
+        self.log_weights_from(&model);
         Ok(Arc::new(model))
     }
 
@@ -214,6 +215,7 @@ impl Context {
             model.kind(),
             model.weights().total_bytes()
         ));
+        self.log_weights_from(&model);
         Ok(Arc::new(model))
     }
 
@@ -222,6 +224,7 @@ impl Context {
         let model = Model::load_t5_file(&self.cache, path, self.id)?;
         let bytes = model.weights().total_bytes();
         self.logger.info(&format!("loaded T5 encoder file {} ({bytes} bytes stored)", path.display()));
+        self.log_weights_from(&model);
         Ok(Arc::new(model))
     }
 
@@ -230,6 +233,7 @@ impl Context {
         let model = Model::load_gguf_transformer(&self.cache, path, self.id)?;
         let bytes = model.weights().total_bytes();
         self.logger.info(&format!("loaded GGUF transformer {} ({bytes} bytes stored)", path.display()));
+        self.log_weights_from(&model);
         Ok(Arc::new(model))
     }
 
@@ -244,7 +248,19 @@ impl Context {
         let model = Model::load_vae_file(&self.cache, path, family, self.id)?;
         let bytes = model.weights().total_bytes();
         self.logger.info(&format!("loaded VAE {} ({bytes} bytes of weights)", path.display()));
+        self.log_weights_from(&model);
         Ok(Arc::new(model))
+    }
+
+    /// One line per loaded model: where its weights stream from and why (a warning when that is a slow path the
+    /// host did not choose: no RAM copy because the RAM cache is too small, a RAM copy the cap left unpinned).
+    fn log_weights_from(&self, model: &Model) {
+        let (slow, line) = model.weights().weights_from_line();
+        if slow {
+            self.logger.warn(&line);
+        } else {
+            self.logger.info(&line);
+        }
     }
 
     /// Place up to `max_bytes` of `model`'s weights on the device now (explicit partial load); returns the bytes

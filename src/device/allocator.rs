@@ -8,7 +8,7 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use crate::device::{BlockBuffers, DeviceSpec};
+use crate::device::{BlockBuffers, DeviceSpec, PinEvent, PinRegistry};
 use crate::error::{Error, Result};
 
 /// What an allocation holds (for the per-kind counters in [`DeviceUsage`]).
@@ -135,6 +135,8 @@ struct Inner {
     state: Mutex<State>,
     changed: Condvar,
     block_buffers: Option<Arc<BlockBuffers>>,
+    /// Host memory registered (pinned) for copies to this device.
+    pins: PinRegistry,
 }
 
 /// The one allocator of a device: counts every byte placed on it and refuses past its capacity. Cheap to clone
@@ -237,6 +239,36 @@ fn emulated_copy(t: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
+/// The emulated device's upload of a large aligned byte slice: a parallel copy (as [`emulated_copy`]); None for
+/// small or unaligned data (then candle's plain copy).
+fn emulated_from_bytes(data: &[u8], dtype: DType, shape: &[usize]) -> Result<Option<Tensor>> {
+    fn typed<T: Copy + Default + Send + Sync + candle_core::WithDType>(
+        data: &[u8],
+        shape: &[usize],
+    ) -> Result<Option<Tensor>> {
+        if data.as_ptr() as usize % std::mem::align_of::<T>() != 0 || data.len() % std::mem::size_of::<T>() != 0 {
+            return Ok(None);
+        }
+        // SAFETY: aligned and a whole number of plain-number elements.
+        let src = unsafe {
+            std::slice::from_raw_parts(data.as_ptr() as *const T, data.len() / std::mem::size_of::<T>())
+        };
+        let mut dst = vec![T::default(); src.len()];
+        crate::device::copy_chunked(&mut dst, src, true);
+        Ok(Some(Tensor::from_vec(dst, shape, &Device::Cpu)?))
+    }
+    if data.len() < 4 << 20 {
+        return Ok(None);
+    }
+    match dtype {
+        DType::F32 => typed::<f32>(data, shape),
+        DType::F16 => typed::<half::f16>(data, shape),
+        DType::BF16 => typed::<half::bf16>(data, shape),
+        DType::U8 => typed::<u8>(data, shape),
+        _ => Ok(None),
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -264,7 +296,9 @@ impl DeviceAllocator {
             DeviceSpec::Emulated(cap) => (Device::Cpu, Some(*cap)),
             DeviceSpec::Cuda(n) => open_cuda(*n)?,
         };
-        let block_buffers = matches!(spec, DeviceSpec::Emulated(_)).then(BlockBuffers::new);
+        let emulated = matches!(spec, DeviceSpec::Emulated(_));
+        let block_buffers = emulated.then(BlockBuffers::new);
+        let pins = PinRegistry::new(&device, emulated);
         Ok(Self {
             inner: Arc::new(Inner {
                 spec,
@@ -273,6 +307,7 @@ impl DeviceAllocator {
                 state: Mutex::new(State::default()),
                 changed: Condvar::new(),
                 block_buffers,
+                pins,
             }),
         })
     }
@@ -281,6 +316,42 @@ impl DeviceAllocator {
     /// are allocated from the driver's stream-ordered pool instead).
     pub fn block_buffers(&self) -> Option<&Arc<BlockBuffers>> {
         self.inner.block_buffers.as_ref()
+    }
+
+    /// The pinned host memory of this device (registrations, the cap, events).
+    pub fn pins(&self) -> &PinRegistry {
+        &self.inner.pins
+    }
+
+    /// Set the cap on pinned host bytes (None = no pinning: `pin_memory: false`). What is pinned stays pinned; later
+    /// registrations see the new cap. Ignored on the CPU device (nothing is copied to a device there).
+    pub fn set_pinned_cap(&self, cap: Option<u64>) {
+        self.inner.pins.set_cap(cap)
+    }
+
+    /// The cap on pinned host bytes (None = pinning disabled or the CPU device).
+    pub fn pinned_cap(&self) -> Option<u64> {
+        self.inner.pins.cap()
+    }
+
+    /// Host bytes registered (pinned) now: RAM copies and staging slots, whole pages.
+    pub fn pinned_bytes(&self) -> u64 {
+        self.inner.pins.bytes()
+    }
+
+    /// The most host bytes pinned at once.
+    pub fn pinned_peak(&self) -> u64 {
+        self.inner.pins.peak()
+    }
+
+    /// The last registrations, unregistrations and frees of host arenas, in order (see [`PinEvent`]).
+    pub fn pin_events(&self) -> Vec<PinEvent> {
+        self.inner.pins.events()
+    }
+
+    /// Host arenas freed while still registered (must be 0: the arena unregisters first).
+    pub fn pin_violations(&self) -> u64 {
+        self.inner.pins.violations()
     }
 
     /// The device as resolved.
@@ -484,7 +555,14 @@ impl DeviceAllocator {
     }
 
     /// A device tensor built from host bytes (`data` in `dtype`, row-major `shape`). The caller accounts the bytes.
+    /// On CUDA a copy from a pinned [`crate::device::HostArena`] is asynchronous: the caller records it there
+    /// ([`crate::device::HostArena::note_read`]).
     pub fn tensor_from_bytes(&self, data: &[u8], dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        if matches!(self.inner.spec, DeviceSpec::Emulated(_)) {
+            if let Some(t) = emulated_from_bytes(data, dtype, shape)? {
+                return Ok(t);
+            }
+        }
         Tensor::from_raw_buffer(data, dtype, shape, &self.inner.device).map_err(|e| {
             map_oom(
                 e,

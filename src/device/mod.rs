@@ -5,13 +5,15 @@
 mod allocator;
 mod block_buffers;
 mod compute_gate;
+mod host_arena;
 mod pinned;
 mod pool;
 
 pub use allocator::{AllocKind, Allocation, ComputeThreads, DeviceAllocator, DeviceUsage, FaultInjection};
 pub use block_buffers::{BlockBuffer, BlockBuffers};
 pub use compute_gate::{ComputeGate, GateGuard};
-pub use pinned::{set_pool_keep, PinnedHost};
+pub use host_arena::{align_up, page_size, HostArena, TENSOR_ALIGN};
+pub use pinned::{set_pool_keep, NotPinned, PinEvent, PinRegistry};
 pub use pool::{pool_peak_bytes, pool_peak_reset};
 
 /// `dst.copy_from_slice(src)`, split into 1 MiB chunks over the rayon pool when `parallel` and at least 4 MiB: the

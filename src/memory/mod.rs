@@ -10,4 +10,4 @@ mod stats;
 pub use cache::{ManagedModel, ModelCache, ModelLock, Reservation};
 pub use plan::ResidencyPlan;
 pub use sizing::Sizing;
-pub use stats::{CacheStats, DeviceStats, ModelStats, PlanStats, RamStats, TierStats};
+pub use stats::{CacheStats, DeviceStats, ModelStats, PlanStats, RamStats, TierStats, WeightsFrom};

@@ -15,6 +15,8 @@ pub struct Sizing {
     pub vram_cap_bytes: Option<u64>,
     /// Working memory per operation (`device_working_mem_gb`), bytes.
     pub working_mem_bytes: u64,
+    /// The cap on pinned host bytes; None = no pinning (`pin_memory: false`, or the CPU device).
+    pub pinned_cap_bytes: Option<u64>,
     /// One line per decision, for the log callback.
     pub log: Vec<String>,
 }
@@ -32,6 +34,10 @@ pub fn host_ram_bytes() -> u64 {
         .map(|kb| kb * 1024)
         .unwrap_or(16 * GIB)
 }
+
+/// The default cap on pinned host memory as a fraction of RAM: ComfyUI's (`comfy/model_management.py`: 95% of RAM,
+/// 45% on Windows, where the driver is said to refuse more than about half).
+pub const PINNED_RAM_FRACTION: f64 = if cfg!(windows) { 0.45 } else { 0.95 };
 
 fn gib(b: u64) -> String {
     format!("{:.2} GiB", b as f64 / GIB as f64)
@@ -93,10 +99,31 @@ pub fn compute(config: &Config, alloc: &DeviceAllocator) -> Sizing {
         "working memory: {} per operation (device_working_mem_gb)",
         gib(working)
     ));
+    let pinned_cap = if !alloc.pins().transfers() {
+        log.push("pinned memory: none (CPU device: nothing is copied to a device)".to_string());
+        None
+    } else if !config.pin_memory {
+        log.push("pinned memory: none (pin_memory: false); blocks cross from pageable memory".to_string());
+        None
+    } else if let Some(b) = config.max_pinned_memory_bytes() {
+        log.push(format!("pinned memory: cap {} (max_pinned_memory_gb)", gib(b)));
+        Some(b)
+    } else {
+        let ram = host_ram_bytes();
+        let cap = (ram as f64 * PINNED_RAM_FRACTION) as u64;
+        log.push(format!(
+            "pinned memory: cap {} = {:.0}% of RAM {} (ComfyUI's default; max_pinned_memory_gb)",
+            gib(cap),
+            PINNED_RAM_FRACTION * 100.0,
+            gib(ram)
+        ));
+        Some(cap)
+    };
     Sizing {
         ram_limit_bytes: ram_limit,
         vram_cap_bytes: vram_cap,
         working_mem_bytes: working,
+        pinned_cap_bytes: pinned_cap,
         log,
     }
 }

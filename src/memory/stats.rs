@@ -87,10 +87,41 @@ pub struct RamStats {
     pub staging_peak_bytes: u64,
     /// Buffers in the ring.
     pub staging_slots: usize,
-    /// Bytes of RAM copies registered as pinned (page-locked) memory: CUDA with `pin_memory`, else 0.
+    /// Host bytes registered as pinned (page-locked) memory now, whole pages: RAM-copy arenas and staging slots
+    /// (CUDA and the emulated device, which accounts pinning as CUDA would; 0 on the CPU device).
     pub pinned_bytes: u64,
+    /// The most host bytes pinned at once.
+    pub pinned_peak_bytes: u64,
+    /// The cap on pinned bytes (`max_pinned_memory_gb`, default a fraction of RAM); None = no pinning
+    /// (`pin_memory: false`, or the CPU device).
+    pub pinned_cap_bytes: Option<u64>,
+    /// Models whose RAM copy is pinned.
+    pub models_pinned: usize,
+    /// Models with a RAM copy that is not pinned (the cap, `pin_memory: false`, the driver refused): their blocks
+    /// cross from pageable memory.
+    pub models_unpinned: usize,
+    /// Models without a RAM copy (`keep_ram_copy_of_weights: false`, larger than the RAM cache, evicted from it):
+    /// their streamed blocks are read from the memory map through the staging ring.
+    pub models_without_ram_copy: usize,
+    /// Copies made from memory-mapped files (RAM copies and streams without one): one per run of tensors lying back
+    /// to back in a file, else one per tensor.
+    pub file_copies_total: u64,
     /// Bytes memory-mapped (files; not counted as cache).
     pub mapped_bytes: u64,
+}
+
+/// Where a model's weights are copied to the device from (see [`crate::memory::ManagedModel::weights_from`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightsFrom {
+    /// Its RAM copy, pinned: DMA at full speed, overlapping compute.
+    PinnedRam,
+    /// Its RAM copy in pageable memory.
+    Ram,
+    /// The memory map of its file, through the staging ring (no RAM copy).
+    File,
+    /// The CPU device: the RAM copy is the weights computed with.
+    InPlace,
 }
 
 /// One model.
@@ -106,6 +137,14 @@ pub struct ModelStats {
     pub resident_bytes: u64,
     /// Bytes of its RAM copy.
     pub ram_bytes: u64,
+    /// Host bytes of its RAM copy's arena (tensors aligned, whole pages; 0 without one and on the CPU device).
+    pub ram_arena_bytes: u64,
+    /// Host bytes of its RAM copy pinned.
+    pub pinned_bytes: u64,
+    /// Where its weights are copied to the device from now.
+    pub weights_from: WeightsFrom,
+    /// Why (the log line's reason): e.g. "no RAM copy: its N bytes exceed the RAM cache limit of M bytes".
+    pub weights_from_reason: String,
     /// Blocks / resident blocks.
     pub blocks: usize,
     pub resident_blocks: usize,

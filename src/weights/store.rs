@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use serde::Serialize;
 
-use crate::device::{BlockBuffer, DeviceAllocator, PinnedHost};
+use crate::device::{align_up, BlockBuffer, DeviceAllocator, HostArena, NotPinned, TENSOR_ALIGN};
 use crate::error::{Error, Result};
 use crate::weights::format::StoredFormat;
 use crate::weights::gguf::{GgufHeader, GgufKind};
@@ -123,17 +123,21 @@ pub struct BlockInfo {
     pub compute_bytes: u64,
 }
 
-/// A small pool of host buffers that streamed blocks pass through when there is no RAM copy. Host bytes it holds
-/// stay below `slots × largest block`.
+/// A small pool of page-aligned host buffers ([`HostArena`]s) that blocks pass through when there is no RAM copy:
+/// a block is read from the mapping into a slot in large copies, and its tensors cross to the device from there
+/// (pinned on CUDA when `pin_memory` and the cap allow, so they are DMAs). Host bytes it holds stay below
+/// `slots × largest block` (rounded up to whole pages).
 pub struct StagingRing {
     slots: usize,
+    /// Whether new slots are pinned (`pin_memory`).
+    pin: std::sync::atomic::AtomicBool,
     state: Mutex<RingState>,
     cv: Condvar,
 }
 
 #[derive(Default)]
 struct RingState {
-    free: Vec<Vec<u8>>,
+    free: Vec<HostArena>,
     out: usize,
     bytes: u64,
     peak: u64,
@@ -148,6 +152,7 @@ impl StagingRing {
     pub fn new(slots: usize) -> Arc<Self> {
         Arc::new(Self {
             slots: slots.max(1),
+            pin: std::sync::atomic::AtomicBool::new(true),
             state: Mutex::new(RingState::default()),
             cv: Condvar::new(),
         })
@@ -164,26 +169,51 @@ impl StagingRing {
     pub fn peak(&self) -> u64 {
         lock(&self.state).peak
     }
-
-    fn acquire(self: &Arc<Self>, len: usize) -> StagingSlot {
+    /// Pin slots made from now on (`pin_memory`), within the device's cap.
+    pub fn set_pin(&self, pin: bool) {
+        self.pin.store(pin, Ordering::Relaxed);
+    }
+    /// A slot of at least `len` bytes, waiting while all slots are in use. A free slot too small is replaced (it is
+    /// unregistered and freed after the device's reads of it); a reused one is handed out only once the device has
+    /// finished reading its previous contents.
+    fn acquire(self: &Arc<Self>, alloc: &DeviceAllocator, len: usize) -> Result<StagingSlot> {
         let mut s = lock(&self.state);
         loop {
-            if let Some(buf) = s.free.pop() {
+            if let Some(i) = s.free.iter().position(|a| a.len() >= len) {
+                let arena = s.free.swap_remove(i);
                 s.out += 1;
-                let mut buf = buf;
-                let before = buf.capacity();
-                buf.clear();
-                buf.resize(len, 0);
-                s.bytes += (buf.capacity() - before) as u64;
-                s.peak = s.peak.max(s.bytes);
-                return StagingSlot {
-                    ring: self.clone(),
-                    buf: Some(buf),
-                };
+                drop(s);
+                arena.wait_reads();
+                return Ok(StagingSlot { ring: self.clone(), arena: Some(arena) });
             }
-            if s.out + s.free.len() < self.slots {
-                s.free.push(Vec::new());
-                continue;
+            if s.out + s.free.len() < self.slots || !s.free.is_empty() {
+                // Room for a new slot, or a free one too small: replace it (the smallest first).
+                if s.out + s.free.len() >= self.slots {
+                    let (i, _) = s.free.iter().enumerate().min_by_key(|(_, a)| a.len()).expect("not empty");
+                    let old = s.free.swap_remove(i);
+                    s.bytes -= old.allocated() as u64;
+                    drop(old);
+                }
+                s.out += 1;
+                drop(s);
+                let made = HostArena::new(alloc, len).map(|mut a| {
+                    let _ = a.pin(self.pin.load(Ordering::Relaxed));
+                    a
+                });
+                let mut s = lock(&self.state);
+                return match made {
+                    Ok(arena) => {
+                        s.bytes += arena.allocated() as u64;
+                        s.peak = s.peak.max(s.bytes);
+                        Ok(StagingSlot { ring: self.clone(), arena: Some(arena) })
+                    }
+                    Err(e) => {
+                        s.out -= 1;
+                        drop(s);
+                        self.cv.notify_one();
+                        Err(e)
+                    }
+                };
             }
             s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
         }
@@ -192,15 +222,21 @@ impl StagingRing {
 
 struct StagingSlot {
     ring: Arc<StagingRing>,
-    buf: Option<Vec<u8>>,
+    arena: Option<HostArena>,
+}
+
+impl StagingSlot {
+    fn arena(&mut self) -> &mut HostArena {
+        self.arena.as_mut().expect("present until drop")
+    }
 }
 
 impl Drop for StagingSlot {
     fn drop(&mut self) {
-        if let Some(b) = self.buf.take() {
+        if let Some(a) = self.arena.take() {
             let mut s = lock(&self.ring.state);
             s.out -= 1;
-            s.free.push(b);
+            s.free.push(a);
             drop(s);
             self.ring.cv.notify_one();
         }
@@ -220,11 +256,30 @@ pub struct WeightStore {
     /// A GGUF file's `general.architecture` (`flux`, `sd1`, `t5encoder`, ...).
     architecture: Option<String>,
     compute_dtype: DType,
-    ram: Mutex<Option<Arc<Vec<HashMap<String, Tensor>>>>>,
-    /// The RAM copy's registration as pinned memory (CUDA, `pin_memory`); dropped before the copy.
-    pinned: Mutex<Option<PinnedHost>>,
+    /// The RAM copy; shared with the copies reading it, so it is freed (and unpinned) only after the last one.
+    ram: Mutex<Option<Arc<RamCopy>>>,
     /// Bytes read from the mapping so far (RAM copies and streams without one).
     read: AtomicU64,
+    /// Copies made from the mapping so far (one per run of tensors lying back to back in the file, else one per
+    /// tensor).
+    copies: AtomicU64,
+}
+
+/// The RAM copy of every tensor in its storage dtype.
+enum RamCopy {
+    /// The CPU device: candle tensors, which its resident blocks share (nothing is copied to a device, so nothing is
+    /// pinned).
+    Tensors(Vec<HashMap<String, Tensor>>),
+    /// A device weights are copied to: one page-aligned arena, pinned as a whole when allowed; tensor `i` of the
+    /// store at `spans[i]` (offset, bytes), each offset a multiple of [`TENSOR_ALIGN`].
+    Arena { arena: HostArena, spans: Vec<(usize, usize)> },
+}
+
+/// A piece of a block read from the mapping: a run of tensors lying back to back in one file and held as stored
+/// (one copy), or one tensor to convert, transpose or gather from parts.
+enum Piece {
+    Run { file: usize, off: usize, len: usize },
+    Convert(usize),
 }
 
 /// A span's dtype, if the store can hold it.
@@ -558,8 +613,8 @@ impl WeightStore {
             architecture: gguf.as_ref().and_then(|h| h.architecture()).map(str::to_string),
             compute_dtype: compute,
             ram: Mutex::new(None),
-            pinned: Mutex::new(None),
             read: AtomicU64::new(0),
+            copies: AtomicU64::new(0),
         })
     }
 
@@ -621,6 +676,7 @@ impl WeightStore {
         let part = |&(f, off, len): &(usize, usize, usize)| &self.mmaps[f][off..off + len];
         let len: usize = t.parts.iter().map(|p| p.2).sum();
         self.read.fetch_add(len as u64, Ordering::Relaxed);
+        self.copies.fetch_add(1, Ordering::Relaxed);
         if t.parts.len() > 1 {
             // One allocation and one memcpy per part (a fused qkv read on every streamed fetch without a RAM copy).
             let mut out = Vec::with_capacity(len);
@@ -645,11 +701,17 @@ impl WeightStore {
         std::borrow::Cow::Owned(out)
     }
 
+    /// Copies made from the mapping since it was opened: one per run of tensors lying back to back in the file
+    /// (read as stored), else one per tensor.
+    pub fn file_copies(&self) -> u64 {
+        self.copies.load(Ordering::Relaxed)
+    }
+
     /// Whether a RAM copy is held.
     pub fn has_ram_copy(&self) -> bool {
         lock(&self.ram).is_some()
     }
-    /// Bytes of the RAM copy (0 without one).
+    /// Bytes of the RAM copy's tensors in the storage dtype (0 without one).
     pub fn ram_bytes(&self) -> u64 {
         if self.has_ram_copy() {
             self.total_bytes()
@@ -657,65 +719,166 @@ impl WeightStore {
             0
         }
     }
+    /// Host bytes of the RAM copy's arena (its tensors each at a multiple of [`TENSOR_ALIGN`], in whole pages); 0
+    /// without one and on the CPU device (whose RAM copy is the weights it computes with).
+    pub fn ram_arena_bytes(&self) -> u64 {
+        match lock(&self.ram).as_deref() {
+            Some(RamCopy::Arena { arena, .. }) => arena.allocated() as u64,
+            _ => 0,
+        }
+    }
+    /// Whether the RAM copy is pinned (Ok) or why not; None without a RAM copy.
+    pub fn ram_pinned(&self) -> Option<std::result::Result<(), NotPinned>> {
+        match lock(&self.ram).as_deref() {
+            None => None,
+            Some(RamCopy::Tensors(_)) => Some(Err(NotPinned::NoTransfers)),
+            Some(RamCopy::Arena { arena, .. }) => Some(arena.pinned().clone()),
+        }
+    }
+    /// Host bytes of the RAM copy registered as pinned memory (whole pages; 0 when not pinned).
+    pub fn pinned_bytes(&self) -> u64 {
+        match lock(&self.ram).as_deref() {
+            Some(RamCopy::Arena { arena, .. }) => arena.pinned_bytes(),
+            _ => 0,
+        }
+    }
 
-    /// Read every tensor into a RAM copy in the storage dtype (no-op if held). Returns the bytes read.
-    pub fn load_ram_copy(&self) -> Result<u64> {
+    /// Where each tensor lies in a RAM-copy arena (offset, bytes in the storage dtype), in block order, and the
+    /// bytes the arena needs.
+    fn arena_spans(&self) -> (Vec<(usize, usize)>, usize) {
+        let mut spans = vec![(0, 0); self.tensors.len()];
+        let mut end = 0usize;
+        for b in &self.blocks {
+            for &ti in &b.tensors {
+                let off = align_up(end, TENSOR_ALIGN);
+                let n = self.tensors[ti].storage_bytes() as usize;
+                spans[ti] = (off, n);
+                end = off + n;
+            }
+        }
+        (spans, end)
+    }
+
+    /// Read every tensor into a RAM copy in the storage dtype (no-op if held); returns the bytes read. On a device
+    /// weights are copied to, the copy is one page-aligned arena, registered as pinned memory as a whole when `pin`
+    /// and the device's cap allow ([`Self::ram_pinned`] says which); on the CPU device it is the tensors it computes
+    /// with. `OutOfHostMemory` when the host cannot hold it.
+    pub fn load_ram_copy(&self, alloc: &DeviceAllocator, pin: bool) -> Result<u64> {
         if self.has_ram_copy() {
             return Ok(0);
         }
-        let mut copy = Vec::with_capacity(self.blocks.len());
-        let mut buf = Vec::new();
-        for b in &self.blocks {
-            let mut m = HashMap::new();
-            for &ti in &b.tensors {
-                let t = &self.tensors[ti];
-                buf.resize(t.storage_bytes() as usize, 0);
-                convert_into(&self.file_bytes(t), t.file_dtype, t.storage_dtype, &mut buf);
-                m.insert(
-                    t.rel_name.clone(),
-                    Tensor::from_raw_buffer(&buf, t.storage_dtype, &t.held_shape(), &Device::Cpu)?,
-                );
+        let copy = if alloc.pins().transfers() {
+            let (spans, len) = self.arena_spans();
+            let mut arena = HostArena::new(alloc, len)?;
+            let dst = arena.as_mut_slice();
+            for (ti, t) in self.tensors.iter().enumerate() {
+                let (off, n) = spans[ti];
+                convert_par(&self.file_bytes(t), t.file_dtype, t.storage_dtype, &mut dst[off..off + n], true);
             }
-            copy.push(m);
+            let _ = arena.pin(pin);
+            RamCopy::Arena { arena, spans }
+        } else {
+            let mut maps = Vec::with_capacity(self.blocks.len());
+            for b in &self.blocks {
+                let mut m = HashMap::with_capacity(b.tensors.len());
+                for &ti in &b.tensors {
+                    let t = &self.tensors[ti];
+                    let v = host_convert_bytes(&self.file_bytes(t), t.file_dtype, t.storage_dtype, &t.held_shape())?;
+                    m.insert(t.rel_name.clone(), v);
+                }
+                maps.push(m);
+            }
+            RamCopy::Tensors(maps)
+        };
+        let mut ram = lock(&self.ram);
+        if ram.is_none() {
+            *ram = Some(Arc::new(copy));
         }
-        *lock(&self.ram) = Some(Arc::new(copy));
         Ok(self.total_bytes())
     }
 
-    /// Register the RAM copy as pinned host memory on `alloc`'s device (CUDA; elsewhere nothing happens), so
-    /// streamed blocks cross at DMA speed and a prefetch overlaps compute. Returns the bytes pinned now.
-    pub fn pin_ram_copy(&self, alloc: &DeviceAllocator) -> Result<u64> {
-        let Some(ram) = lock(&self.ram).clone() else {
-            return Ok(0);
-        };
-        let mut pinned = lock(&self.pinned);
-        if pinned.is_none() {
-            *pinned = PinnedHost::register(alloc, ram.iter().flat_map(|m| m.values()))?;
-        }
-        Ok(pinned.as_ref().map_or(0, |p| p.bytes()))
-    }
-
-    /// Host bytes of the RAM copy registered as pinned memory.
-    pub fn pinned_bytes(&self) -> u64 {
-        lock(&self.pinned).as_ref().map_or(0, |p| p.bytes())
-    }
-
-    /// Drop the RAM copy (unpinning it first); returns the bytes released.
+    /// Drop the RAM copy; returns the bytes released. Its arena is unregistered and freed once no copy reads it. A
+    /// pinned arena on CUDA is released on a short-lived thread: unpinning gigabytes takes a while, and the caller
+    /// may hold the cache's lock (the bytes leave `pinned_bytes` when it is done).
     pub fn drop_ram_copy(&self) -> u64 {
-        drop(lock(&self.pinned).take());
-        let had = lock(&self.ram).take().is_some();
-        if had {
-            self.total_bytes()
+        let Some(copy) = lock(&self.ram).take() else {
+            return 0;
+        };
+        if matches!(&*copy, RamCopy::Arena { arena, .. } if arena.slow_to_free()) {
+            // If the thread cannot start, the closure (and the copy with it) is dropped here instead.
+            let _ = std::thread::Builder::new().name("lowvram-unpin".into()).spawn(move || drop(copy));
         } else {
-            0
+            drop(copy);
+        }
+        self.total_bytes()
+    }
+
+    /// How block `b` is read from the mapping when fetched in `dtype`: runs of tensors lying back to back in one
+    /// file and held as stored (one copy each), and tensors to convert, transpose or gather.
+    fn pieces(&self, b: usize, dtype: DType) -> Vec<Piece> {
+        let mut out: Vec<Piece> = Vec::new();
+        for &ti in &self.blocks[b].tensors {
+            let t = &self.tensors[ti];
+            if t.parts.len() != 1 || t.transposed || t.file_dtype != t.held_dtype(dtype) {
+                out.push(Piece::Convert(ti));
+                continue;
+            }
+            let (f, o, l) = t.parts[0];
+            if let Some(Piece::Run { file, off, len }) = out.last_mut() {
+                if *file == f && *off + *len == o {
+                    *len += l;
+                    continue;
+                }
+            }
+            out.push(Piece::Run { file: f, off: o, len: l });
+        }
+        out
+    }
+
+    /// Block `b` read from the mapping into `dst` in `dtype`, its tensors packed in block order.
+    fn read_block(&self, b: usize, dtype: DType, dst: &mut [u8], parallel: bool) {
+        let mut at = 0usize;
+        for p in self.pieces(b, dtype) {
+            match p {
+                Piece::Run { file, off, len } => {
+                    crate::device::copy_chunked(&mut dst[at..at + len], &self.mmaps[file][off..off + len], parallel);
+                    self.read.fetch_add(len as u64, Ordering::Relaxed);
+                    self.copies.fetch_add(1, Ordering::Relaxed);
+                    at += len;
+                }
+                Piece::Convert(ti) => {
+                    let t = &self.tensors[ti];
+                    let n = t.held_bytes(dtype);
+                    convert_par(&self.file_bytes(t), t.file_dtype, t.held_dtype(dtype), &mut dst[at..at + n], parallel);
+                    at += n;
+                }
+            }
+        }
+    }
+
+    /// Run `f` on tensor `ti`'s bytes in the RAM copy `ram` (storage dtype).
+    fn with_ram_bytes<R>(&self, ram: &RamCopy, ti: usize, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        let t = &self.tensors[ti];
+        match ram {
+            RamCopy::Arena { arena, spans } => {
+                let (off, n) = spans[ti];
+                Ok(f(&arena.as_slice()[off..off + n]))
+            }
+            RamCopy::Tensors(maps) => {
+                let src = maps[t.block]
+                    .get(&t.rel_name)
+                    .ok_or_else(|| Error::format(format!("tensor {} missing from the RAM copy", t.name)))?;
+                let (storage, layout) = src.storage_and_layout();
+                Ok(f(cpu_bytes(&storage, layout)?))
+            }
         }
     }
 
     /// Block `b` converted to `dtype` into one reusable buffer of the device's pool (the emulated device; see
-    /// [`crate::device::BlockBuffers`]) in one pass from the RAM copy or the mapping: its tensors are views into the
-    /// buffer, which must outlive them. None when the device has no pool or the block is empty (then use
-    /// [`Self::block_to_device`]). `parallel` splits large copies over the rayon pool (synchronous fetches); a
-    /// prefetch copies on its own thread.
+    /// [`crate::device::BlockBuffers`]) in one pass from the RAM copy or the mapping (in large copies: see
+    /// [`Self::file_copies`]): its tensors are views into the buffer, which must outlive them. None when the device
+    /// has no pool or the block is empty (then use [`Self::block_to_device`]). `parallel` splits large copies over
+    /// the rayon pool (synchronous fetches); a prefetch copies on its own thread.
     pub fn block_to_buffer(
         &self,
         b: usize,
@@ -738,32 +901,30 @@ impl WeightStore {
             .sum();
         let buf = pool.take(dtype, elems)?;
         let ram = lock(&self.ram).clone();
+        match ram.as_deref() {
+            None => buf.write(0, elems * dtype.size_in_bytes(), |dst| self.read_block(b, dtype, dst, parallel))?,
+            Some(ram) => {
+                let mut at = 0usize;
+                for &ti in &block.tensors {
+                    let t = &self.tensors[ti];
+                    let n = t.elem_count() * dtype.size_in_bytes();
+                    self.with_ram_bytes(ram, ti, |bytes| {
+                        buf.write(at, n, |dst| {
+                            if t.storage_dtype == dtype {
+                                crate::device::copy_chunked(dst, bytes, parallel)
+                            } else {
+                                convert_par(bytes, t.storage_dtype, dtype, dst, parallel)
+                            }
+                        })
+                    })??;
+                    at += t.elem_count();
+                }
+            }
+        }
         let mut out = HashMap::with_capacity(block.tensors.len());
         let mut at = 0usize;
         for &ti in &block.tensors {
             let t = &self.tensors[ti];
-            let n = t.elem_count() * dtype.size_in_bytes();
-            match ram.as_ref().and_then(|r| r[b].get(&t.rel_name)) {
-                Some(src) => {
-                    let (storage, layout) = src.storage_and_layout();
-                    let bytes = cpu_bytes(&storage, layout)?;
-                    if t.storage_dtype == dtype {
-                        buf.write(at, n, |dst| {
-                            crate::device::copy_chunked(dst, bytes, parallel)
-                        })?;
-                    } else {
-                        buf.write(at, n, |dst| {
-                            convert_par(bytes, t.storage_dtype, dtype, dst, parallel)
-                        })?;
-                    }
-                }
-                None => {
-                    let src = self.file_bytes(t);
-                    buf.write(at, n, |dst| {
-                        convert_par(&src, t.file_dtype, dtype, dst, parallel)
-                    })?;
-                }
-            }
             out.insert(t.rel_name.clone(), buf.view(at, &t.shape)?);
             at += t.elem_count();
         }
@@ -771,10 +932,12 @@ impl WeightStore {
     }
 
     /// Copy block `b` to the device of `alloc`, converted to `dtype`: from the RAM copy when held, else from the
-    /// mapping through `ring`. On CUDA a RAM copy crosses in the storage dtype (pinned, half the bytes for fp16) and
-    /// is converted on the device, so the storage-dtype copy is held until the conversion is done (the plan's
-    /// `lease`/`place`); elsewhere the conversion runs on the host as the bytes are copied. The caller has already
-    /// accounted the bytes with the allocator.
+    /// mapping through `ring` (a whole block per slot, read in large copies). On CUDA a RAM copy crosses in the
+    /// storage dtype (from its pinned arena, half the bytes for fp16) and is converted on the device, so the
+    /// storage-dtype copy is held until the conversion is done (the plan's `lease`/`place`); elsewhere the
+    /// conversion runs on the host as the bytes are copied. The copies queued from an arena or a slot are recorded
+    /// there, so it is neither unregistered nor refilled before they finish. The caller has already accounted the
+    /// bytes with the allocator.
     pub fn block_to_device(
         &self,
         b: usize,
@@ -785,70 +948,90 @@ impl WeightStore {
         let block = &self.blocks[b];
         let ram = lock(&self.ram).clone();
         let mut out = HashMap::with_capacity(block.tensors.len());
-        if let Some(ram) = ram {
-            for (name, t) in &ram[b] {
-                // U8 = a tensor in a stored format: it crosses and stays as stored.
-                let d = if t.dtype() == dtype || t.dtype() == DType::U8 {
-                    alloc.copy_to_device(t)?
-                } else if alloc.is_cuda() {
-                    alloc.cast(&alloc.copy_to_device(t)?, dtype)?
-                } else {
-                    self.host_convert(t, dtype)?
-                };
-                out.insert(name.clone(), d);
+        match ram.as_deref() {
+            Some(RamCopy::Tensors(maps)) => {
+                for (name, t) in &maps[b] {
+                    // U8 = a tensor in a stored format: it crosses and stays as stored.
+                    let d = if t.dtype() == dtype || t.dtype() == DType::U8 {
+                        alloc.copy_to_device(t)?
+                    } else if alloc.is_cuda() {
+                        alloc.cast(&alloc.copy_to_device(t)?, dtype)?
+                    } else {
+                        let (storage, layout) = t.storage_and_layout();
+                        host_convert_bytes(cpu_bytes(&storage, layout)?, t.dtype(), dtype, t.dims())?
+                    };
+                    out.insert(name.clone(), d);
+                }
             }
-            return Ok(out);
-        }
-        let bytes: usize = block.tensors.iter().map(|&ti| self.tensors[ti].held_bytes(dtype)).sum();
-        let mut slot = ring.acquire(bytes);
-        let buf = slot.buf.as_mut().expect("slot holds a buffer");
-        let mut at = 0usize;
-        let mut spans = Vec::with_capacity(block.tensors.len());
-        for &ti in &block.tensors {
-            let t = &self.tensors[ti];
-            let n = t.held_bytes(dtype);
-            convert_par(&self.file_bytes(t), t.file_dtype, t.held_dtype(dtype), &mut buf[at..at + n], true);
-            spans.push((ti, at, n));
-            at += n;
-        }
-        for (ti, at, n) in spans {
-            let t = &self.tensors[ti];
-            out.insert(
-                t.rel_name.clone(),
-                alloc.tensor_from_bytes(&buf[at..at + n], t.held_dtype(dtype), &t.held_shape())?,
-            );
+            Some(RamCopy::Arena { arena, spans }) => {
+                let mut copy = || -> Result<()> {
+                    for &ti in &block.tensors {
+                        let t = &self.tensors[ti];
+                        let (off, n) = spans[ti];
+                        let bytes = &arena.as_slice()[off..off + n];
+                        let held = t.storage_dtype;
+                        let d = if held == dtype || held == DType::U8 {
+                            alloc.tensor_from_bytes(bytes, held, &t.held_shape())?
+                        } else if alloc.is_cuda() {
+                            alloc.cast(&alloc.tensor_from_bytes(bytes, held, &t.held_shape())?, dtype)?
+                        } else {
+                            host_convert_bytes(bytes, held, dtype, &t.held_shape())?
+                        };
+                        out.insert(t.rel_name.clone(), d);
+                    }
+                    Ok(())
+                };
+                let r = copy();
+                arena.note_read()?;
+                r?;
+            }
+            None => {
+                let bytes: usize = block.tensors.iter().map(|&ti| self.tensors[ti].held_bytes(dtype)).sum();
+                let mut slot = ring.acquire(alloc, bytes)?;
+                let arena = slot.arena();
+                self.read_block(b, dtype, &mut arena.as_mut_slice()[..bytes], true);
+                let arena: &HostArena = arena;
+                let mut copy = || -> Result<()> {
+                    let mut at = 0usize;
+                    for &ti in &block.tensors {
+                        let t = &self.tensors[ti];
+                        let n = t.held_bytes(dtype);
+                        out.insert(
+                            t.rel_name.clone(),
+                            alloc.tensor_from_bytes(&arena.as_slice()[at..at + n], t.held_dtype(dtype), &t.held_shape())?,
+                        );
+                        at += n;
+                    }
+                    Ok(())
+                };
+                let r = copy();
+                arena.note_read()?;
+                r?;
+            }
         }
         Ok(out)
     }
+}
 
-    /// A host (CPU) tensor of the RAM copy converted to `dtype` in new memory, in parallel for large tensors.
-    fn host_convert(&self, t: &Tensor, dtype: DType) -> Result<Tensor> {
-        fn into<T: Copy + Default + candle_core::WithDType>(
-            src: &[u8],
-            from: DType,
-            to: DType,
-            shape: &[usize],
-        ) -> Result<Tensor> {
-            let mut v = vec![T::default(); src.len() / from.size_in_bytes()];
-            // SAFETY: plain numbers, written as bytes.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(
-                    v.as_mut_ptr() as *mut u8,
-                    std::mem::size_of_val(&v[..]),
-                )
-            };
-            convert_par(src, from, to, dst, true);
-            Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
-        }
-        let (storage, layout) = t.storage_and_layout();
-        let src = cpu_bytes(&storage, layout)?;
-        match dtype {
-            DType::F32 => into::<f32>(src, t.dtype(), dtype, t.dims()),
-            DType::F16 => into::<half::f16>(src, t.dtype(), dtype, t.dims()),
-            DType::BF16 => into::<half::bf16>(src, t.dtype(), dtype, t.dims()),
-            other => Err(Error::unsupported(format!(
-                "converting weights to {other:?}"
-            ))),
-        }
+/// Host bytes `src` (elements of `from`) as a new CPU tensor of `to` and `shape`, converted in parallel when large.
+fn host_convert_bytes(src: &[u8], from: DType, to: DType, shape: &[usize]) -> Result<Tensor> {
+    fn into<T: Copy + Default + candle_core::WithDType>(
+        src: &[u8],
+        from: DType,
+        to: DType,
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let mut v = vec![T::default(); src.len() / from.size_in_bytes()];
+        // SAFETY: plain numbers, written as bytes.
+        let dst = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(&v[..])) };
+        convert_par(src, from, to, dst, true);
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    }
+    match to {
+        DType::F32 => into::<f32>(src, from, to, shape),
+        DType::F16 => into::<half::f16>(src, from, to, shape),
+        DType::BF16 => into::<half::bf16>(src, from, to, shape),
+        DType::U8 if from == DType::U8 => into::<u8>(src, from, to, shape),
+        other => Err(Error::unsupported(format!("converting weights to {other:?}"))),
     }
 }

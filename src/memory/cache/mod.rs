@@ -26,7 +26,7 @@ use crate::device::{
 use crate::error::{Error, Result};
 use crate::memory::plan::{self, BlockCost, ResidencyPlan};
 use crate::memory::sizing::{self, Sizing};
-use crate::memory::stats::{CacheStats, DeviceStats, ModelStats, PlanStats, RamStats, TierStats};
+use crate::memory::stats::{CacheStats, DeviceStats, ModelStats, PlanStats, RamStats, TierStats, WeightsFrom};
 use crate::weights::{
     BlockInfo, BlockWeights, StagingRing, TensorLocation, WeightSource, WeightStore,
 };
@@ -101,6 +101,8 @@ struct Shared {
     tiers: TierCounters,
     /// File bytes read by models the cache has forgotten (the live ones count their own).
     files_read: AtomicU64,
+    /// Copies from files made by models the cache has forgotten.
+    file_copies: AtomicU64,
 }
 
 /// Hits, misses and evictions of the two tiers (see [`TierStats`]).
@@ -197,6 +199,8 @@ pub struct ManagedModel {
     state: Mutex<ModelState>,
     /// The threads running a forward of it now (its locks' threads): its device memory is freed only on them.
     compute: Arc<ComputeThreads>,
+    /// Why it has no RAM copy, when it has none (shown by [`ManagedModel::weights_from`]).
+    no_ram_copy: Mutex<String>,
     /// The block fetched after each block in the last forward (learned: a model fetches its blocks in the same
     /// order every call), which is what a prefetch copies next.
     next_fetch: Mutex<HashMap<usize, usize>>,
@@ -272,11 +276,14 @@ impl ModelCache {
         let alloc = DeviceAllocator::new(&config.effective_device())?;
         crate::device::set_pool_keep(&alloc, config.cuda_allocator == CudaAllocator::PoolKeep)?;
         let sizing = sizing::compute(&config, &alloc);
+        alloc.set_pinned_cap(sizing.pinned_cap_bytes);
+        let staging = StagingRing::new(STAGING_SLOTS);
+        staging.set_pin(config.pin_memory);
         Ok(Self {
             shared: Arc::new(Shared {
                 gate: alloc.is_cuda().then(Arc::default),
                 alloc,
-                staging: StagingRing::new(STAGING_SLOTS),
+                staging,
                 inner: Mutex::new(Inner {
                     config,
                     sizing,
@@ -295,6 +302,7 @@ impl ModelCache {
                 misses: AtomicU64::new(0),
                 tiers: TierCounters::default(),
                 files_read: AtomicU64::new(0),
+                file_copies: AtomicU64::new(0),
             }),
         })
     }
@@ -368,11 +376,13 @@ impl ModelCache {
         if !inner.config.keep_ram_copy_of_weights {
             for m in inner.live_models() {
                 if m.state().locks == 0 {
-                    sh.drop_ram(&m);
+                    sh.drop_ram(&m, registry::NO_RAM_KEPT);
                 }
             }
         }
         sh.enforce_ram(&mut inner, None);
+        sh.alloc.set_pinned_cap(inner.sizing.pinned_cap_bytes);
+        sh.staging.set_pin(inner.config.pin_memory);
         let log = inner.sizing.log.clone();
         drop(inner);
         sh.alloc.notify();
@@ -388,6 +398,7 @@ impl ModelCache {
         let mstats: Vec<ModelStats> = models
             .iter()
             .map(|m| {
+                let (weights_from, weights_from_reason) = m.weights_from();
                 let st = m.state();
                 ModelStats {
                     id: m.id,
@@ -396,6 +407,10 @@ impl ModelCache {
                     total_bytes: m.store.total_bytes(),
                     resident_bytes: st.resident.values().map(|r| r.alloc.bytes()).sum(),
                     ram_bytes: m.store.ram_bytes(),
+                    ram_arena_bytes: m.store.ram_arena_bytes(),
+                    pinned_bytes: m.store.pinned_bytes(),
+                    weights_from,
+                    weights_from_reason,
                     blocks: m.costs.len(),
                     resident_blocks: st.resident.len(),
                     locks: st.locks,
@@ -404,6 +419,7 @@ impl ModelCache {
                 }
             })
             .collect();
+        let count = |w: WeightsFrom| mstats.iter().filter(|m| m.weights_from == w).count();
         CacheStats {
             device: DeviceStats {
                 // From the same snapshot as `usage`, so free + used never exceeds the capacity.
@@ -419,7 +435,14 @@ impl ModelCache {
                 staging_bytes: sh.staging.bytes(),
                 staging_peak_bytes: sh.staging.peak(),
                 staging_slots: sh.staging.slots(),
-                pinned_bytes: models.iter().map(|m| m.store.pinned_bytes()).sum(),
+                pinned_bytes: sh.alloc.pinned_bytes(),
+                pinned_peak_bytes: sh.alloc.pinned_peak(),
+                pinned_cap_bytes: sh.alloc.pinned_cap(),
+                models_pinned: count(WeightsFrom::PinnedRam),
+                models_unpinned: count(WeightsFrom::Ram),
+                models_without_ram_copy: count(WeightsFrom::File),
+                file_copies_total: sh.file_copies.load(Ordering::Relaxed)
+                    + models.iter().map(|m| m.store.file_copies()).sum::<u64>(),
                 mapped_bytes: models.iter().map(|m| m.store.mapped_bytes()).sum(),
             },
             models: mstats,

@@ -2,7 +2,19 @@
 //! RAM copies, device-tier eviction of unlocked models, and forgetting models that cache nothing any more.
 
 use super::*;
+use crate::device::NotPinned;
 use crate::weights::WeightLayout;
+
+/// Why a model has no RAM copy with `keep_ram_copy_of_weights: false`.
+pub(super) const NO_RAM_KEPT: &str = "keep_ram_copy_of_weights: false";
+
+/// Why a model has no RAM copy when it is larger than the RAM cache.
+fn too_large(total: u64, limit: u64) -> String {
+    format!(
+        "its {total} bytes exceed the RAM cache limit of {limit} bytes (see the RAM cache line at context creation; \
+         set max_cache_ram_gb to keep a RAM copy)"
+    )
+}
 
 /// Size and modification time of a weight file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +122,46 @@ impl ManagedModel {
         self.state().streamed
     }
 
+    pub(super) fn set_no_ram_copy(&self, why: &str) {
+        *lock(&self.no_ram_copy) = why.to_string();
+    }
+
+    /// Where its weights are copied to the device from now, and why: its pinned RAM copy, its pageable RAM copy
+    /// (with the reason it is not pinned), the memory map of its file (with the reason it has no RAM copy), or, on
+    /// the CPU device, in place.
+    pub fn weights_from(&self) -> (WeightsFrom, String) {
+        match self.store.ram_pinned() {
+            Some(Ok(())) => (
+                WeightsFrom::PinnedRam,
+                format!("its RAM copy, pinned ({} bytes page-locked)", self.store.pinned_bytes()),
+            ),
+            Some(Err(NotPinned::NoTransfers)) => {
+                (WeightsFrom::InPlace, "its RAM copy, used in place (CPU device)".to_string())
+            }
+            Some(Err(why)) => (WeightsFrom::Ram, format!("its RAM copy, not pinned: {why}")),
+            None => (
+                WeightsFrom::File,
+                format!(
+                    "the memory map of its file through the staging ring (no RAM copy: {})",
+                    lock(&self.no_ram_copy)
+                ),
+            ),
+        }
+    }
+
+    /// One log line saying where its weights stream from and why, and whether the host did not choose that slower
+    /// path (no RAM copy because the RAM cache is too small; a RAM copy left unpinned by the cap or the driver):
+    /// worth a warning.
+    pub fn weights_from_line(&self) -> (bool, String) {
+        let (from, why) = self.weights_from();
+        let slow = match from {
+            WeightsFrom::File => *lock(&self.no_ram_copy) != NO_RAM_KEPT,
+            WeightsFrom::Ram => !matches!(self.store.ram_pinned(), Some(Err(NotPinned::Disabled))),
+            _ => false,
+        };
+        (slow, format!("model `{}` ({} bytes): weights stream from {why}", self.name, self.total_bytes()))
+    }
+
     /// Give a resident block back; returns the bytes freed now. While a forward runs on other threads the block is
     /// handed to them (retiring): a compute thread frees it at its next block boundary.
     pub(super) fn release_block(&self, st: &mut ModelState, rb: ResidentBlock) -> u64 {
@@ -176,6 +228,7 @@ impl Shared {
     /// `keep`'s; then forget models that hold nothing any more.
     pub(super) fn enforce_ram(&self, inner: &mut Inner, keep: Option<u64>) {
         let limit = inner.sizing.ram_limit_bytes;
+        let why = format!("evicted from the RAM cache (limit {limit} bytes); read again at its next use");
         let mut models = inner.live_models();
         models.sort_by_key(|m| m.state().last_used);
         let mut used: u64 = models.iter().map(|m| m.store.ram_bytes()).sum();
@@ -184,17 +237,18 @@ impl Shared {
                 break;
             }
             if Some(m.id) != keep && m.state().locks == 0 {
-                used -= self.drop_ram(m);
+                used -= self.drop_ram(m, &why);
             }
         }
         drop(models);
         self.forget_unused(inner);
     }
 
-    /// Drop `m`'s RAM copy (an eviction from the RAM tier); returns the bytes released.
-    pub(super) fn drop_ram(&self, m: &ManagedModel) -> u64 {
+    /// Drop `m`'s RAM copy (an eviction from the RAM tier) for the reason `why`; returns the bytes released.
+    pub(super) fn drop_ram(&self, m: &ManagedModel, why: &str) -> u64 {
         let bytes = m.store.drop_ram_copy();
         if bytes > 0 {
+            m.set_no_ram_copy(why);
             self.tiers.ram_evictions.fetch_add(1, Ordering::Relaxed);
             self.tiers
                 .ram_evicted_bytes
@@ -236,6 +290,7 @@ impl Shared {
             if gone(m) {
                 self.files_read
                     .fetch_add(m.store.file_bytes_read(), Ordering::Relaxed);
+                self.file_copies.fetch_add(m.store.file_copies(), Ordering::Relaxed);
                 return false;
             }
             true
@@ -248,6 +303,9 @@ impl Shared {
     /// [`Shared::read_ram`]), counting the RAM tier's hit.
     pub(super) fn ram_need(&self, inner: &Inner, m: &ManagedModel) -> RamNeed {
         if !inner.config.keep_ram_copy_of_weights {
+            if !m.store.has_ram_copy() {
+                m.set_no_ram_copy(NO_RAM_KEPT);
+            }
             return RamNeed::Held;
         }
         if m.store.has_ram_copy() {
@@ -255,6 +313,7 @@ impl Shared {
             return RamNeed::Held;
         }
         if m.store.total_bytes() > inner.sizing.ram_limit_bytes {
+            m.set_no_ram_copy(&too_large(m.store.total_bytes(), inner.sizing.ram_limit_bytes));
             return RamNeed::TooLarge;
         }
         RamNeed::Read {
@@ -266,10 +325,7 @@ impl Shared {
     /// (never `m`'s copy).
     pub(super) fn read_ram(&self, m: &ManagedModel, pin: bool) -> Result<()> {
         self.tiers.ram_misses.fetch_add(1, Ordering::Relaxed);
-        m.store.load_ram_copy()?;
-        if pin {
-            m.store.pin_ram_copy(&self.alloc)?;
-        }
+        m.store.load_ram_copy(&self.alloc, pin)?;
         self.enforce_ram(&mut self.inner(), Some(m.id));
         Ok(())
     }
@@ -311,12 +367,14 @@ impl ModelCache {
         let store = WeightStore::open_with(&canon, layout, storage, compute)?;
         let costs = block_costs(&store, sh.alloc.is_cuda());
         let ram = keep_ram && store.total_bytes() <= ram_limit;
-        if ram {
-            store.load_ram_copy()?;
-            if pin {
-                store.pin_ram_copy(&sh.alloc)?;
-            }
-        }
+        let no_ram_copy = if ram {
+            store.load_ram_copy(&sh.alloc, pin)?;
+            String::new()
+        } else if keep_ram {
+            too_large(store.total_bytes(), ram_limit)
+        } else {
+            NO_RAM_KEPT.to_string()
+        };
         let mut inner = sh.inner();
         // Another thread may have loaded the same file meanwhile: use its model (ours is dropped).
         if let Some(m) = self.cached(&mut inner, &canon, &layout.view, key, storage, compute) {
@@ -334,6 +392,7 @@ impl ModelCache {
             costs,
             next_fetch: Mutex::new(HashMap::new()),
             compute: Arc::default(),
+            no_ram_copy: Mutex::new(no_ram_copy),
             state: Mutex::new(ModelState {
                 last_used: inner.clock,
                 ..Default::default()
@@ -419,7 +478,7 @@ impl ModelCache {
             if st.locks == 0 {
                 released += self.shared.evict(&m, &mut st, u64::MAX, true).1;
                 drop(st);
-                self.shared.drop_ram(&m);
+                self.shared.drop_ram(&m, "unloaded (unload_all); read again at its next use");
             }
         }
         self.shared.forget_unused(&mut inner);

@@ -22,10 +22,18 @@ impl Safetensors {
     pub fn new(scratch: &std::path::Path) -> Self {
         Self {
             path: scratch.join("fuzz.safetensors"),
-            alloc: DeviceAllocator::new(&DeviceSpec::Cpu).expect("cpu device"),
+            // The emulated device: RAM copies are page-aligned arenas (pinned, under a cap) and reads without one go
+            // through the staging ring, as on CUDA.
+            alloc: emulated(),
             ring: StagingRing::new(2),
         }
     }
+}
+
+fn emulated() -> DeviceAllocator {
+    let alloc = DeviceAllocator::new(&DeviceSpec::Emulated(1 << 30)).expect("emulated device");
+    alloc.set_pinned_cap(Some(64 << 20));
+    alloc
 }
 
 const DTYPES: &[&str] = &[
@@ -176,7 +184,7 @@ impl Target for Safetensors {
                         s.push_str(&feature("|fetch", &e.to_string()));
                     }
                 }
-                match store.load_ram_copy() {
+                match store.load_ram_copy(&self.alloc, true) {
                     Ok(_) => {
                         for b in 0..store.blocks().len() {
                             if let Err(e) = store.block_to_device(b, &self.alloc, &self.ring, compute) {
@@ -189,6 +197,9 @@ impl Target for Safetensors {
                 s
             }
         };
+        // Every arena the store pinned was unpinned before it was freed (the store is gone by now).
+        assert_eq!(self.alloc.pin_violations(), 0, "a pinned arena was freed while registered");
+        assert!(self.alloc.pinned_bytes() <= self.ring.bytes(), "pinned bytes left behind by a dropped store");
         match ResidentWeights::load(&self.path, &Device::Cpu, DType::F32) {
             Ok(_) => seen.push_str("|resident:ok"),
             Err(e) => seen.push_str(&feature("|resident", &e.to_string())),
