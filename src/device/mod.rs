@@ -1,14 +1,17 @@
 //! Devices: which one to compute on ([`DeviceSpec`]) and the one allocator every device byte goes through
 //! ([`DeviceAllocator`]), with current/peak/refused accounting and, on `emulated:SIZE`, a hard capacity that refuses
-//! allocations exactly like a real out-of-memory (so CPU tests drive the same OOM paths).
+//! allocations exactly like a real out-of-memory (so CPU tests drive the same OOM paths); and the device's copy
+//! thread ([`CopyEngine`]) that uploads blocks ahead of use and hands them over by events.
 
 mod allocator;
 mod block_buffers;
+pub(crate) mod copy_engine;
 mod pinned;
 mod pool;
 
 pub use allocator::{AllocKind, Allocation, ComputeThreads, DeviceAllocator, DeviceUsage, FaultInjection};
 pub use block_buffers::{BlockBuffer, BlockBuffers};
+pub use copy_engine::{CopyEngine, CopyLane, Handoff, Pending};
 pub use pinned::{set_pool_keep, PinnedHost};
 pub use pool::{pool_peak_bytes, pool_peak_reset};
 
