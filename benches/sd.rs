@@ -323,7 +323,9 @@ fn log_overlap(args: &Args, name: &str, points: &[Value]) {
     let med = |pct: u64, pf: bool| {
         points
             .iter()
-            .find(|p| p["budget_pct"].as_u64() == Some(pct) && p["async_loading"].as_bool() == Some(pf))
+            .find(|p| {
+                p["budget_pct"].as_u64() == Some(pct) && p["async_loading"].as_bool() == Some(pf)
+            })
             .and_then(|p| p["median_ms"].as_f64())
     };
     let Some(resident) = med(100, false).or(med(100, true)) else {
@@ -332,7 +334,11 @@ fn log_overlap(args: &Args, name: &str, points: &[Value]) {
     for pct in args.budgets.iter().map(|&p| p as u64).filter(|&p| p < 100) {
         if let (Some(off), Some(on)) = (med(pct, false), med(pct, true)) {
             let added = off - resident;
-            let hidden = if added > 0.0 { 100.0 * (off - on) / added } else { 0.0 };
+            let hidden = if added > 0.0 {
+                100.0 * (off - on) / added
+            } else {
+                0.0
+            };
             log(
                 args,
                 &format!(

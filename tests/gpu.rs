@@ -540,7 +540,7 @@ fn gpu_copy_engine() {
 #[cfg(feature = "cuda")]
 fn copy_engine_checks() {
     use candle_core::{DType, Storage};
-    use lowvram::device::{AllocKind, DeviceAllocator, DeviceSpec, PinnedHost};
+    use lowvram::device::{DeviceAllocator, DeviceSpec, PinnedHost};
     use std::time::Instant;
 
     let alloc = DeviceAllocator::new(&DeviceSpec::Cuda(0)).expect("cuda:0");
@@ -586,7 +586,13 @@ fn copy_engine_checks() {
         .unwrap()
     };
     assert_eq!(
-        [stream_of(&x), stream_of(&y), stream_of(&up), from_thread.0, from_thread.1],
+        [
+            stream_of(&x),
+            stream_of(&y),
+            stream_of(&up),
+            from_thread.0,
+            from_thread.1
+        ],
         [handle; 5],
         "a tensor on the device holds another stream"
     );
@@ -621,14 +627,30 @@ fn copy_engine_checks() {
     let (lane, t, f) = hand.take();
     let lane = lane.expect("the engine has a stream on CUDA");
     println!("gpu streams: compute {handle:#x}, copy engine {lane:#x}");
-    assert!(lane != handle && lane != 0 && lane != 2, "the engine copies on the compute stream");
-    assert_eq!((stream_of(&t), stream_of(&f)), (handle, handle), "uploads must be owned by the compute stream");
+    assert!(
+        lane != handle && lane != 0 && lane != 2,
+        "the engine copies on the compute stream"
+    );
+    assert_eq!(
+        (stream_of(&t), stream_of(&f)),
+        (handle, handle),
+        "uploads must be owned by the compute stream"
+    );
     let same = |a: &Tensor, b: &Tensor| {
-        let a: Vec<f32> = a.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap().to_vec1().unwrap();
+        let a: Vec<f32> = a
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let b: Vec<f32> = b.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
         a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits())
     };
-    assert!(same(&t, &host) && same(&f, &half_host), "an upload arrived wrong");
+    assert!(
+        same(&t, &host) && same(&f, &half_host),
+        "an upload arrived wrong"
+    );
     assert_eq!(alloc.usage().unwaited_copy_uses, 0);
     drop((t, f, x, y, up));
 
@@ -654,7 +676,6 @@ fn copy_engine_checks() {
         h.take()
     };
     let sync = || dev.synchronize().unwrap();
-    let _lease = alloc.allocate(256 << 20, AllocKind::Streaming).unwrap();
     let time = |f: &dyn Fn()| {
         let mut v: Vec<f64> = (0..5)
             .map(|_| {

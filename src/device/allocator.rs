@@ -310,11 +310,7 @@ impl DeviceAllocator {
         let lane = CopyLane {
             #[cfg(feature = "cuda")]
             stream: match &self.inner.device {
-                Device::Cuda(d) => Some(
-                    d.cuda_stream()
-                        .fork()
-                        .map_err(super::pinned::cuda_err)?,
-                ),
+                Device::Cuda(d) => Some(d.cuda_stream().fork().map_err(super::pinned::cuda_err)?),
                 _ => None,
             },
         };
@@ -342,18 +338,19 @@ impl DeviceAllocator {
         let (Some(lane), Device::Cuda(dev)) = (&self.lane, &self.inner.device) else {
             return Ok(None);
         };
-        let storage = match crate::device::copy_engine::cuda::storage_from_bytes(lane, dev, bytes, dtype) {
-            Ok(Some(s)) => s,
-            Ok(None) => return Ok(None),
-            Err(Error::OutOfDeviceMemory { needed_bytes, .. }) => {
-                return Err(Error::OutOfDeviceMemory {
-                    device: self.inner.spec.to_string(),
-                    needed_bytes,
-                    available_bytes: self.free().unwrap_or(0),
-                })
-            }
-            Err(e) => return Err(e),
-        };
+        let storage =
+            match crate::device::copy_engine::cuda::storage_from_bytes(lane, dev, bytes, dtype) {
+                Ok(Some(s)) => s,
+                Ok(None) => return Ok(None),
+                Err(Error::OutOfDeviceMemory { needed_bytes, .. }) => {
+                    return Err(Error::OutOfDeviceMemory {
+                        device: self.inner.spec.to_string(),
+                        needed_bytes,
+                        available_bytes: self.free().unwrap_or(0),
+                    })
+                }
+                Err(e) => return Err(e),
+            };
         Ok(Some(Tensor::from_storage(
             candle_core::Storage::Cuda(storage),
             shape,
@@ -369,7 +366,9 @@ impl DeviceAllocator {
             return Ok(None);
         }
         let (storage, layout) = t.storage_and_layout();
-        let (candle_core::Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
+        let (candle_core::Storage::Cpu(cpu), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
             return Ok(None);
         };
         fn bytes<T>(v: &[T]) -> &[u8] {
@@ -599,12 +598,12 @@ impl DeviceAllocator {
                     return Ok(d);
                 }
                 t.to_device(&self.inner.device).map_err(|e| {
-                map_oom(
-                    e,
-                    &self.inner.spec.to_string(),
-                    bytes,
-                    self.free().unwrap_or(0),
-                )
+                    map_oom(
+                        e,
+                        &self.inner.spec.to_string(),
+                        bytes,
+                        self.free().unwrap_or(0),
+                    )
                 })
             }
         }
@@ -635,7 +634,9 @@ impl DeviceAllocator {
         if let (Some(lane), Device::Cuda(dev)) = (&self.lane, &self.inner.device) {
             if t.dtype() != dtype {
                 let ev = lane.record_event(None).map_err(super::pinned::cuda_err)?;
-                dev.cuda_stream().wait(&ev).map_err(super::pinned::cuda_err)?;
+                dev.cuda_stream()
+                    .wait(&ev)
+                    .map_err(super::pinned::cuda_err)?;
             }
         }
         t.to_dtype(dtype).map_err(|e| {

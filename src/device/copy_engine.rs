@@ -256,7 +256,9 @@ impl<T> Handoff<T> {
             // Marked, so that drop does not wait again on the host.
             self.waited = true;
         }
-        self.value.take().expect("a hand-off holds its value until taken")
+        self.value
+            .take()
+            .expect("a hand-off holds its value until taken")
     }
 }
 
@@ -307,13 +309,20 @@ pub(crate) mod cuda {
     ) -> Result<Option<CudaStorage>> {
         let carried = matches!(
             dtype,
-            DType::U8 | DType::U32 | DType::I64 | DType::F16 | DType::BF16 | DType::F32 | DType::F64
+            DType::U8
+                | DType::U32
+                | DType::I64
+                | DType::F16
+                | DType::BF16
+                | DType::F32
+                | DType::F64
         );
         if !carried || bytes.is_empty() || bytes.len() % dtype.size_in_bytes() != 0 {
             return Ok(None);
         }
         // SAFETY: every byte is written by the copy below, which the compute stream waits for before any read.
-        let mut dst = unsafe { copy.alloc::<u8>(bytes.len()) }.map_err(|e| driver(e, bytes.len()))?;
+        let mut dst =
+            unsafe { copy.alloc::<u8>(bytes.len()) }.map_err(|e| driver(e, bytes.len()))?;
         copy.memcpy_htod(bytes, &mut dst)
             .map_err(|e| driver(e, bytes.len()))?;
         let ptr = dst.leak();
@@ -451,7 +460,10 @@ mod tests {
         assert!(token.upgrade().is_some());
         drop(pending);
         drop(alloc);
-        assert!(ran.load(Ordering::SeqCst), "queued jobs run before it stops");
+        assert!(
+            ran.load(Ordering::SeqCst),
+            "queued jobs run before it stops"
+        );
         assert!(token.upgrade().is_none(), "the thread has ended");
     }
 }

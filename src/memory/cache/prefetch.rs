@@ -94,9 +94,8 @@ impl ModelLock {
             inflight: self.inflight.clone(),
         };
         let (sh2, m2) = (sh.clone(), m.clone());
-        let job = engine.submit(move |lane| {
-            upload_streamed(&sh2, &sh2.alloc.on_lane(lane), &m2, n, true)
-        });
+        let job = engine
+            .submit(move |lane| upload_streamed(&sh2, &sh2.alloc.on_lane(lane), &m2, n, true));
         // Not queued (the engine stopped): the lease drops here and the block is copied at its fetch.
         if let Ok(done) = job {
             *lock(&self.pending) = Some(Prefetch {
