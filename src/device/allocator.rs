@@ -389,6 +389,25 @@ impl DeviceAllocator {
         self.lane_upload(raw, t.dtype(), t.dims())
     }
 
+    /// CUDA: an event that completes when every upload this allocator has queued so far is done — recorded on the
+    /// copy engine's stream in the engine's view ([`on_lane`](Self::on_lane)), else on the compute stream. Whoever
+    /// must know when an asynchronous upload has finished reading its host source (a pinned buffer to reuse or
+    /// unregister) records it right after the upload, with the allocator (view) that made it. None elsewhere.
+    #[cfg(feature = "cuda")]
+    pub fn upload_event(
+        &self,
+    ) -> Result<Option<candle_core::cuda_backend::cudarc::driver::CudaEvent>> {
+        let stream = match (&self.lane, &self.inner.device) {
+            (Some(lane), _) => lane.clone(),
+            (None, Device::Cuda(d)) => d.cuda_stream(),
+            _ => return Ok(None),
+        };
+        stream
+            .record_event(None)
+            .map(Some)
+            .map_err(super::pinned::cuda_err)
+    }
+
     /// Count a copy-engine result used before its event was waited for (see [`DeviceUsage::unwaited_copy_uses`]).
     pub(crate) fn count_unwaited_use(&self) {
         lock(&self.inner.state).unwaited_copy_uses += 1;
@@ -631,12 +650,13 @@ impl DeviceAllocator {
         // The cast is a kernel on the compute stream: on the copy engine's view, `t` was just uploaded on the
         // engine's stream, so the compute stream first waits for that upload (the GPU waits, not the host).
         #[cfg(feature = "cuda")]
-        if let (Some(lane), Device::Cuda(dev)) = (&self.lane, &self.inner.device) {
+        if let (Some(_), Device::Cuda(dev)) = (&self.lane, &self.inner.device) {
             if t.dtype() != dtype {
-                let ev = lane.record_event(None).map_err(super::pinned::cuda_err)?;
-                dev.cuda_stream()
-                    .wait(&ev)
-                    .map_err(super::pinned::cuda_err)?;
+                if let Some(ev) = self.upload_event()? {
+                    dev.cuda_stream()
+                        .wait(&ev)
+                        .map_err(super::pinned::cuda_err)?;
+                }
             }
         }
         t.to_dtype(dtype).map_err(|e| {
