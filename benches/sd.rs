@@ -316,6 +316,40 @@ fn report_json(r: &RunReport) -> Value {
     })
 }
 
+/// The copy/compute overlap prefetch gives at each budget below 100 %: the time streaming adds without prefetch
+/// (off − resident, ≈ the copies) and the share of it the copy engine hides (off − on) / (off − resident). 100 % =
+/// every copy behind compute; 0 % = no overlap. Needs points with prefetch off and on and a 100 % point.
+fn log_overlap(args: &Args, name: &str, points: &[Value]) {
+    let med = |pct: u64, pf: bool| {
+        points
+            .iter()
+            .find(|p| {
+                p["budget_pct"].as_u64() == Some(pct) && p["async_loading"].as_bool() == Some(pf)
+            })
+            .and_then(|p| p["median_ms"].as_f64())
+    };
+    let Some(resident) = med(100, false).or(med(100, true)) else {
+        return;
+    };
+    for pct in args.budgets.iter().map(|&p| p as u64).filter(|&p| p < 100) {
+        if let (Some(off), Some(on)) = (med(pct, false), med(pct, true)) {
+            let added = off - resident;
+            let hidden = if added > 0.0 {
+                100.0 * (off - on) / added
+            } else {
+                0.0
+            };
+            log(
+                args,
+                &format!(
+                    "{name}@{pct:>3}% overlap: resident {resident:.1} ms, streamed {off:.1} ms without prefetch (+{added:.1}                      ms of copies), {on:.1} ms with the copy engine: {hidden:.0} % of the copy time hidden, {:.2}x resident",
+                    on / resident
+                ),
+            );
+        }
+    }
+}
+
 fn log(args: &Args, msg: &str) {
     if args.json {
         eprintln!("{msg}")
@@ -621,6 +655,7 @@ fn run(args: &Args) -> BoxResult<Value> {
                 points.push(v);
             }
         }
+        log_overlap(args, name, &points);
         sweep.insert(name.to_string(), Value::Array(points));
     }
 

@@ -148,6 +148,16 @@ fn sweep_two_models(prefetch: bool) {
                 );
             }
         }
+        // The copy engine: prefetches ran on one persistent thread per device (none without prefetch), and every
+        // block it copied was used only after its copy's event was waited for.
+        let u = cache.allocator().usage();
+        assert_eq!(u.unwaited_copy_uses, 0, "cap {cap}: a prefetched block used before its copy's event");
+        if !prefetch {
+            assert_eq!((u.copy_threads_started, u.copy_jobs), (0, 0), "cap {cap}");
+        } else if cache.stats().bytes_prefetched_total > 0 {
+            assert_eq!(u.copy_threads_started, 1, "cap {cap}: one copy thread");
+            assert!(u.copy_jobs > 0);
+        }
     }
 }
 

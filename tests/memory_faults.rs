@@ -107,6 +107,9 @@ fn assert_at_rest(s: &Setup, what: &str) {
     );
     assert_eq!(u.weights_bytes, resident, "{what}");
     assert_eq!(u.off_thread_frees, 0, "{what}");
+    // Prefetched blocks (faulted or not) are used only after their copy's event; one copy thread at most.
+    assert_eq!(u.unwaited_copy_uses, 0, "{what}");
+    assert!(u.copy_threads_started <= 1, "{what}");
 }
 
 /// What a faulted run may end in: the unfaulted result, or a clean memory error.

@@ -6,7 +6,8 @@
 #                                # .carry/ with gpu-env.sh and torch_anchor.py; the diffusers wheel into .whl/
 #   scripts/gpu/run.sh remote    # there, from the project root, with carry [".carry", ".whl"]: runs the GPU test,
 #                                # makes the random SD 1.5 model, runs lowvram's benchmark (fp16, budgets 100/50/25/10,
-#                                # each with prefetch off and on: synchronous vs overlapped streaming from pinned RAM)
+#                                # each with prefetch off and on: synchronous vs overlapped streaming from pinned RAM,
+#                                # with the share of the copy time the copy engine hides per budget)
 #                                # and the PyTorch/diffusers baseline (torch_anchor.py); everything lands in $OUT
 #
 # Device-tool call after `pack` (one command, well under its 10-minute limit):
@@ -56,6 +57,8 @@ remote)
     LOWVRAM_REPO=$root /tmp/lowvram-bin/gpu --nocapture --test-threads=1 --exact gpu_suite 2>&1 | tee "$out/gpu-test.log" || rc=1
     echo "==> GPU test (tests/gpu.rs): the own kernels against the compositions"
     LOWVRAM_REPO=$root /tmp/lowvram-bin/gpu --nocapture --test-threads=1 --exact gpu_kernels 2>&1 | tee -a "$out/gpu-test.log" || rc=1
+    echo "==> GPU test (tests/gpu.rs): stream order and the copy engine (its stream, hand-offs, copy/compute overlap)"
+    LOWVRAM_REPO=$root /tmp/lowvram-bin/gpu --nocapture --test-threads=1 --exact gpu_copy_engine 2>&1 | tee -a "$out/gpu-test.log" || rc=1
     for dt in f16 f32; do
         echo "==> per-op benchmark, $dt on cuda:0: lowvram (kernel and composition) and PyTorch, one after the other"
         /tmp/lowvram-bin/ops --device cuda:0 --dtype $dt --repeats 20 --warmup 3 --json > "$out/ops-lowvram-$dt.json" \

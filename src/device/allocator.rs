@@ -2,12 +2,13 @@
 //! counts it (current, peak, by kind) and, where the device has a hard capacity, refuses past it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
+use crate::device::copy_engine::{CopyEngine, CopyLane};
 use crate::device::{BlockBuffers, DeviceSpec, PinEvent, PinRegistry};
 use crate::error::{Error, Result};
 
@@ -67,6 +68,13 @@ pub struct DeviceUsage {
     /// Allocations freed on a thread other than the ones computing with them while they ran: on CUDA such a free
     /// is not ordered after the kernels still queued on the compute stream (a use-after-free). Always 0.
     pub off_thread_frees: u64,
+    /// Copy-engine results used before the compute side waited for their copy's event: on CUDA, kernels reading
+    /// bytes not yet copied. Always 0.
+    pub unwaited_copy_uses: u64,
+    /// Copy threads started on this device: 0 until the first prefetch, then 1 (one persistent thread per device).
+    pub copy_threads_started: u64,
+    /// Jobs the copy thread has run (blocks copied ahead of use, including discarded ones).
+    pub copy_jobs: u64,
 }
 
 #[derive(Default)]
@@ -77,6 +85,7 @@ struct State {
     by_kind: [u64; KINDS],
     retiring: u64,
     off_thread_frees: u64,
+    unwaited_copy_uses: u64,
     faults: FaultInjection,
     /// Allocation attempts since the faults were set, the generator's state, and the refusals injected.
     attempts: u64,
@@ -129,6 +138,9 @@ impl ComputeThreads {
 }
 
 struct Inner {
+    /// The device's copy thread, started by the first job; dropped (joined) with the allocator.
+    copy: OnceLock<CopyEngine>,
+    copy_start: Mutex<()>,
     spec: DeviceSpec,
     device: Device,
     capacity: Option<u64>,
@@ -144,6 +156,10 @@ struct Inner {
 #[derive(Clone)]
 pub struct DeviceAllocator {
     inner: Arc<Inner>,
+    /// Set in the view a copy job uses ([`DeviceAllocator::on_lane`]): on CUDA, uploads go on the copy engine's
+    /// stream instead of the compute stream.
+    #[cfg(feature = "cuda")]
+    lane: Option<Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>>,
 }
 
 /// Bytes counted on a device; they return to the allocator when this drops.
@@ -301,6 +317,8 @@ impl DeviceAllocator {
         let pins = PinRegistry::new(&device, emulated);
         Ok(Self {
             inner: Arc::new(Inner {
+                copy: OnceLock::new(),
+                copy_start: Mutex::new(()),
                 spec,
                 device,
                 capacity,
@@ -309,7 +327,125 @@ impl DeviceAllocator {
                 block_buffers,
                 pins,
             }),
+            #[cfg(feature = "cuda")]
+            lane: None,
         })
+    }
+
+    /// The device's copy engine (one persistent thread; started here by the first caller). On CUDA it gets its own
+    /// stream, forked from the compute stream's context.
+    pub fn copy_engine(&self) -> Result<&CopyEngine> {
+        if let Some(e) = self.inner.copy.get() {
+            return Ok(e);
+        }
+        let _one = lock(&self.inner.copy_start);
+        if let Some(e) = self.inner.copy.get() {
+            return Ok(e);
+        }
+        let lane = CopyLane {
+            #[cfg(feature = "cuda")]
+            stream: match &self.inner.device {
+                Device::Cuda(d) => Some(d.cuda_stream().fork().map_err(super::pinned::cuda_err)?),
+                _ => None,
+            },
+        };
+        let _ = self.inner.copy.set(CopyEngine::start(lane)?);
+        Ok(self.inner.copy.get().expect("set above"))
+    }
+
+    /// This allocator as a copy job on `lane` uses it: the same counters, with uploads
+    /// ([`copy_to_device`](Self::copy_to_device), [`tensor_from_bytes`](Self::tensor_from_bytes), and the upload
+    /// before a [`cast`](Self::cast)) issued on the engine's stream on CUDA. Elsewhere the same allocator.
+    pub fn on_lane(&self, lane: &CopyLane) -> DeviceAllocator {
+        let _ = lane;
+        DeviceAllocator {
+            inner: self.inner.clone(),
+            #[cfg(feature = "cuda")]
+            lane: lane.stream.clone(),
+        }
+    }
+
+    /// On the copy engine's view, a CUDA upload of `bytes` (elements of `dtype`, `shape`) on the engine's stream,
+    /// owned by the compute stream (see `copy_engine::cuda`). None when this is not such a view or the dtype is not
+    /// carried that way (the caller then copies through candle, on the compute stream).
+    #[cfg(feature = "cuda")]
+    fn lane_upload(&self, bytes: &[u8], dtype: DType, shape: &[usize]) -> Result<Option<Tensor>> {
+        let (Some(lane), Device::Cuda(dev)) = (&self.lane, &self.inner.device) else {
+            return Ok(None);
+        };
+        let storage =
+            match crate::device::copy_engine::cuda::storage_from_bytes(lane, dev, bytes, dtype) {
+                Ok(Some(s)) => s,
+                Ok(None) => return Ok(None),
+                Err(Error::OutOfDeviceMemory { needed_bytes, .. }) => {
+                    return Err(Error::OutOfDeviceMemory {
+                        device: self.inner.spec.to_string(),
+                        needed_bytes,
+                        available_bytes: self.free().unwrap_or(0),
+                    })
+                }
+                Err(e) => return Err(e),
+            };
+        Ok(Some(Tensor::from_storage(
+            candle_core::Storage::Cuda(storage),
+            shape,
+            candle_core::op::BackpropOp::none(),
+            false,
+        )))
+    }
+
+    /// [`lane_upload`](Self::lane_upload) of a contiguous CPU tensor's bytes.
+    #[cfg(feature = "cuda")]
+    fn lane_upload_tensor(&self, t: &Tensor) -> Result<Option<Tensor>> {
+        if self.lane.is_none() || !t.device().is_cpu() {
+            return Ok(None);
+        }
+        let (storage, layout) = t.storage_and_layout();
+        let (candle_core::Storage::Cpu(cpu), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        fn bytes<T>(v: &[T]) -> &[u8] {
+            // SAFETY: a view of plain numbers as their bytes.
+            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+        }
+        use candle_core::CpuStorage as S;
+        let raw = match cpu {
+            S::U8(v) => bytes(&v[a..b]),
+            S::U32(v) => bytes(&v[a..b]),
+            S::I64(v) => bytes(&v[a..b]),
+            S::F16(v) => bytes(&v[a..b]),
+            S::BF16(v) => bytes(&v[a..b]),
+            S::F32(v) => bytes(&v[a..b]),
+            S::F64(v) => bytes(&v[a..b]),
+            _ => return Ok(None),
+        };
+        self.lane_upload(raw, t.dtype(), t.dims())
+    }
+
+    /// CUDA: an event that completes when every upload this allocator has queued so far is done — recorded on the
+    /// copy engine's stream in the engine's view ([`on_lane`](Self::on_lane)), else on the compute stream. Whoever
+    /// must know when an asynchronous upload has finished reading its host source (a pinned buffer to reuse or
+    /// unregister) records it right after the upload, with the allocator (view) that made it. None elsewhere.
+    #[cfg(feature = "cuda")]
+    pub fn upload_event(
+        &self,
+    ) -> Result<Option<candle_core::cuda_backend::cudarc::driver::CudaEvent>> {
+        let stream = match (&self.lane, &self.inner.device) {
+            (Some(lane), _) => lane.clone(),
+            (None, Device::Cuda(d)) => d.cuda_stream(),
+            _ => return Ok(None),
+        };
+        stream
+            .record_event(None)
+            .map(Some)
+            .map_err(super::pinned::cuda_err)
+    }
+
+    /// Count a copy-engine result used before its event was waited for (see [`DeviceUsage::unwaited_copy_uses`]).
+    pub(crate) fn count_unwaited_use(&self) {
+        lock(&self.inner.state).unwaited_copy_uses += 1;
     }
 
     /// The pool of reusable buffers streamed blocks are written into (the emulated device only; on CUDA, blocks
@@ -428,6 +564,9 @@ impl DeviceAllocator {
             external_bytes: s.by_kind[4],
             retiring_bytes: s.retiring,
             off_thread_frees: s.off_thread_frees,
+            unwaited_copy_uses: s.unwaited_copy_uses,
+            copy_threads_started: self.inner.copy.get().is_some() as u64,
+            copy_jobs: self.inner.copy.get().map_or(0, |e| e.jobs()),
         }
     }
 
@@ -543,14 +682,20 @@ impl DeviceAllocator {
         match &self.inner.spec {
             DeviceSpec::Emulated(_) => emulated_copy(t),
             DeviceSpec::Cpu | DeviceSpec::Auto => Ok(t.clone()),
-            DeviceSpec::Cuda(_) => t.to_device(&self.inner.device).map_err(|e| {
-                map_oom(
-                    e,
-                    &self.inner.spec.to_string(),
-                    bytes,
-                    self.free().unwrap_or(0),
-                )
-            }),
+            DeviceSpec::Cuda(_) => {
+                #[cfg(feature = "cuda")]
+                if let Some(d) = self.lane_upload_tensor(t)? {
+                    return Ok(d);
+                }
+                t.to_device(&self.inner.device).map_err(|e| {
+                    map_oom(
+                        e,
+                        &self.inner.spec.to_string(),
+                        bytes,
+                        self.free().unwrap_or(0),
+                    )
+                })
+            }
         }
     }
 
@@ -558,6 +703,10 @@ impl DeviceAllocator {
     /// On CUDA a copy from a pinned [`crate::device::HostArena`] is asynchronous: the caller records it there
     /// ([`crate::device::HostArena::note_read`]).
     pub fn tensor_from_bytes(&self, data: &[u8], dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = self.lane_upload(data, dtype, shape)? {
+            return Ok(d);
+        }
         if matches!(self.inner.spec, DeviceSpec::Emulated(_)) {
             if let Some(t) = emulated_from_bytes(data, dtype, shape)? {
                 return Ok(t);
@@ -576,6 +725,18 @@ impl DeviceAllocator {
     /// `t` cast to `dtype` on the device (a new tensor unless the dtype already matches). The caller accounts it.
     pub fn cast(&self, t: &Tensor, dtype: DType) -> Result<Tensor> {
         let bytes = (t.elem_count() * dtype.size_in_bytes()) as u64;
+        // The cast is a kernel on the compute stream: on the copy engine's view, `t` was just uploaded on the
+        // engine's stream, so the compute stream first waits for that upload (the GPU waits, not the host).
+        #[cfg(feature = "cuda")]
+        if let (Some(_), Device::Cuda(dev)) = (&self.lane, &self.inner.device) {
+            if t.dtype() != dtype {
+                if let Some(ev) = self.upload_event()? {
+                    dev.cuda_stream()
+                        .wait(&ev)
+                        .map_err(super::pinned::cuda_err)?;
+                }
+            }
+        }
         t.to_dtype(dtype).map_err(|e| {
             map_oom(
                 e,
@@ -589,7 +750,10 @@ impl DeviceAllocator {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(n: usize) -> Result<(Device, Option<u64>)> {
-    let device = Device::new_cuda(n)?;
+    // An explicit compute stream, the same for every thread: frees from any thread are queued on it, in order after
+    // the kernels before them (candle's `new_cuda` would use the per-thread default stream, handle 0x2, where a
+    // free on another thread goes to that thread's stream). tests/gpu.rs asserts what this relies on.
+    let device = Device::new_cuda_with_stream(n)?;
     let total = match &device {
         Device::Cuda(d) => d
             .cuda_stream()

@@ -1,10 +1,12 @@
 //! Devices: which one to compute on ([`DeviceSpec`]) and the one allocator every device byte goes through
 //! ([`DeviceAllocator`]), with current/peak/refused accounting and, on `emulated:SIZE`, a hard capacity that refuses
-//! allocations exactly like a real out-of-memory (so CPU tests drive the same OOM paths).
+//! allocations exactly like a real out-of-memory (so CPU tests drive the same OOM paths); and the device's copy
+//! thread ([`CopyEngine`]) that uploads blocks ahead of use and hands them over by events.
 
 mod allocator;
 mod block_buffers;
 mod compute_gate;
+pub(crate) mod copy_engine;
 mod host_arena;
 mod pinned;
 mod pool;
@@ -12,6 +14,7 @@ mod pool;
 pub use allocator::{AllocKind, Allocation, ComputeThreads, DeviceAllocator, DeviceUsage, FaultInjection};
 pub use block_buffers::{BlockBuffer, BlockBuffers};
 pub use compute_gate::{ComputeGate, GateGuard};
+pub use copy_engine::{CopyEngine, CopyLane, Handoff, Pending};
 pub use host_arena::{align_up, page_size, HostArena, TENSOR_ALIGN};
 pub use pinned::{set_pool_keep, NotPinned, PinEvent, PinRegistry};
 pub use pool::{pool_peak_bytes, pool_peak_reset};

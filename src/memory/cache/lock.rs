@@ -369,8 +369,8 @@ impl WeightSource for ModelLock {
     /// resident (the budget grew) are made resident when there is room; every other block is streamed and its bytes
     /// are released when the returned value drops. The plan is re-read at every call, so a budget change takes
     /// effect at the next block.
-    /// With a plan of two slots (async_loading), the block this model fetched next last time is then copied on
-    /// a separate thread while the caller computes, and handed over by the next fetch.
+    /// With a plan of two slots (async_loading), the block this model fetched next last time is then copied by the
+    /// device's copy engine while the caller computes, and handed over (by its event) at the next fetch.
     fn fetch(&self, block: &str) -> Result<BlockWeights> {
         let m = &self.model;
         // A block boundary: free what other threads released meanwhile (in order with the work queued so far).
@@ -475,17 +475,21 @@ impl ModelLock {
                 return Ok(BlockWeights::new(block, tensors, Some(Box::new(a))));
             }
         }
-        // A prefetched copy if it arrived whole (a failed one is redone here, which reports the error).
-        let prefetched = ready.and_then(|p| match p.done.recv() {
-            Ok(Ok(up)) => Some((p.lease, up)),
-            _ => None,
+        // A prefetched copy if it arrived whole (a failed one is redone here, which reports the error). The
+        // compute side waits for the copy's event before the tensors are used (on CUDA: the compute stream waits
+        // on the device, the host does not).
+        let prefetched = ready.and_then(|p| {
+            let Prefetch { lease, done, .. } = p;
+            let mut h = done.recv(&sh.alloc).ok()?;
+            h.wait().ok()?;
+            Some((lease, h.take()))
         });
         let from_prefetch = prefetched.is_some();
         let (lease, (tensors, buf)) = match prefetched {
             Some(x) => x,
             None => (
                 self.stream_alloc(cost.lease_streamed())?,
-                upload_streamed(sh, m, b, false)?,
+                upload_streamed(sh, &sh.alloc, m, b, false)?,
             ),
         };
         sh.streamed.fetch_add(cost.bytes, Ordering::Relaxed);

@@ -7,13 +7,12 @@
 //!
 //! This file holds the types and the cache's configuration and statistics; the work is split by concept:
 //! `registry.rs` (the models kept, the RAM tier, eviction), `budget.rs` (what the device has, plans, allocation with
-//! waiting and eviction), `lock.rs` (locks and fetches), `prefetch.rs` (the next streamed block on its own thread),
-//! `reservation.rs` (host reservations).
+//! waiting and eviction), `lock.rs` (locks and fetches), `prefetch.rs` (the next streamed block, copied by the
+//! device's copy engine), `reservation.rs` (host reservations).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 

@@ -1,35 +1,35 @@
-//! Prefetch: the next streamed block is copied on its own thread while the current one computes, within the
-//! plan's second slot.
+//! Prefetch: the next streamed block is copied by the device's copy engine (one persistent thread, its own stream on
+//! CUDA) while the current one computes, within the plan's second slot, and handed over by an event.
 
 use super::*;
+use crate::device::Pending;
 
 /// A streamed block's device tensors in the storage dtype, and the pooled buffer they view (emulated device).
 pub(super) type Uploaded = (HashMap<String, Tensor>, Option<BlockBuffer>);
 
-/// The next streamed block, being copied on its own thread while the current one computes. Its lease (device
+/// The next streamed block, being copied by the copy engine while the current one computes. Its lease (device
 /// bytes) is taken before the copy starts, within the plan's slot.
 pub(super) struct Prefetch {
     pub(super) block: usize,
     pub(super) lease: StreamLease,
-    pub(super) done: mpsc::Receiver<Result<Uploaded>>,
+    pub(super) done: Pending<Uploaded>,
 }
 
-/// Copy block `b` of `m` to the device for one use, converted to the compute dtype on arrival. `prefetch`: on the prefetch thread (single-threaded copy; on
-/// CUDA the copy runs on that thread's own stream, so wait for it there: the consumer then needs no event).
+/// Copy block `b` of `m` to the device of `alloc` for one use, converted to the compute dtype on arrival.
+/// `prefetch`: a copy-engine job (`alloc` is the engine's view: on CUDA the copies go on its stream and the consumer
+/// waits for the job's event; the host copy is single-threaded, leaving the cores to the compute thread).
 pub(super) fn upload_streamed(
     sh: &Shared,
+    alloc: &DeviceAllocator,
     m: &ManagedModel,
     b: usize,
     prefetch: bool,
 ) -> Result<Uploaded> {
     let dtype = m.store.compute_dtype();
-    if let Some((tensors, buf)) = m.store.block_to_buffer(b, &sh.alloc, !prefetch, dtype)? {
+    if let Some((tensors, buf)) = m.store.block_to_buffer(b, alloc, !prefetch, dtype)? {
         return Ok((tensors, Some(buf)));
     }
-    let tensors = m.store.block_to_device(b, &sh.alloc, &sh.staging, dtype)?;
-    if prefetch && sh.alloc.is_cuda() {
-        sh.alloc.device().synchronize()?;
-    }
+    let tensors = m.store.block_to_device(b, alloc, &sh.staging, dtype)?;
     Ok((tensors, None))
 }
 
@@ -46,12 +46,15 @@ impl Drop for StreamLease {
 }
 
 impl ModelLock {
-    /// A prefetch that will not be used: wait for its copy (its bytes are in use until then), then release them.
+    /// A prefetch that will not be used: wait for its copy (its bytes are in use until then: an unused hand-off
+    /// waits for its event on the host), then release them.
     pub(super) fn discard(&self, p: Prefetch) {
-        let _ = p.done.recv();
+        let Prefetch { block, lease, done } = p;
+        drop(done.recv(&self.shared.alloc));
+        drop(lease);
         self.shared
             .prefetch_wasted
-            .fetch_add(self.model.costs[p.block].bytes, Ordering::Relaxed);
+            .fetch_add(self.model.costs[block].bytes, Ordering::Relaxed);
     }
 
     /// Start copying the block expected after `b`, if it will be streamed and its lease fits in the plan's slot
@@ -78,6 +81,9 @@ impl ModelLock {
         {
             return;
         }
+        let Ok(engine) = sh.alloc.copy_engine() else {
+            return;
+        };
         let Ok(alloc) = sh.alloc.allocate(bytes, AllocKind::Streaming) else {
             return;
         };
@@ -87,14 +93,11 @@ impl ModelLock {
             bytes,
             inflight: self.inflight.clone(),
         };
-        let (tx, done) = mpsc::sync_channel(1);
-        let (sh, m) = (sh.clone(), m.clone());
-        let spawned = std::thread::Builder::new()
-            .name("lowvram-prefetch".into())
-            .spawn(move || {
-                let _ = tx.send(upload_streamed(&sh, &m, n, true));
-            });
-        if spawned.is_ok() {
+        let (sh2, m2) = (sh.clone(), m.clone());
+        let job = engine
+            .submit(move |lane| upload_streamed(&sh2, &sh2.alloc.on_lane(lane), &m2, n, true));
+        // Not queued (the engine stopped): the lease drops here and the block is copied at its fetch.
+        if let Ok(done) = job {
             *lock(&self.pending) = Some(Prefetch {
                 block: n,
                 lease,
