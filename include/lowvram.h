@@ -25,6 +25,9 @@
  *   struct_size to the bytes it wrote.
  * - Threads: every function is thread-safe unless its doc says otherwise; calls on one context from several
  *   threads share its budgets. lowvram_context_free must not race other calls on the same context.
+ * - Backends: link liblowvram.so (CPU, needs no CUDA library). Once per process, at the first lowvram call, it
+ *   forwards every call to liblowvram_cuda.so installed beside it when the NVIDIA driver reports a device, else runs
+ *   on the CPU; LOWVRAM_BACKEND=auto|cpu|cuda|library overrides. See lowvram_backend, lowvram_system_info.backend.
  */
 
 #ifndef LOWVRAM_H
@@ -114,6 +117,42 @@
  * See [`FLUX_VAE_SCALING`].
  */
 #define FLUX_VAE_SHIFT 0.1159
+
+/**
+ * What runs a process's calls (`lowvram_system_info.backend`). The numbers are stable.
+ *
+ * Backends: one package serves machines with and without a GPU. liblowvram.so (what hosts link) runs on the CPU
+ * and needs no CUDA library; liblowvram_cuda.so, the CUDA build of the same version, may be installed beside it.
+ * At the first lowvram call of a process (any function), liblowvram.so chooses once, for the whole process: when
+ * the NVIDIA driver (libcuda.so.1) loads and reports at least one device and liblowvram_cuda.so is beside it (or
+ * named by LOWVRAM_BACKEND_LIBRARY), every call is forwarded to that library, whose version must equal this one's;
+ * otherwise the CPU runs them. lowvram_system_stats reports the choice and why (backend, backend_reason). The
+ * environment variable LOWVRAM_BACKEND overrides the rule: "auto" (default), "cpu" (never forward), "cuda" (auto,
+ * and a CPU outcome is printed on stderr), "library" (forward to LOWVRAM_BACKEND_LIBRARY without probing the
+ * driver: for tests and custom backends). Device strings keep their meaning: on the CPU backend, device "cuda" is
+ * UNSUPPORTED with the reason.
+ */
+enum lowvram_backend
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+    /**
+     * The CPU implementation inside liblowvram.so.
+     */
+    LOWVRAM_BACKEND_CPU = 0,
+    /**
+     * The CUDA build (liblowvram_cuda.so).
+     */
+    LOWVRAM_BACKEND_CUDA = 1,
+    /**
+     * A library named by LOWVRAM_BACKEND_LIBRARY (LOWVRAM_BACKEND=library).
+     */
+    LOWVRAM_BACKEND_LIBRARY = 2,
+};
+#ifndef __cplusplus
+typedef uint32_t lowvram_backend;
+#endif // __cplusplus
 
 /**
  * Element type of a tensor (stable numbers).
@@ -769,6 +808,15 @@ typedef struct lowvram_system_info {
      * The devices, in ordinal order.
      */
     struct lowvram_device_info devices[LOWVRAM_MAX_DEVICES];
+    /**
+     * What runs this process's calls (a `lowvram_backend` value). Since 0.2.
+     */
+    uint32_t backend;
+    /**
+     * Why that backend (NUL-terminated, truncated to fit): the backend file, driver version and device count, or
+     * why the CPU runs the calls (e.g. "no NVIDIA driver: ..."). Since 0.2.
+     */
+    char backend_reason[256];
 } lowvram_system_info;
 
 #ifdef __cplusplus

@@ -1,5 +1,6 @@
 //! `lowvram_reservation`: device memory the host takes back from the cache (a game's frames).
 
+use crate::ffi::backend::forward;
 use crate::error::Error;
 use crate::ffi::boundary::{borrow, box_handle, free_box, guard, guard_ctx, out_arg, Handle, OwnershipBox};
 use crate::ffi::context::lowvram_context;
@@ -28,6 +29,7 @@ pub unsafe extern "C" fn lowvram_reservation_new(
     bytes: u64,
     out: *mut *mut lowvram_reservation,
 ) -> lowvram_status {
+    forward!(lowvram_reservation_new(ctx, bytes, out));
     guard_ctx(ctx, |ctx| {
         let out = out_arg(out, "out")?;
         if bytes == 0 {
@@ -44,6 +46,7 @@ pub unsafe extern "C" fn lowvram_reservation_bytes(
     reservation: *const lowvram_reservation,
     out_bytes: *mut u64,
 ) -> lowvram_status {
+    forward!(lowvram_reservation_bytes(reservation, out_bytes));
     guard(|| {
         let r = borrow(reservation, "reservation")?;
         *out_arg(out_bytes, "out_bytes")? = r.bytes();
@@ -55,6 +58,7 @@ pub unsafe extern "C" fn lowvram_reservation_bytes(
 /// or after its context.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_reservation_free(reservation: *mut lowvram_reservation) {
+    forward!(lowvram_reservation_free(reservation));
     guard(|| {
         free_box(reservation);
         Ok(())
