@@ -23,6 +23,9 @@ fn main() {
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=NVCC_CCBIN");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    // The CPU build (liblowvram.so) and its backend (liblowvram_cuda.so, or any lowvram library a test names) export
+    // the same names in one process: each must bind its own calls to its own definitions, never to the other's.
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-Bsymbolic");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }

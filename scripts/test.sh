@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite: Rust tests, the header check, the C / C++ / C# host programs (C under valgrind), and a type
-# check of the CUDA build. Installs what it needs (mono, valgrind, CUDA compiler headers) and fails loudly rather than
-# skipping a language. Usage: scripts/test.sh   (set LOWVRAM_SKIP_CUDA_CHECK=1 only for quick local iterations)
+# The whole test suite: Rust tests, the header check, the C / C++ / C# host programs (C under valgrind), a type
+# check of the CUDA build, and a package with both backends (CPU and CUDA library) run on this machine. Installs what
+# it needs (mono, valgrind, the CUDA toolkit from PyPI) and fails loudly rather than skipping a language.
+# Usage: scripts/test.sh   (set LOWVRAM_SKIP_CUDA_CHECK=1 only for quick local iterations)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -134,13 +135,62 @@ step "C# host test (mono-mcs + mono)"
 mcs -nologo -warnaserror -unsafe -out:"$out/TestApi.exe" bindings/csharp/LowVram.cs tests/csharp/TestApi.cs
 LD_LIBRARY_PATH="$lib_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" mono --debug "$out/TestApi.exe"
 
-# --- CUDA type check -----------------------------------------------------------------------------------------------
+# --- CUDA: type check, and one package for machines with and without a GPU ----------------------------------------
 if [ "${LOWVRAM_SKIP_CUDA_CHECK:-0}" = 1 ]; then
-    echo "WARNING: LOWVRAM_SKIP_CUDA_CHECK=1: the CUDA type check was NOT run" >&2
+    echo "WARNING: LOWVRAM_SKIP_CUDA_CHECK=1: the CUDA type check and the two-backend package test were NOT run" >&2
 else
+    # Everything CUDA builds in its own target folder: this package's library has one file name for every feature
+    # set, so a CUDA build in target/ would replace the CPU one's files. The check and the library share the
+    # build-script outputs there (candle's nvcc step runs once).
+    cuda_target="${CARGO_TARGET_DIR:-$root/target}/cuda"
     step "cargo check --release --features cuda --all-targets (CUDA compiler from PyPI, no GPU needed)"
-    eval "$(scripts/cuda/setup.sh --no-libs)"
-    cargo check --release --locked --features cuda --all-targets
+    eval "$(scripts/cuda/setup.sh)"
+    CARGO_TARGET_DIR="$cuda_target" cargo check --release --locked --features cuda --all-targets
+
+    step "one package: liblowvram.so + liblowvram_cuda.so (the CUDA build) installed, run on this CPU-only machine"
+    pkg="$out/prefix-cuda"
+    rm -rf "$pkg" "$out/backend"
+    mkdir -p "$out/backend"
+    scripts/install.sh --prefix "$pkg" --with-cuda
+    [ -f "$pkg/lib/liblowvram_cuda.so" ] || { echo "FATAL: liblowvram_cuda.so was not installed" >&2; exit 1; }
+    if ldd "$pkg/lib/liblowvram.so" | grep -E 'libcuda|libcudart|libcublas|libcurand'; then
+        echo "FATAL: liblowvram.so needs a CUDA library (above): hosts without a GPU could not load it" >&2; exit 1
+    fi
+    readelf -d "$pkg/lib/liblowvram_cuda.so" | grep -q 'NEEDED.*\[libcublas' \
+        || { echo "FATAL: liblowvram_cuda.so does not link cuBLAS: not a CUDA build" >&2; exit 1; }
+    gcc -std=c11 -Wall -Wextra -Wpedantic -Werror -g -I "$pkg/include" tests/c/test_backend.c -o "$out/backend/test_backend" \
+        -L "$pkg/lib" -llowvram -Wl,-rpath,"$pkg/lib"
+    gcc -std=c11 -Wall -Wextra -Wpedantic -Werror -I "$pkg/include" examples/generate.c -o "$out/backend/generate" \
+        -L "$pkg/lib" -llowvram -Wl,-rpath,"$pkg/lib"
+    # the machine's own driver state decides: without one, the CPU runs everything and the CUDA build is never loaded
+    ( unset LOWVRAM_BACKEND LOWVRAM_BACKEND_LIBRARY
+      if [ -e /dev/nvidiactl ]; then echo "NOTE: this machine has an NVIDIA device: the CPU-only run is skipped" >&2; exit 0; fi
+      "$out/backend/test_backend" cpu "no NVIDIA driver" "+$pkg/lib/liblowvram.so" -liblowvram_cuda.so
+      "$out/backend/generate" tests/fixtures/tiny-sd-random "$out/backend/cpu.png" >/dev/null )
+
+    step "the forwarding path: LOWVRAM_BACKEND=library with a copy of the CPU library as the backend"
+    cp "$pkg/lib/liblowvram.so" "$out/backend/liblowvram_copy.so"
+    ( export LOWVRAM_BACKEND=library LOWVRAM_BACKEND_LIBRARY="$out/backend/liblowvram_copy.so"
+      "$out/backend/test_backend" library "$out/backend/liblowvram_copy.so" +liblowvram_copy.so -liblowvram_cuda.so
+      "$out/backend/generate" tests/fixtures/tiny-sd-random "$out/backend/library.png" >/dev/null )
+    if [ -f "$out/backend/cpu.png" ]; then
+        cmp "$out/backend/cpu.png" "$out/backend/library.png" \
+            || { echo "FATAL: the image made through the backend differs from the direct one" >&2; exit 1; }
+    fi
+
+    step "the driver branch, with a stand-in driver (tests/c/fake_libcuda.c: one device, no GPU behind it)"
+    gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$out/backend/libcuda.so.1" tests/c/fake_libcuda.c
+    ( unset LOWVRAM_BACKEND LOWVRAM_BACKEND_LIBRARY
+      export LD_LIBRARY_PATH="$out/backend"
+      # the real CUDA build cannot load against the stand-in (it lacks the driver's API): the CPU runs, saying why
+      "$out/backend/test_backend" cpu "cannot use $pkg/lib/liblowvram_cuda.so" -liblowvram_cuda.so
+      # a backend that loads is forwarded to: the package's layout, with a CPU copy in the CUDA build's place
+      mkdir -p "$out/backend/pkg/lib" && cp "$pkg/lib/liblowvram.so" "$out/backend/pkg/lib/"
+      cp "$pkg/lib/liblowvram.so" "$out/backend/pkg/lib/liblowvram_cuda.so"
+      gcc -std=c11 -I "$pkg/include" tests/c/test_backend.c -o "$out/backend/test_backend_pkg" \
+          -L "$out/backend/pkg/lib" -llowvram -Wl,-rpath,"$out/backend/pkg/lib"
+      "$out/backend/test_backend_pkg" cuda "$out/backend/pkg/lib/liblowvram_cuda.so, driver 13.0, 1 device" \
+          +pkg/lib/liblowvram_cuda.so )
 fi
 
 step "all tests passed"

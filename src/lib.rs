@@ -6,6 +6,7 @@
 //! [`WeightSource`] interface) → `models` / `sampling` → `ops` → candle.
 
 pub mod api;
+pub mod backend;
 pub mod config;
 pub mod device;
 mod error;

@@ -95,13 +95,14 @@ struct Driver {
     ctx_pop: unsafe extern "C" fn(*mut CuContext) -> CuResult,
     mem_get_info: unsafe extern "C" fn(*mut usize, *mut usize) -> CuResult,
     get_error_name: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
+    driver_get_version: unsafe extern "C" fn(*mut c_int) -> CuResult,
 }
 
 impl Driver {
     fn load() -> Result<Self, String> {
         // SAFETY: loading the NVIDIA driver library runs its initialisers, which is what every CUDA program does.
         let lib = unsafe { libloading::Library::new("libcuda.so.1") }
-            .map_err(|e| format!("no NVIDIA driver: cannot load libcuda.so.1 ({e})"))?;
+            .map_err(|e| format!("no NVIDIA driver: cannot load libcuda.so.1 ({})", dl_error(&e)))?;
         macro_rules! sym {
             ($name:literal) => {
                 // SAFETY: the signature matches the CUDA driver API's declaration of this symbol.
@@ -120,6 +121,7 @@ impl Driver {
             ctx_pop: sym!("cuCtxPopCurrent_v2"),
             mem_get_info: sym!("cuMemGetInfo_v2"),
             get_error_name: sym!("cuGetErrorName"),
+            driver_get_version: sym!("cuDriverGetVersion"),
             _lib: lib,
         })
     }
@@ -142,7 +144,38 @@ impl Driver {
     }
 }
 
+/// The loader's own words for a failed dlopen/dlsym (libloading's message alone is "dlopen failed").
+pub fn dl_error(e: &libloading::Error) -> String {
+    std::error::Error::source(e).map_or_else(|| e.to_string(), |s| s.to_string())
+}
+
 static DRIVER: OnceCell<Result<Driver, String>> = OnceCell::new();
+
+/// The CUDA driver's version and device count, without touching any device (no context is created).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriverInfo {
+    /// The CUDA version the driver supports, e.g. "13.0".
+    pub version: String,
+    pub devices: u32,
+}
+
+/// Probe the driver only: cheap enough for choosing a backend at a process's first call. The error is the same
+/// reason `system_stats` reports (no driver, cuInit failed, no devices).
+pub fn cuda_driver() -> Result<DriverInfo, String> {
+    let driver = DRIVER.get_or_init(Driver::load).as_ref().map_err(Clone::clone)?;
+    // SAFETY: every call follows the driver API contract; out-parameters are ours.
+    unsafe {
+        driver.check("cuInit", (driver.init)(0))?;
+        let mut version = 0;
+        driver.check("cuDriverGetVersion", (driver.driver_get_version)(&mut version))?;
+        let mut count = 0;
+        driver.check("cuDeviceGetCount", (driver.device_get_count)(&mut count))?;
+        if count <= 0 {
+            return Err("the CUDA driver reports no devices".into());
+        }
+        Ok(DriverInfo { version: format!("{}.{}", version / 1000, version % 1000 / 10), devices: count as u32 })
+    }
+}
 
 fn probe_cuda() -> Result<Vec<DeviceStats>, String> {
     let driver = DRIVER.get_or_init(Driver::load).as_ref().map_err(Clone::clone)?;

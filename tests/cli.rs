@@ -111,6 +111,119 @@ fn system_stats_json_has_the_documented_shape() {
     if !available {
         assert_eq!(v["devices"].as_array().unwrap().len(), 0);
     }
+    let kind = v["backend"]["kind"].as_str().unwrap();
+    assert!(kind == "cpu" || kind == "cuda", "{v}");
+    assert!(!v["backend"]["reason"].as_str().unwrap().is_empty(), "{v}");
+    if !available && std::env::var_os("LOWVRAM_BACKEND").is_none() {
+        // No driver: the CPU runs it, and the driver probe's reason is why.
+        assert_eq!(kind, "cpu");
+        assert_eq!(v["backend"]["reason"], v["cuda"]["reason"]);
+    }
+}
+
+/// `LOWVRAM_BACKEND=cpu` keeps the CLI on the CPU and says so; `--device cuda` then fails with that reason.
+#[test]
+fn the_backend_and_its_reason_are_printed_and_explain_device_cuda() {
+    let out = lowvram().env("LOWVRAM_BACKEND", "cpu").arg("system-stats").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert_eq!(stdout.lines().next(), Some("backend: cpu — LOWVRAM_BACKEND=cpu"), "{stdout}");
+    let out = lowvram().env("LOWVRAM_BACKEND", "bogus").arg("system-stats").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("backend: cpu — LOWVRAM_BACKEND=bogus is not one of auto, cpu, cuda, library"),
+        "{stdout}"
+    );
+
+    let dir = out_dir("device-cuda");
+    let out = lowvram()
+        .env("LOWVRAM_BACKEND", "cpu")
+        .args(["generate", "--steps", "1", "--device", "cuda", "--width", "64", "--height", "64"])
+        .arg("--model")
+        .arg(repo().join("tests/fixtures/tiny-sd-random"))
+        .arg("--out")
+        .arg(dir.join("img.png"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("device cuda:0: this build has no CUDA support"), "{stderr}");
+    assert!(stderr.contains("backend cpu — LOWVRAM_BACKEND=cpu"), "{stderr}");
+}
+
+/// A stand-in NVIDIA driver reporting one device (tests/c/fake_libcuda.c), in a folder for LD_LIBRARY_PATH.
+fn fake_driver(dir: &std::path::Path) -> PathBuf {
+    let lib_dir = dir.join("fake-driver");
+    std::fs::create_dir_all(&lib_dir).unwrap();
+    let status = Command::new("gcc")
+        .args(["-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o"])
+        .arg(lib_dir.join("libcuda.so.1"))
+        .arg(repo().join("tests/c/fake_libcuda.c"))
+        .status()
+        .expect("gcc runs");
+    assert!(status.success());
+    lib_dir
+}
+
+/// With a driver that reports a device, the CPU build of the CLI re-executes `lowvram-cuda` from beside it or from
+/// `../libexec/lowvram/`, with the same arguments and `LOWVRAM_BACKEND=cpu` (so a child never re-executes); without
+/// one installed it runs on the CPU and says where it looked.
+#[test]
+fn with_a_driver_the_cli_re_executes_lowvram_cuda() {
+    let dir = out_dir("reexec");
+    let driver = fake_driver(&dir);
+    let bin = dir.join("bin");
+    let libexec = dir.join("libexec/lowvram");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&libexec).unwrap();
+    let cli = bin.join("lowvram");
+    std::fs::copy(env!("CARGO_BIN_EXE_lowvram"), &cli).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(&cli)
+            .env("LD_LIBRARY_PATH", &driver)
+            .env_remove("LOWVRAM_BACKEND")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    let stdout = run(&["system-stats"]);
+    let expected = format!("lowvram-cuda not found in {}, {}", bin.display(), bin.join("../libexec/lowvram").display());
+    assert_eq!(stdout.lines().next(), Some(format!("backend: cpu — {expected}").as_str()), "{stdout}");
+    assert!(stdout.contains("cuda:0 fake driver (tests/c/fake_libcuda.c)"), "{stdout}");
+
+    // A stand-in for the CUDA build of the CLI that shows how it was started.
+    let write_child = |path: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, "#!/bin/sh\necho \"child $0 [$*] LOWVRAM_BACKEND=$LOWVRAM_BACKEND\"\n").unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    write_child(&libexec.join("lowvram-cuda"));
+    let stdout = run(&["system-stats", "--json"]);
+    assert_eq!(
+        stdout.trim(),
+        format!(
+            "child {} [system-stats --json] LOWVRAM_BACKEND=cpu",
+            bin.join("../libexec/lowvram/lowvram-cuda").display()
+        )
+    );
+    write_child(&bin.join("lowvram-cuda"));
+    let stdout = run(&["generate", "--out", "x.png"]);
+    assert_eq!(
+        stdout.trim(),
+        format!("child {} [generate --out x.png] LOWVRAM_BACKEND=cpu", bin.join("lowvram-cuda").display())
+    );
+
+    // LOWVRAM_BACKEND=cpu (what the child gets) never re-executes.
+    let out = Command::new(&cli)
+        .env("LD_LIBRARY_PATH", &driver)
+        .env("LOWVRAM_BACKEND", "cpu")
+        .arg("system-stats")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("backend: cpu — LOWVRAM_BACKEND=cpu"));
 }
 
 /// Progress on a non-terminal stderr (a log file, CI): one complete line per step, never `\r`-joined.

@@ -242,6 +242,8 @@ namespace LowVram
             public uint DeviceCount;
             public DeviceInfo Device0, Device1, Device2, Device3, Device4, Device5, Device6, Device7,
                 Device8, Device9, Device10, Device11, Device12, Device13, Device14, Device15;
+            public uint Backend;
+            public fixed byte BackendReason[256];
         }
 
         // library
@@ -388,6 +390,10 @@ namespace LowVram
         public bool CudaAvailable;
         public string CudaReason;
         public int DeviceCount;
+        /// <summary>What runs this process's calls: 0 CPU, 1 CUDA, 2 a library (lowvram_backend).</summary>
+        public uint Backend;
+        /// <summary>Why that backend (the backend file and driver, or why the CPU).</summary>
+        public string BackendReason;
 
         public static unsafe SystemStats Probe()
         {
@@ -399,6 +405,7 @@ namespace LowVram
             {
                 RamTotalBytes = info.RamTotalBytes, RamFreeBytes = info.RamFreeBytes,
                 CudaAvailable = info.CudaAvailable, CudaReason = reason, DeviceCount = (int)info.DeviceCount,
+                Backend = info.Backend, BackendReason = Native.Utf8((IntPtr)info.BackendReason),
             };
         }
     }

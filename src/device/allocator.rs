@@ -768,8 +768,11 @@ fn open_cuda(n: usize) -> Result<(Device, Option<u64>)> {
 
 #[cfg(not(feature = "cuda"))]
 fn open_cuda(n: usize) -> Result<(Device, Option<u64>)> {
+    // The process's backend choice says why the CUDA build is not running this (no driver, not installed, ...).
+    let why = crate::backend::current().map_or_else(String::new, |c| format!("; backend {c}"));
     Err(Error::unsupported(format!(
-        "device cuda:{n}: this build has no CUDA support (build with --features cuda)"
+        "device cuda:{n}: this build has no CUDA support (build with --features cuda, or install liblowvram_cuda.so \
+         beside liblowvram.so){why}"
     )))
 }
 

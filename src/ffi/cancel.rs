@@ -1,5 +1,6 @@
 //! `lowvram_cancel_token`: cancel one call (or a chosen group of calls), even before it starts.
 
+use crate::ffi::backend::forward;
 use std::sync::Arc;
 
 use crate::api::CancelToken;
@@ -35,6 +36,7 @@ pub(crate) unsafe fn token_arg(token: *const lowvram_cancel_token) -> crate::Res
 /// `lowvram_cancel_token_free`. Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_cancel_token_new(out: *mut *mut lowvram_cancel_token) -> lowvram_status {
+    forward!(lowvram_cancel_token_new(out));
     guard(|| {
         *out_arg(out, "out")? = arc_handle(Arc::new(CancelToken::new()));
         Ok(())
@@ -47,6 +49,7 @@ pub unsafe extern "C" fn lowvram_cancel_token_new(out: *mut *mut lowvram_cancel_
 /// call from any callback.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_cancel_token_cancel(token: *const lowvram_cancel_token) -> lowvram_status {
+    forward!(lowvram_cancel_token_cancel(token));
     guard(|| {
         borrow(token, "token")?.cancel();
         Ok(())
@@ -59,6 +62,7 @@ pub unsafe extern "C" fn lowvram_cancel_token_is_cancelled(
     token: *const lowvram_cancel_token,
     out_cancelled: *mut bool,
 ) -> lowvram_status {
+    forward!(lowvram_cancel_token_is_cancelled(token, out_cancelled));
     guard(|| {
         let t = borrow(token, "token")?;
         *out_arg(out_cancelled, "out_cancelled")? = t.is_cancelled();
@@ -69,6 +73,7 @@ pub unsafe extern "C" fn lowvram_cancel_token_is_cancelled(
 /// Drop the host's reference to a token. NULL is a no-op. Calls using the token keep their own reference.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_cancel_token_free(token: *mut lowvram_cancel_token) {
+    forward!(lowvram_cancel_token_free(token));
     guard(|| {
         free_arc(token);
         Ok(())

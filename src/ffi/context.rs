@@ -1,5 +1,6 @@
 //! `lowvram_context`: create, configure, free.
 
+use crate::ffi::backend::forward;
 use std::ffi::{c_char, c_void, CString};
 use std::mem::size_of;
 
@@ -113,6 +114,7 @@ pub unsafe extern "C" fn lowvram_context_params_init(
     params: *mut lowvram_context_params,
     struct_size: usize,
 ) -> lowvram_status {
+    forward!(lowvram_context_params_init(params, struct_size));
     guard(|| init_params(params, struct_size, &context_defaults(struct_size as u32)))
 }
 
@@ -124,6 +126,7 @@ pub unsafe extern "C" fn lowvram_context_new(
     params: *const lowvram_context_params,
     out: *mut *mut lowvram_context,
 ) -> lowvram_status {
+    forward!(lowvram_context_new(params, out));
     guard(|| {
         let p = params_bytes(params, &context_defaults(size_of::<lowvram_context_params>() as u32))?;
         type P = lowvram_context_params;
@@ -152,6 +155,7 @@ pub unsafe extern "C" fn lowvram_context_new(
 /// context is INVALID_ARGUMENT.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_context_free(ctx: *mut lowvram_context) {
+    forward!(lowvram_context_free(ctx));
     guard(|| {
         free_box(ctx);
         Ok(())
@@ -168,6 +172,7 @@ pub unsafe extern "C" fn lowvram_context_set_log_callback(
     callback: lowvram_log_callback,
     user_data: *mut c_void,
 ) -> lowvram_status {
+    forward!(lowvram_context_set_log_callback(ctx, callback, user_data));
     lowvram_context_set_log_callback_ex(ctx, callback, user_data, None)
 }
 
@@ -182,6 +187,7 @@ pub unsafe extern "C" fn lowvram_context_set_log_callback_ex(
     user_data: *mut c_void,
     release: lowvram_release_callback,
 ) -> lowvram_status {
+    forward!(lowvram_context_set_log_callback_ex(ctx, callback, user_data, release));
     let sink = LogSink::with_release(callback, user_data, release);
     guard_ctx(ctx, |ctx| {
         ctx.logger().set_sink(sink);
@@ -196,6 +202,7 @@ pub unsafe extern "C" fn lowvram_context_set_log_callback_ex(
 /// yet, give it a `lowvram_cancel_token`. Thread-safe; safe to call from a callback.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_context_cancel(ctx: *const lowvram_context) -> lowvram_status {
+    forward!(lowvram_context_cancel(ctx));
     guard_ctx(ctx, |ctx| {
         ctx.cancel();
         Ok(())
@@ -207,6 +214,7 @@ pub unsafe extern "C" fn lowvram_context_cancel(ctx: *const lowvram_context) -> 
 /// (unknown key, bad value; the message names the key and the accepted values) nothing changes. Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_context_configure(ctx: *const lowvram_context, yaml: *const c_char) -> lowvram_status {
+    forward!(lowvram_context_configure(ctx, yaml));
     guard_ctx(ctx, |ctx| ctx.configure(str_arg(yaml, "yaml")?))
 }
 
@@ -284,6 +292,7 @@ pub unsafe extern "C" fn lowvram_context_stats(
     ctx: *const lowvram_context,
     out: *mut lowvram_cache_stats,
 ) -> lowvram_status {
+    forward!(lowvram_context_stats(ctx, out));
     guard_ctx(ctx, |ctx| {
         non_null(out, "out")?;
         check_out_size(out, "out")?;
@@ -320,6 +329,7 @@ pub unsafe extern "C" fn lowvram_context_stats_json(
     ctx: *const lowvram_context,
     out_json: *mut *mut c_char,
 ) -> lowvram_status {
+    forward!(lowvram_context_stats_json(ctx, out_json));
     guard_ctx(ctx, |ctx| {
         let out = out_arg(out_json, "out_json")?;
         let json = serde_json::to_string(&ctx.stats()).map_err(|e| Error::invalid(e.to_string()))?;
@@ -331,6 +341,7 @@ pub unsafe extern "C" fn lowvram_context_stats_json(
 /// Free a string the library returned (e.g. from `lowvram_context_stats_json`). NULL is a no-op.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_string_free(s: *mut c_char) {
+    forward!(lowvram_string_free(s));
     guard(|| {
         if !s.is_null() {
             drop(CString::from_raw(s));
@@ -347,6 +358,7 @@ pub unsafe extern "C" fn lowvram_context_free_memory(
     bytes: u64,
     out_freed: *mut u64,
 ) -> lowvram_status {
+    forward!(lowvram_context_free_memory(ctx, bytes, out_freed));
     guard_ctx(ctx, |ctx| {
         let freed = ctx.free_memory(bytes);
         if let Some(o) = out_freed.as_mut() {
@@ -364,6 +376,7 @@ pub unsafe extern "C" fn lowvram_context_unload_all(
     ctx: *const lowvram_context,
     out_freed: *mut u64,
 ) -> lowvram_status {
+    forward!(lowvram_context_unload_all(ctx, out_freed));
     guard_ctx(ctx, |ctx| {
         let freed = ctx.unload_all();
         if let Some(o) = out_freed.as_mut() {

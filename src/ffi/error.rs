@@ -1,5 +1,6 @@
 //! The last error of each thread, readable from C.
 
+use crate::ffi::backend::forward;
 use std::cell::RefCell;
 use std::ffi::{c_char, CString};
 
@@ -26,6 +27,7 @@ pub(crate) fn last_error_string() -> String {
 /// called while the thread is being torn down (from a thread-local destructor) it returns "".
 #[no_mangle]
 pub extern "C" fn lowvram_last_error_message() -> *const c_char {
+    forward!(lowvram_last_error_message());
     // The pointer outlives the borrow: the CString is replaced only by a later failing call on this thread.
     LAST_ERROR.try_with(|e| e.borrow().as_ptr()).unwrap_or(c"".as_ptr())
 }

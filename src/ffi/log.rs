@@ -1,5 +1,6 @@
 //! Process-wide logging from C.
 
+use crate::ffi::backend::forward;
 use std::ffi::c_void;
 
 use crate::ffi::boundary::guard;
@@ -15,6 +16,7 @@ use crate::log::{lowvram_log_callback, lowvram_release_callback, set_global, Log
 /// or the new callback. The callback runs on the thread whose lowvram call logs.
 #[no_mangle]
 pub extern "C" fn lowvram_set_log_callback(callback: lowvram_log_callback, user_data: *mut c_void) -> lowvram_status {
+    forward!(lowvram_set_log_callback(callback, user_data));
     lowvram_set_log_callback_ex(callback, user_data, None)
 }
 
@@ -28,6 +30,7 @@ pub extern "C" fn lowvram_set_log_callback_ex(
     user_data: *mut c_void,
     release: lowvram_release_callback,
 ) -> lowvram_status {
+    forward!(lowvram_set_log_callback_ex(callback, user_data, release));
     let sink = LogSink::with_release(callback, user_data, release);
     guard(|| {
         set_global(sink);

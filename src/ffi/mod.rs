@@ -1,6 +1,16 @@
 //! The C ABI: pointer checks, handle casts, the panic boundary and the last error. No logic lives here; every
 //! function forwards to the Rust API. One file per C "class".
 
+#[cfg(not(feature = "cuda"))]
+pub mod backend;
+/// The CUDA build is the backend: its exports run, they never forward.
+#[cfg(feature = "cuda")]
+mod backend {
+    macro_rules! forward {
+        ($($t:tt)*) => {};
+    }
+    pub(crate) use forward;
+}
 mod boundary;
 pub mod cancel;
 pub mod context;

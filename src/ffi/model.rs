@@ -1,5 +1,6 @@
 //! `lowvram_model`: load a component folder into a context's cache, inspect it, place it, free it.
 
+use crate::ffi::backend::forward;
 use std::ffi::{c_char, c_void};
 use std::mem::size_of;
 
@@ -128,6 +129,7 @@ pub unsafe extern "C" fn lowvram_model_load_params_init(
     params: *mut lowvram_model_load_params,
     struct_size: usize,
 ) -> lowvram_status {
+    forward!(lowvram_model_load_params_init(params, struct_size));
     guard(|| init_params(params, struct_size, &load_defaults(struct_size as u32)))
 }
 
@@ -145,6 +147,7 @@ pub unsafe extern "C" fn lowvram_model_load(
     path: *const c_char,
     out: *mut *mut lowvram_model,
 ) -> lowvram_status {
+    forward!(lowvram_model_load(ctx, path, out));
     lowvram_model_load_ex(ctx, path, std::ptr::null(), out)
 }
 
@@ -158,6 +161,7 @@ pub unsafe extern "C" fn lowvram_model_load_ex(
     params: *const lowvram_model_load_params,
     out: *mut *mut lowvram_model,
 ) -> lowvram_status {
+    forward!(lowvram_model_load_ex(ctx, path, params, out));
     // Read first: the release runs exactly once, also when the context is NULL or failed.
     let _release = release_of(
         params,
@@ -190,6 +194,7 @@ pub unsafe extern "C" fn lowvram_model_get_info(
     model: *const lowvram_model,
     out: *mut lowvram_model_info,
 ) -> lowvram_status {
+    forward!(lowvram_model_get_info(model, out));
     guard(|| {
         let model = borrow(model, "model")?;
         non_null(out, "out")?;
@@ -224,6 +229,7 @@ pub unsafe extern "C" fn lowvram_model_load_to_device(
     max_bytes: u64,
     out_resident_bytes: *mut u64,
 ) -> lowvram_status {
+    forward!(lowvram_model_load_to_device(ctx, model, max_bytes, out_resident_bytes));
     guard_ctx(ctx, |ctx| {
         let model = clone_arc(model, "model")?;
         let resident = ctx.load_to_device(&model, max_bytes)?;
@@ -239,6 +245,7 @@ pub unsafe extern "C" fn lowvram_model_load_to_device(
 /// run on another thread, and after the model's context was freed.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_model_free(model: *mut lowvram_model) {
+    forward!(lowvram_model_free(model));
     guard(|| {
         free_arc(model);
         Ok(())

@@ -1,6 +1,7 @@
 //! `lowvram_pipeline` and `lowvram_conditioning`: one entry point per step for every model family — load a
 //! pipeline, encode a prompt (or give tensors), denoise, decode.
 
+use crate::ffi::backend::forward;
 use std::ffi::c_char;
 use std::mem::size_of;
 
@@ -134,6 +135,7 @@ pub unsafe extern "C" fn lowvram_pipeline_params_init(
     params: *mut lowvram_pipeline_params,
     struct_size: usize,
 ) -> lowvram_status {
+    forward!(lowvram_pipeline_params_init(params, struct_size));
     guard(|| init_params(params, struct_size, &pipeline_defaults(struct_size as u32)))
 }
 
@@ -143,6 +145,7 @@ pub unsafe extern "C" fn lowvram_prompt_params_init(
     params: *mut lowvram_prompt_params,
     struct_size: usize,
 ) -> lowvram_status {
+    forward!(lowvram_prompt_params_init(params, struct_size));
     guard(|| init_params(params, struct_size, &prompt_defaults(struct_size as u32)))
 }
 
@@ -157,6 +160,7 @@ pub unsafe extern "C" fn lowvram_pipeline_load(
     params: *const lowvram_pipeline_params,
     out: *mut *mut lowvram_pipeline,
 ) -> lowvram_status {
+    forward!(lowvram_pipeline_load(ctx, params, out));
     guard_ctx(ctx, |ctx| {
         type P = lowvram_pipeline_params;
         let out = out_arg(out, "out")?;
@@ -180,6 +184,7 @@ pub unsafe extern "C" fn lowvram_pipeline_load(
 /// Free a pipeline handle (NULL is a no-op). Models stay in the cache until its budgets evict them.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_pipeline_free(pipeline: *mut lowvram_pipeline) {
+    forward!(lowvram_pipeline_free(pipeline));
     free_arc(pipeline)
 }
 
@@ -197,6 +202,7 @@ pub unsafe extern "C" fn lowvram_pipeline_encode_prompt(
     params: *const lowvram_prompt_params,
     out: *mut *mut lowvram_conditioning,
 ) -> lowvram_status {
+    forward!(lowvram_pipeline_encode_prompt(ctx, pipeline, prompt, params, out));
     guard_ctx(ctx, |ctx| {
         type P = lowvram_prompt_params;
         let pipeline = clone_arc(pipeline, "pipeline")?;
@@ -230,6 +236,7 @@ pub unsafe extern "C" fn lowvram_pipeline_denoise(
     report: *mut lowvram_run_report,
     out_latents: *mut *mut lowvram_tensor,
 ) -> lowvram_status {
+    forward!(lowvram_pipeline_denoise(ctx, pipeline, cond, params, init_noise, report, out_latents));
     // Read first: the release runs exactly once, also when the context is NULL or failed.
     let _release = release_of(
         params,
@@ -260,6 +267,7 @@ pub unsafe extern "C" fn lowvram_pipeline_decode(
     report: *mut lowvram_run_report,
     out_image: *mut *mut lowvram_tensor,
 ) -> lowvram_status {
+    forward!(lowvram_pipeline_decode(ctx, pipeline, params, latents, report, out_image));
     let _release = release_of(
         params,
         field!(lowvram_decode_params, progress_user_data),
@@ -280,6 +288,7 @@ pub unsafe extern "C" fn lowvram_pipeline_decode(
 /// Create an empty conditioning for host-given tensors. On success `*out` is owned by the caller. Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_conditioning_new(out: *mut *mut lowvram_conditioning) -> lowvram_status {
+    forward!(lowvram_conditioning_new(out));
     guard(|| {
         let out = out_arg(out, "out")?;
         *out = box_handle(Conditioning::new());
@@ -295,6 +304,7 @@ pub unsafe extern "C" fn lowvram_conditioning_set(
     name: *const c_char,
     tensor: *const lowvram_tensor,
 ) -> lowvram_status {
+    forward!(lowvram_conditioning_set(cond, name, tensor));
     guard(|| {
         let cond = (cond as *mut Conditioning).as_mut().ok_or(Error::NullArgument("cond"))?;
         let name = str_arg(name, "name")?;
@@ -315,6 +325,7 @@ pub unsafe extern "C" fn lowvram_conditioning_get(
     name: *const c_char,
     out: *mut *mut lowvram_tensor,
 ) -> lowvram_status {
+    forward!(lowvram_conditioning_get(cond, name, out));
     guard(|| {
         let cond = borrow(cond, "cond")?;
         let name = str_arg(name, "name")?;
@@ -328,5 +339,6 @@ pub unsafe extern "C" fn lowvram_conditioning_get(
 /// Free a conditioning (NULL is a no-op).
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_conditioning_free(cond: *mut lowvram_conditioning) {
+    forward!(lowvram_conditioning_free(cond));
     free_box(cond)
 }

@@ -3,6 +3,7 @@
 use std::mem::size_of;
 use std::time::Duration;
 
+use crate::ffi::backend::forward;
 use crate::error::Error;
 use crate::ffi::boundary::{
     borrow, box_handle, field, free_box, guard, guard_ctx, out_arg, params_bytes, CStruct, Field, Handle, OwnershipBox,
@@ -50,6 +51,7 @@ pub unsafe extern "C" fn lowvram_reservation_params_init(
     params: *mut lowvram_reservation_params,
     struct_size: usize,
 ) -> lowvram_status {
+    forward!(lowvram_reservation_params_init(params, struct_size));
     guard(|| init_params(params, struct_size, &reservation_defaults(struct_size as u32)))
 }
 
@@ -77,6 +79,7 @@ pub unsafe extern "C" fn lowvram_reservation_new(
     bytes: u64,
     out: *mut *mut lowvram_reservation,
 ) -> lowvram_status {
+    forward!(lowvram_reservation_new(ctx, bytes, out));
     guard_ctx(ctx, |ctx| {
         let out = out_arg(out, "out")?;
         if bytes == 0 {
@@ -104,6 +107,7 @@ pub unsafe extern "C" fn lowvram_reservation_new_ex(
     params: *const lowvram_reservation_params,
     out: *mut *mut lowvram_reservation,
 ) -> lowvram_status {
+    forward!(lowvram_reservation_new_ex(ctx, bytes, params, out));
     guard_ctx(ctx, |ctx| {
         type P = lowvram_reservation_params;
         let p = params_bytes(params, &reservation_defaults(size_of::<P>() as u32))?;
@@ -125,6 +129,7 @@ pub unsafe extern "C" fn lowvram_reservation_bytes(
     reservation: *const lowvram_reservation,
     out_bytes: *mut u64,
 ) -> lowvram_status {
+    forward!(lowvram_reservation_bytes(reservation, out_bytes));
     guard(|| {
         let r = borrow(reservation, "reservation")?;
         *out_arg(out_bytes, "out_bytes")? = r.bytes();
@@ -136,6 +141,7 @@ pub unsafe extern "C" fn lowvram_reservation_bytes(
 /// or after its context.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_reservation_free(reservation: *mut lowvram_reservation) {
+    forward!(lowvram_reservation_free(reservation));
     guard(|| {
         free_box(reservation);
         Ok(())

@@ -1,5 +1,6 @@
 //! `lowvram_denoise` and `lowvram_vae_decode`: the operations, with their params, progress, cancel and reports.
 
+use crate::ffi::backend::forward;
 use std::ffi::c_void;
 use std::mem::size_of;
 
@@ -216,6 +217,7 @@ pub unsafe extern "C" fn lowvram_denoise_params_init(
     params: *mut lowvram_denoise_params,
     struct_size: usize,
 ) -> lowvram_status {
+    forward!(lowvram_denoise_params_init(params, struct_size));
     guard(|| init_params(params, struct_size, &denoise_defaults(struct_size as u32)))
 }
 
@@ -225,6 +227,7 @@ pub unsafe extern "C" fn lowvram_decode_params_init(
     params: *mut lowvram_decode_params,
     struct_size: usize,
 ) -> lowvram_status {
+    forward!(lowvram_decode_params_init(params, struct_size));
     guard(|| init_params(params, struct_size, &decode_defaults(struct_size as u32)))
 }
 
@@ -288,6 +291,7 @@ pub unsafe extern "C" fn lowvram_denoise(
     report: *mut lowvram_run_report,
     out_latents: *mut *mut lowvram_tensor,
 ) -> lowvram_status {
+    forward!(lowvram_denoise(ctx, unet, params, cond, uncond, init_noise, report, out_latents));
     // Read first: the release runs exactly once, also when the context is NULL or failed.
     let _release = release_of(
         params,
@@ -379,6 +383,7 @@ pub unsafe extern "C" fn lowvram_vae_decode(
     report: *mut lowvram_run_report,
     out_image: *mut *mut lowvram_tensor,
 ) -> lowvram_status {
+    forward!(lowvram_vae_decode(ctx, vae, params, latents, report, out_image));
     // Read first: the release runs exactly once, also when the context is NULL or failed.
     let _release = release_of(
         params,

@@ -1,5 +1,6 @@
 //! Status codes returned by every fallible C entry point.
 
+use crate::ffi::backend::forward;
 use std::ffi::{c_char, CStr};
 
 use crate::error::Error;
@@ -95,5 +96,6 @@ impl lowvram_status {
 /// not know. The string is owned by the library and valid for the life of the process. Thread-safe.
 #[no_mangle]
 pub extern "C" fn lowvram_status_name(status: u32) -> *const c_char {
+    forward!(lowvram_status_name(status));
     lowvram_status::from_u32(status).map_or(c"UNKNOWN", lowvram_status::name).as_ptr()
 }

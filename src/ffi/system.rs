@@ -1,5 +1,6 @@
 //! Version and machine facts.
 
+use crate::ffi::backend::forward;
 use std::ffi::c_char;
 
 use crate::ffi::boundary::{check_out_size, field, guard, non_null, write_out, CStruct, Field};
@@ -20,7 +21,32 @@ pub const LOWVRAM_MAX_DEVICES: usize = 16;
 /// process; do not free. Thread-safe.
 #[no_mangle]
 pub extern "C" fn lowvram_version() -> *const c_char {
+    forward!(lowvram_version());
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// What runs a process's calls (`lowvram_system_info.backend`). The numbers are stable.
+///
+/// Backends: one package serves machines with and without a GPU. liblowvram.so (what hosts link) runs on the CPU
+/// and needs no CUDA library; liblowvram_cuda.so, the CUDA build of the same version, may be installed beside it.
+/// At the first lowvram call of a process (any function), liblowvram.so chooses once, for the whole process: when
+/// the NVIDIA driver (libcuda.so.1) loads and reports at least one device and liblowvram_cuda.so is beside it (or
+/// named by LOWVRAM_BACKEND_LIBRARY), every call is forwarded to that library, whose version must equal this one's;
+/// otherwise the CPU runs them. lowvram_system_stats reports the choice and why (backend, backend_reason). The
+/// environment variable LOWVRAM_BACKEND overrides the rule: "auto" (default), "cpu" (never forward), "cuda" (auto,
+/// and a CPU outcome is printed on stderr), "library" (forward to LOWVRAM_BACKEND_LIBRARY without probing the
+/// driver: for tests and custom backends). Device strings keep their meaning: on the CPU backend, device "cuda" is
+/// UNSUPPORTED with the reason.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub enum lowvram_backend {
+    /// The CPU implementation inside liblowvram.so.
+    Cpu = 0,
+    /// The CUDA build (liblowvram_cuda.so).
+    Cuda = 1,
+    /// A library named by LOWVRAM_BACKEND_LIBRARY (LOWVRAM_BACKEND=library).
+    Library = 2,
 }
 
 /// One CUDA device.
@@ -56,6 +82,11 @@ pub struct lowvram_system_info {
     pub device_count: u32,
     /// The devices, in ordinal order.
     pub devices: [lowvram_device_info; LOWVRAM_MAX_DEVICES],
+    /// What runs this process's calls (a `lowvram_backend` value). Since 0.2.
+    pub backend: u32,
+    /// Why that backend (NUL-terminated, truncated to fit): the backend file, driver version and device count, or
+    /// why the CPU runs the calls (e.g. "no NVIDIA driver: ..."). Since 0.2.
+    pub backend_reason: [c_char; 256],
 }
 
 impl CStruct for lowvram_system_info {
@@ -69,6 +100,8 @@ impl CStruct for lowvram_system_info {
             field!(Self, cuda_reason),
             field!(Self, device_count),
             field!(Self, devices),
+            field!(Self, backend),
+            field!(Self, backend_reason),
         ]
     }
 }
@@ -88,6 +121,13 @@ fn copy_str(dst: &mut [c_char], src: &str) {
 /// smaller struct gets the fields it knows). Written only on success. Thread-safe. The probe creates and releases each device's primary context, which takes milliseconds.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_system_stats(out: *mut lowvram_system_info) -> lowvram_status {
+    forward!(lowvram_system_stats(out), |status: lowvram_status| {
+        // The backend does not know why it was chosen: the loader's choice is written over its own.
+        if status == lowvram_status::Ok {
+            write_backend(out, backend_choice());
+        }
+        status
+    });
     guard(|| {
         non_null(out, "out")?;
         check_out_size(out, "out")?;
@@ -102,8 +142,13 @@ pub unsafe extern "C" fn lowvram_system_stats(out: *mut lowvram_system_info) -> 
             device_count: stats.devices.len().min(LOWVRAM_MAX_DEVICES) as u32,
             devices: [lowvram_device_info { index: 0, name: [0; 128], total_bytes: 0, free_bytes: 0 };
                 LOWVRAM_MAX_DEVICES],
+            backend: 0,
+            backend_reason: [0; 256],
         };
         copy_str(&mut info.cuda_reason, &stats.cuda.reason);
+        let (backend, reason) = backend_choice();
+        info.backend = backend as u32;
+        copy_str(&mut info.backend_reason, &reason);
         for (slot, d) in info.devices.iter_mut().zip(&stats.devices) {
             slot.index = d.index;
             copy_str(&mut slot.name, &d.name);
@@ -113,4 +158,42 @@ pub unsafe extern "C" fn lowvram_system_stats(out: *mut lowvram_system_info) -> 
         write_out(out, &info);
         Ok(())
     })
+}
+
+/// This process's backend and why, as `lowvram_system_info` reports it.
+#[cfg(not(feature = "cuda"))]
+fn backend_choice() -> (lowvram_backend, String) {
+    let c = crate::ffi::backend::choice();
+    let kind = match c.kind {
+        crate::backend::BackendKind::Cpu => lowvram_backend::Cpu,
+        crate::backend::BackendKind::Cuda => lowvram_backend::Cuda,
+        crate::backend::BackendKind::Library => lowvram_backend::Library,
+    };
+    (kind, c.reason.clone())
+}
+
+/// The CUDA build runs its own calls; the CPU build that forwarded here writes its reason over this one.
+#[cfg(feature = "cuda")]
+fn backend_choice() -> (lowvram_backend, String) {
+    (lowvram_backend::Cuda, "this library is the CUDA build".into())
+}
+
+/// Write the backend fields of a forwarded call's result, when the host's struct (as the backend wrote it) has them.
+///
+/// # Safety
+/// `out` points to a `lowvram_system_info` the backend filled; its `struct_size` says how many bytes it wrote.
+#[cfg(not(feature = "cuda"))]
+unsafe fn write_backend(out: *mut lowvram_system_info, (kind, reason): (lowvram_backend, String)) {
+    let written = crate::ffi::boundary::struct_size_at(out);
+    let base = out.cast::<u8>();
+    let backend = field!(lowvram_system_info, backend);
+    if written >= backend.offset + backend.size {
+        std::ptr::write_unaligned(base.add(backend.offset).cast::<u32>(), kind as u32);
+    }
+    let reason_field = field!(lowvram_system_info, backend_reason);
+    if written >= reason_field.offset + reason_field.size {
+        let mut bytes = [0 as c_char; 256];
+        copy_str(&mut bytes, &reason);
+        std::ptr::write_unaligned(base.add(reason_field.offset).cast::<[c_char; 256]>(), bytes);
+    }
 }

@@ -1,5 +1,6 @@
 //! `lowvram_tensor`: host tensors in and out.
 
+use crate::ffi::backend::forward;
 use std::ffi::c_void;
 
 use crate::api::{HostDType, HostTensor};
@@ -88,6 +89,7 @@ pub unsafe extern "C" fn lowvram_tensor_from_host(
     data_len: usize,
     out: *mut *mut lowvram_tensor,
 ) -> lowvram_status {
+    forward!(lowvram_tensor_from_host(dtype, shape, ndim, data, data_len, out));
     guard(|| {
         let out = out_arg(out, "out")?;
         // Taken as a number: an out-of-range enum value from C would be undefined behaviour in Rust.
@@ -123,6 +125,7 @@ pub unsafe extern "C" fn lowvram_tensor_info(
     out_ndim: *mut usize,
     out_byte_len: *mut usize,
 ) -> lowvram_status {
+    forward!(lowvram_tensor_info(tensor, out_dtype, out_shape, shape_cap, out_ndim, out_byte_len));
     guard(|| {
         let t = borrow(tensor, "tensor")?;
         let dims = t.shape();
@@ -155,6 +158,7 @@ pub unsafe extern "C" fn lowvram_tensor_read(
     buf: *mut c_void,
     buf_len: usize,
 ) -> lowvram_status {
+    forward!(lowvram_tensor_read(tensor, buf, buf_len));
     guard(|| {
         let t = borrow(tensor, "tensor")?;
         if buf.is_null() {
@@ -167,6 +171,7 @@ pub unsafe extern "C" fn lowvram_tensor_read(
 /// Free a tensor made by the library. NULL is a no-op; freeing twice is undefined.
 #[no_mangle]
 pub unsafe extern "C" fn lowvram_tensor_free(tensor: *mut lowvram_tensor) {
+    forward!(lowvram_tensor_free(tensor));
     guard(|| {
         free_box(tensor);
         Ok(())
@@ -180,6 +185,7 @@ pub unsafe extern "C" fn lowvram_tensor_write_png(
     image: *const lowvram_tensor,
     path: *const std::ffi::c_char,
 ) -> lowvram_status {
+    forward!(lowvram_tensor_write_png(image, path));
     guard(|| {
         let t = borrow(image, "image")?;
         let path = crate::ffi::boundary::str_arg(path, "path")?;

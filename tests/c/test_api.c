@@ -159,6 +159,10 @@ static void test_system_stats(void) {
         CHECK(info.device_count == 0);
         CHECK(strlen(info.cuda_reason) > 0);
     }
+    /* which backend runs the calls, and why (the CPU on a machine without a driver) */
+    CHECK(info.backend == LOWVRAM_BACKEND_CPU || info.backend == LOWVRAM_BACKEND_CUDA || info.backend == LOWVRAM_BACKEND_LIBRARY);
+    CHECK(strlen(info.backend_reason) > 0);
+    if (!info.cuda_available && getenv("LOWVRAM_BACKEND") == NULL) CHECK(info.backend == LOWVRAM_BACKEND_CPU);
 }
 
 static void test_context_lifecycle(void) {
@@ -297,7 +301,7 @@ static void test_struct_sizes(void) {
     CHECK(sizeof(lowvram_denoise_params) == 80);
     CHECK(sizeof(lowvram_decode_params) == 48);
     CHECK(sizeof(lowvram_run_report) == 72);
-    CHECK(sizeof(lowvram_system_info) == 2720);
+    CHECK(sizeof(lowvram_system_info) == 2984);
     CHECK(sizeof(lowvram_device_info) == 152);
 }
 

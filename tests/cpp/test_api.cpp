@@ -129,6 +129,7 @@ static void test_version_and_stats() {
     lowvram_system_info info = lowvram::system_stats();
     CHECK(info.ram_total_bytes > 0);
     CHECK(info.cuda_available ? info.device_count > 0 : std::strlen(info.cuda_reason) > 0);
+    CHECK(info.backend <= LOWVRAM_BACKEND_LIBRARY && std::strlen(info.backend_reason) > 0);
 }
 
 static void test_context_and_logging() {

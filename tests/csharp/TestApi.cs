@@ -124,7 +124,8 @@ public static class TestApi
         Check(Marshal.SizeOf(typeof(Native.DecodeParams)) == 48, "sizeof lowvram_decode_params");
         Check(Marshal.SizeOf(typeof(Native.ModelLoadParams)) == 40, "sizeof lowvram_model_load_params");
         Check(Marshal.SizeOf(typeof(RunReport)) == 72, "sizeof lowvram_run_report");
-        Check(Marshal.SizeOf(typeof(Native.SystemInfo)) == 2720, "sizeof lowvram_system_info");
+        Check(Marshal.SizeOf(typeof(Native.SystemInfo)) == 2984, "sizeof lowvram_system_info");
+        Check(Marshal.OffsetOf(typeof(Native.SystemInfo), "Backend").ToInt32() == 2720, "offsetof backend");
         Check(Marshal.SizeOf(typeof(Native.DeviceInfo)) == 152, "sizeof lowvram_device_info");
         // Field offsets the library reads by struct_size.
         Check(Marshal.OffsetOf(typeof(Native.DenoiseParams), "Seed").ToInt32() == 24, "offsetof seed");
@@ -151,6 +152,7 @@ public static class TestApi
         var stats = SystemStats.Probe();
         Check(stats.RamTotalBytes > 0, "RAM total");
         Check(stats.CudaAvailable ? stats.DeviceCount > 0 : !string.IsNullOrEmpty(stats.CudaReason), "CUDA reason");
+        Check(stats.Backend <= 2 && !string.IsNullOrEmpty(stats.BackendReason), "backend and its reason");
 
         var messages = new List<string>();
         using (var ctx = new Context(device: "cpu", log: (level, m) => messages.Add(level + " " + m)))

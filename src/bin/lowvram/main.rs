@@ -33,7 +33,7 @@ enum Command {
     Decode(DecodeArgs),
     /// Encode a prompt into the conditioning tensors generate feeds the denoiser (a safetensors file).
     Encode(EncodeArgs),
-    /// Host RAM and CUDA devices (never fails for lack of a GPU).
+    /// Host RAM, CUDA devices, and the backend running this program and why (never fails for lack of a GPU).
     SystemStats {
         /// Print one JSON object.
         #[arg(long)]
@@ -167,6 +167,7 @@ struct DecodeArgs {
 }
 
 fn main() -> ExitCode {
+    lowvram::backend::record(choose_backend());
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -444,12 +445,63 @@ fn save(path: &Path, name: &str, t: &Tensor) -> Result<()> {
     candle_core::safetensors::save(&map, path).map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))
 }
 
+/// This program's backend: the CPU build re-executes the CUDA build of the CLI, `lowvram-cuda`, installed beside it
+/// or in `../libexec/lowvram/`, when the CUDA driver reports a device (`lowvram::backend` has the rules); it returns
+/// only when it runs on the CPU itself, with the reason.
+#[cfg(not(feature = "cuda"))]
+fn choose_backend() -> lowvram::backend::Choice {
+    use lowvram::backend::{locate, Choice, Mode, Search, ENV_BACKEND};
+    use std::os::unix::process::CommandExt;
+    let mode = match Mode::from_env() {
+        Ok(m) => m,
+        Err(reason) => return Choice::cpu(reason),
+    };
+    let own = std::env::current_exe().ok();
+    let dir = own.as_ref().and_then(|p| p.parent()).map(Path::to_path_buf).unwrap_or_default();
+    let search = Search {
+        file_name: "lowvram-cuda",
+        override_var: None,
+        dirs: vec![dir.clone(), dir.join("../libexec/lowvram")],
+        own: own.clone(),
+    };
+    match locate(mode, &search, lowvram::system::cuda_driver) {
+        Err(reason) => Choice::cpu(reason),
+        Ok(target) => {
+            // The child never re-executes (a CPU build installed as lowvram-cuda would loop).
+            let err = std::process::Command::new(&target.path)
+                .args(std::env::args_os().skip(1))
+                .env(ENV_BACKEND, "cpu")
+                .exec();
+            Choice::cpu(format!("cannot run {}: {err}", target.path.display()))
+        }
+    }
+}
+
+/// The CUDA build of the CLI runs its own work.
+#[cfg(feature = "cuda")]
+fn choose_backend() -> lowvram::backend::Choice {
+    let exe = std::env::current_exe().map_or_else(|_| "lowvram-cuda".into(), |p| p.display().to_string());
+    let driver = match lowvram::system::cuda_driver() {
+        Ok(d) => format!("driver {}, {} device{}", d.version, d.devices, if d.devices == 1 { "" } else { "s" }),
+        Err(reason) => reason,
+    };
+    lowvram::backend::Choice {
+        kind: lowvram::backend::BackendKind::Cuda,
+        path: std::env::current_exe().ok(),
+        reason: format!("{exe} (the CUDA build), {driver}"),
+    }
+}
+
 fn system_stats(json: bool) {
     let stats = lowvram::system::system_stats();
+    let backend = lowvram::backend::current().expect("main records the backend");
     if json {
-        println!("{}", serde_json::to_string(&stats).expect("stats serialise"));
+        let mut v = serde_json::to_value(&stats).expect("stats serialise");
+        v["backend"] = serde_json::to_value(backend).expect("backend serialises");
+        println!("{v}");
         return;
     }
+    println!("backend: {backend}");
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     println!("RAM: {:.2} GiB total, {:.2} GiB free", gib(stats.ram.total_bytes), gib(stats.ram.free_bytes));
     if stats.cuda.available {
