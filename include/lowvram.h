@@ -24,7 +24,8 @@
  *   it covers (an older host gets the fields it knows, a newer host's extra fields are left alone) and sets
  *   struct_size to the bytes it wrote.
  * - Threads: every function is thread-safe unless its doc says otherwise; calls on one context from several
- *   threads share its budgets. lowvram_context_free must not race other calls on the same context.
+ *   threads share its budgets, and on CUDA their device work runs one call at a time (lowvram_context says what
+ *   runs concurrently and what waits). lowvram_context_free must not race other calls on the same context.
  * - Backends: link liblowvram.so (CPU, needs no CUDA library). Once per process, at the first lowvram call, it
  *   forwards every call to liblowvram_cuda.so installed beside it when the NVIDIA driver reports a device, else runs
  *   on the CPU; LOWVRAM_BACKEND=auto|cpu|cuda|library overrides. See lowvram_backend, lowvram_system_info.backend.
@@ -48,6 +49,11 @@
 #define MAX_GUIDANCE 1000.0
 
 /**
+ * `lowvram_reservation_params.timeout_ms`: wait as long as it takes.
+ */
+#define LOWVRAM_WAIT_FOREVER UINT64_MAX
+
+/**
  * Major version of this header; `lowvram_version()` gives the library's at run time.
  */
 #define LOWVRAM_VERSION_MAJOR 0
@@ -55,7 +61,7 @@
 /**
  * Minor version of this header.
  */
-#define LOWVRAM_VERSION_MINOR 2
+#define LOWVRAM_VERSION_MINOR 3
 
 /**
  * Patch version of this header.
@@ -333,6 +339,11 @@ enum lowvram_status
      * An internal error in the tensor library.
      */
     LOWVRAM_STATUS_INTERNAL = 12,
+    /**
+     * A wait the host bounded (`lowvram_reservation_params.timeout_ms`) ran out first; the message gives the bytes
+     * needed and available. Nothing was taken: the cache is as it was. Since 0.3.
+     */
+    LOWVRAM_STATUS_TIMEOUT = 13,
 };
 #ifndef __cplusplus
 typedef uint32_t lowvram_status;
@@ -357,6 +368,16 @@ typedef struct lowvram_conditioning lowvram_conditioning;
  * A context: one model cache with its RAM and VRAM budgets, a logger and a cancel epoch. Opaque. Ownership: one
  * owner, the host, from `lowvram_context_new` to `lowvram_context_free`. Its functions are thread-safe unless
  * stated.
+ *
+ * Concurrency on one context: every call may come from any thread, and calls share the context's budgets.
+ * - On `cpu` and `emulated:` devices, denoise, decode and prompt-encoding calls compute concurrently, each on its
+ *   calling thread.
+ * - On CUDA their device work is serialised: the context has one CUDA stream per thread but one cuBLAS handle
+ *   and workspace, which two threads must not use at once. A denoise, decode or encode holds the context's
+ *   compute gate from the moment its model is locked (its memory taken) until it returns; another such call waits
+ *   for it (a wait a cancel token or `lowvram_context_cancel` ends with CANCELLED). Loads, configuration, stats,
+ *   reservations, cancel and `lowvram_context_free_memory` never wait for the gate. For GPU work in parallel, use
+ *   one context per thread: each has its own stream and cuBLAS handle.
  */
 typedef struct lowvram_context lowvram_context;
 
@@ -491,6 +512,22 @@ typedef struct lowvram_cache_stats {
      * Models alive in the cache.
      */
     uint32_t model_count;
+    /**
+     * Host bytes page-locked now (RAM copies and staging slots, whole pages), and the cap on them
+     * (`max_pinned_memory_gb`; 0 = nothing is pinned: `pin_memory: false` or the CPU device).
+     */
+    uint64_t pinned_bytes;
+    uint64_t pinned_cap_bytes;
+    /**
+     * Models whose RAM copy is not pinned (the cap, `pin_memory: false`, the driver refused): their blocks cross
+     * from pageable memory.
+     */
+    uint32_t models_unpinned;
+    /**
+     * Models without a RAM copy (`keep_ram_copy_of_weights: false`, or larger than the RAM cache): their blocks
+     * are read from the file's memory map through the staging ring. The log says which and why, per model.
+     */
+    uint32_t models_without_ram_copy;
 } lowvram_cache_stats;
 
 /**
@@ -557,6 +594,11 @@ typedef struct lowvram_model_info {
      * Number of blocks resident now.
      */
     uint32_t resident_block_count;
+    /**
+     * The model's identity, unique in the process: two loads of one folder in one context share it (the cache
+     * keeps one copy), models of different contexts never do. Since 0.3.
+     */
+    uint64_t id;
 } lowvram_model_info;
 
 /**
@@ -755,6 +797,29 @@ typedef struct lowvram_decode_params {
 } lowvram_decode_params;
 
 /**
+ * Parameters of `lowvram_reservation_new_ex`. Initialise with `lowvram_reservation_params_init(&p, sizeof p)`.
+ * Since 0.3.
+ */
+typedef struct lowvram_reservation_params {
+    /**
+     * `sizeof(lowvram_reservation_params)` as the host sees it; set by the init function.
+     */
+    uint32_t struct_size;
+    /**
+     * Longest wait, in milliseconds, for the bytes to be free: released by running generations at their next
+     * block boundary, or, when they do not fit beside what running calls need, at the end of those calls.
+     * 0 = do not wait (TIMEOUT unless the bytes are free now); `LOWVRAM_WAIT_FOREVER` (UINT64_MAX) = no bound.
+     * Default `LOWVRAM_WAIT_FOREVER`.
+     */
+    uint64_t timeout_ms;
+    /**
+     * Cancels the wait (also before it starts): the call returns CANCELLED. NULL = none (a context cancel still
+     * stops it). The call holds its own reference. Default NULL.
+     */
+    const struct lowvram_cancel_token *cancel_token;
+} lowvram_reservation_params;
+
+/**
  * One CUDA device.
  */
 typedef struct lowvram_device_info {
@@ -809,12 +874,12 @@ typedef struct lowvram_system_info {
      */
     struct lowvram_device_info devices[LOWVRAM_MAX_DEVICES];
     /**
-     * What runs this process's calls (a `lowvram_backend` value). Since 0.2.
+     * What runs this process's calls (a `lowvram_backend` value). Since 0.3.
      */
     uint32_t backend;
     /**
      * Why that backend (NUL-terminated, truncated to fit): the backend file, driver version and device count, or
-     * why the CPU runs the calls (e.g. "no NVIDIA driver: ..."). Since 0.2.
+     * why the CPU runs the calls (e.g. "no NVIDIA driver: ..."). Since 0.3.
      */
     char backend_reason[256];
 } lowvram_system_info;
@@ -830,9 +895,10 @@ extern "C" {
 lowvram_status lowvram_cancel_token_new(struct lowvram_cancel_token **out);
 
 /**
- * Cancel every call the token is passed to: a running call stops at its next step or block with CANCELLED, and a
- * call that starts later with this token returns CANCELLED at once. Other calls are never affected.
- * Thread-safe; safe to call from any callback.
+ * Cancel every call the token is passed to: a running call stops at its next step or block (on the CPU and
+ * `emulated:` devices within a block: between chunks of an attention or convolution) with CANCELLED, and a call
+ * that starts later with this token returns CANCELLED at once. Other calls are never affected. Thread-safe; safe to
+ * call from any callback.
  */
 lowvram_status lowvram_cancel_token_cancel(const struct lowvram_cancel_token *token);
 
@@ -892,10 +958,11 @@ lowvram_status lowvram_context_set_log_callback_ex(const struct lowvram_context 
                                                    lowvram_release_callback release);
 
 /**
- * Cancel every call running on `ctx` at this moment (on any thread): each stops at its next step or block,
- * returns LOWVRAM_STATUS_CANCELLED and releases its working memory. Calls that start afterwards are not affected,
- * and no call starting can erase the request. To cancel one call, or a call that may not have started yet, give
- * it a `lowvram_cancel_token`. Thread-safe; safe to call from a callback.
+ * Cancel every call running on `ctx` at this moment (on any thread): each stops at its next step or block (on the
+ * CPU and `emulated:` devices within a block, between chunks of an attention or convolution; per tile when decoding
+ * tiled), returns LOWVRAM_STATUS_CANCELLED and releases its working memory. Calls that start afterwards are not
+ * affected, and no call starting can erase the request. To cancel one call, or a call that may not have started
+ * yet, give it a `lowvram_cancel_token`. Thread-safe; safe to call from a callback.
  */
 lowvram_status lowvram_context_cancel(const struct lowvram_context *ctx);
 
@@ -1113,14 +1180,39 @@ lowvram_status lowvram_conditioning_get(const struct lowvram_conditioning *cond,
 void lowvram_conditioning_free(struct lowvram_conditioning *cond);
 
 /**
+ * Fill `*params` with defaults (wait without bound, no token) and store `struct_size` (the host's
+ * `sizeof(lowvram_reservation_params)`). Since 0.3. Thread-safe.
+ */
+lowvram_status lowvram_reservation_params_init(struct lowvram_reservation_params *params, size_t struct_size);
+
+/**
  * Reserve `bytes` of device memory for the host's own use: the cache shrinks at once (a generation running on
  * another thread releases resident blocks at its next block boundary), and this call returns when the bytes are
- * actually free. BUDGET_TOO_SMALL (with bytes needed and available in the message) if they can never be freed.
- * On success `*out` is a new handle owned by the caller. Thread-safe.
+ * actually free, however long that takes. BUDGET_TOO_SMALL (with bytes needed and available in the message) if
+ * they cannot be freed while the calls running now run. `lowvram_reservation_new_ex` bounds the wait, can be
+ * cancelled, and waits for running calls to end. On success `*out` is a new handle owned by the caller.
+ * Thread-safe.
  */
 lowvram_status lowvram_reservation_new(const struct lowvram_context *ctx,
                                        uint64_t bytes,
                                        struct lowvram_reservation **out);
+
+/**
+ * Reserve `bytes` of device memory for the host, waiting at most `params->timeout_ms` (`params` may be NULL: the
+ * defaults of `lowvram_reservation_params_init`). The cache shrinks at once; the call returns when the bytes are
+ * free: generations running on other threads release resident blocks at their next block boundary, and when the
+ * bytes do not fit beside the memory running calls need (their working memory and the blocks they stream), the
+ * call waits for those calls to end. Statuses: TIMEOUT when the time runs out first, CANCELLED by
+ * `params->cancel_token` or `lowvram_context_cancel`, BUDGET_TOO_SMALL at once when the bytes can never be free
+ * (more than the device has beside other reservations and other programs, or held by a call running on this
+ * thread, as from a progress callback); each message gives the bytes needed and available. On any failure nothing
+ * is held and the cache's plans are as before. On success `*out` is a new handle owned by the caller, freed with
+ * `lowvram_reservation_free`. Since 0.3. Thread-safe.
+ */
+lowvram_status lowvram_reservation_new_ex(const struct lowvram_context *ctx,
+                                          uint64_t bytes,
+                                          const struct lowvram_reservation_params *params,
+                                          struct lowvram_reservation **out);
 
 /**
  * Bytes a reservation holds. Thread-safe.
@@ -1155,9 +1247,10 @@ lowvram_status lowvram_decode_params_init(struct lowvram_decode_params *params, 
  * latents `[B, 4, h, w]` f32 (before the VAE scaling; pass them to `lowvram_vae_decode`), owned by the caller.
  * `report` (may be NULL; set its struct_size) receives the measurements on success and on failure once the call
  * ran. Cancel: `params->cancel_token`, the progress callback returning false, or `lowvram_context_cancel`; the
- * call stops at its next UNet block with CANCELLED. The call holds its own references to `unet` and the token,
- * so either may be freed meanwhile; input tensors are borrowed for the call. Runs on the calling thread; several
- * calls may run on one context from different threads (they share its budgets).
+ * call stops at its next UNet block with CANCELLED (on the CPU and `emulated:` devices inside a block too: the
+ * attention and convolutions poll it between chunks of work). The call holds its own references to `unet` and the
+ * token, so either may be freed meanwhile; input tensors are borrowed for the call. Runs on the calling thread;
+ * several calls may run on one context from different threads (they share its budgets).
  */
 lowvram_status lowvram_denoise(const struct lowvram_context *ctx,
                                const struct lowvram_model *unet,
@@ -1175,7 +1268,8 @@ lowvram_status lowvram_denoise(const struct lowvram_context *ctx,
  * unclamped). `params` NULL = defaults (automatic tiling). The call reserves the decode's working-memory
  * estimate; when that cannot fit it decodes in tiles, and after a device OOM it retries in tiles. On success
  * `*out_image` is owned by the caller; `report` (may be NULL) receives the measurements on success and on failure
- * once the call ran. Cancel as for `lowvram_denoise`: the decode stops at its next decoder block. Thread-safe as
+ * once the call ran. Cancel as for `lowvram_denoise`: the decode stops at its next decoder block, or
+ * tile, or chunk of a convolution or attention (CPU and `emulated:` devices). Thread-safe as
  * `lowvram_denoise`.
  */
 lowvram_status lowvram_vae_decode(const struct lowvram_context *ctx,

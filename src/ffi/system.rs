@@ -10,7 +10,7 @@ use crate::system::system_stats;
 /// Major version of this header; `lowvram_version()` gives the library's at run time.
 pub const LOWVRAM_VERSION_MAJOR: u32 = 0;
 /// Minor version of this header.
-pub const LOWVRAM_VERSION_MINOR: u32 = 2;
+pub const LOWVRAM_VERSION_MINOR: u32 = 3;
 /// Patch version of this header.
 pub const LOWVRAM_VERSION_PATCH: u32 = 0;
 
@@ -82,10 +82,10 @@ pub struct lowvram_system_info {
     pub device_count: u32,
     /// The devices, in ordinal order.
     pub devices: [lowvram_device_info; LOWVRAM_MAX_DEVICES],
-    /// What runs this process's calls (a `lowvram_backend` value). Since 0.2.
+    /// What runs this process's calls (a `lowvram_backend` value). Since 0.3.
     pub backend: u32,
     /// Why that backend (NUL-terminated, truncated to fit): the backend file, driver version and device count, or
-    /// why the CPU runs the calls (e.g. "no NVIDIA driver: ..."). Since 0.2.
+    /// why the CPU runs the calls (e.g. "no NVIDIA driver: ..."). Since 0.3.
     pub backend_reason: [c_char; 256],
 }
 
