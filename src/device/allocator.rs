@@ -701,7 +701,7 @@ impl DeviceAllocator {
 
     /// A device tensor built from host bytes (`data` in `dtype`, row-major `shape`). The caller accounts the bytes.
     /// On CUDA a copy from a pinned [`crate::device::HostArena`] is asynchronous: the caller records it there
-    /// ([`crate::device::HostArena::note_read`]).
+    /// ([`crate::device::HostArena::note_read`], with this allocator, so the event lands on the stream that copied).
     pub fn tensor_from_bytes(&self, data: &[u8], dtype: DType, shape: &[usize]) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some(d) = self.lane_upload(data, dtype, shape)? {

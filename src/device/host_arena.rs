@@ -155,23 +155,22 @@ impl HostArena {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 
-    /// Record that the calling thread has queued device copies from this arena on its stream: they are waited for
-    /// before the arena is unregistered, freed or refilled. Only pinned arenas on CUDA are read asynchronously (a
-    /// copy from pageable memory completes before it returns); elsewhere nothing is recorded.
-    pub fn note_read(&self) -> Result<()> {
+    /// Record that `alloc` (the allocator, or its copy-engine view, that made the uploads) has queued device copies
+    /// from this arena on its stream: they are waited for before the arena is unregistered, freed or refilled. The
+    /// event is recorded on the stream that did the copies (`DeviceAllocator::upload_event`: the copy thread's own
+    /// stream for a prefetch, else the compute stream). Only pinned arenas on CUDA are read asynchronously (a copy
+    /// from pageable memory completes before it returns); elsewhere nothing is recorded.
+    pub fn note_read(&self, alloc: &DeviceAllocator) -> Result<()> {
         #[cfg(feature = "cuda")]
         if self.pinned.is_ok() {
-            if let candle_core::Device::Cuda(dev) = self.alloc.device() {
-                let event = dev
-                    .cuda_stream()
-                    .record_event(None)
-                    .map_err(super::pinned::cuda_err)?;
+            if let Some(event) = alloc.upload_event()? {
                 let thread = std::thread::current().id();
                 let mut reads = lock(&self.reads);
                 reads.retain(|r| r.thread != thread);
                 reads.push(ReadMark { thread, event });
             }
         }
+        let _ = alloc;
         Ok(())
     }
 

@@ -982,7 +982,7 @@ impl WeightStore {
                     Ok(())
                 };
                 let r = copy();
-                arena.note_read()?;
+                arena.note_read(alloc)?;
                 r?;
             }
             None => {
@@ -1005,7 +1005,7 @@ impl WeightStore {
                     Ok(())
                 };
                 let r = copy();
-                arena.note_read()?;
+                arena.note_read(alloc)?;
                 r?;
             }
         }
