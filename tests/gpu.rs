@@ -1,5 +1,5 @@
 //! GPU checks, run on a machine with an NVIDIA GPU by `scripts/gpu/run.sh` (build here with `--features cuda`, run
-//! there). Everywhere else — the CPU build, CI, a cuda build on a machine without a GPU — the one test prints a
+//! there). Everywhere else — the CPU build, CI, a cuda build on a machine without a GPU — each test prints a
 //! single line saying it was skipped and why, and passes.
 //!
 //! On a GPU it checks, through the public API: the tiny SD pipeline on `cuda:0` in f32 against the diffusers
@@ -8,6 +8,8 @@
 //! and the allocator's accounting against the driver's free memory; prefetch from pinned RAM with the pool keeping
 //! freed blocks gives the same latents as synchronous streaming, and does prefetch and pin.
 //! The CUDA dequantisation kernels give the CPU decoders' bits on every GGUF type and fp8 format of the fixtures.
+//! Stream order and the copy engine (`gpu_copy_engine`): one explicit compute stream owns every device buffer, the
+//! copy engine uploads on its own stream and hands over by events, and the copy/compute overlap is printed.
 //!
 //! Paths: the repo is `LOWVRAM_REPO`, else the current directory when it holds `tests/fixtures/tiny-sd-random` (the GPU machine
 //! runs the binary from the project root), else the build-time `CARGO_MANIFEST_DIR`.
