@@ -127,7 +127,13 @@ impl CopyEngine {
             let event = match record(lane) {
                 Ok(ev) => ev,
                 Err(e) => {
-                    // No event: the copies cannot be ordered, so the result is not usable.
+                    // No event: the copies cannot be handed over, so the result is not usable; it is dropped once
+                    // the engine's stream has finished them.
+                    #[cfg(feature = "cuda")]
+                    if let Some(s) = &lane.stream {
+                        let _ = s.synchronize();
+                    }
+                    drop(out);
                     let _ = tx.send((Err(e), Event::Flag(Arc::new(AtomicBool::new(true)))));
                     return;
                 }
