@@ -1,5 +1,5 @@
 //! GPU checks, run on a machine with an NVIDIA GPU by `scripts/gpu/run.sh` (build here with `--features cuda`, run
-//! there). Everywhere else — the CPU build, CI, a cuda build on a machine without a GPU — the one test prints a
+//! there). Everywhere else — the CPU build, CI, a cuda build on a machine without a GPU — each test prints a
 //! single line saying it was skipped and why, and passes.
 //!
 //! On a GPU it checks, through the public API: the tiny SD pipeline on `cuda:0` in f32 against the diffusers
@@ -8,6 +8,8 @@
 //! and the allocator's accounting against the driver's free memory; prefetch from pinned RAM with the pool keeping
 //! freed blocks gives the same latents as synchronous streaming, and does prefetch and pin.
 //! The CUDA dequantisation kernels give the CPU decoders' bits on every GGUF type and fp8 format of the fixtures.
+//! Stream order and the copy engine (`gpu_copy_engine`): one explicit compute stream owns every device buffer, the
+//! copy engine uploads on its own stream and hands over by events, and the copy/compute overlap is printed.
 //!
 //! Paths: the repo is `LOWVRAM_REPO`, else the current directory when it holds `tests/fixtures/tiny-sd-random` (the GPU machine
 //! runs the binary from the project root), else the build-time `CARGO_MANIFEST_DIR`.
@@ -559,7 +561,9 @@ fn gpu_dequant() {
 /// asserted — the device's compute stream is one explicit stream (not the legacy default stream 0 nor the per-thread
 /// default stream 0x2), fixed for the device's life and the same from every thread, and the tensors made on the
 /// device (candle's uploads and ops, from any thread) are freed on it; the copy engine copies on a stream of its own,
-/// its uploads are owned by the compute stream and arrive exact; and the copy/compute overlap it gives, printed.
+/// its uploads are owned by the compute stream and arrive exact; the copy/compute overlap it gives, printed; and the
+/// budget's view of other users from the driver (issue 13 item 2): blocks the pool keeps are ours, memory allocated
+/// outside the pool is another user's.
 #[test]
 fn gpu_copy_engine() {
     if let Some(why) = skip_reason() {
@@ -743,4 +747,41 @@ fn copy_engine_checks() {
     );
     assert_eq!(alloc.usage().unwaited_copy_uses, 0);
     drop(pinned);
+
+    // 5. Budgets from the driver: blocks the pool keeps after a free are ours (not another program's), while memory
+    //    allocated outside the pool is another user's.
+    use candle_core::cuda_backend::cudarc::driver::result;
+    lowvram::device::set_pool_keep(&alloc, true).unwrap();
+    sync();
+    let before = alloc.external_from_driver().expect("the driver answers");
+    let t = Tensor::zeros(128 << 20, DType::F32, &dev).unwrap();
+    sync();
+    drop(t);
+    sync();
+    let kept = lowvram::device::pool_reserved_bytes(&dev).unwrap().unwrap();
+    let after_free = alloc.external_from_driver().unwrap();
+    let ctx = dev
+        .as_cuda_device()
+        .unwrap()
+        .cuda_stream()
+        .context()
+        .clone();
+    ctx.bind_to_thread().unwrap();
+    // SAFETY: a plain device allocation, freed below.
+    let other = unsafe { result::malloc_sync(256 << 20) }.unwrap();
+    let with_other = alloc.external_from_driver().unwrap();
+    unsafe { result::free_sync(other) }.unwrap();
+    println!(
+        "gpu budgets from the driver: external {before} B; after a 512 MiB tensor freed into the pool (pool holds \
+         {kept} B) {after_free} B; with 256 MiB allocated outside the pool {with_other} B"
+    );
+    assert!(
+        after_free <= before + (64 << 20),
+        "kept pool bytes counted as another program's: {before} -> {after_free}"
+    );
+    assert!(
+        with_other >= after_free + (192 << 20),
+        "memory outside the pool not seen as another user's: {after_free} -> {with_other}"
+    );
+    lowvram::device::set_pool_keep(&alloc, false).unwrap();
 }

@@ -675,6 +675,26 @@ impl DeviceAllocator {
             .map(|c| (c.saturating_sub(self.current()), c))
     }
 
+    /// Device bytes in use by others, from the driver (CUDA): used (total − free, `cuMemGetInfo`) minus the bytes
+    /// of the pool our allocations come from (`RESERVED_MEM_CURRENT`: live weights, streamed blocks, activations
+    /// and the freed blocks the pool keeps, which are ours to reuse) minus host reservations (the host's own use,
+    /// which the cache counts separately). Unlike used − our counters, it neither counts kept pool bytes as another
+    /// program's nor working memory that is only a placeholder as ours. None off CUDA (or if the driver does not
+    /// answer).
+    pub fn external_from_driver(&self) -> Option<u64> {
+        if !self.is_cuda() {
+            return None;
+        }
+        let (free, total) = self.mem_info()?;
+        let pool = crate::device::pool_reserved_bytes(&self.inner.device).ok()??;
+        Some(
+            total
+                .saturating_sub(free)
+                .saturating_sub(pool)
+                .saturating_sub(self.used(AllocKind::Reservation)),
+        )
+    }
+
     /// A device copy of the host tensor `t` (a deep copy on the emulated device, `to_device` on CUDA, shared storage
     /// on the CPU). The caller accounts the bytes.
     pub fn copy_to_device(&self, t: &Tensor) -> Result<Tensor> {

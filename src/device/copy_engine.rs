@@ -41,7 +41,8 @@ impl CopyLane {
     }
 }
 
-type Job = Box<dyn FnOnce(&CopyLane) + Send>;
+/// A queued job; it counts itself as run (the second argument) before its result is handed over.
+type Job = Box<dyn FnOnce(&CopyLane, &AtomicU64) + Send>;
 
 /// One device's copy thread and its queue. Owned by the device allocator; see the module documentation.
 pub struct CopyEngine {
@@ -92,8 +93,7 @@ impl CopyEngine {
                 let _alive = alive;
                 // Ends when the allocator drops the sender (after the jobs queued before it).
                 while let Ok(job) = rx.recv() {
-                    job(&lane);
-                    counter.fetch_add(1, Ordering::Relaxed);
+                    job(&lane, &counter);
                 }
             })
             .map_err(|e| Error::OutOfHostMemory(format!("cannot start the copy thread: {e}")))?;
@@ -114,7 +114,7 @@ impl CopyEngine {
         F: FnOnce(&CopyLane) -> Result<T> + Send + 'static,
     {
         let (tx, rx) = mpsc::sync_channel(1);
-        let run: Job = Box::new(move |lane: &CopyLane| {
+        let run: Job = Box::new(move |lane: &CopyLane, ran: &AtomicU64| {
             // The closure (and what it captured) is consumed here, before the result is sent: nothing of the
             // caller's outlives the hand-off on this thread.
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(lane)))
@@ -123,10 +123,17 @@ impl CopyEngine {
                         "a copy job panicked".into(),
                     )))
                 });
+            ran.fetch_add(1, Ordering::Relaxed);
             let event = match record(lane) {
                 Ok(ev) => ev,
                 Err(e) => {
-                    // No event: the copies cannot be ordered, so the result is not usable.
+                    // No event: the copies cannot be handed over, so the result is not usable; it is dropped once
+                    // the engine's stream has finished them.
+                    #[cfg(feature = "cuda")]
+                    if let Some(s) = &lane.stream {
+                        let _ = s.synchronize();
+                    }
+                    drop(out);
                     let _ = tx.send((Err(e), Event::Flag(Arc::new(AtomicBool::new(true)))));
                     return;
                 }

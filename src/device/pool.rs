@@ -34,6 +34,18 @@ pub fn pool_peak_bytes(device: &Device) -> Result<Option<(u64, u64)>> {
     Ok(None)
 }
 
+/// Bytes the pool holds from the driver now (`CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT`): the live allocations and the
+/// freed blocks it keeps for reuse. Read without synchronising (frees still queued count as held). None off CUDA.
+pub fn pool_reserved_bytes(device: &Device) -> Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute;
+        return get(device, CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT).map(Some);
+    }
+    let _ = device;
+    Ok(None)
+}
+
 #[cfg(feature = "cuda")]
 fn default_pool(
     device: &Device,
@@ -62,7 +74,7 @@ fn get(
     use candle_core::cuda_backend::cudarc::driver::sys;
     let pool = default_pool(device)?;
     let mut v: u64 = 0;
-    // SAFETY: the used-memory attributes are u64 (cuuint64_t) values.
+    // SAFETY: the used/reserved-memory attributes are u64 (cuuint64_t) values.
     unsafe {
         sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut _)
             .result()

@@ -86,14 +86,7 @@ impl Shared {
     pub(super) fn avail_phys(&self, inner: &Inner) -> Option<u64> {
         let cap = self.alloc.capacity()?;
         let external = if self.alloc.is_cuda() {
-            self.alloc
-                .mem_info()
-                .map(|(free, total)| {
-                    total
-                        .saturating_sub(free)
-                        .saturating_sub(self.alloc.current())
-                })
-                .unwrap_or(0)
+            self.alloc.external_from_driver().unwrap_or(0)
         } else {
             self.alloc.used(AllocKind::External)
         };
