@@ -60,6 +60,8 @@ pub const EXPORTS: &[&str] = &[
     "lowvram_reservation_bytes",
     "lowvram_reservation_free",
     "lowvram_reservation_new",
+    "lowvram_reservation_new_ex",
+    "lowvram_reservation_params_init",
     "lowvram_set_log_callback",
     "lowvram_set_log_callback_ex",
     "lowvram_status_name",
