@@ -319,7 +319,7 @@ enum lowvram_status
      */
     LOWVRAM_STATUS_BUDGET_TOO_SMALL = 7,
     /**
-     * The call was cancelled by `lowvram_context_cancel` or by a progress callback returning false.
+     * The call was cancelled by `lowvram_context_cancel`, its cancel token, or a progress callback returning false.
      */
     LOWVRAM_STATUS_CANCELLED = 8,
     /**

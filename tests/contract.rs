@@ -312,9 +312,9 @@ fn a_reservation_waits_as_long_as_the_host_says_and_can_be_cancelled() {
         let waiting = s.spawn(move || ctx_ref.reserve_with(want, None, None).map(|_| ()));
         std::thread::sleep(Duration::from_millis(200));
         ctx.cancel();
+        assert!(matches!(waiting.join().unwrap(), Err(Error::Cancelled)));
         // The context cancel stops the paused run as well.
         run.go.send(()).unwrap();
-        assert!(matches!(waiting.join().unwrap(), Err(Error::Cancelled)));
         assert!(matches!(run.done.join().unwrap(), Err(Error::Cancelled)));
     });
     // Back at rest: the same accounting as before any of it, and the context runs bit-identically.

@@ -27,7 +27,7 @@ pub enum lowvram_status {
     OutOfHostMemory = 6,
     /// The operation cannot fit the configured budgets even after evicting everything evictable.
     BudgetTooSmall = 7,
-    /// The call was cancelled by `lowvram_context_cancel` or by a progress callback returning false.
+    /// The call was cancelled by `lowvram_context_cancel`, its cancel token, or a progress callback returning false.
     Cancelled = 8,
     /// The model, configuration or feature is not supported by this build.
     Unsupported = 9,

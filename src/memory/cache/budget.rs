@@ -81,6 +81,34 @@ impl Wait<'_> {
 }
 
 impl Shared {
+    /// Repeat `attempt` while it fails only because of other calls' locks, woken by every release, until it
+    /// succeeds or fails for good, `wait` is cancelled (`Cancelled`) or runs out (`on_time_out` of the last
+    /// contended error).
+    pub(super) fn retry_contended<T>(
+        &self,
+        wait: &Wait,
+        mut attempt: impl FnMut() -> Attempt<T>,
+        on_time_out: impl FnOnce(Error) -> Error,
+    ) -> Result<T> {
+        loop {
+            // Before every attempt: a call cancelled while it waited returns CANCELLED even if the bytes just came.
+            if wait.cancelled.is_some_and(|c| c()) {
+                return Err(Error::Cancelled);
+            }
+            match attempt() {
+                Attempt::Locked(x) => return Ok(x),
+                Attempt::Failed(e) => return Err(e),
+                Attempt::Contended(e) => {
+                    let Some(left) = wait.left() else {
+                        return Err(on_time_out(e));
+                    };
+                    // The timeout bounds a missed wake-up.
+                    self.alloc.wait_for_free(left.min(Duration::from_millis(20)));
+                }
+            }
+        }
+    }
+
     /// Device bytes the cache may plan with (capacity − external use − reserve_vram − host reservations), None
     /// when unbounded (CPU).
     pub(super) fn avail_phys(&self, inner: &Inner) -> Option<u64> {

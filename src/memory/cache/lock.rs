@@ -2,6 +2,7 @@
 //! the forward fetches through (resident blocks as placed, the others streamed; frees of blocks other threads
 //! release happen here, at block boundaries).
 
+use super::budget::Wait;
 use super::*;
 
 impl ModelCache {
@@ -25,30 +26,14 @@ impl ModelCache {
         cancelled: Option<&dyn Fn() -> bool>,
     ) -> Result<ModelLock> {
         let sh = &self.shared;
-        let start = Instant::now();
-        loop {
-            match self.try_lock(model, working_mem_bytes) {
-                Attempt::Locked(mut l) => {
-                    // Memory first, then the gate: a call waiting for the gate already holds what it needs, and
-                    // the holder never waits for a waiter's memory (its plan was made beside it).
-                    if let Some(g) = &sh.gate {
-                        l.gate = Some(g.enter(cancelled)?);
-                    }
-                    return Ok(l);
-                }
-                Attempt::Failed(e) => return Err(e),
-                Attempt::Contended(e) => {
-                    if cancelled.is_some_and(|c| c()) {
-                        return Err(Error::Cancelled);
-                    }
-                    if start.elapsed() >= LOCK_WAIT_LIMIT {
-                        return Err(e);
-                    }
-                    // Woken by every release (allocations, locks, reservations); the timeout bounds a missed one.
-                    sh.alloc.wait_for_free(Duration::from_millis(20));
-                }
-            }
+        let wait = Wait { limit: Some(LOCK_WAIT_LIMIT), cancelled, start: Instant::now(), ran_out: Default::default() };
+        let mut l = sh.retry_contended(&wait, || self.try_lock(model, working_mem_bytes), |e| e)?;
+        // Memory first, then the gate: a call waiting for the gate already holds what it needs, and the holder never
+        // waits for a waiter's memory (its plan was made beside it).
+        if let Some(g) = &sh.gate {
+            l.gate = Some(g.enter(cancelled)?);
         }
+        Ok(l)
     }
 
     /// One attempt at [`lock`](Self::lock): locked, failed for good, or failed only because of other locks.

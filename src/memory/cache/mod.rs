@@ -62,9 +62,9 @@ enum RamNeed {
     Read { pin: bool },
 }
 
-/// The outcome of one attempt to lock a model.
-enum Attempt {
-    Locked(ModelLock),
+/// The outcome of one attempt to lock a model (or register a reservation).
+enum Attempt<T = ModelLock> {
+    Locked(T),
     /// Cannot succeed by waiting (the model does not fit alone, or an I/O error).
     Failed(Error),
     /// Does not fit beside the locks held now; the error to report if waiting does not help.

@@ -64,23 +64,16 @@ impl ModelCache {
             waited_ms: wait.start.elapsed().as_millis() as u64,
         };
         // Registered, the cache plans around it at once; beside the calls running now it may not fit yet.
-        let id = loop {
+        let id = if wait_for_calls {
+            let time_out = |e| match e {
+                Error::BudgetTooSmall { needed_bytes, available_bytes, .. } => timed_out(needed_bytes, available_bytes),
+                e => e,
+            };
+            sh.retry_contended(wait, || self.register(bytes), time_out)?
+        } else {
             match self.register(bytes) {
-                Ok(id) => break id,
-                Err((e, contended)) => {
-                    if !(contended && wait_for_calls) {
-                        return Err(e);
-                    }
-                    if wait.cancelled.is_some_and(|c| c()) {
-                        return Err(Error::Cancelled);
-                    }
-                    let Some(left) = wait.left() else {
-                        let Error::BudgetTooSmall { needed_bytes, available_bytes, .. } = e else { return Err(e) };
-                        return Err(timed_out(needed_bytes, available_bytes));
-                    };
-                    // Woken by every release (allocations, locks, reservations); the timeout bounds a missed one.
-                    sh.alloc.wait_for_free(left.min(Duration::from_millis(20)));
-                }
+                Attempt::Locked(id) => id,
+                Attempt::Failed(e) | Attempt::Contended(e) => return Err(e),
             }
         };
         // Dropping it on a failure below unregisters it and gives the cache its plans back.
@@ -99,15 +92,15 @@ impl ModelCache {
         }
     }
 
-    /// Add a reservation of `bytes` to the plans. On failure: the error, and whether it failed only because of the
-    /// calls running now on other threads (it fits the device beside the other reservations alone).
-    fn register(&self, bytes: u64) -> std::result::Result<u64, (Error, bool)> {
+    /// Add a reservation of `bytes` to the plans: its id, or the error, contended when it failed only because of
+    /// the calls running now on other threads (it fits the device beside the other reservations alone).
+    fn register(&self, bytes: u64) -> Attempt<u64> {
         let sh = &self.shared;
         let mut inner = sh.inner();
         let id = inner.id();
         inner.reservations.push((id, bytes));
         if sh.rebalance(&mut inner).is_ok() {
-            return Ok(id);
+            return Attempt::Locked(id);
         }
         inner.reservations.retain(|r| r.0 != id);
         let _ = sh.rebalance(&mut inner);
@@ -127,6 +120,10 @@ impl ModelCache {
             needed_bytes: bytes,
             available_bytes: device.saturating_sub(locked),
         };
-        Err((e, contended))
+        if contended {
+            Attempt::Contended(e)
+        } else {
+            Attempt::Failed(e)
+        }
     }
 }

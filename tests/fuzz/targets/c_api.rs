@@ -18,6 +18,7 @@ use lowvram::ffi::context::*;
 use lowvram::ffi::error::lowvram_last_error_message;
 use lowvram::ffi::log::lowvram_set_log_callback;
 use lowvram::ffi::model::*;
+use lowvram::ffi::cancel::*;
 use lowvram::ffi::reservation::*;
 use lowvram::ffi::run::*;
 use lowvram::ffi::status::{lowvram_status, lowvram_status_name};
@@ -476,8 +477,32 @@ impl Session {
                 15 => {
                     let bytes = r.size(8 << 20);
                     let mut res: *mut lowvram_reservation = 0x1 as *mut _;
-                    let s =
-                        lowvram_reservation_new(self.ctx, bytes, if r.below(16) == 0 { null_mut() } else { &mut res });
+                    let out = if r.below(16) == 0 { null_mut() } else { &mut res as *mut _ };
+                    let s = if r.below(2) == 0 {
+                        lowvram_reservation_new(self.ctx, bytes, out)
+                    } else {
+                        // The params as a host of any version may pass them: any struct_size, short waits (nothing
+                        // else runs here, so no wait can be long), a token cancelled or not, or NULL.
+                        let mut p = std::mem::MaybeUninit::<lowvram_reservation_params>::zeroed();
+                        let size = match r.below(4) {
+                            0 => r.below(40) as usize,
+                            _ => std::mem::size_of::<lowvram_reservation_params>(),
+                        };
+                        let init = lowvram_reservation_params_init(p.as_mut_ptr(), size);
+                        let mut p = p.assume_init();
+                        p.timeout_ms = [0, 1, 20][r.below(3) as usize];
+                        let mut token: *mut lowvram_cancel_token = null_mut();
+                        if r.below(4) == 0 && lowvram_cancel_token_new(&mut token) == lowvram_status::Ok {
+                            if r.below(2) == 0 {
+                                lowvram_cancel_token_cancel(token);
+                            }
+                            p.cancel_token = token;
+                        }
+                        let params = if r.below(8) == 0 || init != lowvram_status::Ok { null() } else { &p as *const _ };
+                        let s = lowvram_reservation_new_ex(self.ctx, bytes, params, out);
+                        lowvram_cancel_token_free(token);
+                        s
+                    };
                     if self.check("lowvram_reservation_new", s) {
                         let mut b = 0u64;
                         let s = lowvram_reservation_bytes(res, &mut b);
