@@ -92,9 +92,11 @@ static STATE: OnceLock<State> = OnceLock::new();
 fn state() -> &'static State {
     STATE.get_or_init(|| {
         // Runs before any export's panic guard: a panic here must not unwind into C.
-        let (choice, symbols) =
-            std::panic::catch_unwind(choose).unwrap_or_else(|_| (Choice::cpu("choosing the backend panicked"), None));
-        State { choice: record(choice), symbols }
+        std::panic::catch_unwind(|| {
+            let (choice, symbols) = choose();
+            State { choice: record(choice), symbols }
+        })
+        .unwrap_or_else(|_| State { choice: record(Choice::cpu("choosing the backend panicked")), symbols: None })
     })
 }
 
@@ -109,7 +111,7 @@ pub(crate) fn choice() -> &'static Choice {
 /// from the signature; the backend's symbol has the same type because its version equals ours exactly.
 pub(crate) fn resolve<F: Copy>(name: &'static str, _ty: F) -> Option<F> {
     let address = state().symbols.as_ref()?.get(name).copied()?;
-    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>(), "{name} is not a function pointer");
+    const { assert!(std::mem::size_of::<F>() == std::mem::size_of::<*mut c_void>(), "F must be a function pointer") };
     // SAFETY: F is an `extern "C" fn` pointer type (size checked) and `address` is the backend's definition of the
     // same export of the same version (see above).
     Some(unsafe { std::mem::transmute_copy::<*mut c_void, F>(&address.0) })
