@@ -18,7 +18,7 @@ use crate::backend::{locate, record, Choice, Mode, Search, Target, ENV_LIBRARY};
 /// The backend's file name, looked for beside this library.
 pub const BACKEND_FILE: &str = "liblowvram_cuda.so";
 
-/// Every C export. Each one forwards (`forward!` at the top of its body); `tests/backend_forwarding.rs` checks this
+/// Every C export. Each one forwards (`forward!` at the top of its body); the unit test below checks this
 /// list and the forward lines against the sources, so a new export cannot be forgotten.
 pub const EXPORTS: &[&str] = &[
     "lowvram_cancel_token_cancel",
