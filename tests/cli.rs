@@ -114,7 +114,7 @@ fn system_stats_json_has_the_documented_shape() {
     let kind = v["backend"]["kind"].as_str().unwrap();
     assert!(kind == "cpu" || kind == "cuda", "{v}");
     assert!(!v["backend"]["reason"].as_str().unwrap().is_empty(), "{v}");
-    if !available && std::env::var_os("LOWVRAM_BACKEND").is_none() {
+    if !available && std::env::var_os("LOWVRAM_BACKEND").is_none() && cfg!(not(feature = "cuda")) {
         // No driver: the CPU runs it, and the driver probe's reason is why.
         assert_eq!(kind, "cpu");
         assert_eq!(v["backend"]["reason"], v["cuda"]["reason"]);
@@ -123,6 +123,7 @@ fn system_stats_json_has_the_documented_shape() {
 
 /// `LOWVRAM_BACKEND=cpu` keeps the CLI on the CPU and says so; `--device cuda` then fails with that reason.
 #[test]
+#[cfg(not(feature = "cuda"))] // the CUDA build of the CLI runs its own work
 fn the_backend_and_its_reason_are_printed_and_explain_device_cuda() {
     let out = lowvram().env("LOWVRAM_BACKEND", "cpu").arg("system-stats").output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -152,6 +153,7 @@ fn the_backend_and_its_reason_are_printed_and_explain_device_cuda() {
 }
 
 /// A stand-in NVIDIA driver reporting one device (tests/c/fake_libcuda.c), in a folder for LD_LIBRARY_PATH.
+#[cfg(not(feature = "cuda"))]
 fn fake_driver(dir: &std::path::Path) -> PathBuf {
     let lib_dir = dir.join("fake-driver");
     std::fs::create_dir_all(&lib_dir).unwrap();
@@ -169,6 +171,7 @@ fn fake_driver(dir: &std::path::Path) -> PathBuf {
 /// `../libexec/lowvram/`, with the same arguments and `LOWVRAM_BACKEND=cpu` (so a child never re-executes); without
 /// one installed it runs on the CPU and says where it looked.
 #[test]
+#[cfg(not(feature = "cuda"))] // the CUDA build of the CLI runs its own work
 fn with_a_driver_the_cli_re_executes_lowvram_cuda() {
     let dir = out_dir("reexec");
     let driver = fake_driver(&dir);

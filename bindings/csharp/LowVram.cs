@@ -251,6 +251,8 @@ namespace LowVram
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern IntPtr lowvram_status_name(uint status);
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern IntPtr lowvram_last_error_message();
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_system_stats(ref SystemInfo info);
+        // By pointer: Mono's marshaler copies the fields after the device array back wrong (backend, backend_reason).
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl, EntryPoint = "lowvram_system_stats")] public static extern unsafe Status lowvram_system_stats_ptr(SystemInfo* info);
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern Status lowvram_set_log_callback(IntPtr callback, IntPtr userData);
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)] public static extern void lowvram_string_free(IntPtr s);
 
@@ -398,7 +400,7 @@ namespace LowVram
         public static unsafe SystemStats Probe()
         {
             var info = new Native.SystemInfo { StructSize = (uint)Marshal.SizeOf(typeof(Native.SystemInfo)) };
-            Native.Check(Native.lowvram_system_stats(ref info));
+            Native.Check(Native.lowvram_system_stats_ptr(&info));
             string reason;
             reason = Native.Utf8((IntPtr)info.CudaReason);
             return new SystemStats

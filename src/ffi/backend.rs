@@ -18,7 +18,7 @@ use crate::backend::{locate, record, Choice, Mode, Search, Target, ENV_LIBRARY};
 /// The backend's file name, looked for beside this library.
 pub const BACKEND_FILE: &str = "liblowvram_cuda.so";
 
-/// Every C export. Each one forwards (`forward!` at the top of its body); `tests/backend_forwarding.rs` checks this
+/// Every C export. Each one forwards (`forward!` at the top of its body); the unit test below checks this
 /// list and the forward lines against the sources, so a new export cannot be forgotten.
 pub const EXPORTS: &[&str] = &[
     "lowvram_cancel_token_cancel",
@@ -94,9 +94,11 @@ static STATE: OnceLock<State> = OnceLock::new();
 fn state() -> &'static State {
     STATE.get_or_init(|| {
         // Runs before any export's panic guard: a panic here must not unwind into C.
-        let (choice, symbols) =
-            std::panic::catch_unwind(choose).unwrap_or_else(|_| (Choice::cpu("choosing the backend panicked"), None));
-        State { choice: record(choice), symbols }
+        std::panic::catch_unwind(|| {
+            let (choice, symbols) = choose();
+            State { choice: record(choice), symbols }
+        })
+        .unwrap_or_else(|_| State { choice: record(Choice::cpu("choosing the backend panicked")), symbols: None })
     })
 }
 
@@ -111,7 +113,7 @@ pub(crate) fn choice() -> &'static Choice {
 /// from the signature; the backend's symbol has the same type because its version equals ours exactly.
 pub(crate) fn resolve<F: Copy>(name: &'static str, _ty: F) -> Option<F> {
     let address = state().symbols.as_ref()?.get(name).copied()?;
-    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>(), "{name} is not a function pointer");
+    const { assert!(std::mem::size_of::<F>() == std::mem::size_of::<*mut c_void>(), "F must be a function pointer") };
     // SAFETY: F is an `extern "C" fn` pointer type (size checked) and `address` is the backend's definition of the
     // same export of the same version (see above).
     Some(unsafe { std::mem::transmute_copy::<*mut c_void, F>(&address.0) })
