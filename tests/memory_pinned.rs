@@ -56,8 +56,7 @@ fn expected_arena(path: &std::path::Path) -> (u64, u64) {
     }
     let (mut end, mut sum) = (0usize, 0u64);
     for b in &order {
-        for (n, s, e) in tensors.iter().filter(|t| block(&t.0) == *b) {
-            let _ = n;
+        for (_, s, e) in tensors.iter().filter(|t| block(&t.0) == *b) {
             end = align_up(end, TENSOR_ALIGN) + (e - s);
             sum += (e - s) as u64;
         }
@@ -335,7 +334,8 @@ fn stats_and_log_say_where_weights_stream_from() {
     use lowvram::ffi::model::*;
     unsafe {
         let mut p = std::mem::MaybeUninit::<lowvram_context_params>::uninit();
-        assert_eq!(lowvram_context_params_init(p.as_mut_ptr(), std::mem::size_of::<lowvram_context_params>()) as u32, 0);
+        let size = std::mem::size_of::<lowvram_context_params>();
+        assert_eq!(lowvram_context_params_init(p.as_mut_ptr(), size) as u32, 0);
         let mut p = p.assume_init();
         let device = std::ffi::CString::new("emulated:256MiB").unwrap();
         let yaml = std::ffi::CString::new(small.clone()).unwrap();

@@ -999,9 +999,10 @@ impl WeightStore {
                     for &ti in &block.tensors {
                         let t = &self.tensors[ti];
                         let n = t.held_bytes(dtype);
+                        let bytes = &arena.as_slice()[at..at + n];
                         out.insert(
                             t.rel_name.clone(),
-                            alloc.tensor_from_bytes(&arena.as_slice()[at..at + n], t.held_dtype(dtype), &t.held_shape())?,
+                            alloc.tensor_from_bytes(bytes, t.held_dtype(dtype), &t.held_shape())?,
                         );
                         at += n;
                     }
