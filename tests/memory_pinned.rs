@@ -98,6 +98,7 @@ fn arena_holds_the_models_tensors_aligned_and_is_pinned_once() {
         let model = cache.load_model(&m.path, name).unwrap();
         let s = cache.stats();
         let ms = &s.models[0];
+        eprintln!("{name}: tensors {} B, arena {arena} B (aligned tensors, whole pages)", m.total());
         assert_eq!(ms.ram_bytes, m.total());
         assert_eq!(ms.ram_arena_bytes, arena, "{name}: arena bytes");
         assert_eq!(ms.pinned_bytes, arena);
@@ -310,6 +311,7 @@ fn stats_and_log_say_where_weights_stream_from() {
     let bytes = s.models[0].total_bytes;
     assert_eq!((s.ram.models_pinned, s.ram.models_without_ram_copy), (1, 0));
     assert!(s.ram.pinned_bytes >= bytes && s.ram.pinned_bytes % page_size() as u64 == 0);
+    eprintln!("tiny UNet: {bytes} B of weights, {} B pinned in one arena", s.ram.pinned_bytes);
     assert_eq!(s.ram.pinned_cap_bytes, s.sizing.pinned_cap_bytes);
     drop((model, ctx));
 
