@@ -372,3 +372,36 @@ fn pinned_cap_key_is_bounded() {
     c.apply_yaml("max_pinned_memory_gb: null").unwrap();
     assert_eq!(c.max_pinned_memory_bytes(), None);
 }
+
+/// The log line is repeated whenever where a model's weights stream from changes at a lock: the RAM copy dropped
+/// (`keep_ram_copy_of_weights: false`, Info: the host chose it), then read again past a lowered cap (Warn), and not
+/// repeated while nothing changes.
+#[test]
+fn a_changed_weights_source_is_logged_at_the_next_lock() {
+    let dir = TempDir::new("pin-relog");
+    let m = write_model(dir.path(), "m", &[64, 128, 256, 64], 12);
+    let lines: std::sync::Arc<Mutex<Vec<(bool, String)>>> = Default::default();
+    let cache = ModelCache::new(config("emulated:64MiB", WORK)).unwrap();
+    let sink = lines.clone();
+    cache.set_log(Some(std::sync::Arc::new(move |warn: bool, l: &str| {
+        sink.lock().unwrap().push((warn, l.to_string()))
+    })));
+    let model = cache.load_model(&m.path, "m").unwrap();
+    let run = || {
+        let lock = cache.lock(&model, 0).unwrap();
+        assert_eq!(bits(&forward(&lock, &m).unwrap()), reference(&m));
+    };
+    run();
+    run();
+    cache.configure("keep_ram_copy_of_weights: false").unwrap();
+    run();
+    run();
+    cache.configure("keep_ram_copy_of_weights: true\nmax_pinned_memory_gb: 0").unwrap();
+    run();
+    let got = lines.lock().unwrap().clone();
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(!got[0].0 && got[0].1.contains("its RAM copy, pinned"), "{got:?}");
+    assert!(!got[1].0 && got[1].1.contains("memory map") && got[1].1.contains("keep_ram_copy_of_weights: false"));
+    assert!(got[2].0 && got[2].1.contains("not pinned: pinned-memory cap"), "{got:?}");
+    assert_eq!(cache.stats().ram.models_unpinned, 1);
+}
