@@ -513,6 +513,13 @@ typedef struct lowvram_cache_stats {
      */
     uint32_t model_count;
     /**
+     * Models without a RAM copy (`keep_ram_copy_of_weights: false`, or larger than the RAM cache): their blocks
+     * are read from the file's memory map through the staging ring. The log says which and why, per model. (It
+     * sits in what was `model_count`'s padding, so a host built against the 0.1 header still gets
+     * `struct_size == sizeof` back.)
+     */
+    uint32_t models_without_ram_copy;
+    /**
      * Host bytes page-locked now (RAM copies and staging slots, whole pages), and the cap on them
      * (`max_pinned_memory_gb`; 0 = nothing is pinned: `pin_memory: false` or the CPU device).
      */
@@ -523,11 +530,6 @@ typedef struct lowvram_cache_stats {
      * from pageable memory.
      */
     uint32_t models_unpinned;
-    /**
-     * Models without a RAM copy (`keep_ram_copy_of_weights: false`, or larger than the RAM cache): their blocks
-     * are read from the file's memory map through the staging ring. The log says which and why, per model.
-     */
-    uint32_t models_without_ram_copy;
 } lowvram_cache_stats;
 
 /**

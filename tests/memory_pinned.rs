@@ -56,8 +56,7 @@ fn expected_arena(path: &std::path::Path) -> (u64, u64) {
     }
     let (mut end, mut sum) = (0usize, 0u64);
     for b in &order {
-        for (n, s, e) in tensors.iter().filter(|t| block(&t.0) == *b) {
-            let _ = n;
+        for (_, s, e) in tensors.iter().filter(|t| block(&t.0) == *b) {
             end = align_up(end, TENSOR_ALIGN) + (e - s);
             sum += (e - s) as u64;
         }
@@ -99,6 +98,7 @@ fn arena_holds_the_models_tensors_aligned_and_is_pinned_once() {
         let model = cache.load_model(&m.path, name).unwrap();
         let s = cache.stats();
         let ms = &s.models[0];
+        eprintln!("{name}: tensors {} B, arena {arena} B (aligned tensors, whole pages)", m.total());
         assert_eq!(ms.ram_bytes, m.total());
         assert_eq!(ms.ram_arena_bytes, arena, "{name}: arena bytes");
         assert_eq!(ms.pinned_bytes, arena);
@@ -223,7 +223,8 @@ fn no_ram_copy_streams_a_whole_block_per_copy() {
     }
     let blocks = m.blocks.len() as u64;
     let mut cfg = config(&format!("emulated:{}", WORK + m.total()), WORK);
-    cfg.apply_yaml("keep_ram_copy_of_weights: false\nvram_state: none").unwrap();
+    // No prefetch: a copy of the next forward's first block could land on either side of the counts.
+    cfg.apply_yaml("keep_ram_copy_of_weights: false\nvram_state: none\nasync_loading: false").unwrap();
     let cache = ModelCache::new(cfg).unwrap();
     let model = cache.load_model(&m.path, "m").unwrap();
     let lock = cache.lock(&model, 0).unwrap();
@@ -310,6 +311,7 @@ fn stats_and_log_say_where_weights_stream_from() {
     let bytes = s.models[0].total_bytes;
     assert_eq!((s.ram.models_pinned, s.ram.models_without_ram_copy), (1, 0));
     assert!(s.ram.pinned_bytes >= bytes && s.ram.pinned_bytes % page_size() as u64 == 0);
+    eprintln!("tiny UNet: {bytes} B of weights, {} B pinned in one arena", s.ram.pinned_bytes);
     assert_eq!(s.ram.pinned_cap_bytes, s.sizing.pinned_cap_bytes);
     drop((model, ctx));
 
@@ -335,7 +337,8 @@ fn stats_and_log_say_where_weights_stream_from() {
     use lowvram::ffi::model::*;
     unsafe {
         let mut p = std::mem::MaybeUninit::<lowvram_context_params>::uninit();
-        assert_eq!(lowvram_context_params_init(p.as_mut_ptr(), std::mem::size_of::<lowvram_context_params>()) as u32, 0);
+        let size = std::mem::size_of::<lowvram_context_params>();
+        assert_eq!(lowvram_context_params_init(p.as_mut_ptr(), size) as u32, 0);
         let mut p = p.assume_init();
         let device = std::ffi::CString::new("emulated:256MiB").unwrap();
         let yaml = std::ffi::CString::new(small.clone()).unwrap();
@@ -368,4 +371,37 @@ fn pinned_cap_key_is_bounded() {
     assert_eq!(c.max_pinned_memory_bytes(), Some(5 << 29));
     c.apply_yaml("max_pinned_memory_gb: null").unwrap();
     assert_eq!(c.max_pinned_memory_bytes(), None);
+}
+
+/// The log line is repeated whenever where a model's weights stream from changes at a lock: the RAM copy dropped
+/// (`keep_ram_copy_of_weights: false`, Info: the host chose it), then read again past a lowered cap (Warn), and not
+/// repeated while nothing changes.
+#[test]
+fn a_changed_weights_source_is_logged_at_the_next_lock() {
+    let dir = TempDir::new("pin-relog");
+    let m = write_model(dir.path(), "m", &[64, 128, 256, 64], 12);
+    let lines: std::sync::Arc<Mutex<Vec<(bool, String)>>> = Default::default();
+    let cache = ModelCache::new(config("emulated:64MiB", WORK)).unwrap();
+    let sink = lines.clone();
+    cache.set_log(Some(std::sync::Arc::new(move |warn: bool, l: &str| {
+        sink.lock().unwrap().push((warn, l.to_string()))
+    })));
+    let model = cache.load_model(&m.path, "m").unwrap();
+    let run = || {
+        let lock = cache.lock(&model, 0).unwrap();
+        assert_eq!(bits(&forward(&lock, &m).unwrap()), reference(&m));
+    };
+    run();
+    run();
+    cache.configure("keep_ram_copy_of_weights: false").unwrap();
+    run();
+    run();
+    cache.configure("keep_ram_copy_of_weights: true\nmax_pinned_memory_gb: 0").unwrap();
+    run();
+    let got = lines.lock().unwrap().clone();
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(!got[0].0 && got[0].1.contains("its RAM copy, pinned"), "{got:?}");
+    assert!(!got[1].0 && got[1].1.contains("memory map") && got[1].1.contains("keep_ram_copy_of_weights: false"));
+    assert!(got[2].0 && got[2].1.contains("not pinned: pinned-memory cap"), "{got:?}");
+    assert_eq!(cache.stats().ram.models_unpinned, 1);
 }

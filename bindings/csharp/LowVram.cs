@@ -86,6 +86,13 @@ namespace LowVram
         public ulong CacheHits;
         public ulong CacheMisses;
         public uint ModelCount;
+        /// <summary>Models without a RAM copy: streamed from the file's memory map (the log says why).</summary>
+        public uint ModelsWithoutRamCopy;
+        /// <summary>Host bytes page-locked now, and the cap on them (0 = nothing is pinned).</summary>
+        public ulong PinnedBytes;
+        public ulong PinnedCapBytes;
+        /// <summary>Models whose RAM copy is not pinned (the cap, pin_memory: false, the driver refused).</summary>
+        public uint ModelsUnpinned;
     }
 
     /// <summary>lowvram_model_info: a model's kind, sizes and residency, bytes.</summary>

@@ -33,7 +33,7 @@ pub struct ContextOptions {
 pub struct Context {
     /// Unique in the process: models remember the context they were loaded in.
     id: u64,
-    logger: Logger,
+    logger: Arc<Logger>,
     /// Bumped by every context-wide cancel.
     cancel_epoch: AtomicU64,
     /// Set when a call panicked: the cache may be half-updated, so every later call refuses to run.
@@ -94,7 +94,7 @@ impl Context {
     /// Create a context: read the configuration (file, then text, then the device override), size the caches and
     /// log the sizes with the rules that chose them.
     pub fn new(options: ContextOptions) -> Result<Self> {
-        let logger = Logger::default();
+        let logger = Arc::new(Logger::default());
         logger.set_sink(options.log);
         let mut config = Config::default();
         if let Some(path) = &options.config_path {
@@ -108,6 +108,17 @@ impl Context {
             config.set("device", device)?;
         }
         let cache = ModelCache::new(config)?;
+        // The cache's lines (where each model's weights stream from, and why) go to this context's logger.
+        let to = Arc::downgrade(&logger);
+        cache.set_log(Some(Arc::new(move |warn: bool, line: &str| {
+            if let Some(l) = to.upgrade() {
+                if warn {
+                    l.warn(line)
+                } else {
+                    l.info(line)
+                }
+            }
+        })));
         logger.info(&format!("lowvram {} on {}", crate::VERSION, cache.allocator().spec()));
         for line in cache.sizing().log {
             logger.info(&line);
@@ -196,7 +207,6 @@ impl Context {
             model.kind(),
             model.weights().total_bytes()
         ));
-        self.log_weights_from(&model);
         Ok(Arc::new(model))
     }
 
@@ -215,7 +225,6 @@ impl Context {
             model.kind(),
             model.weights().total_bytes()
         ));
-        self.log_weights_from(&model);
         Ok(Arc::new(model))
     }
 
@@ -224,7 +233,6 @@ impl Context {
         let model = Model::load_t5_file(&self.cache, path, self.id)?;
         let bytes = model.weights().total_bytes();
         self.logger.info(&format!("loaded T5 encoder file {} ({bytes} bytes stored)", path.display()));
-        self.log_weights_from(&model);
         Ok(Arc::new(model))
     }
 
@@ -233,7 +241,6 @@ impl Context {
         let model = Model::load_gguf_transformer(&self.cache, path, self.id)?;
         let bytes = model.weights().total_bytes();
         self.logger.info(&format!("loaded GGUF transformer {} ({bytes} bytes stored)", path.display()));
-        self.log_weights_from(&model);
         Ok(Arc::new(model))
     }
 
@@ -248,19 +255,7 @@ impl Context {
         let model = Model::load_vae_file(&self.cache, path, family, self.id)?;
         let bytes = model.weights().total_bytes();
         self.logger.info(&format!("loaded VAE {} ({bytes} bytes of weights)", path.display()));
-        self.log_weights_from(&model);
         Ok(Arc::new(model))
-    }
-
-    /// One line per loaded model: where its weights stream from and why (a warning when that is a slow path the
-    /// host did not choose: no RAM copy because the RAM cache is too small, a RAM copy the cap left unpinned).
-    fn log_weights_from(&self, model: &Model) {
-        let (slow, line) = model.weights().weights_from_line();
-        if slow {
-            self.logger.warn(&line);
-        } else {
-            self.logger.info(&line);
-        }
     }
 
     /// Place up to `max_bytes` of `model`'s weights on the device now (explicit partial load); returns the bytes

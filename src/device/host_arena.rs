@@ -67,9 +67,9 @@ impl HostArena {
     /// host cannot provide them.
     pub fn new(alloc: &DeviceAllocator, len: usize) -> Result<Self> {
         let page = page_size();
-        let size = align_up(len.max(1), page);
-        let layout = Layout::from_size_align(size, page)
-            .map_err(|_| Error::OutOfHostMemory(format!("a host arena of {len} bytes")))?;
+        let too_big = || Error::OutOfHostMemory(format!("a host arena of {len} bytes"));
+        let size = len.max(1).checked_add(page - 1).ok_or_else(too_big)? & !(page - 1);
+        let layout = Layout::from_size_align(size, page).map_err(|_| too_big())?;
         // SAFETY: the layout has a non-zero size. Zeroed: padding between tensors is never uninitialised memory
         // (calloc'd pages cost nothing until touched).
         let ptr = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) }).ok_or_else(|| {
@@ -233,6 +233,10 @@ mod tests {
         assert!(matches!(big.pin(true), Err(NotPinned::Cap { .. })));
         assert_eq!(big.pinned_bytes(), 0);
         big.as_mut_slice()[0] = 1;
+        // More than the host can give: OUT_OF_HOST_MEMORY, not an abort.
+        for len in [1usize << 62, usize::MAX - 10] {
+            assert!(matches!(HostArena::new(&alloc, len), Err(Error::OutOfHostMemory(_))));
+        }
         // The CPU device pins nothing.
         let cpu = DeviceAllocator::new(&DeviceSpec::Cpu).unwrap();
         let mut c = HostArena::new(&cpu, 10).unwrap();

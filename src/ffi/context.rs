@@ -247,6 +247,11 @@ pub struct lowvram_cache_stats {
     pub cache_misses: u64,
     /// Models alive in the cache.
     pub model_count: u32,
+    /// Models without a RAM copy (`keep_ram_copy_of_weights: false`, or larger than the RAM cache): their blocks
+    /// are read from the file's memory map through the staging ring. The log says which and why, per model. (It
+    /// sits in what was `model_count`'s padding, so a host built against the 0.1 header still gets
+    /// `struct_size == sizeof` back.)
+    pub models_without_ram_copy: u32,
     /// Host bytes page-locked now (RAM copies and staging slots, whole pages), and the cap on them
     /// (`max_pinned_memory_gb`; 0 = nothing is pinned: `pin_memory: false` or the CPU device).
     pub pinned_bytes: u64,
@@ -254,9 +259,6 @@ pub struct lowvram_cache_stats {
     /// Models whose RAM copy is not pinned (the cap, `pin_memory: false`, the driver refused): their blocks cross
     /// from pageable memory.
     pub models_unpinned: u32,
-    /// Models without a RAM copy (`keep_ram_copy_of_weights: false`, or larger than the RAM cache): their blocks
-    /// are read from the file's memory map through the staging ring. The log says which and why, per model.
-    pub models_without_ram_copy: u32,
 }
 
 impl CStruct for lowvram_cache_stats {
@@ -276,10 +278,10 @@ impl CStruct for lowvram_cache_stats {
             field!(Self, cache_hits),
             field!(Self, cache_misses),
             field!(Self, model_count),
+            field!(Self, models_without_ram_copy),
             field!(Self, pinned_bytes),
             field!(Self, pinned_cap_bytes),
             field!(Self, models_unpinned),
-            field!(Self, models_without_ram_copy),
         ]
     }
 }
@@ -311,10 +313,10 @@ pub unsafe extern "C" fn lowvram_context_stats(
             cache_hits: s.cache_hits,
             cache_misses: s.cache_misses,
             model_count: s.models.len() as u32,
+            models_without_ram_copy: s.ram.models_without_ram_copy as u32,
             pinned_bytes: s.ram.pinned_bytes,
             pinned_cap_bytes: s.ram.pinned_cap_bytes.unwrap_or(0),
             models_unpinned: s.ram.models_unpinned as u32,
-            models_without_ram_copy: s.ram.models_without_ram_copy as u32,
         };
         write_out(out, &value);
         Ok(())

@@ -7,7 +7,7 @@ pub mod plan;
 pub mod sizing;
 mod stats;
 
-pub use cache::{ManagedModel, ModelCache, ModelLock, Reservation};
+pub use cache::{LogFn, ManagedModel, ModelCache, ModelLock, Reservation};
 pub use plan::ResidencyPlan;
 pub use sizing::Sizing;
 pub use stats::{CacheStats, DeviceStats, ModelStats, PlanStats, RamStats, TierStats, WeightsFrom};

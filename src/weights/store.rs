@@ -187,15 +187,18 @@ impl StagingRing {
                 return Ok(StagingSlot { ring: self.clone(), arena: Some(arena) });
             }
             if s.out + s.free.len() < self.slots || !s.free.is_empty() {
-                // Room for a new slot, or a free one too small: replace it (the smallest first).
+                // Room for a new slot, or a free one too small: replace it (the smallest first). It is dropped
+                // outside the lock: that waits for the device's reads of it.
+                let mut stale = None;
                 if s.out + s.free.len() >= self.slots {
                     let (i, _) = s.free.iter().enumerate().min_by_key(|(_, a)| a.len()).expect("not empty");
                     let old = s.free.swap_remove(i);
                     s.bytes -= old.allocated() as u64;
-                    drop(old);
+                    stale = Some(old);
                 }
                 s.out += 1;
                 drop(s);
+                drop(stale);
                 let made = HostArena::new(alloc, len).map(|mut a| {
                     let _ = a.pin(self.pin.load(Ordering::Relaxed));
                     a
@@ -996,9 +999,10 @@ impl WeightStore {
                     for &ti in &block.tensors {
                         let t = &self.tensors[ti];
                         let n = t.held_bytes(dtype);
+                        let bytes = &arena.as_slice()[at..at + n];
                         out.insert(
                             t.rel_name.clone(),
-                            alloc.tensor_from_bytes(&arena.as_slice()[at..at + n], t.held_dtype(dtype), &t.held_shape())?,
+                            alloc.tensor_from_bytes(bytes, t.held_dtype(dtype), &t.held_shape())?,
                         );
                         at += n;
                     }
@@ -1033,5 +1037,48 @@ fn host_convert_bytes(src: &[u8], from: DType, to: DType, shape: &[usize]) -> Re
         DType::BF16 => into::<half::bf16>(src, from, to, shape),
         DType::U8 if from == DType::U8 => into::<u8>(src, from, to, shape),
         other => Err(Error::unsupported(format!("converting weights to {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{page_size, DeviceSpec, PinEvent};
+
+    /// The ring holds at most `slots` page-aligned arenas, reuses one that fits, replaces the smallest free one when a
+    /// larger block needs a slot and all are made, waits while all are out, and unregisters each before freeing it.
+    #[test]
+    fn staging_ring_reuses_grows_and_bounds_its_slots() {
+        let alloc = DeviceAllocator::new(&DeviceSpec::Emulated(1 << 30)).unwrap();
+        alloc.set_pinned_cap(Some(1 << 30));
+        let ring = StagingRing::new(2);
+        let page = page_size();
+        let a = ring.acquire(&alloc, 100).unwrap();
+        let b = ring.acquire(&alloc, 3 * page).unwrap();
+        let (a_base, b_base) = (a.arena.as_ref().unwrap().base(), b.arena.as_ref().unwrap().base());
+        assert_eq!((a_base % page, b_base % page), (0, 0));
+        assert_eq!(ring.bytes(), 4 * page as u64);
+        assert_eq!(alloc.pinned_bytes(), 4 * page as u64, "slots are pinned");
+        // Both out: a third acquire waits until one comes back.
+        let r2 = ring.clone();
+        let al2 = alloc.clone();
+        let waiter = std::thread::spawn(move || r2.acquire(&al2, 50).map(|s| s.arena.as_ref().unwrap().base()));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "a third slot must wait");
+        drop(a);
+        assert_eq!(waiter.join().unwrap().unwrap(), a_base, "the small free slot fits and is reused");
+        drop(b);
+        // A block larger than every slot: the smallest free one is replaced (unregistered, then freed).
+        let c = ring.acquire(&alloc, 5 * page).unwrap();
+        assert!(ring.bytes() <= 2 * 5 * page as u64);
+        assert_eq!(ring.peak(), 8 * page as u64);
+        drop(c);
+        drop(ring);
+        assert_eq!(alloc.pinned_bytes(), 0);
+        assert_eq!(alloc.pin_violations(), 0);
+        let ev = alloc.pin_events();
+        let at = |e: PinEvent| ev.iter().position(|x| *x == e).unwrap();
+        assert!(at(PinEvent::Unregister { base: a_base }) < at(PinEvent::Free { base: a_base }));
+        assert!(at(PinEvent::Unregister { base: b_base }) < at(PinEvent::Free { base: b_base }));
     }
 }

@@ -295,7 +295,10 @@ static void test_struct_sizes(void) {
            sizeof(lowvram_denoise_params), sizeof(lowvram_decode_params), sizeof(lowvram_run_report),
            sizeof(lowvram_system_info), sizeof(lowvram_device_info));
     CHECK(sizeof(lowvram_context_params) == 56);
-    CHECK(sizeof(lowvram_cache_stats) == 104);
+    CHECK(sizeof(lowvram_cache_stats) == 128);
+    CHECK(offsetof(lowvram_cache_stats, models_without_ram_copy) == 100); /* in 0.1's padding after model_count */
+    CHECK(offsetof(lowvram_cache_stats, pinned_bytes) == 104);
+    CHECK(offsetof(lowvram_cache_stats, models_unpinned) == 120);
     CHECK(sizeof(lowvram_model_info) == 40);
     CHECK(sizeof(lowvram_reservation_params) == 24);
     CHECK(sizeof(lowvram_denoise_params) == 80);
@@ -492,6 +495,15 @@ static void test_configure_and_stats(void) {
     CHECK(stats.device_total_bytes == 64u << 20);
     CHECK(stats.model_count == 1);
     CHECK(stats.device_used_by_cache_bytes == 0);
+    /* the RAM copy is one pinned arena (the emulated device accounts pinning as CUDA would), under the cap */
+    CHECK(stats.pinned_bytes >= stats.ram_cache_used_bytes && stats.pinned_bytes > 0);
+    CHECK(stats.pinned_cap_bytes >= stats.pinned_bytes);
+    CHECK(stats.models_unpinned == 0 && stats.models_without_ram_copy == 0);
+    /* no RAM copy: the model streams from its file's memory map, and the stats say so */
+    CHECK_OK(lowvram_context_configure(ctx, "keep_ram_copy_of_weights: false\n"));
+    CHECK_OK(lowvram_context_stats(ctx, &stats));
+    CHECK(stats.models_without_ram_copy == 1 && stats.pinned_bytes == 0 && stats.ram_cache_used_bytes == 0);
+    CHECK_OK(lowvram_context_configure(ctx, "keep_ram_copy_of_weights: true\n"));
 
     /* an explicit partial load: resident bytes at most what was asked, and info agrees */
     uint64_t resident = 0;

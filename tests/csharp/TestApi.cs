@@ -115,7 +115,7 @@ public static class TestApi
     static void TestStructSizes()
     {
         Check(Marshal.SizeOf(typeof(Native.ContextParams)) == 56, "sizeof lowvram_context_params");
-        Check(Marshal.SizeOf(typeof(CacheStats)) == 104, "sizeof lowvram_cache_stats");
+        Check(Marshal.SizeOf(typeof(CacheStats)) == 128, "sizeof lowvram_cache_stats");
         Check(Marshal.SizeOf(typeof(ModelInfo)) == 40, "sizeof lowvram_model_info");
         Check(Marshal.SizeOf(typeof(Native.ReservationParams)) == 24, "sizeof lowvram_reservation_params");
         Check(Marshal.SizeOf(typeof(Native.PipelineParams)) == 40, "sizeof lowvram_pipeline_params");
@@ -132,6 +132,9 @@ public static class TestApi
         Check(Marshal.OffsetOf(typeof(Native.DenoiseParams), "Progress").ToInt32() == 48, "offsetof progress");
         Check(Marshal.OffsetOf(typeof(RunReport), "TileLatent").ToInt32() == 64, "offsetof tile_latent");
         Check(Marshal.OffsetOf(typeof(CacheStats), "ModelCount").ToInt32() == 96, "offsetof model_count");
+        Check(Marshal.OffsetOf(typeof(CacheStats), "ModelsWithoutRamCopy").ToInt32() == 100, "offsetof models_without_ram_copy");
+        Check(Marshal.OffsetOf(typeof(CacheStats), "PinnedBytes").ToInt32() == 104, "offsetof pinned_bytes");
+        Check(Marshal.OffsetOf(typeof(CacheStats), "ModelsUnpinned").ToInt32() == 120, "offsetof models_unpinned");
 
         // The init functions accept our sizes and give the documented defaults.
         var p = new Native.DenoiseParams();

@@ -126,6 +126,8 @@ impl ModelCache {
                 return Attempt::Failed(e);
             }
         }
+        // A RAM copy evicted, read again (perhaps unpinned: the cap), or refused: the log says so.
+        sh.log_weights_from(model);
         match sh.alloc_for(
             working,
             AllocKind::Working,

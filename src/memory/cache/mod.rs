@@ -102,7 +102,13 @@ struct Shared {
     files_read: AtomicU64,
     /// Copies from files made by models the cache has forgotten.
     file_copies: AtomicU64,
+    /// Where log lines go (the context's logger): `(warn, line)`. Called on the thread of the call that logs, never
+    /// under the cache's lock.
+    log: Mutex<Option<LogFn>>,
 }
+
+/// A log line's destination: `(warn, line)`.
+pub type LogFn = Arc<dyn Fn(bool, &str) + Send + Sync>;
 
 /// Hits, misses and evictions of the two tiers (see [`TierStats`]).
 #[derive(Default)]
@@ -200,6 +206,8 @@ pub struct ManagedModel {
     compute: Arc<ComputeThreads>,
     /// Why it has no RAM copy, when it has none (shown by [`ManagedModel::weights_from`]).
     no_ram_copy: Mutex<String>,
+    /// The last line logged about where its weights stream from (a new one is logged when it changes).
+    logged_from: Mutex<String>,
     /// The block fetched after each block in the last forward (learned: a model fetches its blocks in the same
     /// order every call), which is what a prefetch copies next.
     next_fetch: Mutex<HashMap<usize, usize>>,
@@ -302,6 +310,7 @@ impl ModelCache {
                 tiers: TierCounters::default(),
                 files_read: AtomicU64::new(0),
                 file_copies: AtomicU64::new(0),
+                log: Mutex::new(None),
             }),
         })
     }
@@ -319,6 +328,12 @@ impl ModelCache {
     /// The dtype models loaded now compute in.
     pub fn compute_dtype(&self) -> DType {
         resolve_compute(&self.shared.inner().config, &self.shared.alloc)
+    }
+
+    /// Send the cache's log lines (where each model's weights stream from, when that is decided or changes) to
+    /// `log(warn, line)`; None = nowhere. It runs on the thread of the call that logs, never under the cache's lock.
+    pub fn set_log(&self, log: Option<LogFn>) {
+        *lock(&self.shared.log) = log;
     }
 
     /// The configuration in force.

@@ -299,6 +299,22 @@ impl Shared {
         self.tiers.forgotten.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Log where `m`'s weights stream from, if that changed since the last line about it (outside the cache's lock).
+    pub(super) fn log_weights_from(&self, m: &ManagedModel) {
+        let (warn, line) = m.weights_from_line();
+        {
+            let mut last = lock(&m.logged_from);
+            if *last == line {
+                return;
+            }
+            *last = line.clone();
+        }
+        let log = lock(&self.log).clone();
+        if let Some(log) = log {
+            log(warn, &line);
+        }
+    }
+
     /// Whether `m` should get a RAM copy it lacks (read outside the cache's lock by the caller, see
     /// [`Shared::read_ram`]), counting the RAM tier's hit.
     pub(super) fn ram_need(&self, inner: &Inner, m: &ManagedModel) -> RamNeed {
@@ -393,6 +409,7 @@ impl ModelCache {
             next_fetch: Mutex::new(HashMap::new()),
             compute: Arc::default(),
             no_ram_copy: Mutex::new(no_ram_copy),
+            logged_from: Mutex::new(String::new()),
             state: Mutex::new(ModelState {
                 last_used: inner.clock,
                 ..Default::default()
@@ -405,6 +422,8 @@ impl ModelCache {
         }
         inner.models.push(m.clone());
         sh.enforce_ram(&mut inner, Some(m.id));
+        drop(inner);
+        sh.log_weights_from(&m);
         Ok(m)
     }
 
