@@ -278,8 +278,13 @@ fn main_job_draws_a_red_shape_on_a_blue_background() {
     let border: Vec<[f32; 3]> = (0..64).flat_map(|i| [rgb(0, i), rgb(63, i), rgb(i, 0), rgb(i, 63)]).collect();
     let blue = border.iter().filter(|&&p| is_blue(p)).count();
     assert!(blue * 10 >= border.len() * 9, "{blue}/{} border pixels are blue", border.len());
-    // The shape: a red region of at least a circle of radius 7 (the training shapes have radius 9 to 13). Where it
-    // is drawn is not checked: the model does not follow position words yet (BENCHMARKS.md, trained tiny model).
-    let red = (0..64).flat_map(|y| (0..64).map(move |x| (y, x))).filter(|&(y, x)| is_red(rgb(y, x))).count();
-    assert!(red >= 150, "{red}/4096 pixels are red");
+    // The shape: a red region of at least a circle of radius 7 (the training shapes have radius 9 to 13), in the
+    // centre, where a prompt without a position word puts it (the nearest other position is 16 pixels away).
+    let red: Vec<(usize, usize)> =
+        (0..64).flat_map(|y| (0..64).map(move |x| (y, x))).filter(|&(y, x)| is_red(rgb(y, x))).collect();
+    assert!(red.len() >= 150, "{}/4096 pixels are red", red.len());
+    let n = red.len() as f32;
+    let cy = red.iter().map(|p| p.0 as f32 + 0.5).sum::<f32>() / n;
+    let cx = red.iter().map(|p| p.1 as f32 + 0.5).sum::<f32>() / n;
+    assert!((cx - 32.0).abs() < 8.0 && (cy - 32.0).abs() < 8.0, "the red shape's centre is at ({cx}, {cy})");
 }

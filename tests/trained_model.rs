@@ -218,59 +218,59 @@ fn generate_and_judge(name: &str, scheduler: SchedulerKind, device: &str, yaml: 
     s
 }
 
-/// Issue 17's goal: colour, shape and position right in ≥ 90 % of the generations; `full: false` checks the colours
-/// only (what the shipped model reaches so far: BENCHMARKS.md, "Trained tiny model").
-fn assert_goal(name: &str, s: &Score, full: bool) {
+/// Issue 17's goal: colour, shape and position right in ≥ 90 % of the generations; `shape: false` checks the colours
+/// and positions only (what the shipped model reaches so far: BENCHMARKS.md, "Trained tiny model").
+fn assert_goal(name: &str, s: &Score, shape: bool) {
     let (n, need) = (s.n, (s.n * 9).div_ceil(10));
     assert!(s.colour >= need, "{name}: colours right in {}/{n} (need {need})", s.colour);
-    if full {
+    assert!(s.position >= need, "{name}: positions right in {}/{n} (need {need})", s.position);
+    if shape {
         assert!(s.shape >= need, "{name}: shapes right in {}/{n} (need {need})", s.shape);
-        assert!(s.position >= need, "{name}: positions right in {}/{n} (need {need})", s.position);
     }
 }
 
 /// Default configuration, an `emulated:` device that streams most of the UNet, fp16 weight storage.
-fn three_configurations(full: bool) {
+fn three_configurations(shape: bool) {
     let euler = SchedulerKind::Euler;
     let resident = generate_and_judge("cpu", euler, "cpu", "");
-    assert_goal("cpu", &resident, full);
+    assert_goal("cpu", &resident, shape);
     // Most of the UNet streams through a small cap: partial loading must not change what is drawn (bit for bit).
     let yaml = "device_working_mem_gb: 0.01\nmax_cache_vram_gb: 0.0005\n";
     let streamed = generate_and_judge("emulated", euler, "emulated:64MiB", yaml);
     let diff = (&resident.latents - &streamed.latents).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
     assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "streaming changed the latents");
-    assert_goal("emulated", &streamed, full);
-    assert_goal("fp16 storage", &generate_and_judge("fp16 storage", euler, "cpu", "storage_dtype: fp16\n"), full);
+    assert_goal("emulated", &streamed, shape);
+    assert_goal("fp16 storage", &generate_and_judge("fp16 storage", euler, "cpu", "storage_dtype: fp16\n"), shape);
 }
 
-fn other_schedulers(full: bool) {
+fn other_schedulers(shape: bool) {
     // flow_euler integrates a flow-matching model's velocity (FLUX); this model is a v-prediction diffusion model.
     let diffusion = |k: &SchedulerKind| !matches!(k, SchedulerKind::Euler | SchedulerKind::FlowEuler);
     for (kind, name) in SchedulerKind::ALL.into_iter().filter(|(k, _)| diffusion(k)) {
-        assert_goal(name, &generate_and_judge(name, kind, "cpu", ""), full);
+        assert_goal(name, &generate_and_judge(name, kind, "cpu", ""), shape);
     }
 }
 
 #[test]
-fn draws_the_prompted_colours_at_default_configuration_streamed_and_fp16() {
+fn draws_the_prompted_colours_and_positions_at_default_configuration_streamed_and_fp16() {
     three_configurations(false);
 }
 
 #[test]
-fn every_scheduler_draws_the_prompted_colours() {
+fn every_scheduler_draws_the_prompted_colours_and_positions() {
     other_schedulers(false);
 }
 
 #[test]
-#[ignore = "the shipped model draws the prompted colours but not yet the shapes and positions (BENCHMARKS.md, \
-            trained tiny model): retrain with scripts/train_tiny.py, then run with --ignored"]
+#[ignore = "the shipped model draws the prompted colours and positions (50/50) but the prompted shape in only 23/50 \
+            (BENCHMARKS.md, trained tiny model): retrain longer with scripts/train_tiny.py, then run with --ignored"]
 fn draws_held_out_prompts_at_default_configuration_streamed_and_fp16() {
     three_configurations(true);
 }
 
 #[test]
-#[ignore = "the shipped model draws the prompted colours but not yet the shapes and positions (BENCHMARKS.md, \
-            trained tiny model): retrain with scripts/train_tiny.py, then run with --ignored"]
+#[ignore = "the shipped model draws the prompted colours and positions (50/50) but the prompted shape in only 23/50 \
+            (BENCHMARKS.md, trained tiny model): retrain longer with scripts/train_tiny.py, then run with --ignored"]
 fn every_scheduler_draws_held_out_prompts() {
     other_schedulers(true);
 }
