@@ -309,7 +309,17 @@ fn a_reservation_waits_as_long_as_the_host_says_and_can_be_cancelled() {
         assert!(matches!(e, Error::Cancelled) && t.elapsed() < Duration::from_secs(5), "{e}");
         canceller.join().unwrap();
         assert_eq!(accounting(&ctx), held, "a cancelled reservation leaves nothing behind");
-        let waiting = s.spawn(move || ctx_ref.reserve_with(want, None, None).map(|_| ()));
+        // The context cancel stops calls running when it is issued: make sure the waiter has started (a thread
+        // spawned on a loaded machine may not run for a while), then give it time to be inside its wait.
+        let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let started_ref = started.clone();
+        let waiting = s.spawn(move || {
+            started_ref.store(true, std::sync::atomic::Ordering::SeqCst);
+            ctx_ref.reserve_with(want, None, None).map(|_| ())
+        });
+        while !started.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         std::thread::sleep(Duration::from_millis(200));
         ctx.cancel();
         assert!(matches!(waiting.join().unwrap(), Err(Error::Cancelled)));
