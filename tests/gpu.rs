@@ -577,7 +577,7 @@ fn gpu_copy_engine() {
 #[cfg(feature = "cuda")]
 fn copy_engine_checks() {
     use candle_core::{DType, Storage};
-    use lowvram::device::{DeviceAllocator, DeviceSpec, PinnedHost};
+    use lowvram::device::{DeviceAllocator, DeviceSpec, HostArena};
     use std::time::Instant;
 
     let alloc = DeviceAllocator::new(&DeviceSpec::Cuda(0)).expect("cuda:0");
@@ -693,8 +693,9 @@ fn copy_engine_checks() {
 
     // 4. Overlap: compute = matmuls on the compute stream, copy = 256 MiB from pinned RAM through the engine; each
     //    alone, then both issued together and handed over by the event (medians of 5).
-    let big = Tensor::zeros(64 << 20, DType::F32, &Device::Cpu).unwrap();
-    let pinned = PinnedHost::register(&alloc, std::iter::once(&big)).unwrap();
+    let mut arena = HostArena::new(&alloc, 256 << 20).unwrap();
+    assert!(arena.pin(true).is_ok(), "a 256 MiB arena is pinned: {:?}", arena.pinned());
+    let big = std::sync::Arc::new(arena);
     let m = Tensor::randn(0f32, 1.0, (4096, 4096), &dev).unwrap();
     let compute = || {
         let mut z = m.clone();
@@ -706,7 +707,12 @@ fn copy_engine_checks() {
     let copy = || {
         let (a2, b2) = (alloc.clone(), big.clone());
         let p = engine
-            .submit(move |lane| a2.on_lane(lane).copy_to_device(&b2))
+            .submit(move |lane| {
+                let view = a2.on_lane(lane);
+                let t = view.tensor_from_bytes(b2.as_slice(), DType::F32, &[64 << 20]);
+                b2.note_read(&view)?;
+                t
+            })
             .unwrap();
         let mut h = p.recv(&alloc).unwrap();
         h.wait().unwrap();
@@ -743,10 +749,10 @@ fn copy_engine_checks() {
         (256u64 << 20) as f64 / tx / 1e6,
         100.0 * tb / (tc + tx),
         100.0 * hidden,
-        pinned.as_ref().map_or(0, |p| p.bytes())
+        big.pinned_bytes()
     );
     assert_eq!(alloc.usage().unwaited_copy_uses, 0);
-    drop(pinned);
+    drop(big);
 
     // 5. Budgets from the driver: blocks the pool keeps after a free are ours (not another program's), while memory
     //    allocated outside the pool is another user's.
