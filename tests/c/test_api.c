@@ -4,118 +4,12 @@
  * Finds the repo through $LOWVRAM_REPO (scripts/test.sh sets it; "." otherwise).
  * Built with -std=c11 -Wall -Wextra -Wpedantic -Werror and run under valgrind by scripts/test.sh. */
 #include "lowvram.h"
+#include "check.h"
+#include "safetensors.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int failures = 0;
-
-#define CHECK(cond)                                                                        \
-    do {                                                                                   \
-        if (!(cond)) {                                                                     \
-            fprintf(stderr, "%s:%d: CHECK failed: %s (last error: %s)\n", __FILE__, __LINE__, #cond, \
-                    lowvram_last_error_message());                                          \
-            failures++;                                                                    \
-        }                                                                                  \
-    } while (0)
-
-#define CHECK_OK(call) CHECK((call) == LOWVRAM_STATUS_OK)
-
-/* ---- a minimal safetensors reader (F32 tensors only; host is little-endian like the file) ------------------ */
-
-struct st_file {
-    unsigned char *bytes; /* the whole file */
-    size_t len;
-    const char *header; /* JSON header, not NUL-terminated */
-    size_t header_len;
-};
-
-struct st_tensor {
-    int64_t shape[LOWVRAM_MAX_DIMS];
-    size_t ndim;
-    float *data; /* malloc'd copy; free() it */
-    size_t count;
-};
-
-static int st_open(struct st_file *f, const char *path) {
-    memset(f, 0, sizeof *f);
-    FILE *fp = fopen(path, "rb");
-    if (!fp) return 0;
-    fseek(fp, 0, SEEK_END);
-    long n = ftell(fp);
-    fseek(fp, 0, SEEK_SET);
-    if (n < 8) {
-        fclose(fp);
-        return 0;
-    }
-    f->bytes = malloc((size_t)n);
-    f->len = fread(f->bytes, 1, (size_t)n, fp);
-    fclose(fp);
-    uint64_t hlen = 0;
-    for (int i = 7; i >= 0; i--) hlen = (hlen << 8) | f->bytes[i];
-    if (f->len != (size_t)n || hlen > f->len - 8) {
-        free(f->bytes);
-        f->bytes = NULL;
-        return 0;
-    }
-    f->header = (const char *)f->bytes + 8;
-    f->header_len = (size_t)hlen;
-    return 1;
-}
-
-static void st_close(struct st_file *f) {
-    free(f->bytes);
-    memset(f, 0, sizeof *f);
-}
-
-/* Find `"name": {...}` in the header and copy its data. Returns 1 on success. */
-static int st_get(const struct st_file *f, const char *name, struct st_tensor *t) {
-    char key[128];
-    snprintf(key, sizeof key, "\"%s\"", name);
-    size_t klen = strlen(key);
-    const char *end = f->header + f->header_len, *p = NULL;
-    for (const char *q = f->header; q + klen <= end; q++) {
-        if (memcmp(q, key, klen) == 0) {
-            p = q + klen;
-            break;
-        }
-    }
-    if (!p) return 0;
-    const char *close = memchr(p, '}', (size_t)(end - p));
-    if (!close) return 0;
-    size_t span = (size_t)(close - p);
-    char obj[512];
-    if (span >= sizeof obj) return 0;
-    memcpy(obj, p, span);
-    obj[span] = '\0';
-    if (!strstr(obj, "\"F32\"")) return 0;
-    char *s = strstr(obj, "\"shape\"");
-    char *o = strstr(obj, "\"data_offsets\"");
-    if (!s || !o) return 0;
-    s = strchr(s, '[');
-    o = strchr(o, '[');
-    if (!s || !o) return 0;
-    memset(t, 0, sizeof *t);
-    size_t count = 1;
-    for (char *c = s + 1; *c != ']';) {
-        if (t->ndim == LOWVRAM_MAX_DIMS) return 0;
-        long long d = strtoll(c, &c, 10);
-        t->shape[t->ndim++] = d;
-        count *= (size_t)d;
-        while (*c == ',' || *c == ' ') c++;
-    }
-    char *c = o + 1;
-    unsigned long long begin = strtoull(c, &c, 10);
-    while (*c == ',' || *c == ' ') c++;
-    unsigned long long stop = strtoull(c, &c, 10);
-    size_t data_at = 8 + f->header_len;
-    if (stop < begin || stop - begin != count * sizeof(float) || data_at + stop > f->len) return 0;
-    t->data = malloc(count * sizeof(float));
-    memcpy(t->data, f->bytes + data_at + begin, count * sizeof(float));
-    t->count = count;
-    return 1;
-}
 
 struct log_counter {
     int messages;
@@ -382,7 +276,7 @@ static int load_inputs(struct inputs *in) {
     memset(in, 0, sizeof *in);
     if (!st_open(&f, fixture_path)) {
         fprintf(stderr, "cannot read %s (set LOWVRAM_REPO)\n", fixture_path);
-        failures++;
+        check_fail();
         return 0;
     }
     int ok = st_get(&f, "sampling.init_noise", &in->noise) && st_get(&f, "sampling.cond_embeddings", &in->cond) &&
@@ -739,10 +633,5 @@ int main(void) {
     test_configure_and_stats();
     test_reservations();
     test_denoise_and_decode();
-    if (failures) {
-        fprintf(stderr, "test_api: %d check(s) failed\n", failures);
-        return 1;
-    }
-    printf("test_api: all checks passed\n");
-    return 0;
+    return check_report("test_api");
 }

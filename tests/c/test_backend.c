@@ -7,21 +7,11 @@
  * thread-local last errors, tensors, a context with its log callback and release, and device "cuda" on the CPU.
  */
 #include "lowvram.h"
+#include "check.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int failures = 0;
-#define CHECK(cond)                                                                                       \
-    do {                                                                                                  \
-        if (!(cond)) {                                                                                    \
-            fprintf(stderr, "%s:%d: CHECK failed: %s (last error: %s)\n", __FILE__, __LINE__, #cond,       \
-                    lowvram_last_error_message());                                                        \
-            failures++;                                                                                   \
-        }                                                                                                 \
-    } while (0)
-#define CHECK_OK(call) CHECK((call) == LOWVRAM_STATUS_OK)
 
 static const char *backend_name(uint32_t b) {
     switch (b) {
@@ -132,10 +122,5 @@ int main(int argc, char **argv) {
         CHECK(strstr(lowvram_last_error_message(), info.backend_reason) != NULL);
     }
 
-    if (failures) {
-        fprintf(stderr, "test_backend: %d check(s) failed\n", failures);
-        return 1;
-    }
-    printf("test_backend: all checks passed\n");
-    return 0;
+    return check_report("test_backend");
 }

@@ -8,6 +8,7 @@
  * and run under valgrind by scripts/test.sh. */
 #define _POSIX_C_SOURCE 200809L
 #include "lowvram.h"
+#include "check.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -19,18 +20,6 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-
-static int failures = 0;
-
-#define CHECK(cond)                                                                                          \
-    do {                                                                                                     \
-        if (!(cond)) {                                                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s (last error: %s)\n", __FILE__, __LINE__, #cond,         \
-                    lowvram_last_error_message());                                                           \
-            failures++;                                                                                      \
-        }                                                                                                    \
-    } while (0)
-#define CHECK_OK(call) CHECK((call) == LOWVRAM_STATUS_OK)
 
 static char repo[1024], unet_dir[1100], vae_dir[1100];
 
@@ -1010,10 +999,5 @@ int main(void) {
     lowvram_model_free(unet);
     lowvram_model_free(vae);
     lowvram_context_free(ctx);
-    if (failures) {
-        fprintf(stderr, "test_contract: %d check(s) failed\n", failures);
-        return 1;
-    }
-    printf("test_contract: all checks passed\n");
-    return 0;
+    return check_report("test_contract");
 }

@@ -3,23 +3,12 @@
  * must keep working, with the fields it does not know taking their defaults. The ABI policy is in lowvram.h.
  * Built with -std=c11 -Wall -Wextra -Wpedantic -Werror by scripts/test.sh; $LOWVRAM_REPO locates the repo. */
 #include "frozen/lowvram_v0_1.h"
+#include "check.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-
-static int failures = 0;
-
-#define CHECK(cond)                                                                                          \
-    do {                                                                                                     \
-        if (!(cond)) {                                                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s (last error: %s)\n", __FILE__, __LINE__, #cond,         \
-                    lowvram_last_error_message());                                                           \
-            failures++;                                                                                      \
-        }                                                                                                    \
-    } while (0)
-#define CHECK_OK(call) CHECK((call) == LOWVRAM_STATUS_OK)
 
 struct progress {
     unsigned calls;
@@ -112,10 +101,5 @@ int main(void) {
     lowvram_model_free(unet);
     lowvram_model_free(vae);
     lowvram_context_free(ctx);
-    if (failures) {
-        fprintf(stderr, "test_frozen_abi: %d check(s) failed\n", failures);
-        return 1;
-    }
-    printf("test_frozen_abi: a v0.1 host runs against this library: all checks passed\n");
-    return 0;
+    return check_report("test_frozen_abi");
 }

@@ -7,141 +7,24 @@
  * Finds the repo through $LOWVRAM_REPO (scripts/test.sh sets it; "." otherwise).
  * Built with -std=c11 -Wall -Wextra -Wpedantic -Werror and run under valgrind by scripts/test.sh. */
 #include "lowvram.h"
+#include "check.h"
+#include "safetensors.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-static int failures = 0;
-
-#define CHECK(cond)                                                                                            \
-    do {                                                                                                       \
-        if (!(cond)) {                                                                                         \
-            fprintf(stderr, "%s:%d: CHECK failed: %s (last error: %s)\n", __FILE__, __LINE__, #cond,           \
-                    lowvram_last_error_message());                                                             \
-            failures++;                                                                                        \
-        }                                                                                                      \
-    } while (0)
-
-#define CHECK_OK(call) CHECK((call) == LOWVRAM_STATUS_OK)
-#define CHECK_MSG(text) CHECK(strstr(lowvram_last_error_message(), (text)) != NULL)
-
 /* The prompts of tests/fixtures/prompt/prompts.json ("sd1"); checked against the file below. */
 static const char *PROMPT = "a photo of an astronaut riding a horse on the hill, best quality!";
 static const char *NEGATIVE = "blurry, low quality, watermark";
-
-/* ---- a minimal safetensors reader (F32 tensors only; host is little-endian like the file), as test_api.c -- */
-
-struct st_file {
-    unsigned char *bytes;
-    size_t len;
-    const char *header;
-    size_t header_len;
-};
-
-struct st_tensor {
-    int64_t shape[LOWVRAM_MAX_DIMS];
-    size_t ndim;
-    float *data; /* malloc'd copy; free() it */
-    size_t count;
-};
-
-static unsigned char *read_file(const char *path, size_t *len) {
-    FILE *fp = fopen(path, "rb");
-    if (!fp) return NULL;
-    fseek(fp, 0, SEEK_END);
-    long n = ftell(fp);
-    fseek(fp, 0, SEEK_SET);
-    if (n < 0) {
-        fclose(fp);
-        return NULL;
-    }
-    unsigned char *bytes = malloc((size_t)n + 1);
-    *len = fread(bytes, 1, (size_t)n, fp);
-    fclose(fp);
-    bytes[*len] = 0;
-    if (*len != (size_t)n) {
-        free(bytes);
-        return NULL;
-    }
-    return bytes;
-}
-
-static int st_open(struct st_file *f, const char *path) {
-    memset(f, 0, sizeof *f);
-    f->bytes = read_file(path, &f->len);
-    if (!f->bytes) return 0;
-    uint64_t hlen = 0;
-    for (int i = 7; i >= 0 && f->len >= 8; i--) hlen = (hlen << 8) | f->bytes[i];
-    if (f->len < 8 || hlen > f->len - 8) {
-        free(f->bytes);
-        f->bytes = NULL;
-        return 0;
-    }
-    f->header = (const char *)f->bytes + 8;
-    f->header_len = (size_t)hlen;
-    return 1;
-}
-
-static void st_close(struct st_file *f) {
-    free(f->bytes);
-    memset(f, 0, sizeof *f);
-}
-
-static int st_get(const struct st_file *f, const char *name, struct st_tensor *t) {
-    char key[128];
-    snprintf(key, sizeof key, "\"%s\"", name);
-    size_t klen = strlen(key);
-    const char *end = f->header + f->header_len, *p = NULL;
-    for (const char *q = f->header; q + klen <= end; q++) {
-        if (memcmp(q, key, klen) == 0) {
-            p = q + klen;
-            break;
-        }
-    }
-    if (!p) return 0;
-    const char *close = memchr(p, '}', (size_t)(end - p));
-    if (!close) return 0;
-    size_t span = (size_t)(close - p);
-    char obj[512];
-    if (span >= sizeof obj) return 0;
-    memcpy(obj, p, span);
-    obj[span] = '\0';
-    if (!strstr(obj, "\"F32\"")) return 0;
-    char *s = strstr(obj, "\"shape\"");
-    char *o = strstr(obj, "\"data_offsets\"");
-    if (!s || !o) return 0;
-    s = strchr(s, '[');
-    o = strchr(o, '[');
-    if (!s || !o) return 0;
-    memset(t, 0, sizeof *t);
-    size_t count = 1;
-    for (char *c = s + 1; *c != ']';) {
-        if (t->ndim == LOWVRAM_MAX_DIMS) return 0;
-        long long d = strtoll(c, &c, 10);
-        t->shape[t->ndim++] = d;
-        count *= (size_t)d;
-        while (*c == ',' || *c == ' ') c++;
-    }
-    char *c = o + 1;
-    unsigned long long begin = strtoull(c, &c, 10);
-    while (*c == ',' || *c == ' ') c++;
-    unsigned long long stop = strtoull(c, &c, 10);
-    size_t data_at = 8 + f->header_len;
-    if (stop < begin || stop - begin != count * sizeof(float) || data_at + stop > f->len) return 0;
-    t->data = malloc(count * sizeof(float));
-    memcpy(t->data, f->bytes + data_at + begin, count * sizeof(float));
-    t->count = count;
-    return 1;
-}
 
 /* A fixture tensor as a library tensor (NULL and a failure counted when absent). */
 static lowvram_tensor *fixture_tensor(const struct st_file *f, const char *name, struct st_tensor *keep) {
     struct st_tensor t;
     if (!st_get(f, name, &t)) {
         fprintf(stderr, "fixture tensor %s missing (see tests/fixtures/prompt/README.md)\n", name);
-        failures++;
+        check_fail();
         return NULL;
     }
     lowvram_tensor *out = NULL;
@@ -161,7 +44,7 @@ static float *read_tensor(const lowvram_tensor *t, const struct st_tensor *ref, 
     size_t ndim = 0, bytes = 0;
     *count = 0;
     if (!t || lowvram_tensor_info(t, &dtype, shape, LOWVRAM_MAX_DIMS, &ndim, &bytes) != LOWVRAM_STATUS_OK) {
-        failures++;
+        check_fail();
         return NULL;
     }
     CHECK(dtype == LOWVRAM_DTYPE_F32);
@@ -189,7 +72,7 @@ static void check_close(const char *what, const lowvram_tensor *t, const struct 
     CHECK(n == ref->count);
     if (!(err <= tol * scale)) {
         fprintf(stderr, "%s: max abs err %g > %g x %g\n", what, (double)err, (double)tol, (double)scale);
-        failures++;
+        check_fail();
     }
     free(got);
 }
@@ -304,7 +187,7 @@ static void test_prompt_to_image(void) {
         check_close("cond embeddings", c, &ref_cond, 1e-4f, 1);
         check_close("uncond embeddings", u, &ref_uncond, 1e-4f, 1);
     } else {
-        failures++;
+        check_fail();
     }
     lowvram_tensor *none = (lowvram_tensor *)0x1;
     CHECK(lowvram_conditioning_get(cond, "sampling.cond_pooled", &none) == LOWVRAM_STATUS_INVALID_ARGUMENT);
@@ -420,7 +303,7 @@ static void test_flux_folder(void) {
             check_close("T5 states", got_states, &ref_states, 1e-4f, 1);
             check_close("CLIP pooled", got_pooled, &ref_pooled, 1e-4f, 1);
         } else {
-            failures++;
+            check_fail();
         }
         free(ref_states.data);
         free(ref_pooled.data);
@@ -606,10 +489,5 @@ int main(void) {
     test_flux_folder();
     test_errors();
     test_free_order();
-    if (failures) {
-        fprintf(stderr, "test_pipeline: %d failure(s)\n", failures);
-        return 1;
-    }
-    printf("test_pipeline: all checks passed\n");
-    return 0;
+    return check_report("test_pipeline");
 }

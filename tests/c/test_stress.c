@@ -6,6 +6,7 @@
  * $LOWVRAM_REPO locates the repo. */
 #define _POSIX_C_SOURCE 200809L
 #include "lowvram.h"
+#include "check.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -14,18 +15,6 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
-
-static atomic_int failures = 0;
-
-#define CHECK(cond)                                                                                          \
-    do {                                                                                                     \
-        if (!(cond)) {                                                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s (last error: %s)\n", __FILE__, __LINE__, #cond,         \
-                    lowvram_last_error_message());                                                           \
-            atomic_fetch_add(&failures, 1);                                                                  \
-        }                                                                                                    \
-    } while (0)
-#define CHECK_OK(call) CHECK((call) == LOWVRAM_STATUS_OK)
 
 /* Iterations per worker; $LOWVRAM_STRESS_ITERATIONS overrides it (e.g. fewer under valgrind). */
 static int ITERATIONS = 16;
@@ -253,10 +242,5 @@ int main(void) {
     snprintf(vae_dir, sizeof vae_dir, "%s/tests/fixtures/tiny-sd-random/vae", repo ? repo : ".");
     stress("cpu", NULL, unet_dir, vae_dir);
     stress("emulated:64MiB", "device_working_mem_gb: 0.01\nmax_cache_vram_gb: 0.0005\n", unet_dir, vae_dir);
-    if (atomic_load(&failures)) {
-        fprintf(stderr, "test_stress: %d check(s) failed\n", atomic_load(&failures));
-        return 1;
-    }
-    printf("test_stress: all checks passed\n");
-    return 0;
+    return check_report("test_stress");
 }
