@@ -1,9 +1,10 @@
 //! The `lowvram` command line as scripts drive it.
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 
 fn lowvram() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lowvram"))
@@ -19,28 +20,64 @@ fn out_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// `lowvram ARGS`, then `FLAG DIR/NAME` for each file (outputs, or inputs an earlier run wrote there).
+fn lowvram_to(dir: &Path, args: &[&str], files: &[(&str, &str)]) -> Command {
+    let mut cmd = lowvram();
+    cmd.args(args);
+    for (flag, name) in files {
+        cmd.arg(flag).arg(dir.join(name));
+    }
+    cmd
+}
+
+/// The same on the random tiny SD model (`--model tests/fixtures/tiny-sd-random`).
+fn on_tiny_random(dir: &Path, args: &[&str], files: &[(&str, &str)]) -> Command {
+    let mut cmd = lowvram_to(dir, args, files);
+    cmd.arg("--model").arg(repo().join("tests/fixtures/tiny-sd-random"));
+    cmd
+}
+
+/// Runs it and asserts that it succeeded, showing its stderr otherwise.
+fn succeeds(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", err_text(&out));
+    out
+}
+
+fn err_text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn out_text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn load(path: impl AsRef<Path>) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+fn max_abs_err(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
 #[test]
 fn generate_with_inputs_matches_diffusers_and_reports_json() {
     let dir = out_dir("gen");
     let inputs = repo().join("tests/fixtures/tiny-sd/sample_dpmpp_2m_karras.safetensors");
-    let out = lowvram()
-        .args(["generate", "--scheduler", "dpmpp_2m", "--karras", "--steps", "8", "--guidance", "7.5"])
-        .arg("--model")
-        .arg(repo().join("tests/fixtures/tiny-sd-random"))
+    let outputs =
+        [("--out", "img.png"), ("--latents-out", "latents.safetensors"), ("--image-raw-out", "image.safetensors")];
+    let out = succeeds(
+        on_tiny_random(
+            &dir,
+            &["generate", "--scheduler", "dpmpp_2m", "--karras", "--steps", "8", "--guidance", "7.5"],
+            &outputs,
+        )
         .args(["--device", "emulated:64MiB", "--vram-budget", "1MiB", "--json"])
         .arg("--config")
         .arg(repo().join("tests/data/small-working-memory.yaml"))
         .arg("--inputs")
-        .arg(&inputs)
-        .arg("--out")
-        .arg(dir.join("img.png"))
-        .arg("--latents-out")
-        .arg(dir.join("latents.safetensors"))
-        .arg("--image-raw-out")
-        .arg(dir.join("image.safetensors"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        .arg(&inputs),
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
     let model_bytes = report["model_bytes"].as_u64().unwrap();
     let streamed = report["bytes_streamed"].as_u64().unwrap();
@@ -49,33 +86,20 @@ fn generate_with_inputs_matches_diffusers_and_reports_json() {
     assert_eq!(report["timings_ms"]["steps"].as_array().unwrap().len(), 8);
     assert!(model_bytes > 2_000_000);
 
-    let reference = candle_core::safetensors::load(&inputs, &Device::Cpu).unwrap();
-    let got = candle_core::safetensors::load(dir.join("latents.safetensors"), &Device::Cpu).unwrap();
-    let image = candle_core::safetensors::load(dir.join("image.safetensors"), &Device::Cpu).unwrap();
-    let err = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-    };
-    assert!(err(&got["latents"], &reference["latents"]) <= 1e-3);
-    assert!(err(&image["image"], &reference["image"]) <= 1e-3);
+    let reference = load(&inputs);
+    let got = load(dir.join("latents.safetensors"));
+    let image = load(dir.join("image.safetensors"));
+    assert!(max_abs_err(&got["latents"], &reference["latents"]) <= 1e-3);
+    assert!(max_abs_err(&image["image"], &reference["image"]) <= 1e-3);
     let png = std::fs::read(dir.join("img.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 
     // decode the saved latents again with the decode command: same image
-    let out = lowvram()
-        .arg("decode")
-        .arg("--model")
-        .arg(repo().join("tests/fixtures/tiny-sd-random"))
-        .arg("--latents")
-        .arg(dir.join("latents.safetensors"))
-        .arg("--out")
-        .arg(dir.join("decoded.png"))
-        .arg("--image-raw-out")
-        .arg(dir.join("decoded.safetensors"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let decoded = candle_core::safetensors::load(dir.join("decoded.safetensors"), &Device::Cpu).unwrap();
-    assert_eq!(err(&decoded["image"], &image["image"]), 0.0);
+    let files =
+        [("--latents", "latents.safetensors"), ("--out", "decoded.png"), ("--image-raw-out", "decoded.safetensors")];
+    succeeds(&mut on_tiny_random(&dir, &["decode"], &files));
+    let decoded = load(dir.join("decoded.safetensors"));
+    assert_eq!(max_abs_err(&decoded["image"], &image["image"]), 0.0);
 }
 
 #[test]
@@ -90,18 +114,17 @@ fn bad_arguments_fail_with_a_message() {
     ];
     for (args, needle) in cases {
         let out = lowvram().args(args).output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = err_text(&out);
         assert!(!out.status.success(), "{args:?} should fail");
         assert!(stderr.contains(needle), "{args:?}: stderr lacks {needle:?}: {stderr}");
     }
     let out = lowvram().args(["generate"]).output().unwrap();
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--out"));
+    assert!(!out.status.success() && err_text(&out).contains("--out"));
 }
 
 #[test]
 fn system_stats_json_has_the_documented_shape() {
-    let out = lowvram().args(["system-stats", "--json"]).output().unwrap();
-    assert!(out.status.success());
+    let out = succeeds(lowvram().args(["system-stats", "--json"]));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["ram"]["total_bytes"].as_u64().unwrap() > 0);
     assert!(v["ram"]["free_bytes"].as_u64().is_some());
@@ -125,9 +148,7 @@ fn system_stats_json_has_the_documented_shape() {
 #[test]
 #[cfg(not(feature = "cuda"))] // the CUDA build of the CLI runs its own work
 fn the_backend_and_its_reason_are_printed_and_explain_device_cuda() {
-    let out = lowvram().env("LOWVRAM_BACKEND", "cpu").arg("system-stats").output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success());
+    let stdout = out_text(&succeeds(lowvram().env("LOWVRAM_BACKEND", "cpu").arg("system-stats")));
     assert_eq!(stdout.lines().next(), Some("backend: cpu — LOWVRAM_BACKEND=cpu"), "{stdout}");
     let out = lowvram().env("LOWVRAM_BACKEND", "bogus").arg("system-stats").output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -137,16 +158,9 @@ fn the_backend_and_its_reason_are_printed_and_explain_device_cuda() {
     );
 
     let dir = out_dir("device-cuda");
-    let out = lowvram()
-        .env("LOWVRAM_BACKEND", "cpu")
-        .args(["generate", "--steps", "1", "--device", "cuda", "--width", "64", "--height", "64"])
-        .arg("--model")
-        .arg(repo().join("tests/fixtures/tiny-sd-random"))
-        .arg("--out")
-        .arg(dir.join("img.png"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let args = ["generate", "--steps", "1", "--device", "cuda", "--width", "64", "--height", "64"];
+    let out = on_tiny_random(&dir, &args, &[("--out", "img.png")]).env("LOWVRAM_BACKEND", "cpu").output().unwrap();
+    let stderr = err_text(&out);
     assert!(!out.status.success());
     assert!(stderr.contains("device cuda:0: this build has no CUDA support"), "{stderr}");
     assert!(stderr.contains("backend cpu — LOWVRAM_BACKEND=cpu"), "{stderr}");
@@ -181,16 +195,13 @@ fn with_a_driver_the_cli_re_executes_lowvram_cuda() {
     std::fs::create_dir_all(&libexec).unwrap();
     let cli = bin.join("lowvram");
     std::fs::copy(env!("CARGO_BIN_EXE_lowvram"), &cli).unwrap();
-    let run = |args: &[&str]| {
-        let out = Command::new(&cli)
-            .env("LD_LIBRARY_PATH", &driver)
-            .env_remove("LOWVRAM_BACKEND")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+    // The copied CLI with the stand-in driver; LOWVRAM_BACKEND as the caller leaves it (unset unless set).
+    let cli_with_driver = || {
+        let mut cmd = Command::new(&cli);
+        cmd.env("LD_LIBRARY_PATH", &driver).env_remove("LOWVRAM_BACKEND");
+        cmd
     };
+    let run = |args: &[&str]| out_text(&succeeds(cli_with_driver().args(args)));
 
     let stdout = run(&["system-stats"]);
     let expected = format!("lowvram-cuda not found in {}, {}", bin.display(), bin.join("../libexec/lowvram").display());
@@ -220,29 +231,16 @@ fn with_a_driver_the_cli_re_executes_lowvram_cuda() {
     );
 
     // LOWVRAM_BACKEND=cpu (what the child gets) never re-executes.
-    let out = Command::new(&cli)
-        .env("LD_LIBRARY_PATH", &driver)
-        .env("LOWVRAM_BACKEND", "cpu")
-        .arg("system-stats")
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("backend: cpu — LOWVRAM_BACKEND=cpu"));
+    let out = succeeds(cli_with_driver().env("LOWVRAM_BACKEND", "cpu").arg("system-stats"));
+    assert!(out_text(&out).starts_with("backend: cpu — LOWVRAM_BACKEND=cpu"));
 }
 
 /// Progress on a non-terminal stderr (a log file, CI): one complete line per step, never `\r`-joined.
 #[test]
 fn progress_is_one_line_per_step_when_stderr_is_not_a_terminal() {
     let dir = out_dir("progress");
-    let out = lowvram()
-        .args(["generate", "--steps", "5", "--device", "cpu", "--width", "64", "--height", "64"])
-        .arg("--model")
-        .arg(repo().join("tests/fixtures/tiny-sd-random"))
-        .arg("--out")
-        .arg(dir.join("img.png"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let args = ["generate", "--steps", "5", "--device", "cpu", "--width", "64", "--height", "64"];
+    let stderr = err_text(&succeeds(&mut on_tiny_random(&dir, &args, &[("--out", "img.png")])));
     assert!(!stderr.contains('\r'), "{stderr:?}");
     let steps: Vec<&str> = stderr.lines().filter(|l| l.starts_with("lowvram: step ")).collect();
     assert_eq!(steps.len(), 5, "{stderr}");
@@ -256,16 +254,9 @@ fn progress_is_one_line_per_step_when_stderr_is_not_a_terminal() {
 #[test]
 fn main_job_draws_a_red_shape_on_a_blue_background() {
     let dir = out_dir("main-job");
-    let out = lowvram()
-        .args(["generate", "--prompt", "a red circle on a blue background"])
-        .arg("--out")
-        .arg(dir.join("image.png"))
-        .arg("--image-raw-out")
-        .arg(dir.join("image.safetensors"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let raw = candle_core::safetensors::load(dir.join("image.safetensors"), &Device::Cpu).unwrap();
+    let args = ["generate", "--prompt", "a red circle on a blue background"];
+    succeeds(&mut lowvram_to(&dir, &args, &[("--out", "image.png"), ("--image-raw-out", "image.safetensors")]));
+    let raw = load(dir.join("image.safetensors"));
     let image = &raw["image"];
     assert_eq!(image.dims(), [1, 3, 64, 64]);
     // RGB in 0..=255 at (y, x), as the PNG holds it.
