@@ -261,6 +261,8 @@ pub struct WeightStore {
     compute_dtype: DType,
     /// The RAM copy; shared with the copies reading it, so it is freed (and unpinned) only after the last one.
     ram: Mutex<Option<Arc<RamCopy>>>,
+    /// Held while a RAM copy is read: a second reader waits for the first's copy instead of reading the file again.
+    ram_read: Mutex<()>,
     /// Bytes read from the mapping so far (RAM copies and streams without one).
     read: AtomicU64,
     /// Copies made from the mapping so far (one per run of tensors lying back to back in the file, else one per
@@ -616,6 +618,7 @@ impl WeightStore {
             architecture: gguf.as_ref().and_then(|h| h.architecture()).map(str::to_string),
             compute_dtype: compute,
             ram: Mutex::new(None),
+            ram_read: Mutex::new(()),
             read: AtomicU64::new(0),
             copies: AtomicU64::new(0),
         })
@@ -762,13 +765,15 @@ impl WeightStore {
         (spans, end)
     }
 
-    /// Read every tensor into a RAM copy in the storage dtype (no-op if held); returns the bytes read. On a device
-    /// weights are copied to, the copy is one page-aligned arena, registered as pinned memory as a whole when `pin`
-    /// and the device's cap allow ([`Self::ram_pinned`] says which); on the CPU device it is the tensors it computes
-    /// with. `OutOfHostMemory` when the host cannot hold it.
-    pub fn load_ram_copy(&self, alloc: &DeviceAllocator, pin: bool) -> Result<u64> {
+    /// Read every tensor into a RAM copy in the storage dtype; returns whether this call read it (false: a copy was
+    /// held, or another thread's read made it while this one waited for it: one read at a time per store). On a
+    /// device weights are copied to, the copy is one page-aligned arena, registered as pinned memory as a whole
+    /// when `pin` and the device's cap allow ([`Self::ram_pinned`] says which); on the CPU device it is the tensors
+    /// it computes with. `OutOfHostMemory` when the host cannot hold it.
+    pub fn load_ram_copy(&self, alloc: &DeviceAllocator, pin: bool) -> Result<bool> {
+        let _reading = lock(&self.ram_read);
         if self.has_ram_copy() {
-            return Ok(0);
+            return Ok(false);
         }
         let copy = if alloc.pins().transfers() {
             let (spans, len) = self.arena_spans();
@@ -793,11 +798,8 @@ impl WeightStore {
             }
             RamCopy::Tensors(maps)
         };
-        let mut ram = lock(&self.ram);
-        if ram.is_none() {
-            *ram = Some(Arc::new(copy));
-        }
-        Ok(self.total_bytes())
+        *lock(&self.ram) = Some(Arc::new(copy));
+        Ok(true)
     }
 
     /// Drop the RAM copy; returns the bytes released. Its arena is unregistered and freed once no copy reads it. A

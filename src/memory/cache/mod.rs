@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
@@ -38,7 +38,7 @@ mod reservation;
 
 use budget::{block_costs, min_need};
 use prefetch::{upload_streamed, Prefetch, StreamLease};
-use registry::FileKey;
+use registry::{FileKey, Loading};
 
 pub use reservation::Reservation;
 
@@ -157,6 +157,8 @@ struct Inner {
     /// Every model the cache keeps (strongly: a model outlives its host handles until the budgets evict it or
     /// `unload_all` forgets it).
     models: Vec<Arc<ManagedModel>>,
+    /// First loads in progress (their files read without this lock); a load of the same model waits for its one.
+    loading: Vec<Arc<Loading>>,
     locks: Vec<LockRec>,
     reservations: Vec<(u64, u64)>,
     next_id: u64,
@@ -295,6 +297,7 @@ impl ModelCache {
                     config,
                     sizing,
                     models: Vec::new(),
+                    loading: Vec::new(),
                     locks: Vec::new(),
                     reservations: Vec::new(),
                     next_id: 0,

@@ -33,6 +33,60 @@ impl FileKey {
     }
 }
 
+/// What makes two loads the same model: the file (canonical path, size and mtime), its view, and the dtypes it is
+/// stored and computed in.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct LoadKey {
+    path: PathBuf,
+    view: String,
+    file: FileKey,
+    storage: Option<DType>,
+    compute: DType,
+}
+
+impl LoadKey {
+    fn is(&self, m: &ManagedModel) -> bool {
+        m.store.path() == self.path
+            && m.view == self.view
+            && m.file_key == self.file
+            && m.storage == self.storage
+            && m.store.compute_dtype() == self.compute
+    }
+}
+
+/// A first load in progress: it maps and reads the file without the cache's lock, and a load of the same model
+/// meanwhile waits here for it instead of reading the file again (issue 13, item 7), then takes its model as a hit
+/// (or, if it failed, loads on its own).
+pub(super) struct Loading {
+    key: LoadKey,
+    done: Mutex<bool>,
+    finished: Condvar,
+}
+
+impl Loading {
+    fn wait(&self) {
+        let mut done = lock(&self.done);
+        while !*done {
+            done = self.finished.wait(done).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// Ends a [`Loading`] however its load ends (a model registered, an error, a panic): unregisters it and wakes the
+/// loads waiting for it. It takes the cache's lock, so it must be dropped after any guard of it.
+struct Finish<'a> {
+    shared: &'a Shared,
+    loading: Arc<Loading>,
+}
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        self.shared.inner().loading.retain(|l| !Arc::ptr_eq(l, &self.loading));
+        *lock(&self.loading.done) = true;
+        self.loading.finished.notify_all();
+    }
+}
+
 /// Model ids come from one counter for the whole process: a host (or a log) holding ids from several contexts can
 /// never confuse two models.
 static NEXT_MODEL_ID: AtomicU64 = AtomicU64::new(1);
@@ -288,15 +342,19 @@ impl Shared {
         let before = inner.models.len();
         inner.models.retain(|m| {
             if gone(m) {
-                self.files_read
-                    .fetch_add(m.store.file_bytes_read(), Ordering::Relaxed);
-                self.file_copies.fetch_add(m.store.file_copies(), Ordering::Relaxed);
+                self.keep_reads_of(&m.store);
                 return false;
             }
             true
         });
         let n = (before - inner.models.len()) as u64;
         self.tiers.forgotten.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Count `store`'s file reads in the totals, which it is leaving (the live models count their own).
+    fn keep_reads_of(&self, store: &WeightStore) {
+        self.files_read.fetch_add(store.file_bytes_read(), Ordering::Relaxed);
+        self.file_copies.fetch_add(store.file_copies(), Ordering::Relaxed);
     }
 
     /// Log where `m`'s weights stream from, if that changed since the last line about it (outside the cache's lock).
@@ -338,10 +396,12 @@ impl Shared {
     }
 
     /// Read (and pin) `m`'s RAM copy — without the cache's lock: this is a whole-file read — then trim the RAM tier
-    /// (never `m`'s copy).
+    /// (never `m`'s copy). A lock of `m` on another thread reading it meanwhile is waited for (see
+    /// [`WeightStore::load_ram_copy`]): then the copy is a hit.
     pub(super) fn read_ram(&self, m: &ManagedModel, pin: bool) -> Result<()> {
-        self.tiers.ram_misses.fetch_add(1, Ordering::Relaxed);
-        m.store.load_ram_copy(&self.alloc, pin)?;
+        let read = m.store.load_ram_copy(&self.alloc, pin)?;
+        let counter = if read { &self.tiers.ram_misses } else { &self.tiers.ram_hits };
+        counter.fetch_add(1, Ordering::Relaxed);
         self.enforce_ram(&mut self.inner(), Some(m.id));
         Ok(())
     }
@@ -362,48 +422,56 @@ impl ModelCache {
     pub fn load_model_as(&self, path: &Path, name: &str, layout: &WeightLayout) -> Result<Arc<ManagedModel>> {
         let sh = &self.shared;
         let canon = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
-        let key = FileKey::of(&canon)?;
-        let (storage, compute, keep_ram, ram_limit, pin) = {
+        let file = FileKey::of(&canon)?;
+        // A hit, a wait for the same model's first load on another thread (then look again), or this thread's load.
+        let (key, keep_ram, ram_limit, pin, loading) = loop {
             let mut inner = sh.inner();
-            let storage = inner.config.storage_dtype.dtype();
-            let compute = resolve_compute(&inner.config, &sh.alloc);
-            if let Some(m) = self.cached(&mut inner, &canon, &layout.view, key, storage, compute) {
+            let key = LoadKey {
+                path: canon.clone(),
+                view: layout.view.clone(),
+                file,
+                storage: inner.config.storage_dtype.dtype(),
+                compute: resolve_compute(&inner.config, &sh.alloc),
+            };
+            if let Some(m) = self.cached(&mut inner, &key) {
                 return Ok(m);
             }
+            if let Some(other) = inner.loading.iter().find(|l| l.key == key).cloned() {
+                drop(inner);
+                other.wait();
+                continue;
+            }
+            let loading = Arc::new(Loading { key: key.clone(), done: Mutex::new(false), finished: Condvar::new() });
+            inner.loading.push(loading.clone());
             let c = &inner.config;
-            (
-                storage,
-                compute,
-                c.keep_ram_copy_of_weights,
-                inner.sizing.ram_limit_bytes,
-                c.pin_memory,
-            )
+            break (key, c.keep_ram_copy_of_weights, inner.sizing.ram_limit_bytes, c.pin_memory, loading);
         };
+        let _finish = Finish { shared: sh, loading };
         // The slow part, outside the cache's lock: map and validate the file, read the RAM copy, pin it.
-        let store = WeightStore::open_with(&canon, layout, storage, compute)?;
+        let store = WeightStore::open_with(&canon, layout, key.storage, key.compute)?;
         let costs = block_costs(&store, sh.alloc.is_cuda());
         let ram = keep_ram && store.total_bytes() <= ram_limit;
         let no_ram_copy = if ram {
-            store.load_ram_copy(&sh.alloc, pin)?;
+            if let Err(e) = store.load_ram_copy(&sh.alloc, pin) {
+                sh.keep_reads_of(&store);
+                return Err(e);
+            }
             String::new()
         } else if keep_ram {
             too_large(store.total_bytes(), ram_limit)
         } else {
             NO_RAM_KEPT.to_string()
         };
+        // Loads of this model wait for `_finish` (dropped after `inner`): nothing else registered it meanwhile.
         let mut inner = sh.inner();
-        // Another thread may have loaded the same file meanwhile: use its model (ours is dropped).
-        if let Some(m) = self.cached(&mut inner, &canon, &layout.view, key, storage, compute) {
-            return Ok(m);
-        }
         let id = NEXT_MODEL_ID.fetch_add(1, Ordering::Relaxed);
         inner.clock += 1;
         let m = Arc::new(ManagedModel {
             id,
             name: name.to_string(),
-            view: layout.view.clone(),
-            file_key: key,
-            storage,
+            view: key.view,
+            file_key: file,
+            storage: key.storage,
             store,
             costs,
             next_fetch: Mutex::new(HashMap::new()),
@@ -429,29 +497,15 @@ impl ModelCache {
 
     /// The model the cache keeps for this file, if its size and modification time are unchanged (a hit: it is
     /// marked used now). Entries for an older version of the file are forgotten when nothing holds them.
-    pub(super) fn cached(
-        &self,
-        inner: &mut Inner,
-        path: &Path,
-        view: &str,
-        key: FileKey,
-        storage: Option<DType>,
-        compute: DType,
-    ) -> Option<Arc<ManagedModel>> {
+    pub(super) fn cached(&self, inner: &mut Inner, key: &LoadKey) -> Option<Arc<ManagedModel>> {
         let sh = &self.shared;
         sh.forget(inner, |m| {
-            m.store.path() == path
-                && m.file_key != key
+            m.store.path() == key.path
+                && m.file_key != key.file
                 && Arc::strong_count(m) == 1
                 && m.state().locks == 0
         });
-        let m = inner.models.iter().find(|m| {
-            m.store.path() == path
-                && m.view == view
-                && m.file_key == key
-                && m.storage == storage
-                && m.store.compute_dtype() == compute
-        })?;
+        let m = inner.models.iter().find(|m| key.is(m))?;
         let m = m.clone();
         inner.clock += 1;
         m.state().last_used = inner.clock;
