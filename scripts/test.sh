@@ -101,10 +101,15 @@ for png in "$out/prompt_cpp.png" "$out/prompt_cs.png"; do
     cmp -s "$out/prompt.png" "$png" || { echo "FATAL: $png differs from the C example's picture" >&2; exit 1; }
 done
 
-step "install to a temporary prefix; examples/generate.c via CMake find_package(lowvram) and via pkg-config"
+step "install to a temporary prefix: its CLI draws; examples/generate.c via CMake find_package(lowvram), pkg-config"
 prefix="$out/prefix"
-rm -rf "$prefix" "$out/cmake-example"
+rm -rf "$prefix" "$out/cmake-example" "$out/installed_cli.png"
 scripts/install.sh --prefix "$prefix" --no-build
+"$prefix/bin/lowvram" --help >/dev/null
+( cd "$out" && "$prefix/bin/lowvram" generate --prompt "a red circle on a blue background" --out installed_cli.png \
+    >/dev/null 2>&1 )
+head -c 8 "$out/installed_cli.png" | od -An -tx1 | grep -q "89 50 4e 47 0d 0a 1a 0a" \
+    || { echo "FATAL: the installed CLI wrote no PNG" >&2; exit 1; }
 cmake -S examples -B "$out/cmake-example" -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$out/cmake-example"
 export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
@@ -153,6 +158,7 @@ else
     mkdir -p "$out/backend"
     scripts/install.sh --prefix "$pkg" --with-cuda
     [ -f "$pkg/lib/liblowvram_cuda.so" ] || { echo "FATAL: liblowvram_cuda.so was not installed" >&2; exit 1; }
+    [ -x "$pkg/libexec/lowvram/lowvram-cuda" ] || { echo "FATAL: lowvram-cuda was not installed" >&2; exit 1; }
     if ldd "$pkg/lib/liblowvram.so" | grep -E 'libcuda|libcudart|libcublas|libcurand'; then
         echo "FATAL: liblowvram.so needs a CUDA library (above): hosts without a GPU could not load it" >&2; exit 1
     fi
