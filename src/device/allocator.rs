@@ -91,6 +91,27 @@ struct State {
     attempts: u64,
     rng: u64,
     injected: u64,
+    /// The same for the activation point inside ops ([`DeviceAllocator::activation`]).
+    op_faults: FaultInjection,
+    op_attempts: u64,
+    op_rng: u64,
+    op_injected: u64,
+}
+
+/// Whether attempt number `attempts` (1-based) is refused under `faults`, drawing from `rng` for a rate.
+fn draw(faults: FaultInjection, attempts: u64, rng: &mut u64) -> bool {
+    match faults {
+        FaultInjection::Off => false,
+        FaultInjection::Nth(n) => attempts == n,
+        FaultInjection::Rate { probability, .. } => {
+            // splitmix64: a uniform draw in [0, 1).
+            *rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = *rng;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            (((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64) < probability
+        }
+    }
 }
 
 /// Allocations to refuse on purpose, as if the device were out of memory: every allocation point (weights,
@@ -289,20 +310,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Map a tensor-library error that is an out-of-memory into [`Error::OutOfDeviceMemory`].
-fn map_oom(e: candle_core::Error, device: &str, needed: u64, available: u64) -> Error {
-    let msg = e.to_string();
-    if msg.contains("OUT_OF_MEMORY") || msg.to_ascii_lowercase().contains("out of memory") {
-        Error::OutOfDeviceMemory {
-            device: device.to_string(),
-            needed_bytes: needed,
-            available_bytes: available,
-        }
-    } else {
-        Error::Tensor(e)
-    }
-}
-
 impl DeviceAllocator {
     /// Open the device `spec` (resolving `auto`). `cuda:N` needs a `cuda` build (else `Unsupported`).
     pub fn new(spec: &DeviceSpec) -> Result<Self> {
@@ -377,14 +384,7 @@ impl DeviceAllocator {
             match crate::device::copy_engine::cuda::storage_from_bytes(lane, dev, bytes, dtype) {
                 Ok(Some(s)) => s,
                 Ok(None) => return Ok(None),
-                Err(Error::OutOfDeviceMemory { needed_bytes, .. }) => {
-                    return Err(Error::OutOfDeviceMemory {
-                        device: self.inner.spec.to_string(),
-                        needed_bytes,
-                        available_bytes: self.free().unwrap_or(0),
-                    })
-                }
-                Err(e) => return Err(e),
+                Err(e) => return Err(self.classify(e, bytes.len() as u64)),
             };
         Ok(Some(Tensor::from_storage(
             candle_core::Storage::Cuda(storage),
@@ -589,23 +589,87 @@ impl DeviceAllocator {
         (s.attempts, s.injected)
     }
 
+    /// Refuse activations inside ops on purpose from now on ([`activation`](Self::activation); tests and CI):
+    /// the Nth op of a run on this device, or ops at a rate, fail as a device OOM would. Resets both counts of
+    /// [`op_fault_counts`](Self::op_fault_counts).
+    pub fn set_op_faults(&self, faults: FaultInjection) {
+        let mut s = lock(&self.inner.state);
+        s.op_faults = faults;
+        s.op_attempts = 0;
+        s.op_injected = 0;
+        s.op_rng = match faults {
+            FaultInjection::Rate { seed, .. } => seed,
+            _ => 0,
+        };
+    }
+
+    /// Activations (op entries) since [`set_op_faults`](Self::set_op_faults) (or creation), and the ones it failed.
+    pub fn op_fault_counts(&self) -> (u64, u64) {
+        let s = lock(&self.inner.state);
+        (s.op_attempts, s.op_injected)
+    }
+
+    /// The activation allocation point: an op on this device is about to allocate its output of `bytes`. Counted
+    /// for [`op_fault_counts`](Self::op_fault_counts); fails, when [`set_op_faults`](Self::set_op_faults) says so,
+    /// with the tensor library's own device-OOM error ([`crate::device::oom::device_oom_error`]), so it takes the
+    /// path a real one takes: through [`classify`](Self::classify) to `OutOfDeviceMemory` and recovery. The bytes
+    /// are not counted (the tensor library allocates activations; the lock's working memory stands for them).
+    pub fn activation(&self, bytes: u64) -> Result<()> {
+        let mut s = lock(&self.inner.state);
+        s.op_attempts += 1;
+        let (faults, attempts) = (s.op_faults, s.op_attempts);
+        if draw(faults, attempts, &mut s.op_rng) {
+            s.op_injected += 1;
+            s.refused += 1;
+            return Err(Error::Tensor(crate::device::oom::device_oom_error(bytes)));
+        }
+        Ok(())
+    }
+
+    /// Bytes the device really has for a new allocation now: the driver's free bytes on CUDA (plus what our pool
+    /// keeps free for reuse), capacity − allocated on the emulated device, free RAM on the CPU.
+    pub fn available_now(&self) -> u64 {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(_) = &self.inner.device {
+            let free = self.mem_info().map_or(0, |(f, _)| f);
+            let kept = crate::device::pool_stats(&self.inner.device)
+                .ok()
+                .flatten()
+                .map_or(0, |p| p.reserved.saturating_sub(p.used));
+            return free.saturating_add(kept);
+        }
+        match self.free() {
+            Some(f) => f,
+            None => crate::system::ram_stats().free_bytes,
+        }
+    }
+
+    /// `e` as `OutOfDeviceMemory` when it is a device out-of-memory from anywhere (the allocator's own refusal
+    /// passes unchanged; a tensor-library error is tested by [`crate::device::oom::oom_request`]), with needed =
+    /// the failed request when the error carries it, else `needed` (the caller's best figure: the op's request or
+    /// the plan's working bytes), and available = [`available_now`](Self::available_now). Any other error is
+    /// returned unchanged. The one place device OOMs are recognised.
+    pub fn classify(&self, e: Error, needed: u64) -> Error {
+        let Error::Tensor(t) = &e else {
+            return e;
+        };
+        match crate::device::oom::oom_request(t) {
+            Some(request) => Error::OutOfDeviceMemory {
+                device: self.inner.spec.to_string(),
+                needed_bytes: request.unwrap_or(needed),
+                available_bytes: self.available_now(),
+            },
+            None => e,
+        }
+    }
+
     /// Count `bytes` of `kind` on the device, or refuse with `OutOfDeviceMemory { needed, available }` (and count
     /// the refusal) when they exceed the capacity or an injected fault says so.
     pub fn allocate(&self, bytes: u64, kind: AllocKind) -> Result<Allocation> {
         let mut s = lock(&self.inner.state);
         s.attempts += 1;
-        let inject = match s.faults {
-            FaultInjection::Off => false,
-            FaultInjection::Nth(n) => s.attempts == n,
-            FaultInjection::Rate { probability, .. } => {
-                // splitmix64: a uniform draw in [0, 1).
-                s.rng = s.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = s.rng;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                (((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64) < probability
-            }
-        };
+        let (faults, attempts) = (s.faults, s.attempts);
+        let inject = draw(faults, attempts, &mut s.rng);
         if inject {
             s.refused += 1;
             s.injected += 1;
@@ -707,14 +771,7 @@ impl DeviceAllocator {
                 if let Some(d) = self.lane_upload_tensor(t)? {
                     return Ok(d);
                 }
-                t.to_device(&self.inner.device).map_err(|e| {
-                    map_oom(
-                        e,
-                        &self.inner.spec.to_string(),
-                        bytes,
-                        self.free().unwrap_or(0),
-                    )
-                })
+                t.to_device(&self.inner.device).map_err(|e| self.classify(e.into(), bytes))
             }
         }
     }
@@ -732,14 +789,7 @@ impl DeviceAllocator {
                 return Ok(t);
             }
         }
-        Tensor::from_raw_buffer(data, dtype, shape, &self.inner.device).map_err(|e| {
-            map_oom(
-                e,
-                &self.inner.spec.to_string(),
-                data.len() as u64,
-                self.free().unwrap_or(0),
-            )
-        })
+        Tensor::from_raw_buffer(data, dtype, shape, &self.inner.device).map_err(|e| self.classify(e.into(), data.len() as u64))
     }
 
     /// `t` cast to `dtype` on the device (a new tensor unless the dtype already matches). The caller accounts it.
@@ -757,14 +807,7 @@ impl DeviceAllocator {
                 }
             }
         }
-        t.to_dtype(dtype).map_err(|e| {
-            map_oom(
-                e,
-                &self.inner.spec.to_string(),
-                bytes,
-                self.free().unwrap_or(0),
-            )
-        })
+        t.to_dtype(dtype).map_err(|e| self.classify(e.into(), bytes))
     }
 }
 

@@ -9,6 +9,7 @@ mod compute_gate;
 pub(crate) mod copy_engine;
 mod host_arena;
 mod pinned;
+pub mod oom;
 mod pool;
 
 pub use allocator::{AllocKind, Allocation, ComputeThreads, DeviceAllocator, DeviceUsage, FaultInjection};

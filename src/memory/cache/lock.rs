@@ -333,6 +333,18 @@ impl ModelLock {
         self.model.plan()
     }
 
+    /// Free device memory after a device out-of-memory inside this lock's forward, in the order that costs least:
+    /// other unlocked models' device copies (LRU first), then this model's own resident blocks that no fetch holds
+    /// now (they are streamed instead for the rest of this lock; the next lock plans afresh). Frees at least
+    /// `needed` bytes when it can. Returns the bytes freed now; 0 means nothing more can be freed (give up).
+    pub fn relieve(&self, needed: u64) -> u64 {
+        let (now, _) = self.shared.make_room(needed.max(1), Some(self.model.as_ref()));
+        if now > 0 {
+            self.shared.alloc.notify();
+        }
+        now
+    }
+
     pub(super) fn stream_alloc(&self, bytes: u64) -> Result<StreamLease> {
         let own = self.inflight.load(Ordering::SeqCst);
         let a = self.shared.alloc_for(
