@@ -285,7 +285,10 @@ fn gpu_kernels() {
         let _ = writeln!(std::io::stderr(), "gpu kernel tests skipped: {why}");
         return;
     }
-    let dev = Device::new_cuda(0).unwrap();
+    // A lowvram allocator's device, its own memory pool current throughout (the peaks below are that pool's).
+    let alloc = lowvram::device::DeviceAllocator::new(&lowvram::device::DeviceSpec::Cuda(0)).unwrap();
+    let _route = alloc.route_pool().unwrap();
+    let dev = alloc.device().clone();
     // (dtype, tolerance relative to max(1, max |reference|)): f32 exact up to summation order; f16/bf16 one rounding
     // of the output plus the rounding of p before p·v.
     let dtypes = [
@@ -441,10 +444,10 @@ fn gpu_kernels() {
         "f16 on the GPU should run the own kernels"
     );
     let measure = |f: &dyn Fn() -> Tensor| -> u64 {
-        lowvram::device::pool_peak_reset(&dev).unwrap();
-        let before = lowvram::device::pool_peak_bytes(&dev).unwrap().unwrap().0;
+        lowvram::device::pool_peak_reset(&alloc).unwrap();
+        let before = lowvram::device::pool_peak_bytes(&alloc).unwrap().unwrap().0;
         let y = f();
-        let high = lowvram::device::pool_peak_bytes(&dev).unwrap().unwrap().1;
+        let high = lowvram::device::pool_peak_bytes(&alloc).unwrap().unwrap().1;
         drop(y);
         high.saturating_sub(before)
     };
@@ -760,11 +763,13 @@ fn copy_engine_checks() {
     lowvram::device::set_pool_keep(&alloc, true).unwrap();
     sync();
     let before = alloc.external_from_driver().expect("the driver answers");
+    // Our pool current (as during a call of ours), so the tensor comes from it.
+    let route = alloc.route_pool().unwrap();
     let t = Tensor::zeros(128 << 20, DType::F32, &dev).unwrap();
     sync();
     drop(t);
     sync();
-    let kept = lowvram::device::pool_reserved_bytes(&dev).unwrap().unwrap();
+    let kept = lowvram::device::pool_reserved_bytes(&alloc).unwrap().unwrap();
     let after_free = alloc.external_from_driver().unwrap();
     let ctx = dev
         .as_cuda_device()
@@ -789,5 +794,6 @@ fn copy_engine_checks() {
         with_other >= after_free + (192 << 20),
         "memory outside the pool not seen as another user's: {after_free} -> {with_other}"
     );
+    drop(route);
     lowvram::device::set_pool_keep(&alloc, false).unwrap();
 }

@@ -170,6 +170,26 @@ struct Inner {
     block_buffers: Option<Arc<BlockBuffers>>,
     /// Host memory registered (pinned) for copies to this device.
     pins: PinRegistry,
+    /// CUDA: the pool our calls allocate from (see `device::pool`).
+    #[cfg(feature = "cuda")]
+    pool: Option<super::pool::OwnPool>,
+}
+
+/// While held, the device's current memory pool is the library's own (CUDA; see `device::pool`): candle's
+/// allocations during a call of ours come from it. Re-entrant across our threads; the last one dropped, also on a
+/// panic, gives the device its previous current pool back. Nothing off CUDA.
+pub struct PoolRoute {
+    #[cfg(feature = "cuda")]
+    inner: Option<Arc<Inner>>,
+}
+
+impl Drop for PoolRoute {
+    fn drop(&mut self) {
+        #[cfg(feature = "cuda")]
+        if let Some(p) = self.inner.as_ref().and_then(|i| i.pool.as_ref()) {
+            p.leave();
+        }
+    }
 }
 
 /// The one allocator of a device: counts every byte placed on it and refuses past its capacity. Cheap to clone
@@ -319,6 +339,11 @@ impl DeviceAllocator {
             DeviceSpec::Emulated(cap) => (Device::Cpu, Some(*cap)),
             DeviceSpec::Cuda(n) => open_cuda(*n)?,
         };
+        #[cfg(feature = "cuda")]
+        let pool = match &device {
+            Device::Cuda(d) => Some(super::pool::OwnPool::create(d.cuda_stream().context())?),
+            _ => None,
+        };
         let emulated = matches!(spec, DeviceSpec::Emulated(_));
         let block_buffers = emulated.then(BlockBuffers::new);
         let pins = PinRegistry::new(&device, emulated);
@@ -333,6 +358,8 @@ impl DeviceAllocator {
                 changed: Condvar::new(),
                 block_buffers,
                 pins,
+                #[cfg(feature = "cuda")]
+                pool,
             }),
             #[cfg(feature = "cuda")]
             lane: None,
@@ -452,6 +479,35 @@ impl DeviceAllocator {
     /// are allocated from the driver's stream-ordered pool instead).
     pub fn block_buffers(&self) -> Option<&Arc<BlockBuffers>> {
         self.inner.block_buffers.as_ref()
+    }
+
+    /// Our CUDA memory pool (None off CUDA).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn own_pool(&self) -> Option<&super::pool::OwnPool> {
+        self.inner.pool.as_ref()
+    }
+
+    /// Make our memory pool the device's current one until the returned guard drops (CUDA; see `device::pool` for
+    /// why and the caveat). A model lock holds one; hosts measuring ops outside a lock may take one too.
+    pub fn route_pool(&self) -> Result<PoolRoute> {
+        #[cfg(feature = "cuda")]
+        if let Some(p) = self.inner.pool.as_ref() {
+            p.enter()?;
+            return Ok(PoolRoute { inner: Some(self.inner.clone()) });
+        }
+        Ok(PoolRoute {
+            #[cfg(feature = "cuda")]
+            inner: None,
+        })
+    }
+
+    /// Whether our pool is the device's current one now (false off CUDA).
+    pub fn pool_is_routed(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Some(p) = self.inner.pool.as_ref() {
+            return p.is_current().unwrap_or(false);
+        }
+        false
     }
 
     /// The pinned host memory of this device (registrations, the cap, events).
@@ -632,7 +688,7 @@ impl DeviceAllocator {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(_) = &self.inner.device {
             let free = self.mem_info().map_or(0, |(f, _)| f);
-            let kept = crate::device::pool_stats(&self.inner.device)
+            let kept = crate::device::pool_stats(self)
                 .ok()
                 .flatten()
                 .map_or(0, |p| p.reserved.saturating_sub(p.used));
@@ -739,9 +795,31 @@ impl DeviceAllocator {
             .map(|c| (c.saturating_sub(self.current()), c))
     }
 
+    /// Whether `bytes` are really free now for another allocator (a host's `cudaMalloc`), making them so where it
+    /// can. On CUDA: drain the compute stream to this point (an event recorded on it and waited for by the host,
+    /// not a device or context synchronise: the frees queued before it have then returned their blocks to our
+    /// pool), give the driver back what our pool keeps beyond what is live and the bytes asked for
+    /// (`cuMemPoolTrimTo`), and compare the driver's free bytes with `bytes`: `Ok((true, free))` when they fit,
+    /// `Ok((false, free))` when they do not yet. Elsewhere the allocator's counters already say it: true, with
+    /// what the device has.
+    pub fn settle_free(&self, bytes: u64) -> Result<(bool, u64)> {
+        #[cfg(feature = "cuda")]
+        if let (Device::Cuda(d), Some(pool)) = (&self.inner.device, self.inner.pool.as_ref()) {
+            let ev = d.cuda_stream().record_event(None).map_err(super::pinned::cuda_err)?;
+            ev.synchronize().map_err(super::pinned::cuda_err)?;
+            let s = pool.stats()?;
+            // Keep what is live and as much of the reuse cache as leaves `bytes` to give back.
+            pool.trim_to(s.used.max(s.reserved.saturating_sub(bytes)))?;
+            let free = self.mem_info().map_or(0, |(f, _)| f);
+            return Ok((free >= bytes, free));
+        }
+        let _ = bytes;
+        Ok((true, self.free().unwrap_or(u64::MAX)))
+    }
+
     /// Device bytes in use by others, from the driver (CUDA): used (total − free, `cuMemGetInfo`) minus the bytes
-    /// of the pool our allocations come from (`RESERVED_MEM_CURRENT`: live weights, streamed blocks, activations
-    /// and the freed blocks the pool keeps, which are ours to reuse) minus host reservations (the host's own use,
+    /// of our own pool (`RESERVED_MEM_CURRENT`: live weights, streamed blocks, activations and the freed blocks the
+    /// pool keeps, which are ours to reuse; see `device::pool`) minus host reservations (the host's own use,
     /// which the cache counts separately). Unlike used − our counters, it neither counts kept pool bytes as another
     /// program's nor working memory that is only a placeholder as ours. None off CUDA (or if the driver does not
     /// answer).
@@ -750,7 +828,7 @@ impl DeviceAllocator {
             return None;
         }
         let (free, total) = self.mem_info()?;
-        let pool = crate::device::pool_reserved_bytes(&self.inner.device).ok()??;
+        let pool = crate::device::pool_reserved_bytes(self).ok()??;
         Some(
             total
                 .saturating_sub(free)

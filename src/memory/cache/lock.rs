@@ -103,7 +103,25 @@ impl ModelCache {
             }
             (id, working)
         };
+        // From here our pool serves the lock's uploads and the forward's activations (CUDA; `device::pool`).
+        let route = match sh.alloc.route_pool() {
+            Ok(r) => r,
+            Err(e) => {
+                let mut inner = sh.inner();
+                inner.locks.retain(|l| l.id != id);
+                {
+                    let mut st = model.state();
+                    st.locks -= 1;
+                    if st.locks == 0 {
+                        st.target = None;
+                    }
+                }
+                let _ = sh.rebalance(&mut inner);
+                return Attempt::Failed(e);
+            }
+        };
         let mut lk = ModelLock {
+            _route: route,
             shared: sh.clone(),
             model: model.clone(),
             id,
@@ -232,7 +250,7 @@ impl ModelCache {
             drop(st);
             let _ = sh.rebalance(&mut inner);
         }
-        let r = sh.fill_target(model, &AtomicU64::new(0));
+        let r = sh.alloc.route_pool().and_then(|_route| sh.fill_target(model, &AtomicU64::new(0)));
         model.state().target = None;
         r?;
         Ok(model.resident_bytes())

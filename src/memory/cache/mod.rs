@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Config, CudaAllocator, VramState};
 use crate::device::{
-    AllocKind, Allocation, BlockBuffer, ComputeGate, ComputeThreads, DeviceAllocator, DeviceSpec, GateGuard,
+    AllocKind, Allocation, BlockBuffer, ComputeGate, ComputeThreads, DeviceAllocator, DeviceSpec, GateGuard, PoolRoute,
 };
 use crate::error::{Error, Result};
 use crate::memory::plan::{self, BlockCost, ResidencyPlan};
@@ -267,6 +267,9 @@ pub struct ModelLock {
     thread: Option<std::thread::ThreadId>,
     /// The device's compute gate (CUDA), held while the lock is.
     gate: Option<GateGuard>,
+    /// Our memory pool is the device's current one while the lock is held (CUDA: candle's allocations inside the
+    /// forward come from it); dropped last, after `Drop` synchronised.
+    _route: PoolRoute,
 }
 
 fn resolve_compute(config: &Config, alloc: &DeviceAllocator) -> DType {
