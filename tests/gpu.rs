@@ -797,3 +797,112 @@ fn copy_engine_checks() {
     drop(route);
     lowvram::device::set_pool_keep(&alloc, false).unwrap();
 }
+
+/// Device OOM and our own pool on a real GPU (issue 13, item 2): an OOM the driver raises inside candle is
+/// OUT_OF_DEVICE_MEMORY through the one classifier; an op-level OOM injected on CUDA is recovered (the denoise
+/// retried, the same latents) or, with every op failing, a clean OUT_OF_DEVICE_MEMORY with the next run succeeding;
+/// after a reservation returns, a raw `cuMemAlloc` of its bytes from outside succeeds even though our pool kept more
+/// than the driver had free; and a run leaves the process default pool's attributes and the device's current pool
+/// as they were.
+#[test]
+fn gpu_oom_and_own_pool() {
+    if let Some(why) = skip_reason() {
+        let _ = writeln!(std::io::stderr(), "gpu OOM and own-pool tests skipped: {why}");
+        return;
+    }
+    #[cfg(feature = "cuda")]
+    oom_and_pool_checks();
+}
+
+#[cfg(feature = "cuda")]
+fn oom_and_pool_checks() {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    use candle_core::DType;
+    use lowvram::device::FaultInjection;
+    use lowvram::Error;
+
+    // The process default pool, as the host would see it: its attributes and the device's current pool.
+    let probe = Device::new_cuda(0).unwrap();
+    let cu_dev = probe.as_cuda_device().unwrap().cuda_stream().context().cu_device();
+    probe.as_cuda_device().unwrap().cuda_stream().context().bind_to_thread().unwrap();
+    let default_pool = || {
+        let mut p: sys::CUmemoryPool = std::ptr::null_mut();
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut p, cu_dev).result().unwrap() };
+        p
+    };
+    let current_pool = || {
+        let mut p: sys::CUmemoryPool = std::ptr::null_mut();
+        unsafe { sys::cuDeviceGetMemPool(&mut p, cu_dev).result().unwrap() };
+        p
+    };
+    let attr = |p: sys::CUmemoryPool, a: sys::CUmemPool_attribute| {
+        let mut v: u64 = 0;
+        unsafe { sys::cuMemPoolGetAttribute(p, a, &mut v as *mut u64 as *mut _).result().unwrap() };
+        v
+    };
+    use sys::CUmemPool_attribute as A;
+    let threshold_before = attr(default_pool(), A::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD);
+    let current_before = current_pool();
+
+    let ctx = context(&format!("{F32}cuda_allocator: pool_keep\n"));
+    let alloc = ctx.cache().allocator().clone();
+    let unet = ctx.load_model(&repo().join("tests/fixtures/tiny-sd-random/unet")).unwrap();
+    let cond = Tensor::randn(0f32, 1.0, (1, 77, 32), &Device::Cpu).unwrap();
+    let opts = DenoiseOptions { steps: 2, seed: 5, latent_size: (8, 8), ..Default::default() };
+    let denoise = || ctx.denoise(&unet, &opts, &cond, None, None, None, &mut |_, _| true).map(|r| r.0);
+    let reference = denoise().unwrap();
+
+    // 1. A real driver OOM inside candle (an allocation beyond the device, our pool current) is classified.
+    {
+        let total = alloc.capacity().unwrap();
+        let _route = alloc.route_pool().unwrap();
+        assert!(alloc.pool_is_routed(), "our pool is current while routed");
+        let e = Tensor::zeros((total / 2 + (1 << 30)) as usize, DType::F32, alloc.device()).unwrap_err();
+        match alloc.classify(e.into(), 7) {
+            Error::OutOfDeviceMemory { needed_bytes, available_bytes, .. } => {
+                println!("gpu real OOM: needed {needed_bytes} B (the caller's figure), available {available_bytes} B");
+                assert!(available_bytes < total);
+            }
+            e => panic!("a driver OOM was not classified: {e}"),
+        }
+    }
+    assert!(!alloc.pool_is_routed(), "the previous pool comes back");
+
+    // 2. Op-level OOM on CUDA: recovered, or clean when nothing more can be freed; the next run succeeds.
+    alloc.set_op_faults(FaultInjection::Nth(3));
+    let retried = denoise().expect("a step that hit an op-level OOM is retried");
+    assert_eq!(alloc.op_fault_counts().1, 1);
+    let diff = max_abs(&retried, &reference);
+    assert!(diff == 0.0, "the retried run differs by {diff}");
+    alloc.set_op_faults(FaultInjection::Rate { probability: 1.0, seed: 1 });
+    let e = denoise().unwrap_err();
+    alloc.set_op_faults(FaultInjection::Off);
+    assert!(matches!(e, Error::OutOfDeviceMemory { .. }), "{e}");
+    assert_eq!(alloc.usage().working_bytes, 0);
+    assert_eq!(max_abs(&denoise().unwrap(), &reference), 0.0, "the next run");
+
+    // 3. A reservation's bytes are allocatable from outside when it returns: our pool keeps 8 GiB (pool_keep) that
+    //    the driver's free bytes do not show; the reservation asks for more than the driver has free.
+    {
+        let _route = alloc.route_pool().unwrap();
+        let t = Tensor::zeros(2usize << 30, DType::F32, alloc.device()).unwrap();
+        alloc.device().synchronize().unwrap();
+        drop(t);
+        alloc.device().synchronize().unwrap();
+    }
+    let kept = lowvram::device::pool_stats(&alloc).unwrap().unwrap();
+    let free = alloc.mem_info().unwrap().0;
+    let bytes = free + (4u64 << 30);
+    println!("gpu reservation: pool used {} B reserved {} B, driver free {free} B, reserving {bytes} B", kept.used, kept.reserved);
+    assert!(kept.reserved >= kept.used + (8u64 << 30) - (64 << 20), "pool_keep kept the freed 8 GiB");
+    let r = ctx.reserve_with(bytes, Some(std::time::Duration::from_secs(10)), None).expect("the reservation");
+    let ptr = unsafe { result::malloc_sync(bytes as usize) }.expect("a raw cuMemAlloc of the reserved bytes");
+    unsafe { result::free_sync(ptr) }.unwrap();
+    drop(r);
+
+    // 4. The default pool's attributes and the device's current pool are as before.
+    drop((unet, ctx));
+    assert_eq!(attr(default_pool(), A::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD), threshold_before);
+    assert_eq!(current_pool(), current_before, "the device's current pool is restored");
+    println!("gpu own pool: default pool threshold {threshold_before} unchanged, current pool restored");
+}
