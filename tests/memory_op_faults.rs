@@ -165,6 +165,43 @@ fn every_op_fault_recovers_or_fails_cleanly() {
     // Part of the UNet is resident, so the first fault of a step always finds something to free.
     assert_eq!(retried, denoise_ops, "every denoise fault recovers");
     assert_eq!(tiled_runs, total - denoise_ops, "every decode fault falls back to tiles");
+
+    // Random failure rates: each run ends like the unfaulted one (untiled, or tiled like a tiled run of the tile
+    // size it fell back to) or in a clean OUT_OF_DEVICE_MEMORY.
+    let mut tiled_refs: std::collections::HashMap<usize, Vec<u32>> = Default::default();
+    let (mut ok, mut failed) = (0, 0);
+    for seed in 0..18u64 {
+        let probability = [0.0005, 0.001, 0.002, 0.005, 0.02, 1.0][seed as usize % 6];
+        let what = format!("op failure rate {probability}, seed {seed}");
+        alloc.set_op_faults(FaultInjection::Rate { probability, seed });
+        let r = run(&s);
+        alloc.set_op_faults(FaultInjection::Off);
+        match r {
+            Ok((l, i, tile)) => {
+                assert_eq!(l, reference.0, "{what}: latents");
+                let expected = match tile {
+                    None => reference.1.clone(),
+                    Some(t) => tiled_refs
+                        .entry(t)
+                        .or_insert_with(|| {
+                            bits(&s.ctx.vae_decode(&s.vae, &latents, Tiling::Tiles { tile_latent: t }).unwrap().0)
+                        })
+                        .clone(),
+                };
+                assert_eq!(i, expected, "{what}: image (tile {tile:?})");
+                ok += 1;
+            }
+            Err(e) => {
+                clean_oom(&e, &what);
+                failed += 1;
+            }
+        }
+        assert_at_rest(&s, &what);
+        let next = run(&s).unwrap();
+        assert_eq!((next.0, next.1), reference.clone(), "{what}: the next run");
+    }
+    eprintln!("random op failure rates: {ok} succeeded, {failed} failed cleanly");
+    assert!(failed > 0, "a failure rate of 1 must fail the run (cleanly)");
 }
 
 /// The order of recovery: another model's device copy goes first (the UNet keeps its residency); with every op
