@@ -4,14 +4,15 @@
 //! recovered (other models evicted, then this model's residency shrunk, then the step run again from the same
 //! inputs) and ends bit-identical to an unfaulted run; the VAE falls back to tiles; when nothing more can be freed
 //! the call ends in a clean OUT_OF_DEVICE_MEMORY, with the accounting back at rest and the next run succeeding.
-//! Through the Rust API and the C ABI.
+//! The same for the upload point (a block's device copy refused after its bytes were counted, as a driver with no
+//! room would: the block streams instead, or the step is recovered). Through the Rust API and the C ABI.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use lowvram::api::{Context, ContextOptions, DenoiseOptions, Model, Tiling};
-use lowvram::device::FaultInjection;
+use lowvram::device::{FaultInjection, FaultSite};
 use lowvram::Error;
 
 fn repo() -> PathBuf {
@@ -333,4 +334,60 @@ fn c_abi_reports_out_of_device_memory_and_recovers() {
         lowvram_model_free(vae);
         lowvram_context_free(ctx);
     }
+}
+
+/// Every block upload of a run (resident placement at lock time, on demand, streamed, prefetched) refused in turn
+/// as a device with no room would refuse it: the run ends like the unfaulted one (the decode possibly tiled, like a
+/// tiled run) or in a clean OUT_OF_DEVICE_MEMORY; the accounting returns to rest and the next run succeeds.
+#[test]
+fn every_upload_fault_recovers_or_fails_cleanly() {
+    let s = capped();
+    let alloc = s.ctx.cache().allocator().clone();
+    let run = |s: &Setup| -> lowvram::Result<(Vec<u32>, Vec<u32>, Option<usize>)> {
+        let latents = denoise(s)?;
+        let (image, r) = s.ctx.vae_decode(&s.vae, &latents, Tiling::Auto)?;
+        Ok((bits(&latents), bits(&image), r.tile_latent))
+    };
+    let first = run(&s).unwrap();
+    // Warm: plans and residency settle; then count the uploads of one run.
+    alloc.set_faults_at(FaultSite::Upload, FaultInjection::Off);
+    let reference = run(&s).unwrap();
+    assert_eq!(reference, first);
+    let (total, _) = alloc.fault_counts_at(FaultSite::Upload);
+    assert!(total >= 5, "a run makes {total} uploads: too few to exercise anything");
+    let latents = denoise(&s).unwrap();
+    let mut tiled_refs: std::collections::HashMap<usize, Vec<u32>> = Default::default();
+    let (mut ok, mut failed) = (0, 0);
+    for n in 1..=total {
+        let what = format!("refusing upload {n} of {total}");
+        alloc.set_faults_at(FaultSite::Upload, FaultInjection::Nth(n));
+        let r = run(&s);
+        let (_, injected) = alloc.fault_counts_at(FaultSite::Upload);
+        alloc.set_faults_at(FaultSite::Upload, FaultInjection::Off);
+        assert_eq!(injected, 1, "{what}: not injected");
+        match r {
+            Ok((l, i, tile)) => {
+                assert_eq!(l, reference.0, "{what}: latents");
+                let expected = match tile {
+                    None => reference.1.clone(),
+                    Some(t) => tiled_refs
+                        .entry(t)
+                        .or_insert_with(|| {
+                            bits(&s.ctx.vae_decode(&s.vae, &latents, Tiling::Tiles { tile_latent: t }).unwrap().0)
+                        })
+                        .clone(),
+                };
+                assert_eq!(i, expected, "{what}: image (tile {tile:?})");
+                ok += 1;
+            }
+            Err(e) => {
+                clean_oom(&e, &what);
+                failed += 1;
+            }
+        }
+        assert_at_rest(&s, &what);
+        assert_eq!(run(&s).unwrap(), reference, "{what}: the next run");
+    }
+    eprintln!("{total} uploads: {ok} runs recovered, {failed} failed cleanly");
+    assert_eq!(ok, total, "a refused upload always has a way out (stream it, free and retry, or tiles)");
 }

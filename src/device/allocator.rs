@@ -86,16 +86,51 @@ struct State {
     retiring: u64,
     off_thread_frees: u64,
     unwaited_copy_uses: u64,
+    /// Injected failures at each point: allocations, activations inside ops, block uploads.
+    sites: [Site; 3],
+}
+
+/// One fault-injection point: its setting, attempts since it was set, the generator's state, refusals injected.
+#[derive(Default, Clone, Copy)]
+struct Site {
     faults: FaultInjection,
-    /// Allocation attempts since the faults were set, the generator's state, and the refusals injected.
     attempts: u64,
     rng: u64,
     injected: u64,
-    /// The same for the activation point inside ops ([`DeviceAllocator::activation`]).
-    op_faults: FaultInjection,
-    op_attempts: u64,
-    op_rng: u64,
-    op_injected: u64,
+}
+
+impl Site {
+    fn set(&mut self, faults: FaultInjection) {
+        *self = Site {
+            faults,
+            rng: match faults {
+                FaultInjection::Rate { seed, .. } => seed,
+                _ => 0,
+            },
+            ..Site::default()
+        };
+    }
+
+    /// Count an attempt; whether it is refused.
+    fn attempt(&mut self) -> bool {
+        self.attempts += 1;
+        let refuse = draw(self.faults, self.attempts, &mut self.rng);
+        self.injected += refuse as u64;
+        refuse
+    }
+}
+
+/// Where a fault is injected ([`DeviceAllocator::set_faults_at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultSite {
+    /// [`DeviceAllocator::allocate`]: every byte the cache places (weights, streamed blocks, working memory,
+    /// reservations).
+    Allocation = 0,
+    /// [`DeviceAllocator::activation`]: an op's output, at the entry of linear, conv2d, attention and group_norm.
+    Activation = 1,
+    /// [`DeviceAllocator::upload`]: the device copy of a block of weights (resident or streamed), after its bytes
+    /// were counted: the device itself (the driver, on CUDA) has no room for it.
+    Upload = 2,
 }
 
 /// Whether attempt number `attempts` (1-based) is refused under `faults`, drawing from `rng` for a rate.
@@ -627,21 +662,26 @@ impl DeviceAllocator {
     }
 
     /// Refuse allocations on purpose from now on (tests and CI; see [`FaultInjection`]). Resets both counts of
-    /// [`fault_counts`](Self::fault_counts).
+    /// [`fault_counts`](Self::fault_counts). The same as [`set_faults_at`](Self::set_faults_at) with
+    /// [`FaultSite::Allocation`].
     pub fn set_faults(&self, faults: FaultInjection) {
-        let mut s = lock(&self.inner.state);
-        s.faults = faults;
-        s.attempts = 0;
-        s.injected = 0;
-        s.rng = match faults {
-            FaultInjection::Rate { seed, .. } => seed,
-            _ => 0,
-        };
+        self.set_faults_at(FaultSite::Allocation, faults)
     }
 
     /// Allocation attempts since [`set_faults`](Self::set_faults) (or creation), and the refusals it injected.
     pub fn fault_counts(&self) -> (u64, u64) {
-        let s = lock(&self.inner.state);
+        self.fault_counts_at(FaultSite::Allocation)
+    }
+
+    /// Fail the point `site` on purpose from now on (tests and CI): every injected failure looks like a device
+    /// out-of-memory there, so each must end in recovery or a clean OUT_OF_DEVICE_MEMORY. Resets the site's counts.
+    pub fn set_faults_at(&self, site: FaultSite, faults: FaultInjection) {
+        lock(&self.inner.state).sites[site as usize].set(faults);
+    }
+
+    /// Attempts at `site` since its faults were set (or creation), and the failures injected there.
+    pub fn fault_counts_at(&self, site: FaultSite) -> (u64, u64) {
+        let s = lock(&self.inner.state).sites[site as usize];
         (s.attempts, s.injected)
     }
 
@@ -649,20 +689,23 @@ impl DeviceAllocator {
     /// the Nth op of a run on this device, or ops at a rate, fail as a device OOM would. Resets both counts of
     /// [`op_fault_counts`](Self::op_fault_counts).
     pub fn set_op_faults(&self, faults: FaultInjection) {
-        let mut s = lock(&self.inner.state);
-        s.op_faults = faults;
-        s.op_attempts = 0;
-        s.op_injected = 0;
-        s.op_rng = match faults {
-            FaultInjection::Rate { seed, .. } => seed,
-            _ => 0,
-        };
+        self.set_faults_at(FaultSite::Activation, faults)
     }
 
     /// Activations (op entries) since [`set_op_faults`](Self::set_op_faults) (or creation), and the ones it failed.
     pub fn op_fault_counts(&self) -> (u64, u64) {
-        let s = lock(&self.inner.state);
-        (s.op_attempts, s.op_injected)
+        self.fault_counts_at(FaultSite::Activation)
+    }
+
+    /// The tensor library's device-OOM error for `bytes` at `site`, when its fault injection says so (counted as
+    /// a refusal); Ok otherwise.
+    fn inject_at(&self, site: FaultSite, bytes: u64) -> Result<()> {
+        let mut s = lock(&self.inner.state);
+        if s.sites[site as usize].attempt() {
+            s.refused += 1;
+            return Err(Error::Tensor(crate::device::oom::device_oom_error(bytes)));
+        }
+        Ok(())
     }
 
     /// The activation allocation point: an op on this device is about to allocate its output of `bytes`. Counted
@@ -671,15 +714,14 @@ impl DeviceAllocator {
     /// path a real one takes: through [`classify`](Self::classify) to `OutOfDeviceMemory` and recovery. The bytes
     /// are not counted (the tensor library allocates activations; the lock's working memory stands for them).
     pub fn activation(&self, bytes: u64) -> Result<()> {
-        let mut s = lock(&self.inner.state);
-        s.op_attempts += 1;
-        let (faults, attempts) = (s.op_faults, s.op_attempts);
-        if draw(faults, attempts, &mut s.op_rng) {
-            s.op_injected += 1;
-            s.refused += 1;
-            return Err(Error::Tensor(crate::device::oom::device_oom_error(bytes)));
-        }
-        Ok(())
+        self.inject_at(FaultSite::Activation, bytes)
+    }
+
+    /// The upload point: a block of `bytes` (already counted) is about to be copied to the device. Fails, when
+    /// [`FaultSite::Upload`]'s injection says so, as the device itself would when it has no room for the copy
+    /// (on CUDA, the driver inside the copy): `OutOfDeviceMemory` through [`classify`](Self::classify).
+    pub fn upload(&self, bytes: u64) -> Result<()> {
+        self.inject_at(FaultSite::Upload, bytes).map_err(|e| self.classify(e, bytes))
     }
 
     /// Bytes the device really has for a new allocation now: the driver's free bytes on CUDA (plus what our pool
@@ -723,12 +765,8 @@ impl DeviceAllocator {
     /// the refusal) when they exceed the capacity or an injected fault says so.
     pub fn allocate(&self, bytes: u64, kind: AllocKind) -> Result<Allocation> {
         let mut s = lock(&self.inner.state);
-        s.attempts += 1;
-        let (faults, attempts) = (s.faults, s.attempts);
-        let inject = draw(faults, attempts, &mut s.rng);
-        if inject {
+        if s.sites[FaultSite::Allocation as usize].attempt() {
             s.refused += 1;
-            s.injected += 1;
             return Err(Error::OutOfDeviceMemory {
                 device: self.inner.spec.to_string(),
                 needed_bytes: bytes,

@@ -12,7 +12,7 @@ mod pinned;
 pub mod oom;
 mod pool;
 
-pub use allocator::{AllocKind, Allocation, ComputeThreads, DeviceAllocator, DeviceUsage, FaultInjection, PoolRoute};
+pub use allocator::{AllocKind, Allocation, ComputeThreads, DeviceAllocator, DeviceUsage, FaultInjection, FaultSite, PoolRoute};
 pub use block_buffers::{BlockBuffer, BlockBuffers};
 pub use compute_gate::{ComputeGate, GateGuard};
 pub use copy_engine::{CopyEngine, CopyLane, Handoff, Pending};

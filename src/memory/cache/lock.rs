@@ -293,12 +293,20 @@ impl Shared {
                 });
             match placed {
                 Ok((a, transient)) => {
-                    let tensors = m.store.block_to_device(
-                        b,
-                        &self.alloc,
-                        &self.staging,
-                        m.store.compute_dtype(),
-                    )?;
+                    let tensors = match m.store.block_to_device(b, &self.alloc, &self.staging, m.store.compute_dtype())
+                    {
+                        Ok(t) => t,
+                        // The device itself had no room for the copy (on CUDA: the driver, beyond our counters):
+                        // the block streams instead, as one whose bytes were refused.
+                        Err(Error::OutOfDeviceMemory { .. }) => {
+                            drop((transient, a));
+                            if let Some(t) = m.state().target.as_mut() {
+                                t[b] = false;
+                            }
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
                     drop(transient);
                     let mut st = m.state();
                     st.resident.insert(
@@ -469,27 +477,33 @@ impl ModelLock {
                     0 => None,
                     n => Some(self.stream_alloc(n)?),
                 };
-                let tensors =
-                    m.store
-                        .block_to_device(b, &sh.alloc, &sh.staging, m.store.compute_dtype())?;
+                let placed = m.store.block_to_device(b, &sh.alloc, &sh.staging, m.store.compute_dtype());
                 drop(transient);
-                let a = Arc::new(a);
-                {
-                    let mut st = m.state();
-                    if st.target.as_ref().is_some_and(|t| t[b]) && !st.resident.contains_key(&b) {
-                        st.resident.insert(
-                            b,
-                            ResidentBlock {
-                                tensors: tensors.clone(),
-                                alloc: a.clone(),
-                            },
-                        );
-                        st.loaded += cost.resident;
+                // The device itself had no room for the copy: stream the block below instead.
+                let tensors = match placed {
+                    Ok(t) => Some(t),
+                    Err(Error::OutOfDeviceMemory { .. }) => None,
+                    Err(e) => return Err(e),
+                };
+                if let Some(tensors) = tensors {
+                    let a = Arc::new(a);
+                    {
+                        let mut st = m.state();
+                        if st.target.as_ref().is_some_and(|t| t[b]) && !st.resident.contains_key(&b) {
+                            st.resident.insert(
+                                b,
+                                ResidentBlock {
+                                    tensors: tensors.clone(),
+                                    alloc: a.clone(),
+                                },
+                            );
+                            st.loaded += cost.resident;
+                        }
                     }
+                    sh.loaded.fetch_add(cost.resident, Ordering::Relaxed);
+                    self.loaded.fetch_add(cost.resident, Ordering::Relaxed);
+                    return Ok(BlockWeights::new(block, tensors, Some(Box::new(a))));
                 }
-                sh.loaded.fetch_add(cost.resident, Ordering::Relaxed);
-                self.loaded.fetch_add(cost.resident, Ordering::Relaxed);
-                return Ok(BlockWeights::new(block, tensors, Some(Box::new(a))));
             }
         }
         // A prefetched copy if it arrived whole (a failed one is redone here, which reports the error). The
