@@ -215,6 +215,8 @@ fn recovery_evicts_other_models_first_then_own_residency_then_gives_up() {
     let reference = bits(&denoise(&s).unwrap());
     let unet_resident = s.unet.weights().resident_bytes();
     assert_eq!(unet_resident, s.unet.weights().total_bytes(), "the UNet fits whole");
+    let st = s.ctx.stats();
+    assert!(st.device.pool.is_none() && st.device.external_from_driver_bytes.is_none(), "CUDA figures only on CUDA");
     let vae_all = s.vae.weights().total_bytes();
     assert_eq!(s.ctx.load_to_device(&s.vae, vae_all).unwrap(), vae_all);
 

@@ -9,12 +9,15 @@
 //! current one while it runs ([`PoolRoute`]: taken with a model lock, and by `load_to_device`; re-entrant and counted
 //! across our threads; restored to the previous pool when the last one ends, also on a panic). Allocating only our
 //! uploads with `cuMemAllocFromPoolAsync` would leave every activation candle allocates in the default pool, out of
-//! our count and out of reach of a trim.
+//! our count and out of reach of a trim. The routing is kept per device, process-wide (several contexts may share a
+//! device): the pool current before any of ours comes back when the last of our calls on the device ends.
 //!
 //! **Caveat (stated in the header too).** The current pool is per device, process-wide: while a call of ours runs,
 //! `cudaMallocAsync`/`cuMemAllocAsync` without an explicit pool made by the host on that device, from any thread,
 //! also draws from our pool (and is counted as ours), and a host that sets the device's current pool while our
-//! call runs has it set back when the call ends. Plain `cudaMalloc` and explicit pools are unaffected.
+//! call runs has it set back when the call ends. Plain `cudaMalloc` and explicit pools are unaffected. Two
+//! contexts on one device computing at once: the allocations of both come from the pool of the one whose call
+//! started last (frees always return to the pool a buffer came from).
 //!
 //! Off CUDA nothing here exists; the stats read None.
 
@@ -22,7 +25,7 @@ use crate::device::DeviceAllocator;
 use crate::error::Result;
 
 /// Our pool's counters (bytes), from the driver (`cuMemPoolGetAttribute`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct PoolStats {
     /// Bytes of live allocations from the pool (`USED_MEM_CURRENT`).
     pub used: u64,
@@ -85,19 +88,22 @@ mod cuda {
     use crate::device::pinned::cuda_err;
     use crate::error::Result;
 
-    /// Which pool the device had current before our first running call made ours current, and how many of our calls
-    /// route now.
-    struct Route {
-        depth: usize,
-        previous: sys::CUmemoryPool,
+    /// The routing of one device, process-wide (several contexts may share a device): the pool that was current
+    /// before any of ours was made current, and our pools routed now with their counts, latest last. Pools are
+    /// kept as addresses (`CUmemoryPool` is a raw pointer, not `Send`).
+    struct DeviceRoute {
+        dev: sys::CUdevice,
+        original: usize,
+        active: Vec<(usize, usize)>,
     }
+
+    static ROUTES: Mutex<Vec<DeviceRoute>> = Mutex::new(Vec::new());
 
     /// One `CUmemoryPool` of our own on one device; destroyed when the allocator drops (the driver keeps it until
     /// its last outstanding allocation is freed: `cuMemPoolDestroy`).
     pub(crate) struct OwnPool {
         pool: sys::CUmemoryPool,
         ctx: Arc<CudaContext>,
-        route: Mutex<Route>,
     }
 
     // SAFETY: a pool handle is an opaque driver object; the driver API may be called on it from any thread. The
@@ -122,7 +128,7 @@ mod cuda {
                 sys::cuMemPoolCreate(&mut pool, &props).result().map_err(cuda_err)?;
                 pool
             };
-            let p = Self { pool, ctx: ctx.clone(), route: Mutex::new(Route { depth: 0, previous: std::ptr::null_mut() }) };
+            let p = Self { pool, ctx: ctx.clone() };
             p.set_keep(true)?;
             Ok(p)
         }
@@ -170,32 +176,64 @@ mod cuda {
             unsafe { sys::cuMemPoolTrimTo(self.pool, keep as usize).result().map_err(cuda_err) }
         }
 
-        /// One of our calls starts: the first makes our pool the device's current one, remembering the previous.
+        /// One of our calls starts: our pool becomes the device's current one. The first of any context on this
+        /// device remembers the pool that was current (the default pool, or the host's); with several contexts'
+        /// calls running at once, the pool of the one that started last is current.
         pub(crate) fn enter(&self) -> Result<()> {
-            let mut r = self.route.lock().unwrap_or_else(|e| e.into_inner());
-            if r.depth == 0 {
-                let dev = self.ctx.cu_device();
-                let mut previous: sys::CUmemoryPool = std::ptr::null_mut();
-                // SAFETY: an out-pointer of the documented type; `dev` is this context's device.
-                unsafe {
-                    sys::cuDeviceGetMemPool(&mut previous, dev).result().map_err(cuda_err)?;
-                    sys::cuDeviceSetMemPool(dev, self.pool).result().map_err(cuda_err)?;
+            let dev = self.ctx.cu_device();
+            let mut routes = ROUTES.lock().unwrap_or_else(|e| e.into_inner());
+            let i = match routes.iter().position(|r| r.dev == dev) {
+                Some(i) => i,
+                None => {
+                    let mut original: sys::CUmemoryPool = std::ptr::null_mut();
+                    // SAFETY: an out-pointer of the documented type; `dev` is this context's device.
+                    unsafe { sys::cuDeviceGetMemPool(&mut original, dev).result().map_err(cuda_err)? };
+                    routes.push(DeviceRoute { dev, original: original as usize, active: Vec::new() });
+                    routes.len() - 1
                 }
-                r.previous = previous;
+            };
+            let r = &mut routes[i];
+            let me = self.pool as usize;
+            let count = match r.active.iter().position(|(p, _)| *p == me) {
+                Some(k) => r.active.remove(k).1,
+                None => 0,
+            };
+            r.active.push((me, count + 1));
+            // SAFETY: our live pool, on its own device.
+            let set = unsafe { sys::cuDeviceSetMemPool(dev, self.pool).result().map_err(cuda_err) };
+            if let Err(e) = set {
+                Self::release(&mut routes, i, me);
+                return Err(e);
             }
-            r.depth += 1;
             Ok(())
         }
 
-        /// One of our calls ends: the last gives the device its previous current pool back.
+        /// One of our calls ends: when our pool has no call left, the device gets the latest other routed pool, or
+        /// the one that was current before any of ours.
         pub(crate) fn leave(&self) {
-            let mut r = self.route.lock().unwrap_or_else(|e| e.into_inner());
-            r.depth = r.depth.saturating_sub(1);
-            if r.depth == 0 && !r.previous.is_null() {
-                // SAFETY: `previous` was the device's current pool (the default pool or the host's own), still live.
-                let _ = unsafe { sys::cuDeviceSetMemPool(self.ctx.cu_device(), r.previous) };
-                r.previous = std::ptr::null_mut();
+            let dev = self.ctx.cu_device();
+            let mut routes = ROUTES.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = routes.iter().position(|r| r.dev == dev) {
+                Self::release(&mut routes, i, self.pool as usize);
             }
+        }
+
+        fn release(routes: &mut Vec<DeviceRoute>, i: usize, me: usize) {
+            let r = &mut routes[i];
+            if let Some(k) = r.active.iter().position(|(p, _)| *p == me) {
+                r.active[k].1 -= 1;
+                if r.active[k].1 > 0 {
+                    return;
+                }
+                r.active.remove(k);
+            }
+            let (dev, next) = (r.dev, r.active.last().map_or(r.original, |(p, _)| *p));
+            if r.active.is_empty() {
+                routes.swap_remove(i);
+            }
+            // SAFETY: `next` is a live pool: one of ours still routed (its allocator holds it), or the one that was
+            // current before ours (the default pool, or the host's, which it must keep alive while current).
+            let _ = unsafe { sys::cuDeviceSetMemPool(dev, next as sys::CUmemoryPool) };
         }
 
         /// Whether our pool is the device's current one now (tests).

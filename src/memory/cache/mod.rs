@@ -409,6 +409,9 @@ impl ModelCache {
     /// All counters, JSON-serialisable.
     pub fn stats(&self) -> CacheStats {
         let sh = &self.shared;
+        // The driver's figures (CUDA) are read before the cache's lock is taken.
+        let pool = crate::device::pool_stats(&sh.alloc).ok().flatten();
+        let external_from_driver_bytes = sh.alloc.external_from_driver();
         let mut inner = sh.inner();
         let models = inner.live_models();
         let usage = sh.alloc.usage();
@@ -445,6 +448,8 @@ impl ModelCache {
                     .map(|c| c.saturating_sub(usage.current_bytes)),
                 used_by_cache_bytes: usage.weights_bytes,
                 usage,
+                pool,
+                external_from_driver_bytes,
             },
             ram: RamStats {
                 cache_used_bytes: mstats.iter().map(|m| m.ram_bytes).sum(),
