@@ -394,7 +394,8 @@ typedef struct lowvram_conditioning lowvram_conditioning;
  * the current pool is per device, process-wide. While a call runs, `cudaMallocAsync` without an explicit pool
  * made by the host on that device, from any thread, also draws from the context's pool (and is counted as the
  * context's use), and a host that changes the device's current pool meanwhile has it set back when the call
- * ends. `cudaMalloc`, and `cudaMallocFromPoolAsync` with the host's own pool, are unaffected.
+ * ends. `cudaMalloc`, and `cudaMallocFromPoolAsync` with the host's own pool, are unaffected. Two contexts on one
+ * device computing at once both allocate from the pool of the one whose call started last.
  */
 typedef struct lowvram_context lowvram_context;
 
