@@ -10,6 +10,8 @@
 //! The CUDA dequantisation kernels give the CPU decoders' bits on every GGUF type and fp8 format of the fixtures.
 //! Stream order and the copy engine (`gpu_copy_engine`): one explicit compute stream owns every device buffer, the
 //! copy engine uploads on its own stream and hands over by events, and the copy/compute overlap is printed.
+//! Device OOM and our own pool (`gpu_oom_and_own_pool`): a driver OOM inside candle is OUT_OF_DEVICE_MEMORY, an
+//! op-level OOM is recovered, a reservation's bytes are allocatable from outside, the default pool is untouched.
 //!
 //! Paths: the repo is `LOWVRAM_REPO`, else the current directory when it holds `tests/fixtures/tiny-sd-random` (the GPU machine
 //! runs the binary from the project root), else the build-time `CARGO_MANIFEST_DIR`.

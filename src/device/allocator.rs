@@ -374,9 +374,13 @@ impl DeviceAllocator {
             DeviceSpec::Emulated(cap) => (Device::Cpu, Some(*cap)),
             DeviceSpec::Cuda(n) => open_cuda(*n)?,
         };
+        // Our own pool where the device has memory pools (cudarc allocates with cuMemAllocAsync only then,
+        // core.rs:1628-1632; without them every allocation is a synchronous cuMemAlloc and there is nothing to route).
         #[cfg(feature = "cuda")]
         let pool = match &device {
-            Device::Cuda(d) => Some(super::pool::OwnPool::create(d.cuda_stream().context())?),
+            Device::Cuda(d) if d.cuda_stream().context().has_async_alloc() => {
+                Some(super::pool::OwnPool::create(d.cuda_stream().context())?)
+            }
             _ => None,
         };
         let emulated = matches!(spec, DeviceSpec::Emulated(_));
