@@ -9,7 +9,7 @@
 //!
 //! Each case: `--warmup` runs (default 1), then `--repeats` timed runs (default 5): median/min/max ms. f32 on the CPU
 //! by default; on a GPU (`--device cuda:0`, a `--features cuda` build) each timed call ends with a device
-//! synchronise, and memory is the CUDA pool's own high-water mark (`device::pool_peak_bytes`) instead.
+//! synchronise, and memory is the high-water mark of lowvram's own CUDA pool (`device::pool_peak_bytes`) instead.
 //! Beside each op, interleaved run by run, the candle composition it replaced (`ops::*_reference`,
 //! `ops::attention_with_budget`): the before/after of the own kernels in one run.
 //! Memory: a counting global allocator measures, per case, the peak of heap bytes allocated during one call beyond
@@ -293,16 +293,20 @@ fn main() -> BoxResult<()> {
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global();
-    let device = match device_name.as_str() {
-        "cpu" => Device::Cpu,
+    // On a GPU the device is a lowvram allocator's, with its memory pool current for the whole run: the ops'
+    // allocations come from that pool, whose high-water mark measures them (the default pool is left alone).
+    let alloc = match device_name.as_str() {
+        "cpu" => None,
         d => match d
             .strip_prefix("cuda:")
             .and_then(|n| n.parse::<usize>().ok())
         {
-            Some(n) => Device::new_cuda(n)?,
+            Some(n) => Some(lowvram::device::DeviceAllocator::new(&lowvram::device::DeviceSpec::Cuda(n))?),
             None => return Err(format!("--device {d}: expected cpu or cuda:N").into()),
         },
     };
+    let _route = alloc.as_ref().map(|a| a.route_pool()).transpose()?;
+    let device = alloc.as_ref().map_or(Device::Cpu, |a| a.device().clone());
     let dtype = match dtype_name.as_str() {
         "f32" | "fp32" => DType::F32,
         "f16" | "fp16" => DType::F16,
@@ -328,10 +332,11 @@ fn main() -> BoxResult<()> {
         }
         // Memory: one call, peak live bytes above the level before it (host heap; on a GPU the CUDA pool's).
         let (y, peak) = if gpu {
-            lowvram::device::pool_peak_reset(&device)?;
-            let before = lowvram::device::pool_peak_bytes(&device)?.map_or(0, |(used, _)| used);
+            let a = alloc.as_ref().expect("a GPU run has an allocator");
+            lowvram::device::pool_peak_reset(a)?;
+            let before = lowvram::device::pool_peak_bytes(a)?.map_or(0, |(used, _)| used);
             let y = sync((case.op)()?)?;
-            let high = lowvram::device::pool_peak_bytes(&device)?.map_or(0, |(_, high)| high);
+            let high = lowvram::device::pool_peak_bytes(a)?.map_or(0, |(_, high)| high);
             (y, high.saturating_sub(before))
         } else {
             let before = LIVE.load(Ordering::Relaxed);

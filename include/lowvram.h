@@ -307,7 +307,14 @@ enum lowvram_status
      */
     LOWVRAM_STATUS_FORMAT = 4,
     /**
-     * The device refused an allocation; the cache is left consistent and the context usable.
+     * The device ran out of memory, wherever it happened: the cache's own placement of weights, streamed blocks or
+     * working memory, or a buffer the tensor library or one of the library's kernels could not get inside an op
+     * (on CUDA: `CUDA_ERROR_OUT_OF_MEMORY`, a cuBLAS allocation failure). Before returning it, a denoise step or a
+     * text encode recovers in order (other unlocked models' device copies evicted, then this model's residency
+     * shrunk so more blocks stream, then the step run again from the same inputs, with the same result) and a VAE
+     * decode retries in tiles; this status means nothing more could be freed. The message gives the bytes needed
+     * (the failed request when known, else the call's working memory) and available (what the device really has:
+     * the driver's free bytes on CUDA). The cache is left consistent and the context usable.
      */
     LOWVRAM_STATUS_OUT_OF_DEVICE_MEMORY = 5,
     /**
@@ -378,6 +385,17 @@ typedef struct lowvram_conditioning lowvram_conditioning;
  *   for it (a wait a cancel token or `lowvram_context_cancel` ends with CANCELLED). Loads, configuration, stats,
  *   reservations, cancel and `lowvram_context_free_memory` never wait for the gate. For GPU work in parallel, use
  *   one context per thread: each has its own stream and cuBLAS handle.
+ *
+ * CUDA memory: each context allocates from a memory pool of its own (`cuMemPoolCreate` on its device); the
+ * process default pool's attributes are never read or changed (`cuda_allocator` sets the release threshold of the
+ * context's own pool). The tensor library allocates from the device's *current* pool, so while a call of the
+ * context runs (from locking its model until it returns, and during `lowvram_model_load_to_device`) the context's
+ * pool is made the device's current pool, and the previous one is restored when the last such call ends. Caveat:
+ * the current pool is per device, process-wide. While a call runs, `cudaMallocAsync` without an explicit pool
+ * made by the host on that device, from any thread, also draws from the context's pool (and is counted as the
+ * context's use), and a host that changes the device's current pool meanwhile has it set back when the call
+ * ends. `cudaMalloc`, and `cudaMallocFromPoolAsync` with the host's own pool, are unaffected. Two contexts on one
+ * device computing at once both allocate from the pool of the one whose call started last.
  */
 typedef struct lowvram_context lowvram_context;
 
@@ -1190,7 +1208,10 @@ lowvram_status lowvram_reservation_params_init(struct lowvram_reservation_params
 /**
  * Reserve `bytes` of device memory for the host's own use: the cache shrinks at once (a generation running on
  * another thread releases resident blocks at its next block boundary), and this call returns when the bytes are
- * actually free, however long that takes. BUDGET_TOO_SMALL (with bytes needed and available in the message) if
+ * actually free, however long that takes. On CUDA "free" means free for the host's own allocator (`cudaMalloc`
+ * of the bytes succeeds): the library's compute stream is drained to this point (an event, not a device
+ * synchronise), its own memory pool gives the driver back the blocks it kept beyond what is live, and the
+ * driver's free bytes are checked. BUDGET_TOO_SMALL (with bytes needed and available in the message) if
  * they cannot be freed while the calls running now run. `lowvram_reservation_new_ex` bounds the wait, can be
  * cancelled, and waits for running calls to end. On success `*out` is a new handle owned by the caller.
  * Thread-safe.
@@ -1202,7 +1223,8 @@ lowvram_status lowvram_reservation_new(const struct lowvram_context *ctx,
 /**
  * Reserve `bytes` of device memory for the host, waiting at most `params->timeout_ms` (`params` may be NULL: the
  * defaults of `lowvram_reservation_params_init`). The cache shrinks at once; the call returns when the bytes are
- * free: generations running on other threads release resident blocks at their next block boundary, and when the
+ * free (on CUDA, for the host's own allocator, as for `lowvram_reservation_new`; bytes other programs hold are
+ * waited for until the timeout): generations running on other threads release resident blocks at their next block boundary, and when the
  * bytes do not fit beside the memory running calls need (their working memory and the blocks they stream), the
  * call waits for those calls to end. Statuses: TIMEOUT when the time runs out first, CANCELLED by
  * `params->cancel_token` or `lowvram_context_cancel`, BUDGET_TOO_SMALL at once when the bytes can never be free

@@ -10,6 +10,8 @@
 //! The CUDA dequantisation kernels give the CPU decoders' bits on every GGUF type and fp8 format of the fixtures.
 //! Stream order and the copy engine (`gpu_copy_engine`): one explicit compute stream owns every device buffer, the
 //! copy engine uploads on its own stream and hands over by events, and the copy/compute overlap is printed.
+//! Device OOM and our own pool (`gpu_oom_and_own_pool`): a driver OOM inside candle is OUT_OF_DEVICE_MEMORY, an
+//! op-level OOM is recovered, a reservation's bytes are allocatable from outside, the default pool is untouched.
 //!
 //! Paths: the repo is `LOWVRAM_REPO`, else the current directory when it holds `tests/fixtures/tiny-sd-random` (the GPU machine
 //! runs the binary from the project root), else the build-time `CARGO_MANIFEST_DIR`.
@@ -285,7 +287,10 @@ fn gpu_kernels() {
         let _ = writeln!(std::io::stderr(), "gpu kernel tests skipped: {why}");
         return;
     }
-    let dev = Device::new_cuda(0).unwrap();
+    // A lowvram allocator's device, its own memory pool current throughout (the peaks below are that pool's).
+    let alloc = lowvram::device::DeviceAllocator::new(&lowvram::device::DeviceSpec::Cuda(0)).unwrap();
+    let _route = alloc.route_pool().unwrap();
+    let dev = alloc.device().clone();
     // (dtype, tolerance relative to max(1, max |reference|)): f32 exact up to summation order; f16/bf16 one rounding
     // of the output plus the rounding of p before p·v.
     let dtypes = [
@@ -441,10 +446,10 @@ fn gpu_kernels() {
         "f16 on the GPU should run the own kernels"
     );
     let measure = |f: &dyn Fn() -> Tensor| -> u64 {
-        lowvram::device::pool_peak_reset(&dev).unwrap();
-        let before = lowvram::device::pool_peak_bytes(&dev).unwrap().unwrap().0;
+        lowvram::device::pool_peak_reset(&alloc).unwrap();
+        let before = lowvram::device::pool_peak_bytes(&alloc).unwrap().unwrap().0;
         let y = f();
-        let high = lowvram::device::pool_peak_bytes(&dev).unwrap().unwrap().1;
+        let high = lowvram::device::pool_peak_bytes(&alloc).unwrap().unwrap().1;
         drop(y);
         high.saturating_sub(before)
     };
@@ -760,11 +765,13 @@ fn copy_engine_checks() {
     lowvram::device::set_pool_keep(&alloc, true).unwrap();
     sync();
     let before = alloc.external_from_driver().expect("the driver answers");
+    // Our pool current (as during a call of ours), so the tensor comes from it.
+    let route = alloc.route_pool().unwrap();
     let t = Tensor::zeros(128 << 20, DType::F32, &dev).unwrap();
     sync();
     drop(t);
     sync();
-    let kept = lowvram::device::pool_reserved_bytes(&dev).unwrap().unwrap();
+    let kept = lowvram::device::pool_reserved_bytes(&alloc).unwrap().unwrap();
     let after_free = alloc.external_from_driver().unwrap();
     let ctx = dev
         .as_cuda_device()
@@ -789,5 +796,124 @@ fn copy_engine_checks() {
         with_other >= after_free + (192 << 20),
         "memory outside the pool not seen as another user's: {after_free} -> {with_other}"
     );
+    drop(route);
     lowvram::device::set_pool_keep(&alloc, false).unwrap();
+}
+
+/// Device OOM and our own pool on a real GPU (issue 13, item 2): an OOM the driver raises inside candle is
+/// OUT_OF_DEVICE_MEMORY through the one classifier; an op-level OOM injected on CUDA is recovered (the denoise
+/// retried, the same latents) or, with every op failing, a clean OUT_OF_DEVICE_MEMORY with the next run succeeding;
+/// after a reservation returns, a raw `cuMemAlloc` of its bytes from outside succeeds even though our pool kept more
+/// than the driver had free; and a run leaves the process default pool's attributes and the device's current pool
+/// as they were.
+#[test]
+fn gpu_oom_and_own_pool() {
+    if let Some(why) = skip_reason() {
+        let _ = writeln!(std::io::stderr(), "gpu OOM and own-pool tests skipped: {why}");
+        return;
+    }
+    #[cfg(feature = "cuda")]
+    oom_and_pool_checks();
+}
+
+#[cfg(feature = "cuda")]
+fn oom_and_pool_checks() {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    use candle_core::DType;
+    use lowvram::device::FaultInjection;
+    use lowvram::Error;
+
+    // The process default pool, as the host would see it: its attributes and the device's current pool.
+    let probe = Device::new_cuda(0).unwrap();
+    let cu_dev = probe.as_cuda_device().unwrap().cuda_stream().context().cu_device();
+    probe.as_cuda_device().unwrap().cuda_stream().context().bind_to_thread().unwrap();
+    let default_pool = || {
+        let mut p: sys::CUmemoryPool = std::ptr::null_mut();
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut p, cu_dev).result().unwrap() };
+        p
+    };
+    let current_pool = || {
+        let mut p: sys::CUmemoryPool = std::ptr::null_mut();
+        unsafe { sys::cuDeviceGetMemPool(&mut p, cu_dev).result().unwrap() };
+        p
+    };
+    let attr = |p: sys::CUmemoryPool, a: sys::CUmemPool_attribute| {
+        let mut v: u64 = 0;
+        unsafe { sys::cuMemPoolGetAttribute(p, a, &mut v as *mut u64 as *mut _).result().unwrap() };
+        v
+    };
+    use sys::CUmemPool_attribute as A;
+    let threshold_before = attr(default_pool(), A::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD);
+    let current_before = current_pool();
+
+    let ctx = context(&format!("{F32}cuda_allocator: pool_keep\n"));
+    let alloc = ctx.cache().allocator().clone();
+    let unet = ctx.load_model(&repo().join("tests/fixtures/tiny-sd-random/unet")).unwrap();
+    let cond = Tensor::randn(0f32, 1.0, (1, 77, 32), &Device::Cpu).unwrap();
+    let opts = DenoiseOptions { steps: 2, seed: 5, latent_size: (8, 8), ..Default::default() };
+    let denoise = || ctx.denoise(&unet, &opts, &cond, None, None, None, &mut |_, _| true).map(|r| r.0);
+    let reference = denoise().unwrap();
+
+    // 1. A real driver OOM inside candle (an allocation beyond the device, our pool current) is classified.
+    {
+        let total = alloc.capacity().unwrap();
+        let _route = alloc.route_pool().unwrap();
+        assert!(alloc.pool_is_routed(), "our pool is current while routed");
+        let e = Tensor::zeros((total / 2 + (1 << 30)) as usize, DType::F32, alloc.device()).unwrap_err();
+        match alloc.classify(e.into(), 7) {
+            Error::OutOfDeviceMemory { needed_bytes, available_bytes, .. } => {
+                println!("gpu real OOM: needed {needed_bytes} B (the caller's figure), available {available_bytes} B");
+                assert!(available_bytes < total);
+            }
+            e => panic!("a driver OOM was not classified: {e}"),
+        }
+    }
+    assert!(!alloc.pool_is_routed(), "the previous pool comes back");
+
+    // 2. Op-level OOM on CUDA: recovered, or clean when nothing more can be freed; the next run succeeds.
+    alloc.set_op_faults(FaultInjection::Nth(3));
+    let retried = denoise().expect("a step that hit an op-level OOM is retried");
+    assert_eq!(alloc.op_fault_counts().1, 1);
+    // The retry streams blocks that were resident: the same kernels on the same values (f32, no conversion).
+    let diff = max_abs(&retried, &reference);
+    println!("gpu op-level OOM: retried run vs unfaulted, max |diff| {diff:e}");
+    assert!(diff <= 1e-5, "the retried run differs by {diff}");
+    alloc.set_op_faults(FaultInjection::Rate { probability: 1.0, seed: 1 });
+    let e = denoise().unwrap_err();
+    alloc.set_op_faults(FaultInjection::Off);
+    assert!(matches!(e, Error::OutOfDeviceMemory { .. }), "{e}");
+    assert_eq!(alloc.usage().working_bytes, 0);
+    assert!(max_abs(&denoise().unwrap(), &reference) <= 1e-5, "the next run");
+    let st = ctx.stats();
+    let pool = st.device.pool.expect("stats report our pool on CUDA");
+    println!(
+        "gpu stats: pool used {} B reserved {} B high {} B; external per the driver {:?} B",
+        pool.used, pool.reserved, pool.high, st.device.external_from_driver_bytes
+    );
+    assert!(pool.reserved >= pool.used && pool.high >= pool.used);
+
+    // 3. A reservation's bytes are allocatable from outside when it returns: our pool keeps 8 GiB (pool_keep) that
+    //    the driver's free bytes do not show; the reservation asks for more than the driver has free.
+    {
+        let _route = alloc.route_pool().unwrap();
+        let t = Tensor::zeros(2usize << 30, DType::F32, alloc.device()).unwrap();
+        alloc.device().synchronize().unwrap();
+        drop(t);
+        alloc.device().synchronize().unwrap();
+    }
+    let kept = lowvram::device::pool_stats(&alloc).unwrap().unwrap();
+    let free = alloc.mem_info().unwrap().0;
+    let bytes = free + (4u64 << 30);
+    println!("gpu reservation: pool used {} B reserved {} B, driver free {free} B, reserving {bytes} B", kept.used, kept.reserved);
+    assert!(kept.reserved >= kept.used + (8u64 << 30) - (64 << 20), "pool_keep kept the freed 8 GiB");
+    let r = ctx.reserve_with(bytes, Some(std::time::Duration::from_secs(10)), None).expect("the reservation");
+    let ptr = unsafe { result::malloc_sync(bytes as usize) }.expect("a raw cuMemAlloc of the reserved bytes");
+    unsafe { result::free_sync(ptr) }.unwrap();
+    drop(r);
+
+    // 4. The default pool's attributes and the device's current pool are as before.
+    drop((unet, ctx));
+    assert_eq!(attr(default_pool(), A::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD), threshold_before);
+    assert_eq!(current_pool(), current_before, "the device's current pool is restored");
+    println!("gpu own pool: default pool threshold {threshold_before} unchanged, current pool restored");
 }

@@ -59,6 +59,8 @@ remote)
     LOWVRAM_REPO=$root /tmp/lowvram-bin/gpu --nocapture --test-threads=1 --exact gpu_kernels 2>&1 | tee -a "$out/gpu-test.log" || rc=1
     echo "==> GPU test (tests/gpu.rs): stream order and the copy engine (its stream, hand-offs, copy/compute overlap)"
     LOWVRAM_REPO=$root /tmp/lowvram-bin/gpu --nocapture --test-threads=1 --exact gpu_copy_engine 2>&1 | tee -a "$out/gpu-test.log" || rc=1
+    echo "==> GPU test (tests/gpu.rs): device OOM -> OUT_OF_DEVICE_MEMORY and recovery, our own pool, reservations"
+    LOWVRAM_REPO=$root /tmp/lowvram-bin/gpu --nocapture --test-threads=1 --exact gpu_oom_and_own_pool 2>&1 | tee -a "$out/gpu-test.log" || rc=1
     for dt in f16 f32; do
         echo "==> per-op benchmark, $dt on cuda:0: lowvram (kernel and composition) and PyTorch, one after the other"
         /tmp/lowvram-bin/ops --device cuda:0 --dtype $dt --repeats 20 --warmup 3 --json > "$out/ops-lowvram-$dt.json" \

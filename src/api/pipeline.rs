@@ -364,7 +364,7 @@ impl Context {
     ) -> Result<TextEncoding> {
         let call = self.begin_call(token)?;
         let mut meter = Meter::new(self);
-        let result = crate::ops::cancel::scope(&|| call.is_cancelled(), || {
+        let result = self.call_scope(&call, || {
             self.check_owns(encoder)?;
             let (model, _) = encoder.as_text_encoder()?;
             if ids.is_empty() {
@@ -377,7 +377,7 @@ impl Context {
             meter.took(&lock);
             let source = Cancellable { inner: &lock, cancel: &call, on_block: None };
             let ids = Tensor::from_slice(ids, (1, ids.len()), source.device())?;
-            let enc = model.encode(&source, &ids, layer);
+            let enc = self.forward_recovering(&lock, || model.encode(&source, &ids, layer));
             meter.took(&lock);
             let enc = enc?;
             let to_host = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);

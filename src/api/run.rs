@@ -205,6 +205,38 @@ fn check_finite(t: &Tensor, what: &str) -> Result<()> {
 }
 
 impl Context {
+    /// Run `f` as the body of a call on this thread: the ops inside poll the call's cancel
+    /// ([`crate::ops::cancel::scope`]) and see this context's device at their activation point
+    /// ([`crate::ops::activation::scope`]: op-level fault injection).
+    pub(crate) fn call_scope<R>(&self, call: &CallCancel, f: impl FnOnce() -> R) -> R {
+        crate::ops::activation::scope(self.cache().allocator(), || crate::ops::cancel::scope(&|| call.is_cancelled(), f))
+    }
+
+    /// `forward()` (a forward, or a denoise step's, from inputs it does not change), with a device out-of-memory
+    /// anywhere in it (the allocator's, or the tensor library's inside an op or kernel: one classifier,
+    /// [`DeviceAllocator::classify`](crate::device::DeviceAllocator::classify)) made `OutOfDeviceMemory` and
+    /// recovered from in order: evict other unlocked models' device copies, then shrink this lock's residency
+    /// (stream more blocks), then run `forward()` again from the same inputs. When nothing more can be freed, the
+    /// `OutOfDeviceMemory` is returned (needed: the failed request if known, else the lock's working memory).
+    pub(crate) fn forward_recovering<T>(&self, lock: &ModelLock, mut forward: impl FnMut() -> Result<T>) -> Result<T> {
+        let alloc = self.cache().allocator();
+        loop {
+            match forward().map_err(|e| alloc.classify(e, lock.working_bytes())) {
+                Err(Error::OutOfDeviceMemory { device, needed_bytes, available_bytes }) => {
+                    let e = Error::OutOfDeviceMemory { device, needed_bytes, available_bytes };
+                    let freed = lock.relieve(needed_bytes);
+                    if freed == 0 {
+                        return Err(e);
+                    }
+                    self.logger().warn(&format!("{e}; freed {freed} bytes (other models, then own residency), retrying"));
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+impl Context {
     /// Run the sampler on `unet`: `cond` `[B, S, D]` text embeddings, `uncond` the same shape (zeros when `None`),
     /// `init_noise` `[B, 4, h, w]` standard normal (seeded when `None`), `step_noise` `[steps, B, 4, h, w]` for
     /// Euler ancestral (seeded when `None`). Returns the final latents (f32, before the VAE scaling) and a report.
@@ -286,7 +318,7 @@ impl Context {
         let call = self.begin_call(token)?;
         let mut meter = Meter::new(self);
         // The ops inside a block poll the call's cancel too (on this thread).
-        let result = crate::ops::cancel::scope(&|| call.is_cancelled(), || {
+        let result = self.call_scope(&call, || {
             self.denoise_inner(model, options, cond, init_noise, step_noise, progress, &call, &mut meter)
         });
         *report = meter.report(self, model);
@@ -388,10 +420,13 @@ impl Context {
         let mut step_ms = Vec::new();
         step_ms.try_reserve_exact(options.steps).map_err(|e| Error::OutOfHostMemory(format!("step timings: {e}")))?;
         let mut last = Instant::now();
+        // A step that runs out of device memory is retried from the same inputs after freeing (see there).
         let mut model_fn = |x: &Tensor, t: f64| -> Result<Tensor> {
-            call.check()?;
-            let out = denoiser.forward(&source, &x.to_device(&device)?, t, &batched)?;
-            out.to_device(&Device::Cpu)?.to_dtype(DType::F32).map_err(Error::from)
+            self.forward_recovering(&lock, || {
+                call.check()?;
+                let out = denoiser.forward(&source, &x.to_device(&device)?, t, &batched)?;
+                out.to_device(&Device::Cpu)?.to_dtype(DType::F32).map_err(Error::from)
+            })
         };
         let mut on_step = |i: usize, total: usize| {
             step_ms.push(last.elapsed().as_secs_f64() * 1e3);
@@ -431,9 +466,7 @@ impl Context {
     ) -> Result<Tensor> {
         let call = self.begin_call(token)?;
         let mut meter = Meter::new(self);
-        let result = crate::ops::cancel::scope(&|| call.is_cancelled(), || {
-            self.decode_inner(vae, latents, tiling, progress, &call, &mut meter)
-        });
+        let result = self.call_scope(&call, || self.decode_inner(vae, latents, tiling, progress, &call, &mut meter));
         *report = meter.report(self, vae);
         result
     }
@@ -498,7 +531,12 @@ impl Context {
                 Ok(lock) => {
                     meter.took(&lock);
                     let source = Cancellable { inner: &lock, cancel: call, on_block: Some(&on_block) };
-                    let result = model.decode(&source, &z.to_device(lock.device())?);
+                    // A device OOM inside any op becomes OutOfDeviceMemory here, so the tiled retry below fires.
+                    let result = z
+                        .to_device(lock.device())
+                        .map_err(Error::from)
+                        .and_then(|z| model.decode(&source, &z))
+                        .map_err(|e| self.cache().allocator().classify(e, lock.working_bytes()));
                     meter.took(&lock);
                     match result {
                         Ok(image) => return Ok(image.to_device(&Device::Cpu)?.to_dtype(DType::F32)?),
@@ -534,7 +572,8 @@ impl Context {
             };
             meter.took(&lock);
             let source = Cancellable { inner: &lock, cancel: call, on_block: Some(&on_block) };
-            let result = model.decode_tiled(&source, &z, tile);
+            let result =
+                model.decode_tiled(&source, &z, tile).map_err(|e| self.cache().allocator().classify(e, lock.working_bytes()));
             meter.took(&lock);
             match result {
                 Ok(image) => return Ok(image.to_device(&Device::Cpu)?.to_dtype(DType::F32)?),

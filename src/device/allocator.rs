@@ -86,11 +86,67 @@ struct State {
     retiring: u64,
     off_thread_frees: u64,
     unwaited_copy_uses: u64,
+    /// Injected failures at each point: allocations, activations inside ops, block uploads.
+    sites: [Site; 3],
+}
+
+/// One fault-injection point: its setting, attempts since it was set, the generator's state, refusals injected.
+#[derive(Default, Clone, Copy)]
+struct Site {
     faults: FaultInjection,
-    /// Allocation attempts since the faults were set, the generator's state, and the refusals injected.
     attempts: u64,
     rng: u64,
     injected: u64,
+}
+
+impl Site {
+    fn set(&mut self, faults: FaultInjection) {
+        *self = Site {
+            faults,
+            rng: match faults {
+                FaultInjection::Rate { seed, .. } => seed,
+                _ => 0,
+            },
+            ..Site::default()
+        };
+    }
+
+    /// Count an attempt; whether it is refused.
+    fn attempt(&mut self) -> bool {
+        self.attempts += 1;
+        let refuse = draw(self.faults, self.attempts, &mut self.rng);
+        self.injected += refuse as u64;
+        refuse
+    }
+}
+
+/// Where a fault is injected ([`DeviceAllocator::set_faults_at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultSite {
+    /// [`DeviceAllocator::allocate`]: every byte the cache places (weights, streamed blocks, working memory,
+    /// reservations).
+    Allocation = 0,
+    /// [`DeviceAllocator::activation`]: an op's output, at the entry of linear, conv2d, attention and group_norm.
+    Activation = 1,
+    /// [`DeviceAllocator::upload`]: the device copy of a block of weights (resident or streamed), after its bytes
+    /// were counted: the device itself (the driver, on CUDA) has no room for it.
+    Upload = 2,
+}
+
+/// Whether attempt number `attempts` (1-based) is refused under `faults`, drawing from `rng` for a rate.
+fn draw(faults: FaultInjection, attempts: u64, rng: &mut u64) -> bool {
+    match faults {
+        FaultInjection::Off => false,
+        FaultInjection::Nth(n) => attempts == n,
+        FaultInjection::Rate { probability, .. } => {
+            // splitmix64: a uniform draw in [0, 1).
+            *rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = *rng;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            (((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64) < probability
+        }
+    }
 }
 
 /// Allocations to refuse on purpose, as if the device were out of memory: every allocation point (weights,
@@ -149,6 +205,26 @@ struct Inner {
     block_buffers: Option<Arc<BlockBuffers>>,
     /// Host memory registered (pinned) for copies to this device.
     pins: PinRegistry,
+    /// CUDA: the pool our calls allocate from (see `device::pool`).
+    #[cfg(feature = "cuda")]
+    pool: Option<super::pool::OwnPool>,
+}
+
+/// While held, the device's current memory pool is the library's own (CUDA; see `device::pool`): candle's
+/// allocations during a call of ours come from it. Re-entrant across our threads; the last one dropped, also on a
+/// panic, gives the device its previous current pool back. Nothing off CUDA.
+pub struct PoolRoute {
+    #[cfg(feature = "cuda")]
+    inner: Option<Arc<Inner>>,
+}
+
+impl Drop for PoolRoute {
+    fn drop(&mut self) {
+        #[cfg(feature = "cuda")]
+        if let Some(p) = self.inner.as_ref().and_then(|i| i.pool.as_ref()) {
+            p.leave();
+        }
+    }
 }
 
 /// The one allocator of a device: counts every byte placed on it and refuses past its capacity. Cheap to clone
@@ -289,20 +365,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Map a tensor-library error that is an out-of-memory into [`Error::OutOfDeviceMemory`].
-fn map_oom(e: candle_core::Error, device: &str, needed: u64, available: u64) -> Error {
-    let msg = e.to_string();
-    if msg.contains("OUT_OF_MEMORY") || msg.to_ascii_lowercase().contains("out of memory") {
-        Error::OutOfDeviceMemory {
-            device: device.to_string(),
-            needed_bytes: needed,
-            available_bytes: available,
-        }
-    } else {
-        Error::Tensor(e)
-    }
-}
-
 impl DeviceAllocator {
     /// Open the device `spec` (resolving `auto`). `cuda:N` needs a `cuda` build (else `Unsupported`).
     pub fn new(spec: &DeviceSpec) -> Result<Self> {
@@ -311,6 +373,15 @@ impl DeviceAllocator {
             DeviceSpec::Cpu | DeviceSpec::Auto => (Device::Cpu, None),
             DeviceSpec::Emulated(cap) => (Device::Cpu, Some(*cap)),
             DeviceSpec::Cuda(n) => open_cuda(*n)?,
+        };
+        // Our own pool where the device has memory pools (cudarc allocates with cuMemAllocAsync only then,
+        // core.rs:1628-1632; without them every allocation is a synchronous cuMemAlloc and there is nothing to route).
+        #[cfg(feature = "cuda")]
+        let pool = match &device {
+            Device::Cuda(d) if d.cuda_stream().context().has_async_alloc() => {
+                Some(super::pool::OwnPool::create(d.cuda_stream().context())?)
+            }
+            _ => None,
         };
         let emulated = matches!(spec, DeviceSpec::Emulated(_));
         let block_buffers = emulated.then(BlockBuffers::new);
@@ -326,6 +397,8 @@ impl DeviceAllocator {
                 changed: Condvar::new(),
                 block_buffers,
                 pins,
+                #[cfg(feature = "cuda")]
+                pool,
             }),
             #[cfg(feature = "cuda")]
             lane: None,
@@ -377,14 +450,7 @@ impl DeviceAllocator {
             match crate::device::copy_engine::cuda::storage_from_bytes(lane, dev, bytes, dtype) {
                 Ok(Some(s)) => s,
                 Ok(None) => return Ok(None),
-                Err(Error::OutOfDeviceMemory { needed_bytes, .. }) => {
-                    return Err(Error::OutOfDeviceMemory {
-                        device: self.inner.spec.to_string(),
-                        needed_bytes,
-                        available_bytes: self.free().unwrap_or(0),
-                    })
-                }
-                Err(e) => return Err(e),
+                Err(e) => return Err(self.classify(e, bytes.len() as u64)),
             };
         Ok(Some(Tensor::from_storage(
             candle_core::Storage::Cuda(storage),
@@ -452,6 +518,35 @@ impl DeviceAllocator {
     /// are allocated from the driver's stream-ordered pool instead).
     pub fn block_buffers(&self) -> Option<&Arc<BlockBuffers>> {
         self.inner.block_buffers.as_ref()
+    }
+
+    /// Our CUDA memory pool (None off CUDA).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn own_pool(&self) -> Option<&super::pool::OwnPool> {
+        self.inner.pool.as_ref()
+    }
+
+    /// Make our memory pool the device's current one until the returned guard drops (CUDA; see `device::pool` for
+    /// why and the caveat). A model lock holds one; hosts measuring ops outside a lock may take one too.
+    pub fn route_pool(&self) -> Result<PoolRoute> {
+        #[cfg(feature = "cuda")]
+        if let Some(p) = self.inner.pool.as_ref() {
+            p.enter()?;
+            return Ok(PoolRoute { inner: Some(self.inner.clone()) });
+        }
+        Ok(PoolRoute {
+            #[cfg(feature = "cuda")]
+            inner: None,
+        })
+    }
+
+    /// Whether our pool is the device's current one now (false off CUDA).
+    pub fn pool_is_routed(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Some(p) = self.inner.pool.as_ref() {
+            return p.is_current().unwrap_or(false);
+        }
+        false
     }
 
     /// The pinned host memory of this device (registrations, the cap, events).
@@ -571,44 +666,111 @@ impl DeviceAllocator {
     }
 
     /// Refuse allocations on purpose from now on (tests and CI; see [`FaultInjection`]). Resets both counts of
-    /// [`fault_counts`](Self::fault_counts).
+    /// [`fault_counts`](Self::fault_counts). The same as [`set_faults_at`](Self::set_faults_at) with
+    /// [`FaultSite::Allocation`].
     pub fn set_faults(&self, faults: FaultInjection) {
-        let mut s = lock(&self.inner.state);
-        s.faults = faults;
-        s.attempts = 0;
-        s.injected = 0;
-        s.rng = match faults {
-            FaultInjection::Rate { seed, .. } => seed,
-            _ => 0,
-        };
+        self.set_faults_at(FaultSite::Allocation, faults)
     }
 
     /// Allocation attempts since [`set_faults`](Self::set_faults) (or creation), and the refusals it injected.
     pub fn fault_counts(&self) -> (u64, u64) {
-        let s = lock(&self.inner.state);
+        self.fault_counts_at(FaultSite::Allocation)
+    }
+
+    /// Fail the point `site` on purpose from now on (tests and CI): every injected failure looks like a device
+    /// out-of-memory there, so each must end in recovery or a clean OUT_OF_DEVICE_MEMORY. Resets the site's counts.
+    pub fn set_faults_at(&self, site: FaultSite, faults: FaultInjection) {
+        lock(&self.inner.state).sites[site as usize].set(faults);
+    }
+
+    /// Attempts at `site` since its faults were set (or creation), and the failures injected there.
+    pub fn fault_counts_at(&self, site: FaultSite) -> (u64, u64) {
+        let s = lock(&self.inner.state).sites[site as usize];
         (s.attempts, s.injected)
+    }
+
+    /// Refuse activations inside ops on purpose from now on ([`activation`](Self::activation); tests and CI):
+    /// the Nth op of a run on this device, or ops at a rate, fail as a device OOM would. Resets both counts of
+    /// [`op_fault_counts`](Self::op_fault_counts).
+    pub fn set_op_faults(&self, faults: FaultInjection) {
+        self.set_faults_at(FaultSite::Activation, faults)
+    }
+
+    /// Activations (op entries) since [`set_op_faults`](Self::set_op_faults) (or creation), and the ones it failed.
+    pub fn op_fault_counts(&self) -> (u64, u64) {
+        self.fault_counts_at(FaultSite::Activation)
+    }
+
+    /// The tensor library's device-OOM error for `bytes` at `site`, when its fault injection says so (counted as
+    /// a refusal); Ok otherwise.
+    fn inject_at(&self, site: FaultSite, bytes: u64) -> Result<()> {
+        let mut s = lock(&self.inner.state);
+        if s.sites[site as usize].attempt() {
+            s.refused += 1;
+            return Err(Error::Tensor(crate::device::oom::device_oom_error(bytes)));
+        }
+        Ok(())
+    }
+
+    /// The activation allocation point: an op on this device is about to allocate its output of `bytes`. Counted
+    /// for [`op_fault_counts`](Self::op_fault_counts); fails, when [`set_op_faults`](Self::set_op_faults) says so,
+    /// with the tensor library's own device-OOM error ([`crate::device::oom::device_oom_error`]), so it takes the
+    /// path a real one takes: through [`classify`](Self::classify) to `OutOfDeviceMemory` and recovery. The bytes
+    /// are not counted (the tensor library allocates activations; the lock's working memory stands for them).
+    pub fn activation(&self, bytes: u64) -> Result<()> {
+        self.inject_at(FaultSite::Activation, bytes)
+    }
+
+    /// The upload point: a block of `bytes` (already counted) is about to be copied to the device. Fails, when
+    /// [`FaultSite::Upload`]'s injection says so, as the device itself would when it has no room for the copy
+    /// (on CUDA, the driver inside the copy): `OutOfDeviceMemory` through [`classify`](Self::classify).
+    pub fn upload(&self, bytes: u64) -> Result<()> {
+        self.inject_at(FaultSite::Upload, bytes).map_err(|e| self.classify(e, bytes))
+    }
+
+    /// Bytes the device really has for a new allocation now: the driver's free bytes on CUDA (plus what our pool
+    /// keeps free for reuse), capacity − allocated on the emulated device, free RAM on the CPU.
+    pub fn available_now(&self) -> u64 {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(_) = &self.inner.device {
+            let free = self.mem_info().map_or(0, |(f, _)| f);
+            let kept = crate::device::pool_stats(self)
+                .ok()
+                .flatten()
+                .map_or(0, |p| p.reserved.saturating_sub(p.used));
+            return free.saturating_add(kept);
+        }
+        match self.free() {
+            Some(f) => f,
+            None => crate::system::ram_stats().free_bytes,
+        }
+    }
+
+    /// `e` as `OutOfDeviceMemory` when it is a device out-of-memory from anywhere (the allocator's own refusal
+    /// passes unchanged; a tensor-library error is tested by [`crate::device::oom::oom_request`]), with needed =
+    /// the failed request when the error carries it, else `needed` (the caller's best figure: the op's request or
+    /// the plan's working bytes), and available = [`available_now`](Self::available_now). Any other error is
+    /// returned unchanged. The one place device OOMs are recognised.
+    pub fn classify(&self, e: Error, needed: u64) -> Error {
+        let Error::Tensor(t) = &e else {
+            return e;
+        };
+        match crate::device::oom::oom_request(t) {
+            Some(request) => Error::OutOfDeviceMemory {
+                device: self.inner.spec.to_string(),
+                needed_bytes: request.unwrap_or(needed),
+                available_bytes: self.available_now(),
+            },
+            None => e,
+        }
     }
 
     /// Count `bytes` of `kind` on the device, or refuse with `OutOfDeviceMemory { needed, available }` (and count
     /// the refusal) when they exceed the capacity or an injected fault says so.
     pub fn allocate(&self, bytes: u64, kind: AllocKind) -> Result<Allocation> {
         let mut s = lock(&self.inner.state);
-        s.attempts += 1;
-        let inject = match s.faults {
-            FaultInjection::Off => false,
-            FaultInjection::Nth(n) => s.attempts == n,
-            FaultInjection::Rate { probability, .. } => {
-                // splitmix64: a uniform draw in [0, 1).
-                s.rng = s.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = s.rng;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                (((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64) < probability
-            }
-        };
-        if inject {
+        if s.sites[FaultSite::Allocation as usize].attempt() {
             s.refused += 1;
-            s.injected += 1;
             return Err(Error::OutOfDeviceMemory {
                 device: self.inner.spec.to_string(),
                 needed_bytes: bytes,
@@ -675,9 +837,31 @@ impl DeviceAllocator {
             .map(|c| (c.saturating_sub(self.current()), c))
     }
 
+    /// Whether `bytes` are really free now for another allocator (a host's `cudaMalloc`), making them so where it
+    /// can. On CUDA: drain the compute stream to this point (an event recorded on it and waited for by the host,
+    /// not a device or context synchronise: the frees queued before it have then returned their blocks to our
+    /// pool), give the driver back what our pool keeps beyond what is live and the bytes asked for
+    /// (`cuMemPoolTrimTo`), and compare the driver's free bytes with `bytes`: `Ok((true, free))` when they fit,
+    /// `Ok((false, free))` when they do not yet. Elsewhere the allocator's counters already say it: true, with
+    /// what the device has.
+    pub fn settle_free(&self, bytes: u64) -> Result<(bool, u64)> {
+        #[cfg(feature = "cuda")]
+        if let (Device::Cuda(d), Some(pool)) = (&self.inner.device, self.inner.pool.as_ref()) {
+            let ev = d.cuda_stream().record_event(None).map_err(super::pinned::cuda_err)?;
+            ev.synchronize().map_err(super::pinned::cuda_err)?;
+            let s = pool.stats()?;
+            // Keep what is live and as much of the reuse cache as leaves `bytes` to give back.
+            pool.trim_to(s.used.max(s.reserved.saturating_sub(bytes)))?;
+            let free = self.mem_info().map_or(0, |(f, _)| f);
+            return Ok((free >= bytes, free));
+        }
+        let _ = bytes;
+        Ok((true, self.free().unwrap_or(u64::MAX)))
+    }
+
     /// Device bytes in use by others, from the driver (CUDA): used (total − free, `cuMemGetInfo`) minus the bytes
-    /// of the pool our allocations come from (`RESERVED_MEM_CURRENT`: live weights, streamed blocks, activations
-    /// and the freed blocks the pool keeps, which are ours to reuse) minus host reservations (the host's own use,
+    /// of our own pool (`RESERVED_MEM_CURRENT`: live weights, streamed blocks, activations and the freed blocks the
+    /// pool keeps, which are ours to reuse; see `device::pool`) minus host reservations (the host's own use,
     /// which the cache counts separately). Unlike used − our counters, it neither counts kept pool bytes as another
     /// program's nor working memory that is only a placeholder as ours. None off CUDA (or if the driver does not
     /// answer).
@@ -686,7 +870,7 @@ impl DeviceAllocator {
             return None;
         }
         let (free, total) = self.mem_info()?;
-        let pool = crate::device::pool_reserved_bytes(&self.inner.device).ok()??;
+        let pool = crate::device::pool_reserved_bytes(self).ok()??;
         Some(
             total
                 .saturating_sub(free)
@@ -707,14 +891,7 @@ impl DeviceAllocator {
                 if let Some(d) = self.lane_upload_tensor(t)? {
                     return Ok(d);
                 }
-                t.to_device(&self.inner.device).map_err(|e| {
-                    map_oom(
-                        e,
-                        &self.inner.spec.to_string(),
-                        bytes,
-                        self.free().unwrap_or(0),
-                    )
-                })
+                t.to_device(&self.inner.device).map_err(|e| self.classify(e.into(), bytes))
             }
         }
     }
@@ -732,14 +909,7 @@ impl DeviceAllocator {
                 return Ok(t);
             }
         }
-        Tensor::from_raw_buffer(data, dtype, shape, &self.inner.device).map_err(|e| {
-            map_oom(
-                e,
-                &self.inner.spec.to_string(),
-                data.len() as u64,
-                self.free().unwrap_or(0),
-            )
-        })
+        Tensor::from_raw_buffer(data, dtype, shape, &self.inner.device).map_err(|e| self.classify(e.into(), data.len() as u64))
     }
 
     /// `t` cast to `dtype` on the device (a new tensor unless the dtype already matches). The caller accounts it.
@@ -757,14 +927,7 @@ impl DeviceAllocator {
                 }
             }
         }
-        t.to_dtype(dtype).map_err(|e| {
-            map_oom(
-                e,
-                &self.inner.spec.to_string(),
-                bytes,
-                self.free().unwrap_or(0),
-            )
-        })
+        t.to_dtype(dtype).map_err(|e| self.classify(e.into(), bytes))
     }
 }
 

@@ -353,17 +353,10 @@ pub(crate) mod cuda {
         }))
     }
 
-    fn driver(e: candle_core::cuda_backend::cudarc::driver::DriverError, bytes: usize) -> Error {
-        let msg = format!("{e:?}");
-        if msg.contains("OUT_OF_MEMORY") {
-            Error::OutOfDeviceMemory {
-                device: "cuda".into(),
-                needed_bytes: bytes as u64,
-                available_bytes: 0,
-            }
-        } else {
-            Error::unsupported(format!("CUDA driver: {msg}"))
-        }
+    /// The driver's error as candle wraps it (`CudaError::Cuda`), so the allocator's one classifier
+    /// ([`crate::device::DeviceAllocator::classify`]) sees an out-of-memory as it sees one from inside an op.
+    fn driver(e: candle_core::cuda_backend::cudarc::driver::DriverError, _bytes: usize) -> Error {
+        Error::Tensor(candle_core::Error::Cuda(Box::new(candle_core::cuda_backend::CudaError::Cuda(e))))
     }
 }
 

@@ -9,15 +9,16 @@ mod compute_gate;
 pub(crate) mod copy_engine;
 mod host_arena;
 mod pinned;
+pub mod oom;
 mod pool;
 
-pub use allocator::{AllocKind, Allocation, ComputeThreads, DeviceAllocator, DeviceUsage, FaultInjection};
+pub use allocator::{AllocKind, Allocation, ComputeThreads, DeviceAllocator, DeviceUsage, FaultInjection, FaultSite, PoolRoute};
 pub use block_buffers::{BlockBuffer, BlockBuffers};
 pub use compute_gate::{ComputeGate, GateGuard};
 pub use copy_engine::{CopyEngine, CopyLane, Handoff, Pending};
 pub use host_arena::{align_up, page_size, HostArena, TENSOR_ALIGN};
 pub use pinned::{set_pool_keep, NotPinned, PinEvent, PinRegistry};
-pub use pool::{pool_peak_bytes, pool_peak_reset, pool_reserved_bytes};
+pub use pool::{pool_peak_bytes, pool_peak_reset, pool_reserved_bytes, pool_stats, PoolStats};
 
 /// `dst.copy_from_slice(src)`, split into 1 MiB chunks over the rayon pool when `parallel` and at least 4 MiB: the
 /// memory bandwidth of every core instead of one thread's (uploads to the emulated device, streamed blocks).

@@ -240,41 +240,17 @@ pub(super) fn cuda_err(e: candle_core::cuda_backend::cudarc::driver::DriverError
     crate::error::Error::unsupported(format!("CUDA driver: {e:?}"))
 }
 
-/// Set the CUDA memory pool's release threshold on `alloc`'s device: `keep` holds freed blocks in the pool for
-/// reuse (`cuda_allocator: pool_keep`), else they go back to the driver at each synchronise (`pool`). The cache
-/// counts kept bytes either way: they show as used in the driver's free memory, which its budget is read from.
-/// A no-op off CUDA.
+/// Set the release threshold of the library's own CUDA memory pool on `alloc`'s device (`device::pool`; the
+/// process default pool is never touched): `keep` holds freed blocks in the pool for reuse
+/// (`cuda_allocator: pool_keep`), else they go back to the driver at each synchronise (`pool`). The cache counts
+/// kept bytes as ours either way. A no-op off CUDA.
 pub fn set_pool_keep(alloc: &DeviceAllocator, keep: bool) -> Result<()> {
     #[cfg(feature = "cuda")]
-    {
-        use candle_core::cuda_backend::cudarc::driver::sys;
-        let candle_core::Device::Cuda(dev) = alloc.device() else {
-            return Ok(());
-        };
-        let ctx = dev.cuda_stream().context().clone();
-        ctx.bind_to_thread().map_err(cuda_err)?;
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        let mut threshold: u64 = if keep { u64::MAX } else { 0 };
-        // SAFETY: out-pointer and attribute value of the documented types.
-        unsafe {
-            sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-                .result()
-                .map_err(cuda_err)?;
-            sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                &mut threshold as *mut u64 as *mut _,
-            )
-            .result()
-            .map_err(cuda_err)?;
-        }
-        Ok(())
+    if let Some(p) = alloc.own_pool() {
+        return p.set_keep(keep);
     }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (alloc, keep);
-        Ok(())
-    }
+    let _ = (alloc, keep);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -26,6 +26,17 @@ use crate::log::{lowvram_log_callback, lowvram_release_callback, LogSink};
 ///   for it (a wait a cancel token or `lowvram_context_cancel` ends with CANCELLED). Loads, configuration, stats,
 ///   reservations, cancel and `lowvram_context_free_memory` never wait for the gate. For GPU work in parallel, use
 ///   one context per thread: each has its own stream and cuBLAS handle.
+///
+/// CUDA memory: each context allocates from a memory pool of its own (`cuMemPoolCreate` on its device); the
+/// process default pool's attributes are never read or changed (`cuda_allocator` sets the release threshold of the
+/// context's own pool). The tensor library allocates from the device's *current* pool, so while a call of the
+/// context runs (from locking its model until it returns, and during `lowvram_model_load_to_device`) the context's
+/// pool is made the device's current pool, and the previous one is restored when the last such call ends. Caveat:
+/// the current pool is per device, process-wide. While a call runs, `cudaMallocAsync` without an explicit pool
+/// made by the host on that device, from any thread, also draws from the context's pool (and is counted as the
+/// context's use), and a host that changes the device's current pool meanwhile has it set back when the call
+/// ends. `cudaMalloc`, and `cudaMallocFromPoolAsync` with the host's own pool, are unaffected. Two contexts on one
+/// device computing at once both allocate from the pool of the one whose call started last.
 #[allow(non_camel_case_types)]
 pub struct lowvram_context {
     _private: [u8; 0],

@@ -69,7 +69,10 @@ impl Handle for lowvram_reservation {
 
 /// Reserve `bytes` of device memory for the host's own use: the cache shrinks at once (a generation running on
 /// another thread releases resident blocks at its next block boundary), and this call returns when the bytes are
-/// actually free, however long that takes. BUDGET_TOO_SMALL (with bytes needed and available in the message) if
+/// actually free, however long that takes. On CUDA "free" means free for the host's own allocator (`cudaMalloc`
+/// of the bytes succeeds): the library's compute stream is drained to this point (an event, not a device
+/// synchronise), its own memory pool gives the driver back the blocks it kept beyond what is live, and the
+/// driver's free bytes are checked. BUDGET_TOO_SMALL (with bytes needed and available in the message) if
 /// they cannot be freed while the calls running now run. `lowvram_reservation_new_ex` bounds the wait, can be
 /// cancelled, and waits for running calls to end. On success `*out` is a new handle owned by the caller.
 /// Thread-safe.
@@ -92,7 +95,8 @@ pub unsafe extern "C" fn lowvram_reservation_new(
 
 /// Reserve `bytes` of device memory for the host, waiting at most `params->timeout_ms` (`params` may be NULL: the
 /// defaults of `lowvram_reservation_params_init`). The cache shrinks at once; the call returns when the bytes are
-/// free: generations running on other threads release resident blocks at their next block boundary, and when the
+/// free (on CUDA, for the host's own allocator, as for `lowvram_reservation_new`; bytes other programs hold are
+/// waited for until the timeout): generations running on other threads release resident blocks at their next block boundary, and when the
 /// bytes do not fit beside the memory running calls need (their working memory and the blocks they stream), the
 /// call waits for those calls to end. Statuses: TIMEOUT when the time runs out first, CANCELLED by
 /// `params->cancel_token` or `lowvram_context_cancel`, BUDGET_TOO_SMALL at once when the bytes can never be free

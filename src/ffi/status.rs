@@ -21,7 +21,14 @@ pub enum lowvram_status {
     Io = 3,
     /// A file was read but is malformed (corrupt safetensors, bad JSON or YAML, missing tensor).
     Format = 4,
-    /// The device refused an allocation; the cache is left consistent and the context usable.
+    /// The device ran out of memory, wherever it happened: the cache's own placement of weights, streamed blocks or
+    /// working memory, or a buffer the tensor library or one of the library's kernels could not get inside an op
+    /// (on CUDA: `CUDA_ERROR_OUT_OF_MEMORY`, a cuBLAS allocation failure). Before returning it, a denoise step or a
+    /// text encode recovers in order (other unlocked models' device copies evicted, then this model's residency
+    /// shrunk so more blocks stream, then the step run again from the same inputs, with the same result) and a VAE
+    /// decode retries in tiles; this status means nothing more could be freed. The message gives the bytes needed
+    /// (the failed request when known, else the call's working memory) and available (what the device really has:
+    /// the driver's free bytes on CUDA). The cache is left consistent and the context usable.
     OutOfDeviceMemory = 5,
     /// A host allocation failed.
     OutOfHostMemory = 6,

@@ -72,6 +72,11 @@ pub struct DeviceStats {
     pub free_bytes: Option<u64>,
     /// Bytes of resident weights (= `usage.weights_bytes`), the device cache.
     pub used_by_cache_bytes: u64,
+    /// CUDA: the context's own memory pool (live, held from the driver, high-water mark); None elsewhere.
+    pub pool: Option<crate::device::PoolStats>,
+    /// CUDA: other programs' use per the driver (driver used − our pool's bytes − host reservations); None
+    /// elsewhere.
+    pub external_from_driver_bytes: Option<u64>,
 }
 
 /// The RAM part of [`CacheStats`].

@@ -28,6 +28,7 @@ pub const ATTENTION_SCRATCH_BYTES: u64 = 64 << 20;
 
 /// Attention over `q` `[B, Nq, H·D]`, `k` and `v` `[B, Nk, H·D]` with `heads` heads; returns `[B, Nq, H·D]` in q's dtype.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, upcast: bool) -> Result<Tensor> {
+    super::activation::enter(super::activation::bytes_like(q, q.elem_count()))?;
     if cpu::is_cpu_f32(q) && cpu::is_cpu_f32(k) && cpu::is_cpu_f32(v) {
         return cpu::attention::attention(q, k, v, heads, scale);
     }

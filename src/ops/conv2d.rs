@@ -12,11 +12,13 @@ use crate::error::{Error, Result};
 /// the own tiled im2col + gemm kernel (bias fused); CUDA tensors (a `cuda` build) through the own implicit-GEMM kernel
 /// (`kernels/conv2d.cu`: no column buffer, bias fused); other dtypes on the CPU through candle ([`conv2d_reference`]).
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
-    let (_, cin, _, _) = x.dims4()?;
-    let (_, wcin, kh, kw) = weight.dims4()?;
+    let (b, cin, h, w) = x.dims4()?;
+    let (cout, wcin, kh, kw) = weight.dims4()?;
     if cin != wcin {
         return Err(Error::invalid(format!("conv2d: input has {cin} channels, weight expects {wcin}")));
     }
+    let out = |n: usize, k: usize| (n + 2 * padding).saturating_sub(k) / stride.max(1) + 1;
+    super::activation::enter(super::activation::bytes_like(x, b * cout * out(h, kh) * out(w, kw)))?;
     if kh == kw && is_cpu_f32(x) && is_cpu_f32(weight) && bias.is_none_or(is_cpu_f32) {
         return cpu::conv2d::conv2d(x, weight, bias, stride, padding);
     }

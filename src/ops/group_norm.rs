@@ -14,6 +14,7 @@ use crate::ops::cpu::{self, is_cpu_f32};
 /// and shift by `bias` `[C]`; apply SiLU when `silu`. Returns `x`'s dtype.
 pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps: f64, silu: bool) -> Result<Tensor> {
     let (c, spatial) = check(x, groups, weight, bias)?;
+    crate::ops::activation::enter(crate::ops::activation::bytes_like(x, x.elem_count()))?;
     #[cfg(feature = "cuda")]
     if crate::ops::cuda::group_norm::supported(x, groups) {
         return Ok(crate::ops::cuda::group_norm::group_norm(x, groups, weight, bias, eps, silu)?);

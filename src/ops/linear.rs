@@ -12,6 +12,7 @@ use crate::ops::cpu::{self, is_cpu_f32};
 /// Scratch: none beyond the output (plus a contiguous copy of `x` or `weight` when strided).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (rows, in_f, out_f, out_shape) = check(x, weight, bias)?;
+    super::activation::enter(super::activation::bytes_like(x, rows * out_f))?;
     if !(is_cpu_f32(x) && is_cpu_f32(weight) && bias.is_none_or(is_cpu_f32)) {
         return linear_reference(x, weight, bias);
     }

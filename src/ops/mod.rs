@@ -8,6 +8,7 @@
 
 use candle_core::{DType, Device};
 
+pub mod activation;
 pub mod attention;
 pub mod cancel;
 mod cpu;

@@ -904,6 +904,8 @@ impl WeightStore {
             .iter()
             .map(|&ti| self.tensors[ti].elem_count())
             .sum();
+        // The device's upload point (fault injection: a device with no room for the copy).
+        alloc.upload((elems * dtype.size_in_bytes()) as u64)?;
         let buf = pool.take(dtype, elems)?;
         let ram = lock(&self.ram).clone();
         match ram.as_deref() {
@@ -951,6 +953,8 @@ impl WeightStore {
         dtype: DType,
     ) -> Result<HashMap<String, Tensor>> {
         let block = &self.blocks[b];
+        // The device's upload point (fault injection: a device with no room for the copy).
+        alloc.upload(block.compute_bytes)?;
         let ram = lock(&self.ram).clone();
         let mut out = HashMap::with_capacity(block.tensors.len());
         match ram.as_deref() {

@@ -103,7 +103,25 @@ impl ModelCache {
             }
             (id, working)
         };
+        // From here our pool serves the lock's uploads and the forward's activations (CUDA; `device::pool`).
+        let route = match sh.alloc.route_pool() {
+            Ok(r) => r,
+            Err(e) => {
+                let mut inner = sh.inner();
+                inner.locks.retain(|l| l.id != id);
+                {
+                    let mut st = model.state();
+                    st.locks -= 1;
+                    if st.locks == 0 {
+                        st.target = None;
+                    }
+                }
+                let _ = sh.rebalance(&mut inner);
+                return Attempt::Failed(e);
+            }
+        };
         let mut lk = ModelLock {
+            _route: route,
             shared: sh.clone(),
             model: model.clone(),
             id,
@@ -232,7 +250,7 @@ impl ModelCache {
             drop(st);
             let _ = sh.rebalance(&mut inner);
         }
-        let r = sh.fill_target(model, &AtomicU64::new(0));
+        let r = sh.alloc.route_pool().and_then(|_route| sh.fill_target(model, &AtomicU64::new(0)));
         model.state().target = None;
         r?;
         Ok(model.resident_bytes())
@@ -275,12 +293,20 @@ impl Shared {
                 });
             match placed {
                 Ok((a, transient)) => {
-                    let tensors = m.store.block_to_device(
-                        b,
-                        &self.alloc,
-                        &self.staging,
-                        m.store.compute_dtype(),
-                    )?;
+                    let tensors = match m.store.block_to_device(b, &self.alloc, &self.staging, m.store.compute_dtype())
+                    {
+                        Ok(t) => t,
+                        // The device itself had no room for the copy (on CUDA: the driver, beyond our counters):
+                        // the block streams instead, as one whose bytes were refused.
+                        Err(Error::OutOfDeviceMemory { .. }) => {
+                            drop((transient, a));
+                            if let Some(t) = m.state().target.as_mut() {
+                                t[b] = false;
+                            }
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
                     drop(transient);
                     let mut st = m.state();
                     st.resident.insert(
@@ -331,6 +357,18 @@ impl ModelLock {
     /// The model's current residency plan.
     pub fn plan(&self) -> Option<ResidencyPlan> {
         self.model.plan()
+    }
+
+    /// Free device memory after a device out-of-memory inside this lock's forward, in the order that costs least:
+    /// other unlocked models' device copies (LRU first), then this model's own resident blocks that no fetch holds
+    /// now (they are streamed instead for the rest of this lock; the next lock plans afresh). Frees at least
+    /// `needed` bytes when it can. Returns the bytes freed now; 0 means nothing more can be freed (give up).
+    pub fn relieve(&self, needed: u64) -> u64 {
+        let (now, _) = self.shared.make_room(needed.max(1), Some(self.model.as_ref()));
+        if now > 0 {
+            self.shared.alloc.notify();
+        }
+        now
     }
 
     pub(super) fn stream_alloc(&self, bytes: u64) -> Result<StreamLease> {
@@ -439,27 +477,33 @@ impl ModelLock {
                     0 => None,
                     n => Some(self.stream_alloc(n)?),
                 };
-                let tensors =
-                    m.store
-                        .block_to_device(b, &sh.alloc, &sh.staging, m.store.compute_dtype())?;
+                let placed = m.store.block_to_device(b, &sh.alloc, &sh.staging, m.store.compute_dtype());
                 drop(transient);
-                let a = Arc::new(a);
-                {
-                    let mut st = m.state();
-                    if st.target.as_ref().is_some_and(|t| t[b]) && !st.resident.contains_key(&b) {
-                        st.resident.insert(
-                            b,
-                            ResidentBlock {
-                                tensors: tensors.clone(),
-                                alloc: a.clone(),
-                            },
-                        );
-                        st.loaded += cost.resident;
+                // The device itself had no room for the copy: stream the block below instead.
+                let tensors = match placed {
+                    Ok(t) => Some(t),
+                    Err(Error::OutOfDeviceMemory { .. }) => None,
+                    Err(e) => return Err(e),
+                };
+                if let Some(tensors) = tensors {
+                    let a = Arc::new(a);
+                    {
+                        let mut st = m.state();
+                        if st.target.as_ref().is_some_and(|t| t[b]) && !st.resident.contains_key(&b) {
+                            st.resident.insert(
+                                b,
+                                ResidentBlock {
+                                    tensors: tensors.clone(),
+                                    alloc: a.clone(),
+                                },
+                            );
+                            st.loaded += cost.resident;
+                        }
                     }
+                    sh.loaded.fetch_add(cost.resident, Ordering::Relaxed);
+                    self.loaded.fetch_add(cost.resident, Ordering::Relaxed);
+                    return Ok(BlockWeights::new(block, tensors, Some(Box::new(a))));
                 }
-                sh.loaded.fetch_add(cost.resident, Ordering::Relaxed);
-                self.loaded.fetch_add(cost.resident, Ordering::Relaxed);
-                return Ok(BlockWeights::new(block, tensors, Some(Box::new(a))));
             }
         }
         // A prefetched copy if it arrived whole (a failed one is redone here, which reports the error). The

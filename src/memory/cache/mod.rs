@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Config, CudaAllocator, VramState};
 use crate::device::{
-    AllocKind, Allocation, BlockBuffer, ComputeGate, ComputeThreads, DeviceAllocator, DeviceSpec, GateGuard,
+    AllocKind, Allocation, BlockBuffer, ComputeGate, ComputeThreads, DeviceAllocator, DeviceSpec, GateGuard, PoolRoute,
 };
 use crate::error::{Error, Result};
 use crate::memory::plan::{self, BlockCost, ResidencyPlan};
@@ -269,6 +269,9 @@ pub struct ModelLock {
     thread: Option<std::thread::ThreadId>,
     /// The device's compute gate (CUDA), held while the lock is.
     gate: Option<GateGuard>,
+    /// Our memory pool is the device's current one while the lock is held (CUDA: candle's allocations inside the
+    /// forward come from it); dropped last, after `Drop` synchronised.
+    _route: PoolRoute,
 }
 
 fn resolve_compute(config: &Config, alloc: &DeviceAllocator) -> DType {
@@ -409,6 +412,9 @@ impl ModelCache {
     /// All counters, JSON-serialisable.
     pub fn stats(&self) -> CacheStats {
         let sh = &self.shared;
+        // The driver's figures (CUDA) are read before the cache's lock is taken.
+        let pool = crate::device::pool_stats(&sh.alloc).ok().flatten();
+        let external_from_driver_bytes = sh.alloc.external_from_driver();
         let mut inner = sh.inner();
         let models = inner.live_models();
         let usage = sh.alloc.usage();
@@ -445,6 +451,8 @@ impl ModelCache {
                     .map(|c| c.saturating_sub(usage.current_bytes)),
                 used_by_cache_bytes: usage.weights_bytes,
                 usage,
+                pool,
+                external_from_driver_bytes,
             },
             ram: RamStats {
                 cache_used_bytes: mstats.iter().map(|m| m.ram_bytes).sum(),

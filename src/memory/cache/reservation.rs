@@ -30,7 +30,8 @@ impl Drop for Reservation {
 
 impl ModelCache {
     /// Reserve `bytes` of device memory for the host. The cache shrinks at once (running forwards release their
-    /// extra blocks at their next block boundary); returns once the bytes are actually free, or `BudgetTooSmall`
+    /// extra blocks at their next block boundary); returns once the bytes are actually free (on CUDA: for another
+    /// allocator, with the compute stream drained to that point and our pool trimmed, per the driver), or `BudgetTooSmall`
     /// if they cannot be while the calls running now run (what locked models need to run, fully streamed, stays
     /// theirs). Waits without bound for the block boundaries; [`reserve_with`](Self::reserve_with) bounds it.
     pub fn reserve(&self, bytes: u64) -> Result<Reservation> {
@@ -81,7 +82,21 @@ impl ModelCache {
         match sh.alloc_waiting(bytes, AllocKind::Reservation, None, wait, 0) {
             Ok(a) => {
                 res.alloc = Some(a);
-                Ok(res)
+                // Counted as the host's, the bytes must also be free for the host's own allocator: on CUDA the
+                // compute stream drained to here and our pool trimmed (`settle_free`); wait while they are not.
+                loop {
+                    let (free, available) = sh.alloc.settle_free(bytes)?;
+                    if free {
+                        return Ok(res);
+                    }
+                    if wait.cancelled.is_some_and(|c| c()) {
+                        return Err(Error::Cancelled);
+                    }
+                    let Some(left) = wait.left() else {
+                        return Err(timed_out(bytes, available));
+                    };
+                    sh.alloc.wait_for_free(left.min(Duration::from_millis(20)));
+                }
             }
             Err(Error::OutOfDeviceMemory { needed_bytes, available_bytes, .. }) => Err(if wait.ran_out.get() {
                 timed_out(needed_bytes, available_bytes)

@@ -73,9 +73,12 @@ mod launch {
         }
     }
 
-    /// candle's error for a failed launch.
-    pub(crate) fn launch_error(name: &str, e: impl std::fmt::Display) -> candle_core::Error {
-        candle_core::Error::Msg(format!("CUDA kernel {name}: {e}"))
+    /// candle's error for a failed launch: the driver's error kept as candle wraps it (`CudaError::Cuda`) under
+    /// the kernel's name, so a launch that fails for lack of memory is a device OOM to
+    /// [`crate::device::oom::oom_request`], like any other.
+    pub(crate) fn launch_error(name: &str, e: cudarc::driver::DriverError) -> candle_core::Error {
+        candle_core::Error::Cuda(Box::new(candle_core::cuda_backend::CudaError::Cuda(e)))
+            .context(format!("CUDA kernel {name}"))
     }
 
     /// `u32` grid dimension, or an error when the shape is beyond what one launch covers.
