@@ -303,11 +303,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
         None if flux => SchedulerKind::FlowEuler,
         None => SchedulerKind::Euler,
     };
-    let guidance = args.guidance.unwrap_or(match () {
-        () if flux => 3.5,
-        () if args.run.model.is_none() => embedded::GUIDANCE,
-        () => 7.5,
-    });
+    let default_guidance = if flux {
+        3.5
+    } else if args.run.model.is_none() {
+        embedded::GUIDANCE
+    } else {
+        7.5
+    };
+    let guidance = args.guidance.unwrap_or(default_guidance);
 
     let mut inputs = match &args.inputs {
         Some(path) => read_tensors(path)?,
