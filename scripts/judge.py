@@ -110,7 +110,7 @@ def main():
     ap.add_argument("--model", default="models/tiny-sd")
     ap.add_argument("--seeds", type=int, default=5, help="seeds per held-out triple (10 triples)")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--guidance", type=float, default=2.0, help="CFG scale (the CLI's default for the built-in model)")
     ap.add_argument("--save", help="folder for the generated PNGs")
     ap.add_argument(
         "--ablate", action="store_true", help="draw every case from the empty prompt (is the UNet conditioned at all?)"

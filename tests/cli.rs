@@ -279,3 +279,30 @@ fn main_job_draws_a_red_shape_on_a_blue_background() {
     let cx = red.iter().map(|p| p.1 as f32 + 0.5).sum::<f32>() / n;
     assert!((cx - 32.0).abs() < 8.0 && (cy - 32.0).abs() < 8.0, "the red shape's centre is at ({cx}, {cy})");
 }
+
+/// The built-in model's default guidance is 2, not SD's 7.5 (which pinches its squares: BENCHMARKS.md, "Trained tiny
+/// model"); a `--model` folder keeps 7.5, and `--guidance` overrides either.
+#[test]
+fn built_in_model_defaults_to_guidance_2() {
+    let dir = out_dir("guidance");
+    let model = repo().join("models/tiny-sd");
+    let image = |name: &str, extra: &[&str]| -> Vec<u8> {
+        let raw = dir.join(format!("{name}.safetensors"));
+        let out = lowvram()
+            .args(["generate", "--prompt", "a white square on a red background", "--steps", "8"])
+            .args(extra)
+            .arg("--out")
+            .arg(dir.join(format!("{name}.png")))
+            .arg("--image-raw-out")
+            .arg(&raw)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::read(raw).unwrap()
+    };
+    let default = image("default", &[]);
+    assert_eq!(default, image("g2", &["--guidance", "2"]));
+    let strong = image("g7.5", &["--guidance", "7.5"]);
+    assert_ne!(default, strong, "guidance 7.5 drew the same picture as the default");
+    assert_eq!(strong, image("folder", &["--model", model.to_str().unwrap()]));
+}

@@ -122,7 +122,8 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 20)]
     steps: usize,
     /// Classifier-free guidance scale (SD); for FLUX.1 dev the distilled guidance the model takes as an input (no
-    /// second forward), ignored by FLUX.1 schnell. Default: 3.5 for FLUX, 7.5 otherwise.
+    /// second forward), ignored by FLUX.1 schnell. Default: 3.5 for FLUX, 2 for the built-in tiny model, 7.5
+    /// otherwise.
     #[arg(long)]
     guidance: Option<f64>,
     #[arg(long, default_value_t = 0)]
@@ -302,7 +303,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
         None if flux => SchedulerKind::FlowEuler,
         None => SchedulerKind::Euler,
     };
-    let guidance = args.guidance.unwrap_or(if flux { 3.5 } else { 7.5 });
+    let default_guidance = if flux {
+        3.5
+    } else if args.run.model.is_none() {
+        embedded::GUIDANCE
+    } else {
+        7.5
+    };
+    let guidance = args.guidance.unwrap_or(default_guidance);
 
     let mut inputs = match &args.inputs {
         Some(path) => read_tensors(path)?,
