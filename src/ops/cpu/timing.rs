@@ -128,7 +128,20 @@ fn winograd_block_sweep() {
     let reps: usize = std::env::var("REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let only = std::env::var("ONLY").unwrap_or_default();
     println!("rayon threads {}", super::threads());
-    for (cin, cout, hw) in [(320, 320, 64), (640, 320, 64), (960, 320, 64), (640, 640, 64), (640, 640, 32), (1280, 640, 32), (1920, 640, 32), (1280, 1280, 32), (1280, 1280, 16), (2560, 1280, 16), (1280, 1280, 8)] {
+    let shapes = [
+        (320, 320, 64),
+        (640, 320, 64),
+        (960, 320, 64),
+        (640, 640, 64),
+        (640, 640, 32),
+        (1280, 640, 32),
+        (1920, 640, 32),
+        (1280, 1280, 32),
+        (1280, 1280, 16),
+        (2560, 1280, 16),
+        (1280, 1280, 8),
+    ];
+    for (cin, cout, hw) in shapes {
         if !only.is_empty() && !only.split(',').any(|o| o == format!("{cin}x{cout}@{hw}")) {
             continue;
         }
@@ -137,7 +150,8 @@ fn winograd_block_sweep() {
         let b = randn(&[cout]);
         let g = Geom::new(x.dims4().unwrap(), w.dims4().unwrap(), 1, 1).unwrap();
         let base = Tiling::for_geom(&g);
-        let mut variants: Vec<(String, Tiling)> = vec![(format!("default(w{})", base.winograd), base), ("im2col".into(), Tiling { winograd: 0, ..base })];
+        let mut variants: Vec<(String, Tiling)> =
+            vec![(format!("default(w{})", base.winograd), base), ("im2col".into(), Tiling { winograd: 0, ..base })];
         for t in [48usize, 96, 128, 192, 256] {
             variants.push((format!("w{t}"), Tiling { winograd: t, ..base }));
         }

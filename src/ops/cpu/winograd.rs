@@ -8,7 +8,8 @@
 //!
 //! Memory: the transformed weights `U` (16·Cout·Cin, 16/9 of the weights) are computed per call — weights are
 //! streamed per call in this runtime, so a cache would hold a second copy of every conv's weights, and the transform
-//! costs a few % of the conv at most (measured, see BENCHMARKS.md). The tiles are cut into blocks, so the rest of
+//! costs a few % of the conv at most (measured, see BENCHMARKS.md). Wide convs run in output-channel groups, so at
+//! most 25 MiB of `U` exist at once and stay hot across the blocks. The tiles are cut into blocks, so the rest of
 //! the scratch (transformed input + products per task) does not grow with the image.
 //!
 //! Determinism: the blocks depend on the shape only, every output element belongs to one tile of one block, and
@@ -478,7 +479,8 @@ mod tests {
     fn winograd_is_deterministic_across_runs_and_thread_counts() {
         // Blocks run in parallel (many blocks) and one by one with gemm's threads (one block).
         // The last case runs in two output-channel groups (704·640 > 640²).
-        for (b, cin, cout, hw, block) in [(2, 96, 80, 24, Some(16)), (1, 64, 72, 14, None), (2, 48, 40, 9, Some(32)), (2, 704, 640, 10, Some(16))] {
+        let cases = [(2, 96, 80, 24, Some(16)), (1, 64, 72, 14, None), (2, 48, 40, 9, Some(32)), (2, 704, 640, 10, Some(16))];
+        for (b, cin, cout, hw, block) in cases {
             let x = rand(&[b, cin, hw, hw], 7);
             let wt = rand(&[cout, cin, 3, 3], 8);
             let bs = rand(&[cout], 9);
