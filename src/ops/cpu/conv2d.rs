@@ -28,12 +28,12 @@ const DEPTH_TARGET: usize = 512;
 const DIRECT_TILE: usize = 1024;
 /// Tiles are multiples of this (gemm's widest f32 microkernel row count), except a whole short image.
 const TILE_ALIGN: usize = 16;
-/// Slack for gemm's packing buffers: one microkernel's rounding (its widest f32 microkernel is 32 × 6).
-const GEMM_PACK_SLACK: usize = 32;
+/// Slack for gemm's packing buffers: one microkernel's rounding (its widest f32 microkernel is 64 × 6, AVX-512).
+const GEMM_PACK_SLACK: usize = 64;
 
 /// Upper bound of the f32s gemm 0.19 allocates in one call `dst[m, n] += lhs[m, depth] · rhs[depth, n]` with a
 /// unit-stride lhs column and rhs column, as the kernel calls it (m = positions, n = Cout): it packs the rhs (the
-/// weights) only when m exceeds 128 microkernel rows (2048 with AVX2, 4096 with AVX-512; always on aarch64), and
+/// weights) only when m exceeds 128 microkernel rows (2048 with AVX2, 8192 with AVX-512; always on aarch64), and
 /// prepacks the lhs only when m ≤ 2·mc (mc ≤ 8 microkernel rows, so m ≤ 512). Its per-thread L2 slab is
 /// persistent, not per call.
 pub(super) fn gemm_pack_f32s(m: usize, n: usize, depth: usize) -> usize {

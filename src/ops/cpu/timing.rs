@@ -109,3 +109,71 @@ fn timing_table() {
     }
 }
 
+
+/// Process CPU seconds (user + system) so far: a yardstick that a loaded machine disturbs less than wall time.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// The 3×3 convs of the SD 1.5 UNet at 64×64 latents (batch 2) through im2col and through Winograd with several
+/// tiles per block: wall and CPU ms, medians, interleaved.
+#[test]
+#[ignore]
+fn winograd_block_sweep() {
+    use super::conv2d::{conv2d_tiled, Geom, Tiling};
+    let reps: usize = std::env::var("REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let only = std::env::var("ONLY").unwrap_or_default();
+    println!("rayon threads {}", super::threads());
+    let shapes = [
+        (320, 320, 64),
+        (640, 320, 64),
+        (960, 320, 64),
+        (640, 640, 64),
+        (640, 640, 32),
+        (1280, 640, 32),
+        (1920, 640, 32),
+        (1280, 1280, 32),
+        (1280, 1280, 16),
+        (2560, 1280, 16),
+        (1280, 1280, 8),
+    ];
+    for (cin, cout, hw) in shapes {
+        if !only.is_empty() && !only.split(',').any(|o| o == format!("{cin}x{cout}@{hw}")) {
+            continue;
+        }
+        let x = randn(&[2, cin, hw, hw]);
+        let w = (randn(&[cout, cin, 3, 3]) * 0.02).unwrap();
+        let b = randn(&[cout]);
+        let g = Geom::new(x.dims4().unwrap(), w.dims4().unwrap(), 1, 1).unwrap();
+        let base = Tiling::for_geom(&g);
+        let mut variants: Vec<(String, Tiling)> =
+            vec![(format!("default(w{})", base.winograd), base), ("im2col".into(), Tiling { winograd: 0, ..base })];
+        for t in [48usize, 96, 128, 192, 256] {
+            variants.push((format!("w{t}"), Tiling { winograd: t, ..base }));
+        }
+        let mut wall = vec![Vec::new(); variants.len()];
+        let mut cpu = vec![Vec::new(); variants.len()];
+        for (_, t) in &variants {
+            drop(conv2d_tiled(&x, &w, Some(&b), &g, *t).unwrap());
+        }
+        for _ in 0..reps {
+            for (i, (_, t)) in variants.iter().enumerate() {
+                let (c0, t0) = (cpu_seconds(), Instant::now());
+                let y = conv2d_tiled(&x, &w, Some(&b), &g, *t).unwrap();
+                wall[i].push(t0.elapsed().as_secs_f64() * 1e3);
+                cpu[i].push((cpu_seconds() - c0) * 1e3);
+                drop(y);
+            }
+        }
+        let cols: Vec<String> = variants
+            .iter()
+            .zip(wall.into_iter().zip(cpu))
+            .map(|((n, _), (w, c))| format!("{n} {:.0}/{:.0}", median(w), median(c)))
+            .collect();
+        println!("conv {cin}->{cout} @{hw} (wall/cpu ms): {}", cols.join("  "));
+    }
+}

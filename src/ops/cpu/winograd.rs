@@ -8,7 +8,8 @@
 //!
 //! Memory: the transformed weights `U` (16·Cout·Cin, 16/9 of the weights) are computed per call — weights are
 //! streamed per call in this runtime, so a cache would hold a second copy of every conv's weights, and the transform
-//! costs a few % of the conv at most (measured, see BENCHMARKS.md). The tiles are cut into blocks, so the rest of
+//! costs a few % of the conv at most (measured, see BENCHMARKS.md). Wide convs run in output-channel groups, so at
+//! most 25 MiB of `U` exist at once and stay hot across the blocks. The tiles are cut into blocks, so the rest of
 //! the scratch (transformed input + products per task) does not grow with the image.
 //!
 //! Determinism: the blocks depend on the shape only, every output element belongs to one tile of one block, and
@@ -27,37 +28,58 @@ use crate::ops::cancel;
 
 /// Tiles per block are multiples of this (gemm's f32 microkernel rows), and at least it.
 const TILE_ALIGN: usize = 16;
-/// f32s of one task's block buffers, transformed input `V` (16·Cin·T) plus products `M` (16·Cout·T): 4 MiB.
-const BLOCK_BUDGET: usize = 1024 * 1024;
+/// f32s of one task's block buffers, transformed input `V` (16·Cin·T) plus products `M` (16·Cout·T): 16 MiB. Each
+/// block multiplies all 16 `U_ξ` (16·Cin·Cout) by its tiles, so the tiles per block set how often `U` is read per
+/// conv: with 4 MiB the 640-channel convs got 48 tiles (26 MiB of `U` read per 48 tiles) and ran 7–10 % slower than
+/// with 128 (the SD UNet's convs at 64×64 and 32×32 latents, measured).
+const BLOCK_BUDGET: usize = 4 * 1024 * 1024;
 /// Tiles of one row handled at once by the transforms (their row buffers live on the stack).
 const PIECE: usize = 64;
+/// The most Cin·Cout of one output-channel group: transformed weights of at most 25 MiB live at once. Wider convs run
+/// in groups (4 at 1280², each transforming the input again: ~0.3 % of its GEMM work).
+const GROUP_CHANNELS: usize = 640 * 640;
+/// The widest conv measured faster with Winograd: SD's UNet 2560 → 1280 (0.92× the im2col CPU time at 16×16,
+/// batch 2; 1280² 0.77× there and 0.6× at 32×32, in groups; ungrouped they were slower, their 105 MiB of transformed
+/// weights read from memory by every block).
+const MAX_CHANNELS: usize = 2560 * 1280;
+const MIN_TILES: usize = 128;
 
 /// Whether the Winograd path computes this conv: 3×3, stride 1, padding 1, and shapes where it measured faster
 /// than im2col + gemm (BENCHMARKS.md, "CPU Winograd 3×3 conv"): enough channels that the GEMMs dominate the
-/// transforms, enough tiles that the transformed weights are amortised, and transformed weights of at most 32 MiB
-/// (Cin·Cout ≤ 640², which also leaves out the 1280-channel convs, measured slower at their image sizes).
+/// transforms, and enough tiles that the transformed weights (16/9 of the weights, per call) are amortised.
 pub(crate) fn applies(g: &Geom) -> bool {
     g.k == 3
         && g.stride == 1
         && g.pad == 1
         && g.cin >= 64
         && g.cout >= 64
-        && g.cin * g.cout <= 640 * 640
-        && g.b * tiles_per_image(g) >= 128
+        && g.cin * g.cout <= MAX_CHANNELS
+        && g.b * tiles_per_image(g) >= MIN_TILES
 }
 
 fn tiles_per_image(g: &Geom) -> usize {
     g.oh.div_ceil(2) * g.ow.div_ceil(2)
 }
 
+/// Output channels per group (a function of the shape only): all of them up to [`GROUP_CHANNELS`], else equal
+/// groups of at most that many weights each, so the transformed weights of one group stay within 25 MiB.
+fn group_channels(g: &Geom) -> usize {
+    let groups = (g.cin * g.cout).div_ceil(GROUP_CHANNELS).max(1);
+    g.cout.div_ceil(groups).max(1)
+}
+
 /// Tiles per block for this shape (a function of the shape only, for determinism): wide enough that gemm reuses
 /// each transformed weight over many tiles (Cin/4, at least 32), at most [`BLOCK_BUDGET`] f32s of buffers per task.
 pub(crate) fn block_tiles(g: &Geom) -> usize {
-    let budget = (BLOCK_BUDGET / (16 * (g.cin + g.cout)).max(1)) / TILE_ALIGN * TILE_ALIGN;
+    let budget = (BLOCK_BUDGET / (16 * (g.cin + group_channels(g))).max(1)) / TILE_ALIGN * TILE_ALIGN;
     let t = (g.cin / 4).next_multiple_of(TILE_ALIGN).clamp(32, 128).min(budget).max(TILE_ALIGN);
-    // Even blocks: the same number of blocks with fewer tiles each.
+    // Balanced blocks: the same number of blocks with fewer tiles each, and an even number of a few, so that two
+    // threads share them (5 blocks of 1920 → 640 at 32×32 ran one by one, 1.3× the CPU time of 6 in parallel).
     let total = g.b * tiles_per_image(g);
-    let blocks = total.div_ceil(t);
+    let mut blocks = total.div_ceil(t);
+    if blocks > 1 && blocks < 16 && blocks % 2 == 1 {
+        blocks += 1;
+    }
     total.div_ceil(blocks).next_multiple_of(TILE_ALIGN).min(t)
 }
 
@@ -66,12 +88,13 @@ fn outer_parallel(blocks: usize, threads: usize) -> bool {
     threads > 1 && blocks >= threads && (blocks % threads == 0 || blocks >= 4 * threads)
 }
 
-/// Upper bound of the transient f32s of [`run`] with `t` tiles per block on `threads` threads: the transformed
-/// weights, each live task's block buffers, and gemm's packed operands in each running call.
+/// Upper bound of the transient f32s of [`run`] with `t` tiles per block on `threads` threads: one group's
+/// transformed weights, each live task's block buffers, and gemm's packed operands in each running call.
 pub(crate) fn scratch_f32s(g: &Geom, t: usize, threads: usize) -> usize {
     let blocks = (g.b * tiles_per_image(g)).div_ceil(t);
     let live = if outer_parallel(blocks, threads) { threads.min(blocks) } else { 1 };
-    16 * g.cout * g.cin + live * (16 * (g.cin + g.cout) * t + gemm_pack_f32s(t, g.cout, g.cin))
+    let cg = group_channels(g);
+    16 * cg * g.cin + live * (16 * (g.cin + cg) * t + gemm_pack_f32s(t, cg, g.cin))
 }
 
 /// An output pointer shared by parallel tasks, each writing its own elements.
@@ -115,43 +138,49 @@ fn runs(g: &Geom, t0: usize, t1: usize) -> Vec<Run> {
     out
 }
 
-/// The conv of [`Geom`] `g` (3×3, stride 1, pad 1) with `t` tiles per block, into `out` `[B, Cout, H, W]`.
-/// `Cancelled` (the output partly written) when the call running on this thread is cancelled: polled between
-/// chunks of blocks.
+/// The conv of [`Geom`] `g` (3×3, stride 1, pad 1) with `t` tiles per block, into `out` `[B, Cout, H, W]`, one
+/// output-channel group ([`group_channels`]) after the other. `Cancelled` (the output partly written) when the
+/// call running on this thread is cancelled: polled between chunks of blocks.
 pub(crate) fn run(x: &[f32], w: &[f32], bias: Option<&[f32]>, out: &mut [f32], g: &Geom, t: usize) -> Result<()> {
     assert!(g.k == 3 && g.stride == 1 && g.pad == 1 && g.oh == g.h && g.ow == g.w && t > 0);
     assert!(
         x.len() == g.b * g.cin * g.h * g.w && w.len() == g.cout * g.cin * 9 && out.len() == g.b * g.cout * g.h * g.w
     );
     let nthreads = threads();
-    let u = transform_weights(w, g.cout, g.cin);
     let total = g.b * tiles_per_image(g);
     let blocks = total.div_ceil(t);
     let optr = OutPtr(out.as_mut_ptr());
-    let block = |i: usize, buf: &mut Vec<f32>, par: Parallelism| {
-        let (t0, t1) = (i * t, ((i + 1) * t).min(total));
-        let runs = runs(g, t0, t1);
-        buf.resize(16 * (g.cin + g.cout) * t, 0.0);
-        let (v, m) = buf.split_at_mut(16 * g.cin * t);
-        let parallel = matches!(par, Parallelism::Rayon(n) if n > 1);
-        transform_input(x, g, &runs, t, v, parallel);
-        multiply(&u, v, m, g, t1 - t0, t, par);
-        // SAFETY: `out` is live and exclusively borrowed for the whole of `run`; this block's tiles are written by no
-        // other block.
-        unsafe { transform_output(m, bias, optr, g, &runs, t, parallel) };
-    };
-    if outer_parallel(blocks, nthreads) {
-        cancel::par_for_each_checked(blocks, cancel::chunk_for(nthreads), Vec::new, |buf, i| {
-            block(i, buf, Parallelism::None)
-        })
-    } else {
-        let mut buf = Vec::new();
-        for i in 0..blocks {
-            cancel::check()?;
-            block(i, &mut buf, Parallelism::Rayon(nthreads));
+    let cg = group_channels(g);
+    let mut c0 = 0;
+    while c0 < g.cout {
+        let cos = c0..(c0 + cg).min(g.cout);
+        let u = transform_weights(&w[cos.start * g.cin * 9..cos.end * g.cin * 9], cos.len(), g.cin);
+        let block = |i: usize, buf: &mut Vec<f32>, par: Parallelism| {
+            let (t0, t1) = (i * t, ((i + 1) * t).min(total));
+            let runs = runs(g, t0, t1);
+            buf.resize(16 * (g.cin + cos.len()) * t, 0.0);
+            let (v, m) = buf.split_at_mut(16 * g.cin * t);
+            let parallel = matches!(par, Parallelism::Rayon(n) if n > 1);
+            transform_input(x, g, &runs, t, v, parallel);
+            multiply(&u, v, m, g.cin, cos.len(), t1 - t0, t, par);
+            // SAFETY: `out` is live and exclusively borrowed for the whole of `run`; this block's tiles of this
+            // group's channels are written by no other block.
+            unsafe { transform_output(m, bias, optr, g, cos.clone(), &runs, t, parallel) };
+        };
+        if outer_parallel(blocks, nthreads) {
+            cancel::par_for_each_checked(blocks, cancel::chunk_for(nthreads), Vec::new, |buf, i| {
+                block(i, buf, Parallelism::None)
+            })?;
+        } else {
+            let mut buf = Vec::new();
+            for i in 0..blocks {
+                cancel::check()?;
+                block(i, &mut buf, Parallelism::Rayon(nthreads));
+            }
         }
-        Ok(())
+        c0 = cos.end;
     }
+    Ok(())
 }
 
 /// Input channels the weight transform handles at once, as SIMD lanes.
@@ -281,18 +310,20 @@ fn transform_input(x: &[f32], g: &Geom, runs: &[Run], t: usize, v: &mut [f32], p
     }
 }
 
-/// `M[co][ξ][k] = Σ_ci U[co][ξ][ci] · V[ci][ξ][k]` for the block's `nt` tiles: 16 GEMMs, written as
-/// `Mᵀ_ξ[k, co] = Vᵀ_ξ[k, ci] · Uᵀ_ξ[ci, co]` so the tiles are gemm's unit-stride rows, as in the im2col path.
-fn multiply(u: &[f32], v: &[f32], m: &mut [f32], g: &Geom, nt: usize, t: usize, par: Parallelism) {
-    assert!(u.len() == 16 * g.cout * g.cin && v.len() >= 16 * g.cin * t && m.len() >= 16 * g.cout * t && nt <= t);
+/// `M[co][ξ][k] = Σ_ci U[co][ξ][ci] · V[ci][ξ][k]` for the block's `nt` tiles and one group's `cout` output
+/// channels: 16 GEMMs, written as `Mᵀ_ξ[k, co] = Vᵀ_ξ[k, ci] · Uᵀ_ξ[ci, co]` so the tiles are gemm's unit-stride
+/// rows, as in the im2col path.
+#[allow(clippy::too_many_arguments)]
+fn multiply(u: &[f32], v: &[f32], m: &mut [f32], cin: usize, cout: usize, nt: usize, t: usize, par: Parallelism) {
+    assert!(u.len() == 16 * cout * cin && v.len() >= 16 * cin * t && m.len() >= 16 * cout * t && nt <= t);
     for xi in 0..16 {
         // SAFETY: lhs V_ξ: element (k, ci) at ξ·t + ci·16t + k < 16·Cin·t; rhs U_ξ: (ci, co) at (ξ·Cout + co)·Cin + ci
         // < 16·Cout·Cin; dst M_ξ: (k, co) at ξ·t + co·16t + k < 16·Cout·t — all within the slices asserted above.
         unsafe {
             gemm::gemm(
                 nt,
-                g.cout,
-                g.cin,
+                cout,
+                cin,
                 m.as_mut_ptr().add(xi * t),
                 (16 * t) as isize,
                 1,
@@ -300,8 +331,8 @@ fn multiply(u: &[f32], v: &[f32], m: &mut [f32], g: &Geom, nt: usize, t: usize, 
                 v.as_ptr().add(xi * t),
                 (16 * t) as isize,
                 1,
-                u.as_ptr().add(xi * g.cout * g.cin),
-                g.cin as isize,
+                u.as_ptr().add(xi * cout * cin),
+                cin as isize,
                 1,
                 0.0,
                 1.0,
@@ -315,22 +346,25 @@ fn multiply(u: &[f32], v: &[f32], m: &mut [f32], g: &Geom, nt: usize, t: usize, 
 }
 
 /// `Y = Aᵀ M A + bias` per tile and output channel, `Aᵀ = [[1,1,1,0],[0,1,−1,−1]]`, written where the 2×2 tile lies
-/// inside the output (odd sizes cut the last row/column of tiles). Per run, both output rows are built whole and
-/// copied, so the loops vectorise.
+/// inside the output (odd sizes cut the last row/column of tiles), for the group's output channels `cos` (`m` holds
+/// theirs only). Per run, both output rows are built whole and copied, so the loops vectorise.
 ///
 /// # Safety
 /// `out.0` points to the `[B, Cout, H, W]` output, and no other thread writes these runs' elements meanwhile.
+#[allow(clippy::too_many_arguments)]
 unsafe fn transform_output(
     m: &[f32],
     bias: Option<&[f32]>,
     out: OutPtr,
     g: &Geom,
+    cos: std::ops::Range<usize>,
     runs: &[Run],
     t: usize,
     parallel: bool,
 ) {
     let (oh, ow) = (g.oh, g.ow);
-    let channel = |co: usize, mc: &[f32]| {
+    let channel = |j: usize, mc: &[f32]| {
+        let co = cos.start + j;
         let b0 = bias.map_or(0.0, |b| b[co]);
         let mut row = [0f32; 2 * PIECE];
         for r in runs {
@@ -358,9 +392,9 @@ unsafe fn transform_output(
         }
     };
     if parallel {
-        m.par_chunks(16 * t).take(g.cout).enumerate().for_each(|(co, mc)| channel(co, mc));
+        m.par_chunks(16 * t).take(cos.len()).enumerate().for_each(|(j, mc)| channel(j, mc));
     } else {
-        m.chunks(16 * t).take(g.cout).enumerate().for_each(|(co, mc)| channel(co, mc));
+        m.chunks(16 * t).take(cos.len()).enumerate().for_each(|(j, mc)| channel(j, mc));
     }
 }
 
@@ -408,6 +442,8 @@ mod tests {
             (2, 640, 640, 7, 5, Some(16)),
             (1, 1280, 1280, 5, 6, None),
             (2, 1280, 1280, 4, 4, Some(16)),
+            // Output-channel groups: 3 of 214, 214, 212 channels (Cin·Cout > 640²).
+            (2, 1920, 640, 6, 5, Some(16)),
             (1, 512, 512, 17, 13, None),
             (1, 512, 512, 17, 13, Some(32)),
             (1, 512, 256, 8, 8, None),
@@ -442,7 +478,9 @@ mod tests {
     #[test]
     fn winograd_is_deterministic_across_runs_and_thread_counts() {
         // Blocks run in parallel (many blocks) and one by one with gemm's threads (one block).
-        for (b, cin, cout, hw, block) in [(2, 96, 80, 24, Some(16)), (1, 64, 72, 14, None), (2, 48, 40, 9, Some(32))] {
+        // The last case runs in two output-channel groups (704·640 > 640²).
+        let cases = [(2, 96, 80, 24, Some(16)), (1, 64, 72, 14, None), (2, 48, 40, 9, Some(32)), (2, 704, 640, 10, Some(16))];
+        for (b, cin, cout, hw, block) in cases {
             let x = rand(&[b, cin, hw, hw], 7);
             let wt = rand(&[cout, cin, 3, 3], 8);
             let bs = rand(&[cout], 9);
@@ -457,6 +495,13 @@ mod tests {
         assert_eq!(Tiling::for_geom(&g(1, 512, 64, 3, 2, 1)).winograd, 0, "stride 2");
         assert_eq!(Tiling::for_geom(&g(1, 512, 64, 1, 1, 0)).winograd, 0, "1×1");
         assert_eq!(Tiling::for_geom(&g(1, 512, 64, 3, 1, 0)).winograd, 0, "unpadded");
+        // The UNet's wide convs (in output-channel groups) from 128 tiles on; not beyond 2560 · 1280 channels.
+        let wide = |b, cin, cout, hw| Geom::new((b, cin, hw, hw), (cout, cin, 3, 3), 1, 1).unwrap();
+        assert!(Tiling::for_geom(&wide(2, 1280, 1280, 16)).winograd > 0);
+        assert!(Tiling::for_geom(&wide(2, 2560, 1280, 16)).winograd > 0);
+        assert!(Tiling::for_geom(&wide(2, 1920, 640, 32)).winograd > 0);
+        assert_eq!(Tiling::for_geom(&wide(2, 1280, 1280, 8)).winograd, 0, "32 tiles");
+        assert_eq!(Tiling::for_geom(&wide(1, 2560, 2560, 32)).winograd, 0, "beyond 2560 · 1280");
     }
 }
 
