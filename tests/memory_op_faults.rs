@@ -97,6 +97,39 @@ fn clean_oom(e: &Error, what: &str) {
     }
 }
 
+/// A faulted run's end, judged: true when it succeeded with the unfaulted latents and the unfaulted image (or, when
+/// the decode fell back to tiles, the image of a tiled run of that tile size, made once per size); false when it
+/// failed with a clean OUT_OF_DEVICE_MEMORY. Anything else fails the test.
+fn ends_like_an_unfaulted_run(
+    s: &Setup,
+    r: lowvram::Result<(Vec<u32>, Vec<u32>, Option<usize>)>,
+    reference: (&Vec<u32>, &Vec<u32>),
+    latents: &Tensor,
+    tiled_refs: &mut std::collections::HashMap<usize, Vec<u32>>,
+    what: &str,
+) -> bool {
+    match r {
+        Ok((l, i, tile)) => {
+            assert_eq!(&l, reference.0, "{what}: latents");
+            let expected = match tile {
+                None => reference.1.clone(),
+                Some(t) => tiled_refs
+                    .entry(t)
+                    .or_insert_with(|| {
+                        bits(&s.ctx.vae_decode(&s.vae, latents, Tiling::Tiles { tile_latent: t }).unwrap().0)
+                    })
+                    .clone(),
+            };
+            assert_eq!(i, expected, "{what}: image (tile {tile:?})");
+            true
+        }
+        Err(e) => {
+            clean_oom(&e, what);
+            false
+        }
+    }
+}
+
 /// Every op of a denoise + decode run, failed in turn: each denoise fault is recovered bit-identically, each decode
 /// fault ends in the tiled decode (bit-identical to a tiled run) or, like any fault, a clean OUT_OF_DEVICE_MEMORY;
 /// the accounting returns to rest and the next run is the unfaulted one.
@@ -177,25 +210,10 @@ fn every_op_fault_recovers_or_fails_cleanly() {
         alloc.set_op_faults(FaultInjection::Rate { probability, seed });
         let r = run(&s);
         alloc.set_op_faults(FaultInjection::Off);
-        match r {
-            Ok((l, i, tile)) => {
-                assert_eq!(l, reference.0, "{what}: latents");
-                let expected = match tile {
-                    None => reference.1.clone(),
-                    Some(t) => tiled_refs
-                        .entry(t)
-                        .or_insert_with(|| {
-                            bits(&s.ctx.vae_decode(&s.vae, &latents, Tiling::Tiles { tile_latent: t }).unwrap().0)
-                        })
-                        .clone(),
-                };
-                assert_eq!(i, expected, "{what}: image (tile {tile:?})");
-                ok += 1;
-            }
-            Err(e) => {
-                clean_oom(&e, &what);
-                failed += 1;
-            }
+        if ends_like_an_unfaulted_run(&s, r, (&reference.0, &reference.1), &latents, &mut tiled_refs, &what) {
+            ok += 1;
+        } else {
+            failed += 1;
         }
         assert_at_rest(&s, &what);
         let next = run(&s).unwrap();
@@ -367,25 +385,10 @@ fn every_upload_fault_recovers_or_fails_cleanly() {
         let (_, injected) = alloc.fault_counts_at(FaultSite::Upload);
         alloc.set_faults_at(FaultSite::Upload, FaultInjection::Off);
         assert_eq!(injected, 1, "{what}: not injected");
-        match r {
-            Ok((l, i, tile)) => {
-                assert_eq!(l, reference.0, "{what}: latents");
-                let expected = match tile {
-                    None => reference.1.clone(),
-                    Some(t) => tiled_refs
-                        .entry(t)
-                        .or_insert_with(|| {
-                            bits(&s.ctx.vae_decode(&s.vae, &latents, Tiling::Tiles { tile_latent: t }).unwrap().0)
-                        })
-                        .clone(),
-                };
-                assert_eq!(i, expected, "{what}: image (tile {tile:?})");
-                ok += 1;
-            }
-            Err(e) => {
-                clean_oom(&e, &what);
-                failed += 1;
-            }
+        if ends_like_an_unfaulted_run(&s, r, (&reference.0, &reference.1), &latents, &mut tiled_refs, &what) {
+            ok += 1;
+        } else {
+            failed += 1;
         }
         assert_at_rest(&s, &what);
         assert_eq!(run(&s).unwrap(), reference, "{what}: the next run");

@@ -83,15 +83,7 @@ impl ModelCache {
                 }
             };
             if let Some(err) = failure {
-                inner.locks.retain(|l| l.id != id);
-                {
-                    let mut st = model.state();
-                    st.locks -= 1;
-                    if st.locks == 0 {
-                        st.target = None;
-                    }
-                }
-                let _ = sh.rebalance(&mut inner);
+                undo_lock(sh, &mut inner, model, id);
                 // It fits alone (checked above): a plan that fails now fails because of the other locks.
                 let contended =
                     matches!(err, Error::BudgetTooSmall { .. }) && !inner.locks.is_empty();
@@ -107,16 +99,7 @@ impl ModelCache {
         let route = match sh.alloc.route_pool() {
             Ok(r) => r,
             Err(e) => {
-                let mut inner = sh.inner();
-                inner.locks.retain(|l| l.id != id);
-                {
-                    let mut st = model.state();
-                    st.locks -= 1;
-                    if st.locks == 0 {
-                        st.target = None;
-                    }
-                }
-                let _ = sh.rebalance(&mut inner);
+                undo_lock(sh, &mut sh.inner(), model, id);
                 return Attempt::Failed(e);
             }
         };
@@ -255,6 +238,20 @@ impl ModelCache {
         r?;
         Ok(model.resident_bytes())
     }
+}
+
+/// Take back a lock registered by `try_lock` that could not be completed: drop it from the registry, clear the
+/// model's target when no lock is left, and rebalance the budgets it held.
+fn undo_lock(sh: &Shared, inner: &mut Inner, model: &ManagedModel, id: u64) {
+    inner.locks.retain(|l| l.id != id);
+    {
+        let mut st = model.state();
+        st.locks -= 1;
+        if st.locks == 0 {
+            st.target = None;
+        }
+    }
+    let _ = sh.rebalance(inner);
 }
 
 impl Shared {
