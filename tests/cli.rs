@@ -48,6 +48,7 @@ fn err_text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+#[cfg_attr(feature = "cuda", allow(dead_code))] // its users are CPU-build tests
 fn out_text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
