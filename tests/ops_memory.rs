@@ -104,12 +104,19 @@ fn working_memory_estimates_bound_measured_peaks() {
         let opts = lowvram::api::DenoiseOptions { steps: 1, guidance: 7.5, latent_size: (size, size), ..Default::default() };
         let step = || ctx.denoise(&unet, &opts, &cond, Some(&cond), None, None, &mut |_, _| true).unwrap();
         let _ = step(); // warm
+        // The op's peak is its worst case: the most of three runs, since on a loaded machine fewer tasks run at
+        // once and a single run can see fewer tiles live than the estimate (which counts one per thread) must cover
+        // (ratio 1.52 seen in 2 of 6 single-run measurements under load, 1.33–1.35 idle).
         let mut report = None;
-        let (m, _) = measure(|| {
-            let (latents, r) = step();
-            report = Some(r);
-            latents
-        });
+        let mut m = 0;
+        for _ in 0..3 {
+            let (run, _) = measure(|| {
+                let (latents, r) = step();
+                report = Some(r);
+                latents
+            });
+            m = m.max(run);
+        }
         let r = report.unwrap();
         check(&format!("denoise step tiny-sd {size}x{size} latents"), r.estimated_working_bytes, m, WHOLE_OP, &mut failures);
     }

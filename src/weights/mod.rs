@@ -1,5 +1,6 @@
 //! Weights: where every tensor of a checkpoint lives, and the interface models fetch them through.
 
+mod convert;
 mod format;
 pub mod gguf;
 mod resident;

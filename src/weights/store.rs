@@ -18,6 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use serde::Serialize;
 
+use super::convert::convert_par;
 use crate::device::{align_up, BlockBuffer, DeviceAllocator, HostArena, NotPinned, TENSOR_ALIGN};
 use crate::error::{Error, Result};
 use crate::weights::format::StoredFormat;
@@ -400,80 +401,6 @@ fn cpu_bytes<'a>(
             ))
         }
     })
-}
-
-/// Convert `src` (elements of `from`) into `dst` (elements of `to`), little-endian, any alignment. This runs once
-/// per resident block and once per streamed block's arrival, so it is vectorised: whole slices go through `half`'s
-/// SIMD conversions (F16C on x86, 8 elements an instruction, the CPU feature checked once per slice), not one
-/// feature-checked call per element, which made a streamed fp16 step's arrival cost about 1 s of a core per
-/// 1.4 GB. Unaligned bytes (a mapped file's tensor may start anywhere) pass through small aligned buffers first.
-fn convert_into(src: &[u8], from: DType, to: DType, dst: &mut [u8]) {
-    use half::slice::HalfFloatSliceExt;
-    use half::{bf16, f16};
-    if from == to {
-        dst.copy_from_slice(src);
-        return;
-    }
-    /// Run `f` over `src` and `dst` as typed slices: directly when both are aligned, else through aligned chunks.
-    fn typed<A: Copy + Default, B: Copy + Default>(src: &[u8], dst: &mut [u8], f: impl Fn(&[A], &mut [B])) {
-        let (sa, sb) = (std::mem::size_of::<A>(), std::mem::size_of::<B>());
-        let n = (src.len() / sa).min(dst.len() / sb);
-        let (src, dst) = (&src[..n * sa], &mut dst[..n * sb]);
-        if src.as_ptr() as usize % std::mem::align_of::<A>() == 0 && dst.as_ptr() as usize % std::mem::align_of::<B>() == 0 {
-            // SAFETY: aligned, in bounds, and both are plain numbers valid for every bit pattern.
-            let (s, d) = unsafe {
-                (
-                    std::slice::from_raw_parts(src.as_ptr() as *const A, n),
-                    std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut B, n),
-                )
-            };
-            return f(s, d);
-        }
-        const CHUNK: usize = 1024;
-        let (mut a, mut b) = ([A::default(); CHUNK], [B::default(); CHUNK]);
-        for (s, d) in src.chunks(CHUNK * sa).zip(dst.chunks_mut(CHUNK * sb)) {
-            let k = s.len() / sa;
-            // SAFETY: `a` and `b` are plain numbers; the byte views cover exactly their first k elements.
-            let (ab, bb) = unsafe {
-                (
-                    std::slice::from_raw_parts_mut(a.as_mut_ptr() as *mut u8, k * sa),
-                    std::slice::from_raw_parts(b.as_ptr() as *const u8, k * sb),
-                )
-            };
-            ab.copy_from_slice(s);
-            f(&a[..k], &mut b[..k]);
-            d.copy_from_slice(&bb[..k * sb]);
-        }
-    }
-    match (from, to) {
-        (DType::F16, DType::F32) => typed(src, dst, |s: &[f16], d: &mut [f32]| s.convert_to_f32_slice(d)),
-        (DType::BF16, DType::F32) => typed(src, dst, |s: &[bf16], d: &mut [f32]| s.convert_to_f32_slice(d)),
-        (DType::F32, DType::F16) => typed(src, dst, |s: &[f32], d: &mut [f16]| d.convert_from_f32_slice(s)),
-        (DType::F32, DType::BF16) => typed(src, dst, |s: &[f32], d: &mut [bf16]| d.convert_from_f32_slice(s)),
-        (DType::F16, _) => typed(src, dst, |s: &[f16], d: &mut [bf16]| {
-            for (x, y) in s.iter().zip(d) {
-                *y = bf16::from_f32(x.to_f32());
-            }
-        }),
-        _ => typed(src, dst, |s: &[bf16], d: &mut [f16]| {
-            for (x, y) in s.iter().zip(d) {
-                *y = f16::from_f32(x.to_f32());
-            }
-        }),
-    }
-}
-
-/// [`convert_into`] split over the rayon pool for large blocks (a resident placement or a synchronous fetch).
-fn convert_par(src: &[u8], from: DType, to: DType, dst: &mut [u8], parallel: bool) {
-    const CHUNK: usize = 1 << 18; // elements
-    let n = src.len() / from.size_in_bytes();
-    if !parallel || n < 4 * CHUNK || from == to {
-        return convert_into(src, from, to, dst);
-    }
-    use rayon::prelude::*;
-    src.par_chunks(CHUNK * from.size_in_bytes())
-        .zip(dst.par_chunks_mut(CHUNK * to.size_in_bytes()))
-        .for_each(|(s, d)| convert_into(s, from, to, d));
 }
 
 /// Map one safetensors file, checking it is long enough for a header (the header itself is validated by its reader).
@@ -1071,47 +998,6 @@ fn host_convert_bytes(src: &[u8], from: DType, to: DType, shape: &[usize]) -> Re
 mod tests {
     use super::*;
     use crate::device::{page_size, DeviceSpec, PinEvent};
-
-    /// The vectorised conversions equal the element-by-element ones for every dtype pair, aligned or not, on
-    /// lengths that are not a multiple of any SIMD width or chunk.
-    #[test]
-    fn convert_into_matches_per_element_conversion_at_any_alignment() {
-        use half::{bf16, f16};
-        let n = 2 * 1024 + 7;
-        let f32s: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37 - 300.0).sin() * 1e3 / (1.0 + i as f32 % 17.0)).collect();
-        let bytes_of = |d: DType| -> Vec<u8> {
-            match d {
-                DType::F32 => f32s.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                DType::F16 => f32s.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect(),
-                _ => f32s.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect(),
-            }
-        };
-        let one = |b: &[u8], from: DType, to: DType| -> Vec<u8> {
-            let x = match from {
-                DType::F32 => f32::from_le_bytes(b.try_into().unwrap()),
-                DType::F16 => f16::from_le_bytes(b.try_into().unwrap()).to_f32(),
-                _ => bf16::from_le_bytes(b.try_into().unwrap()).to_f32(),
-            };
-            match to {
-                DType::F32 => x.to_le_bytes().to_vec(),
-                DType::F16 => f16::from_f32(x).to_le_bytes().to_vec(),
-                _ => bf16::from_f32(x).to_le_bytes().to_vec(),
-            }
-        };
-        for from in [DType::F32, DType::F16, DType::BF16] {
-            for to in [DType::F32, DType::F16, DType::BF16] {
-                let src = bytes_of(from);
-                let want: Vec<u8> = src.chunks(from.size_in_bytes()).flat_map(|b| one(b, from, to)).collect();
-                for (so, dof) in [(0, 0), (1, 0), (0, 1), (1, 3)] {
-                    let mut s = vec![0u8; src.len() + so];
-                    s[so..].copy_from_slice(&src);
-                    let mut d = vec![0u8; want.len() + dof];
-                    convert_into(&s[so..], from, to, &mut d[dof..]);
-                    assert!(d[dof..] == want[..], "{from:?} -> {to:?}, offsets {so}/{dof}");
-                }
-            }
-        }
-    }
 
     /// The ring holds at most `slots` page-aligned arenas, reuses one that fits, replaces the smallest free one when a
     /// larger block needs a slot and all are made, waits while all are out, and unregisters each before freeing it.
