@@ -222,8 +222,7 @@ impl Context {
         let alloc = self.cache().allocator();
         loop {
             match forward().map_err(|e| alloc.classify(e, lock.working_bytes())) {
-                Err(Error::OutOfDeviceMemory { device, needed_bytes, available_bytes }) => {
-                    let e = Error::OutOfDeviceMemory { device, needed_bytes, available_bytes };
+                Err(e @ Error::OutOfDeviceMemory { needed_bytes, .. }) => {
                     let freed = lock.relieve(needed_bytes);
                     if freed == 0 {
                         return Err(e);
