@@ -820,7 +820,7 @@ fn gpu_oom_and_own_pool() {
 fn oom_and_pool_checks() {
     use candle_core::cuda_backend::cudarc::driver::{result, sys};
     use candle_core::DType;
-    use lowvram::device::FaultInjection;
+    use lowvram::device::{FaultInjection, FaultSite};
     use lowvram::Error;
 
     // The process default pool, as the host would see it: its attributes and the device's current pool.
@@ -871,16 +871,16 @@ fn oom_and_pool_checks() {
     assert!(!alloc.pool_is_routed(), "the previous pool comes back");
 
     // 2. Op-level OOM on CUDA: recovered, or clean when nothing more can be freed; the next run succeeds.
-    alloc.set_op_faults(FaultInjection::Nth(3));
+    alloc.set_faults_at(FaultSite::Activation, FaultInjection::Nth(3));
     let retried = denoise().expect("a step that hit an op-level OOM is retried");
-    assert_eq!(alloc.op_fault_counts().1, 1);
+    assert_eq!(alloc.fault_counts_at(FaultSite::Activation).1, 1);
     // The retry streams blocks that were resident: the same kernels on the same values (f32, no conversion).
     let diff = max_abs(&retried, &reference);
     println!("gpu op-level OOM: retried run vs unfaulted, max |diff| {diff:e}");
     assert!(diff <= 1e-5, "the retried run differs by {diff}");
-    alloc.set_op_faults(FaultInjection::Rate { probability: 1.0, seed: 1 });
+    alloc.set_faults_at(FaultSite::Activation, FaultInjection::Rate { probability: 1.0, seed: 1 });
     let e = denoise().unwrap_err();
-    alloc.set_op_faults(FaultInjection::Off);
+    alloc.set_faults_at(FaultSite::Activation, FaultInjection::Off);
     assert!(matches!(e, Error::OutOfDeviceMemory { .. }), "{e}");
     assert_eq!(alloc.usage().working_bytes, 0);
     assert!(max_abs(&denoise().unwrap(), &reference) <= 1e-5, "the next run");

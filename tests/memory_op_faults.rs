@@ -149,17 +149,17 @@ fn every_op_fault_recovers_or_fails_cleanly() {
         let (image, r) = s.ctx.vae_decode(&s.vae, &latents, Tiling::Auto)?;
         Ok((bits(&latents), bits(&image), r.tile_latent))
     };
-    alloc.set_op_faults(FaultInjection::Off);
+    alloc.set_faults_at(FaultSite::Activation, FaultInjection::Off);
     let out = run(&s).unwrap();
     assert_eq!((out.0, out.1), reference.clone());
     let (denoise_ops, _) = {
-        alloc.set_op_faults(FaultInjection::Off);
+        alloc.set_faults_at(FaultSite::Activation, FaultInjection::Off);
         denoise(&s).unwrap();
-        alloc.op_fault_counts()
+        alloc.fault_counts_at(FaultSite::Activation)
     };
-    alloc.set_op_faults(FaultInjection::Off);
+    alloc.set_faults_at(FaultSite::Activation, FaultInjection::Off);
     run(&s).unwrap();
-    let (total, injected) = alloc.op_fault_counts();
+    let (total, injected) = alloc.fault_counts_at(FaultSite::Activation);
     assert_eq!(injected, 0);
     assert!(denoise_ops >= 20 && total > denoise_ops, "{denoise_ops} ops in the denoise, {total} in the run");
     assert_at_rest(&s, "unfaulted");
@@ -167,11 +167,11 @@ fn every_op_fault_recovers_or_fails_cleanly() {
     let (mut retried, mut tiled_runs, mut failed) = (0, 0, 0);
     for n in 1..=total {
         let what = format!("failing op {n} of {total}");
-        alloc.set_op_faults(FaultInjection::Nth(n));
+        alloc.set_faults_at(FaultSite::Activation, FaultInjection::Nth(n));
         let refused = alloc.refused();
         let r = run(&s);
-        let (_, injected) = alloc.op_fault_counts();
-        alloc.set_op_faults(FaultInjection::Off);
+        let (_, injected) = alloc.fault_counts_at(FaultSite::Activation);
+        alloc.set_faults_at(FaultSite::Activation, FaultInjection::Off);
         assert_eq!(injected, 1, "{what}: not injected");
         assert_eq!(alloc.refused(), refused + 1, "{what}: the refusal is counted");
         match r {
@@ -207,9 +207,9 @@ fn every_op_fault_recovers_or_fails_cleanly() {
     for seed in 0..18u64 {
         let probability = [0.0005, 0.001, 0.002, 0.005, 0.02, 1.0][seed as usize % 6];
         let what = format!("op failure rate {probability}, seed {seed}");
-        alloc.set_op_faults(FaultInjection::Rate { probability, seed });
+        alloc.set_faults_at(FaultSite::Activation, FaultInjection::Rate { probability, seed });
         let r = run(&s);
-        alloc.set_op_faults(FaultInjection::Off);
+        alloc.set_faults_at(FaultSite::Activation, FaultInjection::Off);
         if ends_like_an_unfaulted_run(&s, r, (&reference.0, &reference.1), &latents, &mut tiled_refs, &what) {
             ok += 1;
         } else {
@@ -238,18 +238,18 @@ fn recovery_evicts_other_models_first_then_own_residency_then_gives_up() {
     let vae_all = s.vae.weights().total_bytes();
     assert_eq!(s.ctx.load_to_device(&s.vae, vae_all).unwrap(), vae_all);
 
-    alloc.set_op_faults(FaultInjection::Nth(1));
+    alloc.set_faults_at(FaultSite::Activation, FaultInjection::Nth(1));
     let out = denoise(&s).unwrap();
-    assert_eq!(alloc.op_fault_counts().1, 1);
+    assert_eq!(alloc.fault_counts_at(FaultSite::Activation).1, 1);
     assert_eq!(bits(&out), reference, "retried step differs");
     assert!(s.vae.weights().resident_bytes() < vae_all, "the other model's copy was not evicted");
     assert_eq!(s.unet.weights().resident_bytes(), unet_resident, "own residency shrunk before others were evicted");
     assert_at_rest(&s, "one fault");
 
-    alloc.set_op_faults(FaultInjection::Rate { probability: 1.0, seed: 1 });
+    alloc.set_faults_at(FaultSite::Activation, FaultInjection::Rate { probability: 1.0, seed: 1 });
     let e = denoise(&s).unwrap_err();
-    let (ops, injected) = alloc.op_fault_counts();
-    alloc.set_op_faults(FaultInjection::Off);
+    let (ops, injected) = alloc.fault_counts_at(FaultSite::Activation);
+    alloc.set_faults_at(FaultSite::Activation, FaultInjection::Off);
     clean_oom(&e, "every op failing");
     assert!(ops >= 2 && injected == ops, "{injected} of {ops}: the step was retried after freeing");
     assert_eq!(s.vae.weights().resident_bytes(), 0, "the other model's copy is gone");
@@ -317,10 +317,10 @@ fn c_abi_reports_out_of_device_memory_and_recovers() {
         let reference = read(out);
 
         // Every op failing: everything that can be freed is, then a clean failure.
-        alloc.set_op_faults(FaultInjection::Rate { probability: 1.0, seed: 3 });
+        alloc.set_faults_at(FaultSite::Activation, FaultInjection::Rate { probability: 1.0, seed: 3 });
         let mut out = null_mut();
         assert_eq!(denoise(&mut out), lowvram_status::OutOfDeviceMemory);
-        alloc.set_op_faults(FaultInjection::Off);
+        alloc.set_faults_at(FaultSite::Activation, FaultInjection::Off);
         assert!(out.is_null(), "no out-param on failure");
         let msg = last_error();
         assert!(msg.contains("out of device memory on emulated:") && msg.contains(" available"), "{msg}");
@@ -332,21 +332,21 @@ fn c_abi_reports_out_of_device_memory_and_recovers() {
         // With the VAE resident, the same fault is cured by evicting it.
         let mut loaded = 0u64;
         assert_eq!(lowvram_model_load_to_device(ctx, vae, u64::MAX, &mut loaded), lowvram_status::Ok, "{}", last_error());
-        alloc.set_op_faults(FaultInjection::Nth(3));
+        alloc.set_faults_at(FaultSite::Activation, FaultInjection::Nth(3));
         let mut out = null_mut();
         assert_eq!(denoise(&mut out), lowvram_status::Ok, "{}", last_error());
         assert_eq!(read(out), reference);
 
         // A decode whose first op fails falls back to tiles.
         let mut latents = null_mut();
-        alloc.set_op_faults(FaultInjection::Off);
+        alloc.set_faults_at(FaultSite::Activation, FaultInjection::Off);
         assert_eq!(denoise(&mut latents), lowvram_status::Ok);
-        alloc.set_op_faults(FaultInjection::Nth(1));
+        alloc.set_faults_at(FaultSite::Activation, FaultInjection::Nth(1));
         let mut image = null_mut();
         let s = lowvram_vae_decode(ctx, vae, null(), latents, null_mut(), &mut image);
         assert_eq!(s, lowvram_status::Ok, "{}", last_error());
-        assert_eq!(alloc.op_fault_counts().1, 1);
-        alloc.set_op_faults(FaultInjection::Off);
+        assert_eq!(alloc.fault_counts_at(FaultSite::Activation).1, 1);
+        alloc.set_faults_at(FaultSite::Activation, FaultInjection::Off);
         lowvram_tensor_free(image);
         lowvram_tensor_free(latents);
         lowvram_tensor_free(cond);

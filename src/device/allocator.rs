@@ -689,18 +689,6 @@ impl DeviceAllocator {
         (s.attempts, s.injected)
     }
 
-    /// Refuse activations inside ops on purpose from now on ([`activation`](Self::activation); tests and CI):
-    /// the Nth op of a run on this device, or ops at a rate, fail as a device OOM would. Resets both counts of
-    /// [`op_fault_counts`](Self::op_fault_counts).
-    pub fn set_op_faults(&self, faults: FaultInjection) {
-        self.set_faults_at(FaultSite::Activation, faults)
-    }
-
-    /// Activations (op entries) since [`set_op_faults`](Self::set_op_faults) (or creation), and the ones it failed.
-    pub fn op_fault_counts(&self) -> (u64, u64) {
-        self.fault_counts_at(FaultSite::Activation)
-    }
-
     /// The tensor library's device-OOM error for `bytes` at `site`, when its fault injection says so (counted as
     /// a refusal); Ok otherwise.
     fn inject_at(&self, site: FaultSite, bytes: u64) -> Result<()> {
@@ -713,7 +701,7 @@ impl DeviceAllocator {
     }
 
     /// The activation allocation point: an op on this device is about to allocate its output of `bytes`. Counted
-    /// for [`op_fault_counts`](Self::op_fault_counts); fails, when [`set_op_faults`](Self::set_op_faults) says so,
+    /// at [`FaultSite::Activation`]; fails, when that site's injection ([`set_faults_at`](Self::set_faults_at)) says so,
     /// with the tensor library's own device-OOM error ([`crate::device::oom::device_oom_error`]), so it takes the
     /// path a real one takes: through [`classify`](Self::classify) to `OutOfDeviceMemory` and recovery. The bytes
     /// are not counted (the tensor library allocates activations; the lock's working memory stands for them).

@@ -329,9 +329,9 @@ pub(crate) mod cuda {
         }
         // SAFETY: every byte is written by the copy below, which the compute stream waits for before any read.
         let mut dst =
-            unsafe { copy.alloc::<u8>(bytes.len()) }.map_err(|e| driver(e, bytes.len()))?;
+            unsafe { copy.alloc::<u8>(bytes.len()) }.map_err(driver)?;
         copy.memcpy_htod(bytes, &mut dst)
-            .map_err(|e| driver(e, bytes.len()))?;
+            .map_err(driver)?;
         let ptr = dst.leak();
         let cs = dev.cuda_stream();
         macro_rules! wrap {
@@ -355,7 +355,7 @@ pub(crate) mod cuda {
 
     /// The driver's error as candle wraps it (`CudaError::Cuda`), so the allocator's one classifier
     /// ([`crate::device::DeviceAllocator::classify`]) sees an out-of-memory as it sees one from inside an op.
-    fn driver(e: candle_core::cuda_backend::cudarc::driver::DriverError, _bytes: usize) -> Error {
+    fn driver(e: candle_core::cuda_backend::cudarc::driver::DriverError) -> Error {
         Error::Tensor(candle_core::Error::Cuda(Box::new(candle_core::cuda_backend::CudaError::Cuda(e))))
     }
 }

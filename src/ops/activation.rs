@@ -34,11 +34,9 @@ pub fn scope<R>(alloc: &DeviceAllocator, f: impl FnOnce() -> R) -> R {
 /// An op on this thread is about to allocate its output of `bytes`: the device's activation point (which may fail
 /// it as a device OOM, see [`DeviceAllocator::activation`]). Ok outside a call.
 pub fn enter(bytes: u64) -> Result<()> {
-    let alloc = DEVICE.try_with(|d| d.borrow().clone()).ok().flatten();
-    match alloc {
-        Some(a) => a.activation(bytes),
-        None => Ok(()),
-    }
+    DEVICE
+        .try_with(|d| d.borrow().as_ref().map_or(Ok(()), |a| a.activation(bytes)))
+        .unwrap_or(Ok(()))
 }
 
 /// Bytes of `elems` elements of `t`'s dtype (an op's output shaped from `t`).

@@ -22,8 +22,8 @@ pub(super) fn convert_into(src: &[u8], from: DType, to: DType, dst: &mut [u8]) {
         return;
     }
     match (from, to) {
-        (DType::F16, DType::F32) => typed(src, dst, widen_f16),
-        (DType::BF16, DType::F32) => typed(src, dst, widen_bf16),
+        (DType::F16, DType::F32) => typed(src, dst, widen::<f16>),
+        (DType::BF16, DType::F32) => typed(src, dst, widen::<bf16>),
         (DType::F32, DType::F16) => typed(src, dst, |s: &[f32], d: &mut [f16]| d.convert_from_f32_slice(s)),
         (DType::F32, DType::BF16) => typed(src, dst, |s: &[f32], d: &mut [bf16]| d.convert_from_f32_slice(s)),
         (DType::F16, _) => typed(src, dst, |s: &[f16], d: &mut [bf16]| {
@@ -84,70 +84,72 @@ fn typed<A: Copy + Default, B: Copy + Default>(src: &[u8], dst: &mut [u8], f: im
     }
 }
 
-fn widen_f16(s: &[half::f16], d: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::mem::size_of_val(d) >= STREAM_STORE_MIN && std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked above); the slices have the same length (asserted inside).
-        return unsafe { x86::widen_streaming(s, d, x86::Widen::F16) };
-    }
-    use half::slice::HalfFloatSliceExt;
-    s.convert_to_f32_slice(d)
+/// The 16-bit floats [`widen`] reads: which one (for the AVX-512 path) and `half`'s SIMD conversion of a slice.
+trait Narrow: Copy {
+    const KIND: Widen;
+    fn to_f32_slice(s: &[Self], d: &mut [f32]);
 }
 
-fn widen_bf16(s: &[half::bf16], d: &mut [f32]) {
+impl Narrow for half::f16 {
+    const KIND: Widen = Widen::F16;
+    fn to_f32_slice(s: &[Self], d: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(s, d)
+    }
+}
+
+impl Narrow for half::bf16 {
+    const KIND: Widen = Widen::Bf16;
+    fn to_f32_slice(s: &[Self], d: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(s, d)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Widen {
+    F16,
+    Bf16,
+}
+
+/// `s` widened to f32 into `d`: streaming stores for large outputs on AVX-512 CPUs, `half`'s SIMD conversion
+/// otherwise.
+fn widen<T: Narrow>(s: &[T], d: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::mem::size_of_val(d) >= STREAM_STORE_MIN && std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: as in `widen_f16`.
-        return unsafe { x86::widen_streaming(s, d, x86::Widen::Bf16) };
+        // SAFETY: the CPU has AVX-512F (checked above); the lengths are asserted inside.
+        return unsafe { x86::widen_streaming(s, d) };
     }
-    use half::slice::HalfFloatSliceExt;
-    s.convert_to_f32_slice(d)
+    T::to_f32_slice(s, d)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    #[derive(Clone, Copy, PartialEq)]
-    pub(super) enum Widen {
-        F16,
-        Bf16,
-    }
+    use super::{Narrow, Widen};
 
-    /// 16-bit floats (`s`, either kind, as raw u16 bits) widened to f32 into `d` with streaming stores, 16 at a
-    /// time; the unaligned head and the tail element by element. Ends with a store fence, so the bytes are visible
+    /// 16-bit floats `s` widened to f32 into `d` with streaming stores, 16 at a time; the elements before the first
+    /// 64-byte-aligned output and the tail by `half`'s conversion. Ends with a store fence, so the bytes are visible
     /// to whichever thread is handed `d` next.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn widen_streaming<T: Copy>(s: &[T], d: &mut [f32], kind: Widen) {
+    pub(super) unsafe fn widen_streaming<T: Narrow>(s: &[T], d: &mut [f32]) {
         assert_eq!(s.len(), d.len());
         assert_eq!(std::mem::size_of::<T>(), 2);
         let n = d.len();
+        // The stores need 64-byte-aligned outputs; d is f32-aligned, so some element within 16 is.
+        let head = ((64 - (d.as_ptr() as usize % 64)) % 64 / 4).min(n);
+        T::to_f32_slice(&s[..head], &mut d[..head]);
         let (sp, dp) = (s.as_ptr() as *const u16, d.as_mut_ptr());
-        let one = |i: usize| -> f32 {
-            let bits = *sp.add(i);
-            match kind {
-                Widen::F16 => half::f16::from_bits(bits).to_f32(),
-                Widen::Bf16 => half::bf16::from_bits(bits).to_f32(),
-            }
-        };
-        // Elements before the first 64-byte-aligned output (the stores need it); d is f32-aligned, so this ends.
-        let head = ((64 - (dp as usize % 64)) % 64 / 4).min(n);
-        for i in 0..head {
-            *dp.add(i) = one(i);
-        }
         let mut i = head;
         while i + 16 <= n {
             let h = _mm256_loadu_si256(sp.add(i) as *const __m256i);
-            let f = match kind {
+            let f = match T::KIND {
                 Widen::F16 => _mm512_cvtph_ps(h),
                 Widen::Bf16 => _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)),
             };
             _mm512_stream_ps(dp.add(i), f);
             i += 16;
         }
-        for j in i..n {
-            *dp.add(j) = one(j);
-        }
+        T::to_f32_slice(&s[i..], &mut d[i..]);
         _mm_sfence();
     }
 }
